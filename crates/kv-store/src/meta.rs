@@ -1,0 +1,258 @@
+//! What a cache is compatible with: model, tokenizer and template fingerprints, the KV dtype,
+//! and the content-derived segment ids built from them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Element type of the K and V tensors on disk.
+///
+/// The format reserves room for an 8-bit type with per-group scales (`"q8_0"`, see
+/// `docs/format.md`); a file naming a dtype this build does not know is rejected, not misread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum KvDtype {
+    /// IEEE 754 single precision, 4 bytes: bit-exact with an f32 engine.
+    F32,
+    /// IEEE 754 half precision, 2 bytes.
+    F16,
+    /// bfloat16, 2 bytes.
+    Bf16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 | KvDtype::Bf16 => 2,
+        }
+    }
+
+    /// The lower-case name used in metadata and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Bf16 => "bf16",
+        }
+    }
+
+    pub(crate) fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            KvDtype::F32 => safetensors::Dtype::F32,
+            KvDtype::F16 => safetensors::Dtype::F16,
+            KvDtype::Bf16 => safetensors::Dtype::BF16,
+        }
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Everything about a model that decides the values in its KV cache.
+///
+/// Two caches are interchangeable only if their fingerprints are equal. `weights_hash` alone
+/// would do, but the named shape fields let an error say *what* differs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelFingerprint {
+    /// Architecture name, as in GGUF's `general.architecture` (e.g. `llama`).
+    pub architecture: String,
+    /// Number of transformer layers.
+    pub n_layers: u32,
+    /// Number of query heads.
+    pub n_heads: u32,
+    /// Number of key/value heads.
+    pub n_kv_heads: u32,
+    /// Width of one head.
+    pub head_dim: u32,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// Number of rotated dimensions per head.
+    pub rope_dim: u32,
+    /// Hash of the weights' bytes (any stable hash, as a hex string).
+    pub weights_hash: String,
+    /// Architecture-specific parameters that change the KV values (a sliding window, RoPE
+    /// scaling...), as name to value. Empty for plain llama.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, String>,
+}
+
+/// The full compatibility key of a saved cache.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheMeta {
+    /// The model the cache was computed with.
+    pub model: ModelFingerprint,
+    /// Hash of the tokenizer (vocabulary, merges, pre-tokenizer).
+    pub tokenizer: String,
+    /// Hash of the chat template.
+    pub chat_template: String,
+    /// Element type of K and V on disk.
+    pub dtype: KvDtype,
+}
+
+impl CacheMeta {
+    /// Shape of one layer's K (or V) for `n_tokens` tokens: `[n_kv_heads, n_tokens, head_dim]`.
+    pub fn kv_shape(&self, n_tokens: usize) -> [usize; 3] {
+        [self.model.n_kv_heads as usize, n_tokens, self.model.head_dim as usize]
+    }
+
+    /// Bytes of one layer's K (or V) for `n_tokens` tokens.
+    pub fn kv_bytes(&self, n_tokens: usize) -> usize {
+        self.kv_shape(n_tokens).iter().product::<usize>() * self.dtype.size()
+    }
+
+    /// Bytes of K and V of all layers per cached token.
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.model.n_layers as usize * self.kv_bytes(1)
+    }
+
+    /// The first field that differs from `found`, as (field, expected, found), or `None`.
+    pub fn first_difference(&self, found: &CacheMeta) -> Option<(&'static str, String, String)> {
+        let (e, f) = (&self.model, &found.model);
+        let fields: [(&'static str, String, String); 12] = [
+            ("architecture", e.architecture.clone(), f.architecture.clone()),
+            ("layer count", e.n_layers.to_string(), f.n_layers.to_string()),
+            ("head count", e.n_heads.to_string(), f.n_heads.to_string()),
+            ("kv head count", e.n_kv_heads.to_string(), f.n_kv_heads.to_string()),
+            ("head dim", e.head_dim.to_string(), f.head_dim.to_string()),
+            ("rope theta", e.rope_theta.to_string(), f.rope_theta.to_string()),
+            ("rope dim", e.rope_dim.to_string(), f.rope_dim.to_string()),
+            ("model parameters", format!("{:?}", e.extra), format!("{:?}", f.extra)),
+            ("model weights", e.weights_hash.clone(), f.weights_hash.clone()),
+            ("tokenizer", self.tokenizer.clone(), found.tokenizer.clone()),
+            ("chat template", self.chat_template.clone(), found.chat_template.clone()),
+            ("kv dtype", self.dtype.to_string(), found.dtype.to_string()),
+        ];
+        fields.into_iter().find(|(_, a, b)| a != b)
+    }
+}
+
+/// Content address of a segment: a hash of (cache meta, parent segment id, token ids).
+///
+/// Two segments with the same id hold the K/V of the same tokens after the same history under
+/// the same model, so they are interchangeable: this is what deduplicates shared prefixes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SegmentId(String);
+
+impl SegmentId {
+    /// Computes the id of the segment holding `tokens` after `parent` under `meta`.
+    pub fn compute(meta: &CacheMeta, parent: Option<&SegmentId>, tokens: &[u32]) -> SegmentId {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        // serde_json of our own struct is deterministic: fields in declaration order.
+        let meta_json = serde_json::to_vec(meta).unwrap_or_default();
+        hasher.update(b"agentkv.segment.v1\0");
+        hasher.update(&(meta_json.len() as u64).to_le_bytes());
+        hasher.update(&meta_json);
+        match parent {
+            Some(p) => {
+                hasher.update(&[1]);
+                hasher.update(p.0.as_bytes());
+            }
+            None => hasher.update(&[0]),
+        }
+        hasher.update(&(tokens.len() as u64).to_le_bytes());
+        for t in tokens {
+            hasher.update(&t.to_le_bytes());
+        }
+        SegmentId(format!("{:032x}", hasher.digest128()))
+    }
+
+    /// Parses an id read from a file, accepting only 32 lower-case hex digits (so an id can
+    /// never smuggle a path into a file name).
+    pub fn parse(s: &str) -> Option<SegmentId> {
+        let ok = s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        ok.then(|| SegmentId(s.to_owned()))
+    }
+
+    /// The id as 32 hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SegmentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Checks a cache name: 1 to 64 characters of `[a-z0-9_-]`, so it is always a plain file name.
+pub fn validate_name(name: &str) -> crate::Result<()> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 64 {
+        Some("it is longer than 64 characters")
+    } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
+        Some("use only lower-case letters, digits, '_' and '-'")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(crate::Error::InvalidName { name: name.to_owned(), reason }),
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn checksum(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn meta(dtype: KvDtype) -> CacheMeta {
+        CacheMeta {
+            model: ModelFingerprint {
+                architecture: "llama".into(),
+                n_layers: 2,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 4,
+                rope_theta: 10000.0,
+                rope_dim: 4,
+                weights_hash: "w1".into(),
+                extra: BTreeMap::new(),
+            },
+            tokenizer: "t1".into(),
+            chat_template: "c1".into(),
+            dtype,
+        }
+    }
+
+    #[test]
+    fn ids_depend_on_everything() {
+        let m = meta(KvDtype::F16);
+        let a = SegmentId::compute(&m, None, &[1, 2, 3]);
+        assert_eq!(a, SegmentId::compute(&m, None, &[1, 2, 3]));
+        assert_ne!(a, SegmentId::compute(&m, None, &[1, 2, 4]));
+        assert_ne!(a, SegmentId::compute(&m, Some(&a), &[1, 2, 3]));
+        assert_ne!(a, SegmentId::compute(&meta(KvDtype::F32), None, &[1, 2, 3]));
+        assert!(SegmentId::parse(a.as_str()).is_some());
+        assert!(SegmentId::parse("../../etc/passwd").is_none());
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("agent-1_x").is_ok());
+        for bad in ["", "A", "a/b", "..", "a.b", &"x".repeat(65)] {
+            assert!(matches!(validate_name(bad), Err(crate::Error::InvalidName { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn first_difference_names_the_field() {
+        let a = meta(KvDtype::F16);
+        let mut b = a.clone();
+        assert_eq!(a.first_difference(&b), None);
+        b.model.weights_hash = "w2".into();
+        assert_eq!(a.first_difference(&b), Some(("model weights", "w1".into(), "w2".into())));
+    }
+}

@@ -1,0 +1,331 @@
+//! One segment file: the K/V of tokens `[start, start + n)` for every layer, as a safetensors
+//! file whose `__metadata__` carries the agentkv header. Writing and validating reading.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{checksum, CacheMeta, SegmentId};
+use crate::{Error, Result};
+
+/// Segment format version written by this build, and the newest it reads.
+pub const SEGMENT_VERSION: u32 = 1;
+/// The `__metadata__` key holding the agentkv header.
+pub(crate) const METADATA_KEY: &str = "agentkv";
+const FORMAT_NAME: &str = "agentkv.segment";
+
+/// Which half of attention's cache a tensor holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvKind {
+    /// Keys.
+    K,
+    /// Values.
+    V,
+}
+
+/// Where a save gets its data from: the cache in memory, in whatever layout it keeps.
+pub trait KvSource {
+    /// All token ids of the cache, in order.
+    fn tokens(&self) -> &[u32];
+    /// Appends to `out` the K or V of `layer` for token positions `range`, as little-endian
+    /// values of the save's [`crate::KvDtype`], in the shape `[n_kv_heads, range.len(), head_dim]`.
+    fn write_kv(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>);
+}
+
+/// The agentkv header of a segment (JSON, under `__metadata__["agentkv"]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct SegmentHeader {
+    pub format: String,
+    pub version: u32,
+    pub id: SegmentId,
+    pub parent: Option<SegmentId>,
+    pub start: u64,
+    pub n_tokens: u64,
+    pub meta: CacheMeta,
+    pub checksums: BTreeMap<String, String>,
+}
+
+pub(crate) fn tensor_name(layer: usize, kind: KvKind) -> String {
+    match kind {
+        KvKind::K => format!("layers.{layer}.k"),
+        KvKind::V => format!("layers.{layer}.v"),
+    }
+}
+
+/// Names, dtypes and shapes of a segment's tensors, in file order.
+fn layout(meta: &CacheMeta, n_tokens: usize) -> Vec<(String, safetensors::Dtype, Vec<usize>)> {
+    let mut out = vec![("tokens".to_owned(), safetensors::Dtype::U32, vec![n_tokens])];
+    for layer in 0..meta.model.n_layers as usize {
+        for kind in [KvKind::K, KvKind::V] {
+            out.push((tensor_name(layer, kind), meta.dtype.safetensors(), meta.kv_shape(n_tokens).to_vec()));
+        }
+    }
+    out
+}
+
+fn encode_header(header: &SegmentHeader, layout: &[(String, safetensors::Dtype, Vec<usize>)]) -> Result<Vec<u8>> {
+    let invalid = |detail: String| Error::InvalidInput { detail };
+    let json = serde_json::to_string(header).map_err(|e| invalid(format!("segment header: {e}")))?;
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(layout.len());
+    for (name, dtype, shape) in layout {
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.bitsize() / 8, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| invalid(format!("tensor {name} is too large")))?;
+        infos.push((name.clone(), TensorInfo { dtype: *dtype, shape: shape.clone(), data_offsets: (offset, offset + bytes) }));
+        offset += bytes;
+    }
+    let metadata = Metadata::new(Some(HashMap::from([(METADATA_KEY.to_owned(), json)])), infos)
+        .map_err(|e| invalid(format!("segment layout: {e}")))?;
+    let mut buf = serde_json::to_vec(&metadata).map_err(|e| invalid(format!("segment header: {e}")))?;
+    buf.resize(buf.len().next_multiple_of(8), b' ');
+    Ok(buf)
+}
+
+/// Writes the segment holding `range` of `source` into `file` (positioned at 0).
+///
+/// Streams one tensor at a time: the header goes first with placeholder checksums of the same
+/// width, then each tensor is produced, hashed and written, then the header is rewritten in
+/// place with the real checksums. Memory use is one tensor, not the whole segment.
+pub(crate) fn write_segment(
+    file: &mut File,
+    path: &Path,
+    meta: &CacheMeta,
+    id: &SegmentId,
+    parent: Option<&SegmentId>,
+    source: &dyn KvSource,
+    range: Range<usize>,
+) -> Result<u64> {
+    let n = range.len();
+    let tokens = source.tokens().get(range.clone()).ok_or_else(|| Error::InvalidInput {
+        detail: format!("range {range:?} is past the {} tokens of the source", source.tokens().len()),
+    })?;
+    let layout = layout(meta, n);
+    let mut header = SegmentHeader {
+        format: FORMAT_NAME.to_owned(),
+        version: SEGMENT_VERSION,
+        id: id.clone(),
+        parent: parent.cloned(),
+        start: range.start as u64,
+        n_tokens: n as u64,
+        meta: meta.clone(),
+        checksums: layout.iter().map(|(name, _, _)| (name.clone(), "0".repeat(16))).collect(),
+    };
+    let placeholder = encode_header(&header, &layout)?;
+    let io = |op, e| Error::io(op, path, e);
+    file.write_all(&(placeholder.len() as u64).to_le_bytes()).map_err(|e| io("write", e))?;
+    file.write_all(&placeholder).map_err(|e| io("write", e))?;
+
+    let mut buf: Vec<u8> = Vec::with_capacity(meta.kv_bytes(n).max(n * 4));
+    buf.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+    let mut written = (8 + placeholder.len() + buf.len()) as u64;
+    header.checksums.insert("tokens".to_owned(), checksum(&buf));
+    file.write_all(&buf).map_err(|e| io("write", e))?;
+    for layer in 0..meta.model.n_layers as usize {
+        for kind in [KvKind::K, KvKind::V] {
+            buf.clear();
+            source.write_kv(layer, kind, range.clone(), &mut buf);
+            if buf.len() != meta.kv_bytes(n) {
+                return Err(Error::InvalidInput {
+                    detail: format!(
+                        "the source gave {} bytes for {}, the metadata implies {}",
+                        buf.len(),
+                        tensor_name(layer, kind),
+                        meta.kv_bytes(n)
+                    ),
+                });
+            }
+            header.checksums.insert(tensor_name(layer, kind), checksum(&buf));
+            file.write_all(&buf).map_err(|e| io("write", e))?;
+            written += buf.len() as u64;
+        }
+    }
+    let real = encode_header(&header, &layout)?;
+    if real.len() != placeholder.len() {
+        return Err(Error::InvalidInput { detail: "segment header changed size while writing".into() });
+    }
+    file.seek(SeekFrom::Start(8)).map_err(|e| io("seek", e))?;
+    file.write_all(&real).map_err(|e| io("write", e))?;
+    Ok(written)
+}
+
+/// How a segment's bytes are brought into memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Map the file (no copy; the page cache is the buffer).
+    #[default]
+    Mmap,
+    /// Read the file into an owned buffer (one copy; no `unsafe` involved).
+    Buffered,
+}
+
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A validated segment in memory.
+pub struct Segment {
+    path: PathBuf,
+    bytes: Bytes,
+    header: SegmentHeader,
+    /// Byte ranges into `bytes` of tokens, then K and V of each layer.
+    ranges: Vec<Range<usize>>,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment").field("path", &self.path).field("id", &self.header.id).finish()
+    }
+}
+
+impl Segment {
+    /// Opens and fully validates a segment file: safetensors structure, agentkv header and version,
+    /// tensor names, dtypes and shapes, checksums, and that its id matches its content.
+    pub fn open(path: &Path, mode: ReadMode) -> Result<Segment> {
+        let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+        let bytes = match mode {
+            ReadMode::Mmap => Bytes::Mapped(crate::map::map_segment(&file).map_err(|e| Error::io("map", path, e))?),
+            ReadMode::Buffered => {
+                let mut v = Vec::new();
+                file.read_to_end(&mut v).map_err(|e| Error::io("read", path, e))?;
+                Bytes::Owned(v)
+            }
+        };
+        Segment::validate(path, bytes)
+    }
+
+    /// Validates a segment held in memory, exactly as [`Segment::open`] validates a file
+    /// (`path` only names it in errors). This is the entry point of the fuzz target.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Segment> {
+        Segment::validate(path, Bytes::Owned(bytes))
+    }
+
+    fn validate(path: &Path, bytes: Bytes) -> Result<Segment> {
+        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes.as_slice())
+            .map_err(|source| Error::BadSafetensors { path: path.to_owned(), source })?;
+        let data_start = 8 + header_len;
+        let header = parse_header(path, &metadata)?;
+        let n = usize::try_from(header.n_tokens).map_err(|_| Error::bad_metadata(path, "token count overflows"))?;
+        let expected = layout(&header.meta, n);
+        if metadata.tensors().len() != expected.len() {
+            return Err(Error::bad_metadata(
+                path,
+                format!("{} tensors, expected {}", metadata.tensors().len(), expected.len()),
+            ));
+        }
+        let mut ranges = Vec::with_capacity(expected.len());
+        for (name, dtype, shape) in &expected {
+            let info = metadata.info(name).ok_or_else(|| Error::bad_metadata(path, format!("tensor {name} is missing")))?;
+            if info.dtype != *dtype || info.shape != *shape {
+                return Err(Error::bad_metadata(
+                    path,
+                    format!("tensor {name} is {:?} {:?}, expected {dtype:?} {shape:?}", info.dtype, info.shape),
+                ));
+            }
+            let (s, e) = info.data_offsets;
+            let range = data_start.checked_add(s).zip(data_start.checked_add(e));
+            let range = range.filter(|(s, e)| s <= e && *e <= bytes.as_slice().len());
+            let (s, e) = range.ok_or_else(|| Error::bad_metadata(path, format!("tensor {name} is out of bounds")))?;
+            let data = &bytes.as_slice()[s..e];
+            let recorded = header.checksums.get(name).ok_or_else(|| Error::bad_metadata(path, format!("no checksum for {name}")))?;
+            if *recorded != checksum(data) {
+                return Err(Error::ChecksumMismatch { path: path.to_owned(), tensor: name.clone() });
+            }
+            ranges.push(s..e);
+        }
+        let segment = Segment { path: path.to_owned(), bytes, header, ranges };
+        let id = SegmentId::compute(&segment.header.meta, segment.header.parent.as_ref(), &segment.tokens());
+        if id != segment.header.id {
+            return Err(Error::bad_metadata(path, format!("content hashes to segment id {id}, header says {}", segment.header.id)));
+        }
+        Ok(segment)
+    }
+
+    pub(crate) fn header(&self) -> &SegmentHeader {
+        &self.header
+    }
+
+    /// The file this segment was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The segment's content id.
+    pub fn id(&self) -> &SegmentId {
+        &self.header.id
+    }
+
+    /// Position of the segment's first token in the cache.
+    pub fn start(&self) -> usize {
+        self.header.start as usize
+    }
+
+    /// Number of tokens in the segment.
+    pub fn len(&self) -> usize {
+        self.header.n_tokens as usize
+    }
+
+    /// True for a segment of no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.header.n_tokens == 0
+    }
+
+    /// The segment's token ids.
+    pub fn tokens(&self) -> Vec<u32> {
+        let bytes = &self.bytes.as_slice()[self.ranges[0].clone()];
+        bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+
+    /// Raw little-endian bytes of K or V of `layer`, shape `[n_kv_heads, len, head_dim]`.
+    ///
+    /// # Panics
+    /// If `layer` is not below the model's layer count.
+    pub fn kv(&self, layer: usize, kind: KvKind) -> &[u8] {
+        let i = 1 + 2 * layer + usize::from(kind == KvKind::V);
+        &self.bytes.as_slice()[self.ranges[i].clone()]
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> usize {
+        self.bytes.as_slice().len()
+    }
+}
+
+fn parse_header(path: &Path, metadata: &Metadata) -> Result<SegmentHeader> {
+    let json = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(METADATA_KEY))
+        .ok_or_else(|| Error::bad_metadata(path, "no agentkv header in __metadata__"))?;
+    // Read the version before the rest, so a newer file says so instead of failing to parse.
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| Error::bad_metadata(path, e.to_string()))?;
+    if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+        return Err(Error::bad_metadata(path, "not an agentkv segment"));
+    }
+    let version = value.get("version").and_then(|v| v.as_u64()).ok_or_else(|| Error::bad_metadata(path, "no version"))?;
+    if version != u64::from(SEGMENT_VERSION) {
+        return Err(Error::UnsupportedVersion {
+            path: path.to_owned(),
+            kind: "segment",
+            found: u32::try_from(version).unwrap_or(u32::MAX),
+            supported: SEGMENT_VERSION,
+        });
+    }
+    serde_json::from_value(value).map_err(|e| Error::bad_metadata(path, e.to_string()))
+}

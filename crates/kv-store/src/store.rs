@@ -1,0 +1,443 @@
+//! A store directory: named caches (manifests) over content-addressed segments, with save,
+//! load, compaction and garbage collection under a store-wide file lock.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use crate::durable::{self, commit_file, Step, TMP_PREFIX};
+use crate::manifest::{Manifest, SegmentRef};
+use crate::meta::{validate_name, CacheMeta, SegmentId};
+use crate::segment::{write_segment, KvKind, KvSource, ReadMode, Segment};
+use crate::{Error, Result};
+
+const SEGMENT_EXT: &str = "safetensors";
+
+/// A directory holding saved caches.
+///
+/// Layout: `segments/<id>.safetensors`, `manifests/<name>.json`, and a `lock` file. Any number
+/// of `Store` values, in any number of processes, may use one directory: every save, delete,
+/// compaction and collection takes an exclusive lock on `lock`, every load a shared one.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+    read_mode: ReadMode,
+}
+
+/// What a save did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaveReport {
+    /// Tokens already on disk in the cache's chain, kept as they were.
+    pub reused_tokens: usize,
+    /// Tokens in the new segment (0 when there was nothing new).
+    pub new_tokens: usize,
+    /// Bytes written for the new segment (0 when it already existed or nothing was new).
+    pub bytes_written: u64,
+    /// The new segment was already on disk (another cache shares it), so nothing was written.
+    pub deduplicated: bool,
+    /// The manifest's generation after the save.
+    pub generation: u64,
+}
+
+/// What garbage collection removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Segment files no manifest referenced.
+    pub segments_removed: usize,
+    /// Temporary files left by interrupted saves.
+    pub temp_files_removed: usize,
+    /// Bytes freed in all.
+    pub bytes_freed: u64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: &Path) -> Result<Store> {
+        for dir in [root.to_owned(), root.join("segments"), root.join("manifests")] {
+            fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", dir, e))?;
+        }
+        Ok(Store { root: root.to_owned(), read_mode: ReadMode::default() })
+    }
+
+    /// Chooses how loads bring segments into memory.
+    pub fn with_read_mode(mut self, mode: ReadMode) -> Store {
+        self.read_mode = mode;
+        self
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn segments_dir(&self) -> PathBuf {
+        self.root.join("segments")
+    }
+
+    fn manifests_dir(&self) -> PathBuf {
+        self.root.join("manifests")
+    }
+
+    /// The file of a segment.
+    pub fn segment_path(&self, id: &SegmentId) -> PathBuf {
+        self.segments_dir().join(format!("{id}.{SEGMENT_EXT}"))
+    }
+
+    fn manifest_path(&self, name: &str) -> PathBuf {
+        self.manifests_dir().join(format!("{name}.json"))
+    }
+
+    fn lock(&self, exclusive: bool) -> Result<File> {
+        let path = self.root.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open lock file", &path, e))?;
+        let locked = if exclusive { file.lock() } else { file.lock_shared() };
+        locked.map_err(|e| Error::io("lock", &path, e))?;
+        Ok(file)
+    }
+
+    /// Reads the manifest of `name`, or `None` if there is none.
+    pub fn manifest(&self, name: &str) -> Result<Option<Manifest>> {
+        validate_name(name)?;
+        let path = self.manifest_path(name);
+        match fs::read(&path) {
+            Ok(bytes) => Manifest::decode(&path, &bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read", path, e)),
+        }
+    }
+
+    /// Names of all saved caches, sorted.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let dir = self.manifests_dir();
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
+            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
+            if validate_name(name).is_ok() {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Saves `source` as the cache `name`.
+    ///
+    /// Segments of the existing chain that still match the source's tokens are kept; the rest
+    /// of the tokens go into one new segment, so saving after a turn costs O(new tokens). When
+    /// the cache was rolled back (truncated) or forked, the chain is cut at the last segment
+    /// that still matches. A segment whose id is already on disk is not written again.
+    pub fn save(&self, name: &str, meta: &CacheMeta, source: &dyn KvSource) -> Result<SaveReport> {
+        validate_name(name)?;
+        let _lock = self.lock(true)?;
+        self.save_locked(name, meta, source, true)
+    }
+
+    /// Saves under the lock; `reuse_chain` false writes the whole cache as one new segment.
+    fn save_locked(&self, name: &str, meta: &CacheMeta, source: &dyn KvSource, reuse_chain: bool) -> Result<SaveReport> {
+        let old = match self.manifest(name) {
+            Ok(m) => m,
+            // Whatever a damaged manifest described is unreadable already; replacing it loses
+            // nothing. A newer format is left alone: that would lose a newer build's data.
+            Err(Error::BadMetadata { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let tokens = source.tokens();
+        let mut chain: Vec<SegmentRef> = Vec::new();
+        let mut at = 0usize;
+        if let Some(old) = old.as_ref().filter(|m| reuse_chain && m.meta == *meta) {
+            for s in &old.segments {
+                let end = at + s.n_tokens as usize;
+                let Some(seg_tokens) = tokens.get(at..end) else { break };
+                let id = SegmentId::compute(meta, chain.last().map(|s| &s.id), seg_tokens);
+                if id != s.id || !self.segment_path(&id).exists() {
+                    break;
+                }
+                chain.push(s.clone());
+                at = end;
+            }
+        }
+        let mut report = SaveReport {
+            reused_tokens: at,
+            new_tokens: tokens.len() - at,
+            bytes_written: 0,
+            deduplicated: false,
+            generation: old.as_ref().map_or(0, |m| m.generation) + 1,
+        };
+        if at < tokens.len() {
+            let parent = chain.last().map(|s| s.id.clone());
+            let id = SegmentId::compute(meta, parent.as_ref(), &tokens[at..]);
+            let path = self.segment_path(&id);
+            if path.exists() {
+                report.deduplicated = true;
+            } else {
+                let steps = [Step::SegmentWritten, Step::SegmentSynced, Step::SegmentRenamed];
+                commit_file(&path, steps, |file, tmp| {
+                    report.bytes_written = write_segment(file, tmp, meta, &id, parent.as_ref(), source, at..tokens.len())?;
+                    Ok(())
+                })?;
+            }
+            chain.push(SegmentRef { id, start: at as u64, n_tokens: (tokens.len() - at) as u64 });
+        }
+        if let Some(old) = &old
+            && old.meta == *meta
+            && old.segments == chain
+        {
+            report.generation = old.generation;
+            return Ok(report);
+        }
+        let manifest = Manifest {
+            name: name.to_owned(),
+            meta: meta.clone(),
+            n_tokens: tokens.len() as u64,
+            segments: chain,
+            generation: report.generation,
+        };
+        self.write_manifest(&manifest)?;
+        Ok(report)
+    }
+
+    fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let bytes = manifest.encode()?;
+        let steps = [Step::ManifestWritten, Step::ManifestSynced, Step::ManifestRenamed];
+        commit_file(&self.manifest_path(&manifest.name), steps, |file, tmp| {
+            file.write_all(&bytes).map_err(|e| Error::io("write", tmp, e))
+        })
+    }
+
+    /// Loads the cache `name`, checking that it was made under `expected` (model, tokenizer,
+    /// template and dtype); a difference is [`Error::FingerprintMismatch`] naming both sides.
+    pub fn load(&self, name: &str, expected: &CacheMeta) -> Result<LoadedCache> {
+        validate_name(name)?;
+        let _lock = self.lock(false)?;
+        let manifest = self.manifest(name)?.ok_or_else(|| self.not_found(name))?;
+        if let Some((field, expected, found)) = expected.first_difference(&manifest.meta) {
+            return Err(Error::FingerprintMismatch { name: name.to_owned(), field, expected, found });
+        }
+        self.load_chain(manifest)
+    }
+
+    /// Loads and fully verifies the cache `name` under whatever model made it (for
+    /// inspection and `verify`; a resume should use [`Store::load`]).
+    pub fn load_any(&self, name: &str) -> Result<LoadedCache> {
+        validate_name(name)?;
+        let _lock = self.lock(false)?;
+        let manifest = self.manifest(name)?.ok_or_else(|| self.not_found(name))?;
+        self.load_chain(manifest)
+    }
+
+    fn not_found(&self, name: &str) -> Error {
+        Error::NotFound { name: name.to_owned(), root: self.root.clone() }
+    }
+
+    fn load_chain(&self, manifest: Manifest) -> Result<LoadedCache> {
+        let name = &manifest.name;
+        let mut segments = Vec::with_capacity(manifest.segments.len());
+        let mut tokens = Vec::with_capacity(manifest.n_tokens as usize);
+        let mut parent: Option<&SegmentId> = None;
+        for s in &manifest.segments {
+            let path = self.segment_path(&s.id);
+            if !path.exists() {
+                return Err(Error::SegmentMissing { name: name.clone(), id: s.id.to_string(), dir: self.segments_dir() });
+            }
+            let seg = Segment::open(&path, self.read_mode)?;
+            let h = seg.header();
+            let broken = |detail: String| Error::BrokenChain { name: name.clone(), id: s.id.to_string(), detail };
+            if let Some((field, expected, found)) = manifest.meta.first_difference(&h.meta) {
+                return Err(Error::FingerprintMismatch { name: s.id.to_string(), field, expected, found });
+            }
+            if h.id != s.id || h.start != s.start || h.n_tokens != s.n_tokens {
+                return Err(broken(format!(
+                    "file holds segment {} at {}+{}, manifest expects {} at {}+{}",
+                    h.id, h.start, h.n_tokens, s.id, s.start, s.n_tokens
+                )));
+            }
+            if h.parent.as_ref() != parent {
+                return Err(broken("its parent is not the previous segment".into()));
+            }
+            tokens.extend(seg.tokens());
+            segments.push(seg);
+            parent = Some(&s.id);
+        }
+        Ok(LoadedCache { manifest, segments, tokens })
+    }
+
+    /// Removes the cache `name` (its manifest). Its segments stay until [`Store::gc`], since
+    /// other caches may share them. Returns whether the cache existed.
+    pub fn delete(&self, name: &str) -> Result<bool> {
+        validate_name(name)?;
+        let _lock = self.lock(true)?;
+        let path = self.manifest_path(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                durable::sync_dir(&self.manifests_dir())?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("remove", path, e)),
+        }
+    }
+
+    /// Rewrites the chain of `name` as a single segment (fewer files and maps per load; the
+    /// old segments become garbage unless shared).
+    pub fn compact(&self, name: &str) -> Result<SaveReport> {
+        validate_name(name)?;
+        let _lock = self.lock(true)?;
+        let manifest = self.manifest(name)?.ok_or_else(|| self.not_found(name))?;
+        if manifest.segments.len() <= 1 {
+            return Ok(SaveReport {
+                reused_tokens: manifest.n_tokens as usize,
+                new_tokens: 0,
+                bytes_written: 0,
+                deduplicated: false,
+                generation: manifest.generation,
+            });
+        }
+        let meta = manifest.meta.clone();
+        let loaded = self.load_chain(manifest)?;
+        // The old manifest stays in force until the single segment is durable.
+        self.save_locked(name, &meta, &loaded, false)
+    }
+
+    /// Deletes segments no manifest references and temporary files of interrupted saves.
+    ///
+    /// Refuses (with the error) if any manifest cannot be read: a segment that only a damaged
+    /// manifest references might still be wanted.
+    pub fn gc(&self) -> Result<GcReport> {
+        let _lock = self.lock(true)?;
+        let mut live = HashSet::new();
+        for name in self.list()? {
+            if let Some(m) = self.manifest(&name)? {
+                live.extend(m.segments.into_iter().map(|s| s.id));
+            }
+        }
+        let mut report = GcReport::default();
+        for dir in [self.segments_dir(), self.manifests_dir()] {
+            for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
+                let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+                let file_name = entry.file_name();
+                let Some(file_name) = file_name.to_str() else { continue };
+                let is_temp = file_name.starts_with(TMP_PREFIX);
+                let dead_segment = dir == self.segments_dir()
+                    && file_name
+                        .strip_suffix(".safetensors")
+                        .and_then(SegmentId::parse)
+                        .is_some_and(|id| !live.contains(&id));
+                if !is_temp && !dead_segment {
+                    continue;
+                }
+                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(entry.path()).map_err(|e| Error::io("remove", entry.path(), e))?;
+                report.bytes_freed += len;
+                if is_temp {
+                    report.temp_files_removed += 1;
+                } else {
+                    report.segments_removed += 1;
+                }
+            }
+            durable::sync_dir(&dir)?;
+        }
+        Ok(report)
+    }
+
+    /// Bytes on disk of the segments of `name` (shared segments counted in full).
+    pub fn disk_bytes(&self, name: &str) -> Result<u64> {
+        let manifest = self.manifest(name)?.ok_or_else(|| self.not_found(name))?;
+        let mut total = 0;
+        for s in &manifest.segments {
+            let path = self.segment_path(&s.id);
+            total += fs::metadata(&path).map_err(|e| Error::io("stat", path, e))?.len();
+        }
+        Ok(total)
+    }
+}
+
+/// A cache loaded from disk and validated, ready to be copied into an engine's buffers.
+#[derive(Debug)]
+pub struct LoadedCache {
+    manifest: Manifest,
+    segments: Vec<Segment>,
+    tokens: Vec<u32>,
+}
+
+impl LoadedCache {
+    /// The cache's manifest (name, meta, chain).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The compatibility key the cache was saved under.
+    pub fn meta(&self) -> &CacheMeta {
+        &self.manifest.meta
+    }
+
+    /// All token ids, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// True for a cache of no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The segments in token order; each gives its K/V bytes per layer.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// K or V of `layer` for all tokens, `[n_kv_heads, len, head_dim]` little-endian bytes:
+    /// borrowed from the file when the chain is one segment, else gathered in one copy.
+    pub fn kv(&self, layer: usize, kind: KvKind) -> Cow<'_, [u8]> {
+        match self.segments.as_slice() {
+            [one] => Cow::Borrowed(one.kv(layer, kind)),
+            _ => {
+                let mut out = Vec::with_capacity(self.meta().kv_bytes(self.len()));
+                self.gather(layer, kind, 0..self.len(), &mut out);
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    /// Appends K or V of `layer` for positions `range` to `out`, `[n_kv_heads, range.len(),
+    /// head_dim]`.
+    fn gather(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
+        let meta = self.meta();
+        let row = meta.model.head_dim as usize * meta.dtype.size();
+        for h in 0..meta.model.n_kv_heads as usize {
+            for seg in &self.segments {
+                let (s, n) = (seg.start(), seg.len());
+                let lo = range.start.clamp(s, s + n);
+                let hi = range.end.clamp(s, s + n);
+                if lo < hi {
+                    let head = &seg.kv(layer, kind)[h * n * row..(h + 1) * n * row];
+                    out.extend_from_slice(&head[(lo - s) * row..(hi - s) * row]);
+                }
+            }
+        }
+    }
+}
+
+impl KvSource for LoadedCache {
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    fn write_kv(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
+        self.gather(layer, kind, range, out);
+    }
+}
