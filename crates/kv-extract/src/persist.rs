@@ -1,0 +1,261 @@
+//! The round trip between a [`KvCache`] and kv-store: export converts f32 to the store's dtype
+//! on the way out, import converts back straight into the cache's buffers (one copy).
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+use kv_store::{CacheMeta, KvDtype, KvKind, KvSource, LoadedCache, SaveReport, Store};
+
+use crate::{Error, KvCache, KvShape, Result};
+
+/// Spare room given to an imported cache, in tokens, so the next turn does not regrow it.
+const IMPORT_HEADROOM: usize = 256;
+
+/// A [`KvSource`] view of a cache that converts to `dtype` while writing.
+struct Export<'a> {
+    cache: &'a KvCache,
+    dtype: KvDtype,
+}
+
+impl KvSource for Export<'_> {
+    fn tokens(&self) -> &[u32] {
+        self.cache.tokens()
+    }
+
+    fn write_kv(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
+        for h in 0..self.cache.shape().n_kv_heads {
+            let src = match kind {
+                KvKind::K => self.cache.k_head(layer, h, range.clone()),
+                KvKind::V => self.cache.v_head(layer, h, range.clone()),
+            };
+            encode(src, self.dtype, out);
+        }
+    }
+}
+
+fn encode(src: &[f32], dtype: KvDtype, out: &mut Vec<u8>) {
+    match dtype {
+        KvDtype::F32 => out.extend(src.iter().flat_map(|x| x.to_le_bytes())),
+        KvDtype::F16 => out.extend(src.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes())),
+        KvDtype::Bf16 => out.extend(src.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes())),
+        // `KvCache::save` refuses any other dtype before it gets here.
+        _ => {}
+    }
+}
+
+fn decode(src: &[u8], dtype: KvDtype, dst: &mut [f32]) -> Result<()> {
+    match dtype {
+        KvDtype::F32 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        KvDtype::F16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        KvDtype::Bf16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        other => return Err(Error::UnsupportedDtype { dtype: other.to_string() }),
+    }
+    Ok(())
+}
+
+impl KvCache {
+    /// Saves the cache as `name`, converting K/V to `meta.dtype`. Only tokens not already in
+    /// the saved chain are written (see [`Store::save`]).
+    pub fn save(&self, store: &Store, name: &str, meta: &CacheMeta) -> Result<SaveReport> {
+        check_shape(self.shape(), meta)?;
+        if !matches!(meta.dtype, KvDtype::F32 | KvDtype::F16 | KvDtype::Bf16) {
+            return Err(Error::UnsupportedDtype { dtype: meta.dtype.to_string() });
+        }
+        Ok(store.save(name, meta, &Export { cache: self, dtype: meta.dtype })?)
+    }
+
+    /// Loads the cache `name`, which must have been made under `expected` (same model,
+    /// tokenizer, template and dtype), into a new cache of shape `shape`.
+    pub fn load(store: &Store, name: &str, expected: &CacheMeta, shape: KvShape) -> Result<KvCache> {
+        let loaded = store.load(name, expected)?;
+        KvCache::import(&loaded, expected, shape)
+    }
+
+    /// Builds a cache from one loaded from disk, converting each segment's bytes straight into
+    /// place: the only copy between the page cache and the engine's buffers.
+    pub fn import(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> Result<KvCache> {
+        if let Some((field, expected, found)) = expected.first_difference(loaded.meta()) {
+            let name = loaded.manifest().name.clone();
+            return Err(kv_store::Error::FingerprintMismatch { name, field, expected, found }.into());
+        }
+        check_shape(shape, loaded.meta())?;
+        let n = loaded.len();
+        let mut cache = KvCache::with_capacity(shape, n + IMPORT_HEADROOM);
+        let cap = cache.capacity();
+        let d = shape.head_dim;
+        let dtype = loaded.meta().dtype;
+        let row_bytes = d * dtype.size();
+        for seg in loaded.segments() {
+            let (start, len) = (seg.start(), seg.len());
+            for layer in 0..shape.n_layers {
+                let (k, v) = cache.layer_mut(layer);
+                for (kind, dst) in [(KvKind::K, k), (KvKind::V, v)] {
+                    let src = seg.kv(layer, kind);
+                    for h in 0..shape.n_kv_heads {
+                        let from = &src[h * len * row_bytes..(h + 1) * len * row_bytes];
+                        let to = &mut dst[(h * cap + start) * d..(h * cap + start + len) * d];
+                        decode(from, dtype, to)?;
+                    }
+                }
+            }
+        }
+        cache.push_tokens(loaded.tokens());
+        Ok(cache)
+    }
+}
+
+fn check_shape(shape: KvShape, meta: &CacheMeta) -> Result<()> {
+    let m = &meta.model;
+    let found = KvShape { n_layers: m.n_layers as usize, n_kv_heads: m.n_kv_heads as usize, head_dim: m.head_dim as usize };
+    if found != shape {
+        return Err(Error::ShapeMismatch { expected: shape, found });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kv_store::ModelFingerprint;
+
+    use super::*;
+
+    fn shape() -> KvShape {
+        KvShape { n_layers: 3, n_kv_heads: 2, head_dim: 8 }
+    }
+
+    fn meta(dtype: KvDtype) -> CacheMeta {
+        CacheMeta {
+            model: ModelFingerprint {
+                architecture: "llama".into(),
+                n_layers: 3,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 8,
+                rope_theta: 10_000.0,
+                rope_dim: 8,
+                weights_hash: "w".into(),
+                extra: BTreeMap::new(),
+            },
+            tokenizer: "t".into(),
+            chat_template: "c".into(),
+            dtype,
+        }
+    }
+
+    fn append(cache: &mut KvCache, tokens: &[u32], seed: f32) {
+        let s = cache.shape();
+        cache.reserve(tokens.len());
+        let start = cache.len();
+        for layer in 0..s.n_layers {
+            let rows = tokens.len() * s.row_len();
+            let k: Vec<f32> = (0..rows).map(|i| ((i as f32 + seed) * 0.37 + layer as f32).sin() * 3.0).collect();
+            let v: Vec<f32> = (0..rows).map(|i| ((i as f32 - seed) * 0.11).cos() - layer as f32).collect();
+            cache.write_rows(layer, start, &k, &v);
+        }
+        cache.push_tokens(tokens);
+    }
+
+    fn all(cache: &KvCache) -> Vec<f32> {
+        let s = cache.shape();
+        let mut out = Vec::new();
+        for layer in 0..s.n_layers {
+            for h in 0..s.n_kv_heads {
+                out.extend_from_slice(cache.k_head(layer, h, 0..cache.len()));
+                out.extend_from_slice(cache.v_head(layer, h, 0..cache.len()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn f32_round_trip_is_bitwise_over_several_saves() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let meta = meta(KvDtype::F32);
+        let mut cache = KvCache::new(shape());
+        for turn in 0..4u32 {
+            let toks: Vec<u32> = (0..(turn * 7 + 3)).map(|i| turn * 100 + i).collect();
+            append(&mut cache, &toks, turn as f32);
+            cache.save(&store, "a", &meta).unwrap();
+        }
+        let back = KvCache::load(&store, "a", &meta, shape()).unwrap();
+        assert_eq!(back.tokens(), cache.tokens());
+        let (a, b) = (all(&cache), all(&back));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    #[test]
+    fn half_round_trips_within_rounding() {
+        for (dtype, rel) in [(KvDtype::F16, 1.0 / 2048.0), (KvDtype::Bf16, 1.0 / 256.0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let meta = meta(dtype);
+            let mut cache = KvCache::new(shape());
+            append(&mut cache, &[1, 2, 3, 4, 5], 1.0);
+            cache.save(&store, "a", &meta).unwrap();
+            let back = KvCache::load(&store, "a", &meta, shape()).unwrap();
+            for (x, y) in all(&cache).iter().zip(all(&back)) {
+                // Round to nearest: half an ulp of the format, relative.
+                assert!((x - y).abs() <= x.abs() * rel, "{dtype}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn another_model_or_shape_is_a_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let meta = meta(KvDtype::F16);
+        let mut cache = KvCache::new(shape());
+        append(&mut cache, &[1, 2], 0.0);
+        cache.save(&store, "a", &meta).unwrap();
+
+        let mut other = meta.clone();
+        other.tokenizer = "t2".into();
+        let err = KvCache::load(&store, "a", &other, shape()).unwrap_err();
+        assert!(matches!(err, Error::Store(kv_store::Error::FingerprintMismatch { field: "tokenizer", .. })), "{err}");
+
+        let wrong = KvShape { n_layers: 2, ..shape() };
+        let err = KvCache::load(&store, "a", &meta, wrong).unwrap_err();
+        assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+        let err = cache.save(&store, "b", &{
+            let mut m = meta.clone();
+            m.model.head_dim = 4;
+            m
+        });
+        assert!(matches!(err, Err(Error::ShapeMismatch { .. })));
+    }
+
+    #[test]
+    fn truncated_then_continued_cache_saves_incrementally() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let meta = meta(KvDtype::F32);
+        let mut cache = KvCache::new(shape());
+        append(&mut cache, &[1, 2, 3], 0.0);
+        cache.save(&store, "a", &meta).unwrap();
+        append(&mut cache, &[4, 5, 6], 1.0);
+        cache.save(&store, "a", &meta).unwrap();
+        cache.truncate(3);
+        append(&mut cache, &[7, 8], 2.0);
+        let report = cache.save(&store, "a", &meta).unwrap();
+        assert_eq!((report.reused_tokens, report.new_tokens), (3, 2));
+        let back = KvCache::load(&store, "a", &meta, shape()).unwrap();
+        assert_eq!(back.tokens(), &[1, 2, 3, 7, 8]);
+        assert_eq!(all(&back), all(&cache));
+    }
+}
