@@ -26,7 +26,8 @@ commands:
   ci            everything CI checks: fetch-model, fmt, clippy -D warnings, tests, docs,
                 and the layering check
   bench         criterion benchmarks (kv-store vs plain file I/O) and engine speed
-  demo          fetch the model, then save a conversation's cache and resume it
+  demo          fetch the model; session 1 answers and saves the cache, session 2 (a new
+                process) resumes it and compares with re-prefilling the history
   layering      check that kv-store depends on no tensor framework
 ";
 
@@ -204,8 +205,14 @@ fn bench(args: &[String]) -> Result<()> {
 
 fn demo() -> Result<()> {
     let model = fetch_model()?;
-    run_step(
-        "resume demo",
-        cargo().args(["run", "--release", "-p", "engine", "--example", "resume", "--", "--model"]).arg(&model),
-    )
+    for session in ["1", "2"] {
+        run_step(
+            &format!("demo session {session}"),
+            cargo()
+                .args(["run", "--release", "--quiet", "-p", "engine", "--example", "resume", "--", "--session", session])
+                .arg("--model")
+                .arg(&model),
+        )?;
+    }
+    Ok(())
 }
