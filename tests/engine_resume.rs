@@ -32,17 +32,32 @@ fn load_engine() -> Option<Engine> {
 }
 
 fn greedy(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions { max_tokens, ..GenerateOptions::default() }
+    GenerateOptions {
+        max_tokens,
+        ..GenerateOptions::default()
+    }
 }
 
-fn run(engine: &Engine, cache: &mut KvCache, messages: &[Message], max_tokens: usize) -> Generation {
-    let prompt = engine.chat_tokens(messages, true).expect("render and encode");
-    engine.generate(cache, &prompt, &greedy(max_tokens), &mut |_| {}).expect("generate")
+fn run(
+    engine: &Engine,
+    cache: &mut KvCache,
+    messages: &[Message],
+    max_tokens: usize,
+) -> Generation {
+    let prompt = engine
+        .chat_tokens(messages, true)
+        .expect("render and encode");
+    engine
+        .generate(cache, &prompt, &greedy(max_tokens), &mut |_| {})
+        .expect("generate")
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
@@ -53,7 +68,10 @@ fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
 fn answers_paris() {
     let Some(engine) = engine() else { return };
     let mut cache = engine.new_cache();
-    let messages = [Message::system(SYSTEM), Message::user("What is the capital of France?")];
+    let messages = [
+        Message::system(SYSTEM),
+        Message::user("What is the capital of France?"),
+    ];
     let out = run(engine, &mut cache, &messages, 24);
     eprintln!("answer: {:?}", out.text);
     assert!(out.text.contains("Paris"), "{:?}", out.text);
@@ -72,8 +90,18 @@ fn resume_run(dtype: KvDtype) -> Option<ResumeRun> {
     let user2 = Message::user("And what is the capital of Germany?");
 
     let mut cache = engine.new_cache();
-    let turn1 = run(engine, &mut cache, &[Message::system(SYSTEM), user1.clone()], 24);
-    let conversation = [Message::system(SYSTEM), user1.clone(), Message::assistant(turn1.text.clone()), user2.clone()];
+    let turn1 = run(
+        engine,
+        &mut cache,
+        &[Message::system(SYSTEM), user1.clone()],
+        24,
+    );
+    let conversation = [
+        Message::system(SYSTEM),
+        user1.clone(),
+        Message::assistant(turn1.text.clone()),
+        user2.clone(),
+    ];
     let uninterrupted = run(engine, &mut cache, &conversation, 16);
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -82,23 +110,42 @@ fn resume_run(dtype: KvDtype) -> Option<ResumeRun> {
         let again = run(engine, &mut cache, &[Message::system(SYSTEM), user1], 24);
         assert_eq!(again.tokens, turn1.tokens, "turn 1 is deterministic");
         let store = Store::open(dir.path()).expect("open store");
-        cache.save(&store, "agent", &engine.cache_meta(dtype)).expect("save");
+        cache
+            .save(&store, "agent", &engine.cache_meta(dtype))
+            .expect("save");
     }
     // A fresh engine from the file, a fresh store handle, the cache from disk.
     let fresh = Engine::load(engine.path()).expect("reload model");
     let store = Store::open(dir.path()).expect("reopen store");
-    let mut cache = KvCache::load(&store, "agent", &fresh.cache_meta(dtype), fresh.model().kv_shape()).expect("load");
+    let mut cache = KvCache::load(
+        &store,
+        "agent",
+        &fresh.cache_meta(dtype),
+        fresh.model().kv_shape(),
+    )
+    .expect("load");
     let resumed = run(&fresh, &mut cache, &conversation, 16);
-    assert!(resumed.reused_tokens > turn1.prompt_tokens, "turn 2 resumed from the saved cache");
+    assert!(
+        resumed.reused_tokens > turn1.prompt_tokens,
+        "turn 2 resumed from the saved cache"
+    );
     assert_eq!(resumed.reused_tokens, uninterrupted.reused_tokens);
-    Some(ResumeRun { uninterrupted, resumed })
+    Some(ResumeRun {
+        uninterrupted,
+        resumed,
+    })
 }
 
 #[test]
 fn resume_from_f32_cache_is_bitwise_exact() {
-    let Some(r) = resume_run(KvDtype::F32) else { return };
+    let Some(r) = resume_run(KvDtype::F32) else {
+        return;
+    };
     assert_eq!(r.resumed.tokens, r.uninterrupted.tokens);
-    assert!(bitwise_equal(&r.resumed.first_logits, &r.uninterrupted.first_logits));
+    assert!(bitwise_equal(
+        &r.resumed.first_logits,
+        &r.uninterrupted.first_logits
+    ));
 }
 
 /// f16 keeps 11 significant bits, so rounding moves each stored K/V value by at most 2^-11 of
@@ -112,13 +159,19 @@ const BF16_LOGIT_BOUND: f32 = 0.4;
 
 #[test]
 fn resume_from_half_cache_is_within_bound() {
-    for (dtype, bound) in [(KvDtype::F16, F16_LOGIT_BOUND), (KvDtype::Bf16, BF16_LOGIT_BOUND)] {
+    for (dtype, bound) in [
+        (KvDtype::F16, F16_LOGIT_BOUND),
+        (KvDtype::Bf16, BF16_LOGIT_BOUND),
+    ] {
         let Some(r) = resume_run(dtype) else { return };
         let diff = max_abs_diff(&r.resumed.first_logits, &r.uninterrupted.first_logits);
         eprintln!("{dtype}: largest first-position logit difference {diff:e}");
         assert!(diff <= bound, "{dtype}: {diff} > {bound}");
         if dtype == KvDtype::F16 {
-            assert_eq!(r.resumed.tokens, r.uninterrupted.tokens, "f16 resume changed the greedy answer");
+            assert_eq!(
+                r.resumed.tokens, r.uninterrupted.tokens,
+                "f16 resume changed the greedy answer"
+            );
         }
     }
 }
@@ -127,13 +180,28 @@ fn resume_from_half_cache_is_within_bound() {
 fn prefix_reuse_matches_prefill_from_scratch() {
     let Some(engine) = engine() else { return };
     let p = engine
-        .chat_tokens(&[Message::system(SYSTEM), Message::user("What is the capital of France?")], true)
+        .chat_tokens(
+            &[
+                Message::system(SYSTEM),
+                Message::user("What is the capital of France?"),
+            ],
+            true,
+        )
         .expect("p");
     let p2 = engine
-        .chat_tokens(&[Message::system(SYSTEM), Message::user("What is the capital of Italy? Answer briefly.")], true)
+        .chat_tokens(
+            &[
+                Message::system(SYSTEM),
+                Message::user("What is the capital of Italy? Answer briefly."),
+            ],
+            true,
+        )
         .expect("p2");
     let common = p.iter().zip(&p2).take_while(|(a, b)| a == b).count();
-    assert!(common > 5 && common < p.len(), "the prompts share a real prefix");
+    assert!(
+        common > 5 && common < p.len(),
+        "the prompts share a real prefix"
+    );
 
     let mut scratch = engine.new_cache();
     let (expected, reused) = engine.sync(&mut scratch, &p2).expect("prefill p2");
@@ -144,7 +212,11 @@ fn prefix_reuse_matches_prefill_from_scratch() {
     engine.sync(&mut cache, &p).expect("prefill p");
     let (logits, reused) = engine.sync(&mut cache, &p2).expect("continue over p2");
     assert_eq!(reused, common);
-    assert!(bitwise_equal(&logits, &expected), "max diff {}", max_abs_diff(&logits, &expected));
+    assert!(
+        bitwise_equal(&logits, &expected),
+        "max diff {}",
+        max_abs_diff(&logits, &expected)
+    );
 
     // Through disk (f32): the same.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -168,8 +240,19 @@ fn cache_from_another_model_is_refused() {
     engine.sync(&mut cache, &[1, 2, 3, 4]).expect("prefill");
     let mut other = engine.cache_meta(KvDtype::F16);
     other.model.weights_hash = "0".repeat(32);
-    cache.save(&store, "x", &other).expect("save under another fingerprint");
-    let err = KvCache::load(&store, "x", &engine.cache_meta(KvDtype::F16), engine.model().kv_shape()).unwrap_err();
+    cache
+        .save(&store, "x", &other)
+        .expect("save under another fingerprint");
+    let err = KvCache::load(
+        &store,
+        "x",
+        &engine.cache_meta(KvDtype::F16),
+        engine.model().kv_shape(),
+    )
+    .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("model weights") && text.contains(engine.model().weights_hash()), "{text}");
+    assert!(
+        text.contains("model weights") && text.contains(engine.model().weights_hash()),
+        "{text}"
+    );
 }

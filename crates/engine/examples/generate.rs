@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
-use engine::chat::Message;
 use engine::GenerateOptions;
+use engine::chat::Message;
 
 #[derive(Parser)]
 struct Args {
@@ -41,7 +41,10 @@ fn run() -> Result<()> {
     messages.push(Message::user(args.message));
     let prompt = engine.chat_tokens(&messages, true)?;
     let mut cache = engine.new_cache();
-    let options = GenerateOptions { max_tokens: args.max_tokens, ..GenerateOptions::default() };
+    let options = GenerateOptions {
+        max_tokens: args.max_tokens,
+        ..GenerateOptions::default()
+    };
     let json = args.json;
     let mut stdout = std::io::stdout();
     let out = engine.generate(&mut cache, &prompt, &options, &mut |piece| {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use engine::chat::Message;
 use engine::{Engine, GenerateOptions};
@@ -41,7 +41,10 @@ fn store() -> Result<Store> {
 
 fn say(engine: &Engine, cache: &mut KvCache, messages: &[Message]) -> Result<engine::Generation> {
     let prompt = engine.chat_tokens(messages, true)?;
-    let options = GenerateOptions { max_tokens: 64, ..GenerateOptions::default() };
+    let options = GenerateOptions {
+        max_tokens: 64,
+        ..GenerateOptions::default()
+    };
     let mut stdout = std::io::stdout();
     let out = engine.generate(cache, &prompt, &options, &mut |piece| {
         let _ = write!(stdout, "{piece}");
@@ -60,7 +63,11 @@ fn run() -> Result<()> {
         1 => {
             let mut cache = engine.new_cache();
             println!("user: {TURN1}\nassistant: ");
-            let out = say(&engine, &mut cache, &[Message::system(SYSTEM), Message::user(TURN1)])?;
+            let out = say(
+                &engine,
+                &mut cache,
+                &[Message::system(SYSTEM), Message::user(TURN1)],
+            )?;
             let started = Instant::now();
             let report = cache.save(&store, NAME, &meta)?;
             println!(
@@ -83,13 +90,18 @@ fn run() -> Result<()> {
             let Ok(reply) = std::fs::read_to_string(&reply_path) else {
                 bail!("no saved session: run `--session 1` first");
             };
-            let conversation =
-                [Message::system(SYSTEM), Message::user(TURN1), Message::assistant(reply), Message::user(TURN2)];
+            let conversation = [
+                Message::system(SYSTEM),
+                Message::user(TURN1),
+                Message::assistant(reply),
+                Message::user(TURN2),
+            ];
             let prompt = engine.chat_tokens(&conversation, true)?;
 
             let started = Instant::now();
-            let mut cache = KvCache::load(&store, NAME, &meta, engine.model().kv_shape())
-                .context("loading session 1's cache (run `--session 1` again if the model changed)")?;
+            let mut cache = KvCache::load(&store, NAME, &meta, engine.model().kv_shape()).context(
+                "loading session 1's cache (run `--session 1` again if the model changed)",
+            )?;
             let load = started.elapsed();
             let (_, reused) = engine.sync(&mut cache, &prompt)?;
             let resume_ttft = started.elapsed();

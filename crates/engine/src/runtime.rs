@@ -20,7 +20,11 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// agentkv's data directory: `$AGENTKV_HOME`, else `$XDG_DATA_HOME/agentkv`, else
 /// `~/.local/share/agentkv`. (xtask resolves the same directory; keep the two in step.)
 pub fn agentkv_home() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     var("AGENTKV_HOME")
         .or_else(|| var("XDG_DATA_HOME").map(|d| d.join("agentkv")))
         .or_else(|| var("HOME").map(|h| h.join(".local/share/agentkv")))
@@ -42,7 +46,10 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 256, sampling: SamplingConfig::greedy() }
+        GenerateOptions {
+            max_tokens: 256,
+            sampling: SamplingConfig::greedy(),
+        }
     }
 }
 
@@ -91,7 +98,12 @@ impl Engine {
         let (model, content) = Model::load_with_content(path)?;
         let tokenizer = Tokenizer::from_gguf(&content)?;
         let template = ChatTemplate::from_gguf(&content)?;
-        Ok(Engine { model, tokenizer, template, path: path.to_owned() })
+        Ok(Engine {
+            model,
+            tokenizer,
+            template,
+            path: path.to_owned(),
+        })
     }
 
     /// The model.
@@ -142,7 +154,11 @@ impl Engine {
     }
 
     /// Token ids of a conversation rendered through the chat template.
-    pub fn chat_tokens(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn chat_tokens(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         let text = self.template.render(messages, add_generation_prompt)?;
         Ok(self.tokenizer.encode(&text)?)
     }

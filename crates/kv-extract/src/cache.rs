@@ -55,9 +55,17 @@ impl KvCache {
     pub fn with_capacity(shape: KvShape, capacity: usize) -> Self {
         let per_layer = shape.row_len() * capacity;
         let layers = (0..shape.n_layers)
-            .map(|_| LayerKv { k: vec![0.0; per_layer], v: vec![0.0; per_layer] })
+            .map(|_| LayerKv {
+                k: vec![0.0; per_layer],
+                v: vec![0.0; per_layer],
+            })
             .collect();
-        KvCache { shape, tokens: Vec::new(), capacity, layers }
+        KvCache {
+            shape,
+            tokens: Vec::new(),
+            capacity,
+            layers,
+        }
     }
 
     /// The dimensions of this cache.
@@ -162,7 +170,10 @@ impl KvCache {
     /// # Panics
     /// If the tokens do not fit the reserved capacity.
     pub fn push_tokens(&mut self, tokens: &[u32]) {
-        assert!(self.len() + tokens.len() <= self.capacity, "push past reserved capacity");
+        assert!(
+            self.len() + tokens.len() <= self.capacity,
+            "push past reserved capacity"
+        );
         self.tokens.extend_from_slice(tokens);
     }
 
@@ -180,13 +191,15 @@ impl KvCache {
     /// K of one head for positions `range`, contiguous `[range.len(), head_dim]`.
     pub fn k_head(&self, layer: usize, head: usize, range: Range<usize>) -> &[f32] {
         let d = self.shape.head_dim;
-        &self.layers[layer].k[(head * self.capacity + range.start) * d..(head * self.capacity + range.end) * d]
+        &self.layers[layer].k
+            [(head * self.capacity + range.start) * d..(head * self.capacity + range.end) * d]
     }
 
     /// V of one head for positions `range`; see [`KvCache::k_head`].
     pub fn v_head(&self, layer: usize, head: usize, range: Range<usize>) -> &[f32] {
         let d = self.shape.head_dim;
-        &self.layers[layer].v[(head * self.capacity + range.start) * d..(head * self.capacity + range.end) * d]
+        &self.layers[layer].v
+            [(head * self.capacity + range.start) * d..(head * self.capacity + range.end) * d]
     }
 
     /// Forgets every token from position `n` on (rolls back a turn). Keeps the memory.
@@ -209,7 +222,11 @@ impl KvCache {
     /// Length of the longest common prefix of the cached tokens and `tokens`: how much of a
     /// new prompt this cache already covers.
     pub fn common_prefix_len(&self, tokens: &[u32]) -> usize {
-        self.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count()
+        self.tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
     }
 
     /// Appends positions `range` of `other` (K, V and tokens) after this cache's last token.
@@ -251,7 +268,11 @@ mod tests {
     use super::*;
 
     fn shape() -> KvShape {
-        KvShape { n_layers: 2, n_kv_heads: 3, head_dim: 4 }
+        KvShape {
+            n_layers: 2,
+            n_kv_heads: 3,
+            head_dim: 4,
+        }
     }
 
     /// Fills `n` tokens starting at the cache's end with values derived from (layer, pos, head, i).
@@ -317,6 +338,9 @@ mod tests {
         let mut a = KvCache::with_capacity(shape(), 10);
         append(&mut a, &[1, 2, 3]);
         assert_eq!(a.bytes_used(), 2 * 2 * 3 * 3 * 4 * 4);
-        assert_eq!(a.bytes_allocated(), 2 * 2 * 3 * 10 * 4 * 4 + a.tokens.capacity() * 4);
+        assert_eq!(
+            a.bytes_allocated(),
+            2 * 2 * 3 * 10 * 4 * 4 + a.tokens.capacity() * 4
+        );
     }
 }

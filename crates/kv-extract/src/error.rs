@@ -10,7 +10,9 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] kv_store::Error),
     /// The saved cache's dimensions differ from the model's.
-    #[error("cache shape {found:?} does not match the model's {expected:?}: the cache was made by another model; rebuild it")]
+    #[error(
+        "cache shape {found:?} does not match the model's {expected:?}: the cache was made by another model; rebuild it"
+    )]
     ShapeMismatch {
         /// The shape the caller's model needs.
         expected: KvShape,
@@ -18,7 +20,9 @@ pub enum Error {
         found: KvShape,
     },
     /// The saved cache uses a dtype this build cannot convert.
-    #[error("cache dtype {dtype} is not supported by this build: upgrade agentkv or rebuild the cache")]
+    #[error(
+        "cache dtype {dtype} is not supported by this build: upgrade agentkv or rebuild the cache"
+    )]
     UnsupportedDtype {
         /// The dtype's name.
         dtype: String,

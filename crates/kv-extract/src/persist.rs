@@ -60,7 +60,11 @@ fn decode(src: &[u8], dtype: KvDtype, dst: &mut [f32]) -> Result<()> {
                 *d = bf16::from_le_bytes([c[0], c[1]]).to_f32();
             }
         }
-        other => return Err(Error::UnsupportedDtype { dtype: other.to_string() }),
+        other => {
+            return Err(Error::UnsupportedDtype {
+                dtype: other.to_string(),
+            });
+        }
     }
     Ok(())
 }
@@ -71,14 +75,28 @@ impl KvCache {
     pub fn save(&self, store: &Store, name: &str, meta: &CacheMeta) -> Result<SaveReport> {
         check_shape(self.shape(), meta)?;
         if !matches!(meta.dtype, KvDtype::F32 | KvDtype::F16 | KvDtype::Bf16) {
-            return Err(Error::UnsupportedDtype { dtype: meta.dtype.to_string() });
+            return Err(Error::UnsupportedDtype {
+                dtype: meta.dtype.to_string(),
+            });
         }
-        Ok(store.save(name, meta, &Export { cache: self, dtype: meta.dtype })?)
+        Ok(store.save(
+            name,
+            meta,
+            &Export {
+                cache: self,
+                dtype: meta.dtype,
+            },
+        )?)
     }
 
     /// Loads the cache `name`, which must have been made under `expected` (same model,
     /// tokenizer, template and dtype), into a new cache of shape `shape`.
-    pub fn load(store: &Store, name: &str, expected: &CacheMeta, shape: KvShape) -> Result<KvCache> {
+    pub fn load(
+        store: &Store,
+        name: &str,
+        expected: &CacheMeta,
+        shape: KvShape,
+    ) -> Result<KvCache> {
         let loaded = store.load(name, expected)?;
         KvCache::import(&loaded, expected, shape)
     }
@@ -88,7 +106,13 @@ impl KvCache {
     pub fn import(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> Result<KvCache> {
         if let Some((field, expected, found)) = expected.first_difference(loaded.meta()) {
             let name = loaded.manifest().name.clone();
-            return Err(kv_store::Error::FingerprintMismatch { name, field, expected, found }.into());
+            return Err(kv_store::Error::FingerprintMismatch {
+                name,
+                field,
+                expected,
+                found,
+            }
+            .into());
         }
         check_shape(shape, loaded.meta())?;
         let n = loaded.len();
@@ -118,9 +142,16 @@ impl KvCache {
 
 fn check_shape(shape: KvShape, meta: &CacheMeta) -> Result<()> {
     let m = &meta.model;
-    let found = KvShape { n_layers: m.n_layers as usize, n_kv_heads: m.n_kv_heads as usize, head_dim: m.head_dim as usize };
+    let found = KvShape {
+        n_layers: m.n_layers as usize,
+        n_kv_heads: m.n_kv_heads as usize,
+        head_dim: m.head_dim as usize,
+    };
     if found != shape {
-        return Err(Error::ShapeMismatch { expected: shape, found });
+        return Err(Error::ShapeMismatch {
+            expected: shape,
+            found,
+        });
     }
     Ok(())
 }
@@ -134,7 +165,11 @@ mod tests {
     use super::*;
 
     fn shape() -> KvShape {
-        KvShape { n_layers: 3, n_kv_heads: 2, head_dim: 8 }
+        KvShape {
+            n_layers: 3,
+            n_kv_heads: 2,
+            head_dim: 8,
+        }
     }
 
     fn meta(dtype: KvDtype) -> CacheMeta {
@@ -162,8 +197,12 @@ mod tests {
         let start = cache.len();
         for layer in 0..s.n_layers {
             let rows = tokens.len() * s.row_len();
-            let k: Vec<f32> = (0..rows).map(|i| ((i as f32 + seed) * 0.37 + layer as f32).sin() * 3.0).collect();
-            let v: Vec<f32> = (0..rows).map(|i| ((i as f32 - seed) * 0.11).cos() - layer as f32).collect();
+            let k: Vec<f32> = (0..rows)
+                .map(|i| ((i as f32 + seed) * 0.37 + layer as f32).sin() * 3.0)
+                .collect();
+            let v: Vec<f32> = (0..rows)
+                .map(|i| ((i as f32 - seed) * 0.11).cos() - layer as f32)
+                .collect();
             cache.write_rows(layer, start, &k, &v);
         }
         cache.push_tokens(tokens);
@@ -227,9 +266,21 @@ mod tests {
         let mut other = meta.clone();
         other.tokenizer = "t2".into();
         let err = KvCache::load(&store, "a", &other, shape()).unwrap_err();
-        assert!(matches!(err, Error::Store(kv_store::Error::FingerprintMismatch { field: "tokenizer", .. })), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Store(kv_store::Error::FingerprintMismatch {
+                    field: "tokenizer",
+                    ..
+                })
+            ),
+            "{err}"
+        );
 
-        let wrong = KvShape { n_layers: 2, ..shape() };
+        let wrong = KvShape {
+            n_layers: 2,
+            ..shape()
+        };
         let err = KvCache::load(&store, "a", &meta, wrong).unwrap_err();
         assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
         let err = cache.save(&store, "b", &{

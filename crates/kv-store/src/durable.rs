@@ -109,5 +109,6 @@ pub(crate) fn commit_file(
 /// fsyncs a directory so a rename in it survives a power cut.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
-    d.sync_all().map_err(|e| Error::io("fsync directory", dir, e))
+    d.sync_all()
+        .map_err(|e| Error::io("fsync directory", dir, e))
 }

@@ -49,7 +49,9 @@ pub enum Error {
         root: PathBuf,
     },
     /// A segment file is not a valid safetensors file.
-    #[error("segment {path} is not a valid safetensors file ({source}); the file is damaged: delete the cache and rebuild it")]
+    #[error(
+        "segment {path} is not a valid safetensors file ({source}); the file is damaged: delete the cache and rebuild it"
+    )]
     BadSafetensors {
         /// The segment file.
         path: PathBuf,
@@ -66,7 +68,9 @@ pub enum Error {
         detail: String,
     },
     /// A file was written by a newer (or unknown) version of the format.
-    #[error("{path} uses {kind} format version {found}, this build reads up to {supported}: upgrade agentkv")]
+    #[error(
+        "{path} uses {kind} format version {found}, this build reads up to {supported}: upgrade agentkv"
+    )]
     UnsupportedVersion {
         /// The file.
         path: PathBuf,
@@ -78,7 +82,9 @@ pub enum Error {
         supported: u32,
     },
     /// A tensor's bytes do not hash to the checksum recorded for them.
-    #[error("checksum mismatch in {path}, tensor {tensor}: the file is damaged; delete the cache and rebuild it")]
+    #[error(
+        "checksum mismatch in {path}, tensor {tensor}: the file is damaged; delete the cache and rebuild it"
+    )]
     ChecksumMismatch {
         /// The segment file.
         path: PathBuf,
@@ -86,7 +92,9 @@ pub enum Error {
         tensor: String,
     },
     /// The cache was made by another model, tokenizer, template or KV dtype than the one asked for.
-    #[error("cache {name:?} was made with a different {field}: expected {expected}, found {found}; rebuild it with the current model")]
+    #[error(
+        "cache {name:?} was made with a different {field}: expected {expected}, found {found}; rebuild it with the current model"
+    )]
     FingerprintMismatch {
         /// The cache name (or segment id).
         name: String,
@@ -98,7 +106,9 @@ pub enum Error {
         found: String,
     },
     /// A manifest references a segment file that does not exist.
-    #[error("cache {name:?} needs segment {id}, which is missing from {dir}; delete the cache and rebuild it")]
+    #[error(
+        "cache {name:?} needs segment {id}, which is missing from {dir}; delete the cache and rebuild it"
+    )]
     SegmentMissing {
         /// The cache name.
         name: String,
@@ -108,7 +118,9 @@ pub enum Error {
         dir: PathBuf,
     },
     /// The segments of a chain do not follow each other.
-    #[error("cache {name:?} has a broken segment chain at {id}: {detail}; delete the cache and rebuild it")]
+    #[error(
+        "cache {name:?} has a broken segment chain at {id}: {detail}; delete the cache and rebuild it"
+    )]
     BrokenChain {
         /// The cache name.
         name: String,
@@ -137,12 +149,17 @@ impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
         let path = path.into();
         match source.kind() {
-            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => Error::DiskFull { path, source },
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
+                Error::DiskFull { path, source }
+            }
             _ => Error::Io { op, path, source },
         }
     }
 
     pub(crate) fn bad_metadata(path: impl Into<PathBuf>, detail: impl Into<String>) -> Error {
-        Error::BadMetadata { path: path.into(), detail: detail.into() }
+        Error::BadMetadata {
+            path: path.into(),
+            detail: detail.into(),
+        }
     }
 }

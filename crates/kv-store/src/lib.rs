@@ -10,11 +10,11 @@ mod meta;
 mod segment;
 mod store;
 
+pub use durable::Step;
 #[cfg(feature = "fault-injection")]
 pub use durable::crash_after;
-pub use durable::Step;
 pub use error::{Error, Result};
-pub use manifest::{Manifest, SegmentRef, MANIFEST_VERSION};
-pub use meta::{validate_name, CacheMeta, KvDtype, ModelFingerprint, SegmentId};
-pub use segment::{KvKind, KvSource, ReadMode, Segment, SEGMENT_VERSION};
+pub use manifest::{MANIFEST_VERSION, Manifest, SegmentRef};
+pub use meta::{CacheMeta, KvDtype, ModelFingerprint, SegmentId, validate_name};
+pub use segment::{KvKind, KvSource, ReadMode, SEGMENT_VERSION, Segment};
 pub use store::{GcReport, LoadedCache, SaveReport, Store};

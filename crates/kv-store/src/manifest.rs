@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{checksum, CacheMeta, SegmentId};
+use crate::meta::{CacheMeta, SegmentId, checksum};
 use crate::{Error, Result};
 
 /// Manifest format version written by this build, and the newest it reads.
@@ -49,25 +49,33 @@ struct Envelope {
 
 impl Manifest {
     pub(crate) fn encode(&self) -> Result<Vec<u8>> {
-        let body = serde_json::to_vec(self).map_err(|e| Error::InvalidInput { detail: format!("manifest: {e}") })?;
+        let body = serde_json::to_vec(self).map_err(|e| Error::InvalidInput {
+            detail: format!("manifest: {e}"),
+        })?;
         let env = Envelope {
             format: FORMAT_NAME.to_owned(),
             version: MANIFEST_VERSION,
             checksum: checksum(&body),
             body: self.clone(),
         };
-        serde_json::to_vec(&env).map_err(|e| Error::InvalidInput { detail: format!("manifest: {e}") })
+        serde_json::to_vec(&env).map_err(|e| Error::InvalidInput {
+            detail: format!("manifest: {e}"),
+        })
     }
 
     /// Parses and validates manifest bytes (`path` only names the file in errors): envelope,
     /// version, checksum and chain continuity. This is the entry point of the fuzz target.
     pub fn decode(path: &Path, bytes: &[u8]) -> Result<Manifest> {
         let bad = |detail: String| Error::bad_metadata(path, detail);
-        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
         if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
             return Err(bad("not an agentkv manifest".into()));
         }
-        let version = value.get("version").and_then(|v| v.as_u64()).ok_or_else(|| bad("no version".into()))?;
+        let version = value
+            .get("version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| bad("no version".into()))?;
         if version != u64::from(MANIFEST_VERSION) {
             return Err(Error::UnsupportedVersion {
                 path: path.to_owned(),
@@ -90,12 +98,18 @@ impl Manifest {
         let mut at = 0u64;
         for s in &self.segments {
             if s.start != at {
-                return Err(format!("segment {} starts at {}, expected {at}", s.id, s.start));
+                return Err(format!(
+                    "segment {} starts at {}, expected {at}",
+                    s.id, s.start
+                ));
             }
             at = at.checked_add(s.n_tokens).ok_or("token count overflows")?;
         }
         if at != self.n_tokens {
-            return Err(format!("segments hold {at} tokens, manifest says {}", self.n_tokens));
+            return Err(format!(
+                "segments hold {at} tokens, manifest says {}",
+                self.n_tokens
+            ));
         }
         Ok(())
     }

@@ -99,7 +99,11 @@ pub struct CacheMeta {
 impl CacheMeta {
     /// Shape of one layer's K (or V) for `n_tokens` tokens: `[n_kv_heads, n_tokens, head_dim]`.
     pub fn kv_shape(&self, n_tokens: usize) -> [usize; 3] {
-        [self.model.n_kv_heads as usize, n_tokens, self.model.head_dim as usize]
+        [
+            self.model.n_kv_heads as usize,
+            n_tokens,
+            self.model.head_dim as usize,
+        ]
     }
 
     /// Bytes of one layer's K (or V) for `n_tokens` tokens.
@@ -116,17 +120,45 @@ impl CacheMeta {
     pub fn first_difference(&self, found: &CacheMeta) -> Option<(&'static str, String, String)> {
         let (e, f) = (&self.model, &found.model);
         let fields: [(&'static str, String, String); 12] = [
-            ("architecture", e.architecture.clone(), f.architecture.clone()),
-            ("layer count", e.n_layers.to_string(), f.n_layers.to_string()),
+            (
+                "architecture",
+                e.architecture.clone(),
+                f.architecture.clone(),
+            ),
+            (
+                "layer count",
+                e.n_layers.to_string(),
+                f.n_layers.to_string(),
+            ),
             ("head count", e.n_heads.to_string(), f.n_heads.to_string()),
-            ("kv head count", e.n_kv_heads.to_string(), f.n_kv_heads.to_string()),
+            (
+                "kv head count",
+                e.n_kv_heads.to_string(),
+                f.n_kv_heads.to_string(),
+            ),
             ("head dim", e.head_dim.to_string(), f.head_dim.to_string()),
-            ("rope theta", e.rope_theta.to_string(), f.rope_theta.to_string()),
+            (
+                "rope theta",
+                e.rope_theta.to_string(),
+                f.rope_theta.to_string(),
+            ),
             ("rope dim", e.rope_dim.to_string(), f.rope_dim.to_string()),
-            ("model parameters", format!("{:?}", e.extra), format!("{:?}", f.extra)),
-            ("model weights", e.weights_hash.clone(), f.weights_hash.clone()),
+            (
+                "model parameters",
+                format!("{:?}", e.extra),
+                format!("{:?}", f.extra),
+            ),
+            (
+                "model weights",
+                e.weights_hash.clone(),
+                f.weights_hash.clone(),
+            ),
             ("tokenizer", self.tokenizer.clone(), found.tokenizer.clone()),
-            ("chat template", self.chat_template.clone(), found.chat_template.clone()),
+            (
+                "chat template",
+                self.chat_template.clone(),
+                found.chat_template.clone(),
+            ),
             ("kv dtype", self.dtype.to_string(), found.dtype.to_string()),
         ];
         fields.into_iter().find(|(_, a, b)| a != b)
@@ -167,7 +199,9 @@ impl SegmentId {
     /// Parses an id read from a file, accepting only 32 lower-case hex digits (so an id can
     /// never smuggle a path into a file name).
     pub fn parse(s: &str) -> Option<SegmentId> {
-        let ok = s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let ok = s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         ok.then(|| SegmentId(s.to_owned()))
     }
 
@@ -189,13 +223,19 @@ pub fn validate_name(name: &str) -> crate::Result<()> {
         Some("it is empty")
     } else if name.len() > 64 {
         Some("it is longer than 64 characters")
-    } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
         Some("use only lower-case letters, digits, '_' and '-'")
     } else {
         None
     };
     match reason {
-        Some(reason) => Err(crate::Error::InvalidName { name: name.to_owned(), reason }),
+        Some(reason) => Err(crate::Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        }),
         None => Ok(()),
     }
 }
@@ -243,7 +283,10 @@ pub(crate) mod tests {
     fn names() {
         assert!(validate_name("agent-1_x").is_ok());
         for bad in ["", "A", "a/b", "..", "a.b", &"x".repeat(65)] {
-            assert!(matches!(validate_name(bad), Err(crate::Error::InvalidName { .. })), "{bad}");
+            assert!(
+                matches!(validate_name(bad), Err(crate::Error::InvalidName { .. })),
+                "{bad}"
+            );
         }
     }
 
@@ -253,6 +296,9 @@ pub(crate) mod tests {
         let mut b = a.clone();
         assert_eq!(a.first_difference(&b), None);
         b.model.weights_hash = "w2".into();
-        assert_eq!(a.first_difference(&b), Some(("model weights", "w1".into(), "w2".into())));
+        assert_eq!(
+            a.first_difference(&b),
+            Some(("model weights", "w1".into(), "w2".into()))
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Metadata, TensorInfo};
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{checksum, CacheMeta, SegmentId};
+use crate::meta::{CacheMeta, SegmentId, checksum};
 use crate::{Error, Result};
 
 /// Segment format version written by this build, and the newest it reads.
@@ -62,15 +62,23 @@ fn layout(meta: &CacheMeta, n_tokens: usize) -> Vec<(String, safetensors::Dtype,
     let mut out = vec![("tokens".to_owned(), safetensors::Dtype::U32, vec![n_tokens])];
     for layer in 0..meta.model.n_layers as usize {
         for kind in [KvKind::K, KvKind::V] {
-            out.push((tensor_name(layer, kind), meta.dtype.safetensors(), meta.kv_shape(n_tokens).to_vec()));
+            out.push((
+                tensor_name(layer, kind),
+                meta.dtype.safetensors(),
+                meta.kv_shape(n_tokens).to_vec(),
+            ));
         }
     }
     out
 }
 
-fn encode_header(header: &SegmentHeader, layout: &[(String, safetensors::Dtype, Vec<usize>)]) -> Result<Vec<u8>> {
+fn encode_header(
+    header: &SegmentHeader,
+    layout: &[(String, safetensors::Dtype, Vec<usize>)],
+) -> Result<Vec<u8>> {
     let invalid = |detail: String| Error::InvalidInput { detail };
-    let json = serde_json::to_string(header).map_err(|e| invalid(format!("segment header: {e}")))?;
+    let json =
+        serde_json::to_string(header).map_err(|e| invalid(format!("segment header: {e}")))?;
     let mut offset = 0;
     let mut infos = Vec::with_capacity(layout.len());
     for (name, dtype, shape) in layout {
@@ -78,12 +86,23 @@ fn encode_header(header: &SegmentHeader, layout: &[(String, safetensors::Dtype, 
             .iter()
             .try_fold(dtype.bitsize() / 8, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| invalid(format!("tensor {name} is too large")))?;
-        infos.push((name.clone(), TensorInfo { dtype: *dtype, shape: shape.clone(), data_offsets: (offset, offset + bytes) }));
+        infos.push((
+            name.clone(),
+            TensorInfo {
+                dtype: *dtype,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + bytes),
+            },
+        ));
         offset += bytes;
     }
-    let metadata = Metadata::new(Some(HashMap::from([(METADATA_KEY.to_owned(), json)])), infos)
-        .map_err(|e| invalid(format!("segment layout: {e}")))?;
-    let mut buf = serde_json::to_vec(&metadata).map_err(|e| invalid(format!("segment header: {e}")))?;
+    let metadata = Metadata::new(
+        Some(HashMap::from([(METADATA_KEY.to_owned(), json)])),
+        infos,
+    )
+    .map_err(|e| invalid(format!("segment layout: {e}")))?;
+    let mut buf =
+        serde_json::to_vec(&metadata).map_err(|e| invalid(format!("segment header: {e}")))?;
     buf.resize(buf.len().next_multiple_of(8), b' ');
     Ok(buf)
 }
@@ -103,9 +122,15 @@ pub(crate) fn write_segment(
     range: Range<usize>,
 ) -> Result<u64> {
     let n = range.len();
-    let tokens = source.tokens().get(range.clone()).ok_or_else(|| Error::InvalidInput {
-        detail: format!("range {range:?} is past the {} tokens of the source", source.tokens().len()),
-    })?;
+    let tokens = source
+        .tokens()
+        .get(range.clone())
+        .ok_or_else(|| Error::InvalidInput {
+            detail: format!(
+                "range {range:?} is past the {} tokens of the source",
+                source.tokens().len()
+            ),
+        })?;
     let layout = layout(meta, n);
     let mut header = SegmentHeader {
         format: FORMAT_NAME.to_owned(),
@@ -115,11 +140,15 @@ pub(crate) fn write_segment(
         start: range.start as u64,
         n_tokens: n as u64,
         meta: meta.clone(),
-        checksums: layout.iter().map(|(name, _, _)| (name.clone(), "0".repeat(16))).collect(),
+        checksums: layout
+            .iter()
+            .map(|(name, _, _)| (name.clone(), "0".repeat(16)))
+            .collect(),
     };
     let placeholder = encode_header(&header, &layout)?;
     let io = |op, e| Error::io(op, path, e);
-    file.write_all(&(placeholder.len() as u64).to_le_bytes()).map_err(|e| io("write", e))?;
+    file.write_all(&(placeholder.len() as u64).to_le_bytes())
+        .map_err(|e| io("write", e))?;
     file.write_all(&placeholder).map_err(|e| io("write", e))?;
 
     let mut buf: Vec<u8> = Vec::with_capacity(meta.kv_bytes(n).max(n * 4));
@@ -141,14 +170,18 @@ pub(crate) fn write_segment(
                     ),
                 });
             }
-            header.checksums.insert(tensor_name(layer, kind), checksum(&buf));
+            header
+                .checksums
+                .insert(tensor_name(layer, kind), checksum(&buf));
             file.write_all(&buf).map_err(|e| io("write", e))?;
             written += buf.len() as u64;
         }
     }
     let real = encode_header(&header, &layout)?;
     if real.len() != placeholder.len() {
-        return Err(Error::InvalidInput { detail: "segment header changed size while writing".into() });
+        return Err(Error::InvalidInput {
+            detail: "segment header changed size while writing".into(),
+        });
     }
     file.seek(SeekFrom::Start(8)).map_err(|e| io("seek", e))?;
     file.write_all(&real).map_err(|e| io("write", e))?;
@@ -190,7 +223,10 @@ pub struct Segment {
 
 impl std::fmt::Debug for Segment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Segment").field("path", &self.path).field("id", &self.header.id).finish()
+        f.debug_struct("Segment")
+            .field("path", &self.path)
+            .field("id", &self.header.id)
+            .finish()
     }
 }
 
@@ -200,10 +236,13 @@ impl Segment {
     pub fn open(path: &Path, mode: ReadMode) -> Result<Segment> {
         let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
         let bytes = match mode {
-            ReadMode::Mmap => Bytes::Mapped(crate::map::map_segment(&file).map_err(|e| Error::io("map", path, e))?),
+            ReadMode::Mmap => Bytes::Mapped(
+                crate::map::map_segment(&file).map_err(|e| Error::io("map", path, e))?,
+            ),
             ReadMode::Buffered => {
                 let mut v = Vec::new();
-                file.read_to_end(&mut v).map_err(|e| Error::io("read", path, e))?;
+                file.read_to_end(&mut v)
+                    .map_err(|e| Error::io("read", path, e))?;
                 Bytes::Owned(v)
             }
         };
@@ -218,41 +257,77 @@ impl Segment {
 
     fn validate(path: &Path, bytes: Bytes) -> Result<Segment> {
         let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes.as_slice())
-            .map_err(|source| Error::BadSafetensors { path: path.to_owned(), source })?;
+            .map_err(|source| Error::BadSafetensors {
+                path: path.to_owned(),
+                source,
+            })?;
         let data_start = 8 + header_len;
         let header = parse_header(path, &metadata)?;
-        let n = usize::try_from(header.n_tokens).map_err(|_| Error::bad_metadata(path, "token count overflows"))?;
+        let n = usize::try_from(header.n_tokens)
+            .map_err(|_| Error::bad_metadata(path, "token count overflows"))?;
         let expected = layout(&header.meta, n);
         if metadata.tensors().len() != expected.len() {
             return Err(Error::bad_metadata(
                 path,
-                format!("{} tensors, expected {}", metadata.tensors().len(), expected.len()),
+                format!(
+                    "{} tensors, expected {}",
+                    metadata.tensors().len(),
+                    expected.len()
+                ),
             ));
         }
         let mut ranges = Vec::with_capacity(expected.len());
         for (name, dtype, shape) in &expected {
-            let info = metadata.info(name).ok_or_else(|| Error::bad_metadata(path, format!("tensor {name} is missing")))?;
+            let info = metadata
+                .info(name)
+                .ok_or_else(|| Error::bad_metadata(path, format!("tensor {name} is missing")))?;
             if info.dtype != *dtype || info.shape != *shape {
                 return Err(Error::bad_metadata(
                     path,
-                    format!("tensor {name} is {:?} {:?}, expected {dtype:?} {shape:?}", info.dtype, info.shape),
+                    format!(
+                        "tensor {name} is {:?} {:?}, expected {dtype:?} {shape:?}",
+                        info.dtype, info.shape
+                    ),
                 ));
             }
             let (s, e) = info.data_offsets;
             let range = data_start.checked_add(s).zip(data_start.checked_add(e));
             let range = range.filter(|(s, e)| s <= e && *e <= bytes.as_slice().len());
-            let (s, e) = range.ok_or_else(|| Error::bad_metadata(path, format!("tensor {name} is out of bounds")))?;
+            let (s, e) = range.ok_or_else(|| {
+                Error::bad_metadata(path, format!("tensor {name} is out of bounds"))
+            })?;
             let data = &bytes.as_slice()[s..e];
-            let recorded = header.checksums.get(name).ok_or_else(|| Error::bad_metadata(path, format!("no checksum for {name}")))?;
+            let recorded = header
+                .checksums
+                .get(name)
+                .ok_or_else(|| Error::bad_metadata(path, format!("no checksum for {name}")))?;
             if *recorded != checksum(data) {
-                return Err(Error::ChecksumMismatch { path: path.to_owned(), tensor: name.clone() });
+                return Err(Error::ChecksumMismatch {
+                    path: path.to_owned(),
+                    tensor: name.clone(),
+                });
             }
             ranges.push(s..e);
         }
-        let segment = Segment { path: path.to_owned(), bytes, header, ranges };
-        let id = SegmentId::compute(&segment.header.meta, segment.header.parent.as_ref(), &segment.tokens());
+        let segment = Segment {
+            path: path.to_owned(),
+            bytes,
+            header,
+            ranges,
+        };
+        let id = SegmentId::compute(
+            &segment.header.meta,
+            segment.header.parent.as_ref(),
+            &segment.tokens(),
+        );
         if id != segment.header.id {
-            return Err(Error::bad_metadata(path, format!("content hashes to segment id {id}, header says {}", segment.header.id)));
+            return Err(Error::bad_metadata(
+                path,
+                format!(
+                    "content hashes to segment id {id}, header says {}",
+                    segment.header.id
+                ),
+            ));
         }
         Ok(segment)
     }
@@ -289,7 +364,10 @@ impl Segment {
     /// The segment's token ids.
     pub fn tokens(&self) -> Vec<u32> {
         let bytes = &self.bytes.as_slice()[self.ranges[0].clone()];
-        bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     }
 
     /// Raw little-endian bytes of K or V of `layer`, shape `[n_kv_heads, len, head_dim]`.
@@ -314,11 +392,15 @@ fn parse_header(path: &Path, metadata: &Metadata) -> Result<SegmentHeader> {
         .and_then(|m| m.get(METADATA_KEY))
         .ok_or_else(|| Error::bad_metadata(path, "no agentkv header in __metadata__"))?;
     // Read the version before the rest, so a newer file says so instead of failing to parse.
-    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| Error::bad_metadata(path, e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| Error::bad_metadata(path, e.to_string()))?;
     if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
         return Err(Error::bad_metadata(path, "not an agentkv segment"));
     }
-    let version = value.get("version").and_then(|v| v.as_u64()).ok_or_else(|| Error::bad_metadata(path, "no version"))?;
+    let version = value
+        .get("version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| Error::bad_metadata(path, "no version"))?;
     if version != u64::from(SEGMENT_VERSION) {
         return Err(Error::UnsupportedVersion {
             path: path.to_owned(),

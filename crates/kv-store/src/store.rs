@@ -8,10 +8,10 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use crate::durable::{self, commit_file, Step, TMP_PREFIX};
+use crate::durable::{self, Step, TMP_PREFIX, commit_file};
 use crate::manifest::{Manifest, SegmentRef};
-use crate::meta::{validate_name, CacheMeta, SegmentId};
-use crate::segment::{write_segment, KvKind, KvSource, ReadMode, Segment};
+use crate::meta::{CacheMeta, SegmentId, validate_name};
+use crate::segment::{KvKind, KvSource, ReadMode, Segment, write_segment};
 use crate::{Error, Result};
 
 const SEGMENT_EXT: &str = "safetensors";
@@ -56,10 +56,17 @@ pub struct GcReport {
 impl Store {
     /// Opens (creating if needed) the store at `root`.
     pub fn open(root: &Path) -> Result<Store> {
-        for dir in [root.to_owned(), root.join("segments"), root.join("manifests")] {
+        for dir in [
+            root.to_owned(),
+            root.join("segments"),
+            root.join("manifests"),
+        ] {
             fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", dir, e))?;
         }
-        Ok(Store { root: root.to_owned(), read_mode: ReadMode::default() })
+        Ok(Store {
+            root: root.to_owned(),
+            read_mode: ReadMode::default(),
+        })
     }
 
     /// Chooses how loads bring segments into memory.
@@ -98,7 +105,11 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io("open lock file", &path, e))?;
-        let locked = if exclusive { file.lock() } else { file.lock_shared() };
+        let locked = if exclusive {
+            file.lock()
+        } else {
+            file.lock_shared()
+        };
         locked.map_err(|e| Error::io("lock", &path, e))?;
         Ok(file)
     }
@@ -121,7 +132,9 @@ impl Store {
         for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
             let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
             let file_name = entry.file_name();
-            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
             if validate_name(name).is_ok() {
                 names.push(name.to_owned());
             }
@@ -143,7 +156,13 @@ impl Store {
     }
 
     /// Saves under the lock; `reuse_chain` false writes the whole cache as one new segment.
-    fn save_locked(&self, name: &str, meta: &CacheMeta, source: &dyn KvSource, reuse_chain: bool) -> Result<SaveReport> {
+    fn save_locked(
+        &self,
+        name: &str,
+        meta: &CacheMeta,
+        source: &dyn KvSource,
+        reuse_chain: bool,
+    ) -> Result<SaveReport> {
         let old = match self.manifest(name) {
             Ok(m) => m,
             // Whatever a damaged manifest described is unreadable already; replacing it loses
@@ -157,7 +176,9 @@ impl Store {
         if let Some(old) = old.as_ref().filter(|m| reuse_chain && m.meta == *meta) {
             for s in &old.segments {
                 let end = at + s.n_tokens as usize;
-                let Some(seg_tokens) = tokens.get(at..end) else { break };
+                let Some(seg_tokens) = tokens.get(at..end) else {
+                    break;
+                };
                 let id = SegmentId::compute(meta, chain.last().map(|s| &s.id), seg_tokens);
                 if id != s.id || !self.segment_path(&id).exists() {
                     break;
@@ -180,13 +201,29 @@ impl Store {
             if path.exists() {
                 report.deduplicated = true;
             } else {
-                let steps = [Step::SegmentWritten, Step::SegmentSynced, Step::SegmentRenamed];
+                let steps = [
+                    Step::SegmentWritten,
+                    Step::SegmentSynced,
+                    Step::SegmentRenamed,
+                ];
                 commit_file(&path, steps, |file, tmp| {
-                    report.bytes_written = write_segment(file, tmp, meta, &id, parent.as_ref(), source, at..tokens.len())?;
+                    report.bytes_written = write_segment(
+                        file,
+                        tmp,
+                        meta,
+                        &id,
+                        parent.as_ref(),
+                        source,
+                        at..tokens.len(),
+                    )?;
                     Ok(())
                 })?;
             }
-            chain.push(SegmentRef { id, start: at as u64, n_tokens: (tokens.len() - at) as u64 });
+            chain.push(SegmentRef {
+                id,
+                start: at as u64,
+                n_tokens: (tokens.len() - at) as u64,
+            });
         }
         if let Some(old) = &old
             && old.meta == *meta
@@ -208,9 +245,14 @@ impl Store {
 
     fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
         let bytes = manifest.encode()?;
-        let steps = [Step::ManifestWritten, Step::ManifestSynced, Step::ManifestRenamed];
+        let steps = [
+            Step::ManifestWritten,
+            Step::ManifestSynced,
+            Step::ManifestRenamed,
+        ];
         commit_file(&self.manifest_path(&manifest.name), steps, |file, tmp| {
-            file.write_all(&bytes).map_err(|e| Error::io("write", tmp, e))
+            file.write_all(&bytes)
+                .map_err(|e| Error::io("write", tmp, e))
         })
     }
 
@@ -221,7 +263,12 @@ impl Store {
         let _lock = self.lock(false)?;
         let manifest = self.manifest(name)?.ok_or_else(|| self.not_found(name))?;
         if let Some((field, expected, found)) = expected.first_difference(&manifest.meta) {
-            return Err(Error::FingerprintMismatch { name: name.to_owned(), field, expected, found });
+            return Err(Error::FingerprintMismatch {
+                name: name.to_owned(),
+                field,
+                expected,
+                found,
+            });
         }
         self.load_chain(manifest)
     }
@@ -236,7 +283,10 @@ impl Store {
     }
 
     fn not_found(&self, name: &str) -> Error {
-        Error::NotFound { name: name.to_owned(), root: self.root.clone() }
+        Error::NotFound {
+            name: name.to_owned(),
+            root: self.root.clone(),
+        }
     }
 
     fn load_chain(&self, manifest: Manifest) -> Result<LoadedCache> {
@@ -247,13 +297,26 @@ impl Store {
         for s in &manifest.segments {
             let path = self.segment_path(&s.id);
             if !path.exists() {
-                return Err(Error::SegmentMissing { name: name.clone(), id: s.id.to_string(), dir: self.segments_dir() });
+                return Err(Error::SegmentMissing {
+                    name: name.clone(),
+                    id: s.id.to_string(),
+                    dir: self.segments_dir(),
+                });
             }
             let seg = Segment::open(&path, self.read_mode)?;
             let h = seg.header();
-            let broken = |detail: String| Error::BrokenChain { name: name.clone(), id: s.id.to_string(), detail };
+            let broken = |detail: String| Error::BrokenChain {
+                name: name.clone(),
+                id: s.id.to_string(),
+                detail,
+            };
             if let Some((field, expected, found)) = manifest.meta.first_difference(&h.meta) {
-                return Err(Error::FingerprintMismatch { name: s.id.to_string(), field, expected, found });
+                return Err(Error::FingerprintMismatch {
+                    name: s.id.to_string(),
+                    field,
+                    expected,
+                    found,
+                });
             }
             if h.id != s.id || h.start != s.start || h.n_tokens != s.n_tokens {
                 return Err(broken(format!(
@@ -268,7 +331,128 @@ impl Store {
             segments.push(seg);
             parent = Some(&s.id);
         }
-        Ok(LoadedCache { manifest, segments, tokens })
+        Ok(LoadedCache {
+            manifest,
+            segments,
+            tokens,
+        })
+    }
+
+    /// Makes `chain`, segments already on disk, the whole of the cache `name`, and returns it
+    /// loaded: how a new cache starts from a prefix another cache saved (a shared system
+    /// prompt) without computing or writing its K/V again.
+    ///
+    /// Every segment is fully verified first (as [`Store::load`] does), must have been made
+    /// under `meta`, and must follow the previous one (the first has no parent); only then is
+    /// the manifest of `name` replaced, by the same atomic commit as a save. An empty chain is
+    /// [`Error::InvalidInput`]; a segment not on disk is [`Error::SegmentMissing`].
+    pub fn adopt(&self, name: &str, meta: &CacheMeta, chain: &[SegmentId]) -> Result<LoadedCache> {
+        validate_name(name)?;
+        if chain.is_empty() {
+            return Err(Error::InvalidInput {
+                detail: format!("adopting an empty chain as {name:?}"),
+            });
+        }
+        let _lock = self.lock(true)?;
+        let mut segments = Vec::with_capacity(chain.len());
+        let mut refs = Vec::with_capacity(chain.len());
+        let mut tokens = Vec::new();
+        for id in chain {
+            let path = self.segment_path(id);
+            if !path.exists() {
+                return Err(Error::SegmentMissing {
+                    name: name.to_owned(),
+                    id: id.to_string(),
+                    dir: self.segments_dir(),
+                });
+            }
+            let seg = Segment::open(&path, self.read_mode)?;
+            let h = seg.header();
+            if let Some((field, expected, found)) = meta.first_difference(&h.meta) {
+                return Err(Error::FingerprintMismatch {
+                    name: id.to_string(),
+                    field,
+                    expected,
+                    found,
+                });
+            }
+            let parent = refs.last().map(|r: &SegmentRef| &r.id);
+            if h.id != *id || h.parent.as_ref() != parent || h.start != tokens.len() as u64 {
+                return Err(Error::BrokenChain {
+                    name: name.to_owned(),
+                    id: id.to_string(),
+                    detail: format!(
+                        "segment {} starts at {} after {:?}, the chain needs it at {} after {:?}",
+                        h.id,
+                        h.start,
+                        h.parent,
+                        tokens.len(),
+                        parent
+                    ),
+                });
+            }
+            refs.push(SegmentRef {
+                id: id.clone(),
+                start: h.start,
+                n_tokens: h.n_tokens,
+            });
+            tokens.extend(seg.tokens());
+            segments.push(seg);
+        }
+        let generation = match self.manifest(name) {
+            Ok(old) => old.map_or(0, |m| m.generation) + 1,
+            // As in a save: a damaged manifest describes nothing readable; a newer one is kept.
+            Err(Error::BadMetadata { .. }) => 1,
+            Err(e) => return Err(e),
+        };
+        let manifest = Manifest {
+            name: name.to_owned(),
+            meta: meta.clone(),
+            n_tokens: tokens.len() as u64,
+            segments: refs,
+            generation,
+        };
+        self.write_manifest(&manifest)?;
+        Ok(LoadedCache {
+            manifest,
+            segments,
+            tokens,
+        })
+    }
+
+    /// Deletes those of `ids` whose segment file is damaged (fails the checks of a load:
+    /// structure, checksums, id), so that the next save writes them again instead of
+    /// deduplicating onto the damaged file. Returns the ids removed.
+    ///
+    /// A save keeps an existing segment file whose id matches without reading it; after a
+    /// load failed with [`Error::ChecksumMismatch`] (or another sign of damage), call this
+    /// with the cache's chain before saving the rebuilt cache. Files that are merely
+    /// unreadable (permissions) or of a newer format version are left alone.
+    pub fn remove_damaged_segments(&self, ids: &[SegmentId]) -> Result<Vec<SegmentId>> {
+        let _lock = self.lock(true)?;
+        let mut removed = Vec::new();
+        for id in ids {
+            let path = self.segment_path(id);
+            if !path.exists() {
+                continue;
+            }
+            match Segment::open(&path, ReadMode::Buffered) {
+                Ok(seg) if seg.id() == id => continue,
+                Ok(_)
+                | Err(
+                    Error::BadSafetensors { .. }
+                    | Error::BadMetadata { .. }
+                    | Error::ChecksumMismatch { .. },
+                ) => {}
+                Err(_) => continue,
+            }
+            fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+            removed.push(id.clone());
+        }
+        if !removed.is_empty() {
+            durable::sync_dir(&self.segments_dir())?;
+        }
+        Ok(removed)
     }
 
     /// Removes the cache `name` (its manifest). Its segments stay until [`Store::gc`], since
@@ -325,7 +509,9 @@ impl Store {
             for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
                 let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
                 let file_name = entry.file_name();
-                let Some(file_name) = file_name.to_str() else { continue };
+                let Some(file_name) = file_name.to_str() else {
+                    continue;
+                };
                 let is_temp = file_name.starts_with(TMP_PREFIX);
                 let dead_segment = dir == self.segments_dir()
                     && file_name
@@ -355,7 +541,9 @@ impl Store {
         let mut total = 0;
         for s in &manifest.segments {
             let path = self.segment_path(&s.id);
-            total += fs::metadata(&path).map_err(|e| Error::io("stat", path, e))?.len();
+            total += fs::metadata(&path)
+                .map_err(|e| Error::io("stat", path, e))?
+                .len();
         }
         Ok(total)
     }
@@ -439,5 +627,123 @@ impl KvSource for LoadedCache {
 
     fn write_kv(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
         self.gather(layer, kind, range, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KvDtype;
+    use crate::meta::tests::meta;
+
+    /// A cache whose every K/V byte is its token id's low byte.
+    struct Toy(Vec<u32>);
+
+    impl KvSource for Toy {
+        fn tokens(&self) -> &[u32] {
+            &self.0
+        }
+
+        fn write_kv(&self, _layer: usize, _kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
+            let m = meta(KvDtype::F16);
+            let per_token = m.kv_bytes(1);
+            for _head in 0..m.model.n_kv_heads {
+                for t in &self.0[range.clone()] {
+                    out.extend(std::iter::repeat_n(
+                        *t as u8,
+                        per_token / m.model.n_kv_heads as usize,
+                    ));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn adopt_starts_a_cache_from_a_shared_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = meta(KvDtype::F16);
+        store.save("a", &m, &Toy(vec![1, 2, 3])).unwrap();
+        store.save("a", &m, &Toy(vec![1, 2, 3, 4, 5])).unwrap();
+        let first = SegmentId::compute(&m, None, &[1, 2, 3]);
+        let second = SegmentId::compute(&m, Some(&first), &[4, 5]);
+
+        let loaded = store.adopt("b", &m, std::slice::from_ref(&first)).unwrap();
+        assert_eq!(loaded.tokens(), &[1, 2, 3]);
+        assert_eq!(store.load("b", &m).unwrap().tokens(), &[1, 2, 3]);
+        // The adopted cache continues like any other, keeping the shared segment.
+        let report = store.save("b", &m, &Toy(vec![1, 2, 3, 9])).unwrap();
+        assert_eq!((report.reused_tokens, report.new_tokens), (3, 1));
+
+        let both = store
+            .adopt("c", &m, &[first.clone(), second.clone()])
+            .unwrap();
+        assert_eq!(both.tokens(), &[1, 2, 3, 4, 5]);
+
+        // Out of order, another model, missing, empty: refused, nothing written.
+        let err = store
+            .adopt("d", &m, std::slice::from_ref(&second))
+            .unwrap_err();
+        assert!(matches!(err, Error::BrokenChain { .. }), "{err}");
+        let err = store
+            .adopt("d", &meta(KvDtype::F32), std::slice::from_ref(&first))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::FingerprintMismatch {
+                    field: "kv dtype",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let absent = SegmentId::compute(&m, None, &[7]);
+        let err = store.adopt("d", &m, &[absent]).unwrap_err();
+        assert!(matches!(err, Error::SegmentMissing { .. }), "{err}");
+        assert!(matches!(
+            store.adopt("d", &m, &[]),
+            Err(Error::InvalidInput { .. })
+        ));
+        assert!(store.manifest("d").unwrap().is_none());
+    }
+
+    #[test]
+    fn damaged_segments_are_removed_and_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = meta(KvDtype::F16);
+        store.save("a", &m, &Toy(vec![1, 2, 3])).unwrap();
+        store.save("a", &m, &Toy(vec![1, 2, 3, 4])).unwrap();
+        let ids: Vec<SegmentId> = store
+            .manifest("a")
+            .unwrap()
+            .unwrap()
+            .segments
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert!(
+            store.remove_damaged_segments(&ids).unwrap().is_empty(),
+            "healthy segments stay"
+        );
+
+        let path = store.segment_path(&ids[0]);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        fs::write(&path, bytes).unwrap();
+        assert!(matches!(
+            store.load("a", &m),
+            Err(Error::ChecksumMismatch { .. })
+        ));
+        // A save alone would keep the damaged file: its id still matches the tokens.
+        assert_eq!(
+            store.remove_damaged_segments(&ids).unwrap(),
+            vec![ids[0].clone()]
+        );
+        let report = store.save("a", &m, &Toy(vec![1, 2, 3, 4])).unwrap();
+        assert_eq!(report.reused_tokens, 0);
+        assert_eq!(store.load("a", &m).unwrap().tokens(), &[1, 2, 3, 4]);
     }
 }

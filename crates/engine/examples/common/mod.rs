@@ -2,16 +2,20 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 /// `--model PATH` if given, else the model `cargo xtask fetch-model` installs.
 pub fn model_path(arg: Option<PathBuf>) -> Result<PathBuf> {
     let path = match arg {
         Some(p) => p,
-        None => engine::default_model_path().context("cannot tell where the model lives: set AGENTKV_HOME")?,
+        None => engine::default_model_path()
+            .context("cannot tell where the model lives: set AGENTKV_HOME")?,
     };
     if !path.exists() {
-        bail!("no model at {}: run `cargo xtask fetch-model` (or pass --model PATH to a llama GGUF)", path.display());
+        bail!(
+            "no model at {}: run `cargo xtask fetch-model` (or pass --model PATH to a llama GGUF)",
+            path.display()
+        );
     }
     Ok(path)
 }

@@ -1,0 +1,141 @@
+//! The engine's error type: everything loading a model, running it or sampling from it can
+//! report.
+
+use std::path::PathBuf;
+
+use kv_extract::KvShape;
+
+/// What can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The model file does not exist.
+    #[error("model file not found: {path} (download the gguf or pass the right path)")]
+    ModelNotFound {
+        /// The path that was tried.
+        path: PathBuf,
+    },
+
+    /// The model file exists but could not be opened or read.
+    #[error("could not read model file {path}")]
+    Io {
+        /// The model file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file is not a readable GGUF file (bad magic, truncated or corrupt header).
+    #[error("{path} is not a valid gguf file (truncated or corrupt?)")]
+    Gguf {
+        /// The model file.
+        path: PathBuf,
+        /// What the GGUF parser said.
+        #[source]
+        source: candle_core::Error,
+    },
+
+    /// The model's `general.architecture` is not one this engine can run.
+    #[error("unsupported model architecture {name:?}: only \"llama\" is supported")]
+    UnsupportedArchitecture {
+        /// The architecture named in the file.
+        name: String,
+    },
+
+    /// A required metadata key is absent.
+    #[error("gguf metadata key {key:?} is missing")]
+    MissingMetadata {
+        /// The key that was looked up.
+        key: String,
+    },
+
+    /// A metadata key has the wrong type or an unusable value.
+    #[error("gguf metadata key {key:?} is invalid: {reason}")]
+    BadMetadata {
+        /// The offending key.
+        key: String,
+        /// Why the value cannot be used.
+        reason: String,
+    },
+
+    /// A tensor the architecture needs is absent from the file.
+    #[error("tensor {name:?} is missing from the model file")]
+    MissingTensor {
+        /// The tensor's GGUF name.
+        name: String,
+    },
+
+    /// A tensor has a shape other than the metadata implies.
+    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        /// The tensor's GGUF name.
+        name: String,
+        /// The shape the configuration implies (rows, columns).
+        expected: Vec<usize>,
+        /// The shape found in the file.
+        found: Vec<usize>,
+    },
+
+    /// A tensor's data could not be read or dequantized (typically a truncated file).
+    #[error("could not load tensor {name:?} (truncated or corrupt file?)")]
+    TensorData {
+        /// The tensor's GGUF name.
+        name: String,
+        /// What candle said.
+        #[source]
+        source: candle_core::Error,
+    },
+
+    /// A token id is not below the vocabulary size.
+    #[error("token id {token} is out of range for a vocabulary of {vocab}")]
+    TokenOutOfVocab {
+        /// The offending id.
+        token: u32,
+        /// The model's vocabulary size.
+        vocab: usize,
+    },
+
+    /// The KV cache was built for a different model shape.
+    #[error("kv cache shape {found:?} does not match the model's {expected:?}")]
+    CacheShapeMismatch {
+        /// The shape this model needs.
+        expected: KvShape,
+        /// The shape of the cache passed in.
+        found: KvShape,
+    },
+
+    /// Running the tokens would go past the model's context length.
+    #[error("context overflow: {needed} positions needed, the model supports {max}")]
+    ContextOverflow {
+        /// Cached plus new tokens.
+        needed: usize,
+        /// The model's context length.
+        max: usize,
+    },
+
+    /// `forward` was called with no tokens.
+    #[error("no tokens to run")]
+    EmptyInput,
+
+    /// A sampling configuration that cannot be used.
+    #[error("invalid sampling configuration: {reason}")]
+    InvalidSampling {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Building or using the tokenizer or chat template failed.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+
+    /// Logits that cannot be sampled from (empty or containing NaN).
+    #[error("cannot sample from logits: {reason}")]
+    InvalidLogits {
+        /// What is wrong with them.
+        reason: String,
+    },
+}
+
+/// The engine's result type.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

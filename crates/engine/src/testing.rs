@@ -1,0 +1,284 @@
+//! Test fixtures: a tiny random-weight llama GGUF (with a minimal GPT-2 style tokenizer and
+//! the ChatML template) that tests anywhere in the workspace can write to a temp dir.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The ChatML template SmolLM2 uses (without its default system prompt).
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Special tokens, at ids 0, 1, 2 as in SmolLM2.
+pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// BPE merges of the tiny tokenizer, in priority order; each adds one token.
+pub const MERGES: [&str; 9] = [
+    "Ġ t", "h e", "Ġt he", "i n", "Ġ a", "o n", "e r", "Ġ i", "Ġi s",
+];
+
+/// Shape and contents of a tiny model.
+#[derive(Clone, Debug)]
+pub struct TinyConfig {
+    /// `general.architecture`; anything but "llama" must be rejected by the loader.
+    pub architecture: String,
+    /// Transformer layers.
+    pub n_layers: usize,
+    /// Residual width (a multiple of 32, the quantization block).
+    pub dim: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// MLP width (a multiple of 32).
+    pub ffn_dim: usize,
+    /// `{arch}.context_length`.
+    pub context_length: usize,
+    /// Type of the projection weights.
+    pub weight_dtype: GgmlDType,
+    /// Type of `token_embd.weight`.
+    pub embed_dtype: GgmlDType,
+    /// Write a separate `output.weight` instead of tying the LM head to the embeddings.
+    pub separate_output: bool,
+    /// A tensor to leave out (to test the missing-tensor error).
+    pub omit_tensor: Option<String>,
+}
+
+impl Default for TinyConfig {
+    fn default() -> Self {
+        TinyConfig {
+            architecture: "llama".to_owned(),
+            n_layers: 2,
+            dim: 32,
+            n_heads: 4,
+            n_kv_heads: 2,
+            ffn_dim: 64,
+            context_length: 512,
+            weight_dtype: GgmlDType::Q4_1,
+            embed_dtype: GgmlDType::Q8_0,
+            separate_output: false,
+            omit_tensor: None,
+        }
+    }
+}
+
+/// GPT-2's byte-level alphabet: the printable character standing for each byte value.
+pub fn byte_to_unicode() -> [char; 256] {
+    let mut map = ['\0'; 256];
+    let mut extra = 0u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        map[b as usize] = if printable {
+            char::from(b)
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra).unwrap_or('\u{FFFD}')
+        };
+    }
+    map
+}
+
+/// The tiny vocabulary: the three specials, the 256 byte symbols (by byte value), then one
+/// token per merge. Returns (tokens, token types).
+pub fn tiny_vocab() -> (Vec<String>, Vec<i32>) {
+    let mut tokens: Vec<String> = SPECIAL_TOKENS.iter().map(|s| s.to_string()).collect();
+    let mut types = vec![3; tokens.len()];
+    tokens.extend(byte_to_unicode().iter().map(|c| c.to_string()));
+    tokens.extend(MERGES.iter().map(|m| m.replace(' ', "")));
+    types.resize(tokens.len(), 1);
+    (tokens, types)
+}
+
+/// Writes a tiny llama GGUF with random weights drawn from `seed` to `path`.
+pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::io::Result<()> {
+    let (tokens, types) = tiny_vocab();
+    let vocab = tokens.len();
+    let arch = cfg.architecture.as_str();
+    let head_dim = cfg.dim / cfg.n_heads;
+    let u32v = |v: usize| Value::U32(v as u32);
+
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (
+            "general.name".into(),
+            Value::String("tiny random llama".into()),
+        ),
+        (format!("{arch}.block_count"), u32v(cfg.n_layers)),
+        (format!("{arch}.context_length"), u32v(cfg.context_length)),
+        (format!("{arch}.embedding_length"), u32v(cfg.dim)),
+        (format!("{arch}.feed_forward_length"), u32v(cfg.ffn_dim)),
+        (format!("{arch}.attention.head_count"), u32v(cfg.n_heads)),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u32v(cfg.n_kv_heads),
+        ),
+        (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
+        (format!("{arch}.rope.dimension_count"), u32v(head_dim)),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        ),
+        (format!("{arch}.vocab_size"), u32v(vocab)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(
+                MERGES
+                    .iter()
+                    .map(|m| Value::String(m.to_string()))
+                    .collect(),
+            ),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
+        ("tokenizer.ggml.padding_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHATML_TEMPLATE.into()),
+        ),
+    ];
+    meta.push(("general.file_type".into(), Value::U32(3)));
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut add = |name: String, dims: &[usize], dtype: GgmlDType, center: f32, spread: f32| {
+        let n: usize = dims.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| center + spread * rng.random_range(-1.0f32..1.0))
+            .collect();
+        let t = Tensor::from_vec(data, dims, &Device::Cpu)
+            .and_then(|t| QTensor::quantize(&t, dtype))
+            .map_err(std::io::Error::other)?;
+        tensors.push((name, t));
+        std::io::Result::Ok(())
+    };
+    let (d, f, q_rows, kv_rows) = (
+        cfg.dim,
+        cfg.ffn_dim,
+        cfg.n_heads * head_dim,
+        cfg.n_kv_heads * head_dim,
+    );
+    let proj = 1.0 / (d as f32).sqrt();
+    add(
+        "token_embd.weight".into(),
+        &[vocab, d],
+        cfg.embed_dtype,
+        0.0,
+        1.0,
+    )?;
+    add("output_norm.weight".into(), &[d], GgmlDType::F32, 1.0, 0.1)?;
+    if cfg.separate_output {
+        add(
+            "output.weight".into(),
+            &[vocab, d],
+            cfg.weight_dtype,
+            0.0,
+            proj,
+        )?;
+    }
+    for i in 0..cfg.n_layers {
+        let n = |t: &str| format!("blk.{i}.{t}.weight");
+        add(n("attn_norm"), &[d], GgmlDType::F32, 1.0, 0.1)?;
+        add(n("ffn_norm"), &[d], GgmlDType::F32, 1.0, 0.1)?;
+        add(n("attn_q"), &[q_rows, d], cfg.weight_dtype, 0.0, proj)?;
+        add(n("attn_k"), &[kv_rows, d], cfg.weight_dtype, 0.0, proj)?;
+        add(n("attn_v"), &[kv_rows, d], cfg.weight_dtype, 0.0, proj)?;
+        add(n("attn_output"), &[d, q_rows], cfg.weight_dtype, 0.0, proj)?;
+        add(n("ffn_gate"), &[f, d], cfg.weight_dtype, 0.0, proj)?;
+        add(n("ffn_up"), &[f, d], cfg.weight_dtype, 0.0, proj)?;
+        add(
+            n("ffn_down"),
+            &[d, f],
+            cfg.weight_dtype,
+            0.0,
+            1.0 / (f as f32).sqrt(),
+        )?;
+    }
+    if let Some(omit) = &cfg.omit_tensor {
+        tensors.retain(|(name, _)| name != omit);
+    }
+
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut w = BufWriter::new(File::create(path)?);
+    gguf_file::write(&mut w, &meta_refs, &tensor_refs).map_err(std::io::Error::other)?;
+    std::io::Write::flush(&mut w)?;
+    w.get_ref().sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_alphabet_matches_gpt2() {
+        let m = byte_to_unicode();
+        assert_eq!(m[b' ' as usize], 'Ġ');
+        assert_eq!(m[b'\n' as usize], 'Ċ');
+        assert_eq!(m[b'a' as usize], 'a');
+        let distinct: std::collections::HashSet<char> = m.iter().copied().collect();
+        assert_eq!(distinct.len(), 256);
+    }
+
+    #[test]
+    fn tiny_gguf_round_trips_through_candle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_llama_gguf(&path, &TinyConfig::default(), 1).expect("write");
+        let mut f = File::open(&path).expect("open");
+        let content = gguf_file::Content::read(&mut f).expect("parse");
+        let (tokens, _) = tiny_vocab();
+        assert_eq!(tokens.len(), 3 + 256 + MERGES.len());
+        let embd = &content.tensor_infos["token_embd.weight"];
+        assert_eq!(embd.shape.dims(), &[tokens.len(), 32]);
+        assert_eq!(embd.ggml_dtype, GgmlDType::Q8_0);
+    }
+
+    #[test]
+    fn tiny_gguf_loads_in_the_tokenizer_and_chat_template() {
+        use crate::chat::{ChatTemplate, Message};
+        use crate::tokenizer::Tokenizer;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_llama_gguf(&path, &TinyConfig::default(), 1).expect("write");
+        let mut f = File::open(&path).expect("open");
+        let content = gguf_file::Content::read(&mut f).expect("parse");
+        let tok = Tokenizer::from_gguf(&content).expect("tokenizer");
+        assert_eq!(tok.vocab_size(), 3 + 256 + MERGES.len());
+        // " the" merges to "Ġthe", the third merge: id 3 + 256 + 2.
+        assert_eq!(
+            tok.encode("a the").expect("encode"),
+            vec![3 + b'a' as u32, 261]
+        );
+        let text = "<|im_start|>user\nhi there<|im_end|>";
+        let ids = tok.encode(text).expect("encode");
+        assert_eq!((ids[0], ids[ids.len() - 1]), (1, 2));
+        assert_eq!(tok.decode(&ids).expect("decode"), text);
+
+        let template = ChatTemplate::from_gguf(&content).expect("template");
+        let prompt = template
+            .render(&[Message::user("hi")], true)
+            .expect("render");
+        assert_eq!(
+            prompt,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+}
