@@ -91,6 +91,13 @@ fn bench_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(base).expect("tempdir")
 }
 
+/// An empty store in a fresh directory (the directory lives as long as the `TempDir`).
+fn fresh_store() -> (tempfile::TempDir, Store) {
+    let dir = bench_dir();
+    let store = Store::open(dir.path()).expect("open");
+    (dir, store)
+}
+
 fn save_and_load(c: &mut Criterion) {
     let meta = meta();
     for n in [1024, 4096, 16384] {
@@ -104,11 +111,7 @@ fn save_and_load(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(if n > 4096 { 20 } else { 8 }));
         g.bench_function("agentkv", |b| {
             b.iter_batched(
-                || {
-                    let dir = bench_dir();
-                    let store = Store::open(dir.path()).expect("open");
-                    (dir, store)
-                },
+                fresh_store,
                 |(dir, store)| {
                     store.save("bench", &meta, &blob).expect("save");
                     dir
@@ -130,8 +133,7 @@ fn save_and_load(c: &mut Criterion) {
         });
         g.finish();
 
-        let dir = bench_dir();
-        let store = Store::open(dir.path()).expect("open");
+        let (_dir, store) = fresh_store();
         store.save("bench", &meta, &blob).expect("save");
         let id = store
             .manifest("bench")
@@ -173,8 +175,7 @@ fn incremental(c: &mut Criterion) {
     g.bench_function("64-token turn", |b| {
         b.iter_batched(
             || {
-                let dir = bench_dir();
-                let store = Store::open(dir.path()).expect("open");
+                let (dir, store) = fresh_store();
                 store.save("bench", &meta, &history).expect("save history");
                 (dir, store)
             },
@@ -188,11 +189,7 @@ fn incremental(c: &mut Criterion) {
     });
     g.bench_function("full rewrite of 4K+64", |b| {
         b.iter_batched(
-            || {
-                let dir = bench_dir();
-                let store = Store::open(dir.path()).expect("open");
-                (dir, store)
-            },
+            fresh_store,
             |(dir, store)| {
                 store.save("bench", &meta, &base).expect("save");
                 dir

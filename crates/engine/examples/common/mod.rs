@@ -1,6 +1,7 @@
 //! What the example binaries share: finding the model.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 
@@ -18,4 +19,15 @@ pub fn model_path(arg: Option<PathBuf>) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// Runs an example's `run`, printing its error chain and exiting non-zero on failure.
+pub fn main(run: fn() -> Result<()>) -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
