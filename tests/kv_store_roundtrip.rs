@@ -558,3 +558,41 @@ fn two_stores_writing_one_directory_do_not_corrupt_it() {
         assert_loads(&store, &format!("w{t}"), fake);
     }
 }
+
+#[test]
+fn full_disk_is_a_clear_error_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut fake = Fake::new(small_meta());
+    fake.push(6, 0);
+    store.save("a", &fake.meta, &fake).unwrap();
+    let committed = fake.clone();
+    fake.push(4, 1);
+
+    kv_store::fail_writes(Some(std::io::ErrorKind::StorageFull));
+    let err = store.save("a", &fake.meta, &fake).unwrap_err();
+    kv_store::fail_writes(None);
+    assert!(matches!(err, Error::DiskFull { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("free some disk space") && text.contains("intact"),
+        "{text}"
+    );
+
+    // The last committed state is intact and no temp file is left behind.
+    assert_loads(&store, "a", &committed);
+    let temps = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".tmp")
+        })
+        .count();
+    assert_eq!(temps, 0);
+    // Once there is room again, the same save succeeds.
+    store.save("a", &fake.meta, &fake).unwrap();
+    assert_loads(&store, "a", &fake);
+}

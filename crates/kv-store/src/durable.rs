@@ -45,6 +45,23 @@ impl Step {
 #[cfg(feature = "fault-injection")]
 thread_local! {
     static CRASH_AFTER: std::cell::Cell<Option<Step>> = const { std::cell::Cell::new(None) };
+    static FAIL_WRITES: std::cell::Cell<Option<std::io::ErrorKind>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes every file write of later saves on this thread fail with `kind` (e.g.
+/// `StorageFull`), as a full disk would, until called again with `None` (for tests only).
+#[cfg(feature = "fault-injection")]
+pub fn fail_writes(kind: Option<std::io::ErrorKind>) {
+    FAIL_WRITES.with(|c| c.set(kind));
+}
+
+/// The injected write failure, if any.
+fn injected_write_error() -> std::io::Result<()> {
+    #[cfg(feature = "fault-injection")]
+    if let Some(kind) = FAIL_WRITES.with(|c| c.get()) {
+        return Err(std::io::Error::from(kind));
+    }
+    Ok(())
 }
 
 /// Makes the next save on this thread stop with [`Error::SimulatedCrash`] right after `step`,
@@ -84,7 +101,9 @@ pub(crate) fn commit_file(
     let result = (|| {
         let mut file = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
         fill(&mut file, &tmp)?;
-        file.flush().map_err(|e| Error::io("write", &tmp, e))?;
+        file.flush()
+            .and_then(|()| injected_write_error())
+            .map_err(|e| Error::io("write", &tmp, e))?;
         reached(steps[0])?;
         file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
         drop(file);

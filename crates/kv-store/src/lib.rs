@@ -12,7 +12,7 @@ mod store;
 
 pub use durable::Step;
 #[cfg(feature = "fault-injection")]
-pub use durable::crash_after;
+pub use durable::{crash_after, fail_writes};
 pub use error::{Error, Result};
 pub use manifest::{MANIFEST_VERSION, Manifest, SegmentRef};
 pub use meta::{CacheMeta, KvDtype, ModelFingerprint, SegmentId, validate_name};
