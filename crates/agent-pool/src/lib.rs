@@ -1,0 +1,20 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod backend;
+mod error;
+mod files;
+mod pool;
+#[doc(hidden)]
+pub mod testing;
+mod transcript;
+
+pub use backend::Backend;
+pub use error::{PoolError, Result};
+pub use files::{AGENT_FILE_VERSION, AgentInfo};
+pub use pool::{
+    AgentPool, AgentSummary, Counters, CreateReport, HotAgent, LoadReport, PoolConfig, PoolStats,
+    Rebuild, RebuildEvent, RebuildReason, Reply, Timings,
+};
+pub use transcript::{TRANSCRIPT_VERSION, TranscriptRepair, Turn};

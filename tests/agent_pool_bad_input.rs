@@ -1,0 +1,521 @@
+//! agent-pool given bad input and damaged files: invalid ids, duplicates, unknown agents,
+//! torn and corrupt transcripts, damaged caches, caches of another model, a damaged agent
+//! file, a second pool on one directory. Clear errors or documented recovery; never a panic,
+//! never a lost turn.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use agent_pool::testing::FakeBackend;
+use agent_pool::{AgentPool, Backend, PoolConfig, PoolError, RebuildReason};
+use engine::GenerateOptions;
+use engine::chat::Message;
+
+const SYSTEM: &str = "You are terse.";
+
+fn options() -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: 10,
+        ..GenerateOptions::default()
+    }
+}
+
+fn open_with(dir: &Path, fake: FakeBackend) -> AgentPool<FakeBackend> {
+    AgentPool::open(dir, Arc::new(fake), PoolConfig::default()).expect("open")
+}
+
+fn open(dir: &Path) -> AgentPool<FakeBackend> {
+    open_with(dir, FakeBackend::default())
+}
+
+fn say(pool: &AgentPool<FakeBackend>, id: &str, text: &str) -> agent_pool::Reply {
+    pool.generate(id, text, &options(), &mut |_| {})
+        .expect("generate")
+}
+
+/// The reply `fake` must give after the agent's `turns`, computed without any pool.
+fn expected(fake: &FakeBackend, turns: &[(String, String)], user: &str) -> String {
+    let mut messages = vec![Message::system(SYSTEM)];
+    for (u, a) in turns {
+        messages.push(Message::user(u.clone()));
+        messages.push(Message::assistant(a.clone()));
+    }
+    messages.push(Message::user(user));
+    fake.reply_to(
+        &fake.chat_tokens(&messages, true).expect("tokens"),
+        options().max_tokens,
+    )
+}
+
+/// An agent with two turns, saved and closed. Returns its turns.
+fn agent_with_two_turns(dir: &Path, id: &str) -> Vec<(String, String)> {
+    let pool = open(dir);
+    pool.create_agent(id, "t", SYSTEM).expect("create");
+    let turns: Vec<(String, String)> = ["first", "second"]
+        .iter()
+        .map(|u| (u.to_string(), say(&pool, id, u).text))
+        .collect();
+    turns
+}
+
+fn transcript_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join("agents").join(id).join("transcript.jsonl")
+}
+
+fn pairs(pool: &AgentPool<FakeBackend>, id: &str) -> Vec<(String, String)> {
+    pool.transcript(id)
+        .expect("transcript")
+        .into_iter()
+        .map(|t| (t.user, t.assistant))
+        .collect()
+}
+
+#[test]
+fn invalid_ids_are_rejected_everywhere_and_touch_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pool = open(dir.path());
+    let long = "x".repeat(65);
+    for bad in [
+        "",
+        "..",
+        ".",
+        "a/b",
+        "../escape",
+        "/abs",
+        "Upper",
+        "a.b",
+        "sp ace",
+        "ünï",
+        long.as_str(),
+    ] {
+        let check = |r: Result<(), PoolError>| match r {
+            Err(PoolError::InvalidId { id, .. }) => assert_eq!(id, bad),
+            other => panic!("{bad:?}: {other:?}"),
+        };
+        check(pool.create_agent(bad, "t", SYSTEM).map(drop));
+        check(pool.generate(bad, "hi", &options(), &mut |_| {}).map(drop));
+        check(pool.load_agent(bad).map(drop));
+        check(pool.save_agent(bad).map(drop));
+        check(pool.evict(bad).map(drop));
+        check(pool.delete(bad));
+        check(pool.transcript(bad).map(drop));
+        let message = pool.create_agent(bad, "t", SYSTEM).unwrap_err().to_string();
+        assert!(message.contains("[a-z0-9_-]"), "{message}");
+    }
+    assert_eq!(
+        fs::read_dir(dir.path().join("agents"))
+            .expect("agents dir")
+            .count(),
+        0
+    );
+    assert!(pool.store().list().expect("caches").is_empty());
+    assert!(
+        pool.create_agent(&"x".repeat(64), "t", SYSTEM).is_ok(),
+        "64 characters is the limit"
+    );
+}
+
+#[test]
+fn duplicate_create_and_unknown_agents_are_errors_naming_the_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let pool = open(dir.path());
+        pool.create_agent("alice", "t", SYSTEM).expect("create");
+        say(&pool, "alice", "hello");
+        match pool.create_agent("alice", "other", "another prompt") {
+            Err(PoolError::AlreadyExists { id, .. }) => assert_eq!(id, "alice"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let pool = open(dir.path());
+    assert!(matches!(
+        pool.create_agent("alice", "t", SYSTEM),
+        Err(PoolError::AlreadyExists { .. })
+    ));
+    // The duplicate attempt changed nothing.
+    assert_eq!(pool.info("alice").expect("info").agent_type, "t");
+    assert_eq!(pool.transcript("alice").expect("transcript").len(), 1);
+
+    let err = pool
+        .generate("bob", "hi", &options(), &mut |_| {})
+        .unwrap_err();
+    assert!(
+        matches!(&err, PoolError::UnknownAgent { id, .. } if id == "bob"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("\"bob\""), "{err}");
+    for r in [
+        pool.load_agent("bob").map(drop),
+        pool.evict("bob").map(drop),
+        pool.delete("bob"),
+        pool.transcript("bob").map(drop),
+    ] {
+        assert!(matches!(r, Err(PoolError::UnknownAgent { .. })), "{r:?}");
+    }
+    pool.delete("alice").expect("delete");
+    assert!(matches!(
+        pool.generate("alice", "hi", &options(), &mut |_| {}),
+        Err(PoolError::UnknownAgent { .. })
+    ));
+    assert!(!dir.path().join("agents/alice").exists());
+    assert!(pool.store().manifest("alice").expect("read").is_none());
+    // The id is free again.
+    pool.create_agent("alice", "t2", SYSTEM)
+        .expect("create again");
+    assert!(pool.transcript("alice").expect("transcript").is_empty());
+}
+
+#[test]
+fn torn_transcript_tail_is_cut_reported_and_nothing_returned_is_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let turns = agent_with_two_turns(dir.path(), "a");
+    let path = transcript_path(dir.path(), "a");
+    let mut bytes = fs::read(&path).expect("read");
+    let good = bytes.len();
+    bytes.extend_from_slice(
+        br#"{"v":1,"xxh3":"0123456789abcdef","turn":{"index":2,"unix_ms":5,"user":"lost"#,
+    );
+    fs::write(&path, &bytes).expect("write");
+
+    let fake = FakeBackend::default();
+    let pool = open(dir.path());
+    let reply = say(&pool, "a", "third");
+    let repair = reply.transcript_repair.expect("the repair is reported");
+    assert_eq!(repair.dropped_bytes as usize, bytes.len() - good);
+    assert_eq!(repair.kept_turns, 2);
+    assert_eq!(pool.stats().counters.transcript_repairs, 1);
+    assert_eq!(reply.text, expected(&fake, &turns, "third"));
+    let mut want = turns;
+    want.push(("third".into(), reply.text));
+    assert_eq!(pairs(&pool, "a"), want);
+    drop(pool);
+    assert_eq!(pairs(&open(dir.path()), "a"), want);
+}
+
+#[test]
+fn corrupt_transcript_line_is_an_error_naming_file_and_line_and_nothing_is_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    agent_with_two_turns(dir.path(), "a");
+    {
+        let pool = open(dir.path());
+        pool.create_agent("b", "t", SYSTEM).expect("create b");
+    }
+    let path = transcript_path(dir.path(), "a");
+    let mut bytes = fs::read(&path).expect("read");
+    let at = bytes
+        .iter()
+        .position(|&b| b == b'f')
+        .expect("an 'f' in line 1 (\"first\")");
+    bytes[at] = b'F';
+    fs::write(&path, &bytes).expect("write");
+
+    let pool = open(dir.path());
+    for err in [
+        pool.generate("a", "more", &options(), &mut |_| {})
+            .unwrap_err(),
+        pool.transcript("a").unwrap_err(),
+        pool.load_agent("a").unwrap_err(),
+    ] {
+        match &err {
+            PoolError::CorruptTranscript { path: p, line, .. } => {
+                assert_eq!((p, *line), (&path, 1))
+            }
+            other => panic!("{other:?}"),
+        }
+        let message = err.to_string();
+        assert!(
+            message.contains("transcript.jsonl") && message.contains("line 1"),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        fs::read(&path).expect("read"),
+        bytes,
+        "the file is left as it was"
+    );
+    // Other agents are unaffected, and the damaged one can still be deleted.
+    say(&pool, "b", "hello");
+    pool.delete("a").expect("delete the damaged agent");
+}
+
+/// Flips one byte near the end of a segment file (inside the last tensor's data).
+fn flip_last_byte(path: &Path) {
+    let mut bytes = fs::read(path).expect("read segment");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x20;
+    fs::write(path, bytes).expect("write segment");
+}
+
+#[test]
+fn damaged_cache_is_rebuilt_from_the_transcript_and_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let turns = agent_with_two_turns(dir.path(), "a");
+    {
+        // Also a second agent sharing the system prompt segment.
+        let pool = open(dir.path());
+        assert!(pool.create_agent("b", "t", SYSTEM).expect("create").adopted);
+    }
+    let fake = FakeBackend::default();
+    let store = kv_store::Store::open(&dir.path().join("kv")).expect("store");
+    let chain = store.manifest("a").expect("read").expect("saved").segments;
+    assert!(chain.len() >= 2, "system prompt segment, then the turns");
+    flip_last_byte(&store.segment_path(&chain[chain.len() - 1].id));
+
+    let pool = open(dir.path());
+    let reply = say(&pool, "a", "third");
+    let rebuilt = reply.rebuilt.clone().expect("rebuilt");
+    assert_eq!(rebuilt.reason, RebuildReason::Damaged);
+    assert!(rebuilt.detail.contains("checksum"), "{}", rebuilt.detail);
+    assert!(!reply.resumed_from_disk);
+    assert_eq!(reply.text, expected(&fake, &turns, "third"));
+    let stats = pool.stats();
+    assert_eq!(stats.counters.rebuilds, 1);
+    assert_eq!(stats.recent_rebuilds.len(), 1);
+    assert_eq!(stats.recent_rebuilds[0].id, "a");
+    // b's shared segment was healthy and is still used.
+    assert!(say(&pool, "b", "hi").resumed_from_disk);
+    drop(pool);
+
+    // The rebuilt cache was saved over the damage: the next open loads it.
+    let pool = open(dir.path());
+    let reply = say(&pool, "a", "fourth");
+    assert!(reply.resumed_from_disk && reply.rebuilt.is_none());
+    assert_eq!(pool.transcript("a").expect("transcript").len(), 4);
+}
+
+#[test]
+fn damaged_shared_system_segment_is_rebuilt_for_every_sharer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let turns = agent_with_two_turns(dir.path(), "a");
+    {
+        let pool = open(dir.path());
+        assert!(pool.create_agent("b", "t", SYSTEM).expect("create").adopted);
+    }
+    let store = kv_store::Store::open(&dir.path().join("kv")).expect("store");
+    let shared = store.manifest("b").expect("read").expect("saved").segments[0]
+        .id
+        .clone();
+    flip_last_byte(&store.segment_path(&shared));
+
+    let fake = FakeBackend::default();
+    let pool = open(dir.path());
+    let a = say(&pool, "a", "third");
+    assert_eq!(a.rebuilt.map(|r| r.reason), Some(RebuildReason::Damaged));
+    assert_eq!(a.text, expected(&fake, &turns, "third"));
+    let b = say(&pool, "b", "hello");
+    assert!(b.rebuilt.is_some(), "b shared the damaged segment");
+    assert_eq!(b.text, expected(&fake, &[], "hello"));
+    drop(pool);
+    let pool = open(dir.path());
+    for id in ["a", "b"] {
+        let report = pool.load_agent(id).expect("load");
+        assert!(report.resumed_from_disk, "{id}: {report:?}");
+    }
+    assert!(pool.store().load("a", pool.cache_meta()).is_ok());
+}
+
+#[test]
+fn missing_cache_is_rebuilt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let turns = agent_with_two_turns(dir.path(), "a");
+    fs::remove_file(dir.path().join("kv/manifests/a.json")).expect("remove manifest");
+    let pool = open(dir.path());
+    let reply = say(&pool, "a", "third");
+    assert_eq!(
+        reply.rebuilt.map(|r| r.reason),
+        Some(RebuildReason::Missing)
+    );
+    assert_eq!(
+        reply.text,
+        expected(&FakeBackend::default(), &turns, "third")
+    );
+}
+
+#[test]
+fn cache_of_another_model_is_rebuilt_with_the_current_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let turns = agent_with_two_turns(dir.path(), "a");
+    let other = FakeBackend::new("another-model");
+    let pool = open_with(dir.path(), other.clone());
+    let reply = pool
+        .generate("a", "third", &options(), &mut |_| {})
+        .expect("generate");
+    let rebuilt = reply.rebuilt.expect("rebuilt");
+    assert_eq!(rebuilt.reason, RebuildReason::OtherModel);
+    assert!(
+        rebuilt.detail.contains("model weights"),
+        "{}",
+        rebuilt.detail
+    );
+    assert_eq!(
+        reply.text,
+        expected(&other, &turns, "third"),
+        "computed by the current model"
+    );
+    assert_eq!(pool.transcript("a").expect("transcript").len(), 3);
+    drop(pool);
+    // Saved under the new model: it loads again with it.
+    let pool = open_with(dir.path(), other);
+    assert!(pool.load_agent("a").expect("load").resumed_from_disk);
+}
+
+#[test]
+fn damaged_agent_file_is_reported_and_the_agent_can_be_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    agent_with_two_turns(dir.path(), "a");
+    agent_with_two_turns(dir.path(), "b");
+    fs::write(dir.path().join("agents/a/agent.json"), b"{not json").expect("write");
+    let pool = open(dir.path());
+    let listed = pool.list();
+    assert_eq!(listed.len(), 2);
+    assert!(listed[0].info.is_none() && listed[0].damage.is_some());
+    assert!(listed[1].info.is_some());
+    let err = pool
+        .generate("a", "hi", &options(), &mut |_| {})
+        .unwrap_err();
+    assert!(matches!(err, PoolError::CorruptAgentFile { .. }), "{err}");
+    assert!(err.to_string().contains("agent.json"), "{err}");
+    say(&pool, "b", "still fine");
+    pool.delete("a").expect("delete");
+    assert_eq!(pool.list().len(), 1);
+}
+
+#[test]
+fn engine_failure_records_no_turn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pool = open(dir.path());
+    pool.create_agent("a", "t", SYSTEM).expect("create");
+    let huge = "y".repeat(agent_pool::testing::FAKE_CONTEXT + 10);
+    let err = pool
+        .generate("a", &huge, &options(), &mut |_| {})
+        .unwrap_err();
+    assert!(matches!(err, PoolError::Engine { .. }), "{err}");
+    assert!(pool.transcript("a").expect("transcript").is_empty());
+    let reply = say(&pool, "a", "small");
+    assert_eq!(reply.turn, 0);
+    assert_eq!(reply.text, expected(&FakeBackend::default(), &[], "small"));
+}
+
+#[test]
+fn one_pool_per_directory_and_bad_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pool = open(dir.path());
+    let second = AgentPool::open(
+        dir.path(),
+        Arc::new(FakeBackend::default()),
+        PoolConfig::default(),
+    );
+    assert!(
+        matches!(second, Err(PoolError::Locked { .. })),
+        "{second:?}"
+    );
+    drop(pool);
+    assert!(
+        AgentPool::open(
+            dir.path(),
+            Arc::new(FakeBackend::default()),
+            PoolConfig::default()
+        )
+        .is_ok()
+    );
+
+    let other = tempfile::tempdir().expect("tempdir");
+    for config in [
+        PoolConfig {
+            max_hot: 0,
+            ..PoolConfig::default()
+        },
+        PoolConfig {
+            kv_budget_bytes: 0,
+            ..PoolConfig::default()
+        },
+    ] {
+        let r = AgentPool::open(other.path(), Arc::new(FakeBackend::default()), config);
+        assert!(matches!(r, Err(PoolError::InvalidConfig { .. })), "{r:?}");
+    }
+}
+
+#[test]
+fn interrupted_create_and_delete_leave_no_agent_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    agent_with_two_turns(dir.path(), "keep");
+    // What a crash leaves: a half-made agent directory, and one renamed away for deletion.
+    let agents = dir.path().join("agents");
+    fs::create_dir(agents.join(".tmp-create-ghost-1-0")).expect("mkdir");
+    fs::write(agents.join(".tmp-create-ghost-1-0/agent.json"), b"{").expect("write");
+    fs::create_dir(agents.join(".tmp-delete-gone-1-1")).expect("mkdir");
+    let pool = open(dir.path());
+    assert_eq!(
+        pool.list().into_iter().map(|a| a.id).collect::<Vec<_>>(),
+        ["keep"]
+    );
+    assert_eq!(
+        fs::read_dir(&agents).expect("ls").count(),
+        1,
+        "litter removed"
+    );
+    pool.create_agent("ghost", "t", SYSTEM)
+        .expect("the id was never taken");
+}
+
+mod parsers {
+    use agent_pool::testing::{parse_agent_file, parse_transcript, transcript_line};
+    use agent_pool::{PoolError, Turn};
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    fn turns(n: usize) -> Vec<Turn> {
+        (0..n as u64)
+            .map(|i| Turn {
+                index: i,
+                unix_ms: 1_700_000_000_000 + i,
+                user: format!("question {i}: \"why\"?\n"),
+                assistant: format!("because {}", "ü".repeat(i as usize)),
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// The same entry points a fuzzer would call: any bytes give a value or an error.
+        #[test]
+        fn parsers_survive_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            let _ = parse_transcript(&bytes);
+            let _ = parse_agent_file(&bytes, "a");
+        }
+
+        /// Damage anywhere (flipped bytes, a cut) is either reported or, when it only tore the
+        /// end, leaves a prefix of the real turns: never a changed or invented turn.
+        #[test]
+        fn damaged_transcript_never_yields_a_wrong_turn(
+            n in 1..6usize,
+            flips in proptest::collection::vec((any::<Index>(), 1u8..=255), 0..4),
+            cut in proptest::option::of(any::<Index>()),
+        ) {
+            let original = turns(n);
+            let mut bytes: Vec<u8> = original.iter().flat_map(transcript_line).collect();
+            for (at, x) in &flips {
+                let at = at.index(bytes.len());
+                bytes[at] ^= x;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            match parse_transcript(&bytes) {
+                Ok((got, good_len)) => {
+                    prop_assert!(good_len <= bytes.len());
+                    prop_assert!(got.len() <= n);
+                    prop_assert_eq!(&got[..], &original[..got.len()]);
+                    if flips.is_empty() && cut.is_none() {
+                        prop_assert_eq!(got.len(), n);
+                    }
+                }
+                Err(PoolError::CorruptTranscript { line, .. }) => prop_assert!(line >= 1 && line <= n + 1),
+                Err(PoolError::UnsupportedVersion { .. }) => {}
+                Err(e) => prop_assert!(false, "unexpected error {e}"),
+            }
+        }
+    }
+}
