@@ -370,8 +370,12 @@ impl Tokenizer {
                 .map(|(t, _)| AddedToken::from(*t, special))
                 .collect()
         };
-        inner.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
-        inner.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
+        inner
+            .add_special_tokens(added(TOKEN_TYPE_CONTROL, true))
+            .map_err(|source| TokenizerError::Build { source })?;
+        inner
+            .add_tokens(added(TOKEN_TYPE_USER_DEFINED, false))
+            .map_err(|source| TokenizerError::Build { source })?;
 
         Ok(Self {
             inner,
