@@ -1,0 +1,169 @@
+//! `agentkv agents`: list, show, remove, verify and garbage-collect the agents on disk.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+
+use crate::Env;
+use crate::ui::{self, Table};
+
+/// What to do with the agents.
+#[derive(Subcommand)]
+pub enum AgentsCommand {
+    /// Every agent with its turns, cached tokens, bytes on disk and last use.
+    List,
+    /// An agent's system prompt and transcript.
+    Show {
+        /// The agent's id.
+        agent: String,
+    },
+    /// Delete an agent: transcript, cache, and the segments no other agent shares.
+    Rm {
+        /// The agent's id.
+        agent: String,
+    },
+    /// Read every agent's cache and check every segment's checksums and fingerprints.
+    Verify,
+    /// Delete segments no cache references, and leftovers of interrupted saves.
+    Gc,
+}
+
+/// Runs an `agents` subcommand on the everyday pool.
+pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
+    let root = env.pool_root();
+    if let AgentsCommand::Gc = command {
+        // Straight to the store, without the model or the pool: opening a pool collects
+        // garbage itself, which would leave nothing to report.
+        let kv = root.join("kv");
+        let store = kv_store::Store::open(&kv)
+            .with_context(|| format!("opening the cache store {}", kv.display()))?;
+        let report = store.gc().context("collecting unreferenced segments")?;
+        println!(
+            "freed {} ({} segments, {} temporary files)",
+            ui::bytes(report.bytes_freed),
+            report.segments_removed,
+            report.temp_files_removed
+        );
+        return Ok(());
+    }
+    let engine = env.engine()?;
+    let meta = engine.cache_meta(kv_store::KvDtype::F16);
+    let pool = env.pool(&root, Arc::clone(&engine))?;
+    match command {
+        AgentsCommand::List => {
+            let agents = pool.list();
+            if agents.is_empty() {
+                println!(
+                    "no agents in {}: `agentkv chat --agent NAME` creates one",
+                    root.display()
+                );
+                return Ok(());
+            }
+            let mut table = Table::new(
+                &[
+                    "agent",
+                    "type",
+                    "turns",
+                    "cached tok",
+                    "on disk",
+                    "last use",
+                ],
+                2,
+            );
+            for a in agents {
+                let Some(info) = a.info else {
+                    table.row(vec![
+                        a.id,
+                        format!("damaged: {}", a.damage.unwrap_or_default()),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                    ]);
+                    continue;
+                };
+                let (turns, last) = match pool.transcript(&a.id) {
+                    Ok(t) => (
+                        t.len().to_string(),
+                        t.last().map_or(info.created_unix_ms, |t| t.unix_ms),
+                    ),
+                    Err(_) => ("damaged".to_owned(), info.created_unix_ms),
+                };
+                let manifest = pool.store().manifest(&a.id).ok().flatten();
+                let transcript_bytes =
+                    std::fs::metadata(root.join("agents").join(&a.id).join("transcript.jsonl"))
+                        .map_or(0, |m| m.len());
+                let cache_bytes = pool.store().disk_bytes(&a.id).unwrap_or(0);
+                table.row(vec![
+                    a.id,
+                    info.agent_type,
+                    turns,
+                    manifest.map_or("-".to_owned(), |m| m.n_tokens.to_string()),
+                    ui::bytes(cache_bytes + transcript_bytes),
+                    ui::ago(last),
+                ]);
+            }
+            table.print();
+            if !env.quiet {
+                println!("(on disk: cache segments, shared ones counted in full, plus transcript)");
+            }
+        }
+        AgentsCommand::Show { agent } => {
+            let info = pool.info(agent)?;
+            let turns = pool.transcript(agent)?;
+            println!(
+                "agent {} ({})\nsystem: {}\n",
+                info.id, info.agent_type, info.system_prompt
+            );
+            for t in turns {
+                println!(
+                    "[{}] user: {}\n[{}] {}: {}\n",
+                    t.index, t.user, t.index, info.id, t.assistant
+                );
+            }
+        }
+        AgentsCommand::Rm { agent } => {
+            pool.delete(agent)?;
+            println!("removed agent {agent}");
+        }
+        AgentsCommand::Verify => {
+            let mut bad = 0;
+            for a in pool.list() {
+                let verdict = match pool.store().load_any(&a.id) {
+                    Err(kv_store::Error::NotFound { .. }) => {
+                        "no cache saved (rebuilt from the transcript on next use)".to_owned()
+                    }
+                    Err(e) => {
+                        bad += 1;
+                        format!("DAMAGED: {e}")
+                    }
+                    Ok(loaded) => match meta.first_difference(loaded.meta()) {
+                        None => format!(
+                            "ok: {} tokens in {} segments, checksums verified",
+                            loaded.len(),
+                            loaded.segments().len()
+                        ),
+                        Some((field, want, found)) => format!(
+                            "ok but made by another model ({field}: {found}, this model: {want}): \
+                             rebuilt from the transcript on next use"
+                        ),
+                    },
+                };
+                let transcript = match pool.transcript(&a.id) {
+                    Ok(t) => format!("transcript ok ({} turns)", t.len()),
+                    Err(e) => {
+                        bad += 1;
+                        format!("transcript DAMAGED: {e}")
+                    }
+                };
+                println!("{}: {verdict}; {transcript}", a.id);
+            }
+            if bad > 0 {
+                bail!("{bad} problems found: `agentkv agents rm NAME` removes a damaged agent");
+            }
+        }
+        AgentsCommand::Gc => {} // handled above
+    }
+    Ok(())
+}

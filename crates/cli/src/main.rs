@@ -1,0 +1,129 @@
+//! `agentkv`: persistent attention-KV-cache memory for local LLM agents, from the shell.
+//!
+//! Glue only: arguments, terminal output and error messages. Agents, transcripts and caches
+//! are agent-pool's business; the model is the engine's.
+
+#![forbid(unsafe_code)]
+
+mod agents;
+mod chat;
+mod demo;
+mod ui;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use agent_pool::{AgentPool, PoolConfig};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use engine::Engine;
+
+/// Persistent KV-cache memory for local LLM agents.
+#[derive(Parser)]
+#[command(name = "agentkv", version)]
+struct Cli {
+    /// Print only replies and results: no progress, tables or notes.
+    #[arg(long, global = true)]
+    quiet: bool,
+    /// A llama-architecture GGUF (default: the model `cargo xtask fetch-model` installs).
+    #[arg(long, global = true, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Data directory (default: $AGENTKV_HOME, else $XDG_DATA_HOME/agentkv, else
+    /// ~/.local/share/agentkv).
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Three agents in two processes: session 1 answers and saves, session 2 resumes from disk
+    /// and compares with re-prefilling the same history.
+    Demo(demo::DemoArgs),
+    /// Talk to an agent interactively; its memory persists between runs.
+    Chat(chat::ChatArgs),
+    /// One turn of an agent, for scripts.
+    Run(chat::RunArgs),
+    /// Manage the agents on disk.
+    Agents {
+        #[command(subcommand)]
+        command: agents::AgentsCommand,
+    },
+}
+
+/// What every command needs: where things live and how loud to be.
+pub struct Env {
+    /// The data directory.
+    pub home: PathBuf,
+    /// The model file (not checked yet).
+    pub model: PathBuf,
+    /// No progress bars, tables or notes.
+    pub quiet: bool,
+}
+
+impl Env {
+    /// Loads the engine, with a spinner; a missing file says how to get the model.
+    pub fn engine(&self) -> Result<Arc<Engine>> {
+        if !self.model.exists() {
+            bail!(
+                "no model at {}: run `cargo xtask fetch-model` (or pass --model PATH to a llama GGUF)",
+                self.model.display()
+            );
+        }
+        let spinner = ui::spinner(self.quiet, format!("loading {}", self.model.display()));
+        let engine = Engine::load(&self.model)
+            .with_context(|| format!("loading the model {}", self.model.display()))?;
+        spinner.finish_and_clear();
+        Ok(Arc::new(engine))
+    }
+
+    /// Opens the pool at `root` on `engine`.
+    pub fn pool(&self, root: &Path, engine: Arc<Engine>) -> Result<AgentPool<Engine>> {
+        AgentPool::open(root, engine, PoolConfig::default())
+            .with_context(|| format!("opening the agent pool in {}", root.display()))
+    }
+
+    /// The everyday pool: `<home>/pool`.
+    pub fn pool_root(&self) -> PathBuf {
+        self.home.join("pool")
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let home = match cli.home {
+        Some(h) => h,
+        None => engine::runtime::agentkv_home().context(
+            "cannot tell where agentkv keeps its data: set AGENTKV_HOME or pass --home DIR",
+        )?,
+    };
+    let model = match cli.model {
+        Some(m) => m,
+        None => home
+            .join("models")
+            .join(engine::runtime::DEFAULT_MODEL_FILE),
+    };
+    let cx = Env {
+        home,
+        model,
+        quiet: cli.quiet,
+    };
+    match cli.command {
+        Command::Demo(args) => demo::run(&cx, &args),
+        Command::Chat(args) => chat::chat(&cx, &args),
+        Command::Run(args) => chat::run(&cx, &args),
+        Command::Agents { command } => agents::run(&cx, &command),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

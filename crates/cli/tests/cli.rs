@@ -1,0 +1,266 @@
+//! The `agentkv` binary end to end, in a temporary AGENTKV_HOME: the two-session demo, every
+//! `agents` subcommand, `run --json`, and bad input.
+//!
+//! Tests that need the real model skip (with a note) when it is missing, unless
+//! `AGENTKV_REQUIRE_MODEL=1`, which turns a missing model into a failure instead of a skip.
+//! (Here rather than in the `tests` package because Cargo only hands a package's own tests
+//! the path of its binaries, `CARGO_BIN_EXE_agentkv`.)
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn model() -> Option<PathBuf> {
+    let path = engine::default_model_path().filter(|p| p.exists());
+    if path.is_none() {
+        assert!(
+            std::env::var_os("AGENTKV_REQUIRE_MODEL").is_none(),
+            "the real model is missing: run `cargo xtask fetch-model`"
+        );
+        eprintln!("skipping: no model (run `cargo xtask fetch-model`)");
+    }
+    path
+}
+
+/// Runs `agentkv --home <home> [--model <model>] args...`.
+fn agentkv(home: &Path, model: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentkv"));
+    cmd.arg("--home").arg(home);
+    if let Some(m) = model {
+        cmd.arg("--model").arg(m);
+    }
+    cmd.args(args).env_remove("AGENTKV_HOME");
+    cmd.output().expect("starting agentkv")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "agentkv failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Asserts failure and returns stderr.
+fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "agentkv should have failed\nstdout: {}",
+        stdout(&out)
+    );
+    stderr(&out)
+}
+
+#[test]
+fn missing_model_names_the_fetch_command() {
+    let home = tempfile::tempdir().unwrap();
+    let nowhere = home.path().join("no-such-model.gguf");
+    for args in [
+        &["agents", "list"][..],
+        &["run", "--agent", "a", "hi"],
+        &["demo", "--session", "1"],
+    ] {
+        let err = fails(agentkv(home.path(), Some(&nowhere), args));
+        assert!(err.contains("cargo xtask fetch-model"), "{args:?}: {err}");
+        assert!(err.contains("no-such-model.gguf"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn session_2_before_session_1_says_what_to_do() {
+    let home = tempfile::tempdir().unwrap();
+    let err = fails(agentkv(home.path(), None, &["demo", "--session", "2"]));
+    assert!(err.contains("demo --session 1"), "{err}");
+}
+
+#[test]
+fn session_must_be_1_or_2() {
+    let home = tempfile::tempdir().unwrap();
+    let err = fails(agentkv(home.path(), None, &["demo", "--session", "3"]));
+    assert!(err.contains("--session"), "{err}");
+}
+
+#[test]
+fn demo_session_1_then_2() {
+    let Some(model) = model() else { return };
+    let home = tempfile::tempdir().unwrap();
+    let demo = ["demo", "--max-tokens", "4", "--session"];
+    let one = ok(agentkv(
+        home.path(),
+        Some(&model),
+        &[&demo[..], &["1"]].concat(),
+    ));
+    for header in ["prompt tok", "prefill ms", "decode tok/s", "save ms"] {
+        assert!(one.contains(header), "{one}");
+    }
+    for agent in ["specialist", "product", "qa"] {
+        assert!(one.contains(agent), "{one}");
+    }
+
+    let two = agentkv(home.path(), Some(&model), &[&demo[..], &["2"]].concat());
+    let err = stderr(&two);
+    let two = ok(two);
+    for header in ["load ms", "resume TTFT ms", "re-prefill TTFT ms", "speedup"] {
+        assert!(two.contains(header), "{two}");
+    }
+    assert!(
+        !err.contains("rebuilt") && !err.contains("note:"),
+        "a clean resume: {err}"
+    );
+
+    // A third session after damage to a segment: the pool rebuilds that agent's cache from
+    // its transcript, and the demo says so instead of printing a resume figure as if nothing
+    // happened.
+    let segments = home.path().join("demo/kv/segments");
+    let seg = std::fs::read_dir(&segments)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&seg, bytes).unwrap();
+    let three = agentkv(home.path(), Some(&model), &[&demo[..], &["2"]].concat());
+    let err = stderr(&three);
+    let three = ok(three);
+    assert!(
+        err.contains("damaged") && err.contains("prefilled again"),
+        "{err}"
+    );
+    assert!(three.contains("rebuilt rather than resumed"), "{three}");
+}
+
+#[test]
+fn agents_subcommands_and_bad_input() {
+    let Some(model) = model() else { return };
+    let home = tempfile::tempdir().unwrap();
+    let m = Some(model.as_path());
+
+    let empty = ok(agentkv(home.path(), m, &["agents", "list"]));
+    assert!(empty.contains("no agents"), "{empty}");
+
+    let json = ok(agentkv(
+        home.path(),
+        m,
+        &[
+            "run",
+            "--agent",
+            "alpha",
+            "--system",
+            "You answer briefly.",
+            "--max-tokens",
+            "4",
+            "--json",
+            "Say hi.",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("one JSON object");
+    assert_eq!(v["agent"], "alpha");
+    assert_eq!(v["turn"], 0);
+    assert!(v["prompt_tokens"].as_u64().unwrap() > 0);
+    assert!(v["timings_ms"]["prefill"].as_f64().is_some());
+
+    // A second run resumes alpha from disk in a new process.
+    let json = ok(agentkv(
+        home.path(),
+        m,
+        &[
+            "run",
+            "--agent",
+            "alpha",
+            "--max-tokens",
+            "4",
+            "--json",
+            "Again.",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["turn"], 1);
+    assert_eq!(v["resumed_from_disk"], true, "{v}");
+    assert!(v["reused_tokens"].as_u64().unwrap() > 0, "{v}");
+
+    ok(agentkv(
+        home.path(),
+        m,
+        &[
+            "--quiet",
+            "run",
+            "--agent",
+            "beta",
+            "--max-tokens",
+            "4",
+            "Hello.",
+        ],
+    ));
+
+    let list = ok(agentkv(home.path(), m, &["agents", "list"]));
+    assert!(list.contains("alpha") && list.contains("beta"), "{list}");
+    assert!(
+        list.contains("last use") && list.contains("on disk"),
+        "{list}"
+    );
+
+    let show = ok(agentkv(home.path(), m, &["agents", "show", "alpha"]));
+    assert!(
+        show.contains("You answer briefly.") && show.contains("Say hi.") && show.contains("Again."),
+        "{show}"
+    );
+
+    let verify = ok(agentkv(home.path(), m, &["agents", "verify"]));
+    assert!(
+        verify.contains("alpha: ok") && verify.contains("beta: ok"),
+        "{verify}"
+    );
+
+    ok(agentkv(home.path(), m, &["agents", "rm", "beta"]));
+    let list = ok(agentkv(home.path(), m, &["agents", "list"]));
+    assert!(list.contains("alpha") && !list.contains("beta"), "{list}");
+
+    // A segment no manifest references (as a crash between a segment and its manifest
+    // leaves): gc removes it and counts its bytes.
+    let orphan = home
+        .path()
+        .join(format!("pool/kv/segments/{}.safetensors", "0".repeat(32)));
+    std::fs::write(&orphan, vec![7u8; 1000]).unwrap();
+    let gc = ok(agentkv(home.path(), m, &["agents", "gc"]));
+    assert!(gc.contains("freed 1000 B (1 segments"), "{gc}");
+    assert!(!orphan.exists());
+
+    // Damage a segment: verify must fail and name the problem.
+    let segments = home.path().join("pool/kv/segments");
+    let seg = std::fs::read_dir(&segments)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&seg, bytes).unwrap();
+    let err = fails(agentkv(home.path(), m, &["agents", "verify"]));
+    assert!(err.contains("problems found"), "{err}");
+
+    // Bad input.
+    let err = fails(agentkv(home.path(), m, &["agents", "show", "nosuch"]));
+    assert!(err.contains("no agent \"nosuch\""), "{err}");
+    let err = fails(agentkv(home.path(), m, &["agents", "rm", "nosuch"]));
+    assert!(err.contains("nosuch"), "{err}");
+    let err = fails(agentkv(
+        home.path(),
+        m,
+        &["run", "--agent", "Bad/Name", "hi"],
+    ));
+    assert!(err.contains("invalid agent id"), "{err}");
+}
