@@ -8,6 +8,8 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+mod bench;
+
 /// The model agentkv is built and tested against, and where it comes from.
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
@@ -35,9 +37,13 @@ commands:
                 and place it in $AGENTKV_HOME/models (default ~/.local/share/agentkv/models)
   ci            everything CI checks: fetch-model, fmt, clippy -D warnings, tests, docs,
                 and the layering check
-  bench         criterion benchmarks (kv-store vs plain file I/O) and engine speed
-  demo          fetch the model; session 1 answers and saves the cache, session 2 (a new
-                process) resumes it and compares with re-prefilling the history
+  bench         criterion benchmarks (kv-store vs plain file I/O) and engine speed at
+                512/2048/4096-token histories; `--peer llama.cpp` runs llama.cpp side by
+                side (installed into target/peer-venv on first use, ~15 minutes) and
+                prints the ratios; the table also goes to target/bench/engine.md
+  demo          fetch the model; `agentkv demo --session 1` (three agents answer and are
+                saved), then `--session 2` in a new process (they resume; resume TTFT is
+                measured against re-prefilling the same history)
   layering      check that kv-store depends on no tensor framework
 ";
 
@@ -59,7 +65,7 @@ fn run() -> Result<()> {
             fetch_model().map(|path| println!("model ready: {}", path.display()))
         }
         Some("ci") => ci(),
-        Some("bench") => bench(rest),
+        Some("bench") => bench::bench(rest),
         Some("demo") => demo(),
         Some("layering") => layering(),
         Some("help" | "--help" | "-h") | None => {
@@ -258,25 +264,6 @@ fn layering() -> Result<()> {
     Ok(())
 }
 
-fn bench(args: &[String]) -> Result<()> {
-    fetch_model()?;
-    run_step(
-        "criterion benches",
-        cargo().args(["bench", "-p", "agentkv-benches"]).args(args),
-    )?;
-    run_step(
-        "engine speed",
-        cargo().args([
-            "run",
-            "--release",
-            "-p",
-            "engine",
-            "--example",
-            "bench_speed",
-        ]),
-    )
-}
-
 fn demo() -> Result<()> {
     let model = fetch_model()?;
     for session in ["1", "2"] {
@@ -288,10 +275,9 @@ fn demo() -> Result<()> {
                     "--release",
                     "--quiet",
                     "-p",
-                    "engine",
-                    "--example",
-                    "resume",
+                    "cli",
                     "--",
+                    "demo",
                     "--session",
                     session,
                 ])

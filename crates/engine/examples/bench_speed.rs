@@ -1,72 +1,159 @@
-//! Times the forward pass on the real SmolLM2 model: prefill of N seeded random tokens, then
-//! greedy decode steps after it. `cargo run --release -p engine --example bench_speed
-//! [model.gguf] [prefill_tokens] [decode_steps]`.
+//! Times the engine on the real SmolLM2 model, for each history length: prefill of the history
+//! (seeded random tokens), greedy decode steps after it, resume TTFT (load the history's saved
+//! f16 cache through kv-store from the page cache, then a 16-token turn) and re-prefill TTFT
+//! (history + turn from an empty cache).
+//!
+//! `cargo run --release -p engine --example bench_speed -- [--model PATH]
+//! [--histories 512,2048,4096] [--decode 32] [--turn 16] [--repeats 3]`
+//!
+//! Prints a human-readable line per figure on stderr and one `ENGINE {json}` line per history
+//! on stdout, which `cargo xtask bench` parses.
+
+mod common;
 
 use std::path::PathBuf;
-use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use engine::{Logits, Model};
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use engine::{Engine, Logits};
+use kv_extract::KvCache;
+use kv_store::{KvDtype, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const DEFAULT_MODEL: &str = "/root/.local/share/agentkv/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+#[derive(Parser)]
+struct Args {
+    /// The GGUF model (default: the one `cargo xtask fetch-model` installs).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// History lengths, comma-separated.
+    #[arg(long, default_value = "512,2048,4096", value_delimiter = ',')]
+    histories: Vec<usize>,
+    /// Decode steps timed after each history.
+    #[arg(long, default_value_t = 32)]
+    decode: usize,
+    /// Tokens of the new turn for the TTFT figures.
+    #[arg(long, default_value_t = 16)]
+    turn: usize,
+    /// Repetitions of the resume measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Where the kv-store used for the resume figure lives (default: a temp dir).
+    #[arg(long)]
+    store: Option<PathBuf>,
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let path = PathBuf::from(args.next().unwrap_or_else(|| DEFAULT_MODEL.to_owned()));
-    let n_prefill: usize = args.next().map_or(Ok(512), |s| s.parse())?;
-    let n_decode: usize = args.next().map_or(Ok(32), |s| s.parse())?;
+fn main() -> std::process::ExitCode {
+    common::main(run)
+}
 
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    if args.turn == 0 || args.repeats == 0 || args.histories.is_empty() {
+        bail!("--turn, --repeats and --histories must be positive");
+    }
+    let path = common::model_path(args.model)?;
     let t = Instant::now();
-    let model = Model::load(&path)?;
-    println!(
-        "loaded {} in {:.2}s ({} MiB of f32 weights, {} threads, weights {})",
+    let engine = Engine::load(&path)?;
+    let model = engine.model();
+    eprintln!(
+        "loaded {} in {:.2}s: {:.1} MiB of weights, {} threads",
         path.display(),
         t.elapsed().as_secs_f64(),
-        model.weight_bytes() >> 20,
+        model.weight_bytes() as f64 / (1 << 20) as f64,
         rayon::current_num_threads(),
-        model.weights_hash()
     );
+    let tmp;
+    let store_dir = match args.store {
+        Some(dir) => dir,
+        None => {
+            tmp = tempfile::tempdir().context("creating a temp dir for the store")?;
+            tmp.path().to_owned()
+        }
+    };
+    let store = Store::open(&store_dir)
+        .with_context(|| format!("opening a store in {}", store_dir.display()))?;
+    let meta = engine.cache_meta(KvDtype::F16);
 
     let vocab = model.config().vocab_size as u32;
     let mut rng = StdRng::seed_from_u64(1234);
-    let prompt: Vec<u32> = (0..n_prefill).map(|_| rng.random_range(0..vocab)).collect();
+    // Warm up the thread pool and page in the weights.
+    model.forward(&[1, 2, 3, 4], &mut model.new_cache(), Logits::Last)?;
+    for &n in &args.histories {
+        let history: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
+        let turn: Vec<u32> = (0..args.turn).map(|_| rng.random_range(0..vocab)).collect();
 
-    let mut cache = model.new_cache();
-    let t = Instant::now();
-    let mut logits = model.forward(&prompt, &mut cache, Logits::Last)?;
-    let prefill = t.elapsed().as_secs_f64();
-    println!(
-        "prefill {n_prefill} tokens: {prefill:.3}s = {:.1} tok/s",
-        n_prefill as f64 / prefill
-    );
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        let mut logits = model.forward(&history, &mut cache, Logits::Last)?;
+        let prefill = t.elapsed();
+        let name = format!("bench-{n}");
+        cache
+            .save(&store, &name, &meta)
+            .context("saving the history")?;
 
-    let t = Instant::now();
-    for _ in 0..n_decode {
-        let next = logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
-                if l > best.1 { (i, l) } else { best }
+        let t = Instant::now();
+        for _ in 0..args.decode {
+            let next = argmax(&logits);
+            logits = model.forward(&[next], &mut cache, Logits::Last)?;
+        }
+        let decode = t.elapsed();
+        drop(cache);
+
+        let mut resume = Vec::new();
+        for _ in 0..args.repeats {
+            let t = Instant::now();
+            let mut cache = KvCache::load(&store, &name, &meta, model.kv_shape())
+                .context("loading the history")?;
+            model.forward(&turn, &mut cache, Logits::Last)?;
+            resume.push(t.elapsed());
+        }
+        let full: Vec<u32> = [&history[..], &turn[..]].concat();
+        let t = Instant::now();
+        model.forward(&full, &mut model.new_cache(), Logits::Last)?;
+        let reprefill = t.elapsed();
+
+        let prefill_tps = n as f64 / prefill.as_secs_f64();
+        let decode_tps = args.decode as f64 / decode.as_secs_f64();
+        let resume = median(resume);
+        eprintln!(
+            "history {n}: prefill {prefill_tps:.1} tok/s, decode {decode_tps:.1} tok/s, \
+             resume TTFT {:.1} ms, re-prefill TTFT {:.1} ms",
+            ms(resume),
+            ms(reprefill)
+        );
+        println!(
+            "ENGINE {}",
+            serde_json::json!({
+                "history": n,
+                "prefill_tok_s": prefill_tps,
+                "decode_tok_s": decode_tps,
+                "resume_ttft_ms": ms(resume),
+                "reprefill_ttft_ms": ms(reprefill),
+                "weight_bytes": model.weight_bytes(),
+                "threads": rayon::current_num_threads(),
             })
-            .0 as u32;
-        logits = model.forward(&[next], &mut cache, Logits::Last)?;
+        );
     }
-    let decode = t.elapsed().as_secs_f64();
-    println!(
-        "decode {n_decode} tokens after {n_prefill}: {decode:.3}s = {:.1} tok/s",
-        n_decode as f64 / decode
-    );
     Ok(())
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+            if l > best.1 { (i, l) } else { best }
+        })
+        .0 as u32
 }

@@ -10,7 +10,9 @@ use kv_extract::KvShape;
 #[non_exhaustive]
 pub enum EngineError {
     /// The model file does not exist.
-    #[error("model file not found: {path}: run `cargo xtask fetch-model`, or pass --model PATH to a llama GGUF")]
+    #[error(
+        "model file not found: {path}: run `cargo xtask fetch-model`, or pass --model PATH to a llama GGUF"
+    )]
     ModelNotFound {
         /// The path that was tried.
         path: PathBuf,

@@ -26,6 +26,8 @@
 use kv_extract::KvCache;
 use rayon::prelude::*;
 
+use crate::quant::QMatrix;
+
 /// Independent partial sums per dot product: one AVX-512 register, two AVX2 registers, four
 /// SSE registers. Part of the numeric definition: changing it changes every result.
 pub const LANES: usize = 16;
@@ -71,13 +73,14 @@ pub struct Weight {
     data: WeightData,
 }
 
-/// How a [`Weight`]'s values are held. Only f32 today; quantized blocks can be added as
-/// variants with their own dot kernels (keeping each one batch-invariant).
+/// How a [`Weight`]'s values are held; each variant has its own batch-invariant kernels.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum WeightData {
     /// Dequantized values, `rows * cols` of them.
     F32(Vec<f32>),
+    /// GGUF blocks kept quantized, multiplied with integer dot products ([`crate::quant`]).
+    Quant(QMatrix),
 }
 
 impl Weight {
@@ -90,20 +93,38 @@ impl Weight {
         })
     }
 
+    /// A weight kept as quantized blocks.
+    pub fn from_quant(q: QMatrix) -> Weight {
+        Weight {
+            rows: q.rows(),
+            cols: q.cols(),
+            data: WeightData::Quant(q),
+        }
+    }
+
     /// Stacks weights with the same column count into one (rows of the first, then of the
     /// second, ...): fused projections then need one pass over the input instead of several.
+    /// Quantized parts of one kind stay quantized; any other mix is dequantized to f32.
     /// `None` if the column counts differ or `parts` is empty.
     pub fn concat_rows(parts: Vec<Weight>) -> Option<Weight> {
         let cols = parts.first()?.cols;
         if parts.iter().any(|p| p.cols != cols) {
             return None;
         }
+        let quant: Option<Vec<QMatrix>> = parts
+            .iter()
+            .map(|p| match &p.data {
+                WeightData::Quant(q) => Some(q.clone()),
+                WeightData::F32(_) => None,
+            })
+            .collect();
+        if let Some(q) = quant.and_then(QMatrix::concat_rows) {
+            return Some(Weight::from_quant(q));
+        }
         let rows = parts.iter().map(|p| p.rows).sum();
         let mut data = Vec::with_capacity(rows * cols);
         for p in parts {
-            match p.data {
-                WeightData::F32(d) => data.extend_from_slice(&d),
-            }
+            data.extend_from_slice(&p.into_f32());
         }
         Weight::from_f32(rows, cols, data)
     }
@@ -125,6 +146,7 @@ impl Weight {
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         match &self.data {
             WeightData::F32(d) => out.copy_from_slice(&d[r * self.cols..(r + 1) * self.cols]),
+            WeightData::Quant(q) => q.row_into(r, out),
         }
     }
 
@@ -132,6 +154,7 @@ impl Weight {
     pub fn into_f32(self) -> Vec<f32> {
         match self.data {
             WeightData::F32(d) => d,
+            WeightData::Quant(q) => q.to_f32(),
         }
     }
 
@@ -139,6 +162,7 @@ impl Weight {
     pub fn bytes(&self) -> usize {
         match &self.data {
             WeightData::F32(d) => d.len() * size_of::<f32>(),
+            WeightData::Quant(q) => q.bytes(),
         }
     }
 }
@@ -309,8 +333,9 @@ fn panel(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
 
 /// `y = x · Wᵀ` for `m` rows of `x` (`[m, w.cols()]`, row-major): returns `[m, w.rows()]`.
 ///
-/// Each output element is [`dot`]`(x[i], W[j])` bit for bit, whatever `m` and the number of
-/// threads; work is split over the rows of `W`.
+/// For f32 weights each output element is [`dot`]`(x[i], W[j])` bit for bit, whatever `m`
+/// and the number of threads; work is split over the rows of `W`. Quantized weights go to
+/// [`quant::matmul`], batch-invariant in the same sense.
 ///
 /// # Panics
 /// If `x.len() != m * w.cols()`.
@@ -324,7 +349,10 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
     if m == 0 || n == 0 {
         return Vec::new();
     }
-    let WeightData::F32(wd) = &w.data;
+    let wd = match &w.data {
+        WeightData::F32(wd) => wd,
+        WeightData::Quant(q) => return matmul_dequant(x, m, q),
+    };
     // Transposed output: each task owns a contiguous block of weight rows.
     let mut yt = vec![0.0f32; n * m];
     let tasks = rayon::current_num_threads() * 4;
@@ -335,6 +363,70 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
             let j0 = c * rows_per_task;
             let rows = out.len() / m;
             panel(x, m, k, &wd[j0 * k..(j0 + rows) * k], out);
+        });
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0.0f32; m * n];
+    for (j, col) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            y[i * n + j] = *v;
+        }
+    }
+    y
+}
+
+/// Weight rows dequantized at a time by [`matmul_dequant`]: a multiple of the micro-kernels'
+/// widths, small enough for the f32 copy to stay in L1/L2.
+const DEQUANT_ROWS: usize = 12;
+
+#[inline(always)]
+fn dequant_panel_portable(
+    q: &QMatrix,
+    r0: usize,
+    x: &[f32],
+    m: usize,
+    buf: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (k, rows) = (q.cols(), out.len() / m);
+    buf.resize(rows * k, 0.0);
+    q.dequantize_rows(r0, rows, buf);
+    panel_portable(x, m, k, buf, out);
+}
+
+fn dequant_panel(q: &QMatrix, r0: usize, x: &[f32], m: usize, buf: &mut Vec<f32>, out: &mut [f32]) {
+    dispatch!(
+        dequant_panel_avx2,
+        dequant_panel_portable,
+        fn(q: &QMatrix, r0: usize, x: &[f32], m: usize, buf: &mut Vec<f32>, out: &mut [f32])
+    );
+}
+
+/// [`matmul`] for quantized weights: each task dequantizes a few rows at a time (exactly, as
+/// the GGUF reference does) and runs the f32 kernels on them, so results are bitwise those of
+/// the fully dequantized matrix while only the quantized blocks stream from memory.
+///
+/// Why not llama.cpp's integer dot products against 8-bit-quantized activations
+/// ([`crate::quant::matmul`])? With SmolLM2-135M that quantization changes greedy answers (llama.cpp
+/// itself answers "La femme de France, ..." to the capital-of-France prompt); f32 activations
+/// keep "The capital of France is Paris.".
+fn matmul_dequant(x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
+    let (n, k) = (q.rows(), q.cols());
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    debug_assert_eq!(x.len(), m * k);
+    let mut yt = vec![0.0f32; n * m];
+    let tasks = rayon::current_num_threads() * 4;
+    let rows_per_task = n.div_ceil(tasks).next_multiple_of(DEQUANT_ROWS);
+    yt.par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (c, out)| {
+            let j0 = c * rows_per_task;
+            for (s, sub) in out.chunks_mut(DEQUANT_ROWS * m).enumerate() {
+                dequant_panel(q, j0 + s * DEQUANT_ROWS, x, m, buf, sub);
+            }
         });
     if m == 1 {
         return yt;
@@ -382,7 +474,7 @@ pub fn silu_mul_rows(gate_up: &[f32], f: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(gate_up.len() / 2);
     for row in gate_up.chunks_exact(2 * f) {
         let (g, u) = row.split_at(f);
-        out.extend(g.iter().zip(u).map(|(&g, &u)| (g / (1.0 + (-g).exp())) * u));
+        out.extend(g.iter().zip(u).map(|(&g, &u)| (g / (1.0 + exp(-g))) * u));
     }
     out
 }
@@ -444,71 +536,193 @@ impl RopeTable {
 // Attention
 // ---------------------------------------------------------------------------------------------
 
-/// Attention of one query head over `len` cached rows: scores, a sequential softmax, then the
-/// weighted sum of V rows in position order.
+/// `exp(x)`, with the Cephes single-precision polynomial (about 1 ulp), in plain multiplies
+/// and adds so that every build (SSE2, AVX2, any vector width) gives the same bits, unlike a
+/// platform libm. Inputs below -87 give a tiny positive number rather than a subnormal.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5; // Cephes' 5.0000001201e-1, which rounds to 0.5 in f32
+    let y = (p * (r * r) + r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Queries of one attention task: query row `q[i]` sees cached positions `0..lens[i]`.
+struct Queries<'a> {
+    q: &'a [f32],
+    lens: &'a [usize],
+}
+
+/// Attention of a set of queries sharing one KV head: scores against every K row any of them
+/// sees, a sequential softmax per query, then the weighted sum of V rows in position order.
+///
+/// Each query's result depends only on that query and its rows: its scores are [`dot`] bit
+/// for bit, its softmax and sums run in position order. Batching queries only shares loads.
 #[inline(always)]
 fn attend_portable(
-    q: &[f32],
+    qs: Queries<'_>,
     k: &[f32],
     v: &[f32],
+    d: usize,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let d = q.len();
-    let len = k.len() / d;
+    let nq = qs.lens.len();
+    let len = qs.lens.iter().copied().max().unwrap_or(0);
+    let qrow = |i: usize| &qs.q[i * d..(i + 1) * d];
+    let krow = |j: usize| &k[j * d..(j + 1) * d];
     scores.clear();
+    scores.resize(nq * len, 0.0);
+    // Scores, two queries by three K rows at a time.
     let mut j = 0;
-    while j + 4 <= len {
-        let r = dot_1x4(
-            [q],
-            [
-                &k[j * d..(j + 1) * d],
-                &k[(j + 1) * d..(j + 2) * d],
-                &k[(j + 2) * d..(j + 3) * d],
-                &k[(j + 3) * d..(j + 4) * d],
-            ],
-            d,
-        );
-        scores.extend(r[0].iter().map(|s| s * scale));
-        j += 4;
+    while j + NR <= len {
+        let ks = [krow(j), krow(j + 1), krow(j + 2)];
+        let mut i = 0;
+        while i + MR <= nq {
+            let r = dot_2x3([qrow(i), qrow(i + 1)], ks, d);
+            for (di, row) in r.iter().enumerate() {
+                scores[(i + di) * len + j..][..NR].copy_from_slice(row);
+            }
+            i += MR;
+        }
+        if i < nq {
+            let r = dot_1x3([qrow(i)], ks, d);
+            scores[i * len + j..][..NR].copy_from_slice(&r[0]);
+        }
+        j += NR;
     }
-    while j < len {
-        scores.push(dot_1x1([q], [&k[j * d..(j + 1) * d]], d)[0][0] * scale);
-        j += 1;
-    }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    out.fill(0.0);
-    for (p, vrow) in scores.iter().zip(v.chunks_exact(d)) {
-        for (o, &vv) in out.iter_mut().zip(vrow) {
-            *o += p * vv;
+    for j in j..len {
+        for i in 0..nq {
+            scores[i * len + j] = dot_1x1([qrow(i)], [krow(j)], d)[0][0];
         }
     }
-    let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
+    // Softmax numerators per query, in position order.
+    let mut sums = [0.0f32; 64];
+    let mut sums_vec;
+    let sums: &mut [f32] = if nq <= 64 {
+        &mut sums[..nq]
+    } else {
+        sums_vec = vec![0.0f32; nq];
+        &mut sums_vec
+    };
+    for (i, sum) in sums.iter_mut().enumerate() {
+        let s = &mut scores[i * len..i * len + qs.lens[i]];
+        for x in s.iter_mut() {
+            *x *= scale;
+        }
+        let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for x in s.iter_mut() {
+            *x = exp(*x - max);
+        }
+        *sum = s.iter().fold(0.0f32, |acc, &x| acc + x);
+    }
+    // Weighted V sums: V rows in chunks that stay in L1 while every query sweeps them.
+    const CHUNK: usize = 64;
+    out.fill(0.0);
+    for j0 in (0..len).step_by(CHUNK) {
+        for (i, o) in out.chunks_exact_mut(d).enumerate() {
+            let end = qs.lens[i].min(j0 + CHUNK);
+            if end <= j0 {
+                continue;
+            }
+            let p = &scores[i * len + j0..i * len + end];
+            let vs = &v[j0 * d..end * d];
+            if d == 64 {
+                accumulate::<64>(o, p, vs);
+            } else {
+                for (&p, vrow) in p.iter().zip(vs.chunks_exact(d)) {
+                    for (o, &vv) in o.iter_mut().zip(vrow) {
+                        *o += p * vv;
+                    }
+                }
+            }
+        }
+    }
+    for (o, sum) in out.chunks_exact_mut(d).zip(sums.iter()) {
+        let inv = 1.0 / sum;
+        for o in o.iter_mut() {
+            *o *= inv;
+        }
     }
 }
 
-fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// `o += p[j] * v[j]` for each row `j` in order, with `o` held in registers.
+#[inline(always)]
+fn accumulate<const D: usize>(o: &mut [f32], p: &[f32], v: &[f32]) {
+    let o: &mut [f32; D] = o.try_into().expect("head width");
+    let mut acc = *o;
+    for (&p, vrow) in p.iter().zip(v.chunks_exact(D)) {
+        let vrow: &[f32; D] = vrow.try_into().expect("head width");
+        for l in 0..D {
+            acc[l] += p * vrow[l];
+        }
+    }
+    *o = acc;
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    lens: &[usize],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn portable(
+        q: &[f32],
+        lens: &[usize],
+        k: &[f32],
+        v: &[f32],
+        d: usize,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        attend_portable(Queries { q, lens }, k, v, d, scale, scores, out)
+    }
     dispatch!(
         attend_avx2,
-        attend_portable,
-        fn(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut Vec<f32>, out: &mut [f32])
+        portable,
+        fn(
+            q: &[f32],
+            lens: &[usize],
+            k: &[f32],
+            v: &[f32],
+            d: usize,
+            scale: f32,
+            scores: &mut Vec<f32>,
+            out: &mut [f32],
+        )
     );
 }
+
+/// Tokens per attention task in a prefill: their queries share each K/V row load.
+const TOKEN_TILE: usize = 8;
 
 /// Causal grouped-query attention for `n` new tokens at positions `start..start + n`, whose K
 /// and V are already written to `cache` (layer `layer`) at those positions.
 ///
 /// `q` is `[n, n_heads, head_dim]` (after RoPE); returns the attention output in the same
 /// layout. Query head `h` reads KV head `h / (n_heads / n_kv_heads)`. Work is parallel over
-/// (token, head) pairs; each pair's result does not depend on the others.
+/// tasks of (tokens, query heads of one KV head); each query's result does not depend on which
+/// task it is in.
 pub fn attention(
     q: &[f32],
     n: usize,
@@ -521,17 +735,45 @@ pub fn attention(
     let d = shape.head_dim;
     let group = n_heads / shape.n_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
+    // Few tokens (decode): one task per query head, so both cores have work. Many: a task is
+    // a tile of tokens times a whole group, sharing K/V loads.
+    let (tile, heads_per_task) = if n < TOKEN_TILE {
+        (n, 1)
+    } else {
+        (TOKEN_TILE, group)
+    };
+    let tasks: Vec<(usize, usize)> = (0..n.div_ceil(tile))
+        .flat_map(|t| (0..n_heads / heads_per_task).map(move |h| (t * tile, h * heads_per_task)))
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(scores, qbuf, lens), &(t0, h0)| {
+                let t1 = (t0 + tile).min(n);
+                qbuf.clear();
+                lens.clear();
+                for t in t0..t1 {
+                    for h in h0..h0 + heads_per_task {
+                        qbuf.extend_from_slice(&q[(t * n_heads + h) * d..][..d]);
+                        lens.push(start + t + 1);
+                    }
+                }
+                let kv = h0 / group;
+                let k = cache.k_head(layer, kv, 0..start + t1);
+                let v = cache.v_head(layer, kv, 0..start + t1);
+                let mut out = vec![0.0f32; qbuf.len()];
+                attend(qbuf, lens, k, v, d, scale, scores, &mut out);
+                out
+            },
+        )
+        .collect();
     let mut out = vec![0.0f32; n * n_heads * d];
-    out.par_chunks_mut(d)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (idx, o)| {
-            let (t, h) = (idx / n_heads, idx % n_heads);
-            let pos = start + t;
-            let kv = h / group;
-            let k = cache.k_head(layer, kv, 0..pos + 1);
-            let v = cache.v_head(layer, kv, 0..pos + 1);
-            attend(&q[idx * d..(idx + 1) * d], k, v, scale, scores, o);
-        });
+    for (&(t0, h0), res) in tasks.iter().zip(&results) {
+        for (r, t) in res.chunks_exact(heads_per_task * d).zip(t0..) {
+            out[(t * n_heads + h0) * d..][..heads_per_task * d].copy_from_slice(r);
+        }
+    }
     out
 }
 
@@ -620,6 +862,30 @@ mod tests {
     }
 
     #[test]
+    fn quantized_matmul_equals_dequantized_bitwise() {
+        let (m, n, k) = (37, 29, 96);
+        // Q4_1 blocks: f16 scale 0.25, f16 min -1.0, nibbles from a pattern.
+        let mut raw = Vec::new();
+        for b in 0..n * k / 32 {
+            raw.extend_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
+            raw.extend_from_slice(&half::f16::from_f32(-1.0 + b as f32 * 0.01).to_le_bytes());
+            raw.extend((0..16u8).map(|i| i.wrapping_mul(37).wrapping_add(b as u8)));
+        }
+        let q = QMatrix::from_gguf_blocks(crate::quant::QKind::Q4_1, n, k, &raw).expect("blocks");
+        let wf = Weight::from_f32(n, k, q.to_f32()).expect("sizes");
+        let wq = Weight::from_quant(q);
+        let x = values(m * k, 8);
+        let a = matmul(&x, m, &wq);
+        let b = matmul(&x, m, &wf);
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        let alone = matmul(&x[..k], 1, &wq);
+        assert_eq!(&a[..n], &alone[..]);
+    }
+
+    #[test]
     fn weight_concat_and_rows() {
         let a = Weight::from_f32(1, 2, vec![1.0, 2.0]).expect("sizes match");
         let b = Weight::from_f32(2, 2, vec![3.0, 4.0, 5.0, 6.0]).expect("sizes match");
@@ -660,6 +926,20 @@ mod tests {
         let mut y = [0.3f32, -0.7, 1.5, 2.5];
         RopeTable::new(&inv, 0, 1).apply(&mut y, 1, 4);
         assert_eq!(y, [0.3, -0.7, 1.5, 2.5]);
+    }
+
+    #[test]
+    fn exp_is_close_to_libm() {
+        let mut worst = 0.0f64;
+        for i in 0..200_000 {
+            let x = -87.0 + i as f32 * (175.0 / 200_000.0);
+            let got = exp(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 4e-7, "relative error {worst:e}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
     }
 
     #[test]

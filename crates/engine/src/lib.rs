@@ -9,6 +9,7 @@ pub mod error;
 pub mod gguf_meta;
 pub mod kernels;
 pub mod model;
+pub mod quant;
 pub mod runtime;
 pub mod sample;
 #[doc(hidden)]

@@ -1,8 +1,9 @@
 //! A llama-architecture model loaded from a GGUF file, and its forward pass over our own
 //! [`KvCache`].
 //!
-//! Weights are dequantized to f32 at load time and multiplied with the batch-invariant kernels
-//! of [`crate::kernels`], so a token's K/V and logits are bitwise the same whether it was
+//! Q4_1 and Q8_0 weights stay quantized in memory (other types are dequantized to f32 at load
+//! time) and are multiplied with the batch-invariant kernels of [`crate::kernels`] and
+//! [`crate::quant`], so a token's K/V and logits are bitwise the same whether it was
 //! prefilled in a batch of any size or decoded alone, and whatever the cache's capacity.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,11 +12,13 @@ use std::io::{BufReader, Read, Seek};
 use std::path::Path;
 
 use candle_core::Device;
+use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{Content, Value};
 use kv_extract::{KvCache, KvShape};
 
 use crate::error::{EngineError, Result};
 use crate::kernels::{self, RopeTable, Weight};
+use crate::quant::{QKind, QMatrix};
 
 /// Upper bounds on metadata values, so a hostile file cannot make shape arithmetic overflow
 /// or ask for absurd allocations before any tensor byte is checked.
@@ -353,7 +356,7 @@ impl Model {
         let mut names: Vec<&String> = content.tensor_infos.keys().collect();
         names.sort();
         let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
-        let mut values: HashMap<String, Vec<f32>> = HashMap::new();
+        let mut values: HashMap<String, Tensor> = HashMap::new();
         for name in names {
             let tensor_err = |source| EngineError::TensorData {
                 name: name.clone(),
@@ -380,15 +383,33 @@ impl Model {
             }
             hasher.update(&(data.len() as u64).to_le_bytes());
             hasher.update(&data);
+            let Some(shape) = expected.get(name) else {
+                continue;
+            };
+            // Projections and embeddings in Q4_1 / Q8_0 stay quantized; anything else is
+            // dequantized to f32.
+            let kind = match qt.dtype() {
+                GgmlDType::Q4_1 => Some(QKind::Q4_1),
+                GgmlDType::Q8_0 => Some(QKind::Q8_0),
+                _ => None,
+            };
+            let quantized = match (kind, shape.as_slice()) {
+                (Some(kind), &[rows, cols]) => {
+                    QMatrix::from_gguf_blocks(kind, rows, cols, &data).map(Tensor::Quant)
+                }
+                _ => None,
+            };
             drop(data);
-            if expected.contains_key(name) {
-                let v = qt
-                    .dequantize(&Device::Cpu)
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(tensor_err)?;
-                values.insert(name.clone(), v);
-            }
+            let tensor = match quantized {
+                Some(q) => q,
+                None => Tensor::F32(
+                    qt.dequantize(&Device::Cpu)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(tensor_err)?,
+                ),
+            };
+            values.insert(name.clone(), tensor);
         }
         let weights_hash = format!("{:032x}", hasher.digest128());
 
@@ -602,18 +623,31 @@ fn shape_is_sane(dims: &[usize]) -> bool {
         .is_some_and(|n| n <= 1 << 40)
 }
 
-/// Removes a dequantized tensor from `values` as a `[rows, cols]` weight.
+/// A tensor's values as loaded: quantized blocks kept as they are, or f32.
+enum Tensor {
+    Quant(QMatrix),
+    F32(Vec<f32>),
+}
+
+/// Removes a tensor from `values` as a `[rows, cols]` weight.
 fn take_weight(
-    values: &mut HashMap<String, Vec<f32>>,
+    values: &mut HashMap<String, Tensor>,
     name: &str,
     rows: usize,
     cols: usize,
 ) -> Result<Weight> {
-    let data = values
-        .remove(name)
-        .ok_or_else(|| EngineError::MissingTensor {
-            name: name.to_owned(),
-        })?;
+    let data = match values.remove(name) {
+        None => {
+            return Err(EngineError::MissingTensor {
+                name: name.to_owned(),
+            });
+        }
+        Some(Tensor::Quant(q)) if q.rows() == rows && q.cols() == cols => {
+            return Ok(Weight::from_quant(q));
+        }
+        Some(Tensor::Quant(q)) => q.to_f32(),
+        Some(Tensor::F32(v)) => v,
+    };
     let found = vec![data.len()];
     Weight::from_f32(rows, cols, data).ok_or_else(|| EngineError::TensorShape {
         name: name.to_owned(),
