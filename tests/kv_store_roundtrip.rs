@@ -254,17 +254,38 @@ fn shared_prefix_is_stored_once() {
     ));
 }
 
+/// A store where cache "a" holds 8 tokens (committed), and the same cache with 5 more
+/// tokens that a test is about to save (pending).
+fn committed_then_pending() -> (tempfile::TempDir, Store, Fake, Fake) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut fake = Fake::new(small_meta());
+    fake.push(8, 0);
+    store.save("a", &fake.meta, &fake).unwrap();
+    let committed = fake.clone();
+    fake.push(5, 1);
+    (dir, store, committed, fake)
+}
+
+/// Temporary files left in the store's directories.
+fn temp_files(root: &Path) -> usize {
+    ["segments", "manifests"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".tmp")
+        })
+        .count()
+}
+
 #[test]
 fn crash_at_every_step_keeps_last_commit() {
     for step in Step::ALL {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut fake = Fake::new(small_meta());
-        fake.push(8, 0);
-        store.save("a", &fake.meta, &fake).unwrap();
-        let committed = fake.clone();
-
-        fake.push(5, 1);
+        let (dir, store, committed, fake) = committed_then_pending();
         kv_store::crash_after(Some(step));
         let err = store.save("a", &fake.meta, &fake).unwrap_err();
         assert!(
@@ -284,17 +305,7 @@ fn crash_at_every_step_keeps_last_commit() {
 
         // Garbage collection removes the litter and nothing that is needed.
         store.gc().unwrap();
-        let litter = std::fs::read_dir(dir.path().join("segments"))
-            .unwrap()
-            .chain(std::fs::read_dir(dir.path().join("manifests")).unwrap())
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with(".tmp")
-            })
-            .count();
+        let litter = temp_files(dir.path());
         assert_eq!(litter, 0, "{step:?}");
         assert_loads(&store, "a", expect);
 
@@ -561,13 +572,7 @@ fn two_stores_writing_one_directory_do_not_corrupt_it() {
 
 #[test]
 fn full_disk_is_a_clear_error_and_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let mut fake = Fake::new(small_meta());
-    fake.push(6, 0);
-    store.save("a", &fake.meta, &fake).unwrap();
-    let committed = fake.clone();
-    fake.push(4, 1);
+    let (dir, store, committed, fake) = committed_then_pending();
 
     kv_store::fail_writes(Some(std::io::ErrorKind::StorageFull));
     let err = store.save("a", &fake.meta, &fake).unwrap_err();
@@ -581,16 +586,7 @@ fn full_disk_is_a_clear_error_and_loses_nothing() {
 
     // The last committed state is intact and no temp file is left behind.
     assert_loads(&store, "a", &committed);
-    let temps = std::fs::read_dir(dir.path().join("segments"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".tmp")
-        })
-        .count();
+    let temps = temp_files(dir.path());
     assert_eq!(temps, 0);
     // Once there is room again, the same save succeeds.
     store.save("a", &fake.meta, &fake).unwrap();
