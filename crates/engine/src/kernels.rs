@@ -335,7 +335,7 @@ fn panel(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
 ///
 /// For f32 weights each output element is [`dot`]`(x[i], W[j])` bit for bit, whatever `m`
 /// and the number of threads; work is split over the rows of `W`. Quantized weights go to
-/// [`quant::matmul`], batch-invariant in the same sense.
+/// [`crate::quant::matmul`], batch-invariant in the same sense.
 ///
 /// # Panics
 /// If `x.len() != m * w.cols()`.
