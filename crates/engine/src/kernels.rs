@@ -262,6 +262,118 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dispatch!(dot_avx2, dot_portable, fn(a: &[f32], b: &[f32]) -> f32);
 }
 
+/// `out[j] = dot(x, rows[j])` for the `out.len()` rows of `rows` (each `x.len()` long): one
+/// vector against many, the shape of decode (one query's attention scores). Each output is
+/// [`dot`] bit for bit.
+///
+/// # Panics
+/// If `rows.len() != out.len() * x.len()`.
+pub fn dots(x: &[f32], rows: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    assert_eq!(
+        rows.len(),
+        out.len() * k,
+        "dots: rows are not out.len() rows of x.len()"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if k.is_multiple_of(LANES) && simd::available() {
+        simd::dots(x, rows, out);
+        return;
+    }
+    for (o, r) in out.iter_mut().zip(rows.chunks_exact(k.max(1))) {
+        *o = dot(x, r);
+    }
+}
+
+/// Hand-written AVX2 forms of the 16-lane dot products, for where the compiler's output of the
+/// portable source is slow (one vector against many rows; the tree reduction inlined). Same
+/// operations per lane as [`madd`] and [`reduce`], so the same bits.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod simd {
+    use std::arch::x86_64::*;
+
+    use super::LANES;
+
+    /// Rows per [`dots`] micro-kernel: 4 rows x 2 registers = 8 accumulators.
+    const ROWS: usize = 4;
+
+    pub(crate) fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+    }
+
+    /// See [`super::dots`]; `x.len()` must be a multiple of [`LANES`].
+    pub(super) fn dots(x: &[f32], rows: &[f32], out: &mut [f32]) {
+        let k = x.len();
+        assert!(available(), "simd::dots called without AVX2");
+        assert!(
+            k.is_multiple_of(LANES),
+            "simd::dots needs whole 16-lane chunks"
+        );
+        assert_eq!(rows.len(), out.len() * k, "simd::dots row count");
+        // SAFETY: AVX2 is available and the lengths are checked above: row j + r < out.len()
+        // spans rows[(j + r) * k..][..k] and every chunk offset is below k.
+        unsafe { dots_avx2(x.as_ptr(), rows.as_ptr(), k, out) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn dots_avx2(x: *const f32, rows: *const f32, k: usize, out: &mut [f32]) {
+        let mut j = 0;
+        // SAFETY: the caller's bounds (see `dots`).
+        unsafe {
+            while j + ROWS <= out.len() {
+                let r = kernel::<ROWS>(x, rows.add(j * k), k);
+                out[j..j + ROWS].copy_from_slice(&r);
+                j += ROWS;
+            }
+            while j < out.len() {
+                out[j] = kernel::<1>(x, rows.add(j * k), k)[0];
+                j += 1;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 is available; `x` has `k` values and `w` has `R` rows of `k`, `k % 16 == 0`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // literal indices keep the accumulators in registers
+    unsafe fn kernel<const R: usize>(x: *const f32, w: *const f32, k: usize) -> [f32; R] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for c in (0..k).step_by(LANES) {
+                for r in 0..R {
+                    let wr = w.add(r * k + c);
+                    let (x0, x1) = (_mm256_loadu_ps(x.add(c)), _mm256_loadu_ps(x.add(c + 8)));
+                    acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_mul_ps(x0, _mm256_loadu_ps(wr)));
+                    acc[r][1] =
+                        _mm256_add_ps(acc[r][1], _mm256_mul_ps(x1, _mm256_loadu_ps(wr.add(8))));
+                }
+            }
+            let mut out = [0.0f32; R];
+            for r in 0..R {
+                out[r] = reduce(acc[r]);
+            }
+            out
+        }
+    }
+
+    /// [`super::reduce`] on 16 lanes held as two registers: lanes `l` and `l + 8`, then `l`
+    /// and `l + 4`, then `(0 + 2) + (1 + 3)`.
+    ///
+    /// # Safety
+    /// AVX is available.
+    #[inline(always)]
+    pub(crate) unsafe fn reduce(acc: [__m256; 2]) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let s8 = _mm256_add_ps(acc[0], acc[1]);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // [s0 + s2, s1 + s3, ..]
+            _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Matmul
 // ---------------------------------------------------------------------------------------------
@@ -391,7 +503,7 @@ fn dequant_panel_portable(
 ) {
     let (k, rows) = (q.cols(), out.len() / m);
     buf.resize(rows * k, 0.0);
-    q.dequantize_rows(r0, rows, buf);
+    crate::dequant::dequantize_rows(q, r0, rows, buf);
     panel_portable(x, m, k, buf, out);
 }
 
@@ -405,7 +517,8 @@ fn dequant_panel(q: &QMatrix, r0: usize, x: &[f32], m: usize, buf: &mut Vec<f32>
 
 /// [`matmul`] for quantized weights: each task dequantizes a few rows at a time (exactly, as
 /// the GGUF reference does) and runs the f32 kernels on them, so results are bitwise those of
-/// the fully dequantized matrix while only the quantized blocks stream from memory.
+/// the fully dequantized matrix while only the quantized blocks stream from memory. A single
+/// row (decode) goes to [`crate::dequant::gemv`], which does the same without the buffer.
 ///
 /// Why not llama.cpp's integer dot products against 8-bit-quantized activations
 /// ([`crate::quant::matmul`])? With SmolLM2-135M that quantization changes greedy answers (llama.cpp
@@ -417,8 +530,17 @@ fn matmul_dequant(x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
         return Vec::new();
     }
     debug_assert_eq!(x.len(), m * k);
-    let mut yt = vec![0.0f32; n * m];
     let tasks = rayon::current_num_threads() * 4;
+    if m == 1 {
+        // Decode: blocks are widened in registers, never written out.
+        let mut y = vec![0.0f32; n];
+        let rows_per_task = n.div_ceil(tasks).next_multiple_of(4);
+        y.par_chunks_mut(rows_per_task)
+            .enumerate()
+            .for_each(|(c, out)| crate::dequant::gemv(q, c * rows_per_task, x, out));
+        return y;
+    }
+    let mut yt = vec![0.0f32; n * m];
     let rows_per_task = n.div_ceil(tasks).next_multiple_of(DEQUANT_ROWS);
     yt.par_chunks_mut(rows_per_task * m)
         .enumerate()
@@ -428,9 +550,6 @@ fn matmul_dequant(x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
                 dequant_panel(q, j0 + s * DEQUANT_ROWS, x, m, buf, sub);
             }
         });
-    if m == 1 {
-        return yt;
-    }
     let mut y = vec![0.0f32; m * n];
     for (j, col) in yt.chunks_exact(m).enumerate() {
         for (i, v) in col.iter().enumerate() {
@@ -585,8 +704,15 @@ fn attend_portable(
     let krow = |j: usize| &k[j * d..(j + 1) * d];
     scores.clear();
     scores.resize(nq * len, 0.0);
+    let single = qs.lens.iter().all(|&l| l == len) && nq <= 4;
+    if single {
+        // Decode: each query against every row.
+        for i in 0..nq {
+            dots(qrow(i), &k[..len * d], &mut scores[i * len..(i + 1) * len]);
+        }
+    }
     // Scores, two queries by three K rows at a time.
-    let mut j = 0;
+    let mut j = if single { len } else { 0 };
     while j + NR <= len {
         let ks = [krow(j), krow(j + 1), krow(j + 2)];
         let mut i = 0;
@@ -780,20 +906,8 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::values;
     use kv_extract::KvShape;
-
-    /// Deterministic pseudo-random values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
@@ -837,6 +951,21 @@ mod tests {
             dot_portable(&x[..k], &w[..k]).to_bits(),
             dot(&x[..k], &w[..k]).to_bits()
         );
+    }
+
+    #[test]
+    fn dots_are_dot_bitwise() {
+        // 9 rows: two 4-row micro-kernels and one single row; widths with and without a tail.
+        for k in [16, 64, 576, 20] {
+            let x = values(k, 21);
+            let rows = values(9 * k, 22);
+            let mut out = vec![f32::NAN; 9];
+            dots(&x, &rows, &mut out);
+            for (j, o) in out.iter().enumerate() {
+                let want = dot_portable(&x, &rows[j * k..(j + 1) * k]);
+                assert_eq!(o.to_bits(), want.to_bits(), "k {k} row {j}");
+            }
+        }
     }
 
     #[test]

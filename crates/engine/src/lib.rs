@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod chat;
+pub mod dequant;
 pub mod error;
 pub mod gguf_meta;
 pub mod kernels;

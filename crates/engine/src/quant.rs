@@ -239,6 +239,17 @@ impl QMatrix {
         }
     }
 
+    /// The raw buffers: quantized values, scales, Q4_1 minimums, and the minimums' row stride
+    /// (blocks per row padded to a multiple of 8).
+    pub(crate) fn raw_parts(&self) -> (&[u8], &[f32], &[f32], usize) {
+        (
+            &self.qs,
+            &self.d,
+            &self.m,
+            self.nb().next_multiple_of(LANES),
+        )
+    }
+
     /// Every value as f32, row-major.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.rows * self.cols];
@@ -687,21 +698,9 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-
-    /// Deterministic pseudo-random values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::values;
 
     /// Random GGUF blocks: f16 scales in a sane range, arbitrary quantized bytes (including
     /// -128 for Q8_0).
@@ -728,12 +727,12 @@ mod tests {
         out
     }
 
-    fn matrix(kind: QKind, rows: usize, cols: usize, seed: u64) -> QMatrix {
+    pub(crate) fn matrix(kind: QKind, rows: usize, cols: usize, seed: u64) -> QMatrix {
         let bytes = random_blocks(kind, rows, cols, seed);
         QMatrix::from_gguf_blocks(kind, rows, cols, &bytes).expect("well-formed blocks")
     }
 
-    fn bits(v: &[f32]) -> Vec<u32> {
+    pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
 

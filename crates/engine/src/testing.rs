@@ -22,6 +22,19 @@ pub const MERGES: [&str; 9] = [
     "Ġ t", "h e", "Ġt he", "i n", "Ġ a", "o n", "e r", "Ġ i", "Ġi s",
 ];
 
+/// Deterministic pseudo-random values in [-1, 1) (xorshift), for kernel tests.
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 /// Shape and contents of a tiny model.
 #[derive(Clone, Debug)]
 pub struct TinyConfig {

@@ -1,0 +1,277 @@
+//! Quantized weights against f32 activations: the fast paths behind
+//! [`crate::kernels::matmul`] for [`QMatrix`] weights.
+//!
+//! The numeric definition is the f32 one of [`crate::kernels`]: a weight value is `d * q + m`
+//! (Q4_1) or `d * q` (Q8_0), a multiply then an add, exactly as [`QMatrix::dequantize_rows`]
+//! computes it, and an output is the 16-lane [`crate::kernels::dot`] of the activation row with
+//! those values. The two kernels here only compute it faster:
+//!
+//! * [`dequantize_rows`] widens blocks to f32 eight values per instruction (the prefill path
+//!   dequantizes a few rows into a buffer, then runs the f32 micro-kernels over every token);
+//! * [`gemv`] is the decode path (one activation row): it widens each block in registers and
+//!   multiplies it at once, four weight rows at a time, so nothing is written back to memory.
+//!
+//! Both have a portable form (the reference) and an AVX2 form with the same operations in the
+//! same order per lane; tests check they give the same bits. The AVX2 module is the one
+//! `unsafe` part: intrinsics and raw pointer reads whose bounds are checked once per call.
+
+use crate::kernels;
+use crate::quant::{QK, QKind, QMatrix};
+
+/// Dequantizes rows `r0..r0 + count` of `q` into `out` (`count * q.cols()` values), bitwise
+/// as [`QMatrix::dequantize_rows`].
+///
+/// # Panics
+/// If the rows are out of range or `out` has the wrong length.
+pub fn dequantize_rows(q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        avx2::dequantize_rows(q, r0, count, out);
+        return;
+    }
+    q.dequantize_rows(r0, count, out);
+}
+
+/// `out[j] = dot(x, row r0 + j of q)` for `j < out.len()`: bitwise what dequantizing the rows
+/// and calling [`kernels::dot`] on each gives.
+///
+/// # Panics
+/// If `x.len() != q.cols()` or the rows are out of range.
+pub fn gemv(q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        avx2::gemv(q, r0, x, out);
+        return;
+    }
+    gemv_portable(q, r0, x, out);
+}
+
+/// The reference for [`gemv`]: one row at a time through an f32 buffer.
+fn gemv_portable(q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), q.cols(), "gemv input is not the weight's width");
+    let mut row = vec![0.0f32; q.cols()];
+    for (j, o) in out.iter_mut().enumerate() {
+        q.dequantize_rows(r0 + j, 1, &mut row);
+        *o = kernels::dot(x, &row);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use super::{QK, QKind, QMatrix};
+    use crate::kernels::simd::reduce;
+    use std::arch::x86_64::*;
+
+    /// Weight rows per [`gemv`] micro-kernel call: 2 rows x 2 registers = 4 accumulators.
+    const GEMV_ROWS: usize = 4;
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+    }
+
+    /// Raw views of a matrix's blocks.
+    struct Blocks {
+        kind: QKind,
+        nb: usize,
+        nbp: usize,
+        qs: *const u8,
+        d: *const f32,
+        m: *const f32,
+    }
+
+    impl Blocks {
+        fn new(q: &QMatrix) -> Blocks {
+            let (qs, d, m, nbp) = q.raw_parts();
+            Blocks {
+                kind: q.kind(),
+                nb: q.cols() / QK,
+                nbp,
+                qs: qs.as_ptr(),
+                d: d.as_ptr(),
+                m: m.as_ptr(),
+            }
+        }
+    }
+
+    pub(super) fn dequantize_rows(q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
+        assert!(available(), "avx2::dequantize_rows called without AVX2");
+        let rows_end = r0.checked_add(count).expect("row range overflows");
+        assert!(rows_end <= q.rows(), "dequantize_rows out of range");
+        assert_eq!(out.len(), count * q.cols(), "dequantize_rows output length");
+        // SAFETY: AVX2 is available (asserted above); rows r0..r0 + count exist and `out`
+        // holds exactly their values (asserted above), so every block and output offset the
+        // kernel forms is in bounds.
+        unsafe { dequantize_rows_avx2(&Blocks::new(q), r0, count, out.as_mut_ptr()) }
+    }
+
+    pub(super) fn gemv(q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
+        assert!(available(), "avx2::gemv called without AVX2");
+        assert_eq!(x.len(), q.cols(), "gemv input is not the weight's width");
+        let rows_end = r0.checked_add(out.len()).expect("row range overflows");
+        assert!(rows_end <= q.rows(), "gemv rows out of range");
+        // SAFETY: AVX2 is available and rows r0..r0 + out.len() exist (asserted above); `x`
+        // holds nb * QK values.
+        unsafe { gemv_avx2(&Blocks::new(q), r0, x.as_ptr(), out) }
+    }
+
+    /// The 32 values of block `blk` as four registers of 8, in element order.
+    ///
+    /// # Safety
+    /// AVX2 is available and `blk` is a block of the matrix.
+    #[inline(always)]
+    unsafe fn block(b: &Blocks, row: usize, blk_in_row: usize) -> [__m256; 4] {
+        // SAFETY: the caller's contract; blk < rows * nb and the minimum's index is within
+        // the padded row.
+        unsafe {
+            let blk = row * b.nb + blk_in_row;
+            let d = _mm256_set1_ps(*b.d.add(blk));
+            match b.kind {
+                QKind::Q4_1 => {
+                    let m = _mm256_set1_ps(*b.m.add(row * b.nbp + blk_in_row));
+                    let v = _mm_loadu_si128(b.qs.add(blk * QK / 2).cast());
+                    let mask = _mm_set1_epi8(0x0F);
+                    let lo = _mm_and_si128(v, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                    let f = |bytes: __m128i| {
+                        let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                        _mm256_add_ps(_mm256_mul_ps(d, q), m)
+                    };
+                    [
+                        f(lo),
+                        f(_mm_srli_si128(lo, 8)),
+                        f(hi),
+                        f(_mm_srli_si128(hi, 8)),
+                    ]
+                }
+                QKind::Q8_0 => {
+                    let p = b.qs.add(blk * QK);
+                    let a = _mm_loadu_si128(p.cast());
+                    let c = _mm_loadu_si128(p.add(16).cast());
+                    let f = |bytes: __m128i| {
+                        _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)))
+                    };
+                    [f(a), f(_mm_srli_si128(a, 8)), f(c), f(_mm_srli_si128(c, 8))]
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn dequantize_rows_avx2(b: &Blocks, r0: usize, count: usize, out: *mut f32) {
+        // SAFETY: the callers' bounds checks: rows r0..r0 + count exist and `out` has
+        // count * nb * QK values.
+        unsafe {
+            let mut o = out;
+            for row in r0..r0 + count {
+                for blk in 0..b.nb {
+                    for v in block(b, row, blk) {
+                        _mm256_storeu_ps(o, v);
+                        o = o.add(8);
+                    }
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
+        let mut j = 0;
+        // SAFETY: the callers' bounds checks; each kernel call covers rows below out.len().
+        unsafe {
+            while j + GEMV_ROWS <= out.len() {
+                let r = gemv_kernel::<GEMV_ROWS>(b, r0 + j, x);
+                out[j..j + GEMV_ROWS].copy_from_slice(&r);
+                j += GEMV_ROWS;
+            }
+            while j < out.len() {
+                out[j] = gemv_kernel::<1>(b, r0 + j, x)[0];
+                j += 1;
+            }
+        }
+    }
+
+    /// `R` dot products of `x` with rows `j0..j0 + R`, each in the 16-lane order of
+    /// `kernels::dot`: lanes 0..8 and 8..16 are two registers, a block's first 16 values are
+    /// one chunk and its last 16 the next.
+    ///
+    /// # Safety
+    /// AVX2 is available, rows `j0..j0 + R` exist and `x` has `nb * QK` values.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // literal indices keep the accumulators in registers
+    unsafe fn gemv_kernel<const R: usize>(b: &Blocks, j0: usize, x: *const f32) -> [f32; R] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for blk in 0..b.nb {
+                let xp = x.add(blk * QK);
+                for r in 0..R {
+                    let w = block(b, j0 + r, blk);
+                    let xs = [
+                        _mm256_loadu_ps(xp),
+                        _mm256_loadu_ps(xp.add(8)),
+                        _mm256_loadu_ps(xp.add(16)),
+                        _mm256_loadu_ps(xp.add(24)),
+                    ];
+                    acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_mul_ps(xs[0], w[0]));
+                    acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_mul_ps(xs[1], w[1]));
+                    acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_mul_ps(xs[2], w[2]));
+                    acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_mul_ps(xs[3], w[3]));
+                }
+            }
+            let mut out = [0.0f32; R];
+            for r in 0..R {
+                out[r] = reduce(acc[r]);
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::tests::{bits, matrix};
+    use crate::testing::values;
+
+    #[test]
+    fn dequantize_rows_matches_the_reference_bitwise() {
+        for kind in [QKind::Q4_1, QKind::Q8_0] {
+            let (rows, cols) = (7, 96);
+            let q = matrix(kind, rows, cols, 3);
+            let mut want = vec![0.0f32; 5 * cols];
+            q.dequantize_rows(1, 5, &mut want);
+            let mut got = vec![f32::NAN; 5 * cols];
+            dequantize_rows(&q, 1, 5, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{kind:?}");
+            // Spot check the reference itself against row_into.
+            let mut row = vec![0.0f32; cols];
+            q.row_into(3, &mut row);
+            assert_eq!(bits(&row), bits(&want[2 * cols..3 * cols]), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn gemv_matches_dequantize_then_dot_bitwise() {
+        for kind in [QKind::Q4_1, QKind::Q8_0] {
+            // 11 rows: two 4-row kernels and three single rows; 7 blocks per row.
+            let (rows, cols) = (11, 7 * QK);
+            let q = matrix(kind, rows, cols, 5);
+            let x = values(cols, 9);
+            let mut got = vec![f32::NAN; rows - 1];
+            gemv(&q, 1, &x, &mut got);
+            let mut reference = vec![f32::NAN; rows - 1];
+            gemv_portable(&q, 1, &x, &mut reference);
+            assert_eq!(bits(&got), bits(&reference), "{kind:?}");
+            let mut row = vec![0.0f32; cols];
+            for (j, &g) in got.iter().enumerate() {
+                q.row_into(1 + j, &mut row);
+                assert_eq!(
+                    g.to_bits(),
+                    kernels::dot(&x, &row).to_bits(),
+                    "{kind:?} row {j}"
+                );
+            }
+        }
+    }
+}
