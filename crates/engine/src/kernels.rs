@@ -294,64 +294,113 @@ pub(crate) mod simd {
 
     use super::LANES;
 
-    /// Rows per [`dots`] micro-kernel: 4 rows x 2 registers = 8 accumulators.
-    const ROWS: usize = 4;
-
     pub(crate) fn available() -> bool {
         is_x86_feature_detected!("avx2")
     }
 
     /// See [`super::dots`]; `x.len()` must be a multiple of [`LANES`].
     pub(super) fn dots(x: &[f32], rows: &[f32], out: &mut [f32]) {
-        let k = x.len();
-        assert!(available(), "simd::dots called without AVX2");
+        gram(x, 1, rows, out.len(), x.len(), out);
+    }
+
+    /// `out[i * nb + j] = dot(a[i], b[j])` for `na` rows of `a` and `nb` rows of `b`, all `k`
+    /// long (a multiple of [`LANES`]): attention scores of several queries.
+    pub(crate) fn gram(a: &[f32], na: usize, b: &[f32], nb: usize, k: usize, out: &mut [f32]) {
+        assert!(available(), "simd::gram called without AVX2");
         assert!(
             k.is_multiple_of(LANES),
-            "simd::dots needs whole 16-lane chunks"
+            "simd::gram needs whole 16-lane chunks"
         );
-        assert_eq!(rows.len(), out.len() * k, "simd::dots row count");
-        // SAFETY: AVX2 is available and the lengths are checked above: row j + r < out.len()
-        // spans rows[(j + r) * k..][..k] and every chunk offset is below k.
-        unsafe { dots_avx2(x.as_ptr(), rows.as_ptr(), k, out) }
+        assert!(a.len() >= na * k && b.len() >= nb * k, "simd::gram rows");
+        assert!(out.len() >= na * nb, "simd::gram output");
+        // SAFETY: AVX2 is available and the lengths are checked above: every micro-kernel call
+        // reads rows i < na of a and j < nb of b, k values each, and writes out[i * nb + j].
+        unsafe { gram_avx2(a.as_ptr(), na, b.as_ptr(), nb, k, out) }
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn dots_avx2(x: *const f32, rows: *const f32, k: usize, out: &mut [f32]) {
-        let mut j = 0;
-        // SAFETY: the caller's bounds (see `dots`).
+    unsafe fn gram_avx2(
+        a: *const f32,
+        na: usize,
+        b: *const f32,
+        nb: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        macro_rules! tile {
+            ($r:literal, $c:literal, $i:expr, $j:expr) => {{
+                let (i, j) = ($i, $j);
+                let t = kernel::<$r, $c>(a.add(i * k), b.add(j * k), k);
+                for (di, row) in t.iter().enumerate() {
+                    out[(i + di) * nb + j..][..$c].copy_from_slice(row);
+                }
+            }};
+        }
+        // SAFETY: the caller's bounds (see `gram`).
         unsafe {
-            while j + ROWS <= out.len() {
-                let r = kernel::<ROWS>(x, rows.add(j * k), k);
-                out[j..j + ROWS].copy_from_slice(&r);
-                j += ROWS;
+            let mut i = 0;
+            if na == 1 {
+                let mut j = 0;
+                while j + 4 <= nb {
+                    tile!(1, 4, 0, j);
+                    j += 4;
+                }
+                for j in j..nb {
+                    tile!(1, 1, 0, j);
+                }
+                return;
             }
-            while j < out.len() {
-                out[j] = kernel::<1>(x, rows.add(j * k), k)[0];
-                j += 1;
+            while i + 2 <= na {
+                let mut j = 0;
+                while j + 2 <= nb {
+                    tile!(2, 2, i, j);
+                    j += 2;
+                }
+                for j in j..nb {
+                    tile!(2, 1, i, j);
+                }
+                i += 2;
+            }
+            if i < na {
+                for j in 0..nb {
+                    tile!(1, 1, i, j);
+                }
             }
         }
     }
 
+    /// `R x C` dot products of rows of `a` with rows of `b`, each in the 16-lane order of
+    /// [`super::dot`]: lanes 0..8 and 8..16 are two registers.
+    ///
     /// # Safety
-    /// AVX2 is available; `x` has `k` values and `w` has `R` rows of `k`, `k % 16 == 0`.
+    /// AVX2 is available; `a` has `R` rows and `b` has `C` rows of `k` values, `k % 16 == 0`.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // literal indices keep the accumulators in registers
-    unsafe fn kernel<const R: usize>(x: *const f32, w: *const f32, k: usize) -> [f32; R] {
+    unsafe fn kernel<const R: usize, const C: usize>(
+        a: *const f32,
+        b: *const f32,
+        k: usize,
+    ) -> [[f32; C]; R] {
         // SAFETY: the caller's contract.
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
             for c in (0..k).step_by(LANES) {
-                for r in 0..R {
-                    let wr = w.add(r * k + c);
-                    let (x0, x1) = (_mm256_loadu_ps(x.add(c)), _mm256_loadu_ps(x.add(c + 8)));
-                    acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_mul_ps(x0, _mm256_loadu_ps(wr)));
-                    acc[r][1] =
-                        _mm256_add_ps(acc[r][1], _mm256_mul_ps(x1, _mm256_loadu_ps(wr.add(8))));
+                for i in 0..R {
+                    let ar = a.add(i * k + c);
+                    let (x0, x1) = (_mm256_loadu_ps(ar), _mm256_loadu_ps(ar.add(8)));
+                    for j in 0..C {
+                        let br = b.add(j * k + c);
+                        let (w0, w1) = (_mm256_loadu_ps(br), _mm256_loadu_ps(br.add(8)));
+                        acc[i][j][0] = _mm256_add_ps(acc[i][j][0], _mm256_mul_ps(x0, w0));
+                        acc[i][j][1] = _mm256_add_ps(acc[i][j][1], _mm256_mul_ps(x1, w1));
+                    }
                 }
             }
-            let mut out = [0.0f32; R];
-            for r in 0..R {
-                out[r] = reduce(acc[r]);
+            let mut out = [[0.0f32; C]; R];
+            for i in 0..R {
+                for j in 0..C {
+                    out[i][j] = reduce(acc[i][j]);
+                }
             }
             out
         }
@@ -704,15 +753,16 @@ fn attend_portable(
     let krow = |j: usize| &k[j * d..(j + 1) * d];
     scores.clear();
     scores.resize(nq * len, 0.0);
-    let single = qs.lens.iter().all(|&l| l == len) && nq <= 4;
-    if single {
-        // Decode: each query against every row.
-        for i in 0..nq {
-            dots(qrow(i), &k[..len * d], &mut scores[i * len..(i + 1) * len]);
-        }
+    #[cfg(target_arch = "x86_64")]
+    let done = d.is_multiple_of(LANES) && simd::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
+    #[cfg(target_arch = "x86_64")]
+    if done {
+        simd::gram(qs.q, nq, k, len, d, scores);
     }
     // Scores, two queries by three K rows at a time.
-    let mut j = if single { len } else { 0 };
+    let mut j = if done { len } else { 0 };
     while j + NR <= len {
         let ks = [krow(j), krow(j + 1), krow(j + 2)];
         let mut i = 0;
@@ -964,6 +1014,32 @@ mod tests {
             for (j, o) in out.iter().enumerate() {
                 let want = dot_portable(&x, &rows[j * k..(j + 1) * k]);
                 assert_eq!(o.to_bits(), want.to_bits(), "k {k} row {j}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn gram_is_dot_bitwise() {
+        if !simd::available() {
+            eprintln!("skipping: no AVX2");
+            return;
+        }
+        // Odd counts on both sides exercise every edge micro-kernel.
+        for (na, nb, k) in [(1, 7, 64), (5, 7, 64), (4, 9, 32), (3, 2, 576)] {
+            let a = values(na * k, 31);
+            let b = values(nb * k, 32);
+            let mut out = vec![f32::NAN; na * nb];
+            simd::gram(&a, na, &b, nb, k, &mut out);
+            for i in 0..na {
+                for j in 0..nb {
+                    let want = dot_portable(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+                    assert_eq!(
+                        out[i * nb + j].to_bits(),
+                        want.to_bits(),
+                        "{na}x{nb} ({i}, {j})"
+                    );
+                }
             }
         }
     }
