@@ -18,6 +18,10 @@
 use crate::kernels;
 use crate::quant::{QK, QKind, QMatrix};
 
+/// Weight rows per [`gemv`] micro-kernel call (4 rows x 2 registers = 8 accumulators); callers
+/// splitting rows between threads use multiples of it.
+pub(crate) const GEMV_ROWS: usize = 4;
+
 /// Dequantizes rows `r0..r0 + count` of `q` into `out` (`count * q.cols()` values), bitwise
 /// as [`QMatrix::dequantize_rows`].
 ///
@@ -59,12 +63,9 @@ fn gemv_portable(q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
-    use super::{QK, QKind, QMatrix};
+    use super::{GEMV_ROWS, QK, QKind, QMatrix};
     use crate::kernels::simd::reduce;
     use std::arch::x86_64::*;
-
-    /// Weight rows per [`gemv`] micro-kernel call: 2 rows x 2 registers = 4 accumulators.
-    const GEMV_ROWS: usize = 4;
 
     pub(super) fn available() -> bool {
         is_x86_feature_detected!("avx2")

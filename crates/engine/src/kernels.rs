@@ -262,32 +262,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dispatch!(dot_avx2, dot_portable, fn(a: &[f32], b: &[f32]) -> f32);
 }
 
-/// `out[j] = dot(x, rows[j])` for the `out.len()` rows of `rows` (each `x.len()` long): one
-/// vector against many, the shape of decode (one query's attention scores). Each output is
-/// [`dot`] bit for bit.
-///
-/// # Panics
-/// If `rows.len() != out.len() * x.len()`.
-pub fn dots(x: &[f32], rows: &[f32], out: &mut [f32]) {
-    let k = x.len();
-    assert_eq!(
-        rows.len(),
-        out.len() * k,
-        "dots: rows are not out.len() rows of x.len()"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if k.is_multiple_of(LANES) && simd::available() {
-        simd::dots(x, rows, out);
-        return;
-    }
-    for (o, r) in out.iter_mut().zip(rows.chunks_exact(k.max(1))) {
-        *o = dot(x, r);
-    }
-}
-
 /// Hand-written AVX2 forms of the 16-lane dot products, for where the compiler's output of the
-/// portable source is slow (one vector against many rows; the tree reduction inlined). Same
-/// operations per lane as [`madd`] and [`reduce`], so the same bits.
+/// portable source is slow (attention scores, where the out-of-line tree reduction is half the
+/// work of a 64-wide head). Same operations per lane as [`madd`] and [`reduce`], so the same
+/// bits.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod simd {
     use std::arch::x86_64::*;
@@ -296,11 +274,6 @@ pub(crate) mod simd {
 
     pub(crate) fn available() -> bool {
         is_x86_feature_detected!("avx2")
-    }
-
-    /// See [`super::dots`]; `x.len()` must be a multiple of [`LANES`].
-    pub(super) fn dots(x: &[f32], rows: &[f32], out: &mut [f32]) {
-        gram(x, 1, rows, out.len(), x.len(), out);
     }
 
     /// `out[i * nb + j] = dot(a[i], b[j])` for `na` rows of `a` and `nb` rows of `b`, all `k`
@@ -583,7 +556,9 @@ fn matmul_dequant(x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
     if m == 1 {
         // Decode: blocks are widened in registers, never written out.
         let mut y = vec![0.0f32; n];
-        let rows_per_task = n.div_ceil(tasks).next_multiple_of(4);
+        let rows_per_task = n
+            .div_ceil(tasks)
+            .next_multiple_of(crate::dequant::GEMV_ROWS);
         y.par_chunks_mut(rows_per_task)
             .enumerate()
             .for_each(|(c, out)| crate::dequant::gemv(q, c * rows_per_task, x, out));
@@ -753,15 +728,8 @@ fn attend_portable(
     let krow = |j: usize| &k[j * d..(j + 1) * d];
     scores.clear();
     scores.resize(nq * len, 0.0);
-    #[cfg(target_arch = "x86_64")]
-    let done = d.is_multiple_of(LANES) && simd::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = false;
-    #[cfg(target_arch = "x86_64")]
-    if done {
-        simd::gram(qs.q, nq, k, len, d, scores);
-    }
-    // Scores, two queries by three K rows at a time.
+    // Scores: the AVX2 kernel when it applies, else two queries by three K rows at a time.
+    let done = gram_simd(qs.q, nq, k, len, d, scores);
     let mut j = if done { len } else { 0 };
     while j + NR <= len {
         let ks = [krow(j), krow(j + 1), krow(j + 2)];
@@ -832,6 +800,18 @@ fn attend_portable(
             *o *= inv;
         }
     }
+}
+
+/// Every `dot(a[i], b[j])` into `out[i * nb + j]` with [`simd::gram`] when the CPU has AVX2 and
+/// the rows are whole 16-lane chunks; `false` (nothing written) otherwise.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn gram_simd(a: &[f32], na: usize, b: &[f32], nb: usize, k: usize, out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if k.is_multiple_of(LANES) && simd::available() {
+        simd::gram(a, na, b, nb, k, out);
+        return true;
+    }
+    false
 }
 
 /// `o += p[j] * v[j]` for each row `j` in order, with `o` held in registers.
@@ -1001,21 +981,6 @@ mod tests {
             dot_portable(&x[..k], &w[..k]).to_bits(),
             dot(&x[..k], &w[..k]).to_bits()
         );
-    }
-
-    #[test]
-    fn dots_are_dot_bitwise() {
-        // 9 rows: two 4-row micro-kernels and one single row; widths with and without a tail.
-        for k in [16, 64, 576, 20] {
-            let x = values(k, 21);
-            let rows = values(9 * k, 22);
-            let mut out = vec![f32::NAN; 9];
-            dots(&x, &rows, &mut out);
-            for (j, o) in out.iter().enumerate() {
-                let want = dot_portable(&x, &rows[j * k..(j + 1) * k]);
-                assert_eq!(o.to_bits(), want.to_bits(), "k {k} row {j}");
-            }
-        }
     }
 
     #[cfg(target_arch = "x86_64")]
