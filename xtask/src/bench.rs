@@ -137,33 +137,27 @@ pub fn bench(args: &[String]) -> Result<()> {
 
     let resume = if opts.resume {
         eprintln!("==> resume vs re-prefill");
-        let out = cargo()
-            .args([
-                "run",
-                "--release",
-                "--quiet",
-                "-p",
-                "agentkv-benches",
-                "--bin",
-                "resume",
-                "--",
-                "--histories",
-                &opts.resume_histories,
-                "--repeats",
-                &opts.resume_repeats,
-                "--model",
-            ])
-            .arg(&model)
-            .arg("--workdir")
-            .arg(dir.join("resume-work"))
-            .env("RAYON_NUM_THREADS", threads.to_string())
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .context("running the resume benchmark")?;
-        if !out.status.success() {
-            bail!("the resume benchmark failed ({})", out.status);
-        }
-        Some(rows(&String::from_utf8_lossy(&out.stdout), "RESUME ")?)
+        let mut cmd = cargo();
+        cmd.args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "agentkv-benches",
+            "--bin",
+            "resume",
+            "--",
+            "--histories",
+            &opts.resume_histories,
+            "--repeats",
+            &opts.resume_repeats,
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--workdir")
+        .arg(dir.join("resume-work"))
+        .env("RAYON_NUM_THREADS", threads.to_string());
+        Some(run_for_rows(&mut cmd, "the resume benchmark", "RESUME ")?)
     } else {
         None
     };
@@ -212,50 +206,39 @@ fn engine_speed(
     dir: &Path,
 ) -> Result<String> {
     eprintln!("==> engine speed");
-    let out = cargo()
-        .args([
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            "engine",
-            "--example",
-            "bench_speed",
-            "--",
-            "--histories",
-            &opts.histories,
-            "--decode",
-            &opts.decode,
-            "--model",
-        ])
-        .arg(model)
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running the bench_speed example")?;
-    if !out.status.success() {
-        bail!("bench_speed failed ({})", out.status);
-    }
-    let ours = rows(&String::from_utf8_lossy(&out.stdout), "ENGINE ")?;
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "engine",
+        "--example",
+        "bench_speed",
+        "--",
+        "--histories",
+        &opts.histories,
+        "--decode",
+        &opts.decode,
+        "--model",
+    ])
+    .arg(model)
+    .env("RAYON_NUM_THREADS", threads.to_string());
+    let ours = run_for_rows(&mut cmd, "the bench_speed example", "ENGINE ")?;
 
     let peer = if opts.peer {
         let python = peer_python()?;
         eprintln!("==> llama.cpp peer");
         let script = project_root().join("benches/peer/llama_cpp_peer.py");
-        let out = Command::new(&python)
-            .arg(&script)
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
             .arg(model)
             .args(["--threads", &threads.to_string()])
             .args(["--histories", &opts.histories, "--decode", &opts.decode])
             .arg("--workdir")
-            .arg(dir)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {}", script.display()))?;
-        if !out.status.success() {
-            bail!("the llama.cpp peer failed ({})", out.status);
-        }
-        Some(rows(&String::from_utf8_lossy(&out.stdout), "PEER ")?)
+            .arg(dir);
+        let what = format!("the llama.cpp peer ({})", script.display());
+        Some(run_for_rows(&mut cmd, &what, "PEER ")?)
     } else {
         None
     };
@@ -357,6 +340,19 @@ fn peer_python() -> Result<PathBuf> {
         );
     }
     Ok(python)
+}
+
+/// Runs a bench program with its stderr shown, and parses the `{prefix}{json}` lines of its
+/// stdout; a failure to start or a non-zero exit is an error naming `what`.
+fn run_for_rows(cmd: &mut Command, what: &str, prefix: &str) -> Result<Vec<Row>> {
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({})", out.status);
+    }
+    rows(&String::from_utf8_lossy(&out.stdout), prefix)
 }
 
 /// Parses the `{prefix}{flat json object of numbers}` lines of a bench's stdout.
