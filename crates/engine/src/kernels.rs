@@ -14,13 +14,15 @@
 //! * Rust never contracts `a * b + c` into an FMA on its own, so compiling the same source
 //!   for AVX2 (chosen at run time) or for plain SSE2 only changes how many lanes one
 //!   instruction handles: both paths give the same bits (a test checks it). Across machines
-//!   the only remaining source of difference is `exp` (softmax, SiLU), which comes from the
-//!   platform's libm.
+//!   `exp` (softmax, SiLU) is a fixed polynomial in plain multiplies and adds, not the
+//!   platform's libm, so results are the same on every machine.
 //! * Attention for a (token, head) pair reads the cache rows `0..=pos` in order with a
 //!   sequential softmax, whatever the batch.
 //!
-//! The one place `unsafe` is needed is calling the AVX2-compiled copies after checking at run
-//! time that the CPU has AVX2; it is confined to the small `dispatch!` wrappers below.
+//! `unsafe` is needed in two places: calling the AVX2-compiled copies after checking at run
+//! time that the CPU has AVX2 (the small `dispatch!` wrappers below), and the hand-written
+//! AVX2 kernels of `simd` (intrinsics, and one assembly micro-kernel), where the compiler's
+//! output of the portable source is slow. Each is tested bit for bit against the portable one.
 #![allow(unsafe_code)]
 
 use kv_extract::KvCache;
@@ -342,6 +344,181 @@ pub(crate) mod simd {
         }
     }
 
+    /// One weight panel against rows of `x`, as [`super::panel_portable`] computes it:
+    /// `out[j * m + i] = dot(x[i], w[j])` for the `out.len() / m` rows of `w`, all `k` long (a
+    /// multiple of [`LANES`]).
+    ///
+    /// Written out because the compiler's 2x3 tile of the portable source spills accumulators
+    /// to the stack; [`kernel_2x3`] keeps them in registers.
+    pub(crate) fn panel(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
+        assert!(available(), "simd::panel called without AVX2");
+        assert!(
+            k.is_multiple_of(LANES),
+            "simd::panel needs whole 16-lane chunks"
+        );
+        assert!(m > 0 && out.len().is_multiple_of(m), "simd::panel output");
+        let rows = out.len() / m;
+        assert!(x.len() >= m * k && w.len() >= rows * k, "simd::panel rows");
+        // SAFETY: AVX2 is available and the lengths are checked above: every micro-kernel call
+        // reads rows i < m of x and j < rows of w, k values each, and writes out[j * m + i].
+        unsafe { panel_avx2(x.as_ptr(), m, k, w.as_ptr(), rows, out) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn panel_avx2(
+        x: *const f32,
+        m: usize,
+        k: usize,
+        w: *const f32,
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        macro_rules! tile {
+            ($r:literal, $c:literal, $i:expr, $j:expr) => {{
+                let (i, j) = ($i, $j);
+                let t = kernel::<$r, $c>(x.add(i * k), w.add(j * k), k);
+                for (di, row) in t.iter().enumerate() {
+                    for (dj, v) in row.iter().enumerate() {
+                        out[(j + dj) * m + i + di] = *v;
+                    }
+                }
+            }};
+        }
+        // SAFETY: the caller's bounds (see `panel`).
+        unsafe {
+            if m == 1 {
+                let mut j = 0;
+                while j + 4 <= rows {
+                    tile!(1, 4, 0, j);
+                    j += 4;
+                }
+                for j in j..rows {
+                    tile!(1, 1, 0, j);
+                }
+                return;
+            }
+            for i0 in (0..m).step_by(super::MB) {
+                let i1 = (i0 + super::MB).min(m);
+                let mut j = 0;
+                while j + 3 <= rows {
+                    let mut i = i0;
+                    while i + 2 <= i1 {
+                        let t = kernel_2x3(x.add(i * k), x.add((i + 1) * k), w.add(j * k), k);
+                        for (di, row) in t.iter().enumerate() {
+                            for (dj, v) in row.iter().enumerate() {
+                                out[(j + dj) * m + i + di] = *v;
+                            }
+                        }
+                        i += 2;
+                    }
+                    if i < i1 {
+                        tile!(1, 3, i, j);
+                    }
+                    j += 3;
+                }
+                for j in j..rows {
+                    for i in i0..i1 {
+                        tile!(1, 1, i, j);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`kernel`]`::<2, 3>` for rows `x0`, `x1` against the three rows of `w` (`k` apart), in
+    /// assembly: the compiler's register allocation of the intrinsics spills accumulators.
+    /// Twelve accumulators (`ymm0..=11`), one `x` row's chunk (`ymm12..=13`) and two products
+    /// (`ymm14..=15`); weight chunks are memory operands. Per lane it is the same multiply
+    /// then add as [`super::madd`], so the same bits.
+    ///
+    /// # Safety
+    /// AVX2 is available; `x0` and `x1` point to `k` values, `w` to `3 * k`, `k % 16 == 0`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn kernel_2x3(x0: *const f32, x1: *const f32, w: *const f32, k: usize) -> [[f32; 3]; 2] {
+        // SAFETY: the caller's contract. The loop body runs k / 16 times (k > 0 is checked
+        // first, as the loop tests its bound at the end); every load is within the rows.
+        unsafe {
+            if k == 0 {
+                return [[0.0; 3]; 2];
+            }
+            let (w0, w1, w2) = (w, w.add(k), w.add(2 * k));
+            let mut a = [_mm256_setzero_ps(); 12];
+            std::arch::asm!(
+                "vxorps ymm0, ymm0, ymm0",
+                "vxorps ymm1, ymm1, ymm1",
+                "vxorps ymm2, ymm2, ymm2",
+                "vxorps ymm3, ymm3, ymm3",
+                "vxorps ymm4, ymm4, ymm4",
+                "vxorps ymm5, ymm5, ymm5",
+                "vxorps ymm6, ymm6, ymm6",
+                "vxorps ymm7, ymm7, ymm7",
+                "vxorps ymm8, ymm8, ymm8",
+                "vxorps ymm9, ymm9, ymm9",
+                "vxorps ymm10, ymm10, ymm10",
+                "vxorps ymm11, ymm11, ymm11",
+                "2:",
+                "vmovups ymm12, [{x0} + {off}]",
+                "vmovups ymm13, [{x0} + {off} + 32]",
+                "vmulps ymm14, ymm12, [{w0} + {off}]",
+                "vmulps ymm15, ymm13, [{w0} + {off} + 32]",
+                "vaddps ymm0, ymm0, ymm14",
+                "vaddps ymm1, ymm1, ymm15",
+                "vmulps ymm14, ymm12, [{w1} + {off}]",
+                "vmulps ymm15, ymm13, [{w1} + {off} + 32]",
+                "vaddps ymm2, ymm2, ymm14",
+                "vaddps ymm3, ymm3, ymm15",
+                "vmulps ymm14, ymm12, [{w2} + {off}]",
+                "vmulps ymm15, ymm13, [{w2} + {off} + 32]",
+                "vaddps ymm4, ymm4, ymm14",
+                "vaddps ymm5, ymm5, ymm15",
+                "vmovups ymm12, [{x1} + {off}]",
+                "vmovups ymm13, [{x1} + {off} + 32]",
+                "vmulps ymm14, ymm12, [{w0} + {off}]",
+                "vmulps ymm15, ymm13, [{w0} + {off} + 32]",
+                "vaddps ymm6, ymm6, ymm14",
+                "vaddps ymm7, ymm7, ymm15",
+                "vmulps ymm14, ymm12, [{w1} + {off}]",
+                "vmulps ymm15, ymm13, [{w1} + {off} + 32]",
+                "vaddps ymm8, ymm8, ymm14",
+                "vaddps ymm9, ymm9, ymm15",
+                "vmulps ymm14, ymm12, [{w2} + {off}]",
+                "vmulps ymm15, ymm13, [{w2} + {off} + 32]",
+                "vaddps ymm10, ymm10, ymm14",
+                "vaddps ymm11, ymm11, ymm15",
+                "add {off}, 64",
+                "cmp {off}, {end}",
+                "jb 2b",
+                x0 = in(reg) x0,
+                x1 = in(reg) x1,
+                w0 = in(reg) w0,
+                w1 = in(reg) w1,
+                w2 = in(reg) w2,
+                off = inout(reg) 0usize => _,
+                end = in(reg) k * size_of::<f32>(),
+                out("ymm0") a[0],
+                out("ymm1") a[1],
+                out("ymm2") a[2],
+                out("ymm3") a[3],
+                out("ymm4") a[4],
+                out("ymm5") a[5],
+                out("ymm6") a[6],
+                out("ymm7") a[7],
+                out("ymm8") a[8],
+                out("ymm9") a[9],
+                out("ymm10") a[10],
+                out("ymm11") a[11],
+                out("ymm12") _,
+                out("ymm13") _,
+                out("ymm14") _,
+                out("ymm15") _,
+                options(nostack, readonly, pure),
+            );
+            let r = |n: usize| reduce([a[n], a[n + 1]]);
+            [[r(0), r(2), r(4)], [r(6), r(8), r(10)]]
+        }
+    }
+
     /// `R x C` dot products of rows of `a` with rows of `b`, each in the 16-lane order of
     /// [`super::dot`]: lanes 0..8 and 8..16 are two registers.
     ///
@@ -458,6 +635,11 @@ fn panel_portable(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
 }
 
 fn panel(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if k.is_multiple_of(LANES) && simd::available() {
+        simd::panel(x, m, k, w, out);
+        return;
+    }
     dispatch!(
         panel_avx2,
         panel_portable,
@@ -514,27 +696,13 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
 /// widths, small enough for the f32 copy to stay in L1/L2.
 const DEQUANT_ROWS: usize = 12;
 
-#[inline(always)]
-fn dequant_panel_portable(
-    q: &QMatrix,
-    r0: usize,
-    x: &[f32],
-    m: usize,
-    buf: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+/// Dequantizes weight rows `r0..r0 + out.len() / m` into `buf` and multiplies them with every
+/// row of `x` (see [`panel`]).
+fn dequant_panel(q: &QMatrix, r0: usize, x: &[f32], m: usize, buf: &mut Vec<f32>, out: &mut [f32]) {
     let (k, rows) = (q.cols(), out.len() / m);
     buf.resize(rows * k, 0.0);
     crate::dequant::dequantize_rows(q, r0, rows, buf);
-    panel_portable(x, m, k, buf, out);
-}
-
-fn dequant_panel(q: &QMatrix, r0: usize, x: &[f32], m: usize, buf: &mut Vec<f32>, out: &mut [f32]) {
-    dispatch!(
-        dequant_panel_avx2,
-        dequant_panel_portable,
-        fn(q: &QMatrix, r0: usize, x: &[f32], m: usize, buf: &mut Vec<f32>, out: &mut [f32])
-    );
+    panel(x, m, k, buf, out);
 }
 
 /// [`matmul`] for quantized weights: each task dequantizes a few rows at a time (exactly, as
@@ -689,7 +857,8 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;
@@ -698,7 +867,11 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5; // Cephes' 5.0000001201e-1, which rounds to 0.5 in f32
     let y = (p * (r * r) + r) + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `n` as an integer, read from the bits of `t` (in [2^23, 2^24) one unit is one ulp): the
+    // same value as `n as i32`, without the saturating conversion that keeps loops of `exp`
+    // from vectorizing.
+    let n_int = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    y * f32::from_bits(n_int.wrapping_add(127) << 23)
 }
 
 /// Queries of one attention task: query row `q[i]` sees cached positions `0..lens[i]`.
@@ -752,7 +925,14 @@ fn attend_portable(
             scores[i * len + j] = dot_1x1([qrow(i)], [krow(j)], d)[0][0];
         }
     }
-    // Softmax numerators per query, in position order.
+    // Softmax numerators per query, then their sums, each in position order.
+    for (i, &n) in qs.lens.iter().enumerate() {
+        let s = &mut scores[i * len..i * len + n];
+        let max = scale_and_max(s, scale);
+        for x in s.iter_mut() {
+            *x = exp(*x - max);
+        }
+    }
     let mut sums = [0.0f32; 64];
     let mut sums_vec;
     let sums: &mut [f32] = if nq <= 64 {
@@ -761,17 +941,7 @@ fn attend_portable(
         sums_vec = vec![0.0f32; nq];
         &mut sums_vec
     };
-    for (i, sum) in sums.iter_mut().enumerate() {
-        let s = &mut scores[i * len..i * len + qs.lens[i]];
-        for x in s.iter_mut() {
-            *x *= scale;
-        }
-        let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        for x in s.iter_mut() {
-            *x = exp(*x - max);
-        }
-        *sum = s.iter().fold(0.0f32, |acc, &x| acc + x);
-    }
+    row_sums(scores, len, qs.lens, sums);
     // Weighted V sums: V rows in chunks that stay in L1 while every query sweeps them.
     const CHUNK: usize = 64;
     out.fill(0.0);
@@ -799,6 +969,55 @@ fn attend_portable(
         for o in o.iter_mut() {
             *o *= inv;
         }
+    }
+}
+
+/// Multiplies `s` by `scale` in place and returns the largest result (`-inf` if empty).
+///
+/// The maximum is taken over eight interleaved partial maxima: the same value as a sequential
+/// fold, since `max` is exact (a `±0` tie can pick either zero, which `x - max` then cannot
+/// tell apart).
+#[inline(always)]
+fn scale_and_max(s: &mut [f32], scale: f32) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = s.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            c[l] *= scale;
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    for x in chunks.into_remainder() {
+        *x *= scale;
+        m[0] = m[0].max(*x);
+    }
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `sums[i]` = the sum of `scores[i * len..][..lens[i]]`, added in position order.
+///
+/// Four rows are summed side by side: each sum is still one sequential chain, but four chains
+/// in flight hide the latency of the add that one chain waits on.
+#[inline(always)]
+fn row_sums(scores: &[f32], len: usize, lens: &[usize], sums: &mut [f32]) {
+    let row = |i: usize| &scores[i * len..i * len + lens[i]];
+    let mut i = 0;
+    while i + 4 <= lens.len() {
+        let rows = [row(i), row(i + 1), row(i + 2), row(i + 3)];
+        let common = rows.iter().map(|r| r.len()).min().unwrap_or(0);
+        let mut acc = [0.0f32; 4];
+        for j in 0..common {
+            for (a, r) in acc.iter_mut().zip(&rows) {
+                *a += r[j];
+            }
+        }
+        for ((sum, a), r) in sums[i..i + 4].iter_mut().zip(acc).zip(&rows) {
+            *sum = r[common..].iter().fold(a, |acc, &x| acc + x);
+        }
+        i += 4;
+    }
+    for (sum, i) in sums[i..].iter_mut().zip(i..) {
+        *sum = row(i).iter().fold(0.0f32, |acc, &x| acc + x);
     }
 }
 
@@ -1009,6 +1228,38 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_panel_is_portable_panel_bitwise() {
+        if !simd::available() {
+            eprintln!("skipping: no AVX2");
+            return;
+        }
+        // Row counts around the 2x3 and 1x4 tiles and the MB sweep; widths of one chunk up to
+        // the model's 1536.
+        for (m, rows, k) in [
+            (1, 9, 64),
+            (1, 3, 16),
+            (2, 3, 16),
+            (5, 7, 576),
+            (16, 12, 576),
+            (33, 13, 48),
+            (70, 4, 1536),
+        ] {
+            let x = values(m * k, 41);
+            let w = values(rows * k, 42);
+            let mut want = vec![0.0; rows * m];
+            panel_portable(&x, m, k, &w, &mut want);
+            let mut got = vec![f32::NAN; rows * m];
+            simd::panel(&x, m, k, &w, &mut got);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "m={m} rows={rows} k={k}"
+            );
+        }
+    }
+
     #[test]
     fn matmul_matches_reference_and_is_batch_invariant() {
         let (m, n, k) = (37, 29, 100);
@@ -1108,8 +1359,53 @@ mod tests {
             worst = worst.max(((got - want) / want).abs());
         }
         assert!(worst < 4e-7, "relative error {worst:e}");
+        // The integer part read from the bits is `n as i32`, bit for bit, over the whole
+        // clamped range and past both ends.
+        let as_cast = |x: f32| {
+            let x = x.clamp(-87.0, 88.0);
+            let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            n as i32
+        };
+        for i in 0..400_000 {
+            let x = -100.0 + i as f32 * (200.0 / 400_000.0);
+            let t = x.clamp(-87.0, 88.0) * std::f32::consts::LOG2_E + 12_582_912.0;
+            assert_eq!(
+                t.to_bits().wrapping_sub(12_582_912.0f32.to_bits()) as i32,
+                as_cast(x),
+                "{x}"
+            );
+        }
+        assert!(exp(f32::NAN).is_nan());
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn softmax_helpers_match_sequential_folds_bitwise() {
+        let len = 203;
+        for nq in [1, 3, 4, 9] {
+            let mut scores = values(nq * len, 51);
+            let lens: Vec<usize> = (0..nq).map(|i| len - (i * 7) % 11).collect();
+            for (i, &n) in lens.iter().enumerate() {
+                let row = &mut scores[i * len..i * len + n];
+                let mut seq = row.to_vec();
+                for x in &mut seq {
+                    *x *= 0.125;
+                }
+                let want = seq.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                assert_eq!(scale_and_max(row, 0.125).to_bits(), want.to_bits());
+                assert_eq!(row, &seq[..]);
+            }
+            let mut sums = vec![f32::NAN; nq];
+            row_sums(&scores, len, &lens, &mut sums);
+            for (i, &n) in lens.iter().enumerate() {
+                let want = scores[i * len..i * len + n]
+                    .iter()
+                    .fold(0.0f32, |a, &x| a + x);
+                assert_eq!(sums[i].to_bits(), want.to_bits(), "nq={nq} row {i}");
+            }
+        }
+        assert_eq!(scale_and_max(&mut [], 2.0), f32::NEG_INFINITY);
     }
 
     #[test]
