@@ -408,24 +408,27 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "Resume = load the history's f16 cache through kv-store (page cache) + a 16-token turn; \
-         re-prefill = history + turn from an empty cache.\n"
+        "Resume = load the history's f16 cache through kv-store (page cache) into the buffers \
+         the history was computed in (llama.cpp: its state into its existing context) + a \
+         16-token turn; \"new buffers\" = the same into freshly allocated memory (page faults \
+         included); re-prefill = history + turn from an empty cache.\n"
     );
     match peer {
         None => {
             let _ = writeln!(
                 s,
-                "| history | prefill tok/s | decode tok/s | resume TTFT ms | re-prefill TTFT ms |"
+                "| history | prefill tok/s | decode tok/s | resume TTFT ms | resume TTFT ms, new buffers | re-prefill TTFT ms |"
             );
-            let _ = writeln!(s, "|---|---|---|---|---|");
+            let _ = writeln!(s, "|---|---|---|---|---|---|");
             for r in ours {
                 let _ = writeln!(
                     s,
-                    "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
                     get(r, "history"),
                     get(r, "prefill_tok_s"),
                     get(r, "decode_tok_s"),
                     get(r, "resume_ttft_ms"),
+                    get(r, "resume_fresh_ttft_ms"),
                     get(r, "reprefill_ttft_ms"),
                 );
             }
@@ -454,6 +457,11 @@ fn report(
                         a / b
                     );
                 }
+                let _ = writeln!(
+                    s,
+                    "| {n} | resume TTFT ms, new buffers | {:.1} | | | |",
+                    get(r, "resume_fresh_ttft_ms")
+                );
             }
             let _ = writeln!(
                 s,
@@ -467,6 +475,37 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_report_has_ratios_and_the_new_buffer_figure() {
+        let row = |pairs: &[(&str, f64)]| -> Row {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+        };
+        let ours = [row(&[
+            ("history", 2048.0),
+            ("prefill_tok_s", 150.0),
+            ("decode_tok_s", 30.0),
+            ("resume_ttft_ms", 100.0),
+            ("resume_fresh_ttft_ms", 180.0),
+            ("reprefill_ttft_ms", 15000.0),
+        ])];
+        let peer = vec![row(&[
+            ("history", 2048.0),
+            ("prefill_tok_s", 100.0),
+            ("decode_tok_s", 40.0),
+            ("resume_ttft_ms", 200.0),
+            ("reprefill_ttft_ms", 16000.0),
+        ])];
+        let with_peer = report(&ours, Some(&peer), 2, "0.1", "1.9");
+        assert!(with_peer.contains("| 2048 | prefill tok/s | 150.0 | 100.0 | 1.50x |"));
+        assert!(with_peer.contains("| 2048 | resume TTFT ms | 100.0 | 200.0 | 0.50x |"));
+        assert!(with_peer.contains("| 2048 | resume TTFT ms, new buffers | 180.0 |"));
+        let alone = report(&ours, None, 2, "0.1", "1.9");
+        assert!(
+            alone.contains("| 2048 | 150.0 | 30.0 | 100.0 | 180.0 | 15000.0 |"),
+            "{alone}"
+        );
+    }
 
     #[test]
     fn flat_json_lines_parse() {

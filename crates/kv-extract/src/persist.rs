@@ -123,28 +123,53 @@ impl KvCache {
 
     /// Builds a cache from one loaded from disk, converting each segment's bytes straight into
     /// place: the only copy between the page cache and the engine's buffers.
+    ///
+    /// The new buffers are fresh memory, and touching it costs page faults (about 1 ms per
+    /// MB on the machines we measured, more than the conversion). A long-running process that
+    /// resumes one cache after another can reuse an old cache's buffers with
+    /// [`KvCache::import_into`].
     pub fn import(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> Result<KvCache> {
-        if let Some((field, expected, found)) = expected.first_difference(loaded.meta()) {
-            let name = loaded.manifest().name.clone();
-            return Err(kv_store::Error::FingerprintMismatch {
-                name,
-                field,
-                expected,
-                found,
-            }
-            .into());
+        check_loaded(loaded, expected, shape)?;
+        let mut cache = KvCache::with_capacity(shape, loaded.len() + IMPORT_HEADROOM);
+        cache.fill(loaded)?;
+        Ok(cache)
+    }
+
+    /// [`KvCache::import`] into this cache's buffers, which are reused when they have room
+    /// (grown otherwise): whatever the cache held is replaced. The shape stays this cache's.
+    ///
+    /// On error the cache is left empty, its buffers kept.
+    pub fn import_into(&mut self, loaded: &LoadedCache, expected: &CacheMeta) -> Result<()> {
+        self.clear();
+        check_loaded(loaded, expected, self.shape())?;
+        if self.capacity() < loaded.len() {
+            self.reserve(loaded.len() + IMPORT_HEADROOM);
         }
-        check_shape(shape, loaded.meta())?;
-        let n = loaded.len();
-        let mut cache = KvCache::with_capacity(shape, n + IMPORT_HEADROOM);
-        let cap = cache.capacity();
+        let filled = self.fill(loaded);
+        if filled.is_err() {
+            self.clear();
+        }
+        filled
+    }
+
+    /// [`KvCache::load`] into this cache's buffers; see [`KvCache::import_into`].
+    pub fn load_into(&mut self, store: &Store, name: &str, expected: &CacheMeta) -> Result<()> {
+        self.clear();
+        let loaded = store.load(name, expected)?;
+        self.import_into(&loaded, expected)
+    }
+
+    /// Converts every segment of `loaded` into the (empty) cache, which has room for it.
+    fn fill(&mut self, loaded: &LoadedCache) -> Result<()> {
+        let shape = self.shape();
+        let cap = self.capacity();
         let d = shape.head_dim;
         let dtype = loaded.meta().dtype;
         let row_bytes = d * dtype.size();
         for seg in loaded.segments() {
             let (start, len) = (seg.start(), seg.len());
             for layer in 0..shape.n_layers {
-                let (k, v) = cache.layer_mut(layer);
+                let (k, v) = self.layer_mut(layer);
                 for (kind, dst) in [(KvKind::K, k), (KvKind::V, v)] {
                     let src = seg.kv(layer, kind);
                     for h in 0..shape.n_kv_heads {
@@ -155,9 +180,24 @@ impl KvCache {
                 }
             }
         }
-        cache.push_tokens(loaded.tokens());
-        Ok(cache)
+        self.push_tokens(loaded.tokens());
+        Ok(())
     }
+}
+
+/// Checks that `loaded` was made under `expected` and has `shape`.
+fn check_loaded(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> Result<()> {
+    if let Some((field, expected, found)) = expected.first_difference(loaded.meta()) {
+        let name = loaded.manifest().name.clone();
+        return Err(kv_store::Error::FingerprintMismatch {
+            name,
+            field,
+            expected,
+            found,
+        }
+        .into());
+    }
+    check_shape(shape, loaded.meta())
 }
 
 fn check_shape(shape: KvShape, meta: &CacheMeta) -> Result<()> {
@@ -309,6 +349,54 @@ mod tests {
             m
         });
         assert!(matches!(err, Err(Error::ShapeMismatch { .. })));
+    }
+
+    #[test]
+    fn import_into_reuses_buffers_and_equals_import() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let meta = meta(KvDtype::F16);
+        let mut a = KvCache::new(shape());
+        append(&mut a, &[1, 2, 3, 4, 5, 6, 7], 1.0);
+        a.save(&store, "a", &meta).unwrap();
+        let mut b = KvCache::new(shape());
+        append(&mut b, &[9; 40], 2.0);
+        b.save(&store, "b", &meta).unwrap();
+        let fresh_a = KvCache::load(&store, "a", &meta, shape()).unwrap();
+        let fresh_b = KvCache::load(&store, "b", &meta, shape()).unwrap();
+
+        // A used cache with room: same buffers, same contents as a fresh import.
+        let mut reused = KvCache::with_capacity(shape(), 100);
+        append(&mut reused, &[5; 60], 3.0);
+        let (ptr, cap) = (reused.k(0).as_ptr(), reused.capacity());
+        reused.load_into(&store, "a", &meta).unwrap();
+        assert_eq!((reused.k(0).as_ptr(), reused.capacity()), (ptr, cap));
+        assert_eq!(reused.tokens(), fresh_a.tokens());
+        assert_eq!(all(&reused), all(&fresh_a));
+        reused.load_into(&store, "b", &meta).unwrap();
+        assert_eq!(reused.k(0).as_ptr(), ptr);
+        assert_eq!(all(&reused), all(&fresh_b));
+
+        // Too small: grown, same contents.
+        let mut small = KvCache::with_capacity(shape(), 4);
+        small.load_into(&store, "b", &meta).unwrap();
+        assert!(small.capacity() >= 40);
+        assert_eq!(all(&small), all(&fresh_b));
+
+        // Another model's cache: an error, and the cache is empty, buffers kept.
+        let mut other = meta.clone();
+        other.tokenizer = "t2".into();
+        let err = reused.load_into(&store, "a", &other).unwrap_err();
+        assert!(matches!(err, Error::Store(_)), "{err}");
+        assert!(reused.is_empty());
+        assert_eq!(reused.k(0).as_ptr(), ptr);
+        let mut wrong = KvCache::new(KvShape {
+            n_layers: 2,
+            ..shape()
+        });
+        let loaded = store.load("a", &meta).unwrap();
+        let err = wrong.import_into(&loaded, &meta).unwrap_err();
+        assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
     }
 
     #[test]
