@@ -1110,26 +1110,34 @@ pub fn attention(
     let d = shape.head_dim;
     let group = n_heads / shape.n_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    // Few tokens (decode): one task per query head, so both cores have work. Many: a task is
-    // a tile of tokens times a whole group, sharing K/V loads.
+    // Few tokens (decode): a group's query heads split in two tasks (one for a group of one),
+    // so both cores have work while K/V are read twice per step, not once per query head.
+    // Many tokens: a task is a tile of tokens times a whole group, sharing K/V loads.
     let (tile, heads_per_task) = if n < TOKEN_TILE {
-        (n, 1)
+        (n, group.div_ceil(2))
     } else {
         (TOKEN_TILE, group)
     };
-    let tasks: Vec<(usize, usize)> = (0..n.div_ceil(tile))
-        .flat_map(|t| (0..n_heads / heads_per_task).map(move |h| (t * tile, h * heads_per_task)))
+    // (first token, first query head, query heads) of each task; a task's heads share a KV head.
+    let tasks: Vec<(usize, usize, usize)> = (0..n.div_ceil(tile))
+        .flat_map(|t| {
+            (0..n_heads).step_by(group).flat_map(move |g| {
+                (g..g + group)
+                    .step_by(heads_per_task)
+                    .map(move |h| (t * tile, h, heads_per_task.min(g + group - h)))
+            })
+        })
         .collect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map_init(
             || (Vec::new(), Vec::new(), Vec::new()),
-            |(scores, qbuf, lens), &(t0, h0)| {
+            |(scores, qbuf, lens), &(t0, h0, nh)| {
                 let t1 = (t0 + tile).min(n);
                 qbuf.clear();
                 lens.clear();
                 for t in t0..t1 {
-                    for h in h0..h0 + heads_per_task {
+                    for h in h0..h0 + nh {
                         qbuf.extend_from_slice(&q[(t * n_heads + h) * d..][..d]);
                         lens.push(start + t + 1);
                     }
@@ -1144,9 +1152,9 @@ pub fn attention(
         )
         .collect();
     let mut out = vec![0.0f32; n * n_heads * d];
-    for (&(t0, h0), res) in tasks.iter().zip(&results) {
-        for (r, t) in res.chunks_exact(heads_per_task * d).zip(t0..) {
-            out[(t * n_heads + h0) * d..][..heads_per_task * d].copy_from_slice(r);
+    for (&(t0, h0, nh), res) in tasks.iter().zip(&results) {
+        for (r, t) in res.chunks_exact(nh * d).zip(t0..) {
+            out[(t * n_heads + h0) * d..][..nh * d].copy_from_slice(r);
         }
     }
     out
@@ -1455,5 +1463,38 @@ mod tests {
         // Decoding the last token alone gives the same bits.
         let last = attention(&q[(n - 1) * 8..], 1, n - 1, 2, &cache, 0);
         assert_eq!(&out[(n - 1) * 8..], &last[..]);
+    }
+
+    #[test]
+    fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks() {
+        // Groups of three query heads (SmolLM2's), split 2 + 1 in decode; 19 tokens make two
+        // full prefill tiles and a partial one.
+        let (n_kv, group, d, n) = (2, 3, 64, 19);
+        let n_heads = n_kv * group;
+        let shape = KvShape {
+            n_layers: 1,
+            n_kv_heads: n_kv,
+            head_dim: d,
+        };
+        let mut cache = KvCache::new(shape);
+        cache.reserve(n);
+        cache.write_rows(0, 0, &values(n * n_kv * d, 61), &values(n * n_kv * d, 62));
+        cache.push_tokens(&[0; 19]);
+        let q = values(n * n_heads * d, 63);
+        let row = n_heads * d;
+        let all = attention(&q, n, 0, n_heads, &cache, 0);
+        for t in 0..n {
+            let one = attention(&q[t * row..][..row], 1, t, n_heads, &cache, 0);
+            assert_eq!(
+                one.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                all[t * row..][..row]
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>(),
+                "token {t}"
+            );
+        }
+        let tail = attention(&q[11 * row..], n - 11, 11, n_heads, &cache, 0);
+        assert_eq!(&tail[..], &all[11 * row..]);
     }
 }
