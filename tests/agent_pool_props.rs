@@ -304,6 +304,52 @@ fn eviction_is_least_recently_used_and_saves_dirty_caches() {
 }
 
 #[test]
+fn a_load_at_max_hot_reuses_the_evicted_agents_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pool = fake_pool(
+        dir.path(),
+        FakeBackend::default(),
+        PoolConfig {
+            max_hot: 1,
+            ..PoolConfig::default()
+        },
+    );
+    pool.create_agent("a", "t", "short").expect("create a");
+    pool.create_agent("b", "t", "a much longer system prompt than a's")
+        .expect("create b");
+    // b is hot and the pool full: loading a evicts b first and reads a into b's memory.
+    let report = pool.load_agent("a").expect("load a");
+    assert!(
+        report.resumed_from_disk && report.reused_memory,
+        "{report:?}"
+    );
+    // Back and forth with turns in between: each resume reuses the other's buffers (grown
+    // when too small), and the fake engine checks every reused K/V position.
+    for round in 0..3 {
+        for id in ["b", "a"] {
+            let reply = pool
+                .generate(id, &format!("turn {round}"), &options(6), &mut |_| {})
+                .expect("generate");
+            assert!(reply.resumed_from_disk && reply.rebuilt.is_none());
+            check_accounting(&pool);
+        }
+    }
+    let report = pool.load_agent("b").expect("load b");
+    assert!(report.reused_memory && report.tokens > 0, "{report:?}");
+    assert_eq!(pool.stats().hot.len(), 1);
+    // With room to spare nothing is evicted, and the load takes new memory.
+    let roomy = tempfile::tempdir().expect("tempdir");
+    let pool = fake_pool(roomy.path(), FakeBackend::default(), PoolConfig::default());
+    pool.create_agent("a", "t", "short").expect("create a");
+    pool.evict("a").expect("evict");
+    let report = pool.load_agent("a").expect("load a");
+    assert!(
+        report.resumed_from_disk && !report.reused_memory,
+        "{report:?}"
+    );
+}
+
+#[test]
 fn byte_budget_evicts_and_a_cache_larger_than_the_budget_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     const BUDGET: usize = 80_000;

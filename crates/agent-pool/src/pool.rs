@@ -94,6 +94,9 @@ pub struct LoadReport {
     pub tokens: usize,
     /// Bytes the cache holds in memory.
     pub bytes: usize,
+    /// The cache was read into the memory of an agent evicted to make room for it (already
+    /// touched memory: no page faults), not into new buffers.
+    pub reused_memory: bool,
     /// Time taken.
     pub elapsed: Duration,
 }
@@ -571,19 +574,52 @@ impl<B: Backend + ?Sized> AgentPool<B> {
     /// failed save is counted and the cache dropped anyway (the transcript can rebuild it);
     /// without, the error is returned and the cache stays.
     fn evict_locked(&self, slot: &Arc<Slot>, agent: &mut Agent, force: bool) -> Result<bool> {
+        Ok(self.evict_take(slot, agent, force)?.is_some())
+    }
+
+    /// [`AgentPool::evict_locked`], handing back the evicted cache (its memory can be reused).
+    fn evict_take(
+        &self,
+        slot: &Arc<Slot>,
+        agent: &mut Agent,
+        force: bool,
+    ) -> Result<Option<KvCache>> {
         if agent.cache.is_none() {
-            return Ok(false);
+            return Ok(None);
         }
         match self.save_locked(&slot.id, agent) {
             Ok(_) => {}
             Err(_) if force => {}
             Err(e) => return Err(e),
         }
-        agent.cache = None;
+        let cache = agent.cache.take();
         agent.dirty = false;
         self.unrecord(&slot.id);
         lock(&self.state).counters.evictions += 1;
-        Ok(true)
+        Ok(cache)
+    }
+
+    /// When the pool is at `max_hot`, so that making `id` hot will evict the least recently
+    /// used agent anyway, evicts it now and returns its cache, whose memory the load can reuse:
+    /// new memory costs a page fault per 4 KiB on first touch, more than reading the cache.
+    /// Pinned agents are skipped, as [`AgentPool::enforce`] skips them.
+    fn evict_for(&self, id: &str) -> Option<KvCache> {
+        let candidates: Vec<Arc<Slot>> = {
+            let st = lock(&self.state);
+            if st.hot.len() < self.config.max_hot {
+                return None;
+            }
+            st.hot
+                .iter()
+                .rev()
+                .filter(|(k, _)| k.as_str() != id)
+                .map(|(_, e)| Arc::clone(&e.slot))
+                .collect()
+        };
+        candidates.iter().find_map(|slot| {
+            let mut agent = try_lock(&slot.state)?;
+            self.evict_take(slot, &mut agent, true).ok().flatten()
+        })
     }
 
     /// Evicts least-recently-used agents until the hot count and bytes are within limits,
@@ -665,14 +701,20 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         Ok((cache, sys.len(), false))
     }
 
-    /// Loads the agent's cache from disk or, failing that, rebuilds it from the transcript.
+    /// Loads the agent's cache from disk (into `spare`'s memory if given) or, failing that,
+    /// rebuilds it from the transcript.
     fn load_or_rebuild(
         &self,
         id: &str,
         info: &AgentInfo,
         turns: &[Turn],
+        spare: Option<KvCache>,
     ) -> Result<(KvCache, Option<Rebuild>)> {
-        let err = match KvCache::load(&self.store, id, &self.meta, self.shape) {
+        let loaded = match spare {
+            Some(mut cache) => cache.load_into(&self.store, id, &self.meta).map(|()| cache),
+            None => KvCache::load(&self.store, id, &self.meta, self.shape),
+        };
+        let err = match loaded {
             Ok(cache) => return Ok((cache, None)),
             Err(e) => e,
         };
@@ -719,11 +761,15 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             transcript_repair,
             tokens: 0,
             bytes: 0,
+            reused_memory: false,
             elapsed: Duration::ZERO,
         };
         if agent.cache.is_none() {
             let turns = agent.transcript.as_ref().map_or(&[][..], |t| &t.turns);
-            let (cache, rebuilt) = self.load_or_rebuild(&slot.id, info, turns)?;
+            let spare = self.evict_for(&slot.id);
+            let had_spare = spare.is_some();
+            let (cache, rebuilt) = self.load_or_rebuild(&slot.id, info, turns, spare)?;
+            report.reused_memory = had_spare && rebuilt.is_none();
             agent.dirty = rebuilt.is_some();
             agent.cache = Some(cache);
             let mut st = lock(&self.state);
