@@ -758,9 +758,7 @@ fn matmul_dequant(x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
     if m == 1 {
         // Decode: blocks are widened in registers, never written out.
         let mut y = vec![0.0f32; n];
-        let rows_per_task = n
-            .div_ceil(tasks)
-            .next_multiple_of(crate::dequant::GEMV_ROWS);
+        let rows_per_task = n.div_ceil(tasks);
         y.par_chunks_mut(rows_per_task)
             .enumerate()
             .for_each(|(c, out)| crate::dequant::gemv(q, c * rows_per_task, x, out));
