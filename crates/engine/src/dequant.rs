@@ -197,10 +197,7 @@ mod avx2 {
     /// AVX2 is available, row `row` exists and `x` has `nb * QK` values.
     #[inline(always)]
     unsafe fn gemv_row(b: &Blocks, row: usize, x: *const f32) -> f32 {
-        let block_bytes = match b.kind {
-            QKind::Q4_1 => QK / 2,
-            QKind::Q8_0 => QK,
-        };
+        let block_bytes = b.kind.qs_bytes();
         // SAFETY: the caller's contract. The prefetch address may point past the matrix; it
         // is never dereferenced (a prefetch does not fault), hence `wrapping_add`.
         unsafe {

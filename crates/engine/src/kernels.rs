@@ -657,8 +657,8 @@ fn panel(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize, out: &mut [f32],
 /// `y = x · Wᵀ` for `m` rows of `x` (`[m, w.cols()]`, row-major): returns `[m, w.rows()]`.
 ///
 /// For f32 weights each output element is [`dot`]`(x[i], W[j])` bit for bit, whatever `m`
-/// and the number of threads; work is split over the rows of `W`. Quantized weights go to
-/// [`crate::quant::matmul`], batch-invariant in the same sense.
+/// and the number of threads; work is split over the rows of `W`. Quantized weights give
+/// bitwise the results of their dequantized f32 values (see `matmul_dequant`).
 ///
 /// # Panics
 /// If `x.len() != m * w.cols()`.

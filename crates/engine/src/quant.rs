@@ -54,7 +54,7 @@ impl QKind {
     }
 
     /// Bytes of quantized values per block in memory.
-    fn qs_bytes(self) -> usize {
+    pub(crate) fn qs_bytes(self) -> usize {
         match self {
             QKind::Q4_1 => QK / 2,
             QKind::Q8_0 => QK,
