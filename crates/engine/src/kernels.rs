@@ -1497,34 +1497,38 @@ mod tests {
 
     #[test]
     fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks() {
-        // Groups of three query heads (SmolLM2's), split 2 + 1 in decode; 19 tokens make two
-        // full prefill tiles and a partial one.
-        let (n_kv, group, d, n) = (2, 3, 64, 19);
-        let n_heads = n_kv * group;
-        let shape = KvShape {
-            n_layers: 1,
-            n_kv_heads: n_kv,
-            head_dim: d,
-        };
-        let mut cache = KvCache::new(shape);
-        cache.reserve(n);
-        cache.write_rows(0, 0, &values(n * n_kv * d, 61), &values(n * n_kv * d, 62));
-        cache.push_tokens(&[0; 19]);
-        let q = values(n * n_heads * d, 63);
-        let row = n_heads * d;
-        let all = attention(&q, n, 0, n_heads, &cache, 0);
-        for t in 0..n {
-            let one = attention(&q[t * row..][..row], 1, t, n_heads, &cache, 0);
-            assert_eq!(
-                one.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                all[t * row..][..row]
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect::<Vec<_>>(),
-                "token {t}"
-            );
+        // Groups of three query heads (SmolLM2's), split 2 + 1 in decode. 19 tokens make two
+        // full prefill tiles and a partial one; 150 positions make the V sums run over several
+        // chunks; a 48-wide head takes the generic (not 64-wide) path.
+        for (d, n) in [(64, 19), (64, 150), (48, 21)] {
+            let (n_kv, group) = (2, 3);
+            let n_heads = n_kv * group;
+            let shape = KvShape {
+                n_layers: 1,
+                n_kv_heads: n_kv,
+                head_dim: d,
+            };
+            let mut cache = KvCache::new(shape);
+            cache.reserve(n);
+            cache.write_rows(0, 0, &values(n * n_kv * d, 61), &values(n * n_kv * d, 62));
+            cache.push_tokens(&vec![0; n]);
+            let q = values(n * n_heads * d, 63);
+            let row = n_heads * d;
+            let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let all = attention(&q, n, 0, n_heads, &cache, 0);
+            for t in 0..n {
+                let one = attention(&q[t * row..][..row], 1, t, n_heads, &cache, 0);
+                assert_eq!(bits(&one), bits(&all[t * row..][..row]), "d {d}, token {t}");
+            }
+            // A few tokens at once (split as decode is, with causal lengths), and one tile.
+            for (t0, m) in [(5, 3), (n - 7, 7), (n - 8, 8)] {
+                let part = attention(&q[t0 * row..][..m * row], m, t0, n_heads, &cache, 0);
+                assert_eq!(
+                    bits(&part),
+                    bits(&all[t0 * row..][..m * row]),
+                    "d {d}, {t0}+{m}"
+                );
+            }
         }
-        let tail = attention(&q[11 * row..], n - 11, 11, n_heads, &cache, 0);
-        assert_eq!(&tail[..], &all[11 * row..]);
     }
 }

@@ -23,9 +23,9 @@ impl KvShape {
 
 /// K and V of one layer, head-major with room for `capacity` tokens per head.
 #[derive(Clone, Debug)]
-struct LayerKv {
-    k: Vec<f32>,
-    v: Vec<f32>,
+pub(crate) struct LayerKv {
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
 }
 
 /// The attention KV cache of one conversation (batch 1).
@@ -255,11 +255,10 @@ impl KvCache {
         self.tokens.extend_from_slice(&other.tokens[range]);
     }
 
-    /// Mutable K and V buffers of one layer with the head stride, for importers that fill a
-    /// reserved cache directly.
-    pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
-        let l = &mut self.layers[layer];
-        (&mut l.k, &mut l.v)
+    /// Mutable K and V buffers of every layer with the head stride, for importers that fill
+    /// a reserved cache directly.
+    pub(crate) fn layers_mut(&mut self) -> &mut [LayerKv] {
+        &mut self.layers
     }
 }
 
