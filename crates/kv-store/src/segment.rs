@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::meta::{CacheMeta, SegmentId, checksum};
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// Segment format version written by this build, and the newest it reads.
 pub const SEGMENT_VERSION: u32 = 1;
@@ -277,6 +278,7 @@ impl Segment {
             ));
         }
         let mut ranges = Vec::with_capacity(expected.len());
+        let mut sums = Vec::with_capacity(expected.len());
         for (name, dtype, shape) in &expected {
             let info = metadata
                 .info(name)
@@ -296,18 +298,26 @@ impl Segment {
             let (s, e) = range.ok_or_else(|| {
                 Error::bad_metadata(path, format!("tensor {name} is out of bounds"))
             })?;
-            let data = &bytes.as_slice()[s..e];
             let recorded = header
                 .checksums
                 .get(name)
                 .ok_or_else(|| Error::bad_metadata(path, format!("no checksum for {name}")))?;
-            if *recorded != checksum(data) {
-                return Err(Error::ChecksumMismatch {
-                    path: path.to_owned(),
-                    tensor: name.clone(),
-                });
-            }
             ranges.push(s..e);
+            sums.push((name, recorded));
+        }
+        // Hashing every byte is most of a load; tensors hash in parallel (the first damaged
+        // one in file order is reported).
+        let damaged = ranges
+            .par_iter()
+            .zip(&sums)
+            .find_first(|(r, (_, recorded))| {
+                **recorded != checksum(&bytes.as_slice()[(*r).clone()])
+            });
+        if let Some((_, (name, _))) = damaged {
+            return Err(Error::ChecksumMismatch {
+                path: path.to_owned(),
+                tensor: name.to_string(),
+            });
         }
         let segment = Segment {
             path: path.to_owned(),
