@@ -9,11 +9,12 @@
 //! * [`dequantize_rows`] widens blocks to f32 eight values per instruction (the prefill path
 //!   dequantizes a few rows into a buffer, then runs the f32 micro-kernels over every token);
 //! * [`gemv`] is the decode path (one activation row): it widens each block in registers and
-//!   multiplies it at once, four weight rows at a time, so nothing is written back to memory.
+//!   multiplies it at once, one weight row at a time, so nothing is written back to memory.
 //!
 //! Both have a portable form (the reference) and an AVX2 form with the same operations in the
-//! same order per lane; tests check they give the same bits. The AVX2 module is the one
-//! `unsafe` part: intrinsics and raw pointer reads whose bounds are checked once per call.
+//! same order per lane; tests check they give the same bits. The one fused multiply-add, Q4_1's
+//! `d * q + m`, is exact to fuse: `d * q` loses nothing (see `block`). The AVX2 module is the
+//! one `unsafe` part: intrinsics and raw pointer reads whose bounds are checked once per call.
 
 use crate::kernels;
 use crate::quant::{QK, QKind, QMatrix};
@@ -64,7 +65,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     pub(super) fn available() -> bool {
-        is_x86_feature_detected!("avx2")
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 
     /// Raw views of a matrix's blocks.
@@ -92,30 +93,33 @@ mod avx2 {
     }
 
     pub(super) fn dequantize_rows(q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
-        assert!(available(), "avx2::dequantize_rows called without AVX2");
+        assert!(
+            available(),
+            "avx2::dequantize_rows called without AVX2 and FMA"
+        );
         let rows_end = r0.checked_add(count).expect("row range overflows");
         assert!(rows_end <= q.rows(), "dequantize_rows out of range");
         assert_eq!(out.len(), count * q.cols(), "dequantize_rows output length");
-        // SAFETY: AVX2 is available (asserted above); rows r0..r0 + count exist and `out`
-        // holds exactly their values (asserted above), so every block and output offset the
-        // kernel forms is in bounds.
+        // SAFETY: AVX2 and FMA are available (asserted above); rows r0..r0 + count exist and
+        // `out` holds exactly their values (asserted above), so every block and output offset
+        // the kernel forms is in bounds.
         unsafe { dequantize_rows_avx2(&Blocks::new(q), r0, count, out.as_mut_ptr()) }
     }
 
     pub(super) fn gemv(q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
-        assert!(available(), "avx2::gemv called without AVX2");
+        assert!(available(), "avx2::gemv called without AVX2 and FMA");
         assert_eq!(x.len(), q.cols(), "gemv input is not the weight's width");
         let rows_end = r0.checked_add(out.len()).expect("row range overflows");
         assert!(rows_end <= q.rows(), "gemv rows out of range");
-        // SAFETY: AVX2 is available and rows r0..r0 + out.len() exist (asserted above); `x`
-        // holds nb * QK values.
+        // SAFETY: AVX2 and FMA are available and rows r0..r0 + out.len() exist (asserted
+        // above); `x` holds nb * QK values.
         unsafe { gemv_avx2(&Blocks::new(q), r0, x.as_ptr(), out) }
     }
 
     /// The 32 values of block `blk` as four registers of 8, in element order.
     ///
     /// # Safety
-    /// AVX2 is available and `blk` is a block of the matrix.
+    /// AVX2 and FMA are available and `blk` is a block of the matrix.
     #[inline(always)]
     unsafe fn block(b: &Blocks, row: usize, blk_in_row: usize) -> [__m256; 4] {
         // SAFETY: the caller's contract; blk < rows * nb and the minimum's index is within
@@ -130,9 +134,12 @@ mod avx2 {
                     let mask = _mm_set1_epi8(0x0F);
                     let lo = _mm_and_si128(v, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                    // `d * q` is exact (an f16 scale has 11 significant bits, `q < 16` has 4),
+                    // so the fused multiply-add rounds once, exactly as the multiply (exact)
+                    // then the add of the reference: the same bits in one instruction.
                     let f = |bytes: __m128i| {
                         let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-                        _mm256_add_ps(_mm256_mul_ps(d, q), m)
+                        _mm256_fmadd_ps(d, q, m)
                     };
                     [
                         f(lo),
@@ -154,7 +161,7 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn dequantize_rows_avx2(b: &Blocks, r0: usize, count: usize, out: *mut f32) {
         // SAFETY: the callers' bounds checks: rows r0..r0 + count exist and `out` has
         // count * nb * QK values.
@@ -171,7 +178,7 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
         // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
         unsafe {
@@ -194,7 +201,7 @@ mod avx2 {
     /// The software prefetch made decode about 10% faster again.
     ///
     /// # Safety
-    /// AVX2 is available, row `row` exists and `x` has `nb * QK` values.
+    /// AVX2 and FMA are available, row `row` exists and `x` has `nb * QK` values.
     #[inline(always)]
     unsafe fn gemv_row(b: &Blocks, row: usize, x: *const f32) -> f32 {
         let block_bytes = b.kind.qs_bytes();
