@@ -72,7 +72,6 @@ mod avx2 {
     struct Blocks {
         kind: QKind,
         nb: usize,
-        nbp: usize,
         qs: *const u8,
         d: *const f32,
         m: *const f32,
@@ -80,11 +79,10 @@ mod avx2 {
 
     impl Blocks {
         fn new(q: &QMatrix) -> Blocks {
-            let (qs, d, m, nbp) = q.raw_parts();
+            let (qs, d, m) = q.raw_parts();
             Blocks {
                 kind: q.kind(),
                 nb: q.cols() / QK,
-                nbp,
                 qs: qs.as_ptr(),
                 d: d.as_ptr(),
                 m: m.as_ptr(),
@@ -122,14 +120,14 @@ mod avx2 {
     /// AVX2 and FMA are available and `blk` is a block of the matrix.
     #[inline(always)]
     unsafe fn block(b: &Blocks, row: usize, blk_in_row: usize) -> [__m256; 4] {
-        // SAFETY: the caller's contract; blk < rows * nb and the minimum's index is within
-        // the padded row.
+        // SAFETY: the caller's contract: blk < rows * nb, and scales and minimums have one
+        // entry per block.
         unsafe {
             let blk = row * b.nb + blk_in_row;
             let d = _mm256_set1_ps(*b.d.add(blk));
             match b.kind {
                 QKind::Q4_1 => {
-                    let m = _mm256_set1_ps(*b.m.add(row * b.nbp + blk_in_row));
+                    let m = _mm256_set1_ps(*b.m.add(blk));
                     let v = _mm_loadu_si128(b.qs.add(blk * QK / 2).cast());
                     let mask = _mm_set1_epi8(0x0F);
                     let lo = _mm_and_si128(v, mask);

@@ -744,8 +744,8 @@ fn dequant_panel(
 /// the fully dequantized matrix while only the quantized blocks stream from memory. A single
 /// row (decode) goes to [`crate::dequant::gemv`], which does the same without the buffer.
 ///
-/// Why not llama.cpp's integer dot products against 8-bit-quantized activations
-/// ([`crate::quant::matmul`])? With SmolLM2-135M that quantization changes greedy answers (llama.cpp
+/// Why not llama.cpp's integer dot products against 8-bit-quantized activations (an earlier
+/// `quant::matmul`, since removed)? With SmolLM2-135M that quantization changes greedy answers (llama.cpp
 /// itself answers "La femme de France, ..." to the capital-of-France prompt); f32 activations
 /// keep "The capital of France is Paris.".
 fn matmul_dequant(x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
