@@ -745,9 +745,9 @@ fn dequant_panel(
 /// row (decode) goes to [`crate::dequant::gemv`], which does the same without the buffer.
 ///
 /// Why not llama.cpp's integer dot products against 8-bit-quantized activations (an earlier
-/// `quant::matmul`, since removed)? With SmolLM2-135M that quantization changes greedy answers (llama.cpp
-/// itself answers "La femme de France, ..." to the capital-of-France prompt); f32 activations
-/// keep "The capital of France is Paris.".
+/// `quant::matmul`, since removed)? With SmolLM2-135M that quantization changes greedy
+/// answers (llama.cpp itself answers "La femme de France, ..." to the capital-of-France
+/// prompt); f32 activations keep "The capital of France is Paris.".
 fn matmul_dequant(x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
     let (n, k) = (q.rows(), q.cols());
     if m == 0 || n == 0 {
