@@ -3,6 +3,8 @@
 
 use std::ops::Range;
 
+use crate::AlignedBuf;
+
 /// The dimensions every layer of a cache shares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvShape {
@@ -21,11 +23,12 @@ impl KvShape {
     }
 }
 
-/// K and V of one layer, head-major with room for `capacity` tokens per head.
+/// K and V of one layer, head-major with room for `capacity` tokens per head. Cache-line
+/// aligned, so with 64-wide heads every row the attention kernels load is too.
 #[derive(Clone, Debug)]
 pub(crate) struct LayerKv {
-    pub(crate) k: Vec<f32>,
-    pub(crate) v: Vec<f32>,
+    pub(crate) k: AlignedBuf,
+    pub(crate) v: AlignedBuf,
 }
 
 /// The attention KV cache of one conversation (batch 1).
@@ -56,8 +59,8 @@ impl KvCache {
         let per_layer = shape.row_len() * capacity;
         let layers = (0..shape.n_layers)
             .map(|_| LayerKv {
-                k: vec![0.0; per_layer],
-                v: vec![0.0; per_layer],
+                k: AlignedBuf::zeros(per_layer),
+                v: AlignedBuf::zeros(per_layer),
             })
             .collect();
         KvCache {
@@ -103,13 +106,14 @@ impl KvCache {
         2 * self.shape.n_layers * self.shape.row_len() * self.len() * size_of::<f32>()
     }
 
-    /// Bytes this cache holds in memory: the K/V buffers at their full capacity plus the token
-    /// ids. This is what a memory budget must count.
+    /// Bytes this cache holds in memory: the K/V buffers at their full capacity (each with up
+    /// to 60 bytes of alignment slack) plus the token ids. This is what a memory budget must
+    /// count.
     pub fn bytes_allocated(&self) -> usize {
         let kv: usize = self
             .layers
             .iter()
-            .map(|l| (l.k.capacity() + l.v.capacity()) * size_of::<f32>())
+            .map(|l| l.k.bytes_allocated() + l.v.bytes_allocated())
             .sum();
         kv + self.tokens.capacity() * size_of::<u32>()
     }
@@ -125,7 +129,7 @@ impl KvCache {
         let len = self.len();
         for layer in &mut self.layers {
             for buf in [&mut layer.k, &mut layer.v] {
-                let mut grown = vec![0.0f32; self.shape.n_kv_heads * new_capacity * d];
+                let mut grown = AlignedBuf::zeros(self.shape.n_kv_heads * new_capacity * d);
                 for h in 0..self.shape.n_kv_heads {
                     let src = &buf[h * self.capacity * d..][..len * d];
                     grown[h * new_capacity * d..][..len * d].copy_from_slice(src);
@@ -337,9 +341,10 @@ mod tests {
         let mut a = KvCache::with_capacity(shape(), 10);
         append(&mut a, &[1, 2, 3]);
         assert_eq!(a.bytes_used(), 2 * 2 * 3 * 3 * 4 * 4);
+        // Each of the 4 buffers (K and V of 2 layers) has 15 values of alignment slack.
         assert_eq!(
             a.bytes_allocated(),
-            2 * 2 * 3 * 10 * 4 * 4 + a.tokens.capacity() * 4
+            2 * 2 * (3 * 10 * 4 + 15) * 4 + a.tokens.capacity() * 4
         );
     }
 }

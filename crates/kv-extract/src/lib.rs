@@ -3,9 +3,11 @@
 //! prefix match, append) and the round trip to kv-store.
 #![forbid(unsafe_code)]
 
+mod buf;
 pub mod cache;
 mod error;
 mod persist;
 
+pub use buf::AlignedBuf;
 pub use cache::{KvCache, KvShape};
 pub use error::{Error, Result};
