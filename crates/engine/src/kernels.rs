@@ -27,9 +27,10 @@
 //!   sequential softmax, whatever the batch.
 //!
 //! `unsafe` is needed in two places: calling the AVX2-compiled copies after checking at run
-//! time that the CPU has AVX2 and FMA (the small `dispatch!` wrappers below), and the hand-written
-//! AVX2 kernels of `simd` (intrinsics, and one assembly micro-kernel), where the compiler's
-//! output of the portable source is slow. Each is tested bit for bit against the portable one.
+//! time that the CPU has AVX2 and FMA (the small `dispatch!` wrappers below), and the
+//! hand-written AVX2 kernels of `simd` (intrinsics, and one assembly micro-kernel), where the
+//! compiler's output of the portable source is slow. Each is tested bit for bit against the
+//! portable one.
 #![allow(unsafe_code)]
 
 use kv_extract::{AlignedBuf, KvCache};
@@ -221,7 +222,7 @@ fn fmadd(acc: &mut [f32; LANES], x: &[f32], w: &[f32]) {
 /// A macro rather than const generics: the accumulators must be indexed by literal constants
 /// for LLVM to keep them in registers (with loops over `i` and `j` they stay in memory and the
 /// kernel runs ~10x slower). The tail (`k % LANES` elements) is zero-padded to one more full
-/// chunk, so every accumulator is only ever touched by `madd`.
+/// chunk, so every accumulator is only ever touched by `$madd`.
 macro_rules! dot_kernel {
     ($name:ident, $madd:ident, $r:literal, $c:literal, [$($i:tt),*], $js:tt) => {
         #[inline(always)]
@@ -301,8 +302,8 @@ fn score_portable(q: &[f32], k: &[f32]) -> f32 {
 
 /// Hand-written AVX2 forms of the 16-lane dot products, for where the compiler's output of the
 /// portable source is slow (attention scores, where the out-of-line tree reduction is half the
-/// work of a 64-wide head). Same operations per lane as [`madd`] and [`reduce`], so the same
-/// bits.
+/// work of a 64-wide head). Same operations per lane as [`madd`] (or [`fmadd`] for scores)
+/// and [`reduce`], so the same bits.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod simd {
     use std::arch::x86_64::*;
@@ -718,8 +719,11 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
     if m == 0 || n == 0 {
         return Vec::new();
     }
+    // The kernels load 16-lane chunks from the start of each row; with rows a whole number of
+    // cache lines wide, an aligned start means that no 32-byte load straddles two lines (each
+    // such load costs two: about 30% of the matmul).
     let copy;
-    let x = if is_line_aligned(x) {
+    let x = if AlignedBuf::is_aligned(x) {
         x
     } else {
         copy = AlignedBuf::from_slice(x);
@@ -742,13 +746,6 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
             panel(x, m, k, &wd[j0 * k..(j0 + rows) * k], rows, out, rows);
         });
     join_columns(chunks, m, n, rows_per_task)
-}
-
-/// Whether `x` starts on a 64-byte boundary. The kernels load 16-lane chunks from the start of
-/// each row; with rows a whole number of cache lines wide, an aligned start means that no
-/// 32-byte load straddles two lines (each such load costs two: about 30% of the matmul).
-fn is_line_aligned(x: &[f32]) -> bool {
-    (x.as_ptr() as usize).is_multiple_of(64)
 }
 
 /// `y` (`[m, n]`, row-major) from the column blocks tasks computed: block `c` holds columns

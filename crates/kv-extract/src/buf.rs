@@ -49,6 +49,11 @@ impl AlignedBuf {
         buf
     }
 
+    /// Whether `values` starts on a 64-byte line, as an `AlignedBuf` does.
+    pub fn is_aligned(values: &[f32]) -> bool {
+        (values.as_ptr() as usize).is_multiple_of(LINE * size_of::<f32>())
+    }
+
     /// Bytes this buffer holds in memory, slack included.
     pub fn bytes_allocated(&self) -> usize {
         self.data.capacity() * size_of::<f32>()
@@ -86,19 +91,15 @@ impl fmt::Debug for AlignedBuf {
 mod tests {
     use super::*;
 
-    fn aligned(s: &[f32]) -> bool {
-        (s.as_ptr() as usize).is_multiple_of(LINE * size_of::<f32>())
-    }
-
     #[test]
     fn starts_on_a_line_and_holds_its_values() {
         for len in [1, 3, 16, 17, 1000, 100_000] {
             let values: Vec<f32> = (0..len).map(|i| i as f32).collect();
             let buf = AlignedBuf::from_slice(&values);
-            assert!(aligned(&buf), "len {len}");
+            assert!(AlignedBuf::is_aligned(&buf), "len {len}");
             assert_eq!(&*buf, &values[..]);
             let copy = buf.clone();
-            assert!(aligned(&copy), "clone of len {len}");
+            assert!(AlignedBuf::is_aligned(&copy), "clone of len {len}");
             assert_eq!(&*copy, &values[..]);
             assert!(buf.bytes_allocated() >= len * size_of::<f32>());
         }
