@@ -302,17 +302,30 @@ fn loadavg() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// The Python of `target/peer-venv`, installing llama-cpp-python there first if needed.
+/// How llama.cpp is built for the peer: native code for this CPU, but without AMX.
+///
+/// llama.cpp's AMX matmul (ggml-cpu/amx, llama-cpp-python 0.3.36) dies of SIGILL at its first
+/// `tileloadd` on a Xeon with amx_int8, even with the tile state granted by arch_prctl: its tile
+/// configuration is built on the stack and optimized away (llama.cpp PR #26954, open). So the peer
+/// gets everything `-march=native` gives (AVX-512, VNNI, ...) except the AMX instructions.
+const PEER_CMAKE_ARGS: &str = "-DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+    -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'";
+
+/// The Python of `target/peer-venv`, installing llama-cpp-python there first if needed: when it
+/// is missing, or was built with other flags than [`PEER_CMAKE_ARGS`] (recorded beside it).
 fn peer_python() -> Result<PathBuf> {
     let venv = project_root().join("target/peer-venv");
     let python = venv.join("bin/python");
+    let stamp = venv.join("agentkv-cmake-args");
     let importable = |p: &Path| {
         Command::new(p)
             .args(["-c", "import llama_cpp"])
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if python.exists() && importable(&python) {
+    let built_with = std::fs::read_to_string(&stamp).unwrap_or_default();
+    if python.exists() && importable(&python) && built_with == PEER_CMAKE_ARGS {
         return Ok(python);
     }
     if !python.exists() {
@@ -326,19 +339,34 @@ fn peer_python() -> Result<PathBuf> {
         "installing llama-cpp-python into {} (it compiles llama.cpp: about 15 minutes on 2 cores)",
         venv.display()
     );
+    // --no-cache-dir: pip would otherwise reuse a wheel it built earlier with other flags.
     run_step(
         "pip install llama-cpp-python",
         Command::new(&python)
-            .args(["-m", "pip", "install", "--disable-pip-version-check", "llama-cpp-python"])
-            .env("CMAKE_ARGS", "-DGGML_NATIVE=ON"),
+            .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir"])
+            .args(["--force-reinstall", "--no-deps", "llama-cpp-python"])
+            .env("CMAKE_ARGS", PEER_CMAKE_ARGS),
     )
     .context("installing the llama.cpp peer: check that PyPI is reachable and a C++ compiler and cmake are installed")?;
+    // --no-deps above keeps an installed numpy; a new venv still needs llama_cpp's dependencies.
+    run_step(
+        "pip install the peer's dependencies",
+        Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "llama-cpp-python",
+        ]),
+    )?;
     if !importable(&python) {
         bail!(
             "llama-cpp-python installed but `import llama_cpp` fails in {}",
             venv.display()
         );
     }
+    std::fs::write(&stamp, PEER_CMAKE_ARGS)
+        .with_context(|| format!("writing {}", stamp.display()))?;
     Ok(python)
 }
 
