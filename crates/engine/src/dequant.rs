@@ -12,8 +12,8 @@
 //!   multiplies it at once, one weight row at a time, so nothing is written back to memory.
 //!
 //! Both have a portable form (the reference) and an AVX2 form with the same operations in the
-//! same order per lane; tests check they give the same bits. The one fused multiply-add, Q4_1's
-//! `d * q + m`, is exact to fuse: `d * q` loses nothing (see `block`). The AVX2 module is the
+//! same order per lane (the dot products' fused multiply-adds included); tests check they give
+//! the same bits. Q4_1's `d * q + m` is exact to fuse too: `d * q` loses nothing (see `block`). The AVX2 module is the
 //! one `unsafe` part: intrinsics and raw pointer reads whose bounds are checked once per call.
 
 use crate::kernels;
@@ -64,8 +64,10 @@ mod avx2 {
     use crate::kernels::simd::reduce;
     use std::arch::x86_64::*;
 
+    /// AVX2 and FMA (an AVX-512 CPU has both), unless `AGENTKV_SIMD=none` asks for the
+    /// portable code.
     pub(super) fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        crate::kernels::simd::Level::best().is_some()
     }
 
     /// Raw views of a matrix's blocks.
@@ -221,10 +223,10 @@ mod avx2 {
                     _mm256_loadu_ps(xp.add(16)),
                     _mm256_loadu_ps(xp.add(24)),
                 ];
-                acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(xs[0], w[0]));
-                acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(xs[1], w[1]));
-                acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(xs[2], w[2]));
-                acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(xs[3], w[3]));
+                acc[0] = _mm256_fmadd_ps(xs[0], w[0], acc[0]);
+                acc[1] = _mm256_fmadd_ps(xs[1], w[1], acc[1]);
+                acc[0] = _mm256_fmadd_ps(xs[2], w[2], acc[0]);
+                acc[1] = _mm256_fmadd_ps(xs[3], w[3], acc[1]);
             }
             reduce(acc)
         }

@@ -6,31 +6,31 @@
 //! on how work is split between threads, or on which CPU features are present.
 //!
 //! * A dot product of length `k` keeps [`LANES`] independent partial sums (lane `l` sums
-//!   elements `l, l + LANES, l + 2 * LANES, ...` in that order, as a separate multiply then
-//!   add, never a fused multiply-add), then folds them with one fixed pairwise tree
-//!   (`reduce`); a tail of `k % LANES` elements is zero-padded to one more chunk. The
-//!   multi-row kernels compute several such dots at once to reuse loaded
-//!   values, but each dot goes through exactly the same operations as [`dot`].
-//! * Rust never contracts `a * b + c` into an FMA on its own, so compiling the same source
-//!   for AVX2 (chosen at run time) or for plain SSE2 only changes how many lanes one
-//!   instruction handles: both paths give the same bits (a test checks it). Across machines
-//!   `exp` (softmax, SiLU) is a fixed polynomial in plain multiplies and adds, not the
-//!   platform's libm, so results are the same on every machine.
-//! * Attention scores (`q · k`) are the one kind of dot product with a fused multiply-add
-//!   (`f32::mul_add`, one rounding per lane step) in the same 16-lane order: their kernel,
-//!   with a 16-lane reduction for every 64 products, is bound by the add units, and moving the
-//!   multiplies' adds into FMAs made it 1.4x faster (measured on 24 queries by 2064 keys). A
-//!   fused multiply-add is exactly specified by IEEE 754, so every path still gives the same
-//!   bits: `mul_add` is one instruction where the CPU has FMA and a correctly rounded library
-//!   call where it has not.
+//!   elements `l, l + LANES, l + 2 * LANES, ...` in that order, each step a fused
+//!   multiply-add `fma(x, w, acc)`, one rounding), then folds them with one fixed pairwise
+//!   tree (`reduce`); a tail of `k % LANES` elements is zero-padded to one more chunk. The
+//!   multi-row kernels compute several such dots at once to reuse loaded values, but each dot
+//!   goes through exactly the same operations as [`dot`]. Matmul outputs and attention scores
+//!   (`q · k`) are both such dot products.
+//! * A fused multiply-add is exactly specified by IEEE 754 (`f32::mul_add`: one instruction
+//!   where the CPU has FMA, a correctly rounded library call where it has not), and Rust never
+//!   contracts a separate `a * b + c` on its own. So compiling the same source for AVX-512 or
+//!   AVX2 (chosen at run time) or for plain SSE2 only changes how many lanes one instruction
+//!   handles: every path gives the same bits (tests check it). Across machines `exp` (softmax,
+//!   SiLU) is a fixed polynomial in plain multiplies and adds, not the platform's libm, so
+//!   results are the same on every machine.
+//! * Why fused: on Intel cores an FMA is one instruction on either of two ports where a
+//!   multiply then an add is two, and the AVX-512 matmul kernel is bound by them (on AMD Zen 3,
+//!   with separate add pipes, the two cost the same). The attention score kernel, with a
+//!   16-lane reduction for every 64 products, was 1.4x faster fused on Zen 3 too.
 //! * Attention for a (token, head) pair reads the cache rows `0..=pos` in order with a
 //!   sequential softmax, whatever the batch.
 //!
-//! `unsafe` is needed in two places: calling the AVX2-compiled copies after checking at run
-//! time that the CPU has AVX2 and FMA (the small `dispatch!` wrappers below), and the
-//! hand-written AVX2 kernels of `simd` (intrinsics, and one assembly micro-kernel), where the
-//! compiler's output of the portable source is slow. Each is tested bit for bit against the
-//! portable one.
+//! `unsafe` is needed in two places: calling the AVX-512- and AVX2-compiled copies after
+//! checking at run time that the CPU has those features (the small `dispatch!` wrappers
+//! below), and the hand-written kernels of `simd` (intrinsics, and one assembly
+//! micro-kernel), where the compiler's output of the portable source is slow. Each is tested
+//! bit for bit against the portable one, at every level the test machine has.
 #![allow(unsafe_code)]
 
 use kv_extract::{AlignedBuf, KvCache};
@@ -49,12 +49,19 @@ const NR: usize = 3;
 /// Rows of `x` swept per pass over a weight panel, so the rows stay in L2 across the panel.
 const MB: usize = 32;
 
-/// Calls `$portable` compiled for AVX2 and FMA (as `$avx2`) when the CPU has them, and the
-/// baseline build otherwise. Both come from the same `#[inline(always)]` source, so they
-/// compute the same bits: Rust never contracts a multiply and an add into an FMA, and
-/// `f32::mul_add` is the same fused operation in either build (an instruction, or a call).
+/// Calls `$portable` compiled for AVX-512 (as `$avx512`) or AVX2 and FMA (as `$avx2`), the
+/// best the CPU has, and the baseline build otherwise. All come from the same
+/// `#[inline(always)]` source, so they compute the same bits: Rust never contracts a multiply
+/// and an add into an FMA, and `f32::mul_add` is the same fused operation in every build (an
+/// instruction, or a call).
 macro_rules! dispatch {
-    ($avx2:ident, $portable:ident, fn($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
+    ($avx512:ident, $avx2:ident, $portable:ident, fn($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn $avx512($($arg: $ty),*) $(-> $ret)? {
+            $portable($($arg),*)
+        }
+
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         fn $avx2($($arg: $ty),*) $(-> $ret)? {
@@ -62,10 +69,13 @@ macro_rules! dispatch {
         }
 
         #[cfg(target_arch = "x86_64")]
-        if simd::available() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked on the line above), the only
+        match simd::Level::best() {
+            // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (`Level::best` checked), the only
             // requirement of the `#[target_feature]` function being called.
-            return unsafe { $avx2($($arg),*) };
+            Some(simd::Level::Avx512) => return unsafe { $avx512($($arg),*) },
+            // SAFETY: as above, for AVX2 and FMA.
+            Some(simd::Level::Avx2) => return unsafe { $avx2($($arg),*) },
+            None => {}
         }
         return $portable($($arg),*);
     };
@@ -199,15 +209,7 @@ fn reduce(acc: &[f32; LANES]) -> f32 {
     (s4[0] + s4[2]) + (s4[1] + s4[3])
 }
 
-/// `acc[l] += x[l] * w[l]` for the [`LANES`] lanes: a multiply, then an add.
-#[inline(always)]
-fn madd(acc: &mut [f32; LANES], x: &[f32], w: &[f32]) {
-    for l in 0..LANES {
-        acc[l] += x[l] * w[l];
-    }
-}
-
-/// `acc[l] = fma(x[l], w[l], acc[l])` for the [`LANES`] lanes: attention scores' step.
+/// `acc[l] = fma(x[l], w[l], acc[l])` for the [`LANES`] lanes: one step of every dot product.
 #[inline(always)]
 fn fmadd(acc: &mut [f32; LANES], x: &[f32], w: &[f32]) {
     for l in 0..LANES {
@@ -216,15 +218,14 @@ fn fmadd(acc: &mut [f32; LANES], x: &[f32], w: &[f32]) {
 }
 
 /// Generates a micro-kernel computing `R x C` dot products of length `k` at once:
-/// `out[i][j] = dot(xs[i], ws[j])`, each with exactly the operations of a lone [`dot`]
-/// (with `madd`), or of a lone attention score (with `fmadd`).
+/// `out[i][j] = dot(xs[i], ws[j])`, each with exactly the operations of a lone [`dot`].
 ///
 /// A macro rather than const generics: the accumulators must be indexed by literal constants
 /// for LLVM to keep them in registers (with loops over `i` and `j` they stay in memory and the
 /// kernel runs ~10x slower). The tail (`k % LANES` elements) is zero-padded to one more full
-/// chunk, so every accumulator is only ever touched by `$madd`.
+/// chunk, so every accumulator is only ever touched by `fmadd`.
 macro_rules! dot_kernel {
-    ($name:ident, $madd:ident, $r:literal, $c:literal, [$($i:tt),*], $js:tt) => {
+    ($name:ident, $r:literal, $c:literal, [$($i:tt),*], $js:tt) => {
         #[inline(always)]
         fn $name(xs: [&[f32]; $r], ws: [&[f32]; $c], k: usize) -> [[f32; $c]; $r] {
             let xs = xs.map(|s| &s[..k]);
@@ -233,7 +234,7 @@ macro_rules! dot_kernel {
             let mut acc = [[[0.0f32; LANES]; $c]; $r];
             let mut off = 0;
             while off < full {
-                $( dot_kernel!(@row $madd, acc, xs, ws, off, $i, $js); )*
+                $( dot_kernel!(@row acc, xs, ws, off, $i, $js); )*
                 off += LANES;
             }
             if full < k {
@@ -247,7 +248,7 @@ macro_rules! dot_kernel {
                 }
                 let (xs, ws) = (xt.each_ref().map(|a| &a[..]), wt.each_ref().map(|a| &a[..]));
                 let off = 0;
-                $( dot_kernel!(@row $madd, acc, xs, ws, off, $i, $js); )*
+                $( dot_kernel!(@row acc, xs, ws, off, $i, $js); )*
             }
             let mut out = [[0.0f32; $c]; $r];
             for (o, a) in out.iter_mut().zip(&acc) {
@@ -258,18 +259,15 @@ macro_rules! dot_kernel {
             out
         }
     };
-    (@row $madd:ident, $acc:ident, $xs:ident, $ws:ident, $off:ident, $i:tt, [$($j:tt),*]) => {
-        $( $madd(&mut $acc[$i][$j], &$xs[$i][$off..$off + LANES], &$ws[$j][$off..$off + LANES]); )*
+    (@row $acc:ident, $xs:ident, $ws:ident, $off:ident, $i:tt, [$($j:tt),*]) => {
+        $( fmadd(&mut $acc[$i][$j], &$xs[$i][$off..$off + LANES], &$ws[$j][$off..$off + LANES]); )*
     };
 }
 
-dot_kernel!(dot_1x1, madd, 1, 1, [0], [0]);
-dot_kernel!(dot_1x3, madd, 1, 3, [0], [0, 1, 2]);
-dot_kernel!(dot_1x4, madd, 1, 4, [0], [0, 1, 2, 3]);
-dot_kernel!(dot_2x3, madd, 2, 3, [0, 1], [0, 1, 2]);
-dot_kernel!(score_1x1, fmadd, 1, 1, [0], [0]);
-dot_kernel!(score_1x3, fmadd, 1, 3, [0], [0, 1, 2]);
-dot_kernel!(score_2x3, fmadd, 2, 3, [0, 1], [0, 1, 2]);
+dot_kernel!(dot_1x1, 1, 1, [0], [0]);
+dot_kernel!(dot_1x3, 1, 3, [0], [0, 1, 2]);
+dot_kernel!(dot_1x4, 1, 4, [0], [0, 1, 2, 3]);
+dot_kernel!(dot_2x3, 2, 3, [0, 1], [0, 1, 2]);
 
 #[inline(always)]
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
@@ -282,54 +280,146 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 /// If the lengths differ.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
-    dispatch!(dot_avx2, dot_portable, fn(a: &[f32], b: &[f32]) -> f32);
+    dispatch!(
+        dot_avx512,
+        dot_avx2,
+        dot_portable,
+        fn(a: &[f32], b: &[f32]) -> f32
+    );
 }
 
-/// An attention score: the dot product of a query and a key in [`dot`]'s 16-lane order, each
-/// step a fused multiply-add (see the module documentation).
-///
-/// # Panics
-/// If the lengths differ.
-pub fn score(q: &[f32], k: &[f32]) -> f32 {
-    assert_eq!(q.len(), k.len(), "score of slices of different lengths");
-    dispatch!(score_avx2, score_portable, fn(q: &[f32], k: &[f32]) -> f32);
-}
-
-#[inline(always)]
-fn score_portable(q: &[f32], k: &[f32]) -> f32 {
-    score_1x1([q], [k], q.len())[0][0]
-}
-
-/// Hand-written AVX2 forms of the 16-lane dot products, for where the compiler's output of the
-/// portable source is slow (attention scores, where the out-of-line tree reduction is half the
-/// work of a 64-wide head). Same operations per lane as [`madd`] (or [`fmadd`] for scores)
-/// and [`reduce`], so the same bits.
+/// Hand-written AVX-512 and AVX2 forms of the 16-lane dot products, for where the compiler's
+/// output of the portable source is slow (the matmul tiles spill accumulators; attention
+/// scores, where the out-of-line tree reduction is half the work of a 64-wide head). Same
+/// operations per lane as [`fmadd`] and [`reduce`], so the same bits.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod simd {
     use std::arch::x86_64::*;
+    use std::sync::OnceLock;
 
     use super::LANES;
 
-    /// AVX2 and FMA: every x86-64 CPU with AVX2 that we know of has both.
-    pub(crate) fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    /// The x86-64 vector extensions the kernels are compiled for.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Level {
+        /// AVX2 and FMA: 16 lanes are two registers.
+        Avx2,
+        /// AVX-512F (with AVX2 and FMA): 16 lanes are one register, and there are 32 of them.
+        Avx512,
     }
 
-    /// `out[i * nb + j] = score(a[i], b[j])` for `na` rows of `a` and `nb` rows of `b`, all
-    /// `k` long (a multiple of [`LANES`]): attention scores of several queries, each a 16-lane
-    /// dot product with fused multiply-adds (see the module documentation).
-    pub(crate) fn gram(a: &[f32], na: usize, b: &[f32], nb: usize, k: usize, out: &mut [f32]) {
-        assert!(available(), "simd::gram called without AVX2 and FMA");
+    impl Level {
+        /// The best level this CPU has, or `None` (the portable code).
+        ///
+        /// `AGENTKV_SIMD=avx2` or `=none` caps it, to compare the paths on one machine (they
+        /// compute the same bits; only the speed differs).
+        pub(crate) fn best() -> Option<Level> {
+            static BEST: OnceLock<Option<Level>> = OnceLock::new();
+            *BEST.get_or_init(|| {
+                let cap = std::env::var("AGENTKV_SIMD").unwrap_or_default();
+                let all = Level::all();
+                match cap.as_str() {
+                    "none" => None,
+                    "avx2" => all.into_iter().find(|&l| l == Level::Avx2),
+                    _ => all.last().copied(),
+                }
+            })
+        }
+
+        /// Every level this CPU has, lowest first (tests run each).
+        pub(crate) fn all() -> Vec<Level> {
+            let mut all = Vec::new();
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                all.push(Level::Avx2);
+                if is_x86_feature_detected!("avx512f") {
+                    all.push(Level::Avx512);
+                }
+            }
+            all
+        }
+
+        /// Whether this CPU has `self`.
+        fn present(self) -> bool {
+            Level::all().contains(&self)
+        }
+    }
+
+    /// `out[i * nb + j] = dot(a[i], b[j])` for `na` rows of `a` and `nb` rows of `b`, all `k`
+    /// long (a multiple of [`LANES`]): the attention scores of several queries.
+    ///
+    /// # Panics
+    /// If the CPU lacks `level` or a length is short.
+    pub(crate) fn gram(
+        level: Level,
+        a: &[f32],
+        na: usize,
+        b: &[f32],
+        nb: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        assert!(
+            level.present(),
+            "simd::gram at {level:?} on a CPU without it"
+        );
         assert!(
             k.is_multiple_of(LANES),
             "simd::gram needs whole 16-lane chunks"
         );
         assert!(a.len() >= na * k && b.len() >= nb * k, "simd::gram rows");
         assert!(out.len() >= na * nb, "simd::gram output");
-        // SAFETY: AVX2 and FMA are available and the lengths are checked above: every
-        // micro-kernel call reads rows i < na of a and j < nb of b, k values each, and writes
+        // SAFETY: the CPU has `level` and the lengths are checked above: every micro-kernel
+        // call reads rows i < na of a and j < nb of b, k values each, and writes
         // out[i * nb + j].
-        unsafe { gram_avx2(a.as_ptr(), na, b.as_ptr(), nb, k, out) }
+        unsafe {
+            match level {
+                Level::Avx2 => gram_avx2(a.as_ptr(), na, b.as_ptr(), nb, k, out),
+                Level::Avx512 => gram_avx512(a.as_ptr(), na, b.as_ptr(), nb, k, out),
+            }
+        }
+    }
+
+    /// The tiles of [`gram`], with `$kernel::<R, C>` as the micro-kernel.
+    macro_rules! gram_tiles {
+        ($kernel:ident, $a:ident, $na:ident, $b:ident, $nb:ident, $k:ident, $out:ident) => {{
+            macro_rules! tile {
+                ($r:literal, $c:literal, $i:expr, $j:expr) => {{
+                    let (i, j) = ($i, $j);
+                    let t = $kernel::<$r, $c>($a.add(i * $k), $b.add(j * $k), $k);
+                    for (di, row) in t.iter().enumerate() {
+                        $out[(i + di) * $nb + j..][..$c].copy_from_slice(row);
+                    }
+                }};
+            }
+            let mut i = 0;
+            if $na == 1 {
+                let mut j = 0;
+                while j + 4 <= $nb {
+                    tile!(1, 4, 0, j);
+                    j += 4;
+                }
+                for j in j..$nb {
+                    tile!(1, 1, 0, j);
+                }
+                return;
+            }
+            while i + 2 <= $na {
+                let mut j = 0;
+                while j + 2 <= $nb {
+                    tile!(2, 2, i, j);
+                    j += 2;
+                }
+                for j in j..$nb {
+                    tile!(2, 1, i, j);
+                }
+                i += 2;
+            }
+            if i < $na {
+                for j in 0..$nb {
+                    tile!(1, 1, i, j);
+                }
+            }
+        }};
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -341,55 +431,32 @@ pub(crate) mod simd {
         k: usize,
         out: &mut [f32],
     ) {
-        macro_rules! tile {
-            ($r:literal, $c:literal, $i:expr, $j:expr) => {{
-                let (i, j) = ($i, $j);
-                let t = kernel::<$r, $c, true>(a.add(i * k), b.add(j * k), k);
-                for (di, row) in t.iter().enumerate() {
-                    out[(i + di) * nb + j..][..$c].copy_from_slice(row);
-                }
-            }};
-        }
         // SAFETY: the caller's bounds (see `gram`).
-        unsafe {
-            let mut i = 0;
-            if na == 1 {
-                let mut j = 0;
-                while j + 4 <= nb {
-                    tile!(1, 4, 0, j);
-                    j += 4;
-                }
-                for j in j..nb {
-                    tile!(1, 1, 0, j);
-                }
-                return;
-            }
-            while i + 2 <= na {
-                let mut j = 0;
-                while j + 2 <= nb {
-                    tile!(2, 2, i, j);
-                    j += 2;
-                }
-                for j in j..nb {
-                    tile!(2, 1, i, j);
-                }
-                i += 2;
-            }
-            if i < na {
-                for j in 0..nb {
-                    tile!(1, 1, i, j);
-                }
-            }
-        }
+        unsafe { gram_tiles!(kernel, a, na, b, nb, k, out) }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn gram_avx512(
+        a: *const f32,
+        na: usize,
+        b: *const f32,
+        nb: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's bounds (see `gram`).
+        unsafe { gram_tiles!(kernel512, a, na, b, nb, k, out) }
     }
 
     /// One weight panel against rows of `x`, as [`super::panel_portable`] computes it:
     /// `out[i * ld + j] = dot(x[i], w[j])` for the `rows` rows of `w`, all `k` long (a multiple
     /// of [`LANES`]).
     ///
-    /// Written out because the compiler's 2x3 tile of the portable source spills accumulators
-    /// to the stack; [`kernel_2x3`] keeps them in registers.
+    /// # Panics
+    /// If the CPU lacks `level` or a length is short.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn panel(
+        level: Level,
         x: &[f32],
         m: usize,
         k: usize,
@@ -398,19 +465,80 @@ pub(crate) mod simd {
         out: &mut [f32],
         ld: usize,
     ) {
-        assert!(available(), "simd::panel called without AVX2");
+        assert!(
+            level.present(),
+            "simd::panel at {level:?} on a CPU without it"
+        );
         assert!(
             k.is_multiple_of(LANES),
             "simd::panel needs whole 16-lane chunks"
         );
         assert!(x.len() >= m * k && w.len() >= rows * k, "simd::panel rows");
-        // SAFETY: AVX2 is available and the input lengths are checked above: every
+        // SAFETY: the CPU has `level` and the input lengths are checked above: every
         // micro-kernel call reads rows i < m of x and j < rows of w, k values each. Writes are
         // indexed (bounds-checked).
-        unsafe { panel_avx2(x.as_ptr(), m, k, w.as_ptr(), rows, out, ld) }
+        unsafe {
+            match level {
+                Level::Avx2 => panel_avx2(x.as_ptr(), m, k, w.as_ptr(), rows, out, ld),
+                Level::Avx512 => panel_avx512(x.as_ptr(), m, k, w.as_ptr(), rows, out, ld),
+            }
+        }
     }
 
-    #[target_feature(enable = "avx2")]
+    /// Rows of `x` by weight rows per AVX-512 matmul tile: 24 accumulators, the tile's four
+    /// weight chunks and one `x` chunk fill 29 of the 32 registers.
+    const R512: usize = 6;
+    const C512: usize = 4;
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn panel_avx512(
+        x: *const f32,
+        m: usize,
+        k: usize,
+        w: *const f32,
+        rows: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        macro_rules! tile {
+            ($r:expr, $c:literal, $i:expr, $j:expr) => {{
+                let (i, j) = ($i, $j);
+                let t = kernel512::<{ $r }, $c>(x.add(i * k), w.add(j * k), k);
+                for (di, row) in t.iter().enumerate() {
+                    out[(i + di) * ld + j..][..$c].copy_from_slice(row);
+                }
+            }};
+        }
+        // SAFETY: the caller's bounds (see `panel`).
+        unsafe {
+            for i0 in (0..m).step_by(super::MB) {
+                let i1 = (i0 + super::MB).min(m);
+                let mut j = 0;
+                while j + C512 <= rows {
+                    let mut i = i0;
+                    while i + R512 <= i1 {
+                        tile!(R512, 4, i, j);
+                        i += R512;
+                    }
+                    while i + 2 <= i1 {
+                        tile!(2, 4, i, j);
+                        i += 2;
+                    }
+                    if i < i1 {
+                        tile!(1, 4, i, j);
+                    }
+                    j += C512;
+                }
+                for j in j..rows {
+                    for i in i0..i1 {
+                        tile!(1, 1, i, j);
+                    }
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn panel_avx2(
         x: *const f32,
         m: usize,
@@ -423,7 +551,7 @@ pub(crate) mod simd {
         macro_rules! tile {
             ($r:literal, $c:literal, $i:expr, $j:expr) => {{
                 let (i, j) = ($i, $j);
-                let t = kernel::<$r, $c, false>(x.add(i * k), w.add(j * k), k);
+                let t = kernel::<$r, $c>(x.add(i * k), w.add(j * k), k);
                 for (di, row) in t.iter().enumerate() {
                     out[(i + di) * ld + j..][..$c].copy_from_slice(row);
                 }
@@ -470,13 +598,14 @@ pub(crate) mod simd {
 
     /// [`kernel`]`::<2, 3>` for rows `x0`, `x1` against the three rows of `w` (`k` apart), in
     /// assembly: the compiler's register allocation of the intrinsics spills accumulators.
-    /// Twelve accumulators (`ymm0..=11`), one `x` row's chunk (`ymm12..=13`) and two products
-    /// (`ymm14..=15`); weight chunks are memory operands. Per lane it is the same multiply
-    /// then add as [`super::madd`], so the same bits.
+    /// Twelve accumulators (`ymm0..=11`) and one `x` row's chunk (`ymm12..=13`); weight chunks
+    /// are memory operands. Per lane it is the same fused multiply-add as [`super::fmadd`], so
+    /// the same bits.
     ///
     /// # Safety
-    /// AVX2 is available; `x0` and `x1` point to `k` values, `w` to `3 * k`, `k % 16 == 0`.
-    #[target_feature(enable = "avx2")]
+    /// AVX2 and FMA are available; `x0` and `x1` point to `k` values, `w` to `3 * k`,
+    /// `k % 16 == 0`.
+    #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn kernel_2x3(x0: *const f32, x1: *const f32, w: *const f32, k: usize) -> [[f32; 3]; 2] {
         // SAFETY: the caller's contract. The loop body runs k / 16 times (k > 0 is checked
@@ -503,32 +632,20 @@ pub(crate) mod simd {
                 "2:",
                 "vmovups ymm12, [{x0} + {off}]",
                 "vmovups ymm13, [{x0} + {off} + 32]",
-                "vmulps ymm14, ymm12, [{w0} + {off}]",
-                "vmulps ymm15, ymm13, [{w0} + {off} + 32]",
-                "vaddps ymm0, ymm0, ymm14",
-                "vaddps ymm1, ymm1, ymm15",
-                "vmulps ymm14, ymm12, [{w1} + {off}]",
-                "vmulps ymm15, ymm13, [{w1} + {off} + 32]",
-                "vaddps ymm2, ymm2, ymm14",
-                "vaddps ymm3, ymm3, ymm15",
-                "vmulps ymm14, ymm12, [{w2} + {off}]",
-                "vmulps ymm15, ymm13, [{w2} + {off} + 32]",
-                "vaddps ymm4, ymm4, ymm14",
-                "vaddps ymm5, ymm5, ymm15",
+                "vfmadd231ps ymm0, ymm12, [{w0} + {off}]",
+                "vfmadd231ps ymm1, ymm13, [{w0} + {off} + 32]",
+                "vfmadd231ps ymm2, ymm12, [{w1} + {off}]",
+                "vfmadd231ps ymm3, ymm13, [{w1} + {off} + 32]",
+                "vfmadd231ps ymm4, ymm12, [{w2} + {off}]",
+                "vfmadd231ps ymm5, ymm13, [{w2} + {off} + 32]",
                 "vmovups ymm12, [{x1} + {off}]",
                 "vmovups ymm13, [{x1} + {off} + 32]",
-                "vmulps ymm14, ymm12, [{w0} + {off}]",
-                "vmulps ymm15, ymm13, [{w0} + {off} + 32]",
-                "vaddps ymm6, ymm6, ymm14",
-                "vaddps ymm7, ymm7, ymm15",
-                "vmulps ymm14, ymm12, [{w1} + {off}]",
-                "vmulps ymm15, ymm13, [{w1} + {off} + 32]",
-                "vaddps ymm8, ymm8, ymm14",
-                "vaddps ymm9, ymm9, ymm15",
-                "vmulps ymm14, ymm12, [{w2} + {off}]",
-                "vmulps ymm15, ymm13, [{w2} + {off} + 32]",
-                "vaddps ymm10, ymm10, ymm14",
-                "vaddps ymm11, ymm11, ymm15",
+                "vfmadd231ps ymm6, ymm12, [{w0} + {off}]",
+                "vfmadd231ps ymm7, ymm13, [{w0} + {off} + 32]",
+                "vfmadd231ps ymm8, ymm12, [{w1} + {off}]",
+                "vfmadd231ps ymm9, ymm13, [{w1} + {off} + 32]",
+                "vfmadd231ps ymm10, ymm12, [{w2} + {off}]",
+                "vfmadd231ps ymm11, ymm13, [{w2} + {off} + 32]",
                 "add {off}, 64",
                 "cmp {off}, {end}",
                 "jb 2b",
@@ -553,8 +670,6 @@ pub(crate) mod simd {
                 out("ymm11") a[11],
                 out("ymm12") _,
                 out("ymm13") _,
-                out("ymm14") _,
-                out("ymm15") _,
                 options(nostack, readonly, pure),
             );
             let r = |n: usize| reduce([a[n], a[n + 1]]);
@@ -563,15 +678,14 @@ pub(crate) mod simd {
     }
 
     /// `R x C` dot products of rows of `a` with rows of `b`, each in the 16-lane order of
-    /// [`super::dot`]: lanes 0..8 and 8..16 are two registers. `FUSED` makes each step a fused
-    /// multiply-add, as attention scores are defined.
+    /// [`super::dot`]: lanes 0..8 and 8..16 are two registers.
     ///
     /// # Safety
-    /// AVX2 (and FMA if `FUSED`) is available; `a` has `R` rows and `b` has `C` rows of `k`
-    /// values, `k % 16 == 0`.
+    /// AVX2 and FMA are available; `a` has `R` rows and `b` has `C` rows of `k` values,
+    /// `k % 16 == 0`.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // literal indices keep the accumulators in registers
-    unsafe fn kernel<const R: usize, const C: usize, const FUSED: bool>(
+    unsafe fn kernel<const R: usize, const C: usize>(
         a: *const f32,
         b: *const f32,
         k: usize,
@@ -587,13 +701,8 @@ pub(crate) mod simd {
                         let br = b.add(j * k + c);
                         let (w0, w1) = (_mm256_loadu_ps(br), _mm256_loadu_ps(br.add(8)));
                         let a = &mut acc[i][j];
-                        if FUSED {
-                            a[0] = _mm256_fmadd_ps(x0, w0, a[0]);
-                            a[1] = _mm256_fmadd_ps(x1, w1, a[1]);
-                        } else {
-                            a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(x0, w0));
-                            a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(x1, w1));
-                        }
+                        a[0] = _mm256_fmadd_ps(x0, w0, a[0]);
+                        a[1] = _mm256_fmadd_ps(x1, w1, a[1]);
                     }
                 }
             }
@@ -601,6 +710,44 @@ pub(crate) mod simd {
             for i in 0..R {
                 for j in 0..C {
                     out[i][j] = reduce(acc[i][j]);
+                }
+            }
+            out
+        }
+    }
+
+    /// [`kernel`] with AVX-512: the 16 lanes are one register. Each chunk's `C` weight
+    /// registers are loaded once and shared by the `R` rows of `a`.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `a` has `R` rows and `b` has `C` rows of `k` values,
+    /// `k % 16 == 0`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // literal indices keep the accumulators in registers
+    unsafe fn kernel512<const R: usize, const C: usize>(
+        a: *const f32,
+        b: *const f32,
+        k: usize,
+    ) -> [[f32; C]; R] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            for c in (0..k).step_by(LANES) {
+                let mut w = [_mm512_setzero_ps(); C];
+                for j in 0..C {
+                    w[j] = _mm512_loadu_ps(b.add(j * k + c));
+                }
+                for i in 0..R {
+                    let x = _mm512_loadu_ps(a.add(i * k + c));
+                    for j in 0..C {
+                        acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
+                    }
+                }
+            }
+            let mut out = [[0.0f32; C]; R];
+            for i in 0..R {
+                for j in 0..C {
+                    out[i][j] = reduce512(acc[i][j]);
                 }
             }
             out
@@ -620,6 +767,20 @@ pub(crate) mod simd {
             let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
             let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // [s0 + s2, s1 + s3, ..]
             _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+        }
+    }
+
+    /// [`reduce`] on 16 lanes held as one AVX-512 register.
+    ///
+    /// # Safety
+    /// AVX-512F is available.
+    #[inline(always)]
+    pub(crate) unsafe fn reduce512(acc: __m512) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let lo = _mm512_castps512_ps256(acc);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+            reduce([lo, hi])
         }
     }
 }
@@ -690,11 +851,14 @@ fn panel_portable(
 
 fn panel(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize, out: &mut [f32], ld: usize) {
     #[cfg(target_arch = "x86_64")]
-    if k.is_multiple_of(LANES) && simd::available() {
-        simd::panel(x, m, k, w, rows, out, ld);
+    if k.is_multiple_of(LANES)
+        && let Some(level) = simd::Level::best()
+    {
+        simd::panel(level, x, m, k, w, rows, out, ld);
         return;
     }
     dispatch!(
+        panel_avx512,
         panel_avx2,
         panel_portable,
         fn(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize, out: &mut [f32], ld: usize)
@@ -996,21 +1160,21 @@ fn attend_portable(
         let ks = [krow(j), krow(j + 1), krow(j + 2)];
         let mut i = 0;
         while i + MR <= nq {
-            let r = score_2x3([qrow(i), qrow(i + 1)], ks, d);
+            let r = dot_2x3([qrow(i), qrow(i + 1)], ks, d);
             for (di, row) in r.iter().enumerate() {
                 scores[(i + di) * len + j..][..NR].copy_from_slice(row);
             }
             i += MR;
         }
         if i < nq {
-            let r = score_1x3([qrow(i)], ks, d);
+            let r = dot_1x3([qrow(i)], ks, d);
             scores[i * len + j..][..NR].copy_from_slice(&r[0]);
         }
         j += NR;
     }
     for j in j..len {
         for i in 0..nq {
-            scores[i * len + j] = score_1x1([qrow(i)], [krow(j)], d)[0][0];
+            scores[i * len + j] = dot_1x1([qrow(i)], [krow(j)], d)[0][0];
         }
     }
     // Softmax numerators per query, then their sums, each in position order.
@@ -1109,13 +1273,15 @@ fn row_sums(scores: &[f32], len: usize, lens: &[usize], sums: &mut [f32]) {
     }
 }
 
-/// Every `score(a[i], b[j])` into `out[i * nb + j]` with [`simd::gram`] when the CPU has AVX2
+/// Every `dot(a[i], b[j])` into `out[i * nb + j]` with [`simd::gram`] when the CPU has AVX2
 /// and FMA and the rows are whole 16-lane chunks; `false` (nothing written) otherwise.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn gram_simd(a: &[f32], na: usize, b: &[f32], nb: usize, k: usize, out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if k.is_multiple_of(LANES) && simd::available() {
-        simd::gram(a, na, b, nb, k, out);
+    if k.is_multiple_of(LANES)
+        && let Some(level) = simd::Level::best()
+    {
+        simd::gram(level, a, na, b, nb, k, out);
         return true;
     }
     false
@@ -1161,6 +1327,7 @@ fn attend(
         attend_portable(Queries { q, lens }, k, v, d, scale, scores, out)
     }
     dispatch!(
+        attend_avx512,
         attend_avx2,
         portable,
         fn(
@@ -1305,7 +1472,7 @@ mod tests {
     }
 
     #[test]
-    fn score_is_the_fused_16_lane_definition() {
+    fn dot_is_the_fused_16_lane_definition() {
         // An independent scalar statement of the definition: 16 lanes of fused multiply-adds
         // (the tail zero-padded), folded by `reduce`'s tree.
         fn reference(a: &[f32], b: &[f32]) -> f32 {
@@ -1315,42 +1482,55 @@ mod tests {
             }
             reduce(&acc)
         }
+        // The same order with a separate multiply and add: what the test must tell apart.
+        fn unfused(a: &[f32], b: &[f32]) -> f32 {
+            let mut acc = [0.0f32; LANES];
+            for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+                acc[i % LANES] += x * y;
+            }
+            reduce(&acc)
+        }
         let mut fused_differs = false;
         for k in [1, 15, 16, 17, 64, 100] {
             for seed in 0..8 {
                 let a = values(k, 40 + seed);
                 let b = values(k, 80 + seed);
                 let want = reference(&a, &b);
-                assert_eq!(score(&a, &b).to_bits(), want.to_bits(), "k {k}");
-                assert_eq!(score_portable(&a, &b).to_bits(), want.to_bits(), "k {k}");
-                fused_differs |= dot(&a, &b).to_bits() != want.to_bits();
+                assert_eq!(dot(&a, &b).to_bits(), want.to_bits(), "k {k}");
+                assert_eq!(dot_portable(&a, &b).to_bits(), want.to_bits(), "k {k}");
+                fused_differs |= unfused(&a, &b).to_bits() != want.to_bits();
             }
         }
-        // Otherwise the test could not tell a fused score from a plain dot product.
-        assert!(fused_differs, "no input told the fused score from dot");
+        // Otherwise the test could not tell a fused dot from a plain one.
+        assert!(
+            fused_differs,
+            "no input told the fused dot from the unfused one"
+        );
     }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn gram_is_score_bitwise() {
-        if !simd::available() {
+    fn gram_is_dot_bitwise() {
+        let levels = simd::Level::all();
+        if levels.is_empty() {
             eprintln!("skipping: no AVX2 and FMA");
-            return;
         }
         // Odd counts on both sides exercise every edge micro-kernel.
-        for (na, nb, k) in [(1, 7, 64), (5, 7, 64), (4, 9, 32), (3, 2, 576)] {
-            let a = values(na * k, 31);
-            let b = values(nb * k, 32);
-            let mut out = vec![f32::NAN; na * nb];
-            simd::gram(&a, na, &b, nb, k, &mut out);
-            for i in 0..na {
-                for j in 0..nb {
-                    let want = score_portable(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
-                    assert_eq!(
-                        out[i * nb + j].to_bits(),
-                        want.to_bits(),
-                        "{na}x{nb} ({i}, {j})"
-                    );
+        for level in levels {
+            for (na, nb, k) in [(1, 7, 64), (5, 7, 64), (4, 9, 32), (3, 2, 576), (9, 13, 64)] {
+                let a = values(na * k, 31);
+                let b = values(nb * k, 32);
+                let mut out = vec![f32::NAN; na * nb];
+                simd::gram(level, &a, na, &b, nb, k, &mut out);
+                for i in 0..na {
+                    for j in 0..nb {
+                        let want = dot_portable(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+                        assert_eq!(
+                            out[i * nb + j].to_bits(),
+                            want.to_bits(),
+                            "{level:?} {na}x{nb} ({i}, {j})"
+                        );
+                    }
                 }
             }
         }
@@ -1359,34 +1539,38 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn simd_panel_is_portable_panel_bitwise() {
-        if !simd::available() {
-            eprintln!("skipping: no AVX2");
-            return;
+        let levels = simd::Level::all();
+        if levels.is_empty() {
+            eprintln!("skipping: no AVX2 and FMA");
         }
-        // Row counts around the 2x3 and 1x4 tiles and the MB sweep; widths of one chunk up to
-        // the model's 1536.
-        for (m, rows, k) in [
-            (1, 9, 64),
-            (1, 3, 16),
-            (2, 3, 16),
-            (5, 7, 576),
-            (16, 12, 576),
-            (33, 13, 48),
-            (70, 4, 1536),
-        ] {
-            let x = values(m * k, 41);
-            let w = values(rows * k, 42);
-            // A column block of a wider output: columns outside it stay untouched.
-            let ld = rows + 5;
-            let mut want = vec![0.0; m * ld];
-            panel_portable(&x, m, k, &w, rows, &mut want, ld);
-            let mut got = vec![0.0; m * ld];
-            simd::panel(&x, m, k, &w, rows, &mut got, ld);
-            assert_eq!(
-                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "m={m} rows={rows} k={k}"
-            );
+        // Row counts around the 2x3, 1x4, 6x4 and 2x4 tiles and the MB sweep; widths of one
+        // chunk up to the model's 1536.
+        for level in levels {
+            for (m, rows, k) in [
+                (1, 9, 64),
+                (1, 3, 16),
+                (2, 3, 16),
+                (5, 7, 576),
+                (16, 12, 576),
+                (33, 13, 48),
+                (70, 4, 1536),
+                (13, 9, 64),
+                (6, 4, 32),
+            ] {
+                let x = values(m * k, 41);
+                let w = values(rows * k, 42);
+                // A column block of a wider output: columns outside it stay untouched.
+                let ld = rows + 5;
+                let mut want = vec![0.0; m * ld];
+                panel_portable(&x, m, k, &w, rows, &mut want, ld);
+                let mut got = vec![0.0; m * ld];
+                simd::panel(level, &x, m, k, &w, rows, &mut got, ld);
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{level:?} m={m} rows={rows} k={k}"
+                );
+            }
         }
     }
 
