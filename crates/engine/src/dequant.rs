@@ -11,10 +11,12 @@
 //! * [`gemv`] is the decode path (one activation row): it widens each block in registers and
 //!   multiplies it at once, one weight row at a time, so nothing is written back to memory.
 //!
-//! Both have a portable form (the reference) and an AVX2 form with the same operations in the
-//! same order per lane (the dot products' fused multiply-adds included); tests check they give
-//! the same bits. Q4_1's `d * q + m` is exact to fuse too: `d * q` loses nothing (see `block`). The AVX2 module is the
-//! one `unsafe` part: intrinsics and raw pointer reads whose bounds are checked once per call.
+//! Both have a portable form (the reference) and x86 forms (AVX2; `gemv` also AVX-512) with
+//! the same operations in the same order per lane (the dot products' fused multiply-adds
+//! included); tests check they give the same bits at every level the machine has. Q4_1's
+//! `d * q + m` is exact to fuse too: `d * q` loses nothing (see `block`). The `x86` module is
+//! the one `unsafe` part: intrinsics and raw pointer reads whose bounds are checked once per
+//! call.
 
 use crate::kernels;
 use crate::quant::{QK, QKind, QMatrix};
@@ -26,8 +28,8 @@ use crate::quant::{QK, QKind, QMatrix};
 /// If the rows are out of range or `out` has the wrong length.
 pub fn dequantize_rows(q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        avx2::dequantize_rows(q, r0, count, out);
+    if x86::available() {
+        x86::dequantize_rows(q, r0, count, out);
         return;
     }
     q.dequantize_rows(r0, count, out);
@@ -40,8 +42,8 @@ pub fn dequantize_rows(q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
 /// If `x.len() != q.cols()` or the rows are out of range.
 pub fn gemv(q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        avx2::gemv(q, r0, x, out);
+    if let Some(level) = kernels::simd::Level::best() {
+        x86::gemv(level, q, r0, x, out);
         return;
     }
     gemv_portable(q, r0, x, out);
@@ -59,9 +61,9 @@ fn gemv_portable(q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
+mod x86 {
     use super::{QK, QKind, QMatrix};
-    use crate::kernels::simd::reduce;
+    use crate::kernels::simd::{Level, reduce, reduce512};
     use std::arch::x86_64::*;
 
     /// AVX2 and FMA (an AVX-512 CPU has both), unless `AGENTKV_SIMD=none` asks for the
@@ -95,7 +97,7 @@ mod avx2 {
     pub(super) fn dequantize_rows(q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
         assert!(
             available(),
-            "avx2::dequantize_rows called without AVX2 and FMA"
+            "x86::dequantize_rows called without AVX2 and FMA"
         );
         let rows_end = r0.checked_add(count).expect("row range overflows");
         assert!(rows_end <= q.rows(), "dequantize_rows out of range");
@@ -106,14 +108,26 @@ mod avx2 {
         unsafe { dequantize_rows_avx2(&Blocks::new(q), r0, count, out.as_mut_ptr()) }
     }
 
-    pub(super) fn gemv(q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
-        assert!(available(), "avx2::gemv called without AVX2 and FMA");
+    /// [`super::gemv`] at `level` (AVX2 and FMA, or AVX-512).
+    ///
+    /// # Panics
+    /// If the CPU lacks `level`, as [`super::gemv`] otherwise.
+    pub(super) fn gemv(level: Level, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
+        assert!(
+            Level::all().contains(&level),
+            "x86::gemv at {level:?} on a CPU without it"
+        );
         assert_eq!(x.len(), q.cols(), "gemv input is not the weight's width");
         let rows_end = r0.checked_add(out.len()).expect("row range overflows");
         assert!(rows_end <= q.rows(), "gemv rows out of range");
-        // SAFETY: AVX2 and FMA are available and rows r0..r0 + out.len() exist (asserted
-        // above); `x` holds nb * QK values.
-        unsafe { gemv_avx2(&Blocks::new(q), r0, x.as_ptr(), out) }
+        // SAFETY: the CPU has `level` and rows r0..r0 + out.len() exist (asserted above); `x`
+        // holds nb * QK values.
+        unsafe {
+            match level {
+                Level::Avx2 => gemv_avx2(&Blocks::new(q), r0, x.as_ptr(), out),
+                Level::Avx512 => gemv_avx512(&Blocks::new(q), r0, x.as_ptr(), out),
+            }
+        }
     }
 
     /// The 32 values of block `blk` as four registers of 8, in element order.
@@ -185,6 +199,78 @@ mod avx2 {
             for (j, o) in out.iter_mut().enumerate() {
                 *o = gemv_row(b, r0 + j, x);
             }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn gemv_avx512(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
+        // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
+        unsafe {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = gemv_row512(b, r0 + j, x);
+            }
+        }
+    }
+
+    /// [`block`] as two AVX-512 registers: values 0..16 and 16..32.
+    ///
+    /// # Safety
+    /// AVX-512F is available and `blk` is a block of the matrix.
+    #[inline(always)]
+    unsafe fn block512(b: &Blocks, row: usize, blk_in_row: usize) -> [__m512; 2] {
+        // SAFETY: the caller's contract, as for `block`.
+        unsafe {
+            let blk = row * b.nb + blk_in_row;
+            let d = _mm512_set1_ps(*b.d.add(blk));
+            match b.kind {
+                QKind::Q4_1 => {
+                    let m = _mm512_set1_ps(*b.m.add(blk));
+                    let v = _mm_loadu_si128(b.qs.add(blk * QK / 2).cast());
+                    let mask = _mm_set1_epi8(0x0F);
+                    let lo = _mm_and_si128(v, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                    // Exact to fuse, as in `block`.
+                    let f = |bytes: __m128i| {
+                        let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+                        _mm512_fmadd_ps(d, q, m)
+                    };
+                    [f(lo), f(hi)]
+                }
+                QKind::Q8_0 => {
+                    let p = b.qs.add(blk * QK);
+                    let f = |bytes: __m128i| {
+                        _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
+                    };
+                    [
+                        f(_mm_loadu_si128(p.cast())),
+                        f(_mm_loadu_si128(p.add(16).cast())),
+                    ]
+                }
+            }
+        }
+    }
+
+    /// [`gemv_row`] with AVX-512: the 16 lanes are one register; a block's first 16 values are
+    /// one chunk and its last 16 the next, as there.
+    ///
+    /// # Safety
+    /// AVX-512F is available, row `row` exists and `x` has `nb * QK` values.
+    #[inline(always)]
+    unsafe fn gemv_row512(b: &Blocks, row: usize, x: *const f32) -> f32 {
+        let block_bytes = b.kind.qs_bytes();
+        // SAFETY: as in `gemv_row`.
+        unsafe {
+            let mut acc = _mm512_setzero_ps();
+            for blk in 0..b.nb {
+                let ahead =
+                    b.qs.wrapping_add((row * b.nb + blk) * block_bytes + PREFETCH);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                let xp = x.add(blk * QK);
+                let w = block512(b, row, blk);
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp), w[0], acc);
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(16)), w[1], acc);
+            }
+            reduce512(acc)
         }
     }
 
@@ -268,6 +354,13 @@ mod tests {
             let mut reference = vec![f32::NAN; rows - 1];
             gemv_portable(&q, 1, &x, &mut reference);
             assert_eq!(bits(&got), bits(&reference), "{kind:?}");
+            // Every SIMD level this machine has, not only the one `gemv` picks.
+            #[cfg(target_arch = "x86_64")]
+            for level in kernels::simd::Level::all() {
+                let mut at = vec![f32::NAN; rows - 1];
+                x86::gemv(level, &q, 1, &x, &mut at);
+                assert_eq!(bits(&at), bits(&reference), "{kind:?} {level:?}");
+            }
             let mut row = vec![0.0f32; cols];
             for (j, &g) in got.iter().enumerate() {
                 q.row_into(1 + j, &mut row);

@@ -379,49 +379,6 @@ pub(crate) mod simd {
         }
     }
 
-    /// The tiles of [`gram`], with `$kernel::<R, C>` as the micro-kernel.
-    macro_rules! gram_tiles {
-        ($kernel:ident, $a:ident, $na:ident, $b:ident, $nb:ident, $k:ident, $out:ident) => {{
-            macro_rules! tile {
-                ($r:literal, $c:literal, $i:expr, $j:expr) => {{
-                    let (i, j) = ($i, $j);
-                    let t = $kernel::<$r, $c>($a.add(i * $k), $b.add(j * $k), $k);
-                    for (di, row) in t.iter().enumerate() {
-                        $out[(i + di) * $nb + j..][..$c].copy_from_slice(row);
-                    }
-                }};
-            }
-            let mut i = 0;
-            if $na == 1 {
-                let mut j = 0;
-                while j + 4 <= $nb {
-                    tile!(1, 4, 0, j);
-                    j += 4;
-                }
-                for j in j..$nb {
-                    tile!(1, 1, 0, j);
-                }
-                return;
-            }
-            while i + 2 <= $na {
-                let mut j = 0;
-                while j + 2 <= $nb {
-                    tile!(2, 2, i, j);
-                    j += 2;
-                }
-                for j in j..$nb {
-                    tile!(2, 1, i, j);
-                }
-                i += 2;
-            }
-            if i < $na {
-                for j in 0..$nb {
-                    tile!(1, 1, i, j);
-                }
-            }
-        }};
-    }
-
     #[target_feature(enable = "avx2,fma")]
     unsafe fn gram_avx2(
         a: *const f32,
@@ -431,9 +388,50 @@ pub(crate) mod simd {
         k: usize,
         out: &mut [f32],
     ) {
+        macro_rules! tile {
+            ($r:literal, $c:literal, $i:expr, $j:expr) => {{
+                let (i, j) = ($i, $j);
+                let t = kernel::<$r, $c>(a.add(i * k), b.add(j * k), k);
+                for (di, row) in t.iter().enumerate() {
+                    out[(i + di) * nb + j..][..$c].copy_from_slice(row);
+                }
+            }};
+        }
         // SAFETY: the caller's bounds (see `gram`).
-        unsafe { gram_tiles!(kernel, a, na, b, nb, k, out) }
+        unsafe {
+            let mut i = 0;
+            if na == 1 {
+                let mut j = 0;
+                while j + 4 <= nb {
+                    tile!(1, 4, 0, j);
+                    j += 4;
+                }
+                for j in j..nb {
+                    tile!(1, 1, 0, j);
+                }
+                return;
+            }
+            while i + 2 <= na {
+                let mut j = 0;
+                while j + 2 <= nb {
+                    tile!(2, 2, i, j);
+                    j += 2;
+                }
+                for j in j..nb {
+                    tile!(2, 1, i, j);
+                }
+                i += 2;
+            }
+            if i < na {
+                for j in 0..nb {
+                    tile!(1, 1, i, j);
+                }
+            }
+        }
     }
+
+    /// Keys per AVX-512 score tile: their 16 sums are reduced together ([`reduce16`]).
+    const KEYS512: usize = 16;
 
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn gram_avx512(
@@ -445,7 +443,94 @@ pub(crate) mod simd {
         out: &mut [f32],
     ) {
         // SAFETY: the caller's bounds (see `gram`).
-        unsafe { gram_tiles!(kernel512, a, na, b, nb, k, out) }
+        unsafe {
+            // Blocks of 16 keys (16 KiB at most for 64-wide heads: they stay in L1 while
+            // every query sweeps them), each query's 16 scores from one tile.
+            let full = nb - nb % KEYS512;
+            for j in (0..full).step_by(KEYS512) {
+                for i in 0..na {
+                    let scores = kernel512_1x16(a.add(i * k), b.add(j * k), k);
+                    out[i * nb + j..][..KEYS512].copy_from_slice(&scores);
+                }
+            }
+            for i in 0..na {
+                let mut j = full;
+                while j + 4 <= nb {
+                    let t = kernel512::<1, 4>(a.add(i * k), b.add(j * k), k);
+                    out[i * nb + j..][..4].copy_from_slice(&t[0]);
+                    j += 4;
+                }
+                for j in j..nb {
+                    out[i * nb + j] = kernel512::<1, 1>(a.add(i * k), b.add(j * k), k)[0][0];
+                }
+            }
+        }
+    }
+
+    /// The dot products of row `a` with the 16 rows of `b` (`k` apart), reduced together.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `a` has `k` values and `b` has `16 * k`, `k % 16 == 0`.
+    #[inline(always)]
+    unsafe fn kernel512_1x16(a: *const f32, b: *const f32, k: usize) -> [f32; KEYS512] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); KEYS512];
+            for c in (0..k).step_by(LANES) {
+                let x = _mm512_loadu_ps(a.add(c));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(x, _mm512_loadu_ps(b.add(j * k + c)), *acc);
+                }
+            }
+            let mut out = [0.0f32; KEYS512];
+            _mm512_storeu_ps(out.as_mut_ptr(), reduce16(&acc));
+            out
+        }
+    }
+
+    /// [`reduce512`] of 16 registers at once: lane `j` of the result is `reduce512(acc[j])`,
+    /// with the same additions in the same tree (each step adds pairs of lanes of one
+    /// accumulator, which shuffles first bring into the same lane). 45 instructions for 16
+    /// sums, where 16 separate reductions take about 120.
+    ///
+    /// # Safety
+    /// AVX-512F is available.
+    #[inline(always)]
+    unsafe fn reduce16(acc: &[__m512; KEYS512]) -> __m512 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            // Inputs in transposed order: the shuffles below leave A[4p + q]'s sum in lane
+            // 4q + p, so A[4p + q] = acc[4q + p] puts acc[j]'s sum in lane j.
+            let a = |i: usize| acc[(i % 4) * 4 + i / 4];
+            // s8[l] = x[l] + x[l + 8]: quarters (0, 2) and (1, 3) of A[2m] and A[2m + 1].
+            let s: [__m512; 8] = std::array::from_fn(|m| {
+                let (p, q) = (a(2 * m), a(2 * m + 1));
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x44>(p, q),
+                    _mm512_shuffle_f32x4::<0xEE>(p, q),
+                )
+            });
+            // s4[l] = s8[l] + s8[l + 4]: quarter q of u[n] is A[4n + q]'s s4.
+            let u: [__m512; 4] = std::array::from_fn(|n| {
+                let (p, q) = (s[2 * n], s[2 * n + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x88>(p, q),
+                    _mm512_shuffle_f32x4::<0xDD>(p, q),
+                )
+            });
+            // (s4[0] + s4[2]) + (s4[1] + s4[3]) within each quarter.
+            let w: [__m512; 2] = std::array::from_fn(|n| {
+                let (p, q) = (u[2 * n], u[2 * n + 1]);
+                _mm512_add_ps(
+                    _mm512_shuffle_ps::<0x44>(p, q),
+                    _mm512_shuffle_ps::<0xEE>(p, q),
+                )
+            });
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x88>(w[0], w[1]),
+                _mm512_shuffle_ps::<0xDD>(w[0], w[1]),
+            )
+        }
     }
 
     /// One weight panel against rows of `x`, as [`super::panel_portable`] computes it:
@@ -517,10 +602,17 @@ pub(crate) mod simd {
                 while j + C512 <= rows {
                     let mut i = i0;
                     while i + R512 <= i1 {
-                        tile!(R512, 4, i, j);
+                        let t = kernel512_6x4(x.add(i * k), k, w.add(j * k));
+                        for (di, row) in t.iter().enumerate() {
+                            out[(i + di) * ld + j..][..C512].copy_from_slice(row);
+                        }
                         i += R512;
                     }
-                    while i + 2 <= i1 {
+                    if i + 4 <= i1 {
+                        tile!(4, 4, i, j);
+                        i += 4;
+                    }
+                    if i + 2 <= i1 {
                         tile!(2, 4, i, j);
                         i += 2;
                     }
@@ -674,6 +766,140 @@ pub(crate) mod simd {
             );
             let r = |n: usize| reduce([a[n], a[n + 1]]);
             [[r(0), r(2), r(4)], [r(6), r(8), r(10)]]
+        }
+    }
+
+    /// [`kernel512`]`::<6, 4>` for the six rows of `x` (`k` apart) against the four rows of
+    /// `w` (`k` apart), in assembly: the compiler's register allocation of the intrinsics
+    /// spills accumulators. 24 accumulators (`zmm0..=23`), the chunk's four weight registers
+    /// (`zmm24..=27`) and one `x` chunk (`zmm28`). Per lane the same fused multiply-add as
+    /// [`super::fmadd`], so the same bits.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `x` points to `6 * k` values, `w` to `4 * k`, `k % 16 == 0`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn kernel512_6x4(x: *const f32, k: usize, w: *const f32) -> [[f32; 4]; 6] {
+        // SAFETY: the caller's contract. The loop body runs k / 16 times (k > 0 is checked
+        // first, as the loop tests its bound at the end); every load is within the rows.
+        unsafe {
+            if k == 0 {
+                return [[0.0; 4]; 6];
+            }
+            let mut a = [_mm512_setzero_ps(); 24];
+            std::arch::asm!(
+                "vxorps zmm0, zmm0, zmm0",
+                "vxorps zmm1, zmm1, zmm1",
+                "vxorps zmm2, zmm2, zmm2",
+                "vxorps zmm3, zmm3, zmm3",
+                "vxorps zmm4, zmm4, zmm4",
+                "vxorps zmm5, zmm5, zmm5",
+                "vxorps zmm6, zmm6, zmm6",
+                "vxorps zmm7, zmm7, zmm7",
+                "vxorps zmm8, zmm8, zmm8",
+                "vxorps zmm9, zmm9, zmm9",
+                "vxorps zmm10, zmm10, zmm10",
+                "vxorps zmm11, zmm11, zmm11",
+                "vxorps zmm12, zmm12, zmm12",
+                "vxorps zmm13, zmm13, zmm13",
+                "vxorps zmm14, zmm14, zmm14",
+                "vxorps zmm15, zmm15, zmm15",
+                "vxorps zmm16, zmm16, zmm16",
+                "vxorps zmm17, zmm17, zmm17",
+                "vxorps zmm18, zmm18, zmm18",
+                "vxorps zmm19, zmm19, zmm19",
+                "vxorps zmm20, zmm20, zmm20",
+                "vxorps zmm21, zmm21, zmm21",
+                "vxorps zmm22, zmm22, zmm22",
+                "vxorps zmm23, zmm23, zmm23",
+                "2:",
+                "vmovups zmm24, [{w0} + {off}]",
+                "vmovups zmm25, [{w1} + {off}]",
+                "vmovups zmm26, [{w2} + {off}]",
+                "vmovups zmm27, [{w3} + {off}]",
+                "vmovups zmm28, [{x0} + {off}]",
+                "vfmadd231ps zmm0, zmm28, zmm24",
+                "vfmadd231ps zmm1, zmm28, zmm25",
+                "vfmadd231ps zmm2, zmm28, zmm26",
+                "vfmadd231ps zmm3, zmm28, zmm27",
+                "vmovups zmm28, [{x1} + {off}]",
+                "vfmadd231ps zmm4, zmm28, zmm24",
+                "vfmadd231ps zmm5, zmm28, zmm25",
+                "vfmadd231ps zmm6, zmm28, zmm26",
+                "vfmadd231ps zmm7, zmm28, zmm27",
+                "vmovups zmm28, [{x2} + {off}]",
+                "vfmadd231ps zmm8, zmm28, zmm24",
+                "vfmadd231ps zmm9, zmm28, zmm25",
+                "vfmadd231ps zmm10, zmm28, zmm26",
+                "vfmadd231ps zmm11, zmm28, zmm27",
+                "vmovups zmm28, [{x3} + {off}]",
+                "vfmadd231ps zmm12, zmm28, zmm24",
+                "vfmadd231ps zmm13, zmm28, zmm25",
+                "vfmadd231ps zmm14, zmm28, zmm26",
+                "vfmadd231ps zmm15, zmm28, zmm27",
+                "vmovups zmm28, [{x4} + {off}]",
+                "vfmadd231ps zmm16, zmm28, zmm24",
+                "vfmadd231ps zmm17, zmm28, zmm25",
+                "vfmadd231ps zmm18, zmm28, zmm26",
+                "vfmadd231ps zmm19, zmm28, zmm27",
+                "vmovups zmm28, [{x5} + {off}]",
+                "vfmadd231ps zmm20, zmm28, zmm24",
+                "vfmadd231ps zmm21, zmm28, zmm25",
+                "vfmadd231ps zmm22, zmm28, zmm26",
+                "vfmadd231ps zmm23, zmm28, zmm27",
+                "add {off}, 64",
+                "cmp {off}, {end}",
+                "jb 2b",
+                x0 = in(reg) x,
+                x1 = in(reg) x.add(k),
+                x2 = in(reg) x.add(2 * k),
+                x3 = in(reg) x.add(3 * k),
+                x4 = in(reg) x.add(4 * k),
+                x5 = in(reg) x.add(5 * k),
+                w0 = in(reg) w,
+                w1 = in(reg) w.add(k),
+                w2 = in(reg) w.add(2 * k),
+                w3 = in(reg) w.add(3 * k),
+                off = inout(reg) 0usize => _,
+                end = in(reg) k * size_of::<f32>(),
+                out("zmm0") a[0],
+                out("zmm1") a[1],
+                out("zmm2") a[2],
+                out("zmm3") a[3],
+                out("zmm4") a[4],
+                out("zmm5") a[5],
+                out("zmm6") a[6],
+                out("zmm7") a[7],
+                out("zmm8") a[8],
+                out("zmm9") a[9],
+                out("zmm10") a[10],
+                out("zmm11") a[11],
+                out("zmm12") a[12],
+                out("zmm13") a[13],
+                out("zmm14") a[14],
+                out("zmm15") a[15],
+                out("zmm16") a[16],
+                out("zmm17") a[17],
+                out("zmm18") a[18],
+                out("zmm19") a[19],
+                out("zmm20") a[20],
+                out("zmm21") a[21],
+                out("zmm22") a[22],
+                out("zmm23") a[23],
+                out("zmm24") _,
+                out("zmm25") _,
+                out("zmm26") _,
+                out("zmm27") _,
+                out("zmm28") _,
+                options(nostack, readonly, pure),
+            );
+            let mut out = [[0.0f32; 4]; 6];
+            for (i, row) in out.iter_mut().enumerate() {
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o = reduce512(a[i * 4 + j]);
+                }
+            }
+            out
         }
     }
 
@@ -1517,7 +1743,16 @@ mod tests {
         }
         // Odd counts on both sides exercise every edge micro-kernel.
         for level in levels {
-            for (na, nb, k) in [(1, 7, 64), (5, 7, 64), (4, 9, 32), (3, 2, 576), (9, 13, 64)] {
+            for (na, nb, k) in [
+                (1, 7, 64),
+                (5, 7, 64),
+                (4, 9, 32),
+                (3, 2, 576),
+                (9, 13, 64),
+                (1, 16, 64),
+                (3, 37, 64),
+                (2, 50, 16),
+            ] {
                 let a = values(na * k, 31);
                 let b = values(nb * k, 32);
                 let mut out = vec![f32::NAN; na * nb];
