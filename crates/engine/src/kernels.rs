@@ -893,11 +893,17 @@ pub(crate) mod simd {
                 out("zmm28") _,
                 options(nostack, readonly, pure),
             );
+            // Rows 0..4 in one batched reduction, rows 4..6 (and eight zeros) in another: lane
+            // 4i + j of each holds output (i, j) of its rows.
+            let zero = _mm512_setzero_ps();
+            let first: [__m512; 16] = std::array::from_fn(|n| a[n]);
+            let rest: [__m512; 16] = std::array::from_fn(|n| if n < 8 { a[16 + n] } else { zero });
+            let mut lanes = [0.0f32; 32];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), reduce16(&first));
+            _mm512_storeu_ps(lanes.as_mut_ptr().add(16), reduce16(&rest));
             let mut out = [[0.0f32; 4]; 6];
-            for (i, row) in out.iter_mut().enumerate() {
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o = reduce512(a[i * 4 + j]);
-                }
+            for (row, l) in out.iter_mut().zip(lanes.chunks_exact(4)) {
+                row.copy_from_slice(l);
             }
             out
         }
@@ -971,6 +977,16 @@ pub(crate) mod simd {
                 }
             }
             let mut out = [[0.0f32; C]; R];
+            if R * C == KEYS512 {
+                // Sixteen sums (the 4x4 tile): one batched reduction, lane i * C + j.
+                let flat: [__m512; KEYS512] = std::array::from_fn(|n| acc[n / C][n % C]);
+                let mut lanes = [0.0f32; KEYS512];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), reduce16(&flat));
+                for (row, l) in out.iter_mut().zip(lanes.chunks_exact(C)) {
+                    row.copy_from_slice(l);
+                }
+                return out;
+            }
             for i in 0..R {
                 for j in 0..C {
                     out[i][j] = reduce512(acc[i][j]);
