@@ -33,6 +33,8 @@
 //! bit for bit against the portable one, at every level the test machine has.
 #![allow(unsafe_code)]
 
+use std::ops::Range;
+
 use kv_extract::{AlignedBuf, KvCache};
 use rayon::prelude::*;
 
@@ -447,10 +449,29 @@ pub(crate) mod simd {
             // Blocks of 16 keys (16 KiB at most for 64-wide heads: they stay in L1 while
             // every query sweeps them), each query's 16 scores from one tile.
             let full = nb - nb % KEYS512;
-            for j in (0..full).step_by(KEYS512) {
-                for i in 0..na {
-                    let scores = kernel512_1x16(a.add(i * k), b.add(j * k), k);
-                    out[i * nb + j..][..KEYS512].copy_from_slice(&scores);
+            if k == 64 {
+                for j in (0..full).step_by(KEYS512) {
+                    // The next block's 64 lines, spread over the first (up to 16) queries: the
+                    // first query's loads of a block otherwise wait on memory, the hardware
+                    // prefetcher not running far enough ahead.
+                    let next = b.add((j + KEYS512) * k);
+                    let per = 64usize.div_ceil(na.clamp(1, 16));
+                    for i in 0..na {
+                        if j + KEYS512 < full {
+                            for l in (i * per).min(64)..((i + 1) * per).min(64) {
+                                _mm_prefetch::<_MM_HINT_T0>(next.add(l * 16).cast());
+                            }
+                        }
+                        let scores = kernel512_1x16_k64(a.add(i * k), b.add(j * k));
+                        out[i * nb + j..][..KEYS512].copy_from_slice(&scores);
+                    }
+                }
+            } else {
+                for j in (0..full).step_by(KEYS512) {
+                    for i in 0..na {
+                        let scores = kernel512_1x16(a.add(i * k), b.add(j * k), k);
+                        out[i * nb + j..][..KEYS512].copy_from_slice(&scores);
+                    }
                 }
             }
             for i in 0..na {
@@ -485,6 +506,293 @@ pub(crate) mod simd {
             let mut out = [0.0f32; KEYS512];
             _mm512_storeu_ps(out.as_mut_ptr(), reduce16(&acc));
             out
+        }
+    }
+
+    /// [`kernel512_1x16`] for rows 64 long (SmolLM2's head width), in assembly: each K value
+    /// is a memory operand at a constant offset from one pointer. (From the intrinsics, LLVM
+    /// either chains a pointer addition per key, one multiply-add per cycle, or hoists the 64
+    /// K loads out of the loop over queries and spills them to the stack.) Per lane the same
+    /// fused multiply-adds from zero as [`super::fmadd`], so the same bits.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `a` has 64 values and `b` has `16 * 64`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn kernel512_1x16_k64(a: *const f32, b: *const f32) -> [f32; KEYS512] {
+        // SAFETY: the caller's contract; every load is within the rows.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); KEYS512];
+            std::arch::asm!(
+                "vmovups zmm16, [{a}]",
+                "vmovups zmm17, [{a} + 64]",
+                "vmovups zmm18, [{a} + 128]",
+                "vmovups zmm19, [{a} + 192]",
+                "vxorps zmm0, zmm0, zmm0",
+                "vxorps zmm1, zmm1, zmm1",
+                "vxorps zmm2, zmm2, zmm2",
+                "vxorps zmm3, zmm3, zmm3",
+                "vxorps zmm4, zmm4, zmm4",
+                "vxorps zmm5, zmm5, zmm5",
+                "vxorps zmm6, zmm6, zmm6",
+                "vxorps zmm7, zmm7, zmm7",
+                "vxorps zmm8, zmm8, zmm8",
+                "vxorps zmm9, zmm9, zmm9",
+                "vxorps zmm10, zmm10, zmm10",
+                "vxorps zmm11, zmm11, zmm11",
+                "vxorps zmm12, zmm12, zmm12",
+                "vxorps zmm13, zmm13, zmm13",
+                "vxorps zmm14, zmm14, zmm14",
+                "vxorps zmm15, zmm15, zmm15",
+                "vfmadd231ps zmm0, zmm16, [{b}]",
+                "vfmadd231ps zmm1, zmm16, [{b} + 256]",
+                "vfmadd231ps zmm2, zmm16, [{b} + 512]",
+                "vfmadd231ps zmm3, zmm16, [{b} + 768]",
+                "vfmadd231ps zmm4, zmm16, [{b} + 1024]",
+                "vfmadd231ps zmm5, zmm16, [{b} + 1280]",
+                "vfmadd231ps zmm6, zmm16, [{b} + 1536]",
+                "vfmadd231ps zmm7, zmm16, [{b} + 1792]",
+                "vfmadd231ps zmm8, zmm16, [{b} + 2048]",
+                "vfmadd231ps zmm9, zmm16, [{b} + 2304]",
+                "vfmadd231ps zmm10, zmm16, [{b} + 2560]",
+                "vfmadd231ps zmm11, zmm16, [{b} + 2816]",
+                "vfmadd231ps zmm12, zmm16, [{b} + 3072]",
+                "vfmadd231ps zmm13, zmm16, [{b} + 3328]",
+                "vfmadd231ps zmm14, zmm16, [{b} + 3584]",
+                "vfmadd231ps zmm15, zmm16, [{b} + 3840]",
+                "vfmadd231ps zmm0, zmm17, [{b} + 64]",
+                "vfmadd231ps zmm1, zmm17, [{b} + 320]",
+                "vfmadd231ps zmm2, zmm17, [{b} + 576]",
+                "vfmadd231ps zmm3, zmm17, [{b} + 832]",
+                "vfmadd231ps zmm4, zmm17, [{b} + 1088]",
+                "vfmadd231ps zmm5, zmm17, [{b} + 1344]",
+                "vfmadd231ps zmm6, zmm17, [{b} + 1600]",
+                "vfmadd231ps zmm7, zmm17, [{b} + 1856]",
+                "vfmadd231ps zmm8, zmm17, [{b} + 2112]",
+                "vfmadd231ps zmm9, zmm17, [{b} + 2368]",
+                "vfmadd231ps zmm10, zmm17, [{b} + 2624]",
+                "vfmadd231ps zmm11, zmm17, [{b} + 2880]",
+                "vfmadd231ps zmm12, zmm17, [{b} + 3136]",
+                "vfmadd231ps zmm13, zmm17, [{b} + 3392]",
+                "vfmadd231ps zmm14, zmm17, [{b} + 3648]",
+                "vfmadd231ps zmm15, zmm17, [{b} + 3904]",
+                "vfmadd231ps zmm0, zmm18, [{b} + 128]",
+                "vfmadd231ps zmm1, zmm18, [{b} + 384]",
+                "vfmadd231ps zmm2, zmm18, [{b} + 640]",
+                "vfmadd231ps zmm3, zmm18, [{b} + 896]",
+                "vfmadd231ps zmm4, zmm18, [{b} + 1152]",
+                "vfmadd231ps zmm5, zmm18, [{b} + 1408]",
+                "vfmadd231ps zmm6, zmm18, [{b} + 1664]",
+                "vfmadd231ps zmm7, zmm18, [{b} + 1920]",
+                "vfmadd231ps zmm8, zmm18, [{b} + 2176]",
+                "vfmadd231ps zmm9, zmm18, [{b} + 2432]",
+                "vfmadd231ps zmm10, zmm18, [{b} + 2688]",
+                "vfmadd231ps zmm11, zmm18, [{b} + 2944]",
+                "vfmadd231ps zmm12, zmm18, [{b} + 3200]",
+                "vfmadd231ps zmm13, zmm18, [{b} + 3456]",
+                "vfmadd231ps zmm14, zmm18, [{b} + 3712]",
+                "vfmadd231ps zmm15, zmm18, [{b} + 3968]",
+                "vfmadd231ps zmm0, zmm19, [{b} + 192]",
+                "vfmadd231ps zmm1, zmm19, [{b} + 448]",
+                "vfmadd231ps zmm2, zmm19, [{b} + 704]",
+                "vfmadd231ps zmm3, zmm19, [{b} + 960]",
+                "vfmadd231ps zmm4, zmm19, [{b} + 1216]",
+                "vfmadd231ps zmm5, zmm19, [{b} + 1472]",
+                "vfmadd231ps zmm6, zmm19, [{b} + 1728]",
+                "vfmadd231ps zmm7, zmm19, [{b} + 1984]",
+                "vfmadd231ps zmm8, zmm19, [{b} + 2240]",
+                "vfmadd231ps zmm9, zmm19, [{b} + 2496]",
+                "vfmadd231ps zmm10, zmm19, [{b} + 2752]",
+                "vfmadd231ps zmm11, zmm19, [{b} + 3008]",
+                "vfmadd231ps zmm12, zmm19, [{b} + 3264]",
+                "vfmadd231ps zmm13, zmm19, [{b} + 3520]",
+                "vfmadd231ps zmm14, zmm19, [{b} + 3776]",
+                "vfmadd231ps zmm15, zmm19, [{b} + 4032]",
+                a = in(reg) a,
+                b = in(reg) b,
+                out("zmm0") acc[0],
+                out("zmm1") acc[1],
+                out("zmm2") acc[2],
+                out("zmm3") acc[3],
+                out("zmm4") acc[4],
+                out("zmm5") acc[5],
+                out("zmm6") acc[6],
+                out("zmm7") acc[7],
+                out("zmm8") acc[8],
+                out("zmm9") acc[9],
+                out("zmm10") acc[10],
+                out("zmm11") acc[11],
+                out("zmm12") acc[12],
+                out("zmm13") acc[13],
+                out("zmm14") acc[14],
+                out("zmm15") acc[15],
+                out("zmm16") _,
+                out("zmm17") _,
+                out("zmm18") _,
+                out("zmm19") _,
+                options(nostack, readonly, pure),
+            );
+            let mut out = [0.0f32; KEYS512];
+            _mm512_storeu_ps(out.as_mut_ptr(), reduce16(&acc));
+            out
+        }
+    }
+
+    /// Weighted V sums of six queries over a run of V rows, for 64-wide heads: for each
+    /// query `q` and row `j` of `0..n`, in order, `o[q] = fma(p[q][j], v[j], o[q])`, where
+    /// `o[q]` is `o[q * 64..][..64]` and `p[q]` is `p.add(q * stride)`.
+    ///
+    /// In assembly so that each V row is loaded once into registers for the six queries (the
+    /// compiler's output of the portable loop loads it again for every query, and the loads,
+    /// not the multiply-adds, set its speed). 24 accumulators, four V registers and one
+    /// broadcast weight. Per lane the same fused multiply-adds in the same order as
+    /// [`super::accumulate`], so the same bits.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `o` has `6 * 64` values, each `p[q]` has `n` and `v` has `n * 64`.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn pv512_6x64(
+        o: *mut f32,
+        p: *const f32,
+        stride: usize,
+        v: *const f32,
+        n: usize,
+    ) {
+        // SAFETY: the caller's contract. The loop body runs n times (n > 0 is checked first, as
+        // the loop tests its bound at the end); every access is within the rows.
+        unsafe {
+            if n == 0 {
+                return;
+            }
+            std::arch::asm!(
+                "vmovups zmm0, [{o} + 0]",
+                "vmovups zmm1, [{o} + 64]",
+                "vmovups zmm2, [{o} + 128]",
+                "vmovups zmm3, [{o} + 192]",
+                "vmovups zmm4, [{o} + 256]",
+                "vmovups zmm5, [{o} + 320]",
+                "vmovups zmm6, [{o} + 384]",
+                "vmovups zmm7, [{o} + 448]",
+                "vmovups zmm8, [{o} + 512]",
+                "vmovups zmm9, [{o} + 576]",
+                "vmovups zmm10, [{o} + 640]",
+                "vmovups zmm11, [{o} + 704]",
+                "vmovups zmm12, [{o} + 768]",
+                "vmovups zmm13, [{o} + 832]",
+                "vmovups zmm14, [{o} + 896]",
+                "vmovups zmm15, [{o} + 960]",
+                "vmovups zmm16, [{o} + 1024]",
+                "vmovups zmm17, [{o} + 1088]",
+                "vmovups zmm18, [{o} + 1152]",
+                "vmovups zmm19, [{o} + 1216]",
+                "vmovups zmm20, [{o} + 1280]",
+                "vmovups zmm21, [{o} + 1344]",
+                "vmovups zmm22, [{o} + 1408]",
+                "vmovups zmm23, [{o} + 1472]",
+                "2:",
+                "vmovups zmm24, [{v} + 0]",
+                "vmovups zmm25, [{v} + 64]",
+                "vmovups zmm26, [{v} + 128]",
+                "vmovups zmm27, [{v} + 192]",
+                "vbroadcastss zmm28, [{p0} + {off}]",
+                "vfmadd231ps zmm0, zmm28, zmm24",
+                "vfmadd231ps zmm1, zmm28, zmm25",
+                "vfmadd231ps zmm2, zmm28, zmm26",
+                "vfmadd231ps zmm3, zmm28, zmm27",
+                "vbroadcastss zmm28, [{p1} + {off}]",
+                "vfmadd231ps zmm4, zmm28, zmm24",
+                "vfmadd231ps zmm5, zmm28, zmm25",
+                "vfmadd231ps zmm6, zmm28, zmm26",
+                "vfmadd231ps zmm7, zmm28, zmm27",
+                "vbroadcastss zmm28, [{p2} + {off}]",
+                "vfmadd231ps zmm8, zmm28, zmm24",
+                "vfmadd231ps zmm9, zmm28, zmm25",
+                "vfmadd231ps zmm10, zmm28, zmm26",
+                "vfmadd231ps zmm11, zmm28, zmm27",
+                "vbroadcastss zmm28, [{p3} + {off}]",
+                "vfmadd231ps zmm12, zmm28, zmm24",
+                "vfmadd231ps zmm13, zmm28, zmm25",
+                "vfmadd231ps zmm14, zmm28, zmm26",
+                "vfmadd231ps zmm15, zmm28, zmm27",
+                "vbroadcastss zmm28, [{p4} + {off}]",
+                "vfmadd231ps zmm16, zmm28, zmm24",
+                "vfmadd231ps zmm17, zmm28, zmm25",
+                "vfmadd231ps zmm18, zmm28, zmm26",
+                "vfmadd231ps zmm19, zmm28, zmm27",
+                "vbroadcastss zmm28, [{p5} + {off}]",
+                "vfmadd231ps zmm20, zmm28, zmm24",
+                "vfmadd231ps zmm21, zmm28, zmm25",
+                "vfmadd231ps zmm22, zmm28, zmm26",
+                "vfmadd231ps zmm23, zmm28, zmm27",
+                "add {v}, 256",
+                "add {off}, 4",
+                "cmp {off}, {end}",
+                "jb 2b",
+                "vmovups [{o} + 0], zmm0",
+                "vmovups [{o} + 64], zmm1",
+                "vmovups [{o} + 128], zmm2",
+                "vmovups [{o} + 192], zmm3",
+                "vmovups [{o} + 256], zmm4",
+                "vmovups [{o} + 320], zmm5",
+                "vmovups [{o} + 384], zmm6",
+                "vmovups [{o} + 448], zmm7",
+                "vmovups [{o} + 512], zmm8",
+                "vmovups [{o} + 576], zmm9",
+                "vmovups [{o} + 640], zmm10",
+                "vmovups [{o} + 704], zmm11",
+                "vmovups [{o} + 768], zmm12",
+                "vmovups [{o} + 832], zmm13",
+                "vmovups [{o} + 896], zmm14",
+                "vmovups [{o} + 960], zmm15",
+                "vmovups [{o} + 1024], zmm16",
+                "vmovups [{o} + 1088], zmm17",
+                "vmovups [{o} + 1152], zmm18",
+                "vmovups [{o} + 1216], zmm19",
+                "vmovups [{o} + 1280], zmm20",
+                "vmovups [{o} + 1344], zmm21",
+                "vmovups [{o} + 1408], zmm22",
+                "vmovups [{o} + 1472], zmm23",
+                o = in(reg) o,
+                p0 = in(reg) p,
+                p1 = in(reg) p.add(stride),
+                p2 = in(reg) p.add(2 * stride),
+                p3 = in(reg) p.add(3 * stride),
+                p4 = in(reg) p.add(4 * stride),
+                p5 = in(reg) p.add(5 * stride),
+                v = inout(reg) v => _,
+                off = inout(reg) 0usize => _,
+                end = in(reg) n * size_of::<f32>(),
+                out("zmm0") _,
+                out("zmm1") _,
+                out("zmm2") _,
+                out("zmm3") _,
+                out("zmm4") _,
+                out("zmm5") _,
+                out("zmm6") _,
+                out("zmm7") _,
+                out("zmm8") _,
+                out("zmm9") _,
+                out("zmm10") _,
+                out("zmm11") _,
+                out("zmm12") _,
+                out("zmm13") _,
+                out("zmm14") _,
+                out("zmm15") _,
+                out("zmm16") _,
+                out("zmm17") _,
+                out("zmm18") _,
+                out("zmm19") _,
+                out("zmm20") _,
+                out("zmm21") _,
+                out("zmm22") _,
+                out("zmm23") _,
+                out("zmm24") _,
+                out("zmm25") _,
+                out("zmm26") _,
+                out("zmm27") _,
+                out("zmm28") _,
+                options(nostack),
+            );
         }
     }
 
@@ -1419,14 +1727,7 @@ fn attend_portable(
             scores[i * len + j] = dot_1x1([qrow(i)], [krow(j)], d)[0][0];
         }
     }
-    // Softmax numerators per query, then their sums, each in position order.
-    for (i, &n) in qs.lens.iter().enumerate() {
-        let s = &mut scores[i * len..i * len + n];
-        let max = scale_and_max(s, scale);
-        for x in s.iter_mut() {
-            *x = exp(*x - max);
-        }
-    }
+    // Softmax numerators and their sums, per query.
     let mut sums = [0.0f32; 64];
     let mut sums_vec;
     let sums: &mut [f32] = if nq <= 64 {
@@ -1435,27 +1736,44 @@ fn attend_portable(
         sums_vec = vec![0.0f32; nq];
         &mut sums_vec
     };
-    row_sums(scores, len, qs.lens, sums);
-    // Weighted V sums: V rows in chunks that stay in L1 while every query sweeps them.
+    for ((i, &n), sum) in qs.lens.iter().enumerate().zip(sums.iter_mut()) {
+        let s = &mut scores[i * len..i * len + n];
+        let max = scale_and_max(s, scale);
+        *sum = exp_and_sum(s, max);
+    }
+    // Weighted V sums: V rows in chunks that stay in L1 while every query sweeps them, four
+    // queries at a time sharing each row's loads.
     const CHUNK: usize = 64;
+    let pv6 = d == 64 && pv6_available();
     out.fill(0.0);
     for j0 in (0..len).step_by(CHUNK) {
-        for (i, o) in out.chunks_exact_mut(d).enumerate() {
-            let end = qs.lens[i].min(j0 + CHUNK);
-            if end <= j0 {
-                continue;
+        let end = |i: usize| qs.lens[i].clamp(j0, j0 + CHUNK);
+        let mut i = 0;
+        while i < nq {
+            let group = match nq - i {
+                r if r >= 6 && pv6 => 6,
+                r if r >= 4 => 4,
+                r => r.min(2),
+            };
+            // Rows every query of the group sees together, then each one's own rest.
+            let common = (i..i + group).map(end).min().unwrap_or(j0);
+            let (o, s) = (&mut out[i * d..(i + group) * d], &scores[i * len..]);
+            match (d, group) {
+                (64, 6) => accumulate6(o, s, len, j0..common, v),
+                (64, 4) => accumulate::<64, 4>(o, s, len, j0..common, v),
+                (64, 2) => accumulate::<64, 2>(o, s, len, j0..common, v),
+                (64, _) => accumulate::<64, 1>(o, s, len, j0..common, v),
+                _ => accumulate_any(o, s, len, j0..common, v, d),
             }
-            let p = &scores[i * len + j0..i * len + end];
-            let vs = &v[j0 * d..end * d];
-            if d == 64 {
-                accumulate::<64>(o, p, vs);
-            } else {
-                for (&p, vrow) in p.iter().zip(vs.chunks_exact(d)) {
-                    for (o, &vv) in o.iter_mut().zip(vrow) {
-                        *o += p * vv;
-                    }
+            for q in i..i + group {
+                let (o, s) = (&mut out[q * d..(q + 1) * d], &scores[q * len..]);
+                if d == 64 {
+                    accumulate::<64, 1>(o, s, len, common..end(q), v);
+                } else {
+                    accumulate_any(o, s, len, common..end(q), v, d);
                 }
             }
+            i += group;
         }
     }
     for (o, sum) in out.chunks_exact_mut(d).zip(sums.iter()) {
@@ -1468,17 +1786,18 @@ fn attend_portable(
 
 /// Multiplies `s` by `scale` in place and returns the largest result (`-inf` if empty).
 ///
-/// The maximum is taken over eight interleaved partial maxima: the same value as a sequential
-/// fold, since `max` is exact (a `±0` tie can pick either zero, which `x - max` then cannot
-/// tell apart).
+/// The maximum is taken over sixteen interleaved partial maxima: the same value as a
+/// sequential fold, since `max` is exact (a `±0` tie can pick either zero, which `x - max` then
+/// cannot tell apart). `if x > m` rather than `f32::max` compiles to one `max` instruction; the
+/// two agree on NaN too, which neither lets through.
 #[inline(always)]
 fn scale_and_max(s: &mut [f32], scale: f32) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let mut chunks = s.chunks_exact_mut(8);
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = s.chunks_exact_mut(LANES);
     for c in &mut chunks {
-        for l in 0..8 {
+        for l in 0..LANES {
             c[l] *= scale;
-            m[l] = m[l].max(c[l]);
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
         }
     }
     for x in chunks.into_remainder() {
@@ -1488,31 +1807,26 @@ fn scale_and_max(s: &mut [f32], scale: f32) -> f32 {
     m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
-/// `sums[i]` = the sum of `scores[i * len..][..lens[i]]`, added in position order.
+/// Replaces each score `x` of one query by `exp(x - max)` and returns their sum.
 ///
-/// Four rows are summed side by side: each sum is still one sequential chain, but four chains
-/// in flight hide the latency of the add that one chain waits on.
+/// The sum has sixteen lanes of partial sums (position `j` adds into lane `j % 16`, in position
+/// order), folded by [`reduce`]'s tree: part of the numeric definition, like a dot product's
+/// lanes. The lanes are independent chains, so the loop runs at the speed of `exp`.
 #[inline(always)]
-fn row_sums(scores: &[f32], len: usize, lens: &[usize], sums: &mut [f32]) {
-    let row = |i: usize| &scores[i * len..i * len + lens[i]];
-    let mut i = 0;
-    while i + 4 <= lens.len() {
-        let rows = [row(i), row(i + 1), row(i + 2), row(i + 3)];
-        let common = rows.iter().map(|r| r.len()).min().unwrap_or(0);
-        let mut acc = [0.0f32; 4];
-        for j in 0..common {
-            for (a, r) in acc.iter_mut().zip(&rows) {
-                *a += r[j];
-            }
+fn exp_and_sum(s: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = s.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp(c[l] - max);
+            acc[l] += c[l];
         }
-        for ((sum, a), r) in sums[i..i + 4].iter_mut().zip(acc).zip(&rows) {
-            *sum = r[common..].iter().fold(a, |acc, &x| acc + x);
-        }
-        i += 4;
     }
-    for (sum, i) in sums[i..].iter_mut().zip(i..) {
-        *sum = row(i).iter().fold(0.0f32, |acc, &x| acc + x);
+    for (x, a) in chunks.into_remainder().iter_mut().zip(&mut acc) {
+        *x = exp(*x - max);
+        *a += *x;
     }
+    reduce(&acc)
 }
 
 /// Every `dot(a[i], b[j])` into `out[i * nb + j]` with [`simd::gram`] when the CPU has AVX2
@@ -1529,18 +1843,99 @@ fn gram_simd(a: &[f32], na: usize, b: &[f32], nb: usize, k: usize, out: &mut [f3
     false
 }
 
-/// `o += p[j] * v[j]` for each row `j` in order, with `o` held in registers.
+/// For each of `Q` queries `q`, `o[q] = fma(p, v[j], o[q])` for the V rows `j` in `rows`, in
+/// order, where `p = scores[q * len + j]` and `o[q]` is `o[q * D..][..D]`.
+///
+/// Each query's sums are the same operations whatever `Q` is: queries share only the loads
+/// of V rows. Four queries keep 16 independent fused chains in flight (with one query, each
+/// chain waits on the latency of the one before).
 #[inline(always)]
-fn accumulate<const D: usize>(o: &mut [f32], p: &[f32], v: &[f32]) {
-    let o: &mut [f32; D] = o.try_into().expect("head width");
-    let mut acc = *o;
-    for (&p, vrow) in p.iter().zip(v.chunks_exact(D)) {
-        let vrow: &[f32; D] = vrow.try_into().expect("head width");
-        for l in 0..D {
-            acc[l] += p * vrow[l];
+fn accumulate<const D: usize, const Q: usize>(
+    o: &mut [f32],
+    scores: &[f32],
+    len: usize,
+    rows: Range<usize>,
+    v: &[f32],
+) {
+    let mut acc = [[0.0f32; D]; Q];
+    for (q, a) in acc.iter_mut().enumerate() {
+        a.copy_from_slice(&o[q * D..(q + 1) * D]);
+    }
+    for j in rows {
+        let vrow: &[f32; D] = v[j * D..(j + 1) * D].try_into().expect("head width");
+        for (q, a) in acc.iter_mut().enumerate() {
+            let p = scores[q * len + j];
+            for l in 0..D {
+                a[l] = p.mul_add(vrow[l], a[l]);
+            }
         }
     }
-    *o = acc;
+    for (q, a) in acc.iter().enumerate() {
+        o[q * D..(q + 1) * D].copy_from_slice(a);
+    }
+}
+
+/// Whether [`accumulate6`] has its AVX-512 kernel on this CPU.
+#[inline(always)]
+fn pv6_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if simd::Level::best() == Some(simd::Level::Avx512) {
+        return true;
+    }
+    false
+}
+
+/// [`accumulate`]`::<64, 6>` with [`simd::pv512_6x64`]; only called when
+/// [`pv6_available`].
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn accumulate6(o: &mut [f32], scores: &[f32], len: usize, rows: Range<usize>, v: &[f32]) {
+    assert!(
+        o.len() == 6 * 64 && rows.start <= rows.end,
+        "accumulate6 rows"
+    );
+    assert!(
+        scores.len() >= 5 * len + rows.end && v.len() >= rows.end * 64,
+        "accumulate6 bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(pv6_available(), "accumulate6 without AVX-512");
+        // SAFETY: the CPU has AVX-512F (checked above); `o` has six 64-wide rows, query q's
+        // weights scores[q * len + j] and the V rows j * 64.. for j in `rows` are in bounds
+        // (checked above: q * len + j < 5 * len + rows.end for q < 6 and j in `rows`).
+        unsafe {
+            simd::pv512_6x64(
+                o.as_mut_ptr(),
+                scores.as_ptr().add(rows.start),
+                len,
+                v.as_ptr().add(rows.start * 64),
+                rows.len(),
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("accumulate6 is only called with AVX-512");
+}
+
+/// [`accumulate`] for any head width `d`, one query after another.
+#[inline(always)]
+fn accumulate_any(
+    o: &mut [f32],
+    scores: &[f32],
+    len: usize,
+    rows: Range<usize>,
+    v: &[f32],
+    d: usize,
+) {
+    for (q, o) in o.chunks_exact_mut(d).enumerate() {
+        for j in rows.clone() {
+            let p = scores[q * len + j];
+            for (o, &vv) in o.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                *o = p.mul_add(vv, *o);
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1585,16 +1980,79 @@ fn attend(
     );
 }
 
-/// Tokens per attention task in a prefill: their queries share each K/V row load.
-const TOKEN_TILE: usize = 8;
+/// Below this many new tokens (decode), attention tasks split a group's query heads.
+const FEW_TOKENS: usize = 8;
+/// Tokens per attention tile in a prefill or a turn: their queries share each K/V row load.
+const TOKEN_TILE: usize = 16;
+
+/// One attention task: tokens `t0..t1` times query heads `h0..h0 + nh`, all of one KV head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Task {
+    t0: usize,
+    t1: usize,
+    h0: usize,
+    nh: usize,
+}
+
+/// Splits the attention of `n` new tokens into tasks for `threads` workers.
+///
+/// Few tokens (decode): each group's query heads split in two tasks (one for a group of one),
+/// so both cores have work while K/V are read twice per step, not once per query head.
+///
+/// Many tokens: tiles of [`TOKEN_TILE`] tokens. Within a tile, the groups' work laid end to end
+/// is cut into `threads` equal runs, and each run at group boundaries: with SmolLM2's three
+/// groups on two threads, one whole group, half the next, then the other half and the last.
+/// Reading a KV head costs more than its arithmetic when the history is long, so most tasks
+/// take a whole group (whose K/V rows are then read once per tile) and the threads still get
+/// equal shares.
+fn attention_tasks(n: usize, n_heads: usize, group: usize, threads: usize) -> Vec<Task> {
+    let groups = n_heads / group;
+    if n < FEW_TOKENS {
+        let per = group.div_ceil(2);
+        return (0..groups)
+            .flat_map(|g| {
+                (g * group..(g + 1) * group)
+                    .step_by(per)
+                    .map(move |h0| Task {
+                        t0: 0,
+                        t1: n,
+                        h0,
+                        nh: per.min((g + 1) * group - h0),
+                    })
+            })
+            .collect();
+    }
+    let threads = threads.max(1);
+    let mut tasks = Vec::new();
+    for a0 in (0..n).step_by(TOKEN_TILE) {
+        let m = TOKEN_TILE.min(n - a0);
+        let total = groups * m;
+        let mut cuts: Vec<usize> = (0..=threads)
+            .map(|i| i * total / threads)
+            .chain((0..=groups).map(|g| g * m))
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        for w in cuts.windows(2) {
+            let g = w[0] / m;
+            tasks.push(Task {
+                t0: a0 + w[0] - g * m,
+                t1: a0 + w[1] - g * m,
+                h0: g * group,
+                nh: group,
+            });
+        }
+    }
+    tasks
+}
 
 /// Causal grouped-query attention for `n` new tokens at positions `start..start + n`, whose K
 /// and V are already written to `cache` (layer `layer`) at those positions.
 ///
 /// `q` is `[n, n_heads, head_dim]` (after RoPE); returns the attention output in the same
 /// layout. Query head `h` reads KV head `h / (n_heads / n_kv_heads)`. Work is parallel over
-/// tasks of (tokens, query heads of one KV head); each query's result does not depend on which
-/// task it is in.
+/// tasks of (tokens, query heads of one KV head) ([`attention_tasks`]); each query's result
+/// does not depend on which task it is in.
 pub fn attention(
     q: &[f32],
     n: usize,
@@ -1607,38 +2065,19 @@ pub fn attention(
     let d = shape.head_dim;
     let group = n_heads / shape.n_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    // Few tokens (decode): a group's query heads split in two tasks (one for a group of one),
-    // so both cores have work while K/V are read twice per step, not once per query head.
-    // Many tokens: a task is a tile of tokens times a whole group, sharing K/V loads.
-    let (tile, heads_per_task) = if n < TOKEN_TILE {
-        (n, group.div_ceil(2))
-    } else {
-        (TOKEN_TILE, group)
-    };
-    // (first token, first query head, query heads) of each task; a task's heads share a KV head.
-    let tasks: Vec<(usize, usize, usize)> = (0..n.div_ceil(tile))
-        .flat_map(|t| {
-            (0..n_heads).step_by(group).flat_map(move |g| {
-                (g..g + group)
-                    .step_by(heads_per_task)
-                    .map(move |h| (t * tile, h, heads_per_task.min(g + group - h)))
-            })
-        })
-        .collect();
+    let tasks = attention_tasks(n, n_heads, group, rayon::current_num_threads());
+    let most = tasks
+        .iter()
+        .map(|t| (t.t1 - t.t0) * t.nh)
+        .max()
+        .unwrap_or(0);
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map_init(
             // Queries are copied to a line-aligned buffer: with 64-wide heads, the score
             // kernel's loads of them and of the (aligned) K rows then never straddle lines.
-            || {
-                (
-                    Vec::new(),
-                    AlignedBuf::zeros(tile * heads_per_task * d),
-                    Vec::new(),
-                )
-            },
-            |(scores, qs, lens), &(t0, h0, nh)| {
-                let t1 = (t0 + tile).min(n);
+            || (Vec::new(), AlignedBuf::zeros(most * d), Vec::new()),
+            |(scores, qs, lens), &Task { t0, t1, h0, nh }| {
                 let qbuf = &mut qs[..(t1 - t0) * nh * d];
                 lens.clear();
                 for (t, rows) in (t0..t1).zip(qbuf.chunks_exact_mut(nh * d)) {
@@ -1655,7 +2094,7 @@ pub fn attention(
         )
         .collect();
     let mut out = vec![0.0f32; n * n_heads * d];
-    for (&(t0, h0, nh), res) in tasks.iter().zip(&results) {
+    for (&Task { t0, h0, nh, .. }, res) in tasks.iter().zip(&results) {
         for (r, t) in res.chunks_exact(nh * d).zip(t0..) {
             out[(t * n_heads + h0) * d..][..nh * d].copy_from_slice(r);
         }
@@ -1767,6 +2206,7 @@ mod tests {
                 (9, 13, 64),
                 (1, 16, 64),
                 (3, 37, 64),
+                (20, 50, 64),
                 (2, 50, 16),
             ] {
                 let a = values(na * k, 31);
@@ -1946,7 +2386,7 @@ mod tests {
     }
 
     #[test]
-    fn softmax_helpers_match_sequential_folds_bitwise() {
+    fn softmax_helpers_match_their_definitions_bitwise() {
         let len = 203;
         for nq in [1, 3, 4, 9] {
             let mut scores = values(nq * len, 51);
@@ -1961,14 +2401,29 @@ mod tests {
                 assert_eq!(scale_and_max(row, 0.125).to_bits(), want.to_bits());
                 assert_eq!(row, &seq[..]);
             }
-            let mut sums = vec![f32::NAN; nq];
-            row_sums(&scores, len, &lens, &mut sums);
-            for (i, &n) in lens.iter().enumerate() {
-                let want = scores[i * len..i * len + n]
-                    .iter()
-                    .fold(0.0f32, |a, &x| a + x);
-                assert_eq!(sums[i].to_bits(), want.to_bits(), "nq={nq} row {i}");
+        }
+        // exp_and_sum: lane j % 16 sums positions j in order, then the 16 lanes fold as
+        // ((l + l8) + (l4 + l12)) pairs: ((s4[0] + s4[2]) + (s4[1] + s4[3])).
+        for n in [0, 1, 15, 16, 17, 203] {
+            let mut row = values(n, 52);
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let e: Vec<f32> = row.iter().map(|&x| exp(x - max)).collect();
+            let mut lanes = [0.0f32; 16];
+            for (j, &x) in e.iter().enumerate() {
+                lanes[j % 16] += x;
             }
+            let s4: Vec<f32> = (0..4)
+                .map(|l| (lanes[l] + lanes[l + 8]) + (lanes[l + 4] + lanes[l + 12]))
+                .collect();
+            let want = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+            assert_eq!(
+                exp_and_sum(&mut row, max).to_bits(),
+                want.to_bits(),
+                "n={n}"
+            );
+            assert_eq!(row, e);
+            let f64_sum: f64 = e.iter().map(|&x| x as f64).sum();
+            assert!((want as f64 - f64_sum).abs() <= 1e-6 * f64_sum.max(1.0));
         }
         assert_eq!(scale_and_max(&mut [], 2.0), f32::NEG_INFINITY);
     }
@@ -2023,11 +2478,43 @@ mod tests {
     }
 
     #[test]
+    fn attention_tasks_cover_each_query_once_in_even_shares() {
+        for (n, n_heads, group) in [(1, 9, 3), (5, 9, 3), (16, 9, 3), (35, 9, 3), (40, 8, 1)] {
+            for threads in 1..=3 {
+                let tasks = attention_tasks(n, n_heads, group, threads);
+                let mut seen = vec![0; n * n_heads];
+                for t in &tasks {
+                    assert!(t.t0 < t.t1 && t.t1 <= n && t.nh > 0, "{t:?}");
+                    assert_eq!(
+                        t.h0 / group,
+                        (t.h0 + t.nh - 1) / group,
+                        "{t:?} spans groups"
+                    );
+                    for tok in t.t0..t.t1 {
+                        for h in t.h0..t.h0 + t.nh {
+                            seen[tok * n_heads + h] += 1;
+                        }
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "n {n}, {threads} threads");
+            }
+        }
+        // A 16-token turn of SmolLM2 on two threads: one whole group, half the next, the other
+        // half and the last; in task order, the two halves of the list are equal work.
+        let t = |t0, t1, h0| Task { t0, t1, h0, nh: 3 };
+        assert_eq!(
+            attention_tasks(16, 9, 3, 2),
+            [t(0, 16, 0), t(0, 8, 3), t(8, 16, 3), t(0, 16, 6)]
+        );
+    }
+
+    #[test]
     fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks() {
-        // Groups of three query heads (SmolLM2's), split 2 + 1 in decode. 19 tokens make two
+        // Groups of three query heads (SmolLM2's), split 2 + 1 in decode. 35 tokens make two
         // full prefill tiles and a partial one; 150 positions make the V sums run over several
-        // chunks; a 48-wide head takes the generic (not 64-wide) path.
-        for (d, n) in [(64, 19), (64, 150), (48, 21)] {
+        // chunks; a 48-wide head takes the generic (not 64-wide) path. The whole attention also
+        // runs on one and on three threads, which split the tiles into other tasks.
+        for (d, n) in [(64, 35), (64, 150), (48, 21)] {
             let (n_kv, group) = (2, 3);
             let n_heads = n_kv * group;
             let shape = KvShape {
@@ -2043,6 +2530,14 @@ mod tests {
             let row = n_heads * d;
             let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let all = attention(&q, n, 0, n_heads, &cache, 0);
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("thread pool");
+                let other = pool.install(|| attention(&q, n, 0, n_heads, &cache, 0));
+                assert_eq!(bits(&other), bits(&all), "d {d}, {threads} threads");
+            }
             for t in 0..n {
                 let one = attention(&q[t * row..][..row], 1, t, n_heads, &cache, 0);
                 assert_eq!(bits(&one), bits(&all[t * row..][..row]), "d {d}, token {t}");
