@@ -28,8 +28,8 @@ use crate::quant::{QK, QKind, QMatrix};
 /// If the rows are out of range or `out` has the wrong length.
 pub fn dequantize_rows(q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if x86::available() {
-        x86::dequantize_rows(q, r0, count, out);
+    if let Some(level) = kernels::simd::Level::best() {
+        x86::dequantize_rows(level, q, r0, count, out);
         return;
     }
     q.dequantize_rows(r0, count, out);
@@ -66,12 +66,6 @@ mod x86 {
     use crate::kernels::simd::{Level, reduce, reduce512};
     use std::arch::x86_64::*;
 
-    /// AVX2 and FMA (an AVX-512 CPU has both), unless `AGENTKV_SIMD=none` asks for the
-    /// portable code.
-    pub(super) fn available() -> bool {
-        crate::kernels::simd::Level::best().is_some()
-    }
-
     /// Raw views of a matrix's blocks.
     struct Blocks {
         kind: QKind,
@@ -94,18 +88,34 @@ mod x86 {
         }
     }
 
-    pub(super) fn dequantize_rows(q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
+    /// [`super::dequantize_rows`] at `level` (AVX2 and FMA, or AVX-512).
+    ///
+    /// # Panics
+    /// If the CPU lacks `level`, as [`super::dequantize_rows`] otherwise.
+    pub(super) fn dequantize_rows(
+        level: Level,
+        q: &QMatrix,
+        r0: usize,
+        count: usize,
+        out: &mut [f32],
+    ) {
         assert!(
-            available(),
-            "x86::dequantize_rows called without AVX2 and FMA"
+            Level::all().contains(&level),
+            "x86::dequantize_rows at {level:?} on a CPU without it"
         );
         let rows_end = r0.checked_add(count).expect("row range overflows");
         assert!(rows_end <= q.rows(), "dequantize_rows out of range");
         assert_eq!(out.len(), count * q.cols(), "dequantize_rows output length");
-        // SAFETY: AVX2 and FMA are available (asserted above); rows r0..r0 + count exist and
-        // `out` holds exactly their values (asserted above), so every block and output offset
-        // the kernel forms is in bounds.
-        unsafe { dequantize_rows_avx2(&Blocks::new(q), r0, count, out.as_mut_ptr()) }
+        let (b, out) = (Blocks::new(q), out.as_mut_ptr());
+        // SAFETY: the CPU has `level` (asserted above); rows r0..r0 + count exist and `out`
+        // holds exactly their values (asserted above), so every block and output offset the
+        // kernel forms is in bounds.
+        unsafe {
+            match level {
+                Level::Avx2 => dequantize_rows_avx2(&b, r0, count, out),
+                Level::Avx512 => dequantize_rows_avx512(&b, r0, count, out),
+            }
+        }
     }
 
     /// [`super::gemv`] at `level` (AVX2 and FMA, or AVX-512).
@@ -186,6 +196,22 @@ mod x86 {
                     for v in block(b, row, blk) {
                         _mm256_storeu_ps(o, v);
                         o = o.add(8);
+                    }
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn dequantize_rows_avx512(b: &Blocks, r0: usize, count: usize, out: *mut f32) {
+        // SAFETY: the callers' bounds checks, as for `dequantize_rows_avx2`.
+        unsafe {
+            let mut o = out;
+            for row in r0..r0 + count {
+                for blk in 0..b.nb {
+                    for v in block512(b, row, blk) {
+                        _mm512_storeu_ps(o, v);
+                        o = o.add(16);
                     }
                 }
             }
@@ -335,6 +361,12 @@ mod tests {
             let mut got = vec![f32::NAN; 5 * cols];
             dequantize_rows(&q, 1, 5, &mut got);
             assert_eq!(bits(&got), bits(&want), "{kind:?}");
+            #[cfg(target_arch = "x86_64")]
+            for level in crate::kernels::simd::Level::all() {
+                let mut got = vec![f32::NAN; 5 * cols];
+                x86::dequantize_rows(level, &q, 1, 5, &mut got);
+                assert_eq!(bits(&got), bits(&want), "{kind:?} {level:?}");
+            }
             // Spot check the reference itself against row_into.
             let mut row = vec![0.0f32; cols];
             q.row_into(3, &mut row);
