@@ -67,6 +67,15 @@ fn decode(src: &[u8], dtype: KvDtype, dst: &mut [f32]) -> Result<()> {
             }
         }
         KvDtype::F16 => {
+            // Stored halves are little-endian: on a little-endian CPU, bytes at an even
+            // address (segment tensors are 8-byte aligned in the file, and the map is
+            // page-aligned) are the halves themselves, converted with no copy.
+            #[cfg(target_endian = "little")]
+            if let Ok(halves) = bytemuck::try_cast_slice::<u8, f16>(src) {
+                let n = dst.len().min(halves.len());
+                halves[..n].convert_to_f32_slice(&mut dst[..n]);
+                return Ok(());
+            }
             let mut buf = [f16::ZERO; F16_BATCH];
             for (s, d) in src.chunks(2 * F16_BATCH).zip(dst.chunks_mut(F16_BATCH)) {
                 let n = d.len().min(s.len() / 2);
@@ -355,6 +364,23 @@ mod tests {
             m
         });
         assert!(matches!(err, Err(Error::ShapeMismatch { .. })));
+    }
+
+    #[test]
+    fn f16_decodes_the_same_at_any_alignment() {
+        let values: Vec<f32> = (0..3000).map(|i| (i as f32 - 1500.0) * 0.37).collect();
+        let mut bytes = Vec::new();
+        encode(&values, KvDtype::F16, &mut bytes);
+        // The same bytes one past an even address: bytemuck refuses them, the copy path runs.
+        let mut shifted = vec![0u8; bytes.len() + 1];
+        shifted[1..].copy_from_slice(&bytes);
+        let (mut aligned, mut odd) = (vec![0.0f32; 3000], vec![0.0f32; 3000]);
+        decode(&bytes, KvDtype::F16, &mut aligned).unwrap();
+        decode(&shifted[1..], KvDtype::F16, &mut odd).unwrap();
+        assert_eq!(aligned, odd);
+        for (got, want) in aligned.iter().zip(&values) {
+            assert_eq!(*got, f16::from_f32(*want).to_f32());
+        }
     }
 
     #[test]
