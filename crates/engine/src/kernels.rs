@@ -2051,8 +2051,8 @@ fn attention_tasks(n: usize, n_heads: usize, group: usize, threads: usize) -> Ve
 ///
 /// `q` is `[n, n_heads, head_dim]` (after RoPE); returns the attention output in the same
 /// layout. Query head `h` reads KV head `h / (n_heads / n_kv_heads)`. Work is parallel over
-/// tasks of (tokens, query heads of one KV head) ([`attention_tasks`]); each query's result
-/// does not depend on which task it is in.
+/// tasks of (tokens, query heads of one KV head), split by `attention_tasks`; each query's
+/// result does not depend on which task it is in.
 pub fn attention(
     q: &[f32],
     n: usize,
