@@ -1683,10 +1683,11 @@ struct Queries<'a> {
 }
 
 /// Attention of a set of queries sharing one KV head: scores against every K row any of them
-/// sees, a sequential softmax per query, then the weighted sum of V rows in position order.
+/// sees, a softmax per query, then the weighted sum of V rows in position order.
 ///
-/// Each query's result depends only on that query and its rows: its scores are [`score`] bit
-/// for bit, its softmax and sums run in position order. Batching queries only shares loads.
+/// Each query's result depends only on that query and its rows: its scores are [`dot`] bit
+/// for bit, its softmax is [`scale_and_max`] and [`exp_and_sum`], and its V sums are
+/// [`accumulate`]'s. Batching queries only shares loads.
 #[inline(always)]
 fn attend_portable(
     qs: Queries<'_>,
@@ -1741,8 +1742,8 @@ fn attend_portable(
         let max = scale_and_max(s, scale);
         *sum = exp_and_sum(s, max);
     }
-    // Weighted V sums: V rows in chunks that stay in L1 while every query sweeps them, four
-    // queries at a time sharing each row's loads.
+    // Weighted V sums: V rows in chunks that stay in L1 while every query sweeps them, up to
+    // six queries at a time sharing each row's loads.
     const CHUNK: usize = 64;
     let pv6 = d == 64 && pv6_available();
     out.fill(0.0);
@@ -1757,21 +1758,18 @@ fn attend_portable(
             };
             // Rows every query of the group sees together, then each one's own rest.
             let common = (i..i + group).map(end).min().unwrap_or(j0);
-            let (o, s) = (&mut out[i * d..(i + group) * d], &scores[i * len..]);
-            match (d, group) {
-                (64, 6) => accumulate6(o, s, len, j0..common, v),
-                (64, 4) => accumulate::<64, 4>(o, s, len, j0..common, v),
-                (64, 2) => accumulate::<64, 2>(o, s, len, j0..common, v),
-                (64, _) => accumulate::<64, 1>(o, s, len, j0..common, v),
-                _ => accumulate_any(o, s, len, j0..common, v, d),
-            }
+            accumulate_group(
+                &mut out[i * d..],
+                &scores[i * len..],
+                len,
+                j0..common,
+                v,
+                d,
+                group,
+            );
             for q in i..i + group {
-                let (o, s) = (&mut out[q * d..(q + 1) * d], &scores[q * len..]);
-                if d == 64 {
-                    accumulate::<64, 1>(o, s, len, common..end(q), v);
-                } else {
-                    accumulate_any(o, s, len, common..end(q), v, d);
-                }
+                let rest = common..end(q);
+                accumulate_group(&mut out[q * d..], &scores[q * len..], len, rest, v, d, 1);
             }
             i += group;
         }
@@ -1872,6 +1870,29 @@ fn accumulate<const D: usize, const Q: usize>(
     }
     for (q, a) in acc.iter().enumerate() {
         o[q * D..(q + 1) * D].copy_from_slice(a);
+    }
+}
+
+/// [`accumulate`] for the `group` queries whose outputs start `o` (`d` values each) and whose
+/// scores start `scores` (`len` apart): the 64-wide kernels for SmolLM2's heads (six queries
+/// only when [`pv6_available`]), [`accumulate_any`] for other widths.
+#[inline(always)]
+fn accumulate_group(
+    o: &mut [f32],
+    scores: &[f32],
+    len: usize,
+    rows: Range<usize>,
+    v: &[f32],
+    d: usize,
+    group: usize,
+) {
+    let o = &mut o[..group * d];
+    match (d, group) {
+        (64, 6) => accumulate6(o, scores, len, rows, v),
+        (64, 4) => accumulate::<64, 4>(o, scores, len, rows, v),
+        (64, 2) => accumulate::<64, 2>(o, scores, len, rows, v),
+        (64, 1) => accumulate::<64, 1>(o, scores, len, rows, v),
+        _ => accumulate_any(o, scores, len, rows, v, d),
     }
 }
 
