@@ -15,6 +15,7 @@ use plotters::style::RGBColor;
 
 use crate::chart::{self, Series};
 use crate::report::{self, Machine};
+use crate::venv::Venv;
 use crate::{cargo, fetch_model, project_root, run_step};
 
 const USAGE: &str = "\
@@ -315,59 +316,39 @@ const PEER_CMAKE_ARGS: &str = "-DGGML_NATIVE=ON \
 /// The Python of `target/peer-venv`, installing llama-cpp-python there first if needed: when it
 /// is missing, or was built with other flags than [`PEER_CMAKE_ARGS`] (recorded beside it).
 fn peer_python() -> Result<PathBuf> {
-    let venv = project_root().join("target/peer-venv");
-    let python = venv.join("bin/python");
-    let stamp = venv.join("agentkv-cmake-args");
-    let importable = |p: &Path| {
-        Command::new(p)
-            .args(["-c", "import llama_cpp"])
-            .output()
-            .is_ok_and(|o| o.status.success())
+    let venv = Venv {
+        dir: project_root().join("target/peer-venv"),
+        module: "llama_cpp",
+        stamp: PEER_CMAKE_ARGS,
+        stamp_file: "agentkv-cmake-args",
     };
-    let built_with = std::fs::read_to_string(&stamp).unwrap_or_default();
-    if python.exists() && importable(&python) && built_with == PEER_CMAKE_ARGS {
-        return Ok(python);
-    }
-    if !python.exists() {
-        run_step(
-            "create the peer virtualenv",
-            Command::new("python3").args(["-m", "venv"]).arg(&venv),
-        )
-        .context("creating target/peer-venv: install Python 3 with the venv module")?;
-    }
-    eprintln!(
-        "installing llama-cpp-python into {} (it compiles llama.cpp: about 15 minutes on 2 cores)",
-        venv.display()
-    );
-    // --no-cache-dir: pip would otherwise reuse a wheel it built earlier with other flags.
-    run_step(
-        "pip install llama-cpp-python",
-        Command::new(&python)
-            .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir"])
-            .args(["--force-reinstall", "--no-deps", "llama-cpp-python"])
-            .env("CMAKE_ARGS", PEER_CMAKE_ARGS),
-    )
-    .context("installing the llama.cpp peer: check that PyPI is reachable and a C++ compiler and cmake are installed")?;
-    // --no-deps above keeps an installed numpy; a new venv still needs llama_cpp's dependencies.
-    run_step(
-        "pip install the peer's dependencies",
-        Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "llama-cpp-python",
-        ]),
-    )?;
-    if !importable(&python) {
-        bail!(
-            "llama-cpp-python installed but `import llama_cpp` fails in {}",
-            venv.display()
+    venv.python(|python| {
+        eprintln!(
+            "installing llama-cpp-python into {} (it compiles llama.cpp: about 15 minutes on 2 cores)",
+            venv.dir.display()
         );
-    }
-    std::fs::write(&stamp, PEER_CMAKE_ARGS)
-        .with_context(|| format!("writing {}", stamp.display()))?;
-    Ok(python)
+        // --no-cache-dir: pip would otherwise reuse a wheel it built earlier with other flags.
+        run_step(
+            "pip install llama-cpp-python",
+            Command::new(python)
+                .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir"])
+                .args(["--force-reinstall", "--no-deps", "llama-cpp-python"])
+                .env("CMAKE_ARGS", PEER_CMAKE_ARGS),
+        )
+        .context("installing the llama.cpp peer: check that PyPI is reachable and a C++ compiler and cmake are installed")?;
+        // --no-deps above keeps an installed numpy; a new venv still needs llama_cpp's
+        // dependencies.
+        run_step(
+            "pip install the peer's dependencies",
+            Command::new(python).args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "llama-cpp-python",
+            ]),
+        )
+    })
 }
 
 /// Runs a bench program with its stderr shown, and parses the `{prefix}{json}` lines of its

