@@ -402,6 +402,7 @@ fn one_token() -> GenerateOptions {
     GenerateOptions {
         max_tokens: 1,
         sampling: SamplingConfig::greedy(),
+        ..Default::default()
     }
 }
 

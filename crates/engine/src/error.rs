@@ -127,6 +127,10 @@ pub enum EngineError {
         reason: String,
     },
 
+    /// Generation was cancelled through [`crate::GenerateOptions::cancel`].
+    #[error("generation was cancelled")]
+    Cancelled,
+
     /// Building or using the tokenizer or chat template failed.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),

@@ -978,20 +978,16 @@ mod tests {
         );
     }
 
-    const REAL_MODEL: &str = "/root/.local/share/agentkv/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
     #[test]
     fn real_model_answers_capital_of_france() {
         use crate::chat::{ChatTemplate, Message};
         use crate::sample::{Sampler, SamplingConfig};
         use crate::tokenizer::Tokenizer;
 
-        let path = Path::new(REAL_MODEL);
-        if !path.exists() {
-            eprintln!("skipping: model file {REAL_MODEL} is absent");
+        let Some(path) = crate::testing::real_model_path() else {
             return;
-        }
-        let (model, content) = Model::load_with_content(path).expect("load real model");
+        };
+        let (model, content) = Model::load_with_content(&path).expect("load real model");
         let c = model.config();
         assert_eq!(
             (

@@ -1,9 +1,10 @@
 //! Test fixtures: a tiny random-weight llama GGUF (with a minimal GPT-2 style tokenizer and
-//! the ChatML template) that tests anywhere in the workspace can write to a temp dir.
+//! the ChatML template) that tests anywhere in the workspace can write to a temp dir, and the
+//! one place tests find the real model.
 
 use std::fs::File;
 use std::io::BufWriter;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -21,6 +22,24 @@ pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_en
 pub const MERGES: [&str; 9] = [
     "Ġ t", "h e", "Ġt he", "i n", "Ġ a", "o n", "e r", "Ġ i", "Ġi s",
 ];
+
+/// The real model (`cargo xtask fetch-model` puts it at [`crate::default_model_path`]) for
+/// the tests that need it.
+///
+/// When the file is absent this panics if `AGENTKV_REQUIRE_MODEL` is set (`cargo xtask ci`
+/// sets it, so there a missing model fails the tests), and otherwise says so on stderr and
+/// returns `None`.
+pub fn real_model_path() -> Option<PathBuf> {
+    let path = crate::default_model_path().filter(|p| p.exists());
+    if path.is_none() {
+        assert!(
+            std::env::var_os("AGENTKV_REQUIRE_MODEL").is_none(),
+            "the real model is missing: run `cargo xtask fetch-model`"
+        );
+        eprintln!("skipping: no model (run `cargo xtask fetch-model`)");
+    }
+    path
+}
 
 /// Deterministic pseudo-random values in [-1, 1) (xorshift), for kernel tests.
 pub fn values(n: usize, seed: u64) -> Vec<f32> {

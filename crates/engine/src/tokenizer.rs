@@ -4,7 +4,9 @@
 //! The vocabulary, merges and token types come straight from the GGUF; the pre-tokenizer is
 //! chosen by name to match llama.cpp's `llm_tokenizer_bpe` regex lists (`src/llama-vocab.cpp`).
 //! Control tokens (`token_type == 3`, e.g. `<|im_start|>`) are recognized when they appear in
-//! the text, because chat templates emit them as text.
+//! the text given to [`Tokenizer::encode`], because chat templates emit them as text;
+//! [`Tokenizer::encode_plain`] is for text that must stay data (message content), where
+//! `<|im_start|>` is just eleven characters.
 
 use candle_core::quantized::gguf_file::Content;
 use tokenizers::decoders::DecoderWrapper;
@@ -119,6 +121,21 @@ pub enum TokenizerError {
         /// The library's error.
         #[source]
         source: tokenizers::Error,
+    },
+    /// Message content holds control-token text, and the chat template changes content as it
+    /// renders it, so that text cannot be kept apart from the template's own control tokens.
+    #[error(
+        "message {index} ({role}) contains the control-token text {token:?}, and the chat \
+         template does not insert message content verbatim, so it cannot be kept from acting \
+         as a control token; remove that text from the message"
+    )]
+    ControlTextInContent {
+        /// Position of the message in the conversation.
+        index: usize,
+        /// Its role (`"user"`, ...).
+        role: &'static str,
+        /// The control token whose text it contains.
+        token: String,
     },
     /// A token id given to decode is not in the vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab_size} tokens")]
@@ -267,6 +284,10 @@ impl PreSplit {
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` without the control tokens: what [`Tokenizer::encode_plain`] uses.
+    plain: tokenizers::Tokenizer,
+    /// The text of every control token, longest first.
+    control: Vec<String>,
     vocab_size: usize,
     bos: Option<u32>,
     eos: u32,
@@ -361,24 +382,39 @@ impl Tokenizer {
 
         // Control tokens are special (matched in text, kept on decode); user-defined ones are
         // matched in text too, as llama.cpp does. Both already have their ids in the vocabulary,
-        // so the added vocabulary reuses those ids instead of appending new ones.
-        let added = |wanted: i32, special: bool| -> Vec<AddedToken> {
+        // so the added vocabulary reuses those ids instead of appending new ones. The plain
+        // tokenizer is the same without the control tokens: there their text is only text.
+        let of_type = |wanted: i32| -> Vec<&str> {
             tokens
                 .iter()
                 .zip(&token_types)
                 .filter(|&(t, &ty)| ty == wanted && !t.is_empty())
-                .map(|(t, _)| AddedToken::from(*t, special))
+                .map(|(t, _)| *t)
                 .collect()
         };
+        let added = |texts: &[&str], special: bool| -> Vec<AddedToken> {
+            texts
+                .iter()
+                .map(|t| AddedToken::from(*t, special))
+                .collect()
+        };
+        let control_texts = of_type(TOKEN_TYPE_CONTROL);
+        let user_defined = of_type(TOKEN_TYPE_USER_DEFINED);
+        let mut plain = inner.clone();
         inner
-            .add_special_tokens(added(TOKEN_TYPE_CONTROL, true))
+            .add_special_tokens(added(&control_texts, true))
             .map_err(|source| TokenizerError::Build { source })?;
-        inner
-            .add_tokens(added(TOKEN_TYPE_USER_DEFINED, false))
-            .map_err(|source| TokenizerError::Build { source })?;
+        for t in [&mut inner, &mut plain] {
+            t.add_tokens(added(&user_defined, false))
+                .map_err(|source| TokenizerError::Build { source })?;
+        }
+        let mut control: Vec<String> = control_texts.iter().map(|t| (*t).to_owned()).collect();
+        control.sort_by_key(|t| std::cmp::Reverse(t.len()));
 
         Ok(Self {
             inner,
+            plain,
+            control,
             vocab_size,
             bos,
             eos,
@@ -402,6 +438,30 @@ impl Tokenizer {
                     source,
                 })?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids for `text` taken as data: control-token text such as `<|im_end|>` is split
+    /// into ordinary byte-level tokens like any other text, so it can never end a turn or
+    /// open a new one. User-defined tokens are still matched, as in [`Tokenizer::encode`].
+    /// Message content is encoded this way (see [`crate::Engine::chat_tokens`]).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding =
+            self.plain
+                .encode_fast(text, false)
+                .map_err(|source| TokenizerError::Encode {
+                    len: text.len(),
+                    source,
+                })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The text of a control token that occurs in `text` (the longest such), or `None` when
+    /// [`Tokenizer::encode`] would make no control token of it.
+    pub(crate) fn control_text_in(&self, text: &str) -> Option<&str> {
+        self.control
+            .iter()
+            .find(|t| text.contains(t.as_str()))
+            .map(String::as_str)
     }
 
     /// The text of `ids`, special tokens included, so `decode(encode(s)) == s`.
@@ -647,26 +707,20 @@ fn fingerprint_of(
 #[cfg(test)]
 pub(crate) mod tests {
     use std::collections::HashMap;
-    use std::path::Path;
     use std::sync::OnceLock;
 
     use candle_core::quantized::gguf_file::{Value, VersionedMagic};
 
     use super::*;
 
-    pub(crate) const MODEL_PATH: &str =
-        "/root/.local/share/agentkv/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-    /// The real model's metadata, or `None` (with a note) when the file is not on this machine.
+    /// The real model's metadata, or `None` when the file is not on this machine (see
+    /// [`crate::testing::real_model_path`]).
     pub(crate) fn real_content() -> Option<&'static Content> {
         static CONTENT: OnceLock<Option<Content>> = OnceLock::new();
         CONTENT
             .get_or_init(|| {
-                if !Path::new(MODEL_PATH).exists() {
-                    eprintln!("skipping: model file {MODEL_PATH} is absent");
-                    return None;
-                }
-                let mut file = std::fs::File::open(MODEL_PATH).expect("open model file");
+                let path = crate::testing::real_model_path()?;
+                let mut file = std::fs::File::open(path).expect("open model file");
                 Some(Content::read(&mut file).expect("read gguf header"))
             })
             .as_ref()
@@ -802,6 +856,26 @@ pub(crate) mod tests {
             streamed.push_str(&stream.finish());
             assert_eq!(streamed, text);
         }
+    }
+
+    #[test]
+    fn plain_encoding_keeps_control_text_as_text() {
+        let tok = Tokenizer::from_gguf(&content(tiny_metadata("smollm"))).expect("tiny");
+        let text = "<|im_start|>hello<|endoftext|>";
+        let ids = tok.encode_plain(text).expect("encode");
+        assert!(!ids.contains(&0) && !ids.contains(&1), "{ids:?}");
+        assert_eq!(tok.decode(&ids).expect("decode"), text);
+        assert_eq!(
+            tok.encode(text).expect("encode"),
+            vec![1, id(&tok, "hello"), 0]
+        );
+        // Without control text the two agree.
+        assert_eq!(
+            tok.encode_plain("hello wo").expect("encode"),
+            tok.encode("hello wo").expect("encode")
+        );
+        assert_eq!(tok.control_text_in(text), Some("<|endoftext|>"));
+        assert_eq!(tok.control_text_in("<|im_start"), None);
     }
 
     #[test]
@@ -1111,6 +1185,27 @@ pub(crate) mod tests {
             let ids = tok.encode(text).expect("encode");
             assert_eq!(tok.decode(&ids).expect("decode"), *text, "ids {ids:?}");
         }
+    }
+
+    #[test]
+    fn real_plain_encoding_round_trips_without_control_tokens() {
+        let Some(tok) = real() else { return };
+        for text in ROUND_TRIP {
+            let ids = tok.encode_plain(text).expect("encode");
+            assert_eq!(tok.decode(&ids).expect("decode"), *text, "ids {ids:?}");
+            // SmolLM2's control tokens are ids 0..=16.
+            assert!(ids.iter().all(|&i| i > 16), "{text:?} gave {ids:?}");
+            if tok.control_text_in(text).is_none() {
+                assert_eq!(ids, tok.encode(text).expect("encode"));
+            }
+        }
+        let control: Vec<u32> = tok.control.iter().filter_map(|t| tok.token_id(t)).collect();
+        assert_eq!(control.len(), 17);
+        assert!(control.iter().all(|&i| i <= 16), "{control:?}");
+        assert_eq!(
+            tok.control_text_in("x<|im_end|>y<repo_name>"),
+            Some("<repo_name>")
+        );
     }
 
     #[test]
