@@ -67,7 +67,7 @@ fn pairs(pool: &AgentPool<FakeBackend>, id: &str) -> Vec<(String, String)> {
     pool.transcript(id)
         .expect("transcript")
         .into_iter()
-        .map(|t| (t.user, t.assistant))
+        .map(|t| (t.user().to_owned(), t.reply))
         .collect()
 }
 
@@ -393,7 +393,7 @@ fn engine_failure_records_no_turn() {
     assert!(matches!(err, PoolError::Engine { .. }), "{err}");
     assert!(pool.transcript("a").expect("transcript").is_empty());
     let reply = say(&pool, "a", "small");
-    assert_eq!(reply.turn, 0);
+    assert_eq!(reply.turn, Some(0));
     assert_eq!(reply.text, expected(&FakeBackend::default(), &[], "small"));
 }
 
@@ -461,7 +461,8 @@ fn interrupted_create_and_delete_leave_no_agent_behind() {
 
 mod parsers {
     use agent_pool::testing::{parse_agent_file, parse_transcript, transcript_line};
-    use agent_pool::{PoolError, Turn};
+    use agent_pool::{Parent, PoolError, Turn};
+    use engine::chat::Message;
     use proptest::prelude::*;
     use proptest::sample::Index;
 
@@ -470,8 +471,10 @@ mod parsers {
             .map(|i| Turn {
                 index: i,
                 unix_ms: 1_700_000_000_000 + i,
-                user: format!("question {i}: \"why\"?\n"),
-                assistant: format!("because {}", "ü".repeat(i as usize)),
+                parent: i.checked_sub(1).map_or(Parent::System, Parent::Turn),
+                input: vec![Message::user(format!("question {i}: \"why\"?\n"))],
+                reply: format!("because {}", "ü".repeat(i as usize)),
+                reply_tokens: (0..i as u32).collect(),
             })
             .collect()
     }

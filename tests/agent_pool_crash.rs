@@ -76,8 +76,7 @@ fn crash_child() {
         let reply = pool
             .generate(id, &user, &options(), &mut |_| {})
             .expect("child: generate");
-        let line =
-            serde_json::json!({"id": id, "turn": reply.turn, "user": user, "reply": reply.text});
+        let line = serde_json::json!({"id": id, "turn": reply.turn.expect("a committed turn"), "user": user, "reply": reply.text});
         println!("TURN {line}");
     }
 }
@@ -252,12 +251,12 @@ fn sigkill_at_random_moments_loses_no_returned_turn() {
             let mut history = Vec::new();
             for t in &turns {
                 assert_eq!(
-                    t.assistant,
-                    expected_reply(&fake, SYSTEMS[i % 2], &history, &t.user),
+                    t.reply,
+                    expected_reply(&fake, SYSTEMS[i % 2], &history, t.user()),
                     "{id} turn {}",
                     t.index
                 );
-                history.push((t.user.clone(), t.assistant.clone()));
+                history.push((t.user().to_owned(), t.reply.clone()));
             }
             for ((rid, turn), (user, reply)) in
                 reported.range((id.to_string(), 0)..=(id.to_string(), u64::MAX))
@@ -265,7 +264,7 @@ fn sigkill_at_random_moments_loses_no_returned_turn() {
                 let t = turns.get(*turn as usize).unwrap_or_else(|| {
                     panic!("round {round}: reported turn {rid}#{turn} is missing")
                 });
-                assert_eq!((&t.user, &t.assistant), (user, reply));
+                assert_eq!((t.user(), &t.reply), (user.as_str(), reply));
             }
             on_disk += turns.len();
         }
@@ -302,7 +301,7 @@ fn sigkill_at_random_moments_loses_no_returned_turn() {
             .transcript(id)
             .expect("transcript")
             .into_iter()
-            .map(|t| (t.user, t.assistant))
+            .map(|t| (t.user().to_owned(), t.reply))
             .collect();
         let reply = pool
             .generate(id, "after the crashes", &options(), &mut |_| {})

@@ -47,7 +47,7 @@ fn expected_reply(
 fn pairs(turns: &[Turn]) -> Vec<(String, String)> {
     turns
         .iter()
-        .map(|t| (t.user.clone(), t.assistant.clone()))
+        .map(|t| (t.user().to_owned(), t.reply.clone()))
         .collect()
 }
 
@@ -172,7 +172,7 @@ fn run_ops(config: PoolConfig, ops: Vec<Op>) {
                         let (sys, turns) = model.get_mut(&id).expect("generated for a live agent");
                         let want = expected_reply(&fake, SYSTEMS[*sys], turns, &user, max_tokens);
                         assert_eq!(reply.text, want, "reply of {id} at step {step}");
-                        assert_eq!(reply.turn as usize, turns.len());
+                        assert_eq!(reply.turn, Some(turns.len() as u64));
                         turns.push((user, reply.text));
                     }
                     Err(PoolError::UnknownAgent { id: named, .. }) => {
@@ -537,7 +537,7 @@ fn threads_on_different_agents_do_not_interfere() {
                         let reply = pool
                             .generate(&id, &format!("{id} says {k}"), &options(10), &mut |_| {})
                             .expect("generate");
-                        assert_eq!(reply.turn, k);
+                        assert_eq!(reply.turn, Some(k));
                         reply.text
                     })
                     .collect::<Vec<_>>()
@@ -563,13 +563,13 @@ fn threads_on_different_agents_do_not_interfere() {
         assert_eq!(turns.len(), 6);
         let mut history = Vec::new();
         for (k, t) in turns.iter().enumerate() {
-            assert_eq!(t.user, format!("{id} says {k}"));
+            assert_eq!(t.user(), format!("{id} says {k}"));
             assert_eq!(
-                t.assistant,
-                expected_reply(&fake, SYSTEMS[i % 2], &history, &t.user, 10)
+                t.reply,
+                expected_reply(&fake, SYSTEMS[i % 2], &history, t.user(), 10)
             );
-            assert_eq!(t.assistant, replies[i][k]);
-            history.push((t.user.clone(), t.assistant.clone()));
+            assert_eq!(t.reply, replies[i][k]);
+            history.push((t.user().to_owned(), t.reply.clone()));
         }
     }
     let stats = pool.stats();
@@ -610,10 +610,10 @@ fn calls_on_one_agent_are_serialized() {
     for (i, t) in turns.iter().enumerate() {
         assert_eq!(t.index, i as u64);
         assert_eq!(
-            t.assistant,
-            expected_reply(&fake, SYSTEMS[0], &history, &t.user, 6)
+            t.reply,
+            expected_reply(&fake, SYSTEMS[0], &history, t.user(), 6)
         );
-        history.push((t.user.clone(), t.assistant.clone()));
+        history.push((t.user().to_owned(), t.reply.clone()));
     }
 }
 

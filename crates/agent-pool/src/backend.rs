@@ -42,6 +42,9 @@ pub trait Backend: Send + Sync {
 
     /// Bytes of the model's weights in memory.
     fn weight_bytes(&self) -> usize;
+
+    /// Most tokens a conversation (prompt and reply) can hold.
+    fn context_len(&self) -> usize;
 }
 
 impl Backend for Engine {
@@ -77,5 +80,9 @@ impl Backend for Engine {
 
     fn weight_bytes(&self) -> usize {
         self.model().weight_bytes()
+    }
+
+    fn context_len(&self) -> usize {
+        Engine::context_len(self)
     }
 }

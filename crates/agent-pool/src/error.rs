@@ -146,6 +146,27 @@ pub enum PoolError {
         /// The configured budget.
         budget: usize,
     },
+    /// A turn that does not exist in the agent's transcript, or was deleted.
+    #[error(
+        "agent {id:?} has no turn {index}: it was deleted or never written; continue from \
+         another turn or start a new conversation"
+    )]
+    UnknownTurn {
+        /// The agent.
+        id: String,
+        /// The turn asked for.
+        index: u64,
+    },
+    /// A turn with nothing new to answer: every message given is already in the transcript
+    /// with its reply.
+    #[error(
+        "nothing to answer for agent {id:?}: the conversation ends with a reply it already has; \
+         add a user message"
+    )]
+    NoInput {
+        /// The agent.
+        id: String,
+    },
 }
 
 /// agent-pool's result type.

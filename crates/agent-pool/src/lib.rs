@@ -9,12 +9,14 @@ mod pool;
 #[doc(hidden)]
 pub mod testing;
 mod transcript;
+mod view;
 
 pub use backend::Backend;
 pub use error::{PoolError, Result};
 pub use files::{AGENT_FILE_VERSION, AgentInfo};
 pub use pool::{
-    AgentPool, AgentSummary, Counters, CreateReport, HotAgent, LoadReport, PoolConfig, PoolStats,
-    Rebuild, RebuildEvent, RebuildReason, Reply, Timings,
+    AgentPool, AgentSummary, Continue, Counters, CreateReport, HotAgent, LoadReport, PoolConfig,
+    PoolStats, Rebuild, RebuildEvent, RebuildReason, Reply, Timings,
 };
-pub use transcript::{TRANSCRIPT_VERSION, TranscriptRepair, Turn};
+pub use transcript::{Parent, TRANSCRIPT_VERSION, TranscriptRepair, Turn};
+pub use view::PoolView;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use engine::chat::Message;
+use engine::chat::{Message, Role};
 use engine::{GenerateOptions, StopReason};
 use kv_extract::{KvCache, KvShape};
 use kv_store::{CacheMeta, KvDtype, SaveReport, SegmentId, Store};
@@ -22,7 +22,7 @@ use lru::LruCache;
 use crate::backend::Backend;
 use crate::error::{PoolError, Result, validate_id};
 use crate::files::{self, AgentInfo, TMP_PREFIX};
-use crate::transcript::{self, TRANSCRIPT_FILE, Transcript, TranscriptRepair, Turn};
+use crate::transcript::{self, Entry, Parent, TRANSCRIPT_FILE, Transcript, TranscriptRepair, Turn};
 
 /// How many rebuilds [`PoolStats::recent_rebuilds`] remembers.
 const REBUILD_LOG_LEN: usize = 32;
@@ -125,6 +125,22 @@ pub struct Timings {
     pub commit: Duration,
 }
 
+/// Where a new turn continues an agent's conversation, and what the messages given with it
+/// are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Continue {
+    /// After the newest turn; the messages are the new input (the CLI's conversation).
+    Head,
+    /// After this point; the messages are the new input (a Responses
+    /// `previous_response_id`, or [`Parent::System`] for a new conversation).
+    At(Parent),
+    /// The messages are the whole conversation, as a Chat Completions client resends it:
+    /// the longest path of the transcript's tree whose messages and replies they start with
+    /// is continued with the rest. When they leave the newest path, the conversation forks
+    /// there; the cache keeps the common token prefix and computes only the rest.
+    Match,
+}
+
 /// The result of one turn.
 #[derive(Clone, Debug)]
 pub struct Reply {
@@ -134,8 +150,14 @@ pub struct Reply {
     pub tokens: Vec<u32>,
     /// Logits of the first generated position: what exactness tests compare.
     pub first_logits: Vec<f32>,
-    /// Index of this turn in the agent's transcript.
-    pub turn: u64,
+    /// Index of this turn in the agent's transcript (`None` for a detached reply, which is
+    /// written nowhere).
+    pub turn: Option<u64>,
+    /// The point of the conversation the turn continued.
+    pub parent: Parent,
+    /// How many of the messages given were already in the transcript (with
+    /// [`Continue::Match`]; 0 otherwise).
+    pub matched_messages: usize,
     /// Prompt length in tokens.
     pub prompt_tokens: usize,
     /// Prompt tokens whose K/V the cache already held.
@@ -275,6 +297,9 @@ struct Registry {
 
 /// Many named agents over one backend; see the crate documentation.
 pub struct AgentPool<B: Backend + ?Sized> {
+    /// The cache of detached replies ([`AgentPool::respond_detached`]): one at a time, kept
+    /// between them so that requests sharing a prefix share its K/V.
+    scratch: Mutex<Option<KvCache>>,
     root: PathBuf,
     backend: Arc<B>,
     config: PoolConfig,
@@ -424,6 +449,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         // more. Best effort: gc refuses while a manifest is unreadable, which a rebuild fixes.
         let _ = store.gc();
         Ok(AgentPool {
+            scratch: Mutex::new(None),
             root: root.to_owned(),
             meta: backend.cache_meta(config.kv_dtype),
             shape: backend.kv_shape(),
@@ -512,14 +538,51 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         Ok(repair)
     }
 
-    fn messages(info: &AgentInfo, turns: &[Turn]) -> Vec<Message> {
-        let mut out = Vec::with_capacity(1 + 2 * turns.len());
-        out.push(Message::system(info.system_prompt.clone()));
+    /// The messages of the conversation up to and including `end`, each reply carrying the
+    /// tokens it was generated as.
+    fn conversation(info: &AgentInfo, transcript: &Transcript, end: Parent) -> Vec<Message> {
+        let (root, turns) = transcript.path(end);
+        let mut out = Vec::new();
+        if root == Parent::System {
+            out.push(Message::system(info.system_prompt.clone()));
+        }
         for t in turns {
-            out.push(Message::user(t.user.clone()));
-            out.push(Message::assistant(t.assistant.clone()));
+            out.extend(t.input.iter().cloned());
+            out.push(t.reply_message());
         }
         out
+    }
+
+    /// The deepest point of the transcript's tree whose conversation `messages` start with,
+    /// and how many messages that covers. Among several matching turns the newest wins.
+    fn match_messages(
+        info: &AgentInfo,
+        transcript: &Transcript,
+        messages: &[Message],
+    ) -> (Parent, usize) {
+        let same = |a: &Message, b: &Message| a.role == b.role && a.content == b.content;
+        let (mut at, mut used) = match messages.first() {
+            Some(m) if m.role == Role::System && m.content == info.system_prompt => {
+                (Parent::System, 1)
+            }
+            _ => (Parent::Bare, 0),
+        };
+        'walk: loop {
+            let rest = &messages[used..];
+            for child in transcript.children(at) {
+                let n = child.input.len();
+                let matches = rest.len() > n
+                    && rest.iter().zip(&child.input).all(|(a, b)| same(a, b))
+                    && rest[n].role == Role::Assistant
+                    && rest[n].content == child.reply;
+                if matches {
+                    at = Parent::Turn(child.index);
+                    used += n + 1;
+                    continue 'walk;
+                }
+            }
+            return (at, used);
+        }
     }
 
     /// Records (or updates) a hot agent's bytes, marking it most recently used.
@@ -707,7 +770,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         &self,
         id: &str,
         info: &AgentInfo,
-        turns: &[Turn],
+        transcript: &Transcript,
         spare: Option<KvCache>,
     ) -> Result<(KvCache, Option<Rebuild>)> {
         let loaded = match spare {
@@ -729,7 +792,10 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         }
         let tokens = self
             .backend
-            .chat_tokens(&Self::messages(info, turns), false)
+            .chat_tokens(
+                &Self::conversation(info, transcript, transcript.head()),
+                false,
+            )
             .map_err(|e| PoolError::engine(id, e))?;
         let (mut cache, _, _) = self.start_cache(id, info)?;
         self.backend
@@ -765,10 +831,11 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             elapsed: Duration::ZERO,
         };
         if agent.cache.is_none() {
-            let turns = agent.transcript.as_ref().map_or(&[][..], |t| &t.turns);
+            let empty = Transcript::default();
+            let transcript = agent.transcript.as_ref().unwrap_or(&empty);
             let spare = self.evict_for(&slot.id);
             let had_spare = spare.is_some();
-            let (cache, rebuilt) = self.load_or_rebuild(&slot.id, info, turns, spare)?;
+            let (cache, rebuilt) = self.load_or_rebuild(&slot.id, info, transcript, spare)?;
             report.reused_memory = had_spare && rebuilt.is_none();
             agent.dirty = rebuilt.is_some();
             agent.cache = Some(cache);
@@ -929,7 +996,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
     }
 
     /// Runs one turn of agent `id`: `user_input` is answered in the context of the agent's
-    /// system prompt and transcript, streaming text to `on_text`.
+    /// system prompt and its newest conversation, streaming text to `on_text`.
     ///
     /// A cold agent is made hot first (its cache loaded, or rebuilt from the transcript:
     /// see [`Reply::rebuilt`]). When this returns `Ok`, the user's message and the reply are
@@ -943,13 +1010,36 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Reply> {
+        self.respond(
+            id,
+            Continue::Head,
+            vec![Message::user(user_input)],
+            options,
+            on_text,
+        )
+    }
+
+    /// Runs one turn of agent `id` continuing its conversation where `at` says, with
+    /// `messages` (see [`Continue`] for what they are), streaming text to `on_text`. The new
+    /// turn is durable when this returns `Ok`, as with [`AgentPool::generate`]; an `Err`
+    /// (a cancelled generation included) commits nothing.
+    pub fn respond(
+        &self,
+        id: &str,
+        at: Continue,
+        messages: Vec<Message>,
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Reply> {
         let slot = self.slot(id)?;
         let reply = {
             let (mut agent, info) = self.lock_agent(&slot)?;
             let load = self.activate(&slot, info, &mut agent)?;
             // Make room before the cache grows; this agent is locked, so it stays.
             self.enforce();
-            self.turn_locked(&slot, info, &mut agent, load, user_input, options, on_text)?
+            self.turn_locked(
+                &slot, info, &mut agent, load, at, messages, options, on_text,
+            )?
         };
         self.enforce();
         Ok(reply)
@@ -962,23 +1052,47 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         info: &AgentInfo,
         agent: &mut Agent,
         load: LoadReport,
-        user_input: &str,
+        at: Continue,
+        messages: Vec<Message>,
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Reply> {
         let id = slot.id.as_str();
-        let turns = agent.transcript.as_ref().map_or(&[][..], |t| &t.turns);
-        let mut messages = Self::messages(info, turns);
-        messages.push(Message::user(user_input));
+        let transcript = agent.transcript.get_or_insert_with(Transcript::default);
+        let (parent, matched_messages, input) = match at {
+            Continue::Head => (transcript.head(), 0, messages),
+            Continue::At(parent) => {
+                if let Parent::Turn(index) = parent
+                    && transcript.live(index).is_none()
+                {
+                    return Err(PoolError::UnknownTurn {
+                        id: id.to_owned(),
+                        index,
+                    });
+                }
+                (parent, 0, messages)
+            }
+            Continue::Match => {
+                let (parent, used) = Self::match_messages(info, transcript, &messages);
+                let mut messages = messages;
+                (parent, used, messages.split_off(used))
+            }
+        };
+        if input.is_empty() {
+            return Err(PoolError::NoInput { id: id.to_owned() });
+        }
+        let mut conversation = Self::conversation(info, transcript, parent);
+        conversation.extend(input.iter().cloned());
         let prompt = self
             .backend
-            .chat_tokens(&messages, true)
+            .chat_tokens(&conversation, true)
             .map_err(|e| PoolError::engine(id, e))?;
+        let options = self.fit(id, &prompt, options)?;
         let Some(cache) = agent.cache.as_mut() else {
             // activate() just made it hot and only this thread can evict it.
             return Err(self.unknown(id));
         };
-        let generation = self.backend.generate(cache, &prompt, options, on_text);
+        let generation = self.backend.generate(cache, &prompt, &options, on_text);
         agent.dirty = true;
         self.record(slot, agent);
         let generation = generation.map_err(|e| PoolError::engine(id, e))?;
@@ -986,14 +1100,21 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         let commit_started = Instant::now();
         let path = self.agent_dir(id).join(TRANSCRIPT_FILE);
         let transcript = agent.transcript.get_or_insert_with(Transcript::default);
+        let index = transcript.turns.len() as u64;
         let turn = Turn {
-            index: transcript.turns.len() as u64,
+            index,
             unix_ms: files::now_unix_ms(),
-            user: user_input.to_owned(),
-            assistant: generation.text.clone(),
+            parent,
+            input,
+            reply: generation.text.clone(),
+            // Cut at a stop sequence, the tokens spell more than the reply.
+            reply_tokens: if generation.stop == StopReason::StopSequence {
+                Vec::new()
+            } else {
+                generation.tokens.clone()
+            },
         };
-        let index = turn.index;
-        transcript.append(&path, turn)?;
+        transcript.append(&path, Entry::Turn(turn))?;
         let commit = commit_started.elapsed();
         lock(&self.state).counters.turns += 1;
         if self.config.save_every_turn {
@@ -1005,7 +1126,9 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             text: generation.text,
             tokens: generation.tokens,
             first_logits: generation.first_logits,
-            turn: index,
+            turn: Some(index),
+            parent,
+            matched_messages,
             prompt_tokens: generation.prompt_tokens,
             reused_tokens: generation.reused_tokens,
             stop: generation.stop,
@@ -1019,6 +1142,142 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             rebuilt: load.rebuilt,
             transcript_repair: load.transcript_repair,
         })
+    }
+
+    /// Answers `messages` (a whole conversation) without any agent: nothing is written.
+    ///
+    /// The K/V of the longest token prefix the prompt shares with the previous detached reply
+    /// or with a hot agent's cache (a shared system prompt, typically) is copied rather than
+    /// computed; no agent's cache or transcript changes. One detached reply runs at a time.
+    /// `on_reuse` hears, before generation starts, how many prompt tokens are reused.
+    pub fn respond_detached(
+        &self,
+        messages: &[Message],
+        options: &GenerateOptions,
+        on_reuse: &mut dyn FnMut(usize),
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Reply> {
+        const WHO: &str = "(detached)";
+        let prompt = self
+            .backend
+            .chat_tokens(messages, true)
+            .map_err(|e| PoolError::engine(WHO, e))?;
+        let options = self.fit(WHO, &prompt, options)?;
+        let mut scratch = lock(&self.scratch);
+        let cache = scratch.get_or_insert_with(|| KvCache::new(self.shape));
+        let own = cache.common_prefix_len(&prompt);
+        let slots: Vec<Arc<Slot>> = lock(&self.state)
+            .hot
+            .iter()
+            .map(|(_, e)| Arc::clone(&e.slot))
+            .collect();
+        let mut best: Option<(usize, Arc<Slot>)> = None;
+        for slot in slots {
+            // A busy agent is skipped, never waited for.
+            let Some(agent) = try_lock(&slot.state) else {
+                continue;
+            };
+            let n = agent
+                .cache
+                .as_ref()
+                .map_or(0, |c| c.common_prefix_len(&prompt));
+            if n > best.as_ref().map_or(own, |b| b.0) {
+                drop(agent);
+                best = Some((n, slot));
+            }
+        }
+        let best_len = best.as_ref().map_or(0, |b| b.0);
+        if let Some((_, slot)) = best
+            && let Some(agent) = try_lock(&slot.state)
+            && let Some(other) = &agent.cache
+        {
+            let n = other.common_prefix_len(&prompt);
+            if n > own {
+                cache.clear();
+                cache.extend_from(other, 0..n);
+            }
+        }
+        on_reuse(best_len.max(own).min(prompt.len().saturating_sub(1)));
+        let generation = self
+            .backend
+            .generate(cache, &prompt, &options, on_text)
+            .map_err(|e| PoolError::engine(WHO, e))?;
+        // Keep the scratch cache only while it is small next to the budget of one hot agent.
+        if cache.bytes_allocated() > self.config.kv_budget_bytes / self.config.max_hot {
+            *scratch = None;
+        }
+        Ok(Reply {
+            text: generation.text,
+            tokens: generation.tokens,
+            first_logits: generation.first_logits,
+            turn: None,
+            parent: Parent::Bare,
+            matched_messages: 0,
+            prompt_tokens: generation.prompt_tokens,
+            reused_tokens: generation.reused_tokens,
+            stop: generation.stop,
+            timings: Timings {
+                load: Duration::ZERO,
+                prefill: generation.prefill,
+                decode: generation.decode,
+                commit: Duration::ZERO,
+            },
+            resumed_from_disk: false,
+            rebuilt: None,
+            transcript_repair: None,
+        })
+    }
+
+    /// `options` with `max_tokens` cut to the room the context leaves after `prompt`; a prompt
+    /// that fills the context is an error.
+    fn fit(&self, id: &str, prompt: &[u32], options: &GenerateOptions) -> Result<GenerateOptions> {
+        let max = self.backend.context_len();
+        if prompt.len() >= max {
+            return Err(PoolError::engine(
+                id,
+                engine::EngineError::ContextOverflow {
+                    needed: prompt.len() + 1,
+                    max,
+                },
+            ));
+        }
+        let mut options = options.clone();
+        options.max_tokens = options.max_tokens.min(max - prompt.len());
+        Ok(options)
+    }
+
+    /// Turn `index` of agent `id`, unless it was deleted.
+    pub fn turn(&self, id: &str, index: u64) -> Result<Turn> {
+        let slot = self.slot(id)?;
+        let (mut agent, _) = self.lock_agent(&slot)?;
+        self.ensure_transcript(id, &mut agent)?;
+        agent
+            .transcript
+            .as_ref()
+            .and_then(|t| t.live(index))
+            .cloned()
+            .ok_or_else(|| PoolError::UnknownTurn {
+                id: id.to_owned(),
+                index,
+            })
+    }
+
+    /// Deletes turn `index` of agent `id`, durably: it can no longer be continued from or
+    /// read. The turns after it keep their own history (a transcript is append-only: the
+    /// deletion is a line of its own).
+    pub fn delete_turn(&self, id: &str, index: u64) -> Result<()> {
+        let slot = self.slot(id)?;
+        let (mut agent, _) = self.lock_agent(&slot)?;
+        self.ensure_transcript(id, &mut agent)?;
+        let path = self.agent_dir(id).join(TRANSCRIPT_FILE);
+        let transcript = agent.transcript.get_or_insert_with(Transcript::default);
+        if transcript.live(index).is_none() {
+            return Err(PoolError::UnknownTurn {
+                id: id.to_owned(),
+                index,
+            });
+        }
+        transcript.append(&path, Entry::Deleted(index))
     }
 
     /// Saves agent `id`'s cache if it is hot and changed since its last save; returns what

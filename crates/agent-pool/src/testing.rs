@@ -197,7 +197,11 @@ impl Backend for FakeBackend {
         let mut out = Vec::new();
         for m in messages {
             out.push(IM_START);
-            out.extend(Self::encode(&format!("{}\n{}", m.role, m.content)));
+            out.extend(Self::encode(&format!("{}\n", m.role)));
+            match &m.tokens {
+                Some(tokens) => out.extend(tokens),
+                None => out.extend(Self::encode(&m.content)),
+            }
             out.push(IM_END);
             out.extend(Self::encode("\n"));
         }
@@ -266,6 +270,10 @@ impl Backend for FakeBackend {
     fn weight_bytes(&self) -> usize {
         1 << 20
     }
+
+    fn context_len(&self) -> usize {
+        FAKE_CONTEXT
+    }
 }
 
 /// Parses transcript bytes as the pool does when it reads `agents/<id>/transcript.jsonl`:
@@ -273,11 +281,13 @@ impl Backend for FakeBackend {
 /// For parser tests and fuzzing: it must never panic, whatever the bytes.
 pub fn parse_transcript(bytes: &[u8]) -> Result<(Vec<Turn>, usize)> {
     crate::transcript::parse(std::path::Path::new("transcript.jsonl"), bytes)
+        .map(|(turns, _deleted, len)| (turns, len))
 }
 
 /// Encodes one transcript line, newline included, as an append writes it.
 pub fn transcript_line(turn: &Turn) -> Vec<u8> {
-    crate::transcript::encode_line(turn).unwrap_or_default()
+    crate::transcript::encode_line(&crate::transcript::Entry::Turn(turn.clone()))
+        .unwrap_or_default()
 }
 
 /// Parses the bytes of an `agent.json` that must describe agent `id`, as the pool does at

@@ -1,44 +1,105 @@
-//! The transcript: an append-only file of JSON lines, one per turn (the user's message and the
-//! reply, committed together), each carrying the checksum of its own content.
+//! The transcript: an append-only file of JSON lines, one per turn (the messages a turn added
+//! and the reply, committed together) or per deleted turn, each carrying the checksum of its own
+//! content.
+//!
+//! A conversation is a tree: each turn names the turn it continues ([`Parent`]), so a client
+//! that goes back to an earlier point forks the conversation without rewriting anything.
 //!
 //! Recovery: bytes after the last newline are a torn append (a crash before the turn was
 //! acknowledged, since a turn is acknowledged only after its whole line, newline included, is
 //! fsynced); they are cut off and reported. A complete line that fails its checksum, does not
 //! parse or is out of sequence is damage, reported with its line number and never skipped.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use engine::chat::{Message, Role};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PoolError, Result};
 use crate::files::checksum;
 
 /// Version of transcript lines written by this build, and the newest it reads.
-pub const TRANSCRIPT_VERSION: u64 = 1;
+pub const TRANSCRIPT_VERSION: u64 = 2;
 pub(crate) const TRANSCRIPT_FILE: &str = "transcript.jsonl";
 
-/// One exchange of a conversation: what the user said and what the agent replied.
+/// Where a turn continues a conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parent {
+    /// Right after the agent's system prompt: the first turn of a conversation.
+    System,
+    /// From nothing, without the agent's system prompt: the turn's input carries the
+    /// conversation from its first message (a client that sent another system prompt, or none).
+    Bare,
+    /// After the reply of this turn.
+    Turn(u64),
+}
+
+/// One exchange of a conversation: the messages it added (usually one user message) and the
+/// agent's reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Turn {
-    /// Position in the conversation, from 0.
+    /// Position in the transcript, from 0.
     pub index: u64,
     /// When the reply was committed, in milliseconds since the Unix epoch.
     pub unix_ms: u64,
-    /// The user's message.
-    pub user: String,
+    /// The point of the conversation this turn continues.
+    pub parent: Parent,
+    /// The messages this turn added before the reply, oldest first.
+    pub input: Vec<Message>,
     /// The agent's reply.
-    pub assistant: String,
+    pub reply: String,
+    /// The reply's token ids exactly as the model generated them, when they spell `reply`
+    /// (empty when the reply was cut at a stop sequence, or for turns written before tokens
+    /// were kept): re-rendering the history then reuses these instead of re-tokenizing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reply_tokens: Vec<u32>,
 }
 
-/// One line of the file: `{"v":1,"xxh3":"<16 hex>","turn":{...}}`, where `xxh3` is the xxh3-64
-/// of the compact JSON of `turn` as serde_json writes it.
+impl Turn {
+    /// The text of the last user message of the turn's input ("" if it has none).
+    pub fn user(&self) -> &str {
+        self.input
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::User)
+            .map_or("", |m| m.content.as_str())
+    }
+
+    /// The reply as an assistant message, carrying its generated tokens when kept.
+    pub fn reply_message(&self) -> Message {
+        let m = Message::assistant(self.reply.clone());
+        if self.reply_tokens.is_empty() {
+            m
+        } else {
+            m.with_tokens(self.reply_tokens.clone())
+        }
+    }
+}
+
+/// A turn as version 1 wrote it: one user message, after the previous turn.
 #[derive(Serialize, Deserialize)]
-struct Line {
+struct TurnV1 {
+    index: u64,
+    unix_ms: u64,
+    user: String,
+    assistant: String,
+}
+
+/// What a line records: `{"v":2,"xxh3":"<16 hex>","turn":{...}}` or
+/// `{"v":2,"xxh3":"<16 hex>","deleted":N}`, where `xxh3` is the xxh3-64 of the compact JSON of
+/// the `turn` object or of the number `N`, as serde_json writes it.
+#[derive(Serialize)]
+struct Line<'a> {
     v: u64,
     xxh3: String,
-    turn: Turn,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    turn: Option<&'a Turn>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deleted: Option<u64>,
 }
 
 /// A torn last line that was cut off while reading a transcript.
@@ -56,21 +117,53 @@ pub struct TranscriptRepair {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Transcript {
     pub turns: Vec<Turn>,
+    /// Turns deleted since they were written (their lines stay: the file is append-only).
+    pub deleted: BTreeSet<u64>,
     /// Bytes of the file that hold verified lines; appends go exactly here.
     good_len: u64,
 }
 
-pub(crate) fn encode_line(turn: &Turn) -> Result<Vec<u8>> {
-    let encode_err = |e: serde_json::Error| PoolError::Io {
+/// One parsed line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// A turn.
+    Turn(Turn),
+    /// A turn was deleted.
+    Deleted(u64),
+}
+
+fn encode_err(e: serde_json::Error) -> PoolError {
+    PoolError::Io {
         op: "encode a transcript line for",
         path: PathBuf::from(TRANSCRIPT_FILE),
         source: std::io::Error::other(e),
+    }
+}
+
+pub(crate) fn encode_line(entry: &Entry) -> Result<Vec<u8>> {
+    let (body, line) = match entry {
+        Entry::Turn(turn) => (
+            serde_json::to_vec(turn).map_err(encode_err)?,
+            Line {
+                v: TRANSCRIPT_VERSION,
+                xxh3: String::new(),
+                turn: Some(turn),
+                deleted: None,
+            },
+        ),
+        Entry::Deleted(index) => (
+            serde_json::to_vec(index).map_err(encode_err)?,
+            Line {
+                v: TRANSCRIPT_VERSION,
+                xxh3: String::new(),
+                turn: None,
+                deleted: Some(*index),
+            },
+        ),
     };
-    let body = serde_json::to_vec(turn).map_err(encode_err)?;
     let line = Line {
-        v: TRANSCRIPT_VERSION,
         xxh3: checksum(&body),
-        turn: turn.clone(),
+        ..line
     };
     // serde_json escapes control characters inside strings: the only newline is this one.
     let mut out = serde_json::to_vec(&line).map_err(encode_err)?;
@@ -78,7 +171,7 @@ pub(crate) fn encode_line(turn: &Turn) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn decode_line(path: &Path, number: usize, bytes: &[u8], expected_index: u64) -> Result<Turn> {
+fn decode_line(path: &Path, number: usize, bytes: &[u8], next_index: u64) -> Result<Entry> {
     let bad = |detail: String| PoolError::CorruptTranscript {
         path: path.to_owned(),
         line: number,
@@ -97,33 +190,85 @@ fn decode_line(path: &Path, number: usize, bytes: &[u8], expected_index: u64) ->
             supported: TRANSCRIPT_VERSION,
         });
     }
-    let line: Line = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-    let body = serde_json::to_vec(&line.turn).map_err(|e| bad(e.to_string()))?;
-    if checksum(&body) != line.xxh3 {
-        return Err(bad("checksum mismatch".into()));
-    }
-    if line.turn.index != expected_index {
+    let xxh3 = value
+        .get("xxh3")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| bad("no checksum".into()))?;
+    let verify = |body: Vec<u8>| {
+        if checksum(&body) == xxh3 {
+            Ok(())
+        } else {
+            Err(bad("checksum mismatch".into()))
+        }
+    };
+    let field = |name: &str| value.get(name).cloned().unwrap_or(serde_json::Value::Null);
+    let entry = if version == 1 {
+        let old: TurnV1 = serde_json::from_value(field("turn")).map_err(|e| bad(e.to_string()))?;
+        verify(serde_json::to_vec(&old).map_err(|e| bad(e.to_string()))?)?;
+        Entry::Turn(Turn {
+            index: old.index,
+            unix_ms: old.unix_ms,
+            parent: match old.index.checked_sub(1) {
+                None => Parent::System,
+                Some(p) => Parent::Turn(p),
+            },
+            input: vec![Message::user(old.user)],
+            reply: old.assistant,
+            reply_tokens: Vec::new(),
+        })
+    } else if let Some(deleted) = value.get("deleted") {
+        let index = deleted
+            .as_u64()
+            .ok_or_else(|| bad("deleted is not a turn index".into()))?;
+        verify(serde_json::to_vec(&index).map_err(|e| bad(e.to_string()))?)?;
+        if index >= next_index {
+            return Err(bad(format!("deletes turn {index}, which does not exist")));
+        }
+        return Ok(Entry::Deleted(index));
+    } else {
+        let turn: Turn = serde_json::from_value(field("turn")).map_err(|e| bad(e.to_string()))?;
+        verify(serde_json::to_vec(&turn).map_err(|e| bad(e.to_string()))?)?;
+        Entry::Turn(turn)
+    };
+    let Entry::Turn(turn) = &entry else {
+        return Ok(entry);
+    };
+    if turn.index != next_index {
         return Err(bad(format!(
-            "turn {} where turn {expected_index} was expected",
-            line.turn.index
+            "turn {} where turn {next_index} was expected",
+            turn.index
         )));
     }
-    Ok(line.turn)
+    if let Parent::Turn(p) = turn.parent
+        && p >= turn.index
+    {
+        return Err(bad(format!(
+            "turn {} continues turn {p}, which is not before it",
+            turn.index
+        )));
+    }
+    Ok(entry)
 }
 
-/// Parses a transcript's bytes (`path` only names the file in errors): the verified turns and
-/// the length of the bytes holding them; whatever follows the last newline is a torn append
-/// for the caller to cut off. This is the entry point of the parser tests.
-pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<(Vec<Turn>, usize)> {
+/// Parses a transcript's bytes (`path` only names the file in errors): the verified turns, the
+/// deleted ones, and the length of the bytes holding them; whatever follows the last newline
+/// is a torn append for the caller to cut off. This is the entry point of the parser tests.
+pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<(Vec<Turn>, BTreeSet<u64>, usize)> {
     let good_len = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let mut turns = Vec::new();
+    let mut deleted = BTreeSet::new();
     // The verified part ends with a newline; without it, every piece is one line.
     if let Some((_, content)) = bytes[..good_len].split_last() {
         for (i, line) in content.split(|&b| b == b'\n').enumerate() {
-            turns.push(decode_line(path, i + 1, line, i as u64)?);
+            match decode_line(path, i + 1, line, turns.len() as u64)? {
+                Entry::Turn(t) => turns.push(t),
+                Entry::Deleted(index) => {
+                    deleted.insert(index);
+                }
+            }
         }
     }
-    Ok((turns, good_len))
+    Ok((turns, deleted, good_len))
 }
 
 impl Transcript {
@@ -139,9 +284,10 @@ impl Transcript {
             }
             Err(e) => return Err(PoolError::io("read", path, e)),
         };
-        let (turns, good_len) = parse(path, &bytes)?;
+        let (turns, deleted, good_len) = parse(path, &bytes)?;
         let mut transcript = Transcript {
             turns,
+            deleted,
             good_len: good_len as u64,
         };
         let torn = (bytes.len() - good_len) as u64;
@@ -169,11 +315,11 @@ impl Transcript {
         f.sync_all().map_err(|e| PoolError::io("fsync", path, e))
     }
 
-    /// Appends `turn` as one line in one write, fsynced before returning: when this returns
+    /// Appends a turn (or a deletion) as one line in one write, fsynced before returning: when this returns
     /// `Ok`, the turn survives a crash. On failure the file is cut back to what it held (so a
     /// partial line never sits before a later turn) and the turn is not recorded.
-    pub(crate) fn append(&mut self, path: &Path, turn: Turn) -> Result<()> {
-        let line = encode_line(&turn)?;
+    pub(crate) fn append(&mut self, path: &Path, entry: Entry) -> Result<()> {
+        let line = encode_line(&entry)?;
         let mut f = OpenOptions::new()
             .write(true)
             .open(path)
@@ -197,7 +343,12 @@ impl Transcript {
         match result {
             Ok(()) => {
                 self.good_len += line.len() as u64;
-                self.turns.push(turn);
+                match entry {
+                    Entry::Turn(turn) => self.turns.push(turn),
+                    Entry::Deleted(index) => {
+                        self.deleted.insert(index);
+                    }
+                }
                 Ok(())
             }
             Err(e) => {
@@ -205,6 +356,48 @@ impl Transcript {
                 Err(e)
             }
         }
+    }
+}
+
+impl Transcript {
+    /// Turn `index`, unless it does not exist or was deleted.
+    pub(crate) fn live(&self, index: u64) -> Option<&Turn> {
+        let turn = self.turns.get(usize::try_from(index).ok()?)?;
+        (!self.deleted.contains(&index)).then_some(turn)
+    }
+
+    /// The newest point of the conversation: after the last turn written (deleted or not),
+    /// or the system prompt when there is none.
+    pub(crate) fn head(&self) -> Parent {
+        match self.turns.len() {
+            0 => Parent::System,
+            n => Parent::Turn(n as u64 - 1),
+        }
+    }
+
+    /// The turns from the conversation's start up to and including `end`, oldest first, and
+    /// where that start is ([`Parent::System`] or [`Parent::Bare`]). Parents always come
+    /// before their turns (checked when read), so this ends.
+    pub(crate) fn path(&self, end: Parent) -> (Parent, Vec<&Turn>) {
+        let mut turns = Vec::new();
+        let mut at = end;
+        while let Parent::Turn(i) = at {
+            let Some(turn) = usize::try_from(i).ok().and_then(|i| self.turns.get(i)) else {
+                break;
+            };
+            turns.push(turn);
+            at = turn.parent;
+        }
+        turns.reverse();
+        (at, turns)
+    }
+
+    /// The live turns that continue `parent`, newest first.
+    pub(crate) fn children(&self, parent: Parent) -> impl Iterator<Item = &Turn> {
+        self.turns
+            .iter()
+            .rev()
+            .filter(move |t| t.parent == parent && !self.deleted.contains(&t.index))
     }
 }
 
@@ -222,8 +415,12 @@ mod tests {
         Turn {
             index: i,
             unix_ms: 1000 + i,
-            user: format!("question {i}\nwith a newline, \"quotes\" and ünïcode"),
-            assistant: format!("answer {i}\u{0}\t"),
+            parent: i.checked_sub(1).map_or(Parent::System, Parent::Turn),
+            input: vec![Message::user(format!(
+                "question {i}\nwith a newline, \"quotes\" and ünïcode"
+            ))],
+            reply: format!("answer {i}\u{0}\t"),
+            reply_tokens: vec![1, 2, i as u32],
         }
     }
 
@@ -233,7 +430,7 @@ mod tests {
         create(&path).unwrap();
         let mut t = Transcript::default();
         for i in 0..n {
-            t.append(&path, turn(i)).unwrap();
+            t.append(&path, Entry::Turn(turn(i))).unwrap();
         }
         (dir, path, t)
     }
@@ -252,7 +449,7 @@ mod tests {
     fn torn_tail_is_cut_and_reported_then_appends_continue() {
         let (_dir, path, _) = with_turns(3);
         let full = fs::read(&path).unwrap();
-        let line = encode_line(&turn(3)).unwrap();
+        let line = encode_line(&Entry::Turn(turn(3))).unwrap();
         for cut in [1, line.len() / 2, line.len() - 1] {
             let mut bytes = full.clone();
             bytes.extend_from_slice(&line[..cut]);
@@ -262,7 +459,7 @@ mod tests {
             let repair = repair.expect("a repair is reported");
             assert_eq!((repair.dropped_bytes, repair.kept_turns), (cut as u64, 3));
             assert_eq!(fs::read(&path).unwrap(), full, "the file is cut back");
-            t.append(&path, turn(3)).unwrap();
+            t.append(&path, Entry::Turn(turn(3))).unwrap();
             let (again, repair) = Transcript::read(&path).unwrap();
             assert_eq!((again.turns.len(), repair), (4, None));
             fs::write(&path, &full).unwrap();
@@ -319,11 +516,11 @@ mod tests {
         }
         let newer = String::from_utf8(full.clone())
             .unwrap()
-            .replacen("{\"v\":1", "{\"v\":2", 1);
+            .replacen("{\"v\":2", "{\"v\":3", 1);
         fs::write(&path, newer).unwrap();
         assert!(matches!(
             Transcript::read(&path),
-            Err(PoolError::UnsupportedVersion { found: 2, .. })
+            Err(PoolError::UnsupportedVersion { found: 3, .. })
         ));
     }
 
@@ -332,9 +529,9 @@ mod tests {
         let (_dir, path, mut t) = with_turns(2);
         // What a write that failed half way (disk full) leaves behind.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"{\"v\":1,\"xxh3\":\"00").unwrap();
+        f.write_all(b"{\"v\":2,\"xxh3\":\"00").unwrap();
         drop(f);
-        t.append(&path, turn(2)).unwrap();
+        t.append(&path, Entry::Turn(turn(2))).unwrap();
         let (back, repair) = Transcript::read(&path).unwrap();
         assert_eq!((back.turns, repair), (t.turns, None));
     }
@@ -344,5 +541,72 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = Transcript::read(&dir.path().join(TRANSCRIPT_FILE)).unwrap_err();
         assert!(matches!(err, PoolError::CorruptAgentFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn version_1_lines_read_as_a_chain_of_user_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(TRANSCRIPT_FILE);
+        let mut bytes = Vec::new();
+        for i in 0..2u64 {
+            let old = TurnV1 {
+                index: i,
+                unix_ms: 7,
+                user: format!("q{i}"),
+                assistant: format!("a{i}"),
+            };
+            let body = serde_json::to_vec(&old).unwrap();
+            let line = serde_json::json!({"v": 1, "xxh3": checksum(&body), "turn": old});
+            bytes.extend(serde_json::to_vec(&line).unwrap());
+            bytes.push(b'\n');
+        }
+        fs::write(&path, &bytes).unwrap();
+        let (mut t, _) = Transcript::read(&path).unwrap();
+        assert_eq!(t.turns[0].parent, Parent::System);
+        assert_eq!(t.turns[1].parent, Parent::Turn(0));
+        assert_eq!((t.turns[1].user(), t.turns[1].reply.as_str()), ("q1", "a1"));
+        assert!(t.turns[1].reply_tokens.is_empty());
+        // A version-2 turn appends after them, forking from the first.
+        let mut fork = turn(2);
+        fork.parent = Parent::Turn(0);
+        t.append(&path, Entry::Turn(fork)).unwrap();
+        let (back, _) = Transcript::read(&path).unwrap();
+        assert_eq!(back.turns, t.turns);
+        let (root, turns) = back.path(Parent::Turn(2));
+        assert_eq!(root, Parent::System);
+        assert_eq!(turns.iter().map(|t| t.index).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(back.children(Parent::Turn(0)).count(), 2);
+    }
+
+    #[test]
+    fn deletions_are_lines_and_refer_to_earlier_turns() {
+        let (_dir, path, mut t) = with_turns(3);
+        t.append(&path, Entry::Deleted(1)).unwrap();
+        let (back, _) = Transcript::read(&path).unwrap();
+        assert_eq!(back.turns.len(), 3);
+        assert!(back.live(1).is_none() && back.live(2).is_some() && back.live(3).is_none());
+        assert_eq!(back.children(Parent::Turn(0)).count(), 0);
+        // A deletion of a turn that was never written is damage.
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.extend(encode_line(&Entry::Deleted(9)).unwrap());
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            Transcript::read(&path),
+            Err(PoolError::CorruptTranscript { line: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn a_turn_continuing_itself_or_a_later_turn_is_damage() {
+        let (_dir, path, _) = with_turns(2);
+        let mut bad = turn(2);
+        bad.parent = Parent::Turn(2);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.extend(encode_line(&Entry::Turn(bad)).unwrap());
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            Transcript::read(&path),
+            Err(PoolError::CorruptTranscript { line: 3, .. })
+        ));
     }
 }

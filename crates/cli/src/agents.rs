@@ -2,8 +2,10 @@
 
 use std::sync::Arc;
 
+use agent_pool::{AgentInfo, AgentPool, AgentSummary, PoolConfig, PoolError, PoolView, Turn};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
+use engine::Engine;
 
 use crate::Env;
 use crate::ui::{self, Table};
@@ -49,10 +51,28 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
     }
     let engine = env.engine()?;
     let meta = engine.cache_meta(kv_store::KvDtype::F16);
-    let pool = env.pool(&root, Arc::clone(&engine))?;
+    let pool = match AgentPool::open(&root, Arc::clone(&engine), PoolConfig::default()) {
+        Ok(pool) => Pool::Open(Box::new(pool)),
+        // A server (or a chat) holds the pool: read its files instead, changing nothing.
+        Err(PoolError::Locked { .. }) if !matches!(command, AgentsCommand::Rm { .. }) => {
+            Pool::View(
+                PoolView::open(&root)
+                    .with_context(|| format!("reading the agent pool in {}", root.display()))?,
+            )
+        }
+        Err(e @ PoolError::Locked { .. }) => {
+            return Err(e).context(
+                "a running `agentkv serve` holds the pool: delete through it \
+                 (DELETE /agentkv/agents/NAME), or stop it first",
+            );
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening the agent pool in {}", root.display()));
+        }
+    };
     match command {
         AgentsCommand::List => {
-            let agents = pool.list();
+            let agents = pool.list()?;
             if agents.is_empty() {
                 println!(
                     "no agents in {}: `agentkv chat --agent NAME` creates one",
@@ -119,17 +139,24 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
             for t in turns {
                 println!(
                     "[{}] user: {}\n[{}] {}: {}\n",
-                    t.index, t.user, t.index, info.id, t.assistant
+                    t.index,
+                    t.user(),
+                    t.index,
+                    info.id,
+                    t.reply
                 );
             }
         }
         AgentsCommand::Rm { agent } => {
+            let Pool::Open(pool) = &pool else {
+                bail!("the pool is in use by another process: stop it first");
+            };
             pool.delete(agent)?;
             println!("removed agent {agent}");
         }
         AgentsCommand::Verify => {
             let mut bad = 0;
-            for a in pool.list() {
+            for a in pool.list()? {
                 let verdict = match pool.store().load_any(&a.id) {
                     Err(kv_store::Error::NotFound { .. }) => {
                         "no cache saved (rebuilt from the transcript on next use)".to_owned()
@@ -166,4 +193,40 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
         AgentsCommand::Gc => {} // handled above
     }
     Ok(())
+}
+
+/// The pool, opened, or only read while another process holds it.
+enum Pool {
+    Open(Box<AgentPool<Engine>>),
+    View(PoolView),
+}
+
+impl Pool {
+    fn list(&self) -> Result<Vec<AgentSummary>> {
+        match self {
+            Pool::Open(p) => Ok(p.list()),
+            Pool::View(v) => Ok(v.list()?),
+        }
+    }
+
+    fn info(&self, id: &str) -> agent_pool::Result<AgentInfo> {
+        match self {
+            Pool::Open(p) => p.info(id),
+            Pool::View(v) => v.info(id),
+        }
+    }
+
+    fn transcript(&self, id: &str) -> agent_pool::Result<Vec<Turn>> {
+        match self {
+            Pool::Open(p) => p.transcript(id),
+            Pool::View(v) => v.transcript(id),
+        }
+    }
+
+    fn store(&self) -> &kv_store::Store {
+        match self {
+            Pool::Open(p) => p.store(),
+            Pool::View(v) => v.store(),
+        }
+    }
 }

@@ -217,7 +217,10 @@ pub fn chat(env: &Env, args: &ChatArgs) -> Result<()> {
                 for t in pool.transcript(id)? {
                     println!(
                         "[{}] user: {}\n[{}] {id}: {}",
-                        t.index, t.user, t.index, t.assistant
+                        t.index,
+                        t.user(),
+                        t.index,
+                        t.reply
                     );
                 }
             }

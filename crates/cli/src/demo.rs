@@ -291,8 +291,8 @@ fn session2(
         let history = turns.get(..turns.len().saturating_sub(1)).unwrap_or(&[]);
         let mut messages = vec![Message::system(info.system_prompt)];
         for t in history {
-            messages.push(Message::user(t.user.clone()));
-            messages.push(Message::assistant(t.assistant.clone()));
+            messages.extend(t.input.iter().cloned());
+            messages.push(t.reply_message());
         }
         messages.push(Message::user(role.follow_up));
         let prompt = engine.chat_tokens(&messages, true)?;

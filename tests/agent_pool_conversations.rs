@@ -1,0 +1,229 @@
+//! Conversations as trees, on the deterministic fake engine: a whole resent history continues
+//! the deepest matching turn, a divergent one forks, a turn id continues (or forks) exactly
+//! there, deleted turns are gone, a detached reply reuses a hot agent's prefix and writes
+//! nothing. Every reply is checked against the fake's reply to the full prompt computed from
+//! scratch, so a wrong reuse would show as a wrong reply.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use agent_pool::testing::FakeBackend;
+use agent_pool::{AgentPool, Backend, Continue, Parent, PoolConfig, PoolError, Reply};
+use engine::GenerateOptions;
+use engine::chat::Message;
+
+const SYSTEM: &str = "You are terse.";
+
+fn options() -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: 10,
+        ..GenerateOptions::default()
+    }
+}
+
+fn open(dir: &Path) -> AgentPool<FakeBackend> {
+    AgentPool::open(dir, Arc::new(FakeBackend::default()), PoolConfig::default()).expect("open")
+}
+
+/// The reply the fake gives to `conversation`, computed without any pool or cache.
+fn expected(conversation: &[Message]) -> String {
+    let fake = FakeBackend::default();
+    let prompt = fake.chat_tokens(conversation, true).expect("tokens");
+    fake.reply_to(&prompt, options().max_tokens)
+}
+
+fn respond(pool: &AgentPool<FakeBackend>, at: Continue, messages: &[Message]) -> Reply {
+    pool.respond("a", at, messages.to_vec(), &options(), &mut |_| {})
+        .expect("respond")
+}
+
+#[test]
+fn a_resent_history_continues_its_deepest_turn_and_a_divergent_one_forks() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pool = open(dir.path());
+    pool.create_agent("a", "t", SYSTEM).expect("create");
+    let mut history = vec![Message::system(SYSTEM), Message::user("first")];
+    let r0 = respond(&pool, Continue::Match, &history);
+    assert_eq!(
+        (r0.turn, r0.parent, r0.matched_messages),
+        (Some(0), Parent::System, 1)
+    );
+    assert_eq!(r0.text, expected(&history));
+    history.push(Message::assistant(r0.text.clone()));
+    history.push(Message::user("second"));
+    let r1 = respond(&pool, Continue::Match, &history);
+    assert_eq!(
+        (r1.turn, r1.parent, r1.matched_messages),
+        (Some(1), Parent::Turn(0), 3)
+    );
+    assert_eq!(r1.text, expected(&history));
+    // The cache held the first prompt and every generated token but the last.
+    assert_eq!(r1.reused_tokens, r0.prompt_tokens + r0.tokens.len() - 1);
+
+    // A different second question: back to turn 0, a fork.
+    let mut fork = history.clone();
+    fork[3] = Message::user("another second");
+    let r2 = respond(&pool, Continue::Match, &fork);
+    assert_eq!((r2.turn, r2.parent), (Some(2), Parent::Turn(0)));
+    assert_eq!(r2.text, expected(&fork));
+    // The cache was cut where the two prompts part, within the second user message.
+    let fake = FakeBackend::default();
+    let (p1, p2) = (
+        fake.chat_tokens(&history, true).expect("tokens"),
+        fake.chat_tokens(&fork, true).expect("tokens"),
+    );
+    let common = p1.iter().zip(&p2).take_while(|(a, b)| a == b).count();
+    assert!(common > r0.prompt_tokens + r0.tokens.len());
+    assert_eq!(r2.reused_tokens, common);
+
+    // The first branch goes on where it was, after turn 1.
+    history.push(Message::assistant(r1.text.clone()));
+    history.push(Message::user("third"));
+    let r3 = respond(&pool, Continue::Match, &history);
+    assert_eq!(
+        (r3.turn, r3.parent, r3.matched_messages),
+        (Some(3), Parent::Turn(1), 5)
+    );
+    assert_eq!(r3.text, expected(&history));
+
+    // A history whose system prompt is not the agent's starts bare.
+    let bare = vec![Message::system("Be loud."), Message::user("first")];
+    let r4 = respond(&pool, Continue::Match, &bare);
+    assert_eq!(
+        (r4.turn, r4.parent, r4.matched_messages),
+        (Some(4), Parent::Bare, 0)
+    );
+    assert_eq!(r4.text, expected(&bare));
+    let again = [
+        bare.clone(),
+        vec![Message::assistant(r4.text.clone()), Message::user("more")],
+    ]
+    .concat();
+    let r5 = respond(&pool, Continue::Match, &again);
+    assert_eq!(r5.parent, Parent::Turn(4));
+    assert_eq!(r5.text, expected(&again));
+
+    // Nothing new to answer.
+    let done = [bare, vec![Message::assistant(r4.text)]].concat();
+    let err = pool
+        .respond("a", Continue::Match, done, &options(), &mut |_| {})
+        .expect_err("no input");
+    assert!(matches!(err, PoolError::NoInput { .. }), "{err}");
+
+    // The tree survives a reopen, and continues exactly where asked.
+    drop(pool);
+    let pool = open(dir.path());
+    let turns = pool.transcript("a").expect("transcript");
+    let parents: Vec<Parent> = turns.iter().map(|t| t.parent).collect();
+    assert_eq!(
+        parents,
+        [
+            Parent::System,
+            Parent::Turn(0),
+            Parent::Turn(0),
+            Parent::Turn(1),
+            Parent::Bare,
+            Parent::Turn(4)
+        ]
+    );
+    let r6 = respond(
+        &pool,
+        Continue::At(Parent::Turn(2)),
+        &[Message::user("after the fork")],
+    );
+    let fork_conversation = [
+        fork.clone(),
+        vec![
+            Message::assistant(r2.text.clone()),
+            Message::user("after the fork"),
+        ],
+    ]
+    .concat();
+    assert_eq!(r6.text, expected(&fork_conversation));
+    assert!(r6.resumed_from_disk);
+}
+
+#[test]
+fn deleted_turns_cannot_be_read_or_continued_and_their_children_live_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pool = open(dir.path());
+    pool.create_agent("a", "t", SYSTEM).expect("create");
+    let r0 = respond(&pool, Continue::At(Parent::System), &[Message::user("one")]);
+    let r1 = respond(&pool, Continue::Head, &[Message::user("two")]);
+    assert_eq!(r1.parent, Parent::Turn(0));
+    pool.delete_turn("a", 0).expect("delete");
+    for err in [
+        pool.turn("a", 0).expect_err("deleted"),
+        pool.delete_turn("a", 0).expect_err("twice"),
+        pool.turn("a", 7).expect_err("never written"),
+        pool.respond(
+            "a",
+            Continue::At(Parent::Turn(0)),
+            vec![Message::user("x")],
+            &options(),
+            &mut |_| {},
+        )
+        .expect_err("continue a deleted turn"),
+    ] {
+        assert!(matches!(err, PoolError::UnknownTurn { .. }), "{err}");
+    }
+    assert_eq!(pool.turn("a", 1).expect("turn 1").reply, r1.text);
+    drop(pool);
+    let pool = open(dir.path());
+    assert!(pool.turn("a", 0).is_err(), "the deletion is durable");
+    let r2 = respond(
+        &pool,
+        Continue::At(Parent::Turn(1)),
+        &[Message::user("three")],
+    );
+    let conversation = [
+        Message::system(SYSTEM),
+        Message::user("one"),
+        Message::assistant(r0.text),
+        Message::user("two"),
+        Message::assistant(r1.text),
+        Message::user("three"),
+    ];
+    assert_eq!(r2.text, expected(&conversation));
+}
+
+#[test]
+fn a_detached_reply_reuses_a_hot_prefix_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pool = open(dir.path());
+    let long = format!("{SYSTEM} {}", "Always cite sources. ".repeat(20));
+    pool.create_agent("a", "t", &long).expect("create");
+    respond(&pool, Continue::Head, &[Message::user("hello")]);
+    let before = pool.transcript("a").expect("transcript");
+    let messages = [
+        Message::system(long.clone()),
+        Message::user("a stranger asks"),
+    ];
+    let system_tokens = FakeBackend::default()
+        .chat_tokens(&messages[..1], false)
+        .expect("tokens")
+        .len();
+    let mut told = None;
+    let reply = pool
+        .respond_detached(&messages, &options(), &mut |n| told = Some(n), &mut |_| {})
+        .expect("detached");
+    assert_eq!(reply.text, expected(&messages));
+    assert_eq!(reply.turn, None);
+    assert!(
+        reply.reused_tokens >= system_tokens,
+        "{} < {system_tokens}",
+        reply.reused_tokens
+    );
+    assert_eq!(told, Some(reply.reused_tokens));
+    assert_eq!(pool.transcript("a").expect("transcript"), before);
+    assert_eq!(pool.list().len(), 1);
+    // A prompt that fills the context is refused before any work.
+    let huge = [Message::user("x".repeat(agent_pool::testing::FAKE_CONTEXT))];
+    let err = pool
+        .respond_detached(&huge, &options(), &mut |_| {}, &mut |_| {})
+        .expect_err("too long");
+    assert!(
+        matches!(&err, PoolError::Engine { source, .. } if matches!(**source, engine::EngineError::ContextOverflow { .. })),
+        "{err}"
+    );
+}
