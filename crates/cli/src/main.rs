@@ -8,6 +8,7 @@
 mod agents;
 mod chat;
 mod demo;
+mod serve;
 mod ui;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +47,9 @@ enum Command {
     Chat(chat::ChatArgs),
     /// One turn of an agent, for scripts.
     Run(chat::RunArgs),
+    /// Serve the OpenAI API (Chat Completions and Responses) with conversations as durable
+    /// agents.
+    Serve(serve::ServeArgs),
     /// Manage the agents on disk.
     Agents {
         #[command(subcommand)]
@@ -114,6 +118,7 @@ fn run() -> Result<()> {
         Command::Demo(args) => demo::run(&cx, &args),
         Command::Chat(args) => chat::chat(&cx, &args),
         Command::Run(args) => chat::run(&cx, &args),
+        Command::Serve(args) => serve::run(&cx, &args),
         Command::Agents { command } => agents::run(&cx, &command),
     }
 }

@@ -264,3 +264,91 @@ fn agents_subcommands_and_bad_input() {
     ));
     assert!(err.contains("invalid agent id"), "{err}");
 }
+
+/// One HTTP/1.1 exchange over a plain socket: (status code, body).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+#[test]
+fn serve_answers_shares_the_pool_with_agents_list_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    let Some(model) = model() else { return };
+    let home = tempfile::tempdir().expect("temp dir");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_agentkv"))
+        .arg("--home")
+        .arg(home.path())
+        .arg("--model")
+        .arg(&model)
+        .args(["--quiet", "serve", "--port", "0"])
+        .env_remove("AGENTKV_HOME")
+        .env_remove("AGENTKV_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting agentkv serve");
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the ready line");
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_owned();
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model": "scribe", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // The server holds the pool; listing and showing read its files instead.
+    let list = ok(agentkv(home.path(), Some(&model), &["agents", "list"]));
+    assert!(list.contains("scribe"), "{list}");
+    let show = ok(agentkv(
+        home.path(),
+        Some(&model),
+        &["agents", "show", "scribe"],
+    ));
+    assert!(show.contains("[0] user: Hi"), "{show}");
+    let err = fails(agentkv(
+        home.path(),
+        Some(&model),
+        &["agents", "rm", "scribe"],
+    ));
+    assert!(err.contains("DELETE /agentkv/agents"), "{err}");
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = server.wait().expect("wait");
+    assert!(status.success(), "agentkv serve exited with {status}");
+    // Stopped: the pool is free, and the agent is there with its turn.
+    let show = ok(agentkv(
+        home.path(),
+        Some(&model),
+        &["agents", "show", "scribe"],
+    ));
+    assert!(show.contains("[0] user: Hi"), "{show}");
+}
