@@ -18,8 +18,10 @@ use crate::report::{self, Machine};
 use crate::venv::Venv;
 use crate::{cargo, fetch_model, project_root, run_step};
 
+mod serve;
+
 const USAGE: &str = "\
-usage: cargo xtask bench [--only criterion|engine|resume[,...]] [--no-criterion] [--no-engine]
+usage: cargo xtask bench [--only criterion|engine|resume[,...]|serve] [--no-criterion] [--no-engine]
                          [--no-resume] [--peer llama.cpp] [--histories 512,2048,4096]
                          [--decode 32] [--resume-histories 256,1024,2048,4096]
                          [--resume-repeats 3] [-- <criterion args>]
@@ -31,6 +33,8 @@ usage: cargo xtask bench [--only criterion|engine|resume[,...]] [--no-criterion]
              resume from the saved cache, page cache warm and cold; save ms, bytes/token;
              chart in target/bench/resume.png. Several minutes on two cores: each history
              is prefilled twice (to build the saved agent, and as the re-prefill baseline)
+  serve      multi-round conversations against agentkv serve and llama.cpp's server, both
+             restarted mid-way; runs alone (`cargo xtask bench --only serve --help`)
   Everything that ran is summarized in target/bench/report.md.";
 
 /// The figures one bench reports for one history length.
@@ -110,6 +114,9 @@ fn parse(args: &[String]) -> Result<Options> {
 }
 
 pub fn bench(args: &[String]) -> Result<()> {
+    if let Some(rest) = serve::selected(args)? {
+        return serve::bench(&rest);
+    }
     let ours = args.iter().take_while(|a| *a != "--");
     if ours.into_iter().any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");
