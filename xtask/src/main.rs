@@ -303,8 +303,13 @@ fn openai_test(model: &Path) -> Result<()> {
             )
         })
     })?;
-    // The profile `cargo test` built with, so that CI compiles the workspace once.
-    run_step("build agentkv", cargo().args(["build", "-p", "cli"]))?;
+    // The binary the workspace's tests use (their features unified, dev-dependencies
+    // included): right after `cargo test --workspace` this compiles nothing, where
+    // `cargo build -p cli` would build most dependencies again with other features.
+    run_step(
+        "build agentkv",
+        cargo().args(["test", "--workspace", "--no-run"]),
+    )?;
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
     run_step(
