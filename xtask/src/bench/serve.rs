@@ -30,7 +30,7 @@ usage: cargo xtask bench --only serve [--users 4] [--rounds 4] [--system-tokens 
   both killed with SIGKILL and restarted after round 2; and agentkv again, uninterrupted,
   for the replies the restarted one must reproduce. One server runs at a time.
   Writes target/bench/serve.md and appends it to target/bench/report.md.
-  Full size: about 10 minutes on two cores (plus ~15 for the first build of llama.cpp).
+  Full size: about 25 minutes on two cores (plus ~15 for the first build of llama.cpp).
   Quick check: --users 3 --rounds 3 --system-tokens 200 --history-tokens 200 --answer-tokens 16";
 
 /// The round after which both servers are killed and restarted.
@@ -153,6 +153,8 @@ pub fn bench(args: &[String]) -> Result<()> {
         cargo().args(["build", "--release", "-p", "cli"]),
     )?;
     let root = project_root();
+    // What the binary was built from: others may commit while the benchmark runs.
+    let built_from = commit(&root);
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
     let dir = root.join("target/bench");
@@ -206,7 +208,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         cpu: cpu_model(&cpuinfo).unwrap_or_else(|| "unknown CPU".into()),
         cpus: logical_cpus(&cpuinfo).unwrap_or(threads),
         isa: instruction_set(&cpuinfo),
-        commit: commit(&root),
+        commit: built_from,
         threads,
         load_before,
         load_after: loadavg(),
