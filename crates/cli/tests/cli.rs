@@ -10,15 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn model() -> Option<PathBuf> {
-    let path = engine::default_model_path().filter(|p| p.exists());
-    if path.is_none() {
-        assert!(
-            std::env::var_os("AGENTKV_REQUIRE_MODEL").is_none(),
-            "the real model is missing: run `cargo xtask fetch-model`"
-        );
-        eprintln!("skipping: no model (run `cargo xtask fetch-model`)");
-    }
-    path
+    engine::testing::real_model_path()
 }
 
 /// Runs `agentkv --home <home> [--model <model>] args...`.

@@ -430,14 +430,7 @@ impl Tokenizer {
     /// Characters whose bytes have no symbol in the vocabulary are dropped, as in llama.cpp
     /// (SmolLM2 has no symbol for a few C0 control bytes, e.g. U+0004).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding =
-            self.inner
-                .encode_fast(text, false)
-                .map_err(|source| TokenizerError::Encode {
-                    len: text.len(),
-                    source,
-                })?;
-        Ok(encoding.get_ids().to_vec())
+        encode_with(&self.inner, text)
     }
 
     /// Token ids for `text` taken as data: control-token text such as `<|im_end|>` is split
@@ -445,14 +438,7 @@ impl Tokenizer {
     /// open a new one. User-defined tokens are still matched, as in [`Tokenizer::encode`].
     /// Message content is encoded this way (see [`crate::Engine::chat_tokens`]).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding =
-            self.plain
-                .encode_fast(text, false)
-                .map_err(|source| TokenizerError::Encode {
-                    len: text.len(),
-                    source,
-                })?;
-        Ok(encoding.get_ids().to_vec())
+        encode_with(&self.plain, text)
     }
 
     /// The text of a control token that occurs in `text` (the longest such), or `None` when
@@ -554,6 +540,17 @@ impl Tokenizer {
             None => Ok(()),
         }
     }
+}
+
+/// Token ids of `text` through one of the tokenizer's two `tokenizers` instances.
+fn encode_with(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let encoding = tokenizer
+        .encode_fast(text, false)
+        .map_err(|source| TokenizerError::Encode {
+            len: text.len(),
+            source,
+        })?;
+    Ok(encoding.get_ids().to_vec())
 }
 
 // By hand: the derived form would print all 49k vocabulary entries and merges.
