@@ -191,6 +191,7 @@ impl KvCache {
                             let to = &mut dst[(h * cap + start) * d..(h * cap + start + len) * d];
                             decode(from, dtype, to)?;
                         }
+                        seg.release_kv(layer, kind);
                     }
                     Ok::<(), Error>(())
                 })?;

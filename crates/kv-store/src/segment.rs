@@ -211,6 +211,13 @@ impl Bytes {
             Bytes::Owned(v) => v,
         }
     }
+
+    /// Lets a mapped range's pages go from memory (see [`crate::map::release`]).
+    fn release(&self, range: Range<usize>) {
+        if let Bytes::Mapped(m) = self {
+            crate::map::release(m, range);
+        }
+    }
 }
 
 /// A validated segment in memory.
@@ -311,7 +318,9 @@ impl Segment {
             .par_iter()
             .zip(&sums)
             .find_first(|(r, (_, recorded))| {
-                **recorded != checksum(&bytes.as_slice()[(*r).clone()])
+                let sum = checksum(&bytes.as_slice()[(*r).clone()]);
+                bytes.release((*r).clone());
+                **recorded != sum
             });
         if let Some((_, (name, _))) = damaged {
             return Err(Error::ChecksumMismatch {
@@ -387,6 +396,19 @@ impl Segment {
     pub fn kv(&self, layer: usize, kind: KvKind) -> &[u8] {
         let i = 1 + 2 * layer + usize::from(kind == KvKind::V);
         &self.bytes.as_slice()[self.ranges[i].clone()]
+    }
+
+    /// Lets the pages of [`Segment::kv`]`(layer, kind)` go from memory once they have been
+    /// read: a mapped segment's bytes are mapped in as they are touched and stay until
+    /// released, so a reader that releases each tensor after use holds only the tensors it is
+    /// reading. Reading them again afterwards works (they are mapped in again). Does nothing
+    /// for a buffered segment.
+    ///
+    /// # Panics
+    /// If `layer` is not below the model's layer count.
+    pub fn release_kv(&self, layer: usize, kind: KvKind) {
+        let i = 1 + 2 * layer + usize::from(kind == KvKind::V);
+        self.bytes.release(self.ranges[i].clone());
     }
 
     /// Size of the file in bytes.

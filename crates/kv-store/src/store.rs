@@ -708,6 +708,73 @@ mod tests {
         assert!(store.manifest("d").unwrap().is_none());
     }
 
+    /// Resident bytes of the mapping that holds `addr`, from /proc/self/smaps.
+    #[cfg(target_os = "linux")]
+    fn resident(addr: *const u8) -> usize {
+        let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+        let addr = addr as usize;
+        let mut lines = smaps.lines();
+        while let Some(line) = lines.next() {
+            let Some((range, _)) = line.split_once(' ') else {
+                continue;
+            };
+            let Some((lo, hi)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            else {
+                continue;
+            };
+            if (lo..hi).contains(&addr) {
+                let rss = lines.find(|l| l.starts_with("Rss:")).unwrap();
+                let kb: usize = rss.split_whitespace().nth(1).unwrap().parse().unwrap();
+                return kb * 1024;
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_mapped_segment_keeps_in_memory_only_what_is_being_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = meta(KvDtype::F16);
+        // Four tensors (2 layers, K and V) of 8 MB each, and 2 MB of token ids.
+        let n = 500_000;
+        store.save("a", &m, &Toy((0..n).collect())).unwrap();
+        let loaded = store.load("a", &m).unwrap();
+        let seg = &loaded.segments()[0];
+        let tensor = seg.kv(0, KvKind::K);
+        assert_eq!(tensor.len(), 8_000_000);
+        let slack = 1 << 20;
+        let tokens = 4 * n as usize;
+        // Every byte was read to be checksummed; only the token ids (read again for the
+        // segment id) are still mapped in.
+        let after_load = resident(tensor.as_ptr());
+        assert!(
+            after_load <= tokens + slack,
+            "{after_load} bytes resident after load"
+        );
+
+        let sum: u64 = tensor.iter().map(|&b| u64::from(b)).sum();
+        let reading = resident(tensor.as_ptr());
+        assert!(
+            reading >= tensor.len(),
+            "{reading} bytes resident while reading"
+        );
+        seg.release_kv(0, KvKind::K);
+        let released = resident(tensor.as_ptr());
+        assert!(
+            released <= tokens + slack,
+            "{released} bytes resident after release"
+        );
+        // Released bytes read back the same.
+        assert_eq!(tensor.iter().map(|&b| u64::from(b)).sum::<u64>(), sum);
+        assert_eq!(&tensor[..4], &[0, 0, 0, 0]);
+        assert_eq!(tensor[tensor.len() - 1], (n - 1) as u8);
+    }
+
     #[test]
     fn damaged_segments_are_removed_and_written_again() {
         let dir = tempfile::tempdir().unwrap();
