@@ -2,11 +2,14 @@
 
 Measures, on the same GGUF and thread count as our engine, for each history length:
 prefill tok/s, decode tok/s at that context, resume TTFT (llama_state_seq_load_file from the
-page cache + a 16-token turn) and re-prefill TTFT (history + turn from scratch). Prints one JSON
-object per history on stdout, prefixed by `PEER `; everything else goes to stderr.
+page cache + a 16-token turn) and re-prefill TTFT (history + turn from scratch), each once per
+run (`cargo xtask bench` runs it several times, alternating with the engine's own runs, and
+takes the median). The same warm-up as the engine's bench comes first: a 64-token prefill.
+Prints one JSON object per history on stdout, prefixed by `PEER `, and the build and flags as
+`INFO key: value` lines; everything else goes to stderr.
 
 usage: python llama_cpp_peer.py MODEL.gguf --threads 2 --histories 512,2048,4096
-       [--decode 32] [--turn 16] [--workdir DIR]
+       [--decode 32] [--turn 16] [--repeats 1] [--flash-attn off|on] [--workdir DIR]
 """
 
 import argparse
@@ -28,7 +31,8 @@ def main():
     ap.add_argument("--histories", default="512,2048,4096")
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--turn", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--flash-attn", choices=["off", "on"], default="off")
     ap.add_argument("--workdir", default=".")
     args = ap.parse_args()
     histories = [int(h) for h in args.histories.split(",")]
@@ -40,13 +44,18 @@ def main():
         n_batch=512,
         n_threads=args.threads,
         n_threads_batch=args.threads,
+        flash_attn=args.flash_attn == "on",
         verbose=False,
     )
     ctx = llm.ctx
     vocab = llm.n_vocab()
+    system = llama_cpp.llama_print_system_info().decode().strip()
+    print(f"INFO version: llama-cpp-python {getattr(llama_cpp, '__version__', '?')}", flush=True)
+    print(f"INFO system: {system}", flush=True)
     print(
-        f"llama.cpp {getattr(llama_cpp, '__version__', '?')}: {llama_cpp.llama_print_system_info().decode()}",
-        file=sys.stderr,
+        f"INFO flags: n_threads={args.threads} n_threads_batch={args.threads} n_batch=512 "
+        f"n_ctx={n_ctx} flash_attn={args.flash_attn}",
+        flush=True,
     )
 
     def clear():
@@ -63,12 +72,13 @@ def main():
 
     rng = random.Random(1234)
     os.makedirs(args.workdir, exist_ok=True)
+    # Warm up threads and buffers, as the engine's bench does.
+    clear()
+    llm.eval([rng.randrange(vocab) for _ in range(64)])
     for n in histories:
         history = [rng.randrange(vocab) for _ in range(n)]
         turn = [rng.randrange(vocab) for _ in range(args.turn)]
 
-        clear()
-        llm.eval(history[:64])  # warm up threads and buffers
         clear()
         prefill = timed_eval(history)
 
@@ -102,7 +112,7 @@ def main():
             resume.append(time.perf_counter() - t)
 
         reprefill = []
-        for _ in range(max(1, args.repeats - 1)):
+        for _ in range(args.repeats):
             clear()
             reprefill.append(timed_eval(history + turn))
 

@@ -6,7 +6,6 @@
 //! goes to `target/bench/report.md`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -18,16 +17,19 @@ use crate::report::{self, Machine};
 use crate::venv::Venv;
 use crate::{cargo, fetch_model, project_root, run_step};
 
+mod engine;
 mod serve;
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--only criterion|engine|resume[,...]|serve] [--no-criterion] [--no-engine]
                          [--no-resume] [--peer llama.cpp] [--histories 512,2048,4096]
-                         [--decode 32] [--resume-histories 256,1024,2048,4096]
+                         [--decode 32] [--repeats 3] [--resume-histories 256,1024,2048,4096]
                          [--resume-repeats 3] [-- <criterion args>]
 
   criterion  kv-store vs plain file I/O (cargo bench -p agentkv-benches)
-  engine     prefill / decode tok/s at --histories (bench_speed), with --peer side by side;
+  engine     prefill / decode tok/s, resume and re-prefill TTFT at --histories (bench_speed),
+             --repeats runs (at least 3; median, min, max); with --peer, llama.cpp's runs
+             (flash attention off and on, the faster kept per figure) alternate with ours;
              table in target/bench/engine.md
   resume     time to first token of a 16-token turn at --resume-histories: re-prefill vs
              resume from the saved cache, page cache warm and cold; save ms, bytes/token;
@@ -44,6 +46,8 @@ struct Options {
     peer: bool,
     histories: String,
     decode: String,
+    /// Runs of each side of the engine bench.
+    repeats: usize,
     criterion: bool,
     engine: bool,
     resume: bool,
@@ -57,6 +61,7 @@ fn parse(args: &[String]) -> Result<Options> {
         peer: false,
         histories: "512,2048,4096".into(),
         decode: "32".into(),
+        repeats: 3,
         criterion: true,
         engine: true,
         resume: true,
@@ -81,6 +86,13 @@ fn parse(args: &[String]) -> Result<Options> {
             }
             "--histories" => o.histories = value("--histories")?,
             "--decode" => o.decode = value("--decode")?,
+            "--repeats" => {
+                let v = value("--repeats")?;
+                o.repeats = v
+                    .parse()
+                    .with_context(|| format!("--repeats takes a number, not {v:?}\n{USAGE}"))?;
+                engine::check_repeats(o.repeats)?;
+            }
             "--resume-histories" => o.resume_histories = value("--resume-histories")?,
             "--resume-repeats" => o.resume_repeats = value("--resume-repeats")?,
             "--no-criterion" => o.criterion = false,
@@ -138,7 +150,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
     let engine_table = if opts.engine {
-        Some(engine_speed(&opts, &model, threads, &load_before, &dir)?)
+        Some(engine::run(&opts, &model, threads, &load_before, &dir)?)
     } else {
         None
     };
@@ -202,59 +214,6 @@ pub fn bench(args: &[String]) -> Result<()> {
         eprintln!("wrote {}", chart_path.display());
     }
     Ok(())
-}
-
-/// Runs `bench_speed` (and the llama.cpp peer if asked), writes `engine.md` and returns its
-/// table.
-fn engine_speed(
-    opts: &Options,
-    model: &Path,
-    threads: usize,
-    load_before: &str,
-    dir: &Path,
-) -> Result<String> {
-    eprintln!("==> engine speed");
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "--quiet",
-        "-p",
-        "engine",
-        "--example",
-        "bench_speed",
-        "--",
-        "--histories",
-        &opts.histories,
-        "--decode",
-        &opts.decode,
-        "--model",
-    ])
-    .arg(model)
-    .env("RAYON_NUM_THREADS", threads.to_string());
-    let ours = run_for_rows(&mut cmd, "the bench_speed example", "ENGINE ")?;
-
-    let peer = if opts.peer {
-        let python = peer_python()?;
-        eprintln!("==> llama.cpp peer");
-        let script = project_root().join("benches/peer/llama_cpp_peer.py");
-        let mut cmd = Command::new(&python);
-        cmd.arg(&script)
-            .arg(model)
-            .args(["--threads", &threads.to_string()])
-            .args(["--histories", &opts.histories, "--decode", &opts.decode])
-            .arg("--workdir")
-            .arg(dir);
-        let what = format!("the llama.cpp peer ({})", script.display());
-        Some(run_for_rows(&mut cmd, &what, "PEER ")?)
-    } else {
-        None
-    };
-    let table = report(&ours, peer.as_ref(), threads, load_before, &loadavg());
-    let path = dir.join("engine.md");
-    std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("wrote {}", path.display());
-    Ok(table)
 }
 
 /// The chart of TTFT against history length for re-prefill, warm and cold resume.
@@ -361,6 +320,12 @@ fn peer_python() -> Result<PathBuf> {
 /// Runs a bench program with its stderr shown, and parses the `{prefix}{json}` lines of its
 /// stdout; a failure to start or a non-zero exit is an error naming `what`.
 fn run_for_rows(cmd: &mut Command, what: &str, prefix: &str) -> Result<Vec<Row>> {
+    rows(&run_for_output(cmd, what)?, prefix)
+}
+
+/// Runs a bench program with its stderr shown and returns its stdout; a failure to start or a
+/// non-zero exit is an error naming `what`.
+fn run_for_output(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -368,7 +333,34 @@ fn run_for_rows(cmd: &mut Command, what: &str, prefix: &str) -> Result<Vec<Row>>
     if !out.status.success() {
         bail!("{what} failed ({})", out.status);
     }
-    rows(&String::from_utf8_lossy(&out.stdout), prefix)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `cargo run --release --quiet -p {package} --example {example} --`, to which the example's
+/// arguments are added.
+fn cargo_release_example(package: &str, example: &str) -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        package,
+        "--example",
+        example,
+        "--",
+    ]);
+    cmd
+}
+
+/// The `INFO key: value` lines of a bench's stdout.
+fn infos(stdout: &str) -> BTreeMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("INFO "))
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
 }
 
 /// Parses the `{prefix}{flat json object of numbers}` lines of a bench's stdout.
@@ -407,121 +399,9 @@ fn parse_flat_json(s: &str) -> Result<Row> {
         .collect()
 }
 
-fn report(
-    ours: &[Row],
-    peer: Option<&Vec<Row>>,
-    threads: usize,
-    load_before: &str,
-    load_after: &str,
-) -> String {
-    let get = |r: &Row, k: &str| r.get(k).copied().unwrap_or(f64::NAN);
-    let mut s = String::new();
-    let _ = writeln!(s, "# Engine speed\n");
-    let _ = writeln!(
-        s,
-        "{threads} threads; load average before {load_before}, after {load_after}; weights in memory {:.1} MiB.\n",
-        ours.first().map_or(f64::NAN, |r| get(r, "weight_bytes")) / (1 << 20) as f64
-    );
-    let _ = writeln!(
-        s,
-        "Resume = load the history's f16 cache through kv-store (page cache) into the buffers \
-         the history was computed in (llama.cpp: its state into its existing context) + a \
-         16-token turn; \"new buffers\" = the same into freshly allocated memory (page faults \
-         included); re-prefill = history + turn from an empty cache.\n"
-    );
-    match peer {
-        None => {
-            let _ = writeln!(
-                s,
-                "| history | prefill tok/s | decode tok/s | resume TTFT ms | resume TTFT ms, new buffers | re-prefill TTFT ms |"
-            );
-            let _ = writeln!(s, "|---|---|---|---|---|---|");
-            for r in ours {
-                let _ = writeln!(
-                    s,
-                    "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
-                    get(r, "history"),
-                    get(r, "prefill_tok_s"),
-                    get(r, "decode_tok_s"),
-                    get(r, "resume_ttft_ms"),
-                    get(r, "resume_fresh_ttft_ms"),
-                    get(r, "reprefill_ttft_ms"),
-                );
-            }
-        }
-        Some(peer) => {
-            let _ = writeln!(
-                s,
-                "| history | figure | agentkv | llama.cpp | ratio | target |\n|---|---|---|---|---|---|"
-            );
-            for r in ours {
-                let n = get(r, "history");
-                let Some(p) = peer.iter().find(|p| get(p, "history") == n) else {
-                    continue;
-                };
-                let figures = [
-                    ("prefill tok/s", "prefill_tok_s", ">= 1.0x at 512, 2048"),
-                    ("decode tok/s", "decode_tok_s", ">= 1.0x at 512, 2048"),
-                    ("resume TTFT ms", "resume_ttft_ms", "<= 0.5x at 2048"),
-                    ("re-prefill TTFT ms", "reprefill_ttft_ms", ""),
-                ];
-                for (label, key, target) in figures {
-                    let (a, b) = (get(r, key), get(p, key));
-                    let _ = writeln!(
-                        s,
-                        "| {n} | {label} | {a:.1} | {b:.1} | {:.2}x | {target} |",
-                        a / b
-                    );
-                }
-                let _ = writeln!(
-                    s,
-                    "| {n} | resume TTFT ms, new buffers | {:.1} | | | |",
-                    get(r, "resume_fresh_ttft_ms")
-                );
-            }
-            let _ = writeln!(
-                s,
-                "\nRatios are agentkv / llama.cpp: above 1 is faster for tok/s, below 1 is faster for TTFT."
-            );
-        }
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn engine_report_has_ratios_and_the_new_buffer_figure() {
-        let row = |pairs: &[(&str, f64)]| -> Row {
-            pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
-        };
-        let ours = [row(&[
-            ("history", 2048.0),
-            ("prefill_tok_s", 150.0),
-            ("decode_tok_s", 30.0),
-            ("resume_ttft_ms", 100.0),
-            ("resume_fresh_ttft_ms", 180.0),
-            ("reprefill_ttft_ms", 15000.0),
-        ])];
-        let peer = vec![row(&[
-            ("history", 2048.0),
-            ("prefill_tok_s", 100.0),
-            ("decode_tok_s", 40.0),
-            ("resume_ttft_ms", 200.0),
-            ("reprefill_ttft_ms", 16000.0),
-        ])];
-        let with_peer = report(&ours, Some(&peer), 2, "0.1", "1.9");
-        assert!(with_peer.contains("| 2048 | prefill tok/s | 150.0 | 100.0 | 1.50x |"));
-        assert!(with_peer.contains("| 2048 | resume TTFT ms | 100.0 | 200.0 | 0.50x |"));
-        assert!(with_peer.contains("| 2048 | resume TTFT ms, new buffers | 180.0 |"));
-        let alone = report(&ours, None, 2, "0.1", "1.9");
-        assert!(
-            alone.contains("| 2048 | 150.0 | 30.0 | 100.0 | 180.0 | 15000.0 |"),
-            "{alone}"
-        );
-    }
 
     #[test]
     fn flat_json_lines_parse() {
@@ -532,8 +412,12 @@ mod tests {
         assert_eq!(r["x"], 1000.0);
         assert!(parse_flat_json("[1]").is_err());
         assert!(parse_flat_json(r#"{"a": "b"}"#).is_err());
-        let rs = rows("noise\nENGINE {\"history\":1}\n", "ENGINE ").expect("one row");
+        let out = "noise\nINFO isa: avx2\nENGINE {\"history\":1}\nINFO flags: a=1 b: 2\n";
+        let rs = rows(out, "ENGINE ").expect("one row");
         assert_eq!(rs.len(), 1);
+        let info = infos(out);
+        assert_eq!(info["isa"], "avx2");
+        assert_eq!(info["flags"], "a=1 b: 2");
     }
 
     fn args(s: &str) -> Vec<String> {
@@ -562,5 +446,8 @@ mod tests {
         assert!(parse(&args("--no-criterion --no-engine --no-resume")).is_err());
         assert!(parse(&args("--only resume --peer llama.cpp")).is_err());
         assert!(parse(&args("--resume-histories")).is_err());
+        assert_eq!(parse(&args("--repeats 5")).expect("valid").repeats, 5);
+        assert!(parse(&args("--repeats 2")).is_err());
+        assert!(parse(&args("--repeats x")).is_err());
     }
 }

@@ -2,13 +2,15 @@
 //! (seeded random tokens), greedy decode steps after it, resume TTFT (load the history's saved
 //! f16 cache through kv-store from the page cache, then a 16-token turn; into the buffers the
 //! history was computed in, and into new ones) and re-prefill TTFT (history + turn from an
-//! empty cache).
+//! empty cache). Each once per run after a 64-token warm-up, as the llama.cpp peer does:
+//! `cargo xtask bench` runs both several times, alternately, and takes medians.
 //!
 //! `cargo run --release -p engine --example bench_speed -- [--model PATH]
-//! [--histories 512,2048,4096] [--decode 32] [--turn 16] [--repeats 3]`
+//! [--histories 512,2048,4096] [--decode 32] [--turn 16] [--repeats 1]`
 //!
-//! Prints a human-readable line per figure on stderr and one `ENGINE {json}` line per history
-//! on stdout, which `cargo xtask bench` parses.
+//! Prints a human-readable line per figure on stderr, one `ENGINE {json}` line per history and
+//! an `INFO isa: LEVEL` line (the instruction set the kernels ran) on stdout, which
+//! `cargo xtask bench` parses.
 
 mod common;
 
@@ -37,8 +39,8 @@ struct Args {
     /// Tokens of the new turn for the TTFT figures.
     #[arg(long, default_value_t = 16)]
     turn: usize,
-    /// Repetitions of the resume measurement (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    /// Repetitions of the resume and re-prefill measurements (the median is reported).
+    #[arg(long, default_value_t = 1)]
     repeats: usize,
     /// Where the kv-store used for the resume figure lives (default: a temp dir).
     #[arg(long)]
@@ -88,8 +90,10 @@ fn run() -> Result<()> {
 
     let vocab = model.config().vocab_size as u32;
     let mut rng = StdRng::seed_from_u64(1234);
-    // Warm up the thread pool and page in the weights.
-    model.forward(&[1, 2, 3, 4], &mut model.new_cache(), Logits::Last)?;
+    println!("INFO isa: {}", engine::kernels::isa_name());
+    // Warm up the thread pool and page in the weights, with the llama.cpp peer's warm-up.
+    let warmup: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab)).collect();
+    model.forward(&warmup, &mut model.new_cache(), Logits::Last)?;
     for &n in &args.histories {
         let history: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
         let turn: Vec<u32> = (0..args.turn).map(|_| rng.random_range(0..vocab)).collect();
@@ -130,9 +134,13 @@ fn run() -> Result<()> {
         }
         drop(cache);
         let full: Vec<u32> = [&history[..], &turn[..]].concat();
-        let t = Instant::now();
-        model.forward(&full, &mut model.new_cache(), Logits::Last)?;
-        let reprefill = t.elapsed();
+        let mut reprefill = Vec::new();
+        for _ in 0..args.repeats {
+            let t = Instant::now();
+            model.forward(&full, &mut model.new_cache(), Logits::Last)?;
+            reprefill.push(t.elapsed());
+        }
+        let reprefill = median(reprefill);
 
         let prefill_tps = n as f64 / prefill.as_secs_f64();
         let decode_tps = args.decode as f64 / decode.as_secs_f64();

@@ -290,6 +290,19 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     );
 }
 
+/// The instruction set the kernels run at in this process: `avx512`, `avx2` or `portable`
+/// (the best this CPU has, capped by `AGENTKV_SIMD`). Benchmarks report it.
+pub fn isa_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    match simd::Level::best() {
+        Some(simd::Level::Avx512) => "avx512",
+        Some(simd::Level::Avx2) => "avx2",
+        None => "portable",
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    "portable"
+}
+
 /// Hand-written AVX-512 and AVX2 forms of the 16-lane dot products, for where the compiler's
 /// output of the portable source is slow (the matmul tiles spill accumulators; attention
 /// scores, where the out-of-line tree reduction is half the work of a 64-wide head). Same
