@@ -63,6 +63,7 @@ pub(crate) async fn completions(
         None => Target::Detached,
     };
     let model = req.routing.model_or(&state.config.model_id);
+    let agent = target.agent().map(str::to_owned);
     let mut running = turn::start(&state, target, messages, options, cancel).await?;
     let cache = turn::started(&mut running).await?;
     let reply = Chunks {
@@ -75,14 +76,16 @@ pub(crate) async fn completions(
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        turn::sse(
+        let mut r = turn::sse(
             running,
             ChatFrames {
                 chunks: reply,
                 include_usage,
             },
         )
-        .into_response()
+        .into_response();
+        stream_headers(r.headers_mut(), agent.as_deref());
+        r
     } else {
         let outcome = turn::finish(running).await?;
         let body = reply.completion(&outcome.reply);
@@ -103,6 +106,13 @@ pub(crate) fn agent_headers(headers: &mut HeaderMap, outcome: &Outcome) {
     }
     if let Some(turn) = outcome.reply.turn {
         headers.insert("x-agentkv-turn", HeaderValue::from(turn));
+    }
+}
+
+/// Names the agent a streamed reply is written to (its turn is not known before the end).
+pub(crate) fn stream_headers(headers: &mut HeaderMap, agent: Option<&str>) {
+    if let Some(agent) = agent.and_then(|a| a.parse().ok()) {
+        headers.insert("x-agentkv-agent", agent);
     }
 }
 

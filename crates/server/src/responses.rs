@@ -14,7 +14,7 @@ use engine::chat::Message;
 use serde_json::{Value, json};
 
 use crate::api::{self, ResponsesRequest, Sampling};
-use crate::chat::agent_headers;
+use crate::chat::{agent_headers, stream_headers};
 use crate::error::ApiError;
 use crate::turn::{self, Target, blocking};
 use crate::{Shared, unix_now};
@@ -207,11 +207,12 @@ pub(crate) async fn create(
         },
         (None, _) => Target::Detached,
     };
+    let agent = target.agent().map(str::to_owned);
     let mut running = turn::start(&state, target, messages, options, cancel).await?;
     let cache = turn::started(&mut running).await?;
     let created_at = unix_now();
     let mut response = if req.stream.unwrap_or(false) {
-        turn::sse(
+        let mut r = turn::sse(
             running,
             ResponseFrames {
                 echo,
@@ -220,7 +221,9 @@ pub(crate) async fn create(
                 sequence: 0,
             },
         )
-        .into_response()
+        .into_response();
+        stream_headers(r.headers_mut(), agent.as_deref());
+        r
     } else {
         let outcome = turn::finish(running).await?;
         let id = response_id(&outcome);

@@ -42,6 +42,16 @@ pub(crate) enum Target {
     Detached,
 }
 
+impl Target {
+    /// The agent the turn is written to, if any.
+    pub(crate) fn agent(&self) -> Option<&str> {
+        match self {
+            Target::Agent { id, .. } | Target::Continue { id, .. } => Some(id),
+            Target::Detached => None,
+        }
+    }
+}
+
 /// Where the K/V of the prompt came from: the `x-agentkv-cache` header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CacheState {

@@ -337,6 +337,7 @@ async fn streaming_chat_sends_chunks_usage_and_done() {
         .expect("request");
     assert_eq!(r.status(), StatusCode::OK);
     assert!(header(r.headers(), "content-type").starts_with("text/event-stream"));
+    assert_eq!(header(r.headers(), "x-agentkv-agent"), "stream-a");
     let text = r.text().await.expect("body");
     let data = sse_data(&text);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
@@ -433,16 +434,17 @@ async fn responses_are_durable_ids_that_continue_fork_and_delete() {
     // Streaming: the typed events, ending with response.completed carrying the durable id.
     let mut req = first_req.clone();
     req["stream"] = json!(true);
-    let text = s
+    let r = s
         .client
         .post(format!("{}/v1/responses", s.url))
         .json(&req)
         .send()
         .await
-        .expect("request")
-        .text()
-        .await
-        .expect("body");
+        .expect("request");
+    // A stored conversation without a name gets an agent of its own, named before the end.
+    let agent = header(r.headers(), "x-agentkv-agent").to_owned();
+    assert!(agent.starts_with("resp-"), "{agent:?}");
+    let text = r.text().await.expect("body");
     let events: Vec<Value> = sse_data(&text)
         .iter()
         .map(|d| serde_json::from_str(d).expect("event JSON"))
@@ -459,6 +461,10 @@ async fn responses_are_durable_ids_that_continue_fork_and_delete() {
     let done = &events[events.len() - 1]["response"];
     assert_eq!(done["output"][0]["content"][0]["text"], json!(deltas));
     let stream_id = done["id"].as_str().expect("id");
+    assert!(
+        stream_id.starts_with(&format!("resp_{agent}.")),
+        "{stream_id}"
+    );
     let (status, _) = s.get(&format!("/v1/responses/{stream_id}")).await;
     assert_eq!(status, StatusCode::OK);
     s.stop().await;
