@@ -1,14 +1,14 @@
 //! Conversations as trees, on the deterministic fake engine: a whole resent history continues
 //! the deepest matching turn, a divergent one forks, a turn id continues (or forks) exactly
-//! there, deleted turns are gone, a detached reply reuses a hot agent's prefix and writes
-//! nothing. Every reply is checked against the fake's reply to the full prompt computed from
+//! there, deleted turns are gone, a detached reply reuses a hot agent's prefix or a saved
+//! system prompt and writes nothing. Every reply is checked against the fake's reply to the full prompt computed from
 //! scratch, so a wrong reuse would show as a wrong reply.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use agent_pool::testing::FakeBackend;
-use agent_pool::{AgentPool, Backend, Continue, Parent, PoolConfig, PoolError, Reply};
+use agent_pool::{AgentPool, Backend, Continue, Parent, PoolConfig, PoolError, Reply, Reused};
 use engine::GenerateOptions;
 use engine::chat::Message;
 
@@ -188,6 +188,71 @@ fn deleted_turns_cannot_be_read_or_continued_and_their_children_live_on() {
 }
 
 #[test]
+fn a_detached_reply_reads_a_saved_system_prompt_from_disk_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pool = open(dir.path());
+    let long = format!("{SYSTEM} {}", "Always cite sources. ".repeat(20));
+    pool.create_agent("a", "t", &long).expect("create");
+    respond(&pool, Continue::Head, &[Message::user("hello")]);
+    pool.flush().expect("flush");
+    assert!(pool.evict("a").expect("evict"), "the agent was hot");
+    let files = |root: &Path| -> Vec<(PathBuf, u64)> {
+        let mut all = Vec::new();
+        let mut dirs = vec![root.to_owned()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).expect("read dir") {
+                let e = e.expect("entry");
+                let meta = e.metadata().expect("metadata");
+                if meta.is_dir() {
+                    dirs.push(e.path());
+                } else {
+                    all.push((e.path(), meta.len()));
+                }
+            }
+        }
+        all.sort();
+        all
+    };
+    let before = files(dir.path());
+    let messages = [
+        Message::system(long.clone()),
+        Message::user("a stranger asks"),
+    ];
+    let system_tokens = FakeBackend::default()
+        .chat_tokens(&messages[..1], false)
+        .expect("tokens")
+        .len();
+    let mut told = None;
+    let reply = pool
+        .respond_detached(&messages, &options(), &mut |n| told = Some(n), &mut |_| {})
+        .expect("detached");
+    // Nothing hot shares the prompt: the system prompt comes from the agent's first segment.
+    assert_eq!(
+        told,
+        Some(Reused {
+            tokens: system_tokens,
+            from_disk: true
+        })
+    );
+    assert_eq!(reply.reused_tokens, system_tokens);
+    assert_eq!(reply.text, expected(&messages));
+    assert_eq!(files(dir.path()), before, "a detached reply wrote a file");
+    assert!(pool.stats().hot.is_empty());
+
+    // Another system prompt: nothing saved to read, nothing reused.
+    let other = [
+        Message::system("Be terse."),
+        Message::user("a stranger asks"),
+    ];
+    let mut told = None;
+    let reply = pool
+        .respond_detached(&other, &options(), &mut |n| told = Some(n), &mut |_| {})
+        .expect("detached");
+    assert_eq!(told.map(|r| r.from_disk), Some(false));
+    assert_eq!(reply.text, expected(&other));
+}
+
+#[test]
 fn a_detached_reply_reuses_a_hot_prefix_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pool = open(dir.path());
@@ -214,7 +279,13 @@ fn a_detached_reply_reuses_a_hot_prefix_and_writes_nothing() {
         "{} < {system_tokens}",
         reply.reused_tokens
     );
-    assert_eq!(told, Some(reply.reused_tokens));
+    assert_eq!(
+        told,
+        Some(Reused {
+            tokens: reply.reused_tokens,
+            from_disk: false
+        })
+    );
     assert_eq!(pool.transcript("a").expect("transcript"), before);
     assert_eq!(pool.list().len(), 1);
     // A prompt that fills the context is refused before any work.

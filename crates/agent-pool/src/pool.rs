@@ -141,6 +141,16 @@ pub enum Continue {
     Match,
 }
 
+/// The prompt tokens a detached reply reuses instead of computing
+/// ([`AgentPool::respond_detached`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reused {
+    /// How many.
+    pub tokens: usize,
+    /// Read from a segment on disk (a saved system prompt), not copied from memory.
+    pub from_disk: bool,
+}
+
 /// The result of one turn.
 #[derive(Clone, Debug)]
 pub struct Reply {
@@ -1148,13 +1158,16 @@ impl<B: Backend + ?Sized> AgentPool<B> {
     ///
     /// The K/V of the longest token prefix the prompt shares with the previous detached reply
     /// or with a hot agent's cache (a shared system prompt, typically) is copied rather than
-    /// computed; no agent's cache or transcript changes. One detached reply runs at a time.
-    /// `on_reuse` hears, before generation starts, how many prompt tokens are reused.
+    /// computed; when the conversation's system message is one an agent saved as its first
+    /// segment and that is longer, it is read from disk instead (read, never adopted). No
+    /// agent's cache or transcript changes and no file is written. One detached reply runs at a
+    /// time. `on_reuse` hears, before generation starts, how many prompt tokens are reused and
+    /// from where.
     pub fn respond_detached(
         &self,
         messages: &[Message],
         options: &GenerateOptions,
-        on_reuse: &mut dyn FnMut(usize),
+        on_reuse: &mut dyn FnMut(Reused),
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Reply> {
         const WHO: &str = "(detached)";
@@ -1187,7 +1200,22 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             }
         }
         let best_len = best.as_ref().map_or(0, |b| b.0);
-        if let Some((_, slot)) = best
+        let saved = self.saved_system_prefix(messages, &prompt, best_len.max(own));
+        let mut reused = Reused {
+            tokens: best_len.max(own),
+            from_disk: false,
+        };
+        if let Some(loaded) = saved {
+            // On error the cache is left empty: the prompt is computed in full.
+            if cache.import_into(&loaded, &self.meta).is_ok() {
+                reused = Reused {
+                    tokens: loaded.len(),
+                    from_disk: true,
+                };
+            } else {
+                reused.tokens = 0;
+            }
+        } else if let Some((_, slot)) = best
             && let Some(agent) = try_lock(&slot.state)
             && let Some(other) = &agent.cache
         {
@@ -1197,7 +1225,8 @@ impl<B: Backend + ?Sized> AgentPool<B> {
                 cache.extend_from(other, 0..n);
             }
         }
-        on_reuse(best_len.max(own).min(prompt.len().saturating_sub(1)));
+        reused.tokens = reused.tokens.min(prompt.len().saturating_sub(1));
+        on_reuse(reused);
         let generation = self
             .backend
             .generate(cache, &prompt, &options, on_text)
@@ -1226,6 +1255,32 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             rebuilt: None,
             transcript_repair: None,
         })
+    }
+
+    /// The saved K/V of the conversation's system message, when an agent saved it as its first
+    /// segment (see [`AgentPool::create_agent`]), its tokens start `prompt` and it is longer
+    /// than `more_than`. Best effort: a missing or unreadable segment is `None` (the prompt is
+    /// then computed), and nothing is written.
+    fn saved_system_prefix(
+        &self,
+        messages: &[Message],
+        prompt: &[u32],
+        more_than: usize,
+    ) -> Option<kv_store::LoadedCache> {
+        let first = messages.first().filter(|m| m.role == Role::System)?;
+        let sys = self
+            .backend
+            .chat_tokens(&[Message::system(first.content.clone())], false)
+            .ok()?;
+        if sys.len() <= more_than || !prompt.starts_with(&sys) {
+            return None;
+        }
+        let seg = SegmentId::compute(&self.meta, None, &sys);
+        if !self.store.segment_path(&seg).exists() {
+            return None;
+        }
+        let loaded = self.store.read_chain(&self.meta, &[seg]).ok()?;
+        (loaded.tokens() == sys.as_slice()).then_some(loaded)
     }
 
     /// `options` with `max_tokens` cut to the room the context leaves after `prompt`; a prompt

@@ -348,12 +348,36 @@ impl Store {
     /// [`Error::InvalidInput`]; a segment not on disk is [`Error::SegmentMissing`].
     pub fn adopt(&self, name: &str, meta: &CacheMeta, chain: &[SegmentId]) -> Result<LoadedCache> {
         validate_name(name)?;
+        let _lock = self.lock(true)?;
+        let mut loaded = self.open_chain(name, meta, chain)?;
+        let generation = match self.manifest(name) {
+            Ok(old) => old.map_or(0, |m| m.generation) + 1,
+            // As in a save: a damaged manifest describes nothing readable; a newer one is kept.
+            Err(Error::BadMetadata { .. }) => 1,
+            Err(e) => return Err(e),
+        };
+        loaded.manifest.name = name.to_owned();
+        loaded.manifest.generation = generation;
+        self.write_manifest(&loaded.manifest)?;
+        Ok(loaded)
+    }
+
+    /// Loads `chain`, segments already on disk, verified as [`Store::adopt`] verifies them,
+    /// and writes nothing: how a reader that must not write (an anonymous request) starts from
+    /// a prefix some cache saved. The result belongs to no cache: its manifest's name is empty
+    /// and it is never written.
+    pub fn read_chain(&self, meta: &CacheMeta, chain: &[SegmentId]) -> Result<LoadedCache> {
+        let _lock = self.lock(false)?;
+        self.open_chain("", meta, chain)
+    }
+
+    /// Opens and verifies `chain` in order (`name` only names it in errors).
+    fn open_chain(&self, name: &str, meta: &CacheMeta, chain: &[SegmentId]) -> Result<LoadedCache> {
         if chain.is_empty() {
             return Err(Error::InvalidInput {
-                detail: format!("adopting an empty chain as {name:?}"),
+                detail: format!("an empty chain of segments for {name:?}"),
             });
         }
-        let _lock = self.lock(true)?;
         let mut segments = Vec::with_capacity(chain.len());
         let mut refs = Vec::with_capacity(chain.len());
         let mut tokens = Vec::new();
@@ -399,20 +423,13 @@ impl Store {
             tokens.extend(seg.tokens());
             segments.push(seg);
         }
-        let generation = match self.manifest(name) {
-            Ok(old) => old.map_or(0, |m| m.generation) + 1,
-            // As in a save: a damaged manifest describes nothing readable; a newer one is kept.
-            Err(Error::BadMetadata { .. }) => 1,
-            Err(e) => return Err(e),
-        };
         let manifest = Manifest {
             name: name.to_owned(),
             meta: meta.clone(),
             n_tokens: tokens.len() as u64,
             segments: refs,
-            generation,
+            generation: 0,
         };
-        self.write_manifest(&manifest)?;
         Ok(LoadedCache {
             manifest,
             segments,
@@ -679,6 +696,18 @@ mod tests {
             .adopt("c", &m, &[first.clone(), second.clone()])
             .unwrap();
         assert_eq!(both.tokens(), &[1, 2, 3, 4, 5]);
+
+        // Read without adopting: the same checks, no manifest written.
+        let read = store
+            .read_chain(&m, &[first.clone(), second.clone()])
+            .unwrap();
+        assert_eq!(read.tokens(), &[1, 2, 3, 4, 5]);
+        assert_eq!(read.manifest().name, "");
+        let err = store
+            .read_chain(&m, std::slice::from_ref(&second))
+            .unwrap_err();
+        assert!(matches!(err, Error::BrokenChain { .. }), "{err}");
+        assert_eq!(store.list().unwrap().len(), 3);
 
         // Out of order, another model, missing, empty: refused, nothing written.
         let err = store

@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use agent_pool::{Continue, PoolError, Reply};
+use agent_pool::{Continue, PoolError, Reply, Reused};
 use axum::http::HeaderValue;
 use axum::response::sse::{Event as SseEvent, Sse};
 use engine::GenerateOptions;
@@ -237,10 +237,12 @@ fn run(
                 &messages,
                 options,
                 &mut |reused| {
-                    cache = if reused > 0 {
-                        CacheState::Hot
-                    } else {
-                        CacheState::Miss
+                    cache = match reused {
+                        Reused { tokens: 0, .. } => CacheState::Miss,
+                        Reused {
+                            from_disk: true, ..
+                        } => CacheState::Disk,
+                        Reused { .. } => CacheState::Hot,
                     };
                     let _ = tx.send(Event::Started(cache));
                 },

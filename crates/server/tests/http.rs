@@ -473,6 +473,41 @@ async fn responses_are_durable_ids_that_continue_fork_and_delete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anonymous_request_reuses_a_shared_prefix_and_writes_nothing() {
     let s = TestServer::default().await;
+    // A saved system prompt is read from disk when no agent holding it is hot.
+    let library = format!("Answer as a librarian. {}", "Name the shelf. ".repeat(30));
+    let ask = |question: &str| {
+        json!([
+            {"role": "system", "content": library},
+            {"role": "user", "content": question}
+        ])
+    };
+    let (status, _, saved) = s
+        .post(
+            "/v1/chat/completions",
+            &chat("librarian", &ask("Where are atlases?"), 4),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{saved}");
+    assert!(
+        s.pool.evict("librarian").expect("evict"),
+        "the agent was hot"
+    );
+    let (status, h, anon) = s
+        .post(
+            "/v1/chat/completions",
+            &chat(MODEL_ID, &ask("Where are novels?"), 4),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{anon}");
+    assert_eq!(header(&h, "x-agentkv-cache"), "disk");
+    assert!(
+        cached(&anon) > 100 && cached(&anon) < prompt(&anon),
+        "{anon} {saved}"
+    );
+    let (_, agent) = s.get("/agentkv/agents/librarian").await;
+    assert_eq!(agent["turns"].as_array().map(Vec::len), Some(1));
+
+    // A hot agent's cache is copied.
     let long_system = format!(
         "{SYSTEM} {}",
         "Keep every answer precise and kind. ".repeat(20)
