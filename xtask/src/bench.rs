@@ -157,16 +157,8 @@ pub fn bench(args: &[String]) -> Result<()> {
 
     let resume = if opts.resume {
         eprintln!("==> resume vs re-prefill");
-        let mut cmd = cargo();
+        let mut cmd = cargo_run_release("agentkv-benches", "--bin", "resume");
         cmd.args([
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            "agentkv-benches",
-            "--bin",
-            "resume",
-            "--",
             "--histories",
             &opts.resume_histories,
             "--repeats",
@@ -336,9 +328,9 @@ fn run_for_output(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `cargo run --release --quiet -p {package} --example {example} --`, to which the example's
-/// arguments are added.
-fn cargo_release_example(package: &str, example: &str) -> Command {
+/// `cargo run --release --quiet -p {package} {kind} {name} --` (`kind`: `--bin` or
+/// `--example`), to which the program's arguments are added.
+fn cargo_run_release(package: &str, kind: &str, name: &str) -> Command {
     let mut cmd = cargo();
     cmd.args([
         "run",
@@ -346,8 +338,8 @@ fn cargo_release_example(package: &str, example: &str) -> Command {
         "--quiet",
         "-p",
         package,
-        "--example",
-        example,
+        kind,
+        name,
         "--",
     ]);
     cmd

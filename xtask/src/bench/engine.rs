@@ -79,7 +79,7 @@ pub(super) fn run(
     };
     for i in 0..opts.repeats {
         eprintln!("==> engine speed, run {} of {}", i + 1, opts.repeats);
-        let mut cmd = super::cargo_release_example("engine", "bench_speed");
+        let mut cmd = super::cargo_run_release("engine", "--example", "bench_speed");
         cmd.args(["--histories", &opts.histories, "--decode", &opts.decode])
             .arg("--model")
             .arg(model)
