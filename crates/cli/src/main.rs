@@ -3,11 +3,12 @@
 //! Glue only: arguments, terminal output and error messages. Agents, transcripts and caches
 //! are agent-pool's business; the model is the engine's.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod agents;
 mod chat;
 mod demo;
+mod memory;
 mod serve;
 mod ui;
 

@@ -106,6 +106,7 @@ pub fn run(env: &Env, args: &ServeArgs) -> Result<()> {
     server_config.api_key = api_key;
     server_config.max_queue = args.max_queue;
     server_config.template_has_tools = template_has_tools;
+    server_config.after_turn = Some(crate::memory::release_freed);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

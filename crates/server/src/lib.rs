@@ -43,6 +43,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// The chat template has tool-call syntax (`tools` in a request is refused otherwise).
     pub template_has_tools: bool,
+    /// Called on the turn's worker thread after every turn, once its reply is sent and the
+    /// agent is free for the next request (`agentkv serve` returns freed memory to the
+    /// system there).
+    pub after_turn: Option<fn()>,
 }
 
 impl ServerConfig {
@@ -54,6 +58,7 @@ impl ServerConfig {
             max_queue: 64,
             max_body_bytes: 4 << 20,
             template_has_tools: false,
+            after_turn: None,
         }
     }
 }

@@ -145,11 +145,14 @@ pub(crate) async fn start(
     };
     let (tx, events) = unbounded_channel();
     let pool = Arc::clone(&state.pool);
+    let after_turn = state.config.after_turn;
     tokio::task::spawn_blocking(move || {
-        let _admitted = permit;
-        let _in_order = agent_turn;
         let result = run(&pool, target, messages, &options, &tx, &cancel);
         let _ = tx.send(Event::Done(result.map(Box::new)));
+        drop((permit, agent_turn));
+        if let Some(f) = after_turn {
+            f();
+        }
     });
     Ok(Running {
         events,

@@ -470,6 +470,36 @@ async fn responses_are_durable_ids_that_continue_fork_and_delete() {
     s.stop().await;
 }
 
+static AFTER_TURN_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_after_turn() {
+    AFTER_TURN_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_after_turn_hook_runs_once_per_turn() {
+    let mut config = ServerConfig::new(MODEL_ID);
+    config.after_turn = Some(count_after_turn);
+    let s = TestServer::start(pool_config(), config).await;
+    let messages = json!([{"role": "user", "content": "Count to three."}]);
+    for agent in ["counter", MODEL_ID] {
+        let (status, _, body) = s
+            .post("/v1/chat/completions", &chat(agent, &messages, 4))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // The hook runs after the reply is sent: wait for it, a bounded while.
+    let calls = || AFTER_TURN_CALLS.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..100 {
+        if calls() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(calls(), 2);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anonymous_request_reuses_a_shared_prefix_and_writes_nothing() {
     let s = TestServer::default().await;
