@@ -1317,6 +1317,28 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             })
     }
 
+    /// Agent `id`'s conversation up to and including `at` (its system message first when the
+    /// path starts there): the messages a client continuing from `at` without writing to the
+    /// agent would send before its new ones (to [`AgentPool::respond_detached`]). A deleted or
+    /// unknown turn is [`PoolError::UnknownTurn`].
+    pub fn conversation_at(&self, id: &str, at: Parent) -> Result<Vec<Message>> {
+        let slot = self.slot(id)?;
+        let (mut agent, info) = self.lock_agent(&slot)?;
+        let info = info.clone();
+        self.ensure_transcript(id, &mut agent)?;
+        let empty = Transcript::default();
+        let transcript = agent.transcript.as_ref().unwrap_or(&empty);
+        if let Parent::Turn(index) = at
+            && transcript.live(index).is_none()
+        {
+            return Err(PoolError::UnknownTurn {
+                id: id.to_owned(),
+                index,
+            });
+        }
+        Ok(Self::conversation(&info, transcript, at))
+    }
+
     /// Deletes turn `index` of agent `id`, durably: it can no longer be continued from or
     /// read. The turns after it keep their own history (a transcript is append-only: the
     /// deletion is a line of its own).

@@ -170,13 +170,6 @@ pub(crate) async fn create(
     }
     let target = match (&req.previous_response_id, named) {
         (Some(previous), named) => {
-            if !store {
-                return Err(ApiError::invalid_param(
-                    "store",
-                    "store: false with previous_response_id is not supported: a continuation \
-                     is stored in the conversation it continues",
-                ));
-            }
             let previous = ResponseId::parse(previous)?;
             if let Some((other, field)) = named.filter(|(a, _)| *a != previous.agent) {
                 return Err(ApiError::invalid_param(
@@ -188,10 +181,16 @@ pub(crate) async fn create(
                     ),
                 ));
             }
-            Target::Continue {
-                id: previous.agent,
-                created_ms: previous.created_ms,
-                at: Parent::Turn(previous.turn),
+            let (id, created_ms, at) = (
+                previous.agent,
+                previous.created_ms,
+                Parent::Turn(previous.turn),
+            );
+            if store {
+                Target::Continue { id, created_ms, at }
+            } else {
+                // Not stored: answered from the conversation so far, written nowhere.
+                Target::DetachedFrom { id, created_ms, at }
             }
         }
         (None, Some((id, _))) if store => Target::Agent {

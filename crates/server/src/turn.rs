@@ -40,6 +40,14 @@ pub(crate) enum Target {
     },
     /// No agent: nothing is written.
     Detached,
+    /// Continued from a point of an existing agent created at `created_ms` (a Responses
+    /// `previous_response_id` with `store: false`), written nowhere: the messages follow the
+    /// conversation up to `at` and are answered detached.
+    DetachedFrom {
+        id: String,
+        created_ms: u64,
+        at: agent_pool::Parent,
+    },
 }
 
 impl Target {
@@ -47,7 +55,7 @@ impl Target {
     pub(crate) fn agent(&self) -> Option<&str> {
         match self {
             Target::Agent { id, .. } | Target::Continue { id, .. } => Some(id),
-            Target::Detached => None,
+            Target::Detached | Target::DetachedFrom { .. } => None,
         }
     }
 }
@@ -141,7 +149,7 @@ pub(crate) async fn start(
         Target::Agent { id, .. } | Target::Continue { id, .. } => {
             Some(state.agent_lock(id).lock_owned().await)
         }
-        Target::Detached => None,
+        Target::Detached | Target::DetachedFrom { .. } => None,
     };
     let (tx, events) = unbounded_channel();
     let pool = Arc::clone(&state.pool);
@@ -207,19 +215,7 @@ fn run(
             })
         }
         Target::Continue { id, created_ms, at } => {
-            let gone = || {
-                ApiError::not_found(format!(
-                    "the conversation this response id continues is gone: agent {id:?} was \
-                     deleted (or re-created); start a new conversation"
-                ))
-            };
-            let info = pool.info(&id).map_err(|e| match e {
-                PoolError::UnknownAgent { .. } => gone(),
-                e => e.into(),
-            })?;
-            if info.created_unix_ms != created_ms {
-                return Err(gone());
-            }
+            still_there(pool, &id, created_ms)?;
             let load = pool.load_agent(&id)?;
             let cache = match &load {
                 l if l.rebuilt.is_some() => CacheState::Rebuilt,
@@ -234,30 +230,63 @@ fn run(
                 agent: Some(id),
             })
         }
-        Target::Detached => {
-            let mut cache = CacheState::Miss;
-            let reply = pool.respond_detached(
-                &messages,
-                options,
-                &mut |reused| {
-                    cache = match reused {
-                        Reused { tokens: 0, .. } => CacheState::Miss,
-                        Reused {
-                            from_disk: true, ..
-                        } => CacheState::Disk,
-                        Reused { .. } => CacheState::Hot,
-                    };
-                    let _ = tx.send(Event::Started(cache));
-                },
-                &mut on_text,
-            )?;
-            Ok(Outcome {
-                reply,
-                agent: None,
-                created_ms: None,
-            })
+        Target::DetachedFrom { id, created_ms, at } => {
+            still_there(pool, &id, created_ms)?;
+            let mut conversation = pool.conversation_at(&id, at)?;
+            conversation.extend(messages);
+            detached(pool, &conversation, options, tx, &mut on_text)
         }
+        Target::Detached => detached(pool, &messages, options, tx, &mut on_text),
     }
+}
+
+/// Checks that the agent a response id names is the one that made it (not deleted, nor
+/// deleted and created again).
+fn still_there(pool: &Pool, id: &str, created_ms: u64) -> Result<(), ApiError> {
+    let gone = || {
+        ApiError::not_found(format!(
+            "the conversation this response id continues is gone: agent {id:?} was deleted \
+             (or re-created); start a new conversation"
+        ))
+    };
+    let info = pool.info(id).map_err(|e| match e {
+        PoolError::UnknownAgent { .. } => gone(),
+        e => e.into(),
+    })?;
+    if info.created_unix_ms != created_ms {
+        return Err(gone());
+    }
+    Ok(())
+}
+
+/// Answers `messages` without an agent.
+fn detached(
+    pool: &Pool,
+    messages: &[Message],
+    options: &GenerateOptions,
+    tx: &UnboundedSender<Event>,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Outcome, ApiError> {
+    let reply = pool.respond_detached(
+        messages,
+        options,
+        &mut |reused| {
+            let cache = match reused {
+                Reused { tokens: 0, .. } => CacheState::Miss,
+                Reused {
+                    from_disk: true, ..
+                } => CacheState::Disk,
+                Reused { .. } => CacheState::Hot,
+            };
+            let _ = tx.send(Event::Started(cache));
+        },
+        on_text,
+    )?;
+    Ok(Outcome {
+        reply,
+        agent: None,
+        created_ms: None,
+    })
 }
 
 /// Waits for the turn to start: the cache state for the reply's header, or the error that

@@ -408,6 +408,32 @@ async fn responses_are_durable_ids_that_continue_fork_and_delete() {
         .expect("cached");
     assert!(cached_fork >= first_total - 1, "{fork}");
     assert_ne!(fork["id"], second["id"]);
+    // store: false continues without writing anything: the reply a stored continuation gives,
+    // from the agent's cache, under an id that is not kept.
+    let agent = id
+        .strip_prefix("resp_")
+        .and_then(|rest| rest.split('.').next())
+        .expect("agent in id")
+        .to_owned();
+    let (_, before) = s.get(&format!("/agentkv/agents/{agent}")).await;
+    let mut unstored = follow("Is it large?");
+    unstored["store"] = json!(false);
+    let (status, _, loose) = s.post("/v1/responses", &unstored).await;
+    assert_eq!(status, StatusCode::OK, "{loose}");
+    assert_eq!(loose["store"], json!(false));
+    assert_eq!(
+        loose["output"][0]["content"][0]["text"],
+        second["output"][0]["content"][0]["text"]
+    );
+    let cached_loose = loose["usage"]["input_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .expect("cached");
+    assert!(cached_loose >= first_total - 1, "{loose}");
+    let (_, after) = s.get(&format!("/agentkv/agents/{agent}")).await;
+    assert_eq!(after["turns"], before["turns"]);
+    let loose_id = loose["id"].as_str().expect("id");
+    let (status, _) = s.get(&format!("/v1/responses/{loose_id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 
     let (status, got) = s.get(&format!("/v1/responses/{id}")).await;
     assert_eq!(status, StatusCode::OK, "{got}");
