@@ -187,6 +187,24 @@ fn deleted_turns_cannot_be_read_or_continued_and_their_children_live_on() {
     assert_eq!(r2.text, expected(&conversation));
 }
 
+/// A detached question under `system`: the messages, the system message's token count, the
+/// reply and what `on_reuse` heard.
+fn ask_detached(
+    pool: &AgentPool<FakeBackend>,
+    system: &str,
+) -> (Vec<Message>, usize, Reply, Option<Reused>) {
+    let messages = vec![Message::system(system), Message::user("a stranger asks")];
+    let system_tokens = FakeBackend::default()
+        .chat_tokens(&messages[..1], false)
+        .expect("tokens")
+        .len();
+    let mut told = None;
+    let reply = pool
+        .respond_detached(&messages, &options(), &mut |n| told = Some(n), &mut |_| {})
+        .expect("detached");
+    (messages, system_tokens, reply, told)
+}
+
 #[test]
 fn a_detached_reply_reads_a_saved_system_prompt_from_disk_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -214,18 +232,7 @@ fn a_detached_reply_reads_a_saved_system_prompt_from_disk_and_writes_nothing() {
         all
     };
     let before = files(dir.path());
-    let messages = [
-        Message::system(long.clone()),
-        Message::user("a stranger asks"),
-    ];
-    let system_tokens = FakeBackend::default()
-        .chat_tokens(&messages[..1], false)
-        .expect("tokens")
-        .len();
-    let mut told = None;
-    let reply = pool
-        .respond_detached(&messages, &options(), &mut |n| told = Some(n), &mut |_| {})
-        .expect("detached");
+    let (messages, system_tokens, reply, told) = ask_detached(&pool, &long);
     // Nothing hot shares the prompt: the system prompt comes from the agent's first segment.
     assert_eq!(
         told,
@@ -260,18 +267,7 @@ fn a_detached_reply_reuses_a_hot_prefix_and_writes_nothing() {
     pool.create_agent("a", "t", &long).expect("create");
     respond(&pool, Continue::Head, &[Message::user("hello")]);
     let before = pool.transcript("a").expect("transcript");
-    let messages = [
-        Message::system(long.clone()),
-        Message::user("a stranger asks"),
-    ];
-    let system_tokens = FakeBackend::default()
-        .chat_tokens(&messages[..1], false)
-        .expect("tokens")
-        .len();
-    let mut told = None;
-    let reply = pool
-        .respond_detached(&messages, &options(), &mut |n| told = Some(n), &mut |_| {})
-        .expect("detached");
+    let (messages, system_tokens, reply, told) = ask_detached(&pool, &long);
     assert_eq!(reply.text, expected(&messages));
     assert_eq!(reply.turn, None);
     assert!(
