@@ -4,15 +4,15 @@
 use agent_pool::{Continue, Reply};
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::response::sse::Event as SseEvent;
-use axum::response::{IntoResponse, Response};
 use engine::chat::Role;
 use serde_json::{Value, json};
 
 use crate::api::{self, ChatRequest, Sampling};
 use crate::error::ApiError;
-use crate::turn::{self, Outcome, Target};
+use crate::turn::{self, Answer, Outcome, Target};
 use crate::{Shared, unix_now};
 
 pub(crate) async fn completions(
@@ -71,49 +71,19 @@ pub(crate) async fn completions(
         created: unix_now(),
         model,
     };
-    let mut response = if req.stream.unwrap_or(false) {
+    let answer = if req.stream.unwrap_or(false) {
         let include_usage = req
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let mut r = turn::sse(
-            running,
-            ChatFrames {
-                chunks: reply,
-                include_usage,
-            },
-        )
-        .into_response();
-        stream_headers(r.headers_mut(), agent.as_deref());
-        r
+        Answer::Stream(ChatFrames {
+            chunks: reply,
+            include_usage,
+        })
     } else {
-        let outcome = turn::finish(running).await?;
-        let body = reply.completion(&outcome.reply);
-        let mut r = axum::Json(body).into_response();
-        agent_headers(r.headers_mut(), &outcome);
-        r
+        Answer::Complete(move |outcome: &Outcome| reply.completion(&outcome.reply))
     };
-    response
-        .headers_mut()
-        .insert("x-agentkv-cache", cache.header());
-    Ok(response)
-}
-
-/// Names the agent and turn a reply was written to.
-pub(crate) fn agent_headers(headers: &mut HeaderMap, outcome: &Outcome) {
-    if let Some(agent) = outcome.agent.as_deref().and_then(|a| a.parse().ok()) {
-        headers.insert("x-agentkv-agent", agent);
-    }
-    if let Some(turn) = outcome.reply.turn {
-        headers.insert("x-agentkv-turn", HeaderValue::from(turn));
-    }
-}
-
-/// Names the agent a streamed reply is written to (its turn is not known before the end).
-pub(crate) fn stream_headers(headers: &mut HeaderMap, agent: Option<&str>) {
-    if let Some(agent) = agent.and_then(|a| a.parse().ok()) {
-        headers.insert("x-agentkv-agent", agent);
-    }
+    turn::respond(running, cache, agent, answer).await
 }
 
 /// `usage` of a chat completion.

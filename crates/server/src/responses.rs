@@ -8,15 +8,14 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::response::sse::Event as SseEvent;
-use axum::response::{IntoResponse, Response};
 use engine::chat::Message;
 use serde_json::{Value, json};
 
 use crate::api::{self, ResponsesRequest, Sampling};
-use crate::chat::{agent_headers, stream_headers};
 use crate::error::ApiError;
-use crate::turn::{self, Target, blocking};
+use crate::turn::{self, Answer, Target, blocking};
 use crate::{Shared, unix_now};
 
 /// A durable response id's parts.
@@ -210,39 +209,27 @@ pub(crate) async fn create(
     let mut running = turn::start(&state, target, messages, options, cancel).await?;
     let cache = turn::started(&mut running).await?;
     let created_at = unix_now();
-    let mut response = if req.stream.unwrap_or(false) {
-        let mut r = turn::sse(
-            running,
-            ResponseFrames {
-                echo,
-                created_at,
-                item_id: turn::random_id("msg_"),
-                sequence: 0,
-            },
-        )
-        .into_response();
-        stream_headers(r.headers_mut(), agent.as_deref());
-        r
-    } else {
-        let outcome = turn::finish(running).await?;
-        let id = response_id(&outcome);
-        let item = turn::random_id("msg_");
-        let body = response_object(
-            &id,
+    let answer = if req.stream.unwrap_or(false) {
+        Answer::Stream(ResponseFrames {
+            echo,
             created_at,
-            &echo,
-            "completed",
-            vec![output_message(&item, &outcome.reply.text, "completed")],
-            Some(&outcome.reply),
-        );
-        let mut r = axum::Json(body).into_response();
-        agent_headers(r.headers_mut(), &outcome);
-        r
+            item_id: turn::random_id("msg_"),
+            sequence: 0,
+        })
+    } else {
+        Answer::Complete(move |outcome: &turn::Outcome| {
+            let item = turn::random_id("msg_");
+            response_object(
+                &response_id(outcome),
+                created_at,
+                &echo,
+                "completed",
+                vec![output_message(&item, &outcome.reply.text, "completed")],
+                Some(&outcome.reply),
+            )
+        })
     };
-    response
-        .headers_mut()
-        .insert("x-agentkv-cache", cache.header());
-    Ok(response)
+    turn::respond(running, cache, agent, answer).await
 }
 
 /// The durable id of a stored turn, or a random one for a detached reply.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use agent_pool::{Continue, PoolError, Reply, Reused};
 use axum::http::HeaderValue;
 use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
 use engine::GenerateOptions;
 use engine::chat::Message;
 use futures_util::Stream;
@@ -372,6 +373,53 @@ pub(crate) fn sse<F: Frames>(
             st.pending.extend(more);
         }
     }))
+}
+
+/// How a turn is answered: as a stream of frames, or in one JSON body made of its outcome once
+/// the turn is durable.
+pub(crate) enum Answer<F, B> {
+    Stream(F),
+    Complete(B),
+}
+
+/// The HTTP response to a turn: streamed or complete, named by the agent (and, complete, the
+/// turn) it was written to, with the `x-agentkv-cache` header.
+pub(crate) async fn respond<F, B>(
+    running: Running,
+    cache: CacheState,
+    agent: Option<String>,
+    answer: Answer<F, B>,
+) -> Result<Response, ApiError>
+where
+    F: Frames,
+    B: FnOnce(&Outcome) -> Value,
+{
+    let mut response = match answer {
+        Answer::Stream(frames) => {
+            let mut r = sse(running, frames).into_response();
+            // The turn's number is not known before the end.
+            if let Some(agent) = agent.as_deref().and_then(|a| a.parse().ok()) {
+                r.headers_mut().insert("x-agentkv-agent", agent);
+            }
+            r
+        }
+        Answer::Complete(body) => {
+            let outcome = finish(running).await?;
+            let mut r = axum::Json(body(&outcome)).into_response();
+            let headers = r.headers_mut();
+            if let Some(agent) = outcome.agent.as_deref().and_then(|a| a.parse().ok()) {
+                headers.insert("x-agentkv-agent", agent);
+            }
+            if let Some(turn) = outcome.reply.turn {
+                headers.insert("x-agentkv-turn", HeaderValue::from(turn));
+            }
+            r
+        }
+    };
+    response
+        .headers_mut()
+        .insert("x-agentkv-cache", cache.header());
+    Ok(response)
 }
 
 /// Why generation stopped, as OpenAI names it.
