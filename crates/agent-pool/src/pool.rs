@@ -1324,7 +1324,6 @@ impl<B: Backend + ?Sized> AgentPool<B> {
     pub fn conversation_at(&self, id: &str, at: Parent) -> Result<Vec<Message>> {
         let slot = self.slot(id)?;
         let (mut agent, info) = self.lock_agent(&slot)?;
-        let info = info.clone();
         self.ensure_transcript(id, &mut agent)?;
         let empty = Transcript::default();
         let transcript = agent.transcript.as_ref().unwrap_or(&empty);
@@ -1336,7 +1335,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
                 index,
             });
         }
-        Ok(Self::conversation(&info, transcript, at))
+        Ok(Self::conversation(info, transcript, at))
     }
 
     /// Deletes turn `index` of agent `id`, durably: it can no longer be continued from or

@@ -101,15 +101,20 @@ impl TestServer {
         body: &Value,
         headers: &[(&str, &str)],
     ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-        let mut req = self.client.post(format!("{}{path}", self.url)).json(body);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let r = req.send().await.expect("request");
+        let r = self.send(path, body, headers).await;
         let status = r.status();
         let headers = r.headers().clone();
         let body = r.json().await.expect("a JSON body");
         (status, headers, body)
+    }
+
+    /// POSTs `body` with `headers` and hands back the response unread (a stream, say).
+    async fn send(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self.client.post(format!("{}{path}", self.url)).json(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("request")
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -328,13 +333,7 @@ async fn streaming_chat_sends_chunks_usage_and_done() {
     let mut body = chat("stream-a", &messages, 16);
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let r = s
-        .client
-        .post(format!("{}/v1/chat/completions", s.url))
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
+    let r = s.send("/v1/chat/completions", &body, &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert!(header(r.headers(), "content-type").starts_with("text/event-stream"));
     assert_eq!(header(r.headers(), "x-agentkv-agent"), "stream-a");
@@ -460,13 +459,7 @@ async fn responses_are_durable_ids_that_continue_fork_and_delete() {
     // Streaming: the typed events, ending with response.completed carrying the durable id.
     let mut req = first_req.clone();
     req["stream"] = json!(true);
-    let r = s
-        .client
-        .post(format!("{}/v1/responses", s.url))
-        .json(&req)
-        .send()
-        .await
-        .expect("request");
+    let r = s.send("/v1/responses", &req, &[]).await;
     // A stored conversation without a name gets an agent of its own, named before the end.
     let agent = header(r.headers(), "x-agentkv-agent").to_owned();
     assert!(agent.starts_with("resp-"), "{agent:?}");
@@ -657,13 +650,7 @@ async fn a_client_that_disconnects_mid_stream_cancels_and_commits_nothing() {
     let messages = json!([{"role": "user", "content": "Write a long story about a ship."}]);
     let mut body = chat("quitter", &messages, 2000);
     body["stream"] = json!(true);
-    let r = s
-        .client
-        .post(format!("{}/v1/chat/completions", s.url))
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
+    let r = s.send("/v1/chat/completions", &body, &[]).await;
     let mut stream = r.bytes_stream();
     // Read a few chunks, then hang up.
     for _ in 0..3 {
@@ -793,23 +780,21 @@ async fn an_api_key_is_required_when_set_and_a_full_queue_says_retry() {
     let mut long = chat("teller", &user, 400);
     long["stream"] = json!(true);
     let r = s
-        .client
-        .post(format!("{}/v1/chat/completions", s.url))
-        .header("authorization", "Bearer sesame")
-        .json(&long)
-        .send()
-        .await
-        .expect("request");
+        .send(
+            "/v1/chat/completions",
+            &long,
+            &[("authorization", "Bearer sesame")],
+        )
+        .await;
     let mut stream = r.bytes_stream();
     stream.next().await.expect("a chunk").expect("bytes");
     let r = s
-        .client
-        .post(format!("{}/v1/chat/completions", s.url))
-        .header("authorization", "Bearer sesame")
-        .json(&chat("other", &user, 4))
-        .send()
-        .await
-        .expect("request");
+        .send(
+            "/v1/chat/completions",
+            &chat("other", &user, 4),
+            &[("authorization", "Bearer sesame")],
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(r.headers().get("retry-after").is_some());
     drop(stream);
