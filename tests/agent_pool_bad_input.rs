@@ -461,7 +461,7 @@ fn interrupted_create_and_delete_leave_no_agent_behind() {
 
 mod parsers {
     use agent_pool::testing::{parse_agent_file, parse_transcript, transcript_line};
-    use agent_pool::{Parent, PoolError, Turn};
+    use agent_pool::{Parent, PoolError, Turn, Usage};
     use engine::chat::Message;
     use proptest::prelude::*;
     use proptest::sample::Index;
@@ -475,6 +475,12 @@ mod parsers {
                 input: vec![Message::user(format!("question {i}: \"why\"?\n"))],
                 reply: format!("because {}", "ü".repeat(i as usize)),
                 reply_tokens: (0..i as u32).collect(),
+                instructions: (i % 3 == 2).then(|| format!("be \"{i}\"\n")),
+                usage: (i % 2 == 1).then_some(Usage {
+                    prompt_tokens: 7 * i as usize,
+                    reused_tokens: i as usize,
+                    output_tokens: 5,
+                }),
             })
             .collect()
     }

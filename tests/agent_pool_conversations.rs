@@ -1,7 +1,7 @@
 //! Conversations as trees, on the deterministic fake engine: a whole resent history continues
 //! the deepest matching turn, a divergent one forks, a turn id continues (or forks) exactly
-//! there, deleted turns are gone, a detached reply reuses a hot agent's prefix or a saved
-//! system prompt and writes nothing. Every reply is checked against the fake's reply to the full prompt computed from
+//! there, a turn's instructions are its own, deleted turns are gone, a detached reply reuses a
+//! hot agent's prefix or a saved system prompt and writes nothing. Every reply is checked against the fake's reply to the full prompt computed from
 //! scratch, so a wrong reuse would show as a wrong reply.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use agent_pool::testing::FakeBackend;
 use agent_pool::{AgentPool, Backend, Continue, Parent, PoolConfig, PoolError, Reply, Reused};
 use engine::GenerateOptions;
-use engine::chat::Message;
+use engine::chat::{Message, Role};
 
 const SYSTEM: &str = "You are terse.";
 
@@ -141,6 +141,127 @@ fn a_resent_history_continues_its_deepest_turn_and_a_divergent_one_forks() {
     .concat();
     assert_eq!(r6.text, expected(&fork_conversation));
     assert!(r6.resumed_from_disk);
+}
+
+#[test]
+fn instructions_open_their_own_turn_alone_and_every_turn_keeps_its_usage() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pool = open(dir.path());
+    let created = pool.create_agent("a", "t", SYSTEM).expect("create");
+    assert!(!created.adopted && created.system_tokens > 0);
+    // The first turn computed nothing itself, but the system prompt was computed for it.
+    let r0 = respond(
+        &pool,
+        Continue::At(Parent::System),
+        &[Message::user("first")],
+    );
+    assert_eq!(r0.reused_tokens, 0);
+    let history = vec![
+        Message::system(SYSTEM),
+        Message::user("first"),
+        Message::assistant(r0.text.clone()),
+    ];
+    assert_eq!(r0.text, expected(&history[..2]));
+
+    // Instructions that are the agent's system prompt (as agent SDKs resend them) change
+    // nothing: the whole cache is reused and the turn records no instructions.
+    let same = respond(
+        &pool,
+        Continue::At(Parent::Turn(0)),
+        &[Message::system(SYSTEM), Message::user("second")],
+    );
+    let asked = [history.clone(), vec![Message::user("second")]].concat();
+    assert_eq!(same.text, expected(&asked));
+    assert_eq!(same.reused_tokens, r0.prompt_tokens + r0.tokens.len() - 1);
+
+    // Other instructions open this turn's conversation in the system prompt's place.
+    let loud = respond(
+        &pool,
+        Continue::At(Parent::Turn(0)),
+        &[Message::system("Be loud."), Message::user("second")],
+    );
+    let mut loud_asked = asked.clone();
+    loud_asked[0] = Message::system("Be loud.");
+    assert_eq!(loud.text, expected(&loud_asked));
+    // Only the template's opening before the system text is common.
+    assert!(
+        loud.reused_tokens < created.system_tokens,
+        "{}",
+        loud.reused_tokens
+    );
+
+    // ... and only this turn's: the one after it opens with the agent's system prompt again.
+    let after = respond(
+        &pool,
+        Continue::At(Parent::Turn(2)),
+        &[Message::user("third")],
+    );
+    let after_asked = [
+        asked.clone(),
+        vec![
+            Message::assistant(loud.text.clone()),
+            Message::user("third"),
+        ],
+    ]
+    .concat();
+    assert_eq!(after.text, expected(&after_asked));
+    let text = |messages: &[Message]| -> Vec<(Role, String)> {
+        messages
+            .iter()
+            .map(|m| (m.role, m.content.clone()))
+            .collect()
+    };
+    let before_third = &after_asked[..after_asked.len() - 1];
+    let seen = pool.conversation_at("a", Parent::Turn(2), None);
+    assert_eq!(text(&seen.expect("conversation")), text(before_third));
+    let mut opened = before_third.to_vec();
+    opened[0] = Message::system("Whisper.");
+    let seen = pool.conversation_at("a", Parent::Turn(2), Some("Whisper."));
+    assert_eq!(text(&seen.expect("conversation")), text(&opened));
+
+    // Instructions and usage are durable, and the input keeps no system message.
+    drop(pool);
+    let pool = open(dir.path());
+    let turns = pool.transcript("a").expect("transcript");
+    let instructions: Vec<Option<&str>> = turns.iter().map(|t| t.instructions.as_deref()).collect();
+    assert_eq!(instructions, [None, None, Some("Be loud."), None]);
+    assert_eq!(turns[2].input, [Message::user("second")]);
+    let opened_with: Vec<Option<String>> = (0..4)
+        .map(|i| pool.turn_system_prompt("a", i).expect("system prompt"))
+        .collect();
+    let (system, loud_text) = (Some(SYSTEM.to_owned()), Some("Be loud.".to_owned()));
+    assert_eq!(
+        opened_with,
+        [system.clone(), system.clone(), loud_text, system]
+    );
+    for (turn, reply) in turns.iter().zip([&r0, &same, &loud, &after]) {
+        let usage = turn.usage.expect("usage recorded");
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.reused_tokens,
+                usage.output_tokens
+            ),
+            (reply.prompt_tokens, reply.reused_tokens, reply.tokens.len()),
+            "turn {}",
+            turn.index
+        );
+    }
+
+    // A system prompt read back from disk was not computed for the turn: it counts as reused.
+    pool.create_agent("b", "t", SYSTEM).expect("create");
+    assert!(pool.evict("b").expect("evict"));
+    let r = pool
+        .respond(
+            "b",
+            Continue::Head,
+            vec![Message::user("first")],
+            &options(),
+            &mut |_| {},
+        )
+        .expect("respond");
+    assert!(r.resumed_from_disk);
+    assert_eq!(r.reused_tokens, created.system_tokens);
 }
 
 #[test]

@@ -374,6 +374,25 @@ def responses_across_a_restart(a, b):
     got = client.responses.retrieve(r1_a.id)
     check.equal(got.id, r1_a.id, "retrieved response id (across the restart)")
     check.equal(got.output_text, r1_a.output_text, "retrieved response 1 output_text")
+    check.equal(got.instructions, INSTRUCTIONS, "retrieved response 1 instructions")
+    check.equal(got.usage, r1_a.usage, "retrieved response 1 usage (as it was reported)")
+    got = client.responses.retrieve(r2_a.id)
+    check.equal(got.usage, r2_a.usage, "retrieved response 2 usage (as it was reported)")
+    check.equal(
+        got.instructions, INSTRUCTIONS, "retrieved response 2 instructions (the conversation's)"
+    )
+    # Agent SDKs resend the same instructions with every previous_response_id.
+    r3, cache = respond(
+        a, "A response 3", input=FOLLOW_UP, previous_response_id=r2_a.id, instructions=INSTRUCTIONS
+    )
+    check.equal(cache, "hot", "response 3 x-agentkv-cache")
+    second_exchange = r2_a.usage.input_tokens + r2_a.usage.output_tokens
+    check(
+        r3.usage.input_tokens_details.cached_tokens >= second_exchange - 1,
+        f"response 3 with the conversation's own instructions resent reused "
+        f"{r3.usage.input_tokens_details.cached_tokens} tokens, less than response 2's "
+        f"input and output ({second_exchange}) but the last",
+    )
     client.responses.delete(r1_a.id)
     check.raises(
         openai.NotFoundError,

@@ -18,5 +18,5 @@ pub use pool::{
     AgentPool, AgentSummary, Continue, Counters, CreateReport, HotAgent, LoadReport, PoolConfig,
     PoolStats, Rebuild, RebuildEvent, RebuildReason, Reply, Reused, Timings,
 };
-pub use transcript::{Parent, TRANSCRIPT_VERSION, TranscriptRepair, Turn};
+pub use transcript::{Parent, TRANSCRIPT_VERSION, TranscriptRepair, Turn, Usage};
 pub use view::PoolView;

@@ -22,7 +22,9 @@ use lru::LruCache;
 use crate::backend::Backend;
 use crate::error::{PoolError, Result, validate_id};
 use crate::files::{self, AgentInfo, TMP_PREFIX};
-use crate::transcript::{self, Entry, Parent, TRANSCRIPT_FILE, Transcript, TranscriptRepair, Turn};
+use crate::transcript::{
+    self, Entry, Parent, TRANSCRIPT_FILE, Transcript, TranscriptRepair, Turn, Usage,
+};
 
 /// How many rebuilds [`PoolStats::recent_rebuilds`] remembers.
 const REBUILD_LOG_LEN: usize = 32;
@@ -126,7 +128,9 @@ pub struct Timings {
 }
 
 /// Where a new turn continues an agent's conversation, and what the messages given with it
-/// are.
+/// are. With `Head` and `At`, a leading system message is the turn's instructions: the system
+/// prompt of that turn alone (recorded as [`Turn::instructions`]), opening its conversation in
+/// place of the agent's; later turns do not see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Continue {
     /// After the newest turn; the messages are the new input (the CLI's conversation).
@@ -170,7 +174,10 @@ pub struct Reply {
     pub matched_messages: usize,
     /// Prompt length in tokens.
     pub prompt_tokens: usize,
-    /// Prompt tokens whose K/V the cache already held.
+    /// Prompt tokens whose K/V the cache already held, less the system prompt
+    /// [`AgentPool::create_agent`] computed when this is the agent's first turn since: that was
+    /// computed for this conversation, not reused from earlier work (its time is the
+    /// `create_agent` call's, not in [`Timings::prefill`]).
     pub reused_tokens: usize,
     /// Why generation stopped.
     pub stop: StopReason,
@@ -280,6 +287,10 @@ struct Agent {
     dirty: bool,
     /// Deleted while someone waited for this mutex.
     deleted: bool,
+    /// Tokens of the system prompt [`AgentPool::create_agent`] computed, while the agent has
+    /// stayed hot since without a turn: its first turn counts them as computed for it, not as
+    /// reused.
+    fresh_system: Option<usize>,
 }
 
 struct HotEntry {
@@ -549,18 +560,47 @@ impl<B: Backend + ?Sized> AgentPool<B> {
     }
 
     /// The messages of the conversation up to and including `end`, each reply carrying the
-    /// tokens it was generated as.
-    fn conversation(info: &AgentInfo, transcript: &Transcript, end: Parent) -> Vec<Message> {
+    /// tokens it was generated as, as a turn continuing it sees them: opening with
+    /// `instructions` when given (the system prompt of that turn alone), else with the agent's
+    /// system prompt when the conversation starts from it. Earlier turns' own instructions
+    /// are theirs alone and do not appear.
+    fn conversation(
+        info: &AgentInfo,
+        transcript: &Transcript,
+        end: Parent,
+        instructions: Option<&str>,
+    ) -> Vec<Message> {
         let (root, turns) = transcript.path(end);
         let mut out = Vec::new();
-        if root == Parent::System {
-            out.push(Message::system(info.system_prompt.clone()));
+        match instructions {
+            Some(text) => out.push(Message::system(text.to_owned())),
+            None if root == Parent::System => {
+                out.push(Message::system(info.system_prompt.clone()));
+            }
+            None => {}
         }
         for t in turns {
             out.extend(t.input.iter().cloned());
             out.push(t.reply_message());
         }
         out
+    }
+
+    /// Removes a leading system message from a turn's `input`: that turn's instructions, unless
+    /// they are the agent's system prompt the conversation opens with anyway.
+    fn take_instructions(
+        info: &AgentInfo,
+        transcript: &Transcript,
+        parent: Parent,
+        input: &mut Vec<Message>,
+    ) -> Option<String> {
+        if input.first().is_none_or(|m| m.role != Role::System) {
+            return None;
+        }
+        let text = input.remove(0).content;
+        let opens_with_it =
+            transcript.path(parent).0 == Parent::System && text == info.system_prompt;
+        (!opens_with_it).then_some(text)
     }
 
     /// The deepest point of the transcript's tree whose conversation `messages` start with,
@@ -666,6 +706,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             Err(e) => return Err(e),
         }
         let cache = agent.cache.take();
+        agent.fresh_system = None;
         agent.dirty = false;
         self.unrecord(&slot.id);
         lock(&self.state).counters.evictions += 1;
@@ -803,7 +844,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         let tokens = self
             .backend
             .chat_tokens(
-                &Self::conversation(info, transcript, transcript.head()),
+                &Self::conversation(info, transcript, transcript.head(), None),
                 false,
             )
             .map_err(|e| PoolError::engine(id, e))?;
@@ -967,6 +1008,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             dirty: !cache_saved,
             cache: Some(cache),
             deleted: false,
+            fresh_system: (!adopted).then_some(system_tokens),
         };
         let slot = Arc::new(Slot {
             id: id.to_owned(),
@@ -1068,8 +1110,9 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Reply> {
         let id = slot.id.as_str();
+        let fresh_system = agent.fresh_system.take();
         let transcript = agent.transcript.get_or_insert_with(Transcript::default);
-        let (parent, matched_messages, input) = match at {
+        let (parent, matched_messages, mut input) = match at {
             Continue::Head => (transcript.head(), 0, messages),
             Continue::At(parent) => {
                 if let Parent::Turn(index) = parent
@@ -1088,10 +1131,17 @@ impl<B: Backend + ?Sized> AgentPool<B> {
                 (parent, used, messages.split_off(used))
             }
         };
+        let instructions = match at {
+            Continue::Match => None,
+            Continue::Head | Continue::At(_) => {
+                Self::take_instructions(info, transcript, parent, &mut input)
+            }
+        };
         if input.is_empty() {
             return Err(PoolError::NoInput { id: id.to_owned() });
         }
-        let mut conversation = Self::conversation(info, transcript, parent);
+        let mut conversation =
+            Self::conversation(info, transcript, parent, instructions.as_deref());
         conversation.extend(input.iter().cloned());
         let prompt = self
             .backend
@@ -1106,6 +1156,13 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         agent.dirty = true;
         self.record(slot, agent);
         let generation = generation.map_err(|e| PoolError::engine(id, e))?;
+        let mut reused_tokens = generation.reused_tokens;
+        if let Some(tokens) = fresh_system
+            && reused_tokens >= tokens
+        {
+            // Computed for this conversation a moment ago, not reused from earlier work.
+            reused_tokens -= tokens;
+        }
 
         let commit_started = Instant::now();
         let path = self.agent_dir(id).join(TRANSCRIPT_FILE);
@@ -1123,6 +1180,12 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             } else {
                 generation.tokens.clone()
             },
+            instructions,
+            usage: Some(Usage {
+                prompt_tokens: generation.prompt_tokens,
+                reused_tokens,
+                output_tokens: generation.tokens.len(),
+            }),
         };
         transcript.append(&path, Entry::Turn(turn))?;
         let commit = commit_started.elapsed();
@@ -1140,7 +1203,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             parent,
             matched_messages,
             prompt_tokens: generation.prompt_tokens,
-            reused_tokens: generation.reused_tokens,
+            reused_tokens,
             stop: generation.stop,
             timings: Timings {
                 load: load.elapsed,
@@ -1317,11 +1380,42 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             })
     }
 
-    /// Agent `id`'s conversation up to and including `at` (its system message first when the
-    /// path starts there): the messages a client continuing from `at` without writing to the
-    /// agent would send before its new ones (to [`AgentPool::respond_detached`]). A deleted or
-    /// unknown turn is [`PoolError::UnknownTurn`].
-    pub fn conversation_at(&self, id: &str, at: Parent) -> Result<Vec<Message>> {
+    /// The system prompt turn `index` of agent `id` was answered with, if its conversation had
+    /// one: the turn's own instructions, else the system message its conversation opens with
+    /// (the agent's, or the first message of a bare conversation). Deleted turns before it
+    /// still count as its history; a deleted or unknown `index` is [`PoolError::UnknownTurn`].
+    pub fn turn_system_prompt(&self, id: &str, index: u64) -> Result<Option<String>> {
+        let slot = self.slot(id)?;
+        let (mut agent, info) = self.lock_agent(&slot)?;
+        self.ensure_transcript(id, &mut agent)?;
+        let empty = Transcript::default();
+        let transcript = agent.transcript.as_ref().unwrap_or(&empty);
+        let turn = transcript
+            .live(index)
+            .ok_or_else(|| PoolError::UnknownTurn {
+                id: id.to_owned(),
+                index,
+            })?;
+        let history =
+            Self::conversation(info, transcript, turn.parent, turn.instructions.as_deref());
+        let first = history.iter().chain(&turn.input).next();
+        Ok(first
+            .filter(|m| m.role == Role::System && !m.content.is_empty())
+            .map(|m| m.content.clone()))
+    }
+
+    /// Agent `id`'s conversation up to and including `at` as a turn continuing there sees it:
+    /// opening with `instructions` when given, else with the agent's system prompt when the
+    /// path starts there, as [`AgentPool::respond`] renders it. These are the messages a client
+    /// continuing from `at` without writing to the agent sends before its new ones (to
+    /// [`AgentPool::respond_detached`]). A deleted or unknown turn is
+    /// [`PoolError::UnknownTurn`].
+    pub fn conversation_at(
+        &self,
+        id: &str,
+        at: Parent,
+        instructions: Option<&str>,
+    ) -> Result<Vec<Message>> {
         let slot = self.slot(id)?;
         let (mut agent, info) = self.lock_agent(&slot)?;
         self.ensure_transcript(id, &mut agent)?;
@@ -1335,7 +1429,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
                 index,
             });
         }
-        Ok(Self::conversation(info, transcript, at))
+        Ok(Self::conversation(info, transcript, at, instructions))
     }
 
     /// Deletes turn `index` of agent `id`, durably: it can no longer be continued from or

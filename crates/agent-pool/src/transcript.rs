@@ -22,7 +22,7 @@ use crate::error::{PoolError, Result};
 use crate::files::checksum;
 
 /// Version of transcript lines written by this build, and the newest it reads.
-pub const TRANSCRIPT_VERSION: u64 = 2;
+pub const TRANSCRIPT_VERSION: u64 = 3;
 pub(crate) const TRANSCRIPT_FILE: &str = "transcript.jsonl";
 
 /// Where a turn continues a conversation.
@@ -57,6 +57,26 @@ pub struct Turn {
     /// were kept): re-rendering the history then reuses these instead of re-tokenizing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reply_tokens: Vec<u32>,
+    /// The system prompt this turn was answered with instead of the conversation's own (an
+    /// OpenAI Responses request's `instructions` given with `previous_response_id`). It
+    /// applies to this turn only: later turns open with the conversation's own system prompt
+    /// unless they bring their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructions: Option<String>,
+    /// The turn's token counts (absent for turns written before they were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// A turn's token counts, as its [`Reply`](crate::Reply) reported them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose K/V was reused rather than computed for this turn.
+    pub reused_tokens: usize,
+    /// Tokens generated.
+    pub output_tokens: usize,
 }
 
 impl Turn {
@@ -89,8 +109,8 @@ struct TurnV1 {
     assistant: String,
 }
 
-/// What a line records: `{"v":2,"xxh3":"<16 hex>","turn":{...}}` or
-/// `{"v":2,"xxh3":"<16 hex>","deleted":N}`, where `xxh3` is the xxh3-64 of the compact JSON of
+/// What a line records: `{"v":3,"xxh3":"<16 hex>","turn":{...}}` or
+/// `{"v":3,"xxh3":"<16 hex>","deleted":N}`, where `xxh3` is the xxh3-64 of the compact JSON of
 /// the `turn` object or of the number `N`, as serde_json writes it.
 #[derive(Serialize)]
 struct Line<'a> {
@@ -215,6 +235,8 @@ fn decode_line(path: &Path, number: usize, bytes: &[u8], next_index: u64) -> Res
             input: vec![Message::user(old.user)],
             reply: old.assistant,
             reply_tokens: Vec::new(),
+            instructions: None,
+            usage: None,
         })
     } else if let Some(deleted) = value.get("deleted") {
         let index = deleted
@@ -421,6 +443,12 @@ mod tests {
             ))],
             reply: format!("answer {i}\u{0}\t"),
             reply_tokens: vec![1, 2, i as u32],
+            instructions: (i % 2 == 1).then(|| format!("be brief {i}")),
+            usage: (i > 0).then_some(Usage {
+                prompt_tokens: 10 * i as usize,
+                reused_tokens: 3,
+                output_tokens: 3,
+            }),
         }
     }
 
@@ -514,13 +542,15 @@ mod tests {
                 matches!(Transcript::read(&path), Err(PoolError::CorruptTranscript { line, .. }) if line == want_line)
             );
         }
-        let newer = String::from_utf8(full.clone())
-            .unwrap()
-            .replacen("{\"v\":2", "{\"v\":3", 1);
+        let newer = String::from_utf8(full.clone()).unwrap().replacen(
+            &format!("{{\"v\":{TRANSCRIPT_VERSION}"),
+            &format!("{{\"v\":{}", TRANSCRIPT_VERSION + 1),
+            1,
+        );
         fs::write(&path, newer).unwrap();
         assert!(matches!(
             Transcript::read(&path),
-            Err(PoolError::UnsupportedVersion { found: 3, .. })
+            Err(PoolError::UnsupportedVersion { found, .. }) if found == TRANSCRIPT_VERSION + 1
         ));
     }
 
@@ -541,6 +571,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = Transcript::read(&dir.path().join(TRANSCRIPT_FILE)).unwrap_err();
         assert!(matches!(err, PoolError::CorruptAgentFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn version_2_lines_read_without_instructions_or_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(TRANSCRIPT_FILE);
+        let mut old = turn(0);
+        (old.instructions, old.usage) = (None, None);
+        let line = String::from_utf8(encode_line(&Entry::Turn(old.clone())).unwrap()).unwrap();
+        assert!(line.starts_with(&format!("{{\"v\":{TRANSCRIPT_VERSION},")));
+        let v2 = line.replacen(&format!("{{\"v\":{TRANSCRIPT_VERSION},"), "{\"v\":2,", 1);
+        fs::write(&path, v2).unwrap();
+        let (t, repair) = Transcript::read(&path).unwrap();
+        assert_eq!((t.turns, repair), (vec![old], None));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! name). The transcript holds the turn, so ids survive restarts; continuing from an older id
 //! forks the conversation there.
 
-use agent_pool::{Continue, Parent, Reply};
+use agent_pool::{Continue, Parent, Reply, Usage};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -66,15 +66,22 @@ struct Echo {
     max_output_tokens: Option<u32>,
 }
 
-fn usage(reply: &Reply) -> Value {
-    let output = reply.tokens.len();
+fn usage(usage: &Usage) -> Value {
     json!({
-        "input_tokens": reply.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": reply.reused_tokens},
-        "output_tokens": output,
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": usage.reused_tokens},
+        "output_tokens": usage.output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": reply.prompt_tokens + output,
+        "total_tokens": usage.prompt_tokens + usage.output_tokens,
     })
+}
+
+fn reply_usage(reply: &Reply) -> Usage {
+    Usage {
+        prompt_tokens: reply.prompt_tokens,
+        reused_tokens: reply.reused_tokens,
+        output_tokens: reply.tokens.len(),
+    }
 }
 
 fn output_message(item_id: &str, text: &str, status: &str) -> Value {
@@ -99,6 +106,7 @@ fn response_object(
     status: &str,
     output: Vec<Value>,
     reply: Option<&Reply>,
+    counts: Option<Usage>,
 ) -> Value {
     json!({
         "id": id,
@@ -124,7 +132,7 @@ fn response_object(
         "tools": [],
         "top_p": echo.top_p,
         "truncation": "disabled",
-        "usage": reply.map(usage),
+        "usage": counts.as_ref().map(usage),
         "metadata": {},
         "timings": reply.map(turn::timings),
     })
@@ -226,6 +234,7 @@ pub(crate) async fn create(
                 "completed",
                 vec![output_message(&item, &outcome.reply.text, "completed")],
                 Some(&outcome.reply),
+                Some(reply_usage(&outcome.reply)),
             )
         })
     };
@@ -281,6 +290,7 @@ impl turn::Frames for ResponseFrames {
             "in_progress",
             vec![],
             None,
+            None,
         );
         let item = output_message(&self.item_id, "", "in_progress");
         let part = json!({"type": "output_text", "text": "", "annotations": []});
@@ -312,6 +322,7 @@ impl turn::Frames for ResponseFrames {
             "completed",
             vec![item.clone()],
             Some(&outcome.reply),
+            Some(reply_usage(&outcome.reply)),
         );
         let text_done = self.part(json!({"text": text, "logprobs": []}));
         let part_done = self.part(json!({"part": part}));
@@ -356,7 +367,13 @@ pub(crate) async fn retrieve(
     let id = ResponseId::parse(&raw)?;
     let st = state.clone();
     let raw2 = raw.clone();
-    let (turn, id) = blocking(move || check(&st, &id, &raw2).map(|t| (t, id))).await?;
+    let (turn, id, instructions) = blocking(move || {
+        let turn = check(&st, &id, &raw2)?;
+        // The system prompt the reply was generated with.
+        let instructions = st.pool.turn_system_prompt(&id.agent, id.turn)?;
+        Ok((turn, id, instructions))
+    })
+    .await?;
     let previous = match turn.parent {
         Parent::Turn(p) => Some(
             ResponseId {
@@ -370,7 +387,7 @@ pub(crate) async fn retrieve(
     };
     let echo = Echo {
         model: state.config.model_id.clone(),
-        instructions: None,
+        instructions,
         previous_response_id: previous,
         store: true,
         temperature: 1.0,
@@ -385,6 +402,7 @@ pub(crate) async fn retrieve(
         "completed",
         vec![output_message(&item, &turn.reply, "completed")],
         None,
+        turn.usage,
     )))
 }
 

@@ -16,7 +16,7 @@ use axum::http::HeaderValue;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use engine::GenerateOptions;
-use engine::chat::Message;
+use engine::chat::{Message, Role};
 use futures_util::Stream;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -43,7 +43,8 @@ pub(crate) enum Target {
     Detached,
     /// Continued from a point of an existing agent created at `created_ms` (a Responses
     /// `previous_response_id` with `store: false`), written nowhere: the messages follow the
-    /// conversation up to `at` and are answered detached.
+    /// conversation up to `at` and are answered detached. A leading system message is the
+    /// turn's instructions, opening the conversation, as [`Continue::At`] treats it.
     DetachedFrom {
         id: String,
         created_ms: u64,
@@ -202,11 +203,10 @@ fn run(
                 (None, _) => CacheState::Hot,
             };
             let _ = tx.send(Event::Started(cache));
+            // A system prompt computed by create_agent just now is not counted as reused (the
+            // pool sees to that); its time is this request's prefill.
             let mut reply = pool.respond(&id, at, messages, options, &mut on_text)?;
-            if let Some(c) = created.filter(|c| !c.adopted) {
-                // The system prompt was computed for this very request, not reused from an
-                // earlier one: count it as prefilled, as OpenAI's `cached_tokens` would.
-                reply.reused_tokens = reply.reused_tokens.saturating_sub(c.system_tokens);
+            if created.is_some_and(|c| !c.adopted) {
                 reply.timings.prefill += creation;
             }
             Ok(Outcome {
@@ -233,7 +233,12 @@ fn run(
         }
         Target::DetachedFrom { id, created_ms, at } => {
             still_there(pool, &id, created_ms)?;
-            let mut conversation = pool.conversation_at(&id, at)?;
+            let mut messages = messages;
+            let instructions = messages
+                .first()
+                .is_some_and(|m| m.role == Role::System)
+                .then(|| messages.remove(0).content);
+            let mut conversation = pool.conversation_at(&id, at, instructions.as_deref())?;
             conversation.extend(messages);
             detached(pool, &conversation, options, tx, &mut on_text)
         }

@@ -437,6 +437,8 @@ async fn responses_are_durable_ids_that_continue_fork_and_delete() {
     let (status, got) = s.get(&format!("/v1/responses/{id}")).await;
     assert_eq!(status, StatusCode::OK, "{got}");
     assert_eq!(got["output"][0]["content"][0]["text"], json!(text));
+    assert_eq!(got["usage"], first["usage"]);
+    assert_eq!(got["instructions"], json!(SYSTEM));
 
     let r = s
         .client
@@ -486,6 +488,65 @@ async fn responses_are_durable_ids_that_continue_fork_and_delete() {
     );
     let (status, _) = s.get(&format!("/v1/responses/{stream_id}")).await;
     assert_eq!(status, StatusCode::OK);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instructions_apply_to_their_response_alone_and_a_retrieved_one_keeps_its_usage() {
+    let s = TestServer::default().await;
+    let ask = |input: &str, previous: &Value, instructions: Option<&str>| {
+        json!({"model": MODEL_ID, "input": input, "previous_response_id": previous["id"],
+               "instructions": instructions, "max_output_tokens": 8, "temperature": 0})
+    };
+    let input = |r: &Value| r["usage"]["input_tokens"].as_u64().expect("input_tokens");
+    let output = |r: &Value| r["usage"]["output_tokens"].as_u64().expect("output_tokens");
+    let reused = |r: &Value| {
+        r["usage"]["input_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached_tokens")
+    };
+    let (status, _, first) = s
+        .post(
+            "/v1/responses",
+            &ask("Name a planet.", &Value::Null, Some(SYSTEM)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    // The conversation's own instructions resent, as agent SDKs do: the whole cache.
+    let (_, h, same) = s
+        .post("/v1/responses", &ask("Is it large?", &first, Some(SYSTEM)))
+        .await;
+    assert_eq!(header(&h, "x-agentkv-cache"), "hot");
+    assert!(
+        reused(&same) >= input(&first) + output(&first) - 1,
+        "{same}"
+    );
+    // Other instructions: this response's alone, in the system prompt's place.
+    let pirate = "Talk like a pirate.";
+    let (status, _, other) = s
+        .post("/v1/responses", &ask("Is it large?", &first, Some(pirate)))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{other}");
+    assert_eq!(other["instructions"], json!(pirate));
+    assert!(reused(&other) < input(&first) / 2, "{other}");
+    // The response after it opens with the conversation's system prompt again.
+    let (status, _, after) = s
+        .post("/v1/responses", &ask("Is it hot?", &other, None))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    assert_eq!(after["instructions"], Value::Null);
+    for (posted, instructions) in [(&first, SYSTEM), (&other, pirate), (&after, SYSTEM)] {
+        let id = posted["id"].as_str().expect("id");
+        let (status, got) = s.get(&format!("/v1/responses/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{got}");
+        assert_eq!(got["usage"], posted["usage"], "{id}");
+        assert_eq!(got["instructions"], json!(instructions), "{id}");
+    }
+    let agent = header(&h, "x-agentkv-agent");
+    let turns = s.pool.transcript(agent).expect("transcript");
+    let kept: Vec<Option<&str>> = turns.iter().map(|t| t.instructions.as_deref()).collect();
+    assert_eq!(kept, [None, None, Some(pirate), None]);
+    assert!(turns.iter().all(|t| t.input.len() == 1), "{turns:?}");
     s.stop().await;
 }
 
