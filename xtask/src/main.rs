@@ -263,6 +263,15 @@ fn ci() -> Result<()> {
             .args(["test", "--workspace"])
             .env("AGENTKV_REQUIRE_MODEL", "1"),
     )?;
+    // Once more with the portable kernels forced: the code a machine without AVX2 (or another
+    // architecture) runs, which the default run above does not reach on an x86 CI machine.
+    run_step(
+        "test (portable kernels)",
+        cargo()
+            .args(["test", "-p", "engine"])
+            .env("AGENTKV_REQUIRE_MODEL", "1")
+            .env("AGENTKV_SIMD", "none"),
+    )?;
     openai_test(&model)?;
     run_step(
         "doc",

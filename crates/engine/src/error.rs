@@ -52,6 +52,18 @@ pub enum EngineError {
         key: String,
     },
 
+    /// `AGENTKV_SIMD` names an instruction-set level this CPU does not have (or none at all).
+    #[error(
+        "AGENTKV_SIMD={requested:?} is not a level this CPU has; it has: {available} \
+         (unset AGENTKV_SIMD to use the best)"
+    )]
+    UnsupportedIsa {
+        /// The level asked for.
+        requested: String,
+        /// The levels this CPU has, lowest first.
+        available: String,
+    },
+
     /// A metadata key has the wrong type or an unusable value.
     #[error("gguf metadata key {key:?} is invalid: {reason}")]
     BadMetadata {

@@ -5,12 +5,10 @@
 #![deny(unsafe_code)]
 
 pub mod chat;
-pub mod dequant;
 pub mod error;
 pub mod gguf_meta;
 pub mod kernels;
 pub mod model;
-pub mod quant;
 pub mod runtime;
 pub mod sample;
 #[doc(hidden)]

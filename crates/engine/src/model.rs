@@ -3,7 +3,7 @@
 //!
 //! Q4_1 and Q8_0 weights stay quantized in memory (other types are dequantized to f32 at load
 //! time) and are multiplied with the batch-invariant kernels of [`crate::kernels`] and
-//! [`crate::quant`], so a token's K/V and logits are bitwise the same whether it was
+//! `kernels::quant`, so a token's K/V and logits are bitwise the same whether it was
 //! prefilled in a batch of any size or decoded alone, and whatever the cache's capacity.
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,8 +17,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use kv_extract::{KvCache, KvShape};
 
 use crate::error::{EngineError, Result};
-use crate::kernels::{self, RopeTable, Weight};
-use crate::quant::{QKind, QMatrix};
+use crate::kernels::quant::{QKind, QMatrix};
+use crate::kernels::{self, Isa, RopeTable, Weight};
 
 /// Upper bounds on metadata values, so a hostile file cannot make shape arithmetic overflow
 /// or ask for absurd allocations before any tensor byte is checked.
@@ -296,6 +296,8 @@ pub struct Model {
     output_norm: Vec<f32>,
     layers: Vec<Layer>,
     rope_inv_freq: Vec<f64>,
+    /// The instruction-set level every kernel call runs at.
+    isa: Isa,
 }
 
 impl std::fmt::Debug for Model {
@@ -460,7 +462,19 @@ impl Model {
             output_norm,
             layers,
             rope_inv_freq,
+            isa: Isa::from_env()?,
         })
+    }
+
+    /// The instruction-set level the forward pass runs at: the best this CPU has, or the one
+    /// `AGENTKV_SIMD` named when the model was loaded.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Runs the forward pass at `isa` from now on (every level gives the same bits).
+    pub fn set_isa(&mut self, isa: Isa) {
+        self.isa = isa;
     }
 
     /// The model's hyper-parameters.
@@ -592,6 +606,7 @@ impl Model {
         let (dim, hd) = (c.dim, c.head_dim);
         let (q_w, kv_w) = (c.n_heads * hd, c.n_kv_heads * hd);
         let rope = RopeTable::new(&self.rope_inv_freq, start, n);
+        let isa = self.isa;
 
         let mut x = vec![0.0f32; n * dim];
         for (row, &t) in x.chunks_exact_mut(dim).zip(tokens) {
@@ -599,8 +614,8 @@ impl Model {
         }
         let mut h = vec![0.0f32; n * dim];
         for (li, layer) in self.layers.iter().enumerate() {
-            kernels::rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
-            let qkv = kernels::matmul(&h, n, &layer.qkv);
+            kernels::rms_norm(isa, &x, &layer.attn_norm, c.rms_eps, &mut h);
+            let qkv = kernels::matmul(isa, &h, n, &layer.qkv);
             let mut q = Vec::with_capacity(n * q_w);
             let mut k = Vec::with_capacity(n * kv_w);
             let mut v = Vec::with_capacity(n * kv_w);
@@ -612,14 +627,14 @@ impl Model {
             rope.apply(&mut q, c.n_heads, hd);
             rope.apply(&mut k, c.n_kv_heads, hd);
             cache.write_rows(li, start, &k, &v);
-            let attn = kernels::attention(&q, n, start, c.n_heads, cache, li);
-            let o = kernels::matmul(&attn, n, &layer.attn_output);
+            let attn = kernels::attention(isa, &q, n, start, c.n_heads, cache, li);
+            let o = kernels::matmul(isa, &attn, n, &layer.attn_output);
             kernels::add_in_place(&mut x, &o);
 
-            kernels::rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
-            let gate_up = kernels::matmul(&h, n, &layer.gate_up);
+            kernels::rms_norm(isa, &x, &layer.ffn_norm, c.rms_eps, &mut h);
+            let gate_up = kernels::matmul(isa, &h, n, &layer.gate_up);
             let act = kernels::silu_mul_rows(&gate_up, c.ffn_dim);
-            let down = kernels::matmul(&act, n, &layer.ffn_down);
+            let down = kernels::matmul(isa, &act, n, &layer.ffn_down);
             kernels::add_in_place(&mut x, &down);
         }
         cache.push_tokens(tokens);
@@ -631,9 +646,9 @@ impl Model {
         };
         let m = rows.len() / dim;
         let mut normed = vec![0.0f32; rows.len()];
-        kernels::rms_norm(rows, &self.output_norm, c.rms_eps, &mut normed);
+        kernels::rms_norm(self.isa, rows, &self.output_norm, c.rms_eps, &mut normed);
         let head = self.output.as_ref().unwrap_or(&self.token_embd);
-        kernels::matmul(&normed, m, head)
+        kernels::matmul(self.isa, &normed, m, head)
     }
 }
 
@@ -780,6 +795,45 @@ mod tests {
             }
         );
         assert_eq!(m.weights_hash().len(), 32);
+    }
+
+    #[test]
+    fn a_forward_pass_is_the_same_bits_at_every_instruction_set_level() {
+        // 64-wide heads in groups of six queries (SmolLM2's width, and the AVX-512 V-sum
+        // kernel's group) with quantized and f32 weights; 40 tokens make prefill tiles, then
+        // decode steps.
+        let configs = [
+            TinyConfig::default(),
+            TinyConfig {
+                dim: 384,
+                n_heads: 6,
+                n_kv_heads: 1,
+                ffn_dim: 128,
+                ..TinyConfig::default()
+            },
+            TinyConfig {
+                weight_dtype: GgmlDType::F32,
+                ..TinyConfig::default()
+            },
+        ];
+        let toks: Vec<u32> = letters().into_iter().cycle().take(40).collect();
+        for cfg in configs {
+            let mut m = tiny_model(&cfg);
+            let run = |m: &Model| {
+                let mut cache = m.new_cache();
+                let mut logits = m.forward(&toks, &mut cache, Logits::All).expect("prefill");
+                for &t in &toks[..3] {
+                    logits.extend(m.forward(&[t], &mut cache, Logits::Last).expect("decode"));
+                }
+                (bits(&logits), cache_bits(&cache))
+            };
+            m.set_isa(Isa::PORTABLE);
+            let portable = run(&m);
+            crate::kernels::isa::for_each_isa(|isa| {
+                m.set_isa(isa);
+                assert!(run(&m) == portable, "{isa:?}, {} heads", cfg.n_heads);
+            });
+        }
     }
 
     #[test]

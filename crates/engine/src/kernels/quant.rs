@@ -1,6 +1,6 @@
 //! Quantized weights kept in memory as the GGUF file stores them (Q4_1 and Q8_0 blocks of 32),
 //! and their exact dequantization: `d * q + m` (Q4_1) or `d * q` (Q8_0), a multiply then an
-//! add, in f32. The fast kernels over these blocks are in [`crate::dequant`].
+//! add, in f32. The fast kernels over these blocks are in [`super::dequant`].
 //!
 //! An earlier path multiplied them against activations quantized per row to 8-bit blocks, with
 //! integer dot products as llama.cpp does (`ggml_vec_dot_q4_1_q8_1`). Unused since that

@@ -1,0 +1,462 @@
+//! Causal grouped-query attention over the cache: per (tokens, query heads of one KV head)
+//! task, scores by [`dot`](super::dot), a sequential softmax, and V sums in position order, so
+//! a query's result never depends on the batch or the task it is in.
+
+use std::ops::Range;
+
+use kv_extract::{AlignedBuf, KvCache};
+use rayon::prelude::*;
+
+use super::dot::{LANES, MR, NR, dot_1x1, dot_1x3, dot_2x3, reduce};
+use super::elementwise::exp;
+use super::isa::{Isa, Level, Recompile};
+use super::vectorized;
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+
+/// Queries of one attention task: query row `q[i]` sees cached positions `0..lens[i]`.
+struct Queries<'a> {
+    q: &'a [f32],
+    lens: &'a [usize],
+}
+
+/// Attention of a set of queries sharing one KV head: scores against every K row any of them
+/// sees, a softmax per query, then the weighted sum of V rows in position order.
+///
+/// Each query's result depends only on that query and its rows: its scores are [`dot`] bit
+/// for bit, its softmax is [`scale_and_max`] and [`exp_and_sum`], and its V sums are
+/// [`accumulate`]'s. Batching queries only shares loads.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_portable(
+    isa: Isa,
+    qs: Queries<'_>,
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let nq = qs.lens.len();
+    let len = qs.lens.iter().copied().max().unwrap_or(0);
+    let qrow = |i: usize| &qs.q[i * d..(i + 1) * d];
+    let krow = |j: usize| &k[j * d..(j + 1) * d];
+    scores.clear();
+    scores.resize(nq * len, 0.0);
+    // Scores: the x86 kernel when it applies, else two queries by three K rows at a time.
+    let done = gram_simd(isa, qs.q, nq, k, len, d, scores);
+    let mut j = if done { len } else { 0 };
+    while j + NR <= len {
+        let ks = [krow(j), krow(j + 1), krow(j + 2)];
+        let mut i = 0;
+        while i + MR <= nq {
+            let r = dot_2x3([qrow(i), qrow(i + 1)], ks, d);
+            for (di, row) in r.iter().enumerate() {
+                scores[(i + di) * len + j..][..NR].copy_from_slice(row);
+            }
+            i += MR;
+        }
+        if i < nq {
+            let r = dot_1x3([qrow(i)], ks, d);
+            scores[i * len + j..][..NR].copy_from_slice(&r[0]);
+        }
+        j += NR;
+    }
+    for j in j..len {
+        for i in 0..nq {
+            scores[i * len + j] = dot_1x1([qrow(i)], [krow(j)], d)[0][0];
+        }
+    }
+    // Softmax numerators and their sums, per query.
+    let mut sums = [0.0f32; 64];
+    let mut sums_vec;
+    let sums: &mut [f32] = if nq <= 64 {
+        &mut sums[..nq]
+    } else {
+        sums_vec = vec![0.0f32; nq];
+        &mut sums_vec
+    };
+    for ((i, &n), sum) in qs.lens.iter().enumerate().zip(sums.iter_mut()) {
+        let s = &mut scores[i * len..i * len + n];
+        let max = scale_and_max(s, scale);
+        *sum = exp_and_sum(s, max);
+    }
+    // Weighted V sums: V rows in chunks that stay in L1 while every query sweeps them, up to
+    // six queries at a time sharing each row's loads.
+    const CHUNK: usize = 64;
+    let pv6 = d == 64 && pv6_available(isa);
+    out.fill(0.0);
+    for j0 in (0..len).step_by(CHUNK) {
+        let end = |i: usize| qs.lens[i].clamp(j0, j0 + CHUNK);
+        let mut i = 0;
+        while i < nq {
+            let group = match nq - i {
+                r if r >= 6 && pv6 => 6,
+                r if r >= 4 => 4,
+                r => r.min(2),
+            };
+            // Rows every query of the group sees together, then each one's own rest.
+            let common = (i..i + group).map(end).min().unwrap_or(j0);
+            accumulate_group(
+                isa,
+                &mut out[i * d..],
+                &scores[i * len..],
+                len,
+                j0..common,
+                v,
+                d,
+                group,
+            );
+            for q in i..i + group {
+                let rest = common..end(q);
+                let o = &mut out[q * d..];
+                accumulate_group(isa, o, &scores[q * len..], len, rest, v, d, 1);
+            }
+            i += group;
+        }
+    }
+    for (o, sum) in out.chunks_exact_mut(d).zip(sums.iter()) {
+        let inv = 1.0 / sum;
+        for o in o.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+/// Multiplies `s` by `scale` in place and returns the largest result (`-inf` if empty).
+///
+/// The maximum is taken over sixteen interleaved partial maxima: the same value as a
+/// sequential fold, since `max` is exact (a `±0` tie can pick either zero, which `x - max` then
+/// cannot tell apart). `if x > m` rather than `f32::max` compiles to one `max` instruction; the
+/// two agree on NaN too, which neither lets through.
+#[inline(always)]
+pub(super) fn scale_and_max(s: &mut [f32], scale: f32) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = s.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] *= scale;
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    for x in chunks.into_remainder() {
+        *x *= scale;
+        m[0] = m[0].max(*x);
+    }
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// Replaces each score `x` of one query by `exp(x - max)` and returns their sum.
+///
+/// The sum has sixteen lanes of partial sums (position `j` adds into lane `j % 16`, in position
+/// order), folded by [`reduce`]'s tree: part of the numeric definition, like a dot product's
+/// lanes. The lanes are independent chains, so the loop runs at the speed of `exp`.
+#[inline(always)]
+pub(super) fn exp_and_sum(s: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = s.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp(c[l] - max);
+            acc[l] += c[l];
+        }
+    }
+    for (x, a) in chunks.into_remainder().iter_mut().zip(&mut acc) {
+        *x = exp(*x - max);
+        *a += *x;
+    }
+    reduce(&acc)
+}
+
+/// Every `dot(a[i], b[j])` into `out[i * nb + j]` with the x86 `gram` kernel when `isa` has
+/// one and the rows are whole 16-lane chunks; `false` (nothing written) otherwise.
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn gram_simd(
+    isa: Isa,
+    a: &[f32],
+    na: usize,
+    b: &[f32],
+    nb: usize,
+    k: usize,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa.is_simd() && k.is_multiple_of(LANES) {
+        x86::gram(isa, a, na, b, nb, k, out);
+        return true;
+    }
+    false
+}
+
+/// For each of `Q` queries `q`, `o[q] = fma(p, v[j], o[q])` for the V rows `j` in `rows`, in
+/// order, where `p = scores[q * len + j]` and `o[q]` is `o[q * D..][..D]`.
+///
+/// Each query's sums are the same operations whatever `Q` is: queries share only the loads
+/// of V rows. Four queries keep 16 independent fused chains in flight (with one query, each
+/// chain waits on the latency of the one before).
+#[inline(always)]
+fn accumulate<const D: usize, const Q: usize>(
+    o: &mut [f32],
+    scores: &[f32],
+    len: usize,
+    rows: Range<usize>,
+    v: &[f32],
+) {
+    let mut acc = [[0.0f32; D]; Q];
+    for (q, a) in acc.iter_mut().enumerate() {
+        a.copy_from_slice(&o[q * D..(q + 1) * D]);
+    }
+    for j in rows {
+        let vrow: &[f32; D] = v[j * D..(j + 1) * D].try_into().expect("head width");
+        for (q, a) in acc.iter_mut().enumerate() {
+            let p = scores[q * len + j];
+            for l in 0..D {
+                a[l] = p.mul_add(vrow[l], a[l]);
+            }
+        }
+    }
+    for (q, a) in acc.iter().enumerate() {
+        o[q * D..(q + 1) * D].copy_from_slice(a);
+    }
+}
+
+/// [`accumulate`] for the `group` queries whose outputs start `o` (`d` values each) and whose
+/// scores start `scores` (`len` apart): the 64-wide kernels for SmolLM2's heads (six queries
+/// only when [`pv6_available`]), [`accumulate_any`] for other widths.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn accumulate_group(
+    isa: Isa,
+    o: &mut [f32],
+    scores: &[f32],
+    len: usize,
+    rows: Range<usize>,
+    v: &[f32],
+    d: usize,
+    group: usize,
+) {
+    let o = &mut o[..group * d];
+    match (d, group) {
+        (64, 6) => accumulate6(isa, o, scores, len, rows, v),
+        (64, 4) => accumulate::<64, 4>(o, scores, len, rows, v),
+        (64, 2) => accumulate::<64, 2>(o, scores, len, rows, v),
+        (64, 1) => accumulate::<64, 1>(o, scores, len, rows, v),
+        _ => accumulate_any(o, scores, len, rows, v, d),
+    }
+}
+
+/// Whether [`accumulate6`] has its AVX-512 kernel at `isa`.
+#[inline(always)]
+fn pv6_available(isa: Isa) -> bool {
+    isa.level() == Level::Avx512
+}
+
+/// [`accumulate`]`::<64, 6>` with the x86 `pv_6x64` kernel; only called when
+/// [`pv6_available`].
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn accumulate6(isa: Isa, o: &mut [f32], scores: &[f32], len: usize, rows: Range<usize>, v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    x86::pv_6x64(isa, o, scores, len, rows, v);
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("accumulate6 is only called with AVX-512");
+}
+
+/// [`accumulate`] for any head width `d`, one query after another.
+#[inline(always)]
+fn accumulate_any(
+    o: &mut [f32],
+    scores: &[f32],
+    len: usize,
+    rows: Range<usize>,
+    v: &[f32],
+    d: usize,
+) {
+    for (q, o) in o.chunks_exact_mut(d).enumerate() {
+        for j in rows.clone() {
+            let p = scores[q * len + j];
+            for (o, &vv) in o.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                *o = p.mul_add(vv, *o);
+            }
+        }
+    }
+}
+
+/// [`attend_portable`] compiled for `isa`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    isa: Isa,
+    q: &[f32],
+    lens: &[usize],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    struct Attend<'a> {
+        isa: Isa,
+        qs: Queries<'a>,
+        k: &'a [f32],
+        v: &'a [f32],
+        d: usize,
+        scale: f32,
+        scores: &'a mut Vec<f32>,
+        out: &'a mut [f32],
+    }
+    impl Recompile for Attend<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run(self) {
+            let Attend {
+                isa,
+                qs,
+                k,
+                v,
+                d,
+                scale,
+                scores,
+                out,
+            } = self;
+            attend_portable(isa, qs, k, v, d, scale, scores, out);
+        }
+    }
+    let qs = Queries { q, lens };
+    let kernel = Attend {
+        isa,
+        qs,
+        k,
+        v,
+        d,
+        scale,
+        scores,
+        out,
+    };
+    vectorized(isa, kernel);
+}
+
+/// Below this many new tokens (decode), attention tasks split a group's query heads.
+const FEW_TOKENS: usize = 8;
+/// Tokens per attention tile in a prefill or a turn: their queries share each K/V row load.
+const TOKEN_TILE: usize = 16;
+
+/// One attention task: tokens `t0..t1` times query heads `h0..h0 + nh`, all of one KV head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Task {
+    pub(super) t0: usize,
+    pub(super) t1: usize,
+    pub(super) h0: usize,
+    pub(super) nh: usize,
+}
+
+/// Splits the attention of `n` new tokens into tasks for `threads` workers.
+///
+/// Few tokens (decode): each group's query heads split in two tasks (one for a group of one),
+/// so both cores have work while K/V are read twice per step, not once per query head.
+///
+/// Many tokens: tiles of [`TOKEN_TILE`] tokens. Within a tile, the groups' work laid end to end
+/// is cut into `threads` equal runs, and each run at group boundaries: with SmolLM2's three
+/// groups on two threads, one whole group, half the next, then the other half and the last.
+/// Reading a KV head costs more than its arithmetic when the history is long, so most tasks
+/// take a whole group (whose K/V rows are then read once per tile) and the threads still get
+/// equal shares.
+pub(super) fn attention_tasks(n: usize, n_heads: usize, group: usize, threads: usize) -> Vec<Task> {
+    let groups = n_heads / group;
+    if n < FEW_TOKENS {
+        let per = group.div_ceil(2);
+        return (0..groups)
+            .flat_map(|g| {
+                (g * group..(g + 1) * group)
+                    .step_by(per)
+                    .map(move |h0| Task {
+                        t0: 0,
+                        t1: n,
+                        h0,
+                        nh: per.min((g + 1) * group - h0),
+                    })
+            })
+            .collect();
+    }
+    let threads = threads.max(1);
+    let mut tasks = Vec::new();
+    for a0 in (0..n).step_by(TOKEN_TILE) {
+        let m = TOKEN_TILE.min(n - a0);
+        let total = groups * m;
+        let mut cuts: Vec<usize> = (0..=threads)
+            .map(|i| i * total / threads)
+            .chain((0..=groups).map(|g| g * m))
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        for w in cuts.windows(2) {
+            let g = w[0] / m;
+            tasks.push(Task {
+                t0: a0 + w[0] - g * m,
+                t1: a0 + w[1] - g * m,
+                h0: g * group,
+                nh: group,
+            });
+        }
+    }
+    tasks
+}
+
+/// Causal grouped-query attention at `isa` for `n` new tokens at positions `start..start + n`,
+/// whose K and V are already written to `cache` (layer `layer`) at those positions.
+///
+/// `q` is `[n, n_heads, head_dim]` (after RoPE); returns the attention output in the same
+/// layout. Query head `h` reads KV head `h / (n_heads / n_kv_heads)`. Work is parallel over
+/// tasks of (tokens, query heads of one KV head), split by `attention_tasks`; each query's
+/// result does not depend on which task it is in.
+pub fn attention(
+    isa: Isa,
+    q: &[f32],
+    n: usize,
+    start: usize,
+    n_heads: usize,
+    cache: &KvCache,
+    layer: usize,
+) -> Vec<f32> {
+    let shape = cache.shape();
+    let d = shape.head_dim;
+    let group = n_heads / shape.n_kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let tasks = attention_tasks(n, n_heads, group, rayon::current_num_threads());
+    let most = tasks
+        .iter()
+        .map(|t| (t.t1 - t.t0) * t.nh)
+        .max()
+        .unwrap_or(0);
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(
+            // Queries are copied to a line-aligned buffer: with 64-wide heads, the score
+            // kernel's loads of them and of the (aligned) K rows then never straddle lines.
+            || (Vec::new(), AlignedBuf::zeros(most * d), Vec::new()),
+            |(scores, qs, lens), &Task { t0, t1, h0, nh }| {
+                let qbuf = &mut qs[..(t1 - t0) * nh * d];
+                lens.clear();
+                for (t, rows) in (t0..t1).zip(qbuf.chunks_exact_mut(nh * d)) {
+                    rows.copy_from_slice(&q[(t * n_heads + h0) * d..][..nh * d]);
+                    lens.extend(std::iter::repeat_n(start + t + 1, nh));
+                }
+                let kv = h0 / group;
+                let k = cache.k_head(layer, kv, 0..start + t1);
+                let v = cache.v_head(layer, kv, 0..start + t1);
+                let mut out = vec![0.0f32; qbuf.len()];
+                attend(isa, qbuf, lens, k, v, d, scale, scores, &mut out);
+                out
+            },
+        )
+        .collect();
+    let mut out = vec![0.0f32; n * n_heads * d];
+    for (&Task { t0, h0, nh, .. }, res) in tasks.iter().zip(&results) {
+        for (r, t) in res.chunks_exact(nh * d).zip(t0..) {
+            out[(t * n_heads + h0) * d..][..nh * d].copy_from_slice(r);
+        }
+    }
+    out
+}

@@ -1,0 +1,140 @@
+//! The per-row and element-wise steps of a layer: RMSNorm, residual adds, the SiLU gate,
+//! rotary position embeddings, and the `exp` every build computes alike.
+
+use super::dot::dot;
+use super::isa::{Isa, Recompile};
+use super::vectorized;
+
+/// RMSNorm of each row of `x` (rows of `w.len()`) at `isa`: `x / sqrt(mean(x²) + eps) * w`,
+/// the sum of squares being [`dot`]`(row, row)`.
+///
+/// # Panics
+/// If `x` is not a whole number of rows or `out` differs in length.
+pub fn rms_norm(isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    assert_eq!(x.len(), out.len(), "rms_norm output length");
+    assert_eq!(x.len() % d, 0, "rms_norm input is not whole rows");
+    struct RmsNorm<'a> {
+        x: &'a [f32],
+        w: &'a [f32],
+        eps: f32,
+        out: &'a mut [f32],
+    }
+    impl Recompile for RmsNorm<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run(self) {
+            let d = self.w.len();
+            for (row, o) in self.x.chunks_exact(d).zip(self.out.chunks_exact_mut(d)) {
+                let ss = dot(row, row);
+                let inv = 1.0 / (ss / d as f32 + self.eps).sqrt();
+                for ((o, &xv), &wv) in o.iter_mut().zip(row).zip(self.w) {
+                    *o = (xv * inv) * wv;
+                }
+            }
+        }
+    }
+    vectorized(isa, RmsNorm { x, w, eps, out });
+}
+
+/// `a += b`, element-wise (a residual connection).
+pub fn add_in_place(a: &mut [f32], b: &[f32]) {
+    for (a, b) in a.iter_mut().zip(b) {
+        *a += b;
+    }
+}
+
+/// SiLU-gated product over rows laid out `[gate (f) | up (f)]`: returns `silu(gate) * up`,
+/// `[rows, f]`.
+pub fn silu_mul_rows(gate_up: &[f32], f: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(gate_up.len() / 2);
+    for row in gate_up.chunks_exact(2 * f) {
+        let (g, u) = row.split_at(f);
+        out.extend(g.iter().zip(u).map(|(&g, &u)| (g / (1.0 + exp(-g))) * u));
+    }
+    out
+}
+
+/// Rotary position embedding tables for `n` consecutive positions from `start`.
+///
+/// Row `t` holds `cos` and `sin` of `(start + t) * inv_freq[i]` for every rotated pair `i`;
+/// the angle is computed in f64 from the position alone, so a position's row never depends
+/// on which batch it is in.
+pub struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    pairs: usize,
+}
+
+impl RopeTable {
+    /// Inverse frequencies `base^(-2i / rope_dim)` for `i < rope_dim / 2`.
+    pub fn inv_freq(base: f32, rope_dim: usize) -> Vec<f64> {
+        (0..rope_dim / 2)
+            .map(|i| (base as f64).powf(-((2 * i) as f64) / rope_dim as f64))
+            .collect()
+    }
+
+    /// The table for positions `start..start + n`.
+    pub fn new(inv_freq: &[f64], start: usize, n: usize) -> RopeTable {
+        let pairs = inv_freq.len();
+        let mut cos = Vec::with_capacity(n * pairs);
+        let mut sin = Vec::with_capacity(n * pairs);
+        for t in 0..n {
+            let pos = (start + t) as f64;
+            for &f in inv_freq {
+                let angle = pos * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        RopeTable { cos, sin, pairs }
+    }
+
+    /// Rotates, in place, adjacent pairs `(x[2i], x[2i+1])` of the first `2 * pairs` values of
+    /// every head of every token in `x` (`[n, n_heads, head_dim]`): the interleaved ("normal")
+    /// RoPE of GGUF llama models, whose converter permutes Q and K to match it.
+    pub fn apply(&self, x: &mut [f32], n_heads: usize, head_dim: usize) {
+        for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
+            let cos = &self.cos[t * self.pairs..(t + 1) * self.pairs];
+            let sin = &self.sin[t * self.pairs..(t + 1) * self.pairs];
+            for head in tok.chunks_exact_mut(head_dim) {
+                for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * c - b * s;
+                    pair[1] = a * s + b * c;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------------
+
+/// `exp(x)`, with the Cephes single-precision polynomial (about 1 ulp), in plain multiplies
+/// and adds so that every build (SSE2, AVX2, any vector width) gives the same bits, unlike a
+/// platform libm. Inputs below -87 give a tiny positive number rather than a subnormal.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5; // Cephes' 5.0000001201e-1, which rounds to 0.5 in f32
+    let y = (p * (r * r) + r) + 1.0;
+    // `n` as an integer, read from the bits of `t` (in [2^23, 2^24) one unit is one ulp): the
+    // same value as `n as i32`, without the saturating conversion that keeps loops of `exp`
+    // from vectorizing.
+    let n_int = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    y * f32::from_bits(n_int.wrapping_add(127) << 23)
+}

@@ -1,0 +1,265 @@
+//! `y = x · Wᵀ`: weight panels split over threads by rows of `W`, each output element one
+//! [`dot`](super::dot) bit for bit whatever the batch; quantized weights dequantized a few rows
+//! at a time.
+
+use kv_extract::AlignedBuf;
+use rayon::prelude::*;
+
+use super::dequant;
+use super::dot::{LANES, MB, MR, NR, dot_1x1, dot_1x3, dot_1x4, dot_2x3};
+use super::isa::{Isa, Recompile};
+use super::quant::QMatrix;
+use super::vectorized;
+use super::weight::{Weight, WeightData};
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+
+/// One weight panel against all rows of `x`: `out[i * ld + j] = dot(x[i], w[j])` for the
+/// `rows` rows of `w` (`ld >= rows`: the panel may be a column block of a wider output).
+#[inline(always)]
+pub(super) fn panel_portable(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    rows: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let xrow = |i: usize| &x[i * k..(i + 1) * k];
+    let wrow = |j: usize| &w[j * k..(j + 1) * k];
+    if m == 1 {
+        // Decode: one row of x against four weight rows at a time.
+        let mut j = 0;
+        while j + 4 <= rows {
+            let r = dot_1x4(
+                [xrow(0)],
+                [wrow(j), wrow(j + 1), wrow(j + 2), wrow(j + 3)],
+                k,
+            );
+            out[j..j + 4].copy_from_slice(&r[0]);
+            j += 4;
+        }
+        for (j, o) in out[..rows].iter_mut().enumerate().skip(j) {
+            *o = dot_1x1([xrow(0)], [wrow(j)], k)[0][0];
+        }
+        return;
+    }
+    for i0 in (0..m).step_by(MB) {
+        let i1 = (i0 + MB).min(m);
+        let mut j = 0;
+        while j + NR <= rows {
+            let ws = [wrow(j), wrow(j + 1), wrow(j + 2)];
+            let mut i = i0;
+            while i + MR <= i1 {
+                let r = dot_2x3([xrow(i), xrow(i + 1)], ws, k);
+                for (di, ri) in r.iter().enumerate() {
+                    out[(i + di) * ld + j..][..NR].copy_from_slice(ri);
+                }
+                i += MR;
+            }
+            while i < i1 {
+                let r = dot_1x3([xrow(i)], ws, k);
+                out[i * ld + j..][..NR].copy_from_slice(&r[0]);
+                i += 1;
+            }
+            j += NR;
+        }
+        while j < rows {
+            for i in i0..i1 {
+                out[i * ld + j] = dot_1x1([xrow(i)], [wrow(j)], k)[0][0];
+            }
+            j += 1;
+        }
+    }
+}
+
+/// [`panel_portable`] at `isa`: the hand-written x86 panel when the rows are whole 16-lane
+/// chunks, else the portable source compiled for `isa`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn panel(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    rows: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.is_simd() && k.is_multiple_of(LANES) {
+        x86::panel(isa, x, m, k, w, rows, out, ld);
+        return;
+    }
+    struct Panel<'a> {
+        x: &'a [f32],
+        m: usize,
+        k: usize,
+        w: &'a [f32],
+        rows: usize,
+        out: &'a mut [f32],
+        ld: usize,
+    }
+    impl Recompile for Panel<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run(self) {
+            panel_portable(self.x, self.m, self.k, self.w, self.rows, self.out, self.ld);
+        }
+    }
+    let kernel = Panel {
+        x,
+        m,
+        k,
+        w,
+        rows,
+        out,
+        ld,
+    };
+    vectorized(isa, kernel);
+}
+
+/// `y = x · Wᵀ` for `m` rows of `x` (`[m, w.cols()]`, row-major) at `isa`: returns
+/// `[m, w.rows()]`.
+///
+/// For f32 weights each output element is [`dot`](super::dot)`(x[i], W[j])` bit for bit, whatever `m`
+/// and the number of threads; work is split over the rows of `W`. Quantized weights give
+/// bitwise the results of their dequantized f32 values (see `matmul_dequant`).
+///
+/// # Panics
+/// If `x.len() != m * w.cols()`.
+pub fn matmul(isa: Isa, x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(
+        x.len(),
+        m * k,
+        "matmul input is not m rows of the weight's width"
+    );
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    // The kernels load 16-lane chunks from the start of each row; with rows a whole number of
+    // cache lines wide, an aligned start means that no 32-byte load straddles two lines (each
+    // such load costs two: about 30% of the matmul).
+    let copy;
+    let x = if AlignedBuf::is_aligned(x) {
+        x
+    } else {
+        copy = AlignedBuf::from_slice(x);
+        &copy
+    };
+    let wd = match &w.data {
+        WeightData::F32(wd) => wd,
+        WeightData::Quant(q) => return matmul_dequant(isa, x, m, q),
+    };
+    // Each task owns a block of weight rows: its columns of y, as a [m, rows] chunk.
+    let tasks = rayon::current_num_threads() * 4;
+    let rows_per_task = n.div_ceil(tasks).next_multiple_of(NR);
+    let mut chunks = vec![0.0f32; m * n];
+    chunks
+        .par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let j0 = c * rows_per_task;
+            let rows = out.len() / m;
+            panel(isa, x, m, k, &wd[j0 * k..(j0 + rows) * k], rows, out, rows);
+        });
+    join_columns(chunks, m, n, rows_per_task)
+}
+
+/// `y` (`[m, n]`, row-major) from the column blocks tasks computed: block `c` holds columns
+/// `c * width..` as a row-major `[m, block width]` chunk, the chunks laid end to end.
+///
+/// Every copy is a run of a chunk's row: the transposed layout this replaced needed one
+/// strided store per value, 7% of a 2048-token prefill.
+fn join_columns(chunks: Vec<f32>, m: usize, n: usize, width: usize) -> Vec<f32> {
+    if m == 1 {
+        return chunks;
+    }
+    let mut y = vec![0.0f32; m * n];
+    let fill = |(i, row): (usize, &mut [f32])| {
+        for (c, dst) in row.chunks_mut(width).enumerate() {
+            let w = dst.len();
+            dst.copy_from_slice(&chunks[c * width * m + i * w..][..w]);
+        }
+    };
+    if y.len() < 1 << 16 {
+        // A few tokens' worth: not worth waking the other thread.
+        y.chunks_mut(n).enumerate().for_each(fill);
+    } else {
+        y.par_chunks_mut(n).enumerate().for_each(fill);
+    }
+    y
+}
+
+/// Weight rows dequantized at a time by [`matmul_dequant`]: a multiple of the micro-kernels'
+/// widths, small enough for the f32 copy to stay in L1/L2.
+const DEQUANT_ROWS: usize = 12;
+
+/// Dequantizes weight rows `r0..r0 + rows` into `buf` (at least `rows * cols` long) and
+/// multiplies them with every row of `x` into `out[i * ld + j]` (see [`panel`]).
+#[allow(clippy::too_many_arguments)]
+fn dequant_panel(
+    isa: Isa,
+    q: &QMatrix,
+    r0: usize,
+    rows: usize,
+    x: &[f32],
+    m: usize,
+    buf: &mut [f32],
+    out: &mut [f32],
+    ld: usize,
+) {
+    let k = q.cols();
+    let buf = &mut buf[..rows * k];
+    dequant::dequantize_rows(isa, q, r0, rows, buf);
+    panel(isa, x, m, k, buf, rows, out, ld);
+}
+
+/// [`matmul`] for quantized weights: each task dequantizes a few rows at a time (exactly, as
+/// the GGUF reference does) and runs the f32 kernels on them, so results are bitwise those of
+/// the fully dequantized matrix while only the quantized blocks stream from memory. A single
+/// row (decode) goes to [`dequant::gemv`], which does the same without the buffer.
+///
+/// Why not llama.cpp's integer dot products against 8-bit-quantized activations (an earlier
+/// `quant::matmul`, since removed)? With SmolLM2-135M that quantization changes greedy
+/// answers (llama.cpp itself answers "La femme de France, ..." to the capital-of-France
+/// prompt); f32 activations keep "The capital of France is Paris.".
+fn matmul_dequant(isa: Isa, x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
+    let (n, k) = (q.rows(), q.cols());
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    debug_assert_eq!(x.len(), m * k);
+    let tasks = rayon::current_num_threads() * 4;
+    if m == 1 {
+        // Decode: blocks are widened in registers, never written out.
+        let mut y = vec![0.0f32; n];
+        let rows_per_task = n.div_ceil(tasks);
+        y.par_chunks_mut(rows_per_task)
+            .enumerate()
+            .for_each(|(c, out)| dequant::gemv(isa, q, c * rows_per_task, x, out));
+        return y;
+    }
+    let rows_per_task = n.div_ceil(tasks).next_multiple_of(DEQUANT_ROWS);
+    let mut chunks = vec![0.0f32; m * n];
+    chunks
+        .par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each_init(
+            || AlignedBuf::zeros(DEQUANT_ROWS * k),
+            |buf, (c, out)| {
+                let (j0, width) = (c * rows_per_task, out.len() / m);
+                for s in (0..width).step_by(DEQUANT_ROWS) {
+                    let rows = DEQUANT_ROWS.min(width - s);
+                    dequant_panel(isa, q, j0 + s, rows, x, m, buf, &mut out[s..], width);
+                }
+            },
+        );
+    join_columns(chunks, m, n, rows_per_task)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise and per-row kernels
+// ---------------------------------------------------------------------------------------------

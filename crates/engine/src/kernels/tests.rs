@@ -1,0 +1,476 @@
+//! Every kernel against its definition, and at every instruction-set level this CPU has
+//! against the portable build, bit for bit.
+
+use kv_extract::{KvCache, KvShape};
+
+use super::attention::{Task, attention_tasks, exp_and_sum, scale_and_max};
+use super::dot::{LANES, reduce};
+use super::isa::{Isa, for_each_isa};
+use super::matmul::{panel, panel_portable};
+use super::quant::{QKind, QMatrix};
+use super::*;
+use crate::testing::values;
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+#[test]
+fn dot_matches_f64_reference() {
+    for k in [1, 7, 16, 33, 64, 576, 1537] {
+        let a = values(k, 1);
+        let b = values(k, 2);
+        let got = dot(&a, &b) as f64;
+        let want = dot_f64(&a, &b);
+        assert!(
+            (got - want).abs() <= 1e-5 * (k as f64).sqrt(),
+            "k={k}: {got} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn panel_is_the_portable_panel_bitwise_at_every_level() {
+    // Row counts around the 2x3, 1x4, 6x4 and 2x4 tiles and the MB sweep; widths of one chunk
+    // up to the model's 1536, and widths that are not whole chunks (the recompiled portable
+    // panel instead of the hand-written one).
+    let shapes = [
+        (1, 9, 64),
+        (1, 3, 16),
+        (2, 3, 16),
+        (5, 7, 576),
+        (16, 12, 576),
+        (33, 13, 48),
+        (70, 4, 1536),
+        (13, 9, 64),
+        (6, 4, 32),
+        (1, 11, 100),
+        (7, 11, 100),
+    ];
+    for_each_isa(|isa| {
+        for (m, rows, k) in shapes {
+            let x = values(m * k, 41);
+            let w = values(rows * k, 42);
+            // A column block of a wider output: columns outside it stay untouched.
+            let ld = rows + 5;
+            let mut want = vec![0.0; m * ld];
+            panel_portable(&x, m, k, &w, rows, &mut want, ld);
+            let mut got = vec![0.0; m * ld];
+            panel(isa, &x, m, k, &w, rows, &mut got, ld);
+            assert_eq!(bits(&got), bits(&want), "{isa:?} m={m} rows={rows} k={k}");
+        }
+    });
+}
+
+#[test]
+fn dot_is_the_fused_16_lane_definition() {
+    // An independent scalar statement of the definition: 16 lanes of fused multiply-adds
+    // (the tail zero-padded), folded by `reduce`'s tree.
+    fn reference(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0.0f32; LANES];
+        for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+            acc[i % LANES] = x.mul_add(y, acc[i % LANES]);
+        }
+        reduce(&acc)
+    }
+    // The same order with a separate multiply and add: what the test must tell apart.
+    fn unfused(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0.0f32; LANES];
+        for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+            acc[i % LANES] += x * y;
+        }
+        reduce(&acc)
+    }
+    let mut fused_differs = false;
+    for k in [1, 15, 16, 17, 64, 100] {
+        for seed in 0..8 {
+            let a = values(k, 40 + seed);
+            let b = values(k, 80 + seed);
+            let want = reference(&a, &b);
+            assert_eq!(dot(&a, &b).to_bits(), want.to_bits(), "k {k}");
+            fused_differs |= unfused(&a, &b).to_bits() != want.to_bits();
+        }
+    }
+    // Otherwise the test could not tell a fused dot from a plain one.
+    assert!(
+        fused_differs,
+        "no input told the fused dot from the unfused one"
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn gram_is_dot_bitwise_at_every_simd_level() {
+    // Odd counts on both sides exercise every edge micro-kernel.
+    for_each_isa(|isa| {
+        if !isa.is_simd() {
+            return;
+        }
+        for (na, nb, k) in [
+            (1, 7, 64),
+            (5, 7, 64),
+            (4, 9, 32),
+            (3, 2, 576),
+            (9, 13, 64),
+            (1, 16, 64),
+            (3, 37, 64),
+            (20, 50, 64),
+            (2, 50, 16),
+        ] {
+            let a = values(na * k, 31);
+            let b = values(nb * k, 32);
+            let mut out = vec![f32::NAN; na * nb];
+            super::x86::gram(isa, &a, na, &b, nb, k, &mut out);
+            for i in 0..na {
+                for j in 0..nb {
+                    let want = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+                    assert_eq!(
+                        out[i * nb + j].to_bits(),
+                        want.to_bits(),
+                        "{isa:?} {na}x{nb} ({i}, {j})"
+                    );
+                }
+            }
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn pv_6x64_is_the_portable_accumulation_bitwise() {
+    // Six queries' weights 70 apart over V rows 3..61 (not a whole number of anything), on
+    // top of outputs that already hold sums.
+    let (len, rows) = (70, 3..61);
+    let scores = values(6 * len, 71);
+    let v = values(len * 64, 72);
+    let start = values(6 * 64, 73);
+    let mut want = start.clone();
+    for q in 0..6 {
+        for j in rows.clone() {
+            let p = scores[q * len + j];
+            for l in 0..64 {
+                want[q * 64 + l] = p.mul_add(v[j * 64 + l], want[q * 64 + l]);
+            }
+        }
+    }
+    for_each_isa(|isa| {
+        if isa.name() != "avx512" {
+            return;
+        }
+        let mut got = start.clone();
+        super::x86::pv_6x64(isa, &mut got, &scores, len, rows.clone(), &v);
+        assert_eq!(bits(&got), bits(&want));
+    });
+}
+
+#[test]
+fn matmul_matches_reference_and_is_batch_invariant() {
+    let (m, n, k) = (37, 29, 100);
+    let x = values(m * k, 5);
+    let wv = values(n * k, 6);
+    let w = Weight::from_f32(n, k, wv.clone()).expect("sizes match");
+    let y = matmul(Isa::PORTABLE, &x, m, &w);
+    for i in 0..m {
+        for j in 0..n {
+            let want = dot_f64(&x[i * k..(i + 1) * k], &wv[j * k..(j + 1) * k]);
+            assert!((y[i * n + j] as f64 - want).abs() < 1e-4);
+            // Bitwise the lone dot, and bitwise the row computed on its own.
+            assert_eq!(
+                y[i * n + j].to_bits(),
+                dot(&x[i * k..(i + 1) * k], &wv[j * k..(j + 1) * k]).to_bits()
+            );
+        }
+        let alone = matmul(Isa::PORTABLE, &x[i * k..(i + 1) * k], 1, &w);
+        assert_eq!(&y[i * n..(i + 1) * n], &alone[..]);
+    }
+    for_each_isa(|isa| {
+        assert_eq!(bits(&matmul(isa, &x, m, &w)), bits(&y), "{isa:?}");
+        let one = matmul(isa, &x[..k], 1, &w);
+        assert_eq!(bits(&one), bits(&y[..n]), "{isa:?}");
+    });
+}
+
+#[test]
+fn quantized_matmul_equals_dequantized_bitwise() {
+    let (m, n, k) = (37, 29, 96);
+    // Q4_1 blocks: f16 scale 0.25, f16 min -1.0, nibbles from a pattern.
+    let mut raw = Vec::new();
+    for b in 0..n * k / 32 {
+        raw.extend_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
+        raw.extend_from_slice(&half::f16::from_f32(-1.0 + b as f32 * 0.01).to_le_bytes());
+        raw.extend((0..16u8).map(|i| i.wrapping_mul(37).wrapping_add(b as u8)));
+    }
+    let q = QMatrix::from_gguf_blocks(QKind::Q4_1, n, k, &raw).expect("blocks");
+    let wf = Weight::from_f32(n, k, q.to_f32()).expect("sizes");
+    let wq = Weight::from_quant(q);
+    let x = values(m * k, 8);
+    let b = matmul(Isa::PORTABLE, &x, m, &wf);
+    for_each_isa(|isa| {
+        let a = matmul(isa, &x, m, &wq);
+        assert_eq!(bits(&a), bits(&b), "{isa:?}");
+        let alone = matmul(isa, &x[..k], 1, &wq);
+        assert_eq!(bits(&alone), bits(&b[..n]), "{isa:?}");
+    });
+}
+
+#[test]
+fn weight_concat_and_rows() {
+    let a = Weight::from_f32(1, 2, vec![1.0, 2.0]).expect("sizes match");
+    let b = Weight::from_f32(2, 2, vec![3.0, 4.0, 5.0, 6.0]).expect("sizes match");
+    let c = Weight::concat_rows(vec![a, b]).expect("same width");
+    assert_eq!((c.rows(), c.cols()), (3, 2));
+    let mut row = [0.0; 2];
+    c.row_into(2, &mut row);
+    assert_eq!(row, [5.0, 6.0]);
+    assert!(Weight::from_f32(2, 2, vec![0.0; 3]).is_none());
+    let narrow = Weight::from_f32(1, 1, vec![0.0]).expect("sizes match");
+    assert!(Weight::concat_rows(vec![c, narrow]).is_none());
+}
+
+#[test]
+fn rms_norm_of_known_row() {
+    let x = [3.0f32, 4.0];
+    let mut out = [0.0; 2];
+    rms_norm(Isa::PORTABLE, &x, &[1.0, 2.0], 0.0, &mut out);
+    let r = (12.5f32).sqrt();
+    assert!((out[0] - 3.0 / r).abs() < 1e-6 && (out[1] - 8.0 / r).abs() < 1e-6);
+    // Rows of the model's width at every level: the portable bits.
+    let (x, w) = (values(3 * 576, 11), values(576, 12));
+    let mut want = vec![0.0; x.len()];
+    rms_norm(Isa::PORTABLE, &x, &w, 1e-5, &mut want);
+    for_each_isa(|isa| {
+        let mut got = vec![f32::NAN; x.len()];
+        rms_norm(isa, &x, &w, 1e-5, &mut got);
+        assert_eq!(bits(&got), bits(&want), "{isa:?}");
+    });
+}
+
+#[test]
+fn rope_rotates_adjacent_pairs() {
+    // head_dim 4, base 10000: pair 0 turns by pos rad, pair 1 by pos / 100 rad.
+    let inv = RopeTable::inv_freq(10000.0, 4);
+    assert!((inv[1] - 0.01).abs() < 1e-12);
+    let table = RopeTable::new(&inv, 2, 1);
+    let mut x = [1.0f32, 0.0, 0.0, 1.0];
+    table.apply(&mut x, 1, 4);
+    let (c0, s0) = (2.0f32.cos(), 2.0f32.sin());
+    let (c1, s1) = (0.02f32.cos(), 0.02f32.sin());
+    let want = [c0, s0, -s1, c1];
+    for (g, w) in x.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{x:?} vs {want:?}");
+    }
+    // Position 0 is the identity.
+    let mut y = [0.3f32, -0.7, 1.5, 2.5];
+    RopeTable::new(&inv, 0, 1).apply(&mut y, 1, 4);
+    assert_eq!(y, [0.3, -0.7, 1.5, 2.5]);
+}
+
+#[test]
+fn exp_is_close_to_libm() {
+    let mut worst = 0.0f64;
+    for i in 0..200_000 {
+        let x = -87.0 + i as f32 * (175.0 / 200_000.0);
+        let got = exp(x) as f64;
+        let want = (x as f64).exp();
+        worst = worst.max(((got - want) / want).abs());
+    }
+    assert!(worst < 4e-7, "relative error {worst:e}");
+    // The integer part read from the bits is `n as i32`, bit for bit, over the whole
+    // clamped range and past both ends.
+    let as_cast = |x: f32| {
+        let x = x.clamp(-87.0, 88.0);
+        let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+        n as i32
+    };
+    for i in 0..400_000 {
+        let x = -100.0 + i as f32 * (200.0 / 400_000.0);
+        let t = x.clamp(-87.0, 88.0) * std::f32::consts::LOG2_E + 12_582_912.0;
+        assert_eq!(
+            t.to_bits().wrapping_sub(12_582_912.0f32.to_bits()) as i32,
+            as_cast(x),
+            "{x}"
+        );
+    }
+    assert!(exp(f32::NAN).is_nan());
+    assert_eq!(exp(0.0), 1.0);
+    assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
+}
+
+#[test]
+fn softmax_helpers_match_their_definitions_bitwise() {
+    let len = 203;
+    for nq in [1, 3, 4, 9] {
+        let mut scores = values(nq * len, 51);
+        let lens: Vec<usize> = (0..nq).map(|i| len - (i * 7) % 11).collect();
+        for (i, &n) in lens.iter().enumerate() {
+            let row = &mut scores[i * len..i * len + n];
+            let mut seq = row.to_vec();
+            for x in &mut seq {
+                *x *= 0.125;
+            }
+            let want = seq.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            assert_eq!(scale_and_max(row, 0.125).to_bits(), want.to_bits());
+            assert_eq!(row, &seq[..]);
+        }
+    }
+    // exp_and_sum: lane j % 16 sums positions j in order, then the 16 lanes fold as
+    // ((l + l8) + (l4 + l12)) pairs: ((s4[0] + s4[2]) + (s4[1] + s4[3])).
+    for n in [0, 1, 15, 16, 17, 203] {
+        let mut row = values(n, 52);
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let e: Vec<f32> = row.iter().map(|&x| exp(x - max)).collect();
+        let mut lanes = [0.0f32; 16];
+        for (j, &x) in e.iter().enumerate() {
+            lanes[j % 16] += x;
+        }
+        let s4: Vec<f32> = (0..4)
+            .map(|l| (lanes[l] + lanes[l + 8]) + (lanes[l + 4] + lanes[l + 12]))
+            .collect();
+        let want = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+        assert_eq!(
+            exp_and_sum(&mut row, max).to_bits(),
+            want.to_bits(),
+            "n={n}"
+        );
+        assert_eq!(row, e);
+        let f64_sum: f64 = e.iter().map(|&x| x as f64).sum();
+        assert!((want as f64 - f64_sum).abs() <= 1e-6 * f64_sum.max(1.0));
+    }
+    assert_eq!(scale_and_max(&mut [], 2.0), f32::NEG_INFINITY);
+}
+
+#[test]
+fn silu_mul_known_values() {
+    let out = silu_mul_rows(&[0.0, 1.0, 2.0, 3.0], 2);
+    let silu1 = 1.0 / (1.0 + (-1.0f32).exp());
+    assert_eq!(out[0], 0.0);
+    assert!((out[1] - silu1 * 3.0).abs() < 1e-6);
+}
+
+#[test]
+fn attention_matches_naive_softmax_and_is_causal() {
+    let shape = KvShape {
+        n_layers: 1,
+        n_kv_heads: 1,
+        head_dim: 4,
+    };
+    let mut cache = KvCache::new(shape);
+    let n = 5;
+    let k = values(n * 4, 7);
+    let v = values(n * 4, 8);
+    cache.reserve(n);
+    cache.write_rows(0, 0, &k, &v);
+    cache.push_tokens(&[0; 5]);
+    // Two query heads share the one KV head.
+    let q = values(n * 2 * 4, 9);
+    let out = attention(Isa::PORTABLE, &q, n, 0, 2, &cache, 0);
+    for t in 0..n {
+        for h in 0..2 {
+            let qh = &q[(t * 2 + h) * 4..][..4];
+            let s: Vec<f64> = (0..=t)
+                .map(|j| dot_f64(qh, &k[j * 4..][..4]) / 2.0)
+                .collect();
+            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for dd in 0..4 {
+                let want: f64 = (0..=t).map(|j| e[j] / z * v[j * 4 + dd] as f64).sum();
+                let got = out[(t * 2 + h) * 4 + dd] as f64;
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "t={t} h={h} d={dd}: {got} vs {want}"
+                );
+            }
+        }
+    }
+    // Decoding the last token alone gives the same bits.
+    let last = attention(Isa::PORTABLE, &q[(n - 1) * 8..], 1, n - 1, 2, &cache, 0);
+    assert_eq!(&out[(n - 1) * 8..], &last[..]);
+}
+
+#[test]
+fn attention_tasks_cover_each_query_once_in_even_shares() {
+    for (n, n_heads, group) in [(1, 9, 3), (5, 9, 3), (16, 9, 3), (35, 9, 3), (40, 8, 1)] {
+        for threads in 1..=3 {
+            let tasks = attention_tasks(n, n_heads, group, threads);
+            let mut seen = vec![0; n * n_heads];
+            for t in &tasks {
+                assert!(t.t0 < t.t1 && t.t1 <= n && t.nh > 0, "{t:?}");
+                assert_eq!(
+                    t.h0 / group,
+                    (t.h0 + t.nh - 1) / group,
+                    "{t:?} spans groups"
+                );
+                for tok in t.t0..t.t1 {
+                    for h in t.h0..t.h0 + t.nh {
+                        seen[tok * n_heads + h] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "n {n}, {threads} threads");
+        }
+    }
+    // A 16-token turn of SmolLM2 on two threads: one whole group, half the next, the other
+    // half and the last; in task order, the two halves of the list are equal work.
+    let t = |t0, t1, h0| Task { t0, t1, h0, nh: 3 };
+    assert_eq!(
+        attention_tasks(16, 9, 3, 2),
+        [t(0, 16, 0), t(0, 8, 3), t(8, 16, 3), t(0, 16, 6)]
+    );
+}
+
+#[test]
+fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks_at_every_level() {
+    // Groups of three query heads (SmolLM2's), split 2 + 1 in decode. 35 tokens make two
+    // full prefill tiles and a partial one; 150 positions make the V sums run over several
+    // chunks; a 48-wide head takes the generic (not 64-wide) path. The whole attention also
+    // runs on one and on three threads, which split the tiles into other tasks.
+    for (d, n) in [(64, 35), (64, 150), (48, 21)] {
+        let (n_kv, group) = (2, 3);
+        let n_heads = n_kv * group;
+        let shape = KvShape {
+            n_layers: 1,
+            n_kv_heads: n_kv,
+            head_dim: d,
+        };
+        let mut cache = KvCache::new(shape);
+        cache.reserve(n);
+        cache.write_rows(0, 0, &values(n * n_kv * d, 61), &values(n * n_kv * d, 62));
+        cache.push_tokens(&vec![0; n]);
+        let q = values(n * n_heads * d, 63);
+        let row = n_heads * d;
+        let all = attention(Isa::PORTABLE, &q, n, 0, n_heads, &cache, 0);
+        for_each_isa(|isa| {
+            let at = attention(isa, &q, n, 0, n_heads, &cache, 0);
+            assert_eq!(bits(&at), bits(&all), "d {d}, {isa:?}");
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("thread pool");
+                let other = pool.install(|| attention(isa, &q, n, 0, n_heads, &cache, 0));
+                assert_eq!(
+                    bits(&other),
+                    bits(&all),
+                    "d {d}, {threads} threads, {isa:?}"
+                );
+            }
+            for t in 0..n {
+                let one = attention(isa, &q[t * row..][..row], 1, t, n_heads, &cache, 0);
+                let want = bits(&all[t * row..][..row]);
+                assert_eq!(bits(&one), want, "d {d}, token {t}, {isa:?}");
+            }
+            // A few tokens at once (split as decode is, with causal lengths), and one tile.
+            for (t0, m) in [(5, 3), (n - 7, 7), (n - 8, 8)] {
+                let q = &q[t0 * row..][..m * row];
+                let part = attention(isa, q, m, t0, n_heads, &cache, 0);
+                let want = bits(&all[t0 * row..][..m * row]);
+                assert_eq!(bits(&part), want, "d {d}, {t0}+{m}, {isa:?}");
+            }
+        });
+    }
+}

@@ -1,0 +1,277 @@
+//! Quantized weights (Q4_1, Q8_0) against f32 activations: blocks widened to f32 eight values
+//! per instruction, exactly as the portable dequantization computes them.
+
+use std::arch::x86_64::*;
+
+use super::{reduce, reduce512};
+use crate::kernels::isa::{Isa, Level};
+use crate::kernels::quant::{QK, QKind, QMatrix};
+
+/// Raw views of a matrix's blocks.
+struct Blocks {
+    kind: QKind,
+    nb: usize,
+    qs: *const u8,
+    d: *const f32,
+    m: *const f32,
+}
+
+impl Blocks {
+    fn new(q: &QMatrix) -> Blocks {
+        let (qs, d, m) = q.raw_parts();
+        Blocks {
+            kind: q.kind(),
+            nb: q.cols() / QK,
+            qs: qs.as_ptr(),
+            d: d.as_ptr(),
+            m: m.as_ptr(),
+        }
+    }
+}
+
+/// [`dequantize_rows`](crate::kernels::dequant::dequantize_rows) at `isa` (AVX2 and FMA, or
+/// AVX-512).
+///
+/// # Panics
+/// If `isa` is the portable level, as the portable form otherwise.
+pub(crate) fn dequantize_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
+    let rows_end = r0.checked_add(count).expect("row range overflows");
+    assert!(rows_end <= q.rows(), "dequantize_rows out of range");
+    assert_eq!(out.len(), count * q.cols(), "dequantize_rows output length");
+    let (b, out) = (Blocks::new(q), out.as_mut_ptr());
+    // SAFETY: the CPU has `isa` (an `Isa` exists only for levels it has); rows r0..r0 + count
+    // exist and `out`
+    // holds exactly their values (asserted above), so every block and output offset the
+    // kernel forms is in bounds.
+    unsafe {
+        match isa.level() {
+            Level::Avx2 => dequantize_rows_avx2(&b, r0, count, out),
+            Level::Avx512 => dequantize_rows_avx512(&b, r0, count, out),
+            Level::Portable => panic!("x86::dequantize_rows needs AVX2 or AVX-512"),
+        }
+    }
+}
+
+/// [`gemv`](crate::kernels::dequant::gemv) at `isa` (AVX2 and FMA, or AVX-512).
+///
+/// # Panics
+/// If `isa` is the portable level, as the portable form otherwise.
+pub(crate) fn gemv(isa: Isa, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), q.cols(), "gemv input is not the weight's width");
+    let rows_end = r0.checked_add(out.len()).expect("row range overflows");
+    assert!(rows_end <= q.rows(), "gemv rows out of range");
+    // SAFETY: the CPU has `isa` (an `Isa` exists only for levels it has) and rows
+    // r0..r0 + out.len() exist (asserted above); `x`
+    // holds nb * QK values.
+    unsafe {
+        match isa.level() {
+            Level::Avx2 => gemv_avx2(&Blocks::new(q), r0, x.as_ptr(), out),
+            Level::Avx512 => gemv_avx512(&Blocks::new(q), r0, x.as_ptr(), out),
+            Level::Portable => panic!("x86::gemv needs AVX2 or AVX-512"),
+        }
+    }
+}
+
+/// The 32 values of block `blk` as four registers of 8, in element order.
+///
+/// # Safety
+/// AVX2 and FMA are available and `blk` is a block of the matrix.
+#[inline(always)]
+unsafe fn block(b: &Blocks, row: usize, blk_in_row: usize) -> [__m256; 4] {
+    // SAFETY: the caller's contract: blk < rows * nb, and scales and minimums have one
+    // entry per block.
+    unsafe {
+        let blk = row * b.nb + blk_in_row;
+        let d = _mm256_set1_ps(*b.d.add(blk));
+        match b.kind {
+            QKind::Q4_1 => {
+                let m = _mm256_set1_ps(*b.m.add(blk));
+                let v = _mm_loadu_si128(b.qs.add(blk * QK / 2).cast());
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(v, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                // `d * q` is exact (an f16 scale has 11 significant bits, `q < 16` has 4),
+                // so the fused multiply-add rounds once, exactly as the multiply (exact)
+                // then the add of the reference: the same bits in one instruction.
+                let f = |bytes: __m128i| {
+                    let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                    _mm256_fmadd_ps(d, q, m)
+                };
+                [
+                    f(lo),
+                    f(_mm_srli_si128(lo, 8)),
+                    f(hi),
+                    f(_mm_srli_si128(hi, 8)),
+                ]
+            }
+            QKind::Q8_0 => {
+                let p = b.qs.add(blk * QK);
+                let a = _mm_loadu_si128(p.cast());
+                let c = _mm_loadu_si128(p.add(16).cast());
+                let f = |bytes: __m128i| {
+                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)))
+                };
+                [f(a), f(_mm_srli_si128(a, 8)), f(c), f(_mm_srli_si128(c, 8))]
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequantize_rows_avx2(b: &Blocks, r0: usize, count: usize, out: *mut f32) {
+    // SAFETY: the callers' bounds checks: rows r0..r0 + count exist and `out` has
+    // count * nb * QK values.
+    unsafe {
+        let mut o = out;
+        for row in r0..r0 + count {
+            for blk in 0..b.nb {
+                for v in block(b, row, blk) {
+                    _mm256_storeu_ps(o, v);
+                    o = o.add(8);
+                }
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dequantize_rows_avx512(b: &Blocks, r0: usize, count: usize, out: *mut f32) {
+    // SAFETY: the callers' bounds checks, as for `dequantize_rows_avx2`.
+    unsafe {
+        let mut o = out;
+        for row in r0..r0 + count {
+            for blk in 0..b.nb {
+                for v in block512(b, row, blk) {
+                    _mm512_storeu_ps(o, v);
+                    o = o.add(16);
+                }
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
+    // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
+    unsafe {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = gemv_row(b, r0 + j, x);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn gemv_avx512(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
+    // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
+    unsafe {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = gemv_row512(b, r0 + j, x);
+        }
+    }
+}
+
+/// [`block`] as two AVX-512 registers: values 0..16 and 16..32.
+///
+/// # Safety
+/// AVX-512F is available and `blk` is a block of the matrix.
+#[inline(always)]
+unsafe fn block512(b: &Blocks, row: usize, blk_in_row: usize) -> [__m512; 2] {
+    // SAFETY: the caller's contract, as for `block`.
+    unsafe {
+        let blk = row * b.nb + blk_in_row;
+        let d = _mm512_set1_ps(*b.d.add(blk));
+        match b.kind {
+            QKind::Q4_1 => {
+                let m = _mm512_set1_ps(*b.m.add(blk));
+                let v = _mm_loadu_si128(b.qs.add(blk * QK / 2).cast());
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(v, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                // Exact to fuse, as in `block`.
+                let f = |bytes: __m128i| {
+                    let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+                    _mm512_fmadd_ps(d, q, m)
+                };
+                [f(lo), f(hi)]
+            }
+            QKind::Q8_0 => {
+                let p = b.qs.add(blk * QK);
+                let f = |bytes: __m128i| {
+                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
+                };
+                [
+                    f(_mm_loadu_si128(p.cast())),
+                    f(_mm_loadu_si128(p.add(16).cast())),
+                ]
+            }
+        }
+    }
+}
+
+/// [`gemv_row`] with AVX-512: the 16 lanes are one register; a block's first 16 values are
+/// one chunk and its last 16 the next, as there.
+///
+/// # Safety
+/// AVX-512F is available, row `row` exists and `x` has `nb * QK` values.
+#[inline(always)]
+unsafe fn gemv_row512(b: &Blocks, row: usize, x: *const f32) -> f32 {
+    let block_bytes = b.kind.qs_bytes();
+    // SAFETY: as in `gemv_row`.
+    unsafe {
+        let mut acc = _mm512_setzero_ps();
+        for blk in 0..b.nb {
+            let ahead =
+                b.qs.wrapping_add((row * b.nb + blk) * block_bytes + PREFETCH);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            let xp = x.add(blk * QK);
+            let w = block512(b, row, blk);
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp), w[0], acc);
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(16)), w[1], acc);
+        }
+        reduce512(acc)
+    }
+}
+
+/// Bytes ahead of the current block that [`gemv_row`] asks the CPU to prefetch.
+const PREFETCH: usize = 512;
+
+/// The dot product of `x` with row `row`, in the 16-lane order of `kernels::dot`: lanes
+/// 0..8 and 8..16 are two registers, a block's first 16 values are one chunk and its last
+/// 16 the next.
+///
+/// One row at a time, one sequential stream: a kernel that interleaved four rows (sharing
+/// the `x` loads) was as fast on matrices in cache but about 2x slower on the model's,
+/// which stream from memory (the 49152-row output head: 12.8 against 4.4 ns per block).
+/// The software prefetch made decode about 10% faster again.
+///
+/// # Safety
+/// AVX2 and FMA are available, row `row` exists and `x` has `nb * QK` values.
+#[inline(always)]
+unsafe fn gemv_row(b: &Blocks, row: usize, x: *const f32) -> f32 {
+    let block_bytes = b.kind.qs_bytes();
+    // SAFETY: the caller's contract. The prefetch address may point past the matrix; it
+    // is never dereferenced (a prefetch does not fault), hence `wrapping_add`.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for blk in 0..b.nb {
+            let ahead =
+                b.qs.wrapping_add((row * b.nb + blk) * block_bytes + PREFETCH);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            // Opaque to the optimizer so the x loads stay memory operands of the
+            // multiplies (hoisted into registers, they made a multi-row kernel spill).
+            let xp = std::hint::black_box(x.add(blk * QK));
+            let w = block(b, row, blk);
+            let xs = [
+                _mm256_loadu_ps(xp),
+                _mm256_loadu_ps(xp.add(8)),
+                _mm256_loadu_ps(xp.add(16)),
+                _mm256_loadu_ps(xp.add(24)),
+            ];
+            acc[0] = _mm256_fmadd_ps(xs[0], w[0], acc[0]);
+            acc[1] = _mm256_fmadd_ps(xs[1], w[1], acc[1]);
+            acc[0] = _mm256_fmadd_ps(xs[2], w[2], acc[0]);
+            acc[1] = _mm256_fmadd_ps(xs[3], w[3], acc[1]);
+        }
+        reduce(acc)
+    }
+}

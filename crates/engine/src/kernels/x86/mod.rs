@@ -1,0 +1,218 @@
+//! The x86-64 code: the one place in the engine with `unsafe`. It holds
+//!
+//! * [`recompiled`]: the portable kernels compiled again for AVX2 and FMA or for AVX-512
+//!   (`#[target_feature]` copies of one source, so the same operations and the same bits);
+//! * hand-written kernels for where the compiler's output of the portable source is slow:
+//!   attention scores ([`gram`]), the matmul panel ([`panel`]), the weighted V sums of six
+//!   queries ([`pv_6x64`]) and quantized weights ([`dequantize_rows`], [`gemv`]): intrinsics,
+//!   and four micro-kernels in assembly (`kernel_2x3`, `kernel512_6x4`, `kernel512_1x16_k64`,
+//!   `pv512_6x64`);
+//! * a safe wrapper for each, which checks every length the unsafe code relies on and takes an
+//!   [`Isa`]: a value that exists only for levels this CPU has, so holding one proves the
+//!   instructions are there.
+//!
+//! Each kernel computes per lane the same fused multiply-adds in the same order as the
+//! portable definition ([`crate::kernels::dot`]); tests check it bit for bit at every level
+//! the machine has.
+
+use std::arch::x86_64::*;
+
+use super::dot::LANES;
+use super::isa::{Isa, Level, Recompile};
+
+mod dequant;
+mod gram;
+mod panel;
+mod pv;
+
+pub(crate) use dequant::{dequantize_rows, gemv};
+pub(crate) use gram::gram;
+pub(crate) use panel::panel;
+pub(crate) use pv::pv_6x64;
+
+/// Runs `kernel` compiled for `isa`'s extensions (the portable build for [`Isa::PORTABLE`]).
+pub(crate) fn recompiled<K: Recompile>(isa: Isa, kernel: K) -> K::Output {
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn avx512<K: Recompile>(kernel: K) -> K::Output {
+        kernel.run()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn avx2<K: Recompile>(kernel: K) -> K::Output {
+        kernel.run()
+    }
+
+    match isa.level() {
+        // SAFETY: an `Isa` of this level exists only when the CPU has AVX-512F, AVX2 and FMA
+        // (see `Isa`), the only requirement of the `#[target_feature]` function.
+        Level::Avx512 => unsafe { avx512(kernel) },
+        // SAFETY: as above, for AVX2 and FMA.
+        Level::Avx2 => unsafe { avx2(kernel) },
+        Level::Portable => kernel.run(),
+    }
+}
+
+/// Keys per AVX-512 score tile: their 16 sums are reduced together ([`reduce16`]).
+const KEYS512: usize = 16;
+
+/// [`reduce512`] of 16 registers at once: lane `j` of the result is `reduce512(acc[j])`,
+/// with the same additions in the same tree (each step adds pairs of lanes of one
+/// accumulator, which shuffles first bring into the same lane). 45 instructions for 16
+/// sums, where 16 separate reductions take about 120.
+///
+/// # Safety
+/// AVX-512F is available.
+#[inline(always)]
+unsafe fn reduce16(acc: &[__m512; KEYS512]) -> __m512 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        // Inputs in transposed order: the shuffles below leave A[4p + q]'s sum in lane
+        // 4q + p, so A[4p + q] = acc[4q + p] puts acc[j]'s sum in lane j.
+        let a = |i: usize| acc[(i % 4) * 4 + i / 4];
+        // s8[l] = x[l] + x[l + 8]: quarters (0, 2) and (1, 3) of A[2m] and A[2m + 1].
+        let s: [__m512; 8] = std::array::from_fn(|m| {
+            let (p, q) = (a(2 * m), a(2 * m + 1));
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(p, q),
+                _mm512_shuffle_f32x4::<0xEE>(p, q),
+            )
+        });
+        // s4[l] = s8[l] + s8[l + 4]: quarter q of u[n] is A[4n + q]'s s4.
+        let u: [__m512; 4] = std::array::from_fn(|n| {
+            let (p, q) = (s[2 * n], s[2 * n + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(p, q),
+                _mm512_shuffle_f32x4::<0xDD>(p, q),
+            )
+        });
+        // (s4[0] + s4[2]) + (s4[1] + s4[3]) within each quarter.
+        let w: [__m512; 2] = std::array::from_fn(|n| {
+            let (p, q) = (u[2 * n], u[2 * n + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(p, q),
+                _mm512_shuffle_ps::<0xEE>(p, q),
+            )
+        });
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(w[0], w[1]),
+            _mm512_shuffle_ps::<0xDD>(w[0], w[1]),
+        )
+    }
+}
+
+/// `R x C` dot products of rows of `a` with rows of `b`, each in the 16-lane order of
+/// [`dot`](crate::kernels::dot): lanes 0..8 and 8..16 are two registers.
+///
+/// # Safety
+/// AVX2 and FMA are available; `a` has `R` rows and `b` has `C` rows of `k` values,
+/// `k % 16 == 0`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // literal indices keep the accumulators in registers
+unsafe fn kernel<const R: usize, const C: usize>(
+    a: *const f32,
+    b: *const f32,
+    k: usize,
+) -> [[f32; C]; R] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+        for c in (0..k).step_by(LANES) {
+            for i in 0..R {
+                let ar = a.add(i * k + c);
+                let (x0, x1) = (_mm256_loadu_ps(ar), _mm256_loadu_ps(ar.add(8)));
+                for j in 0..C {
+                    let br = b.add(j * k + c);
+                    let (w0, w1) = (_mm256_loadu_ps(br), _mm256_loadu_ps(br.add(8)));
+                    let a = &mut acc[i][j];
+                    a[0] = _mm256_fmadd_ps(x0, w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(x1, w1, a[1]);
+                }
+            }
+        }
+        let mut out = [[0.0f32; C]; R];
+        for i in 0..R {
+            for j in 0..C {
+                out[i][j] = reduce(acc[i][j]);
+            }
+        }
+        out
+    }
+}
+
+/// [`kernel`] with AVX-512: the 16 lanes are one register. Each chunk's `C` weight
+/// registers are loaded once and shared by the `R` rows of `a`.
+///
+/// # Safety
+/// AVX-512F is available; `a` has `R` rows and `b` has `C` rows of `k` values,
+/// `k % 16 == 0`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // literal indices keep the accumulators in registers
+unsafe fn kernel512<const R: usize, const C: usize>(
+    a: *const f32,
+    b: *const f32,
+    k: usize,
+) -> [[f32; C]; R] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        for c in (0..k).step_by(LANES) {
+            let mut w = [_mm512_setzero_ps(); C];
+            for j in 0..C {
+                w[j] = _mm512_loadu_ps(b.add(j * k + c));
+            }
+            for i in 0..R {
+                let x = _mm512_loadu_ps(a.add(i * k + c));
+                for j in 0..C {
+                    acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
+                }
+            }
+        }
+        let mut out = [[0.0f32; C]; R];
+        if R * C == KEYS512 {
+            // Sixteen sums (the 4x4 tile): one batched reduction, lane i * C + j.
+            let flat: [__m512; KEYS512] = std::array::from_fn(|n| acc[n / C][n % C]);
+            let mut lanes = [0.0f32; KEYS512];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), reduce16(&flat));
+            for (row, l) in out.iter_mut().zip(lanes.chunks_exact(C)) {
+                row.copy_from_slice(l);
+            }
+            return out;
+        }
+        for i in 0..R {
+            for j in 0..C {
+                out[i][j] = reduce512(acc[i][j]);
+            }
+        }
+        out
+    }
+}
+
+/// [`reduce`](crate::kernels::dot::reduce) on 16 lanes held as two registers: lanes `l` and
+/// `l + 8`, then `l` and `l + 4`, then `(0 + 2) + (1 + 3)`.
+///
+/// # Safety
+/// AVX is available.
+#[inline(always)]
+pub(crate) unsafe fn reduce(acc: [__m256; 2]) -> f32 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let s8 = _mm256_add_ps(acc[0], acc[1]);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // [s0 + s2, s1 + s3, ..]
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+    }
+}
+
+/// [`reduce`] on 16 lanes held as one AVX-512 register.
+///
+/// # Safety
+/// AVX-512F is available.
+#[inline(always)]
+pub(crate) unsafe fn reduce512(acc: __m512) -> f32 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let lo = _mm512_castps512_ps256(acc);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+        reduce([lo, hi])
+    }
+}

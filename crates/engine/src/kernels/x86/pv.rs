@@ -1,0 +1,195 @@
+//! The weighted V sums of six queries at once, for 64-wide heads, in AVX-512 assembly.
+
+use std::ops::Range;
+
+use crate::kernels::isa::{Isa, Level};
+
+/// For each of six queries `q` (outputs `o[q * 64..][..64]`, weights `scores[q * len..]`),
+/// `o[q] = fma(scores[q * len + j], v[j], o[q])` for the V rows `j` in `rows`, in order.
+///
+/// # Panics
+/// If `isa` is not AVX-512 or a length is short.
+pub(crate) fn pv_6x64(
+    isa: Isa,
+    o: &mut [f32],
+    scores: &[f32],
+    len: usize,
+    rows: Range<usize>,
+    v: &[f32],
+) {
+    assert!(
+        isa.level() == Level::Avx512,
+        "x86::pv_6x64 needs AVX-512, not {}",
+        isa.name()
+    );
+    assert!(o.len() == 6 * 64 && rows.start <= rows.end, "pv_6x64 rows");
+    assert!(
+        scores.len() >= 5 * len + rows.end && v.len() >= rows.end * 64,
+        "pv_6x64 bounds"
+    );
+    // SAFETY: the CPU has AVX-512F (an `Isa` of that level exists only then); `o` has six
+    // 64-wide rows, query q's weights scores[q * len + j] and the V rows j * 64.. for j in
+    // `rows` are in bounds (checked above: q * len + j < 5 * len + rows.end for q < 6 and j
+    // in `rows`).
+    unsafe {
+        pv512_6x64(
+            o.as_mut_ptr(),
+            scores.as_ptr().add(rows.start),
+            len,
+            v.as_ptr().add(rows.start * 64),
+            rows.len(),
+        )
+    }
+}
+
+/// Weighted V sums of six queries over a run of V rows, for 64-wide heads: for each
+/// query `q` and row `j` of `0..n`, in order, `o[q] = fma(p[q][j], v[j], o[q])`, where
+/// `o[q]` is `o[q * 64..][..64]` and `p[q]` is `p.add(q * stride)`.
+///
+/// In assembly so that each V row is loaded once into registers for the six queries (the
+/// compiler's output of the portable loop loads it again for every query, and the loads,
+/// not the multiply-adds, set its speed). 24 accumulators, four V registers and one
+/// broadcast weight. Per lane the same fused multiply-adds in the same order as
+/// the portable `accumulate`, so the same bits.
+///
+/// # Safety
+/// AVX-512F is available; `o` has `6 * 64` values, each `p[q]` has `n` and `v` has `n * 64`.
+#[target_feature(enable = "avx512f")]
+unsafe fn pv512_6x64(o: *mut f32, p: *const f32, stride: usize, v: *const f32, n: usize) {
+    // SAFETY: the caller's contract. The loop body runs n times (n > 0 is checked first, as
+    // the loop tests its bound at the end); every access is within the rows.
+    unsafe {
+        if n == 0 {
+            return;
+        }
+        std::arch::asm!(
+            "vmovups zmm0, [{o} + 0]",
+            "vmovups zmm1, [{o} + 64]",
+            "vmovups zmm2, [{o} + 128]",
+            "vmovups zmm3, [{o} + 192]",
+            "vmovups zmm4, [{o} + 256]",
+            "vmovups zmm5, [{o} + 320]",
+            "vmovups zmm6, [{o} + 384]",
+            "vmovups zmm7, [{o} + 448]",
+            "vmovups zmm8, [{o} + 512]",
+            "vmovups zmm9, [{o} + 576]",
+            "vmovups zmm10, [{o} + 640]",
+            "vmovups zmm11, [{o} + 704]",
+            "vmovups zmm12, [{o} + 768]",
+            "vmovups zmm13, [{o} + 832]",
+            "vmovups zmm14, [{o} + 896]",
+            "vmovups zmm15, [{o} + 960]",
+            "vmovups zmm16, [{o} + 1024]",
+            "vmovups zmm17, [{o} + 1088]",
+            "vmovups zmm18, [{o} + 1152]",
+            "vmovups zmm19, [{o} + 1216]",
+            "vmovups zmm20, [{o} + 1280]",
+            "vmovups zmm21, [{o} + 1344]",
+            "vmovups zmm22, [{o} + 1408]",
+            "vmovups zmm23, [{o} + 1472]",
+            "2:",
+            "vmovups zmm24, [{v} + 0]",
+            "vmovups zmm25, [{v} + 64]",
+            "vmovups zmm26, [{v} + 128]",
+            "vmovups zmm27, [{v} + 192]",
+            "vbroadcastss zmm28, [{p0} + {off}]",
+            "vfmadd231ps zmm0, zmm28, zmm24",
+            "vfmadd231ps zmm1, zmm28, zmm25",
+            "vfmadd231ps zmm2, zmm28, zmm26",
+            "vfmadd231ps zmm3, zmm28, zmm27",
+            "vbroadcastss zmm28, [{p1} + {off}]",
+            "vfmadd231ps zmm4, zmm28, zmm24",
+            "vfmadd231ps zmm5, zmm28, zmm25",
+            "vfmadd231ps zmm6, zmm28, zmm26",
+            "vfmadd231ps zmm7, zmm28, zmm27",
+            "vbroadcastss zmm28, [{p2} + {off}]",
+            "vfmadd231ps zmm8, zmm28, zmm24",
+            "vfmadd231ps zmm9, zmm28, zmm25",
+            "vfmadd231ps zmm10, zmm28, zmm26",
+            "vfmadd231ps zmm11, zmm28, zmm27",
+            "vbroadcastss zmm28, [{p3} + {off}]",
+            "vfmadd231ps zmm12, zmm28, zmm24",
+            "vfmadd231ps zmm13, zmm28, zmm25",
+            "vfmadd231ps zmm14, zmm28, zmm26",
+            "vfmadd231ps zmm15, zmm28, zmm27",
+            "vbroadcastss zmm28, [{p4} + {off}]",
+            "vfmadd231ps zmm16, zmm28, zmm24",
+            "vfmadd231ps zmm17, zmm28, zmm25",
+            "vfmadd231ps zmm18, zmm28, zmm26",
+            "vfmadd231ps zmm19, zmm28, zmm27",
+            "vbroadcastss zmm28, [{p5} + {off}]",
+            "vfmadd231ps zmm20, zmm28, zmm24",
+            "vfmadd231ps zmm21, zmm28, zmm25",
+            "vfmadd231ps zmm22, zmm28, zmm26",
+            "vfmadd231ps zmm23, zmm28, zmm27",
+            "add {v}, 256",
+            "add {off}, 4",
+            "cmp {off}, {end}",
+            "jb 2b",
+            "vmovups [{o} + 0], zmm0",
+            "vmovups [{o} + 64], zmm1",
+            "vmovups [{o} + 128], zmm2",
+            "vmovups [{o} + 192], zmm3",
+            "vmovups [{o} + 256], zmm4",
+            "vmovups [{o} + 320], zmm5",
+            "vmovups [{o} + 384], zmm6",
+            "vmovups [{o} + 448], zmm7",
+            "vmovups [{o} + 512], zmm8",
+            "vmovups [{o} + 576], zmm9",
+            "vmovups [{o} + 640], zmm10",
+            "vmovups [{o} + 704], zmm11",
+            "vmovups [{o} + 768], zmm12",
+            "vmovups [{o} + 832], zmm13",
+            "vmovups [{o} + 896], zmm14",
+            "vmovups [{o} + 960], zmm15",
+            "vmovups [{o} + 1024], zmm16",
+            "vmovups [{o} + 1088], zmm17",
+            "vmovups [{o} + 1152], zmm18",
+            "vmovups [{o} + 1216], zmm19",
+            "vmovups [{o} + 1280], zmm20",
+            "vmovups [{o} + 1344], zmm21",
+            "vmovups [{o} + 1408], zmm22",
+            "vmovups [{o} + 1472], zmm23",
+            o = in(reg) o,
+            p0 = in(reg) p,
+            p1 = in(reg) p.add(stride),
+            p2 = in(reg) p.add(2 * stride),
+            p3 = in(reg) p.add(3 * stride),
+            p4 = in(reg) p.add(4 * stride),
+            p5 = in(reg) p.add(5 * stride),
+            v = inout(reg) v => _,
+            off = inout(reg) 0usize => _,
+            end = in(reg) n * size_of::<f32>(),
+            out("zmm0") _,
+            out("zmm1") _,
+            out("zmm2") _,
+            out("zmm3") _,
+            out("zmm4") _,
+            out("zmm5") _,
+            out("zmm6") _,
+            out("zmm7") _,
+            out("zmm8") _,
+            out("zmm9") _,
+            out("zmm10") _,
+            out("zmm11") _,
+            out("zmm12") _,
+            out("zmm13") _,
+            out("zmm14") _,
+            out("zmm15") _,
+            out("zmm16") _,
+            out("zmm17") _,
+            out("zmm18") _,
+            out("zmm19") _,
+            out("zmm20") _,
+            out("zmm21") _,
+            out("zmm22") _,
+            out("zmm23") _,
+            out("zmm24") _,
+            out("zmm25") _,
+            out("zmm26") _,
+            out("zmm27") _,
+            out("zmm28") _,
+            options(nostack),
+        );
+    }
+}
