@@ -1,7 +1,6 @@
-//! The attention KV cache as buffers we own: per layer K and V `[n_kv_heads, capacity,
-//! head_dim]` in f32 with the token ids they came from; growth, surgery (truncate, fork,
-//! prefix match, append) and the round trip to kv-store.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 mod buf;
 pub mod cache;
