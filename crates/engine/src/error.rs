@@ -45,12 +45,9 @@ pub enum EngineError {
         name: String,
     },
 
-    /// A required metadata key is absent.
-    #[error("gguf metadata key {key:?} is missing")]
-    MissingMetadata {
-        /// The key that was looked up.
-        key: String,
-    },
+    /// A metadata key is absent, of the wrong type, or holds a value the model cannot use.
+    #[error(transparent)]
+    Metadata(#[from] crate::gguf_meta::MetadataError),
 
     /// `AGENTKV_SIMD` names an instruction-set level this CPU does not have (or none at all).
     #[error(
@@ -62,15 +59,6 @@ pub enum EngineError {
         requested: String,
         /// The levels this CPU has, lowest first.
         available: String,
-    },
-
-    /// A metadata key has the wrong type or an unusable value.
-    #[error("gguf metadata key {key:?} is invalid: {reason}")]
-    BadMetadata {
-        /// The offending key.
-        key: String,
-        /// Why the value cannot be used.
-        reason: String,
     },
 
     /// A tensor the architecture needs is absent from the file.

@@ -59,6 +59,24 @@ pub enum MetadataError {
         /// The type the reader wanted.
         expected: &'static str,
     },
+    /// A value of the right type that the model cannot use (inconsistent with another key, say).
+    #[error("gguf metadata `{key}` is invalid: {reason}")]
+    Invalid {
+        /// The key that was looked up.
+        key: String,
+        /// Why the value cannot be used.
+        reason: String,
+    },
+}
+
+impl MetadataError {
+    /// A value of the right type that cannot be used, and why.
+    pub fn invalid(key: &str, reason: impl Into<String>) -> MetadataError {
+        MetadataError::Invalid {
+            key: key.to_owned(),
+            reason: reason.into(),
+        }
+    }
 }
 
 /// A short name for the type of a stored value, for error messages.
@@ -106,6 +124,27 @@ pub fn u32(md: &Metadata, key: &str) -> Result<u32> {
 /// The integer under `key` as `u32`, or `None` when the key is absent.
 pub fn opt_u32(md: &Metadata, key: &str) -> Result<Option<u32>> {
     md.get(key).map(|v| as_u32(key, v)).transpose()
+}
+
+/// The integer under `key` as a count in `1..=max` (a layer count, a width).
+pub fn count(md: &Metadata, key: &str, max: usize) -> Result<usize> {
+    as_count(key, get(md, key)?, max)
+}
+
+/// [`count`], or `None` when the key is absent.
+pub fn opt_count(md: &Metadata, key: &str, max: usize) -> Result<Option<usize>> {
+    md.get(key).map(|v| as_count(key, v, max)).transpose()
+}
+
+/// The float (`f32`, or `f64` narrowed) under `key`, or `None` when the key is absent.
+pub fn opt_f32(md: &Metadata, key: &str) -> Result<Option<f32>> {
+    md.get(key)
+        .map(|v| match *v {
+            Value::F32(x) => Ok(x),
+            Value::F64(x) => Ok(x as f32),
+            ref other => Err(wrong_type(key, "float", other)),
+        })
+        .transpose()
 }
 
 /// The boolean under `key`, or `None` when the key is absent.
@@ -179,6 +218,17 @@ fn as_u32(key: &str, value: &Value) -> Result<u32> {
     })
 }
 
+fn as_count(key: &str, value: &Value, max: usize) -> Result<usize> {
+    let wide = as_i128(value).ok_or_else(|| wrong_type(key, "integer", value))?;
+    if wide < 1 || wide > max as i128 {
+        return Err(MetadataError::invalid(
+            key,
+            format!("{wide} is outside 1..={max}"),
+        ));
+    }
+    Ok(wide as usize)
+}
+
 /// Every GGUF integer type fits in an `i128`, so range checks happen in one place.
 fn as_i128(value: &Value) -> Option<i128> {
     Some(match *value {
@@ -241,6 +291,36 @@ mod tests {
         assert_eq!(opt_string(&md, "nope").ok(), Some(None));
         assert_eq!(string_array(&md, "strs").ok(), Some(vec!["a", "b"]));
         assert_eq!(i32_array(&md, "ints").ok(), Some(vec![1, 3, -2]));
+    }
+
+    #[test]
+    fn counts_and_floats_are_checked() {
+        let mut md = md();
+        md.insert("f".into(), Value::F64(0.5));
+        assert_eq!(count(&md, "u", 7).ok(), Some(7));
+        assert_eq!(opt_count(&md, "nope", 7).ok(), Some(None));
+        assert_eq!(opt_f32(&md, "f").ok(), Some(Some(0.5)));
+        for (key, max) in [("u", 6), ("neg", 10)] {
+            let err = count(&md, key, max).expect_err("out of 1..=max");
+            assert!(
+                matches!(&err, MetadataError::Invalid { key: k, .. } if k == key),
+                "{err}"
+            );
+        }
+        assert!(matches!(
+            count(&md, "s", 9),
+            Err(MetadataError::WrongType {
+                expected: "integer",
+                ..
+            })
+        ));
+        assert!(matches!(
+            opt_f32(&md, "u"),
+            Err(MetadataError::WrongType {
+                expected: "float",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -13,10 +13,11 @@ use std::path::Path;
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
 use kv_extract::{KvCache, KvShape};
 
 use crate::error::{EngineError, Result};
+use crate::gguf_meta::{self, MetadataError};
 use crate::kernels::quant::{QKind, QMatrix};
 use crate::kernels::{self, Isa, RopeTable, Weight};
 
@@ -59,20 +60,21 @@ impl LlamaConfig {
     /// Reads and validates the configuration from GGUF metadata. The vocabulary size is taken
     /// from the `token_embd.weight` tensor's shape.
     pub fn from_gguf(content: &Content) -> Result<LlamaConfig> {
-        let arch = meta_str(content, "general.architecture")?;
+        let md = &content.metadata;
+        let arch = gguf_meta::string(md, "general.architecture")?;
         if arch != "llama" {
             return Err(EngineError::UnsupportedArchitecture {
                 name: arch.to_owned(),
             });
         }
         let key = |k: &str| format!("{arch}.{k}");
-        let n_layers = meta_usize(content, &key("block_count"), MAX_LAYERS)?;
-        let dim = meta_usize(content, &key("embedding_length"), MAX_DIM)?;
-        let ffn_dim = meta_usize(content, &key("feed_forward_length"), MAX_DIM)?;
+        let n_layers = gguf_meta::count(md, &key("block_count"), MAX_LAYERS)?;
+        let dim = gguf_meta::count(md, &key("embedding_length"), MAX_DIM)?;
+        let ffn_dim = gguf_meta::count(md, &key("feed_forward_length"), MAX_DIM)?;
         let n_heads_key = key("attention.head_count");
-        let n_heads = meta_usize(content, &n_heads_key, MAX_DIM)?;
+        let n_heads = gguf_meta::count(md, &n_heads_key, MAX_DIM)?;
         let n_kv_key = key("attention.head_count_kv");
-        let n_kv_heads = opt_meta_usize(content, &n_kv_key, MAX_DIM)?.unwrap_or(n_heads);
+        let n_kv_heads = gguf_meta::opt_count(md, &n_kv_key, MAX_DIM)?.unwrap_or(n_heads);
         if n_heads % n_kv_heads != 0 {
             return Err(bad(
                 &n_kv_key,
@@ -80,7 +82,7 @@ impl LlamaConfig {
             ));
         }
         let kl_key = key("attention.key_length");
-        let head_dim = match opt_meta_usize(content, &kl_key, MAX_DIM)? {
+        let head_dim = match gguf_meta::opt_count(md, &kl_key, MAX_DIM)? {
             Some(d) => d,
             None if dim % n_heads == 0 => dim / n_heads,
             None => {
@@ -91,7 +93,7 @@ impl LlamaConfig {
             }
         };
         let vl_key = key("attention.value_length");
-        if let Some(vl) = opt_meta_usize(content, &vl_key, MAX_DIM)?
+        if let Some(vl) = gguf_meta::opt_count(md, &vl_key, MAX_DIM)?
             && vl != head_dim
         {
             return Err(bad(
@@ -106,7 +108,7 @@ impl LlamaConfig {
             ));
         }
         let rope_key = key("rope.dimension_count");
-        let rope_dim = opt_meta_usize(content, &rope_key, MAX_DIM)?.unwrap_or(head_dim);
+        let rope_dim = gguf_meta::opt_count(md, &rope_key, MAX_DIM)?.unwrap_or(head_dim);
         if rope_dim > head_dim || rope_dim % 2 != 0 {
             return Err(bad(
                 &rope_key,
@@ -114,7 +116,7 @@ impl LlamaConfig {
             ));
         }
         let base_key = key("rope.freq_base");
-        let rope_base = opt_meta_f32(content, &base_key)?.unwrap_or(10000.0);
+        let rope_base = gguf_meta::opt_f32(md, &base_key)?.unwrap_or(10000.0);
         if !(rope_base.is_finite() && rope_base > 0.0) {
             return Err(bad(
                 &base_key,
@@ -122,17 +124,16 @@ impl LlamaConfig {
             ));
         }
         let eps_key = key("attention.layer_norm_rms_epsilon");
-        let rms_eps =
-            opt_meta_f32(content, &eps_key)?.ok_or_else(|| EngineError::MissingMetadata {
-                key: eps_key.clone(),
-            })?;
+        let rms_eps = gguf_meta::opt_f32(md, &eps_key)?.ok_or_else(|| MetadataError::Missing {
+            key: eps_key.clone(),
+        })?;
         if !(rms_eps.is_finite() && rms_eps >= 0.0) {
             return Err(bad(
                 &eps_key,
                 format!("{rms_eps} is not a non-negative number"),
             ));
         }
-        let context_length = meta_usize(content, &key("context_length"), MAX_CONTEXT)?;
+        let context_length = gguf_meta::count(md, &key("context_length"), MAX_CONTEXT)?;
         let embd =
             content
                 .tensor_infos
@@ -146,7 +147,7 @@ impl LlamaConfig {
                 return Err(EngineError::TensorShape {
                     name: TOKEN_EMBD.to_owned(),
                     expected: vec![
-                        opt_meta_usize(content, &key("vocab_size"), MAX_VOCAB)?.unwrap_or(0),
+                        gguf_meta::opt_count(md, &key("vocab_size"), MAX_VOCAB)?.unwrap_or(0),
                         dim,
                     ],
                     found: found.to_vec(),
@@ -179,73 +180,7 @@ impl LlamaConfig {
 }
 
 fn bad(key: &str, reason: String) -> EngineError {
-    EngineError::BadMetadata {
-        key: key.to_owned(),
-        reason,
-    }
-}
-
-fn meta<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
-    content
-        .metadata
-        .get(key)
-        .ok_or_else(|| EngineError::MissingMetadata {
-            key: key.to_owned(),
-        })
-}
-
-fn meta_str<'a>(content: &'a Content, key: &str) -> Result<&'a str> {
-    match meta(content, key)? {
-        Value::String(s) => Ok(s),
-        other => Err(bad(
-            key,
-            format!("expected a string, found {:?}", other.value_type()),
-        )),
-    }
-}
-
-/// A positive integer of any GGUF integer type, at most `max`.
-fn meta_usize(content: &Content, key: &str, max: usize) -> Result<usize> {
-    let v = match *meta(content, key)? {
-        Value::U8(v) => v as i128,
-        Value::I8(v) => v as i128,
-        Value::U16(v) => v as i128,
-        Value::I16(v) => v as i128,
-        Value::U32(v) => v as i128,
-        Value::I32(v) => v as i128,
-        Value::U64(v) => v as i128,
-        Value::I64(v) => v as i128,
-        ref other => {
-            return Err(bad(
-                key,
-                format!("expected an integer, found {:?}", other.value_type()),
-            ));
-        }
-    };
-    if v < 1 || v > max as i128 {
-        return Err(bad(key, format!("{v} is outside 1..={max}")));
-    }
-    Ok(v as usize)
-}
-
-fn opt_meta_usize(content: &Content, key: &str, max: usize) -> Result<Option<usize>> {
-    if content.metadata.contains_key(key) {
-        meta_usize(content, key, max).map(Some)
-    } else {
-        Ok(None)
-    }
-}
-
-fn opt_meta_f32(content: &Content, key: &str) -> Result<Option<f32>> {
-    match content.metadata.get(key) {
-        None => Ok(None),
-        Some(Value::F32(v)) => Ok(Some(*v)),
-        Some(Value::F64(v)) => Ok(Some(*v as f32)),
-        Some(other) => Err(bad(
-            key,
-            format!("expected a float, found {:?}", other.value_type()),
-        )),
-    }
+    MetadataError::invalid(key, reason).into()
 }
 
 const TOKEN_EMBD: &str = "token_embd.weight";
