@@ -16,6 +16,6 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use error::{EngineError, Result};
-pub use model::{LlamaConfig, Logits, Model, ModelFingerprint};
+pub use model::{LlamaConfig, Logits, Model};
 pub use runtime::{Engine, GenerateOptions, Generation, StopReason, default_model_path};
 pub use sample::{Sampler, SamplingConfig};

@@ -198,17 +198,6 @@ pub enum Logits {
     None,
 }
 
-/// What identifies a model's numerics: its configuration and a hash of its weights. Two
-/// models with equal fingerprints produce the same KV caches.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ModelFingerprint {
-    /// The hyper-parameters.
-    pub config: LlamaConfig,
-    /// xxh3-128 (32 lower-case hex digits) of every tensor's name, type, shape and raw bytes,
-    /// in name order.
-    pub weights_hash: String,
-}
-
 /// One transformer block's weights.
 struct Layer {
     attn_norm: Vec<f32>,
@@ -417,17 +406,10 @@ impl Model {
         &self.config
     }
 
-    /// xxh3-128 of the weights as 32 hex digits; see [`ModelFingerprint::weights_hash`].
+    /// xxh3-128 (32 lower-case hex digits) of every tensor's name, type, shape and raw bytes,
+    /// in name order: with the configuration, the model's identity in saved caches' metadata.
     pub fn weights_hash(&self) -> &str {
         &self.weights_hash
-    }
-
-    /// What identifies this model's numerics.
-    pub fn fingerprint(&self) -> ModelFingerprint {
-        ModelFingerprint {
-            config: self.config.clone(),
-            weights_hash: self.weights_hash.clone(),
-        }
     }
 
     /// The shape a KV cache for this model must have.
@@ -915,7 +897,7 @@ mod tests {
         let c = Model::load(&p2).expect("load other");
         assert_eq!(a.weights_hash(), b.weights_hash());
         assert_ne!(a.weights_hash(), c.weights_hash());
-        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.config(), b.config());
     }
 
     #[test]
