@@ -1,0 +1,175 @@
+//! [`LlamaConfig`]: the hyper-parameters, read from GGUF metadata and checked before any
+//! tensor is.
+
+use candle_core::quantized::gguf_file::Content;
+use kv_extract::KvShape;
+
+use crate::error::{EngineError, Result};
+use crate::gguf_meta::{self, MetadataError};
+
+/// Upper bounds on metadata values, so a hostile file cannot make shape arithmetic overflow
+/// or ask for absurd allocations before any tensor byte is checked.
+const MAX_DIM: usize = 1 << 20;
+const MAX_LAYERS: usize = 4096;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_CONTEXT: usize = 1 << 24;
+
+/// The hyper-parameters of a llama-architecture model, from the GGUF metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Transformer layers (`{arch}.block_count`).
+    pub n_layers: usize,
+    /// Width of the residual stream (`{arch}.embedding_length`).
+    pub dim: usize,
+    /// Hidden width of the MLP (`{arch}.feed_forward_length`).
+    pub ffn_dim: usize,
+    /// Query heads (`{arch}.attention.head_count`).
+    pub n_heads: usize,
+    /// Key/value heads (`{arch}.attention.head_count_kv`, default `n_heads`).
+    pub n_kv_heads: usize,
+    /// Width of one head (`{arch}.attention.key_length`, default `dim / n_heads`).
+    pub head_dim: usize,
+    /// Leading dimensions of each head that RoPE rotates (`{arch}.rope.dimension_count`,
+    /// default `head_dim`).
+    pub rope_dim: usize,
+    /// RoPE base frequency (`{arch}.rope.freq_base`, default 10000).
+    pub rope_base: f32,
+    /// RMSNorm epsilon (`{arch}.attention.layer_norm_rms_epsilon`).
+    pub rms_eps: f32,
+    /// Longest sequence the model was trained for (`{arch}.context_length`).
+    pub context_length: usize,
+    /// Vocabulary size (rows of `token_embd.weight`).
+    pub vocab_size: usize,
+}
+
+impl LlamaConfig {
+    /// Reads and validates the configuration from GGUF metadata. The vocabulary size is taken
+    /// from the `token_embd.weight` tensor's shape.
+    pub fn from_gguf(content: &Content) -> Result<LlamaConfig> {
+        let md = &content.metadata;
+        let arch = gguf_meta::string(md, "general.architecture")?;
+        if arch != "llama" {
+            return Err(EngineError::UnsupportedArchitecture {
+                name: arch.to_owned(),
+            });
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_layers = gguf_meta::count(md, &key("block_count"), MAX_LAYERS)?;
+        let dim = gguf_meta::count(md, &key("embedding_length"), MAX_DIM)?;
+        let ffn_dim = gguf_meta::count(md, &key("feed_forward_length"), MAX_DIM)?;
+        let n_heads_key = key("attention.head_count");
+        let n_heads = gguf_meta::count(md, &n_heads_key, MAX_DIM)?;
+        let n_kv_key = key("attention.head_count_kv");
+        let n_kv_heads = gguf_meta::opt_count(md, &n_kv_key, MAX_DIM)?.unwrap_or(n_heads);
+        if n_heads % n_kv_heads != 0 {
+            return Err(bad(
+                &n_kv_key,
+                format!("{n_heads} query heads are not a multiple of {n_kv_heads}"),
+            ));
+        }
+        let kl_key = key("attention.key_length");
+        let head_dim = match gguf_meta::opt_count(md, &kl_key, MAX_DIM)? {
+            Some(d) => d,
+            None if dim % n_heads == 0 => dim / n_heads,
+            None => {
+                return Err(bad(
+                    &n_heads_key,
+                    format!("{dim} is not divisible by {n_heads} heads"),
+                ));
+            }
+        };
+        let vl_key = key("attention.value_length");
+        if let Some(vl) = gguf_meta::opt_count(md, &vl_key, MAX_DIM)?
+            && vl != head_dim
+        {
+            return Err(bad(
+                &vl_key,
+                format!("value length {vl} differs from key length {head_dim}"),
+            ));
+        }
+        if n_heads * head_dim > MAX_DIM {
+            return Err(bad(
+                &n_heads_key,
+                format!("{n_heads} heads of {head_dim} is too wide"),
+            ));
+        }
+        let rope_key = key("rope.dimension_count");
+        let rope_dim = gguf_meta::opt_count(md, &rope_key, MAX_DIM)?.unwrap_or(head_dim);
+        if rope_dim > head_dim || rope_dim % 2 != 0 {
+            return Err(bad(
+                &rope_key,
+                format!("{rope_dim} must be even and at most the head width {head_dim}"),
+            ));
+        }
+        let base_key = key("rope.freq_base");
+        let rope_base = gguf_meta::opt_f32(md, &base_key)?.unwrap_or(10000.0);
+        if !(rope_base.is_finite() && rope_base > 0.0) {
+            return Err(bad(
+                &base_key,
+                format!("{rope_base} is not a positive number"),
+            ));
+        }
+        let eps_key = key("attention.layer_norm_rms_epsilon");
+        let rms_eps = gguf_meta::opt_f32(md, &eps_key)?.ok_or_else(|| MetadataError::Missing {
+            key: eps_key.clone(),
+        })?;
+        if !(rms_eps.is_finite() && rms_eps >= 0.0) {
+            return Err(bad(
+                &eps_key,
+                format!("{rms_eps} is not a non-negative number"),
+            ));
+        }
+        let context_length = gguf_meta::count(md, &key("context_length"), MAX_CONTEXT)?;
+        let embd =
+            content
+                .tensor_infos
+                .get(TOKEN_EMBD)
+                .ok_or_else(|| EngineError::MissingTensor {
+                    name: TOKEN_EMBD.to_owned(),
+                })?;
+        let vocab_size = match embd.shape.dims() {
+            &[v, d] if d == dim && (1..=MAX_VOCAB).contains(&v) => v,
+            found => {
+                return Err(EngineError::TensorShape {
+                    name: TOKEN_EMBD.to_owned(),
+                    expected: vec![
+                        gguf_meta::opt_count(md, &key("vocab_size"), MAX_VOCAB)?.unwrap_or(0),
+                        dim,
+                    ],
+                    found: found.to_vec(),
+                });
+            }
+        };
+        Ok(LlamaConfig {
+            n_layers,
+            dim,
+            ffn_dim,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rope_dim,
+            rope_base,
+            rms_eps,
+            context_length,
+            vocab_size,
+        })
+    }
+
+    /// The shape of a KV cache for this model.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            n_layers: self.n_layers,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+pub(super) fn bad(key: &str, reason: String) -> EngineError {
+    MetadataError::invalid(key, reason).into()
+}
+
+/// Tensor names the loader and the configuration read.
+pub(super) const TOKEN_EMBD: &str = "token_embd.weight";
+pub(super) const OUTPUT: &str = "output.weight";
+pub(super) const OUTPUT_NORM: &str = "output_norm.weight";

@@ -1,0 +1,148 @@
+//! The forward pass: a long prompt in chunks of [`PREFILL_CHUNK`] tokens, each layer through
+//! the batch-invariant kernels at the model's instruction-set level.
+
+use kv_extract::KvCache;
+
+use super::{Logits, Model};
+use crate::error::{EngineError, Result};
+use crate::kernels::{self, RopeTable};
+
+impl Model {
+    /// Runs `tokens` at positions `cache.len()..`, appends their K/V (and ids) to `cache`, and
+    /// returns the logits asked for.
+    ///
+    /// One call can prefill many tokens or decode one; the results for a token are bitwise the
+    /// same either way. On error the cache is left unchanged.
+    ///
+    /// A long prompt runs in chunks of [`PREFILL_CHUNK`] tokens, so the activations a pass
+    /// allocates stay the same size however long the prompt is.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
+        self.forward_chunked(tokens, cache, want, PREFILL_CHUNK)
+    }
+
+    pub(super) fn forward_chunked(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        want: Logits,
+        chunk: usize,
+    ) -> Result<Vec<f32>> {
+        self.check_input(tokens, cache)?;
+        let (start, n) = (cache.len(), tokens.len());
+        let c = &self.config;
+        if cache.capacity() < start + n {
+            let room = (n + GROWTH_HEADROOM).min(c.context_length - start);
+            cache.reserve(room);
+        }
+        let mut logits = Vec::new();
+        let mut parts = tokens.chunks(chunk.max(1)).peekable();
+        while let Some(part) = parts.next() {
+            let last = parts.peek().is_none();
+            let part_want = match want {
+                Logits::All => Logits::All,
+                Logits::Last if last => Logits::Last,
+                _ => Logits::None,
+            };
+            // The whole pass runs on a rayon worker: a decode step has about 200 parallel
+            // regions, and from a thread outside the pool each one is a hand-off to the pool
+            // and back (two wake-ups). From a worker, the other worker often is still spinning
+            // when the next region starts. Measured: decode about 10% faster at 512 tokens.
+            logits.extend(rayon::scope(|_| {
+                self.forward_on_worker(part, cache, part_want)
+            }));
+        }
+        Ok(logits)
+    }
+
+    /// Checks what [`Model::forward`] is given, before anything is computed (so that on error
+    /// the cache is left unchanged).
+    fn check_input(&self, tokens: &[u32], cache: &KvCache) -> Result<()> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::TokenOutOfVocab {
+                token,
+                vocab: c.vocab_size,
+            });
+        }
+        if cache.shape() != self.kv_shape() {
+            return Err(EngineError::CacheShapeMismatch {
+                expected: self.kv_shape(),
+                found: cache.shape(),
+            });
+        }
+        let needed = cache.len() + tokens.len();
+        if needed > c.context_length {
+            return Err(EngineError::ContextOverflow {
+                needed,
+                max: c.context_length,
+            });
+        }
+        Ok(())
+    }
+
+    /// One pass over `tokens` (checked, and with room in the cache).
+    fn forward_on_worker(&self, tokens: &[u32], cache: &mut KvCache, want: Logits) -> Vec<f32> {
+        let c = &self.config;
+        let (start, n) = (cache.len(), tokens.len());
+        let (dim, hd) = (c.dim, c.head_dim);
+        let (q_w, kv_w) = (c.n_heads * hd, c.n_kv_heads * hd);
+        let rope = RopeTable::new(&self.rope_inv_freq, start, n);
+        let isa = self.isa;
+
+        let mut x = vec![0.0f32; n * dim];
+        for (row, &t) in x.chunks_exact_mut(dim).zip(tokens) {
+            self.token_embd.row_into(t as usize, row);
+        }
+        let mut h = vec![0.0f32; n * dim];
+        for (li, layer) in self.layers.iter().enumerate() {
+            kernels::rms_norm(isa, &x, &layer.attn_norm, c.rms_eps, &mut h);
+            let qkv = kernels::matmul(isa, &h, n, &layer.qkv);
+            let mut q = Vec::with_capacity(n * q_w);
+            let mut k = Vec::with_capacity(n * kv_w);
+            let mut v = Vec::with_capacity(n * kv_w);
+            for row in qkv.chunks_exact(q_w + 2 * kv_w) {
+                q.extend_from_slice(&row[..q_w]);
+                k.extend_from_slice(&row[q_w..q_w + kv_w]);
+                v.extend_from_slice(&row[q_w + kv_w..]);
+            }
+            rope.apply(&mut q, c.n_heads, hd);
+            rope.apply(&mut k, c.n_kv_heads, hd);
+            cache.write_rows(li, start, &k, &v);
+            let attn = kernels::attention(isa, &q, n, start, c.n_heads, cache, li);
+            let o = kernels::matmul(isa, &attn, n, &layer.attn_output);
+            kernels::add_in_place(&mut x, &o);
+
+            kernels::rms_norm(isa, &x, &layer.ffn_norm, c.rms_eps, &mut h);
+            let gate_up = kernels::matmul(isa, &h, n, &layer.gate_up);
+            let act = kernels::silu_mul_rows(&gate_up, c.ffn_dim);
+            let down = kernels::matmul(isa, &act, n, &layer.ffn_down);
+            kernels::add_in_place(&mut x, &down);
+        }
+        cache.push_tokens(tokens);
+
+        let rows = match want {
+            Logits::None => return Vec::new(),
+            Logits::Last => &x[(n - 1) * dim..],
+            Logits::All => &x[..],
+        };
+        let m = rows.len() / dim;
+        let mut normed = vec![0.0f32; rows.len()];
+        kernels::rms_norm(self.isa, rows, &self.output_norm, c.rms_eps, &mut normed);
+        let head = self.output.as_ref().unwrap_or(&self.token_embd);
+        kernels::matmul(self.isa, &normed, m, head)
+    }
+}
+
+/// Most tokens one forward pass computes at once; a longer prompt runs in chunks of this
+/// size, so the activations a pass allocates are bounded by it: for SmolLM2-135M, about 18 MB
+/// (one layer's buffers) at 512 tokens, against 115 MB for a 3,200-token prompt in one pass.
+/// llama.cpp's physical batch (`n_ubatch`) defaults to the same 512.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Spare room, in tokens, given to a cache that a forward pass has to grow anyway: a prompt is
+/// followed by a reply, and without it the reply's first token would copy the whole cache
+/// into a buffer twice the size (about 50 ms at 2048 tokens, on fresh memory).
+const GROWTH_HEADROOM: usize = 256;

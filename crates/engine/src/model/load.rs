@@ -1,0 +1,241 @@
+//! Loading a model: the GGUF header and tensors read with candle's reader, every tensor's
+//! shape checked against the configuration, the weights hashed, Q4_1 and Q8_0 kept quantized.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::Path;
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Content;
+
+use super::config::{OUTPUT, OUTPUT_NORM, TOKEN_EMBD};
+use super::{Layer, LlamaConfig, Model};
+use crate::error::{EngineError, Result};
+use crate::kernels::quant::{QKind, QMatrix};
+use crate::kernels::{Isa, RopeTable, Weight};
+
+impl Model {
+    /// Loads a GGUF model file.
+    pub fn load(path: &Path) -> Result<Model> {
+        Self::load_with_content(path).map(|(model, _)| model)
+    }
+
+    /// Loads a GGUF model file and also returns its parsed header (metadata such as the
+    /// tokenizer and chat template), so the file is parsed once.
+    pub fn load_with_content(path: &Path) -> Result<(Model, Content)> {
+        let file = File::open(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => EngineError::ModelNotFound {
+                path: path.to_owned(),
+            },
+            _ => EngineError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|source| EngineError::Gguf {
+            path: path.to_owned(),
+            source,
+        })?;
+        let model = Self::from_content(&content, &mut reader)?;
+        Ok((model, content))
+    }
+
+    /// Builds the model from a parsed header and the reader it came from.
+    fn from_content<R: Read + Seek>(content: &Content, reader: &mut R) -> Result<Model> {
+        let config = LlamaConfig::from_gguf(content)?;
+        let expected = expected_shapes(&config, content.tensor_infos.contains_key(OUTPUT));
+        for (name, shape) in &expected {
+            let info = content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| EngineError::MissingTensor { name: name.clone() })?;
+            if info.shape.dims() != shape.as_slice() {
+                return Err(EngineError::TensorShape {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: info.shape.dims().to_vec(),
+                });
+            }
+        }
+
+        // Read every tensor once, in name order: hash its raw bytes, keep the ones we use.
+        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+        names.sort();
+        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+        let mut values: HashMap<String, Tensor> = HashMap::new();
+        for name in names {
+            let tensor_err = |source| EngineError::TensorData {
+                name: name.clone(),
+                source,
+            };
+            let info = &content.tensor_infos[name];
+            if !expected.contains_key(name) && !shape_is_sane(info.shape.dims()) {
+                return Err(EngineError::TensorShape {
+                    name: name.clone(),
+                    expected: vec![],
+                    found: info.shape.dims().to_vec(),
+                });
+            }
+            let qt = content
+                .tensor(reader, name, &Device::Cpu)
+                .map_err(tensor_err)?;
+            let data = qt.data().map_err(tensor_err)?;
+            hasher.update(&(name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update(format!("{:?}", qt.dtype()).as_bytes());
+            hasher.update(&(info.shape.dims().len() as u64).to_le_bytes());
+            for d in info.shape.dims() {
+                hasher.update(&(*d as u64).to_le_bytes());
+            }
+            hasher.update(&(data.len() as u64).to_le_bytes());
+            hasher.update(&data);
+            let Some(shape) = expected.get(name) else {
+                continue;
+            };
+            // Projections and embeddings in Q4_1 / Q8_0 stay quantized; anything else is
+            // dequantized to f32.
+            let kind = match qt.dtype() {
+                GgmlDType::Q4_1 => Some(QKind::Q4_1),
+                GgmlDType::Q8_0 => Some(QKind::Q8_0),
+                _ => None,
+            };
+            let quantized = match (kind, shape.as_slice()) {
+                (Some(kind), &[rows, cols]) => {
+                    QMatrix::from_gguf_blocks(kind, rows, cols, &data).map(Tensor::Quant)
+                }
+                _ => None,
+            };
+            drop(data);
+            let tensor = match quantized {
+                Some(q) => q,
+                None => Tensor::F32(
+                    qt.dequantize(&Device::Cpu)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(tensor_err)?,
+                ),
+            };
+            values.insert(name.clone(), tensor);
+        }
+        let weights_hash = format!("{:032x}", hasher.digest128());
+
+        let c = &config;
+        let (q_rows, kv_rows) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let mut w =
+            |name: &str, rows: usize, cols: usize| take_weight(&mut values, name, rows, cols);
+        let token_embd = w(TOKEN_EMBD, c.vocab_size, c.dim)?;
+        let output = match expected.contains_key(OUTPUT) {
+            true => Some(w(OUTPUT, c.vocab_size, c.dim)?),
+            false => None,
+        };
+        let output_norm = w(OUTPUT_NORM, 1, c.dim)?.into_f32();
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let n = |t: &str| format!("blk.{i}.{t}.weight");
+            let stack = |name: &str, parts| {
+                Weight::concat_rows(parts).ok_or_else(|| EngineError::TensorShape {
+                    name: name.to_owned(),
+                    expected: vec![],
+                    found: vec![],
+                })
+            };
+            let qkv = vec![
+                w(&n("attn_q"), q_rows, c.dim)?,
+                w(&n("attn_k"), kv_rows, c.dim)?,
+                w(&n("attn_v"), kv_rows, c.dim)?,
+            ];
+            let gate_up = vec![
+                w(&n("ffn_gate"), c.ffn_dim, c.dim)?,
+                w(&n("ffn_up"), c.ffn_dim, c.dim)?,
+            ];
+            layers.push(Layer {
+                attn_norm: w(&n("attn_norm"), 1, c.dim)?.into_f32(),
+                qkv: stack(&n("attn_q"), qkv)?,
+                attn_output: w(&n("attn_output"), c.dim, q_rows)?,
+                ffn_norm: w(&n("ffn_norm"), 1, c.dim)?.into_f32(),
+                gate_up: stack(&n("ffn_gate"), gate_up)?,
+                ffn_down: w(&n("ffn_down"), c.dim, c.ffn_dim)?,
+            });
+        }
+        let rope_inv_freq = RopeTable::inv_freq(config.rope_base, config.rope_dim);
+        Ok(Model {
+            config,
+            weights_hash,
+            token_embd,
+            output,
+            output_norm,
+            layers,
+            rope_inv_freq,
+            isa: Isa::from_env()?,
+        })
+    }
+}
+
+/// Every tensor the model uses, with its shape as candle reports it (`[rows, cols]`,
+/// the reverse of GGUF's dimension order).
+fn expected_shapes(c: &LlamaConfig, has_output: bool) -> BTreeMap<String, Vec<usize>> {
+    let (q_rows, kv_rows) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let mut m = BTreeMap::new();
+    m.insert(TOKEN_EMBD.to_owned(), vec![c.vocab_size, c.dim]);
+    m.insert(OUTPUT_NORM.to_owned(), vec![c.dim]);
+    if has_output {
+        m.insert(OUTPUT.to_owned(), vec![c.vocab_size, c.dim]);
+    }
+    for i in 0..c.n_layers {
+        let n = |t: &str| format!("blk.{i}.{t}.weight");
+        m.insert(n("attn_norm"), vec![c.dim]);
+        m.insert(n("ffn_norm"), vec![c.dim]);
+        m.insert(n("attn_q"), vec![q_rows, c.dim]);
+        m.insert(n("attn_k"), vec![kv_rows, c.dim]);
+        m.insert(n("attn_v"), vec![kv_rows, c.dim]);
+        m.insert(n("attn_output"), vec![c.dim, q_rows]);
+        m.insert(n("ffn_gate"), vec![c.ffn_dim, c.dim]);
+        m.insert(n("ffn_up"), vec![c.ffn_dim, c.dim]);
+        m.insert(n("ffn_down"), vec![c.dim, c.ffn_dim]);
+    }
+    m
+}
+
+/// Whether an unused tensor's element count can be computed without overflow (it is read to
+/// be hashed).
+fn shape_is_sane(dims: &[usize]) -> bool {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .is_some_and(|n| n <= 1 << 40)
+}
+
+/// A tensor's values as loaded: quantized blocks kept as they are, or f32.
+enum Tensor {
+    Quant(QMatrix),
+    F32(Vec<f32>),
+}
+
+/// Removes a tensor from `values` as a `[rows, cols]` weight.
+fn take_weight(
+    values: &mut HashMap<String, Tensor>,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Weight> {
+    let data = match values.remove(name) {
+        None => {
+            return Err(EngineError::MissingTensor {
+                name: name.to_owned(),
+            });
+        }
+        Some(Tensor::Quant(q)) if q.rows() == rows && q.cols() == cols => {
+            return Ok(Weight::from_quant(q));
+        }
+        Some(Tensor::Quant(q)) => q.to_f32(),
+        Some(Tensor::F32(v)) => v,
+    };
+    let found = vec![data.len()];
+    Weight::from_f32(rows, cols, data).ok_or_else(|| EngineError::TensorShape {
+        name: name.to_owned(),
+        expected: vec![rows, cols],
+        found,
+    })
+}

@@ -1,0 +1,454 @@
+//! The model on tiny generated GGUF files (and the real one when present): configuration,
+//! batch invariance, every instruction-set level, bad files and bad input.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::GgmlDType;
+use kv_extract::{KvCache, KvShape};
+
+use super::*;
+use crate::error::EngineError;
+use crate::testing::{TinyConfig, write_tiny_llama_gguf};
+
+/// Writes a tiny model to a fresh temp dir.
+fn write_tiny(cfg: &TinyConfig, seed: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama_gguf(&path, cfg, seed).expect("write tiny gguf");
+    (dir, path)
+}
+
+fn tiny_model(cfg: &TinyConfig) -> Model {
+    let (_dir, path) = write_tiny(cfg, 7);
+    Model::load(&path).expect("load tiny model")
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The byte-level tokens of "a".."z" in the tiny vocabulary (bytes start at id 3).
+fn letters() -> Vec<u32> {
+    (b'a'..=b'z').map(|b| 3 + b as u32).collect()
+}
+
+/// Every cached K and V value, layer by layer, head by head.
+fn cache_bits(cache: &KvCache) -> Vec<u32> {
+    let s = cache.shape();
+    let mut out = Vec::new();
+    for l in 0..s.n_layers {
+        for h in 0..s.n_kv_heads {
+            out.extend(bits(cache.k_head(l, h, 0..cache.len())));
+            out.extend(bits(cache.v_head(l, h, 0..cache.len())));
+        }
+    }
+    out
+}
+
+#[test]
+fn tiny_config_is_read_from_metadata() {
+    let m = tiny_model(&TinyConfig::default());
+    let c = m.config();
+    assert_eq!(
+        (
+            c.n_layers,
+            c.dim,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.ffn_dim
+        ),
+        (2, 32, 4, 2, 8, 64)
+    );
+    assert_eq!((c.rope_dim, c.context_length, c.vocab_size), (8, 512, 268));
+    assert_eq!(
+        m.kv_shape(),
+        KvShape {
+            n_layers: 2,
+            n_kv_heads: 2,
+            head_dim: 8
+        }
+    );
+    assert_eq!(m.weights_hash().len(), 32);
+}
+
+#[test]
+fn a_forward_pass_is_the_same_bits_at_every_instruction_set_level() {
+    // 64-wide heads in groups of six queries (SmolLM2's width, and the AVX-512 V-sum
+    // kernel's group) with quantized and f32 weights; 40 tokens make prefill tiles, then
+    // decode steps.
+    let configs = [
+        TinyConfig::default(),
+        TinyConfig {
+            dim: 384,
+            n_heads: 6,
+            n_kv_heads: 1,
+            ffn_dim: 128,
+            ..TinyConfig::default()
+        },
+        TinyConfig {
+            weight_dtype: GgmlDType::F32,
+            ..TinyConfig::default()
+        },
+    ];
+    let toks: Vec<u32> = letters().into_iter().cycle().take(40).collect();
+    for cfg in configs {
+        let mut m = tiny_model(&cfg);
+        let run = |m: &Model| {
+            let mut cache = m.new_cache();
+            let mut logits = m.forward(&toks, &mut cache, Logits::All).expect("prefill");
+            for &t in &toks[..3] {
+                logits.extend(m.forward(&[t], &mut cache, Logits::Last).expect("decode"));
+            }
+            (bits(&logits), cache_bits(&cache))
+        };
+        m.set_isa(Isa::PORTABLE);
+        let portable = run(&m);
+        crate::kernels::isa::for_each_isa(|isa| {
+            m.set_isa(isa);
+            assert!(run(&m) == portable, "{isa:?}, {} heads", cfg.n_heads);
+        });
+    }
+}
+
+#[test]
+fn prefill_split_prefill_and_decode_are_bitwise_equal() {
+    let m = tiny_model(&TinyConfig::default());
+    let toks = letters();
+    let mut whole = m.new_cache();
+    let all = m.forward(&toks, &mut whole, Logits::All).expect("prefill");
+    assert_eq!(all.len(), toks.len() * 268);
+    assert!(all.iter().all(|x| x.is_finite()));
+
+    let mut split = m.new_cache();
+    let mut split_logits = m
+        .forward(&toks[..5], &mut split, Logits::All)
+        .expect("first part");
+    split_logits.extend(
+        m.forward(&toks[5..], &mut split, Logits::All)
+            .expect("second part"),
+    );
+    assert_eq!(bits(&all), bits(&split_logits));
+
+    let mut decode = m.new_cache();
+    let mut decode_logits = Vec::new();
+    for t in &toks {
+        decode_logits.extend(m.forward(&[*t], &mut decode, Logits::Last).expect("decode"));
+    }
+    assert_eq!(bits(&all), bits(&decode_logits));
+
+    assert_eq!(whole.tokens(), &toks[..]);
+    assert_eq!(cache_bits(&whole), cache_bits(&split));
+    assert_eq!(cache_bits(&whole), cache_bits(&decode));
+
+    // Logits::Last is the last row of Logits::All; Logits::None returns nothing.
+    let mut c = m.new_cache();
+    let last = m.forward(&toks, &mut c, Logits::Last).expect("last");
+    assert_eq!(bits(&last), bits(&all[(toks.len() - 1) * 268..]));
+    let mut c = m.new_cache();
+    assert!(
+        m.forward(&toks, &mut c, Logits::None)
+            .expect("none")
+            .is_empty()
+    );
+    assert_eq!(cache_bits(&c), cache_bits(&whole));
+}
+
+#[test]
+fn a_prompt_in_chunks_is_bitwise_the_prompt_in_one_pass() {
+    let m = tiny_model(&TinyConfig::default());
+    let toks = letters();
+    for want in [Logits::All, Logits::Last, Logits::None] {
+        let mut one = m.new_cache();
+        let whole = m
+            .forward_chunked(&toks, &mut one, want, usize::MAX)
+            .expect("one pass");
+        for chunk in [1, 3, 7, 25] {
+            let mut parts = m.new_cache();
+            let chunked = m
+                .forward_chunked(&toks, &mut parts, want, chunk)
+                .expect("chunks");
+            assert_eq!(
+                bits(&chunked),
+                bits(&whole),
+                "{want:?} in chunks of {chunk}"
+            );
+            assert_eq!(cache_bits(&parts), cache_bits(&one));
+            assert_eq!(parts.tokens(), &toks[..]);
+        }
+    }
+    // A prompt that overflows the context is refused before any chunk runs.
+    let mut cache = m.new_cache();
+    m.forward(&toks[..4], &mut cache, Logits::None)
+        .expect("start");
+    let long = vec![toks[0]; 600];
+    let err = m
+        .forward_chunked(&long, &mut cache, Logits::Last, 7)
+        .expect_err("past the context");
+    assert!(matches!(err, EngineError::ContextOverflow { .. }), "{err}");
+    assert_eq!(cache.tokens(), &toks[..4]);
+}
+
+#[test]
+fn cache_capacity_does_not_change_results() {
+    let m = tiny_model(&TinyConfig::default());
+    let toks = letters();
+    let mut small = m.new_cache();
+    let mut big = KvCache::with_capacity(m.kv_shape(), 1000);
+    let a = m.forward(&toks, &mut small, Logits::All).expect("small");
+    let b = m.forward(&toks, &mut big, Logits::All).expect("big");
+    assert_eq!(bits(&a), bits(&b));
+    assert_eq!(cache_bits(&small), cache_bits(&big));
+    // Growing mid-conversation (64 -> 128 tokens) changes nothing either.
+    let more: Vec<u32> = (0..80).map(|i| 3 + (i * 7 % 256) as u32).collect();
+    let a = m
+        .forward(&more, &mut small, Logits::All)
+        .expect("grow small");
+    let b = m.forward(&more, &mut big, Logits::All).expect("grow big");
+    assert_eq!(bits(&a), bits(&b));
+}
+
+#[test]
+fn prefix_reuse_matches_prefill_from_scratch() {
+    let m = tiny_model(&TinyConfig::default());
+    let toks = letters();
+    let mut cache = m.new_cache();
+    m.forward(&toks, &mut cache, Logits::None).expect("prefill");
+    let other: Vec<u32> = [&toks[..10], &[100, 101, 102, 7][..]].concat();
+    let keep = cache.common_prefix_len(&other);
+    assert_eq!(keep, 10);
+    cache.truncate(keep);
+    let resumed = m
+        .forward(&other[keep..], &mut cache, Logits::All)
+        .expect("continue");
+    let mut fresh = m.new_cache();
+    let scratch = m.forward(&other, &mut fresh, Logits::All).expect("scratch");
+    assert_eq!(bits(&resumed), bits(&scratch[keep * 268..]));
+    assert_eq!(cache_bits(&cache), cache_bits(&fresh));
+}
+
+#[test]
+fn separate_output_head_and_f32_weights() {
+    let cfg = TinyConfig {
+        separate_output: true,
+        weight_dtype: candle_core::quantized::GgmlDType::F32,
+        ..TinyConfig::default()
+    };
+    let m = tiny_model(&cfg);
+    assert!(m.output.is_some());
+    let tied = tiny_model(&TinyConfig::default());
+    assert!(tied.output.is_none());
+    assert_ne!(m.weights_hash(), tied.weights_hash());
+    let mut c = m.new_cache();
+    let logits = m
+        .forward(&letters(), &mut c, Logits::Last)
+        .expect("forward");
+    assert_eq!(logits.len(), 268);
+}
+
+#[test]
+fn weights_hash_is_stable_and_content_dependent() {
+    let (_d1, p1) = write_tiny(&TinyConfig::default(), 1);
+    let (_d2, p2) = write_tiny(&TinyConfig::default(), 2);
+    let a = Model::load(&p1).expect("load");
+    let b = Model::load(&p1).expect("load again");
+    let c = Model::load(&p2).expect("load other");
+    assert_eq!(a.weights_hash(), b.weights_hash());
+    assert_ne!(a.weights_hash(), c.weights_hash());
+    assert_eq!(a.config(), b.config());
+}
+
+#[test]
+fn truncated_file_is_an_error() {
+    let (_dir, path) = write_tiny(&TinyConfig::default(), 3);
+    let bytes = std::fs::read(&path).expect("read");
+    for cut in [bytes.len() / 2, bytes.len() - 1, 100, 10, 0] {
+        std::fs::write(&path, &bytes[..cut]).expect("truncate");
+        let err = Model::load(&path).expect_err("truncated file must not load");
+        assert!(
+            matches!(
+                err,
+                EngineError::Gguf { .. } | EngineError::TensorData { .. }
+            ),
+            "cut at {cut}: {err:?}"
+        );
+    }
+    std::fs::write(&path, b"definitely not a gguf file at all").expect("write junk");
+    assert!(matches!(Model::load(&path), Err(EngineError::Gguf { .. })));
+}
+
+#[test]
+fn missing_file_is_model_not_found() {
+    let err = Model::load(Path::new("/nonexistent/dir/model.gguf")).expect_err("no file");
+    assert!(matches!(err, EngineError::ModelNotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("/nonexistent/dir/model.gguf"));
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let (_dir, path) = write_tiny(
+        &TinyConfig {
+            architecture: "gemma3".into(),
+            ..TinyConfig::default()
+        },
+        1,
+    );
+    let err = Model::load(&path).expect_err("gemma3 is not supported");
+    assert!(
+        matches!(&err, EngineError::UnsupportedArchitecture { name } if name == "gemma3"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("gemma3"));
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let cfg = TinyConfig {
+        omit_tensor: Some("blk.1.ffn_up.weight".into()),
+        ..TinyConfig::default()
+    };
+    let (_dir, path) = write_tiny(&cfg, 1);
+    let err = Model::load(&path).expect_err("tensor missing");
+    assert!(
+        matches!(&err, EngineError::MissingTensor { name } if name == "blk.1.ffn_up.weight"),
+        "{err:?}"
+    );
+    let cfg = TinyConfig {
+        omit_tensor: Some("token_embd.weight".into()),
+        ..TinyConfig::default()
+    };
+    let (_dir, path) = write_tiny(&cfg, 1);
+    let err = Model::load(&path).expect_err("embeddings missing");
+    assert!(
+        matches!(&err, EngineError::MissingTensor { name } if name == "token_embd.weight"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_errors_and_leave_the_cache_alone() {
+    let m = tiny_model(&TinyConfig {
+        context_length: 30,
+        ..TinyConfig::default()
+    });
+    let mut cache = m.new_cache();
+    m.forward(&[5, 6, 7], &mut cache, Logits::None)
+        .expect("prefill");
+    let err = m
+        .forward(&[5, 268], &mut cache, Logits::Last)
+        .expect_err("out of vocab");
+    assert!(
+        matches!(
+            err,
+            EngineError::TokenOutOfVocab {
+                token: 268,
+                vocab: 268
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(matches!(
+        m.forward(&[], &mut cache, Logits::Last),
+        Err(EngineError::EmptyInput)
+    ));
+    let err = m
+        .forward(&[5; 28], &mut cache, Logits::Last)
+        .expect_err("past context");
+    assert!(
+        matches!(
+            err,
+            EngineError::ContextOverflow {
+                needed: 31,
+                max: 30
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(cache.tokens(), &[5, 6, 7]);
+    let mut wrong = KvCache::new(KvShape {
+        n_layers: 3,
+        n_kv_heads: 2,
+        head_dim: 8,
+    });
+    let err = m
+        .forward(&[5], &mut wrong, Logits::Last)
+        .expect_err("wrong shape");
+    assert!(
+        matches!(err, EngineError::CacheShapeMismatch { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn real_model_answers_capital_of_france() {
+    use crate::chat::{ChatTemplate, Message};
+    use crate::sample::{Sampler, SamplingConfig};
+    use crate::tokenizer::Tokenizer;
+
+    let Some(path) = crate::testing::real_model_path() else {
+        return;
+    };
+    let (model, content) = Model::load_with_content(&path).expect("load real model");
+    let c = model.config();
+    assert_eq!(
+        (
+            c.n_layers,
+            c.dim,
+            c.ffn_dim,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim
+        ),
+        (30, 576, 1536, 9, 3, 64)
+    );
+    assert_eq!(
+        (c.rope_dim, c.rope_base, c.context_length, c.vocab_size),
+        (64, 100000.0, 8192, 49152)
+    );
+    assert!(
+        model.output.is_none(),
+        "smollm2 ties its lm head to the embeddings"
+    );
+
+    let tokenizer = Tokenizer::from_gguf(&content).expect("tokenizer");
+    let template = ChatTemplate::from_gguf(&content).expect("chat template");
+    let messages = [
+        Message::system("You are a helpful assistant."),
+        Message::user("What is the capital of France?"),
+    ];
+    let prompt = template.render(&messages, true).expect("render");
+    let ids = tokenizer.encode(&prompt).expect("encode");
+
+    // Prefill in two uneven parts, then check the last logits against a one-shot prefill.
+    let mut cache = model.new_cache();
+    model
+        .forward(&ids[..7], &mut cache, Logits::None)
+        .expect("prefill part 1");
+    let mut logits = model
+        .forward(&ids[7..], &mut cache, Logits::Last)
+        .expect("prefill part 2");
+    let mut whole = model.new_cache();
+    let once = model
+        .forward(&ids, &mut whole, Logits::Last)
+        .expect("prefill at once");
+    assert_eq!(bits(&logits), bits(&once));
+
+    let mut sampler = Sampler::new(SamplingConfig::greedy()).expect("greedy");
+    let stop = tokenizer.stop_ids();
+    let mut out = Vec::new();
+    for _ in 0..12 {
+        let next = sampler.sample(&logits).expect("sample");
+        if stop.contains(&next) {
+            break;
+        }
+        out.push(next);
+        logits = model
+            .forward(&[next], &mut cache, Logits::Last)
+            .expect("decode");
+    }
+    let text = tokenizer.decode(&out).expect("decode ids");
+    assert!(
+        text.starts_with("The capital of France is Paris."),
+        "model said {text:?}"
+    );
+}
