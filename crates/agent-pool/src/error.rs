@@ -184,6 +184,13 @@ impl PoolError {
         }
     }
 
+    /// Wraps a failed [`kv_store::durable_fs`] call the same way as [`PoolError::io`]: its
+    /// operation and path stay in the message, and a full disk is recognised. (Not a `From`
+    /// impl, which would be public API.)
+    pub(crate) fn fs(e: kv_store::durable_fs::IoError) -> PoolError {
+        PoolError::io(e.op, e.path, e.source)
+    }
+
     pub(crate) fn engine(id: &str, source: engine::EngineError) -> PoolError {
         PoolError::Engine {
             id: id.to_owned(),

@@ -1,20 +1,15 @@
-//! Durable writes of the pool's own small files: write to a temporary name, fsync, rename,
-//! fsync the directory; and `agent.json`, the one file that says an agent exists.
+//! `agent.json`, the one file that says an agent exists: its format, its checksum and its
+//! parser. The durable writes of the pool's files (temporary name, fsync, rename, directory
+//! fsync) are kv-store's [`kv_store::durable_fs`], shared with the store's own commits.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{PoolError, Result};
-
-/// Prefix of temporary files and directories; agent ids cannot contain '.', so no agent is
-/// ever named like one.
-pub(crate) const TMP_PREFIX: &str = ".tmp-";
 
 /// Version of `agent.json` written by this build, and the newest it reads.
 pub const AGENT_FILE_VERSION: u64 = 1;
@@ -51,28 +46,6 @@ pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// A unique temporary path in `dir`.
-pub(crate) fn temp_path(dir: &Path, what: &str) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!("{TMP_PREFIX}{what}-{}-{n}", std::process::id()))
-}
-
-/// fsyncs a directory so that creations and renames in it survive a power cut.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    let d = File::open(dir).map_err(|e| PoolError::io("open directory", dir, e))?;
-    d.sync_all()
-        .map_err(|e| PoolError::io("fsync directory", dir, e))
-}
-
-/// Creates `path` with `bytes` and fsyncs it (the caller fsyncs the directory).
-pub(crate) fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create_new(path).map_err(|e| PoolError::io("create", path, e))?;
-    f.write_all(bytes)
-        .map_err(|e| PoolError::io("write", path, e))?;
-    f.sync_all().map_err(|e| PoolError::io("fsync", path, e))
 }
 
 pub(crate) fn encode_agent(info: &AgentInfo) -> Result<Vec<u8>> {
@@ -145,6 +118,7 @@ pub(crate) fn parse_agent(path: &Path, bytes: &[u8], id: &str) -> Result<AgentIn
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kv_store::durable_fs::write_new;
 
     fn info() -> AgentInfo {
         AgentInfo {

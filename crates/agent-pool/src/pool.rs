@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 use engine::chat::{Message, Role};
 use engine::{GenerateOptions, StopReason};
 use kv_extract::{KvCache, KvShape};
+use kv_store::durable_fs::{self, TMP_PREFIX};
 use kv_store::{CacheMeta, KvDtype, SaveReport, SegmentId, Store};
 use lru::LruCache;
 
 use crate::backend::Backend;
 use crate::error::{PoolError, Result, validate_id};
-use crate::files::{self, AgentInfo, TMP_PREFIX};
+use crate::files::{self, AgentInfo};
 use crate::transcript::{
     self, Entry, Parent, TRANSCRIPT_FILE, Transcript, TranscriptRepair, Turn, Usage,
 };
@@ -445,7 +446,8 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             };
             let path = entry.path();
             if name.starts_with(TMP_PREFIX) {
-                // An interrupted create (never committed) or delete (already committed).
+                // An interrupted create (never committed) or delete (already committed). Ids
+                // cannot contain '.', so no agent is ever named like a temporary.
                 fs::remove_dir_all(&path).map_err(|e| PoolError::io("remove", &path, e))?;
                 litter = true;
                 continue;
@@ -464,7 +466,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             );
         }
         if litter {
-            files::sync_dir(&agents_dir)?;
+            durable_fs::sync_dir(&agents_dir).map_err(PoolError::fs)?;
         }
         // Temporary files of saves a crash interrupted, and segments no cache references any
         // more. Best effort: gc refuses while a manifest is unreadable, which a rebuild fixes.
@@ -1028,18 +1030,22 @@ impl<B: Backend + ?Sized> AgentPool<B> {
     /// Writes `agents/<id>/` under a temporary name and renames it into place.
     fn write_agent_dir(&self, info: &AgentInfo) -> Result<()> {
         let agents = self.root.join("agents");
-        let tmp = files::temp_path(&agents, &format!("create-{}", info.id));
+        let tmp = durable_fs::temp_path(&agents, &format!("create-{}", info.id));
         let result = (|| {
             fs::create_dir(&tmp).map_err(|e| PoolError::io("create directory", &tmp, e))?;
-            files::write_new(&tmp.join(files::AGENT_FILE), &files::encode_agent(info)?)?;
+            let agent_file = tmp.join(files::AGENT_FILE);
+            durable_fs::write_new(&agent_file, &files::encode_agent(info)?)
+                .map_err(PoolError::fs)?;
             transcript::create(&tmp.join(TRANSCRIPT_FILE))?;
-            files::sync_dir(&tmp)?;
+            durable_fs::sync_dir(&tmp).map_err(PoolError::fs)?;
             let dest = self.agent_dir(&info.id);
             fs::rename(&tmp, &dest).map_err(|e| PoolError::io("rename into place", &dest, e))?;
-            files::sync_dir(&agents).inspect_err(|_| {
-                // Not durable, so not created: undo, so memory and disk agree.
-                let _ = fs::rename(&dest, &tmp);
-            })
+            durable_fs::sync_dir(&agents)
+                .map_err(PoolError::fs)
+                .inspect_err(|_| {
+                    // Not durable, so not created: undo, so memory and disk agree.
+                    let _ = fs::rename(&dest, &tmp);
+                })
         })();
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp);
@@ -1501,9 +1507,9 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         // The rename is the commit point: a crash after it leaves litter that open removes.
         let agents = self.root.join("agents");
         let dir = self.agent_dir(id);
-        let doomed = files::temp_path(&agents, &format!("delete-{id}"));
+        let doomed = durable_fs::temp_path(&agents, &format!("delete-{id}"));
         fs::rename(&dir, &doomed).map_err(|e| PoolError::io("rename", &dir, e))?;
-        let synced = files::sync_dir(&agents);
+        let synced = durable_fs::sync_dir(&agents).map_err(PoolError::fs);
         agent.deleted = true;
         agent.cache = None;
         agent.transcript = None;

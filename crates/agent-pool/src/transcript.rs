@@ -11,7 +11,7 @@
 //! parse or is out of sequence is damage, reported with its line number and never skipped.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -425,8 +425,7 @@ impl Transcript {
 
 /// Creates an empty transcript file (fsynced; the caller fsyncs the directory).
 pub(crate) fn create(path: &Path) -> Result<()> {
-    let f = File::create_new(path).map_err(|e| PoolError::io("create", path, e))?;
-    f.sync_all().map_err(|e| PoolError::io("fsync", path, e))
+    kv_store::durable_fs::write_new(path, b"").map_err(PoolError::fs)
 }
 
 #[cfg(test)]

@@ -5,9 +5,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use kv_store::Store;
+use kv_store::durable_fs::TMP_PREFIX;
 
 use crate::error::{PoolError, Result, validate_id};
-use crate::files::{self, AgentInfo, TMP_PREFIX};
+use crate::files::{self, AgentInfo};
 use crate::pool::AgentSummary;
 use crate::transcript::{self, TRANSCRIPT_FILE, Turn};
 

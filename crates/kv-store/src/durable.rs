@@ -1,17 +1,14 @@
 //! The commit protocol: write to a temporary name in the same directory, fsync, rename over
 //! the final name, fsync the directory. A crash at any point leaves either the old file or
 //! the new one, never a mix, plus at worst a stray temporary file that garbage collection
-//! removes.
+//! removes. The file-system primitives it uses are the public [`crate::durable_fs`].
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
+use crate::durable_fs::{sync_dir, temp_path};
 use crate::{Error, Result};
-
-/// Prefix of every temporary file; nothing else in a store directory starts with it.
-pub(crate) const TMP_PREFIX: &str = ".tmp-";
 
 /// A step of a save, in order. Crash tests stop a save right after one of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -81,13 +78,6 @@ pub(crate) fn reached(step: Step) -> Result<()> {
     Ok(())
 }
 
-/// A unique temporary path in `dir`.
-pub(crate) fn temp_path(dir: &Path, stem: &str) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!("{TMP_PREFIX}{stem}-{}-{n}", std::process::id()))
-}
-
 /// Writes a file through `fill`, then fsyncs it and renames it to `dest`, fsyncing the
 /// directory. `steps` names the (written, synced, renamed) steps for crash tests.
 pub(crate) fn commit_file(
@@ -110,7 +100,7 @@ pub(crate) fn commit_file(
         reached(steps[1])?;
         fs::rename(&tmp, dest).map_err(|e| Error::io("rename into place", dest, e))?;
         reached(steps[2])?;
-        sync_dir(dir)
+        sync_dir(dir).map_err(Error::from)
     })();
     if let Err(e) = &result {
         // A real failure (disk full, permission) leaves no litter; a simulated crash must
@@ -123,11 +113,4 @@ pub(crate) fn commit_file(
         let _ = fs::remove_file(&tmp);
     }
     result
-}
-
-/// fsyncs a directory so a rename in it survives a power cut.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    let d = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
-    d.sync_all()
-        .map_err(|e| Error::io("fsync directory", dir, e))
 }

@@ -144,6 +144,13 @@ pub enum Error {
 /// kv-store's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Keeps the operation and the path in the message, and recognises a full disk.
+impl From<crate::durable_fs::IoError> for Error {
+    fn from(e: crate::durable_fs::IoError) -> Error {
+        Error::io(e.op, e.path, e.source)
+    }
+}
+
 impl Error {
     /// Wraps an I/O error, recognising a full disk.
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {

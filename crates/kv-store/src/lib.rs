@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 mod durable;
+pub mod durable_fs;
 mod error;
 mod manifest;
 mod map;

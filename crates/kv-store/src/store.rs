@@ -8,7 +8,8 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use crate::durable::{self, Step, TMP_PREFIX, commit_file};
+use crate::durable::{Step, commit_file};
+use crate::durable_fs::{self, TMP_PREFIX};
 use crate::manifest::{Manifest, SegmentRef};
 use crate::meta::{CacheMeta, SegmentId, validate_name};
 use crate::segment::{KvKind, KvSource, ReadMode, Segment, write_segment};
@@ -467,7 +468,7 @@ impl Store {
             removed.push(id.clone());
         }
         if !removed.is_empty() {
-            durable::sync_dir(&self.segments_dir())?;
+            durable_fs::sync_dir(&self.segments_dir())?;
         }
         Ok(removed)
     }
@@ -480,7 +481,7 @@ impl Store {
         let path = self.manifest_path(name);
         match fs::remove_file(&path) {
             Ok(()) => {
-                durable::sync_dir(&self.manifests_dir())?;
+                durable_fs::sync_dir(&self.manifests_dir())?;
                 Ok(true)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -547,7 +548,7 @@ impl Store {
                     report.segments_removed += 1;
                 }
             }
-            durable::sync_dir(&dir)?;
+            durable_fs::sync_dir(&dir)?;
         }
         Ok(report)
     }
