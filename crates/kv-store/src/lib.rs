@@ -5,6 +5,7 @@
 mod durable;
 pub mod durable_fs;
 mod error;
+mod loaded;
 mod manifest;
 mod map;
 mod meta;
@@ -15,7 +16,8 @@ pub use durable::Step;
 #[cfg(feature = "fault-injection")]
 pub use durable::{crash_after, fail_writes};
 pub use error::{Error, Result};
+pub use loaded::LoadedCache;
 pub use manifest::{MANIFEST_VERSION, Manifest, SegmentRef};
 pub use meta::{CacheMeta, KvDtype, ModelFingerprint, SegmentId, validate_name};
 pub use segment::{KvKind, KvSource, ReadMode, SEGMENT_VERSION, Segment};
-pub use store::{GcReport, LoadedCache, SaveReport, Store};
+pub use store::{GcReport, SaveReport, Store};
