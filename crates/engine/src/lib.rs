@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod model;
 pub mod runtime;
 pub mod sample;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;
