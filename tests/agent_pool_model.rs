@@ -2,14 +2,15 @@
 //! between turns, against an uninterrupted pool; and an agent started from another agent's
 //! system-prompt segment, against a computation from scratch.
 //!
-//! These tests need the model (`cargo xtask fetch-model`); without it they skip, unless
-//! `AGENTKV_REQUIRE_MODEL` is set, which turns a missing model into a failure.
+//! These tests need the model (`cargo xtask fetch-model`); see
+//! `engine::testing::real_model_path` for what happens without it.
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use agent_pool::{AgentPool, PoolConfig, Reply};
 use engine::chat::Message;
+use engine::testing::{bitwise_equal, max_abs_diff, real_engine};
 use engine::{Engine, GenerateOptions};
 use kv_store::KvDtype;
 
@@ -36,33 +37,8 @@ const AGENTS: [(&str, &str, &str, &str); 3] = [
     ),
 ];
 
-fn engine() -> Option<Arc<Engine>> {
-    static ENGINE: OnceLock<Option<Arc<Engine>>> = OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            let path = engine::default_model_path().filter(|p| p.exists());
-            let required = std::env::var_os("AGENTKV_REQUIRE_MODEL").is_some();
-            match path {
-                Some(path) => Some(Arc::new(
-                    Engine::load(&path).expect("loading the real model"),
-                )),
-                None if required => {
-                    panic!("the real model is missing: run `cargo xtask fetch-model`")
-                }
-                None => {
-                    eprintln!("skipping: no model (run `cargo xtask fetch-model`)");
-                    None
-                }
-            }
-        })
-        .clone()
-}
-
 fn options() -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: MAX_TOKENS,
-        ..GenerateOptions::default()
-    }
+    engine::testing::options(MAX_TOKENS)
 }
 
 fn config(dtype: KvDtype) -> PoolConfig {
@@ -70,17 +46,6 @@ fn config(dtype: KvDtype) -> PoolConfig {
         kv_dtype: dtype,
         ..PoolConfig::default()
     }
-}
-
-fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn turn(pool: &AgentPool<Engine>, id: &str, text: &str) -> Reply {
@@ -167,7 +132,7 @@ fn assert_same(dtype: KvDtype, what: &str, a: &[Reply], b: &[Reply]) {
 /// the logits is the engine's business: `engine_resume.rs` bounds it.)
 #[test]
 fn reopened_pool_continues_exactly_like_an_uninterrupted_one() {
-    let Some(engine) = engine() else { return };
+    let Some(engine) = real_engine() else { return };
     for (dtype, reference) in [
         (KvDtype::F32, Between::Nothing),
         (KvDtype::F16, Between::Evict),
@@ -189,7 +154,7 @@ fn reopened_pool_continues_exactly_like_an_uninterrupted_one() {
 
 #[test]
 fn adopted_system_prefix_is_bitwise_equal_to_computing_from_scratch() {
-    let Some(engine) = engine() else { return };
+    let Some(engine) = real_engine() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let pool =
         AgentPool::open(dir.path(), Arc::clone(&engine), config(KvDtype::F32)).expect("open");

@@ -1,42 +1,16 @@
 //! With the real SmolLM2-135M-Instruct: the Paris answer, and the exactness of resuming from a
 //! saved cache and of reusing a cached prefix, against uninterrupted runs.
 //!
-//! These tests need the model (`cargo xtask fetch-model`). `cargo xtask ci` sets
-//! `AGENTKV_REQUIRE_MODEL=1`, which turns a missing model into a failure instead of a skip.
-
-use std::sync::OnceLock;
+//! These tests need the model (`cargo xtask fetch-model`); see
+//! `engine::testing::real_model_path` for what happens without it.
 
 use engine::chat::Message;
-use engine::{Engine, GenerateOptions, Generation};
+use engine::testing::{bitwise_equal, max_abs_diff, options, real_engine};
+use engine::{Engine, Generation};
 use kv_extract::KvCache;
 use kv_store::{KvDtype, Store};
 
 const SYSTEM: &str = "You are a helpful assistant.";
-
-fn engine() -> Option<&'static Engine> {
-    static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
-    ENGINE.get_or_init(load_engine).as_ref()
-}
-
-fn load_engine() -> Option<Engine> {
-    let path = engine::default_model_path().filter(|p| p.exists());
-    let required = std::env::var_os("AGENTKV_REQUIRE_MODEL").is_some();
-    match path {
-        Some(path) => Some(Engine::load(&path).expect("loading the real model")),
-        None if required => panic!("the real model is missing: run `cargo xtask fetch-model`"),
-        None => {
-            eprintln!("skipping: no model (run `cargo xtask fetch-model`)");
-            None
-        }
-    }
-}
-
-fn greedy(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens,
-        ..GenerateOptions::default()
-    }
-}
 
 fn run(
     engine: &Engine,
@@ -48,31 +22,19 @@ fn run(
         .chat_tokens(messages, true)
         .expect("render and encode");
     engine
-        .generate(cache, &prompt, &greedy(max_tokens), &mut |_| {})
+        .generate(cache, &prompt, &options(max_tokens), &mut |_| {})
         .expect("generate")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 #[test]
 fn answers_paris() {
-    let Some(engine) = engine() else { return };
+    let Some(engine) = real_engine() else { return };
     let mut cache = engine.new_cache();
     let messages = [
         Message::system(SYSTEM),
         Message::user("What is the capital of France?"),
     ];
-    let out = run(engine, &mut cache, &messages, 24);
+    let out = run(&engine, &mut cache, &messages, 24);
     eprintln!("answer: {:?}", out.text);
     assert!(out.text.contains("Paris"), "{:?}", out.text);
 }
@@ -85,13 +47,13 @@ struct ResumeRun {
 }
 
 fn resume_run(dtype: KvDtype) -> Option<ResumeRun> {
-    let engine = engine()?;
+    let engine = real_engine()?;
     let user1 = Message::user("What is the capital of France?");
     let user2 = Message::user("And what is the capital of Germany?");
 
     let mut cache = engine.new_cache();
     let turn1 = run(
-        engine,
+        &engine,
         &mut cache,
         &[Message::system(SYSTEM), user1.clone()],
         24,
@@ -102,12 +64,12 @@ fn resume_run(dtype: KvDtype) -> Option<ResumeRun> {
         Message::assistant(turn1.text.clone()),
         user2.clone(),
     ];
-    let uninterrupted = run(engine, &mut cache, &conversation, 16);
+    let uninterrupted = run(&engine, &mut cache, &conversation, 16);
 
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let mut cache = engine.new_cache();
-        let again = run(engine, &mut cache, &[Message::system(SYSTEM), user1], 24);
+        let again = run(&engine, &mut cache, &[Message::system(SYSTEM), user1], 24);
         assert_eq!(again.tokens, turn1.tokens, "turn 1 is deterministic");
         let store = Store::open(dir.path()).expect("open store");
         cache
@@ -178,7 +140,7 @@ fn resume_from_half_cache_is_within_bound() {
 
 #[test]
 fn prefix_reuse_matches_prefill_from_scratch() {
-    let Some(engine) = engine() else { return };
+    let Some(engine) = real_engine() else { return };
     let p = engine
         .chat_tokens(
             &[
@@ -233,7 +195,7 @@ fn prefix_reuse_matches_prefill_from_scratch() {
 
 #[test]
 fn cache_from_another_model_is_refused() {
-    let Some(engine) = engine() else { return };
+    let Some(engine) = real_engine() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
     let mut cache = engine.new_cache();

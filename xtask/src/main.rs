@@ -229,6 +229,14 @@ fn cargo() -> Command {
     cmd
 }
 
+/// `cargo test` as CI runs it: a real-model test whose model is missing fails instead of
+/// skipping (`engine::testing::real_model_path`). Every `cargo test` of CI goes through here.
+fn cargo_test() -> Command {
+    let mut cmd = cargo();
+    cmd.arg("test").env("AGENTKV_REQUIRE_MODEL", "1");
+    cmd
+}
+
 fn run_step(name: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("==> {name}");
     let started = std::time::Instant::now();
@@ -256,21 +264,12 @@ fn ci() -> Result<()> {
             "warnings",
         ]),
     )?;
-    // The real-model tests must run, not skip, in CI.
-    run_step(
-        "test",
-        cargo()
-            .args(["test", "--workspace"])
-            .env("AGENTKV_REQUIRE_MODEL", "1"),
-    )?;
+    run_step("test", cargo_test().arg("--workspace"))?;
     // Once more with the portable kernels forced: the code a machine without AVX2 (or another
     // architecture) runs, which the default run above does not reach on an x86 CI machine.
     run_step(
         "test (portable kernels)",
-        cargo()
-            .args(["test", "-p", "engine"])
-            .env("AGENTKV_REQUIRE_MODEL", "1")
-            .env("AGENTKV_SIMD", "none"),
+        cargo_test().args(["-p", "engine"]).env("AGENTKV_SIMD", "portable"),
     )?;
     openai_test(&model)?;
     run_step(
@@ -317,7 +316,7 @@ fn openai_test(model: &Path) -> Result<()> {
     // `cargo build -p cli` would build most dependencies again with other features.
     run_step(
         "build agentkv",
-        cargo().args(["test", "--workspace", "--no-run"]),
+        cargo_test().args(["--workspace", "--no-run"]),
     )?;
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));

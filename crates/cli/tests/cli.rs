@@ -1,17 +1,15 @@
 //! The `agentkv` binary end to end, in a temporary AGENTKV_HOME: the two-session demo, every
 //! `agents` subcommand, `run --json`, and bad input.
 //!
-//! Tests that need the real model skip (with a note) when it is missing, unless
-//! `AGENTKV_REQUIRE_MODEL=1`, which turns a missing model into a failure instead of a skip.
+//! Tests that need the real model find it with `engine::testing::real_model_path`, which
+//! says what happens without it.
 //! (Here rather than in the `tests` package because Cargo only hands a package's own tests
 //! the path of its binaries, `CARGO_BIN_EXE_agentkv`.)
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn model() -> Option<PathBuf> {
-    engine::testing::real_model_path()
-}
+use engine::testing::real_model_path;
 
 /// Runs `agentkv --home <home> [--model <model>] args...`.
 fn agentkv(home: &Path, model: Option<&Path>, args: &[&str]) -> Output {
@@ -85,7 +83,9 @@ fn session_must_be_1_or_2() {
 
 #[test]
 fn demo_session_1_then_2() {
-    let Some(model) = model() else { return };
+    let Some(model) = real_model_path() else {
+        return;
+    };
     let home = tempfile::tempdir().unwrap();
     let demo = ["demo", "--max-tokens", "4", "--session"];
     let one = ok(agentkv(
@@ -136,7 +136,9 @@ fn demo_session_1_then_2() {
 
 #[test]
 fn agents_subcommands_and_bad_input() {
-    let Some(model) = model() else { return };
+    let Some(model) = real_model_path() else {
+        return;
+    };
     let home = tempfile::tempdir().unwrap();
     let m = Some(model.as_path());
 
@@ -282,7 +284,9 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
 #[test]
 fn serve_answers_shares_the_pool_with_agents_list_and_stops_on_sigterm() {
     use std::io::BufRead;
-    let Some(model) = model() else { return };
+    let Some(model) = real_model_path() else {
+        return;
+    };
     let home = tempfile::tempdir().expect("temp dir");
     let mut server = Command::new(env!("CARGO_BIN_EXE_agentkv"))
         .arg("--home")

@@ -498,17 +498,16 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::OnceLock;
 
-    use candle_core::quantized::gguf_file::{Value as GgufValue, VersionedMagic};
+    use candle_core::quantized::gguf_file::Value as GgufValue;
 
     use super::*;
+    use crate::testing::{gguf_content, real_model_content};
     use crate::tokenizer::Tokenizer;
-    use crate::tokenizer::tests::real_content;
 
     fn real() -> Option<&'static ChatTemplate> {
-        static TEMPLATE: OnceLock<Option<ChatTemplate>> = OnceLock::new();
-        TEMPLATE
-            .get_or_init(|| real_content().map(|c| ChatTemplate::from_gguf(c).expect("template")))
-            .as_ref()
+        static TEMPLATE: OnceLock<ChatTemplate> = OnceLock::new();
+        let content = real_model_content()?;
+        Some(TEMPLATE.get_or_init(|| ChatTemplate::from_gguf(content).expect("template")))
     }
 
     fn tiny(source: &str) -> ChatTemplate {
@@ -519,15 +518,6 @@ mod tests {
         match t.render(&[Message::user("hi")], false) {
             Err(TokenizerError::TemplateRender { source }) => source.to_string(),
             other => panic!("expected a render error, got {other:?}"),
-        }
-    }
-
-    fn content(md: HashMap<String, GgufValue>) -> Content {
-        Content {
-            magic: VersionedMagic::GgufV3,
-            metadata: md,
-            tensor_infos: HashMap::new(),
-            tensor_data_offset: 0,
         }
     }
 
@@ -567,9 +557,10 @@ mod tests {
 
     #[test]
     fn real_rendered_prompt_tokenizes_with_control_tokens() {
-        let (Some(t), Some(c)) = (real(), real_content()) else {
+        let Some(c) = real_model_content() else {
             return;
         };
+        let t = real().expect("the model is there");
         let tok = Tokenizer::from_gguf(c).expect("tokenizer");
         let prompt = t.render(&[Message::user("Hi")], true).expect("render");
         let ids = tok.encode(&prompt).expect("encode");
@@ -581,9 +572,10 @@ mod tests {
 
     #[test]
     fn real_fingerprint_is_stable() {
-        let (Some(t), Some(c)) = (real(), real_content()) else {
+        let Some(c) = real_model_content() else {
             return;
         };
+        let t = real().expect("the model is there");
         let again = ChatTemplate::from_gguf(c).expect("template");
         assert_eq!(t.fingerprint(), again.fingerprint());
         assert_eq!(t.fingerprint().len(), 32);
@@ -592,12 +584,12 @@ mod tests {
 
     #[test]
     fn gguf_without_template_is_an_error() {
-        let err = ChatTemplate::from_gguf(&content(HashMap::new())).err();
+        let err = ChatTemplate::from_gguf(&gguf_content(HashMap::new())).err();
         assert!(matches!(err, Some(TokenizerError::MissingChatTemplate)));
 
         let mut md = HashMap::new();
         md.insert(KEY_TEMPLATE.to_owned(), GgufValue::U32(3));
-        let err = ChatTemplate::from_gguf(&content(md)).err();
+        let err = ChatTemplate::from_gguf(&gguf_content(md)).err();
         assert!(matches!(err, Some(TokenizerError::Metadata(_))));
     }
 
@@ -617,11 +609,11 @@ mod tests {
         );
         md.insert(KEY_BOS.to_owned(), GgufValue::U32(1));
         md.insert(KEY_EOS.to_owned(), GgufValue::U32(0));
-        let t = ChatTemplate::from_gguf(&content(md.clone())).expect("template");
+        let t = ChatTemplate::from_gguf(&gguf_content(md.clone())).expect("template");
         assert_eq!(t.render(&[], false).expect("render"), "<bos>|<eos>");
 
         md.insert(KEY_EOS.to_owned(), GgufValue::U32(7));
-        let err = ChatTemplate::from_gguf(&content(md)).err();
+        let err = ChatTemplate::from_gguf(&gguf_content(md)).err();
         assert!(matches!(
             err,
             Some(TokenizerError::SpecialIdOutOfRange {
@@ -754,7 +746,7 @@ mod tests {
         );
         md.insert(KEY_BOS.to_owned(), GgufValue::U32(1));
         md.insert(KEY_EOS.to_owned(), GgufValue::U32(2));
-        Tokenizer::from_gguf(&content(md)).expect("tiny tokenizer")
+        Tokenizer::from_gguf(&gguf_content(md)).expect("tiny tokenizer")
     }
 
     fn chatml() -> ChatTemplate {

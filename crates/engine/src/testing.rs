@@ -1,16 +1,21 @@
-//! Test fixtures: a tiny random-weight llama GGUF (with a minimal GPT-2 style tokenizer and
-//! the ChatML template) that tests anywhere in the workspace can write to a temp dir, and the
-//! one place tests find the real model.
+//! Test support, compiled only for tests (the `testing` feature, which the workspace's test
+//! crates enable): a tiny random-weight llama GGUF (with a minimal GPT-2 style tokenizer and the
+//! ChatML template) that tests anywhere in the workspace can write to a temp dir, the one place
+//! tests find the real model, and comparisons of logits.
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use crate::{Engine, GenerateOptions};
 
 /// The ChatML template SmolLM2 uses (without its default system prompt).
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -23,22 +28,95 @@ pub const MERGES: [&str; 9] = [
     "Ġ t", "h e", "Ġt he", "i n", "Ġ a", "o n", "e r", "Ġ i", "Ġi s",
 ];
 
-/// The real model (`cargo xtask fetch-model` puts it at [`crate::default_model_path`]) for
-/// the tests that need it.
+/// Set to make a missing real model fail the tests that need it (`cargo xtask ci` sets it).
+pub const REQUIRE_MODEL_ENV: &str = "AGENTKV_REQUIRE_MODEL";
+
+/// The real model for the tests that need it: the file `cargo xtask fetch-model` installs, at
+/// [`crate::default_model_path`] (so `AGENTKV_HOME` moves it). Every test that runs the real
+/// model finds it here.
 ///
-/// When the file is absent this panics if `AGENTKV_REQUIRE_MODEL` is set (`cargo xtask ci`
-/// sets it, so there a missing model fails the tests), and otherwise says so on stderr and
-/// returns `None`.
+/// When the file is absent this panics if [`REQUIRE_MODEL_ENV`] is set, and otherwise warns
+/// on the terminal that the calling test did not run and returns `None`, for the test to
+/// return early.
 pub fn real_model_path() -> Option<PathBuf> {
-    let path = crate::default_model_path().filter(|p| p.exists());
-    if path.is_none() {
-        assert!(
-            std::env::var_os("AGENTKV_REQUIRE_MODEL").is_none(),
-            "the real model is missing: run `cargo xtask fetch-model`"
-        );
-        eprintln!("skipping: no model (run `cargo xtask fetch-model`)");
+    let path = crate::default_model_path();
+    if let Some(path) = path.as_ref().filter(|p| p.exists()) {
+        return Some(path.clone());
     }
-    path
+    let missing = match &path {
+        Some(p) => format!("the real model is missing: no file {}", p.display()),
+        None => "the real model is missing: neither AGENTKV_HOME nor HOME is set".to_owned(),
+    };
+    let fix = "run `cargo xtask fetch-model` (it honours AGENTKV_HOME)";
+    assert!(
+        std::env::var_os(REQUIRE_MODEL_ENV).is_none(),
+        "{missing}; {fix}, or unset {REQUIRE_MODEL_ENV} to skip the tests that need it"
+    );
+    // Straight to the terminal: the test harness captures `eprintln!` of passing tests, and
+    // a test that did not run must not pass in silence.
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    let _ = writeln!(
+        std::io::stderr(),
+        "warning: {test} did not run: {missing}; {fix} \
+         (with {REQUIRE_MODEL_ENV}=1, as in `cargo xtask ci`, this is a failure)"
+    );
+    None
+}
+
+/// The real model loaded once per test binary, shared by its tests; `None` (after the
+/// warning) where [`real_model_path`] gives none.
+pub fn real_engine() -> Option<Arc<Engine>> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+    let path = real_model_path()?;
+    let engine =
+        ENGINE.get_or_init(|| Arc::new(Engine::load(&path).expect("loading the real model")));
+    Some(Arc::clone(engine))
+}
+
+/// The real model's GGUF header (metadata and tensor index), read once per test binary;
+/// `None` (after the warning) where [`real_model_path`] gives none.
+pub fn real_model_content() -> Option<&'static gguf_file::Content> {
+    static CONTENT: OnceLock<gguf_file::Content> = OnceLock::new();
+    let path = real_model_path()?;
+    Some(CONTENT.get_or_init(|| {
+        let mut file = File::open(&path).expect("opening the real model");
+        gguf_file::Content::read(&mut file).expect("reading the real model's gguf header")
+    }))
+}
+
+/// A GGUF header with `metadata` and no tensors, for tokenizer and chat-template tests.
+pub fn gguf_content(metadata: HashMap<String, Value>) -> gguf_file::Content {
+    gguf_file::Content {
+        magic: gguf_file::VersionedMagic::GgufV3,
+        metadata,
+        tensor_infos: HashMap::new(),
+        tensor_data_offset: 0,
+    }
+}
+
+/// Greedy generation of at most `max_tokens` tokens.
+pub fn options(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        ..GenerateOptions::default()
+    }
+}
+
+/// Whether `a` and `b` hold the same values bit for bit (so `-0.0 != 0.0`, and a NaN equals
+/// only the same NaN).
+pub fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// The largest `|a[i] - b[i]|`, for a message or a bound. Slices of different lengths panic
+/// (zipping would compare a prefix and hide the rest), and a NaN on either side gives NaN, so
+/// that `max_abs_diff(a, b) <= bound` fails (`f32::max` would drop the NaN and report 0).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "comparing slices of different lengths");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |max, d| if d.is_nan() || d > max { d } else { max })
 }
 
 /// Deterministic pseudo-random values in [-1, 1) (xorshift), for kernel tests.
@@ -266,6 +344,21 @@ mod tests {
         assert_eq!(m[b'a' as usize], 'a');
         let distinct: std::collections::HashSet<char> = m.iter().copied().collect();
         assert_eq!(distinct.len(), 256);
+    }
+
+    #[test]
+    fn logit_comparisons_see_every_difference() {
+        assert!(bitwise_equal(&[1.0, f32::NAN], &[1.0, f32::NAN]));
+        assert!(!bitwise_equal(&[0.0], &[-0.0]));
+        assert!(!bitwise_equal(&[1.0], &[1.0, 2.0]));
+        assert_eq!(max_abs_diff(&[1.0, -2.0, 3.0], &[1.5, -2.0, 1.0]), 2.0);
+        assert!(max_abs_diff(&[f32::NAN, 1.0], &[0.0, 5.0]).is_nan());
+        assert!(max_abs_diff(&[1.0, 0.0], &[5.0, f32::NAN]).is_nan());
+        let lengths = std::panic::catch_unwind(|| max_abs_diff(&[1.0], &[1.0, 9.0]));
+        assert!(
+            lengths.is_err(),
+            "different lengths must not compare a prefix"
+        );
     }
 
     #[test]

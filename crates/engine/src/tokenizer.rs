@@ -702,33 +702,18 @@ fn fingerprint_of(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use std::collections::HashMap;
+mod tests {
     use std::sync::OnceLock;
 
-    use candle_core::quantized::gguf_file::{Value, VersionedMagic};
+    use candle_core::quantized::gguf_file::Value;
 
     use super::*;
-
-    /// The real model's metadata, or `None` when the file is not on this machine (see
-    /// [`crate::testing::real_model_path`]).
-    pub(crate) fn real_content() -> Option<&'static Content> {
-        static CONTENT: OnceLock<Option<Content>> = OnceLock::new();
-        CONTENT
-            .get_or_init(|| {
-                let path = crate::testing::real_model_path()?;
-                let mut file = std::fs::File::open(path).expect("open model file");
-                Some(Content::read(&mut file).expect("read gguf header"))
-            })
-            .as_ref()
-    }
+    use crate::testing::{gguf_content, real_model_content};
 
     fn real() -> Option<&'static Tokenizer> {
-        static TOK: OnceLock<Option<Tokenizer>> = OnceLock::new();
-        TOK.get_or_init(|| {
-            real_content().map(|c| Tokenizer::from_gguf(c).expect("build tokenizer"))
-        })
-        .as_ref()
+        static TOK: OnceLock<Tokenizer> = OnceLock::new();
+        let content = real_model_content()?;
+        Some(TOK.get_or_init(|| Tokenizer::from_gguf(content).expect("build tokenizer")))
     }
 
     /// The byte-level symbol for a byte (GPT-2 `bytes_to_unicode`).
@@ -773,15 +758,6 @@ pub(crate) mod tests {
         md
     }
 
-    fn content(md: Metadata) -> Content {
-        Content {
-            magic: VersionedMagic::GgufV3,
-            metadata: md,
-            tensor_infos: HashMap::new(),
-            tensor_data_offset: 0,
-        }
-    }
-
     #[test]
     fn types_can_be_shared_across_threads() {
         fn send_sync<T: Send + Sync>() {}
@@ -792,7 +768,7 @@ pub(crate) mod tests {
 
     #[test]
     fn debug_output_is_short() {
-        let tok = Tokenizer::from_gguf(&content(tiny_metadata("smollm"))).expect("tiny");
+        let tok = Tokenizer::from_gguf(&gguf_content(tiny_metadata("smollm"))).expect("tiny");
         let shown = format!("{tok:?}");
         assert!(
             shown.contains("vocab_size: 265") && shown.len() < 300,
@@ -820,7 +796,7 @@ pub(crate) mod tests {
 
     #[test]
     fn tiny_vocab_encodes_decodes_and_streams() {
-        let tok = Tokenizer::from_gguf(&content(tiny_metadata("smollm"))).expect("tiny");
+        let tok = Tokenizer::from_gguf(&gguf_content(tiny_metadata("smollm"))).expect("tiny");
         assert_eq!(tok.vocab_size(), 2 + 256 + 7);
         assert_eq!(tok.bos_id(), Some(1));
         assert_eq!(tok.eos_id(), 0);
@@ -857,7 +833,7 @@ pub(crate) mod tests {
 
     #[test]
     fn plain_encoding_keeps_control_text_as_text() {
-        let tok = Tokenizer::from_gguf(&content(tiny_metadata("smollm"))).expect("tiny");
+        let tok = Tokenizer::from_gguf(&gguf_content(tiny_metadata("smollm"))).expect("tiny");
         let text = "<|im_start|>hello<|endoftext|>";
         let ids = tok.encode_plain(text).expect("encode");
         assert!(!ids.contains(&0) && !ids.contains(&1), "{ids:?}");
@@ -921,7 +897,7 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_metadata_gives_typed_errors() {
-        let build = |md: Metadata| Tokenizer::from_gguf(&content(md)).err();
+        let build = |md: Metadata| Tokenizer::from_gguf(&gguf_content(md)).err();
 
         let mut md = tiny_metadata("smollm");
         md.remove(KEY_MODEL);
@@ -995,7 +971,7 @@ pub(crate) mod tests {
             Some(TokenizerError::DuplicateToken { token, .. }) if token == "hello"
         ));
 
-        let tok = Tokenizer::from_gguf(&content(tiny_metadata("smollm"))).expect("tiny");
+        let tok = Tokenizer::from_gguf(&gguf_content(tiny_metadata("smollm"))).expect("tiny");
         assert!(matches!(
             tok.decode(&[0, 9999]),
             Err(TokenizerError::UnknownId { id: 9999, .. })
@@ -1015,13 +991,13 @@ pub(crate) mod tests {
 
     #[test]
     fn fingerprint_is_stable_and_sensitive() {
-        let a = Tokenizer::from_gguf(&content(tiny_metadata("smollm"))).expect("a");
-        let b = Tokenizer::from_gguf(&content(tiny_metadata("smollm"))).expect("b");
+        let a = Tokenizer::from_gguf(&gguf_content(tiny_metadata("smollm"))).expect("a");
+        let b = Tokenizer::from_gguf(&gguf_content(tiny_metadata("smollm"))).expect("b");
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_eq!(a.fingerprint().len(), 32);
         assert!(a.fingerprint().chars().all(|c| c.is_ascii_hexdigit()));
 
-        let other_pre = Tokenizer::from_gguf(&content(tiny_metadata("gpt-2"))).expect("c");
+        let other_pre = Tokenizer::from_gguf(&gguf_content(tiny_metadata("gpt-2"))).expect("c");
         assert_ne!(a.fingerprint(), other_pre.fingerprint());
 
         let mut md = tiny_metadata("smollm");
@@ -1029,20 +1005,20 @@ pub(crate) mod tests {
             KEY_MERGES.into(),
             strings(&["h e", "l l", "he ll", "hell o", "Ġ w", "Ġ Ġ", "Ġw o"]),
         );
-        let reordered = Tokenizer::from_gguf(&content(md)).expect("d");
+        let reordered = Tokenizer::from_gguf(&gguf_content(md)).expect("d");
         assert_ne!(a.fingerprint(), reordered.fingerprint());
 
         let mut md = tiny_metadata("smollm");
         if let Some(Value::Array(types)) = md.get_mut(KEY_TOKEN_TYPE) {
             types[1] = Value::I32(1);
         }
-        let retyped = Tokenizer::from_gguf(&content(md)).expect("e");
+        let retyped = Tokenizer::from_gguf(&gguf_content(md)).expect("e");
         assert_ne!(a.fingerprint(), retyped.fingerprint());
     }
 
     #[test]
     fn stream_holds_back_split_characters() {
-        let tok = Tokenizer::from_gguf(&content(tiny_metadata("smollm"))).expect("tiny");
+        let tok = Tokenizer::from_gguf(&gguf_content(tiny_metadata("smollm"))).expect("tiny");
         // 🦀 is F0 9F A6 80: feed it one byte token at a time.
         let crab: Vec<u32> = "🦀"
             .bytes()
@@ -1254,10 +1230,10 @@ pub(crate) mod tests {
 
     #[test]
     fn real_fingerprint_is_stable() {
-        let Some(tok) = real() else { return };
-        let Some(content) = real_content() else {
+        let Some(content) = real_model_content() else {
             return;
         };
+        let tok = real().expect("the model is there");
         let again = Tokenizer::from_gguf(content).expect("rebuild");
         assert_eq!(tok.fingerprint(), again.fingerprint());
         let tiny = Tokenizer::from_gguf(&content_tiny()).expect("tiny");
@@ -1265,6 +1241,6 @@ pub(crate) mod tests {
     }
 
     fn content_tiny() -> Content {
-        content(tiny_metadata("smollm"))
+        gguf_content(tiny_metadata("smollm"))
     }
 }

@@ -2,13 +2,16 @@
 //! driven over HTTP: both APIs, streaming and not, every reuse path, concurrency with more
 //! agents than hot slots, cancellation on disconnect, and bad input.
 //!
-//! The model must be present (`cargo xtask fetch-model`): these tests fail without it.
+//! These tests need the model (`cargo xtask fetch-model`); see
+//! `engine::testing::real_model_path` for what happens without it.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agent_pool::{AgentPool, Backend, PoolConfig};
+use engine::Engine;
+use engine::testing::real_engine;
 use futures_util::StreamExt;
 use kv_store::KvDtype;
 use reqwest::StatusCode;
@@ -17,20 +20,8 @@ use server::{Pool, ServerConfig};
 
 const MODEL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
 
-fn model_path() -> PathBuf {
-    let path = engine::default_model_path().filter(|p| p.exists());
-    path.expect("the real model is missing: run `cargo xtask fetch-model`")
-}
-
-fn engine() -> Arc<engine::Engine> {
-    static ENGINE: OnceLock<Arc<engine::Engine>> = OnceLock::new();
-    Arc::clone(ENGINE.get_or_init(|| {
-        Arc::new(engine::Engine::load(&model_path()).expect("loading the real model"))
-    }))
-}
-
-fn open_pool(root: &std::path::Path, config: PoolConfig) -> Arc<Pool> {
-    let backend: Arc<dyn Backend> = engine();
+fn open_pool(engine: &Arc<Engine>, root: &Path, config: PoolConfig) -> Arc<Pool> {
+    let backend: Arc<dyn Backend> = engine.clone();
     Arc::new(AgentPool::open(root, backend, config).expect("pool"))
 }
 
@@ -69,9 +60,13 @@ struct TestServer {
 }
 
 impl TestServer {
-    async fn start(pool_config: PoolConfig, config: ServerConfig) -> TestServer {
+    async fn start(
+        engine: &Arc<Engine>,
+        pool_config: PoolConfig,
+        config: ServerConfig,
+    ) -> TestServer {
         let home = tempfile::tempdir().expect("temp dir");
-        let pool = open_pool(&home.path().join("pool"), pool_config);
+        let pool = open_pool(engine, &home.path().join("pool"), pool_config);
         let (url, tx, task) = spawn(Arc::clone(&pool), config).await;
         TestServer {
             url,
@@ -83,8 +78,8 @@ impl TestServer {
         }
     }
 
-    async fn default() -> TestServer {
-        Self::start(pool_config(), ServerConfig::new(MODEL_ID)).await
+    async fn default(engine: &Arc<Engine>) -> TestServer {
+        Self::start(engine, pool_config(), ServerConfig::new(MODEL_ID)).await
     }
 
     async fn post(
@@ -196,7 +191,8 @@ fn assert_openai_error(status: StatusCode, body: &Value, want: StatusCode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_history_is_reused_and_a_divergent_history_forks() {
-    let s = TestServer::default().await;
+    let Some(engine) = real_engine() else { return };
+    let s = TestServer::default(&engine).await;
     let mut messages = json!([
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": "What is the capital of France?"}
@@ -268,6 +264,7 @@ async fn chat_history_is_reused_and_a_divergent_history_forks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_conversation_equals_an_uninterrupted_one_across_a_restart() {
+    let Some(engine) = real_engine() else { return };
     // Server A is stopped and a new server opens its pool; B never stops.
     let home = tempfile::tempdir().expect("temp dir");
     let root = home.path().join("pool");
@@ -291,9 +288,9 @@ async fn a_resumed_conversation_equals_an_uninterrupted_one_across_a_restart() {
             (cache, r.json::<Value>().await.expect("json"))
         }
     };
-    let reference = TestServer::default().await;
+    let reference = TestServer::default(&engine).await;
     let mut history = vec![json!({"role": "system", "content": SYSTEM})];
-    let mut pool_a = Some(open_pool(&root, pool_config()));
+    let mut pool_a = Some(open_pool(&engine, &root, pool_config()));
     for (i, question) in turns.iter().enumerate() {
         history.push(json!({"role": "user", "content": question}));
         let (url, tx, task) =
@@ -309,7 +306,7 @@ async fn a_resumed_conversation_equals_an_uninterrupted_one_across_a_restart() {
         let _ = tx.send(());
         task.await.expect("server task");
         // The pool is dropped with the server: a new one opens the same directory.
-        pool_a = Some(open_pool(&root, pool_config()));
+        pool_a = Some(open_pool(&engine, &root, pool_config()));
     }
     reference.stop().await;
 }
@@ -328,7 +325,8 @@ fn sse_data(body: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_chat_sends_chunks_usage_and_done() {
-    let s = TestServer::default().await;
+    let Some(engine) = real_engine() else { return };
+    let s = TestServer::default(&engine).await;
     let messages = json!([{"role": "user", "content": "Say hello to the sea."}]);
     let mut body = chat("stream-a", &messages, 16);
     body["stream"] = json!(true);
@@ -373,7 +371,8 @@ async fn streaming_chat_sends_chunks_usage_and_done() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_are_durable_ids_that_continue_fork_and_delete() {
-    let s = TestServer::default().await;
+    let Some(engine) = real_engine() else { return };
+    let s = TestServer::default(&engine).await;
     let first_req = json!({
         "model": MODEL_ID, "input": "Name a planet.", "instructions": SYSTEM,
         "max_output_tokens": 12, "temperature": 0
@@ -493,7 +492,8 @@ async fn responses_are_durable_ids_that_continue_fork_and_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instructions_apply_to_their_response_alone_and_a_retrieved_one_keeps_its_usage() {
-    let s = TestServer::default().await;
+    let Some(engine) = real_engine() else { return };
+    let s = TestServer::default(&engine).await;
     let ask = |input: &str, previous: &Value, instructions: Option<&str>| {
         json!({"model": MODEL_ID, "input": input, "previous_response_id": previous["id"],
                "instructions": instructions, "max_output_tokens": 8, "temperature": 0})
@@ -558,9 +558,10 @@ fn count_after_turn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_after_turn_hook_runs_once_per_turn() {
+    let Some(engine) = real_engine() else { return };
     let mut config = ServerConfig::new(MODEL_ID);
     config.after_turn = Some(count_after_turn);
-    let s = TestServer::start(pool_config(), config).await;
+    let s = TestServer::start(&engine, pool_config(), config).await;
     let messages = json!([{"role": "user", "content": "Count to three."}]);
     for agent in ["counter", MODEL_ID] {
         let (status, _, body) = s
@@ -582,7 +583,8 @@ async fn the_after_turn_hook_runs_once_per_turn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anonymous_request_reuses_a_shared_prefix_and_writes_nothing() {
-    let s = TestServer::default().await;
+    let Some(engine) = real_engine() else { return };
+    let s = TestServer::default(&engine).await;
     // A saved system prompt is read from disk when no agent holding it is hot.
     let library = format!("Answer as a librarian. {}", "Name the shelf. ".repeat(30));
     let ask = |question: &str| {
@@ -656,7 +658,9 @@ async fn an_anonymous_request_reuses_a_shared_prefix_and_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_agents_than_hot_slots_come_back_from_disk_concurrently() {
+    let Some(engine) = real_engine() else { return };
     let s = TestServer::start(
+        &engine,
         PoolConfig {
             max_hot: 1,
             ..pool_config()
@@ -707,7 +711,8 @@ async fn more_agents_than_hot_slots_come_back_from_disk_concurrently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_mid_stream_cancels_and_commits_nothing() {
-    let s = TestServer::default().await;
+    let Some(engine) = real_engine() else { return };
+    let s = TestServer::default(&engine).await;
     let messages = json!([{"role": "user", "content": "Write a long story about a ship."}]);
     let mut body = chat("quitter", &messages, 2000);
     body["stream"] = json!(true);
@@ -738,9 +743,10 @@ async fn a_client_that_disconnects_mid_stream_cancels_and_commits_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
+    let Some(engine) = real_engine() else { return };
     let mut config = ServerConfig::new(MODEL_ID);
     config.max_body_bytes = 64 << 10;
-    let s = TestServer::start(pool_config(), config).await;
+    let s = TestServer::start(&engine, pool_config(), config).await;
     let user = json!([{"role": "user", "content": "Hi"}]);
     let raw = |body: &'static str| {
         let client = s.client.clone();
@@ -817,10 +823,11 @@ async fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_key_is_required_when_set_and_a_full_queue_says_retry() {
+    let Some(engine) = real_engine() else { return };
     let mut config = ServerConfig::new(MODEL_ID);
     config.api_key = Some("sesame".into());
     config.max_queue = 1;
-    let s = TestServer::start(pool_config(), config).await;
+    let s = TestServer::start(&engine, pool_config(), config).await;
     let user = json!([{"role": "user", "content": "Tell me a long story."}]);
     let (st, _, b) = s
         .post("/v1/chat/completions", &chat(MODEL_ID, &user, 4))
