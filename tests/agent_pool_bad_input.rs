@@ -8,18 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use agent_pool::testing::FakeBackend;
-use agent_pool::{AgentPool, Backend, PoolConfig, PoolError, RebuildReason};
-use engine::GenerateOptions;
-use engine::chat::Message;
+use agent_pool::{AgentPool, PoolConfig, PoolError, RebuildReason};
+use engine::testing::options;
 
 const SYSTEM: &str = "You are terse.";
 
-fn options() -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: 10,
-        ..GenerateOptions::default()
-    }
-}
+const MAX_TOKENS: usize = 10;
 
 fn open_with(dir: &Path, fake: FakeBackend) -> AgentPool<FakeBackend> {
     AgentPool::open(dir, Arc::new(fake), PoolConfig::default()).expect("open")
@@ -30,22 +24,8 @@ fn open(dir: &Path) -> AgentPool<FakeBackend> {
 }
 
 fn say(pool: &AgentPool<FakeBackend>, id: &str, text: &str) -> agent_pool::Reply {
-    pool.generate(id, text, &options(), &mut |_| {})
+    pool.generate(id, text, &options(MAX_TOKENS), &mut |_| {})
         .expect("generate")
-}
-
-/// The reply `fake` must give after the agent's `turns`, computed without any pool.
-fn expected(fake: &FakeBackend, turns: &[(String, String)], user: &str) -> String {
-    let mut messages = vec![Message::system(SYSTEM)];
-    for (u, a) in turns {
-        messages.push(Message::user(u.clone()));
-        messages.push(Message::assistant(a.clone()));
-    }
-    messages.push(Message::user(user));
-    fake.reply_to(
-        &fake.chat_tokens(&messages, true).expect("tokens"),
-        options().max_tokens,
-    )
 }
 
 /// An agent with two turns, saved and closed. Returns its turns.
@@ -94,7 +74,10 @@ fn invalid_ids_are_rejected_everywhere_and_touch_nothing() {
             other => panic!("{bad:?}: {other:?}"),
         };
         check(pool.create_agent(bad, "t", SYSTEM).map(drop));
-        check(pool.generate(bad, "hi", &options(), &mut |_| {}).map(drop));
+        check(
+            pool.generate(bad, "hi", &options(MAX_TOKENS), &mut |_| {})
+                .map(drop),
+        );
         check(pool.load_agent(bad).map(drop));
         check(pool.save_agent(bad).map(drop));
         check(pool.evict(bad).map(drop));
@@ -138,7 +121,7 @@ fn duplicate_create_and_unknown_agents_are_errors_naming_the_agent() {
     assert_eq!(pool.transcript("alice").expect("transcript").len(), 1);
 
     let err = pool
-        .generate("bob", "hi", &options(), &mut |_| {})
+        .generate("bob", "hi", &options(MAX_TOKENS), &mut |_| {})
         .unwrap_err();
     assert!(
         matches!(&err, PoolError::UnknownAgent { id, .. } if id == "bob"),
@@ -155,7 +138,7 @@ fn duplicate_create_and_unknown_agents_are_errors_naming_the_agent() {
     }
     pool.delete("alice").expect("delete");
     assert!(matches!(
-        pool.generate("alice", "hi", &options(), &mut |_| {}),
+        pool.generate("alice", "hi", &options(MAX_TOKENS), &mut |_| {}),
         Err(PoolError::UnknownAgent { .. })
     ));
     assert!(!dir.path().join("agents/alice").exists());
@@ -185,7 +168,10 @@ fn torn_transcript_tail_is_cut_reported_and_nothing_returned_is_lost() {
     assert_eq!(repair.dropped_bytes as usize, bytes.len() - good);
     assert_eq!(repair.kept_turns, 2);
     assert_eq!(pool.stats().counters.transcript_repairs, 1);
-    assert_eq!(reply.text, expected(&fake, &turns, "third"));
+    assert_eq!(
+        reply.text,
+        fake.expected_reply(SYSTEM, &turns, "third", MAX_TOKENS)
+    );
     let mut want = turns;
     want.push(("third".into(), reply.text));
     assert_eq!(pairs(&pool, "a"), want);
@@ -212,7 +198,7 @@ fn corrupt_transcript_line_is_an_error_naming_file_and_line_and_nothing_is_dropp
 
     let pool = open(dir.path());
     for err in [
-        pool.generate("a", "more", &options(), &mut |_| {})
+        pool.generate("a", "more", &options(MAX_TOKENS), &mut |_| {})
             .unwrap_err(),
         pool.transcript("a").unwrap_err(),
         pool.load_agent("a").unwrap_err(),
@@ -268,7 +254,10 @@ fn damaged_cache_is_rebuilt_from_the_transcript_and_replaced() {
     assert_eq!(rebuilt.reason, RebuildReason::Damaged);
     assert!(rebuilt.detail.contains("checksum"), "{}", rebuilt.detail);
     assert!(!reply.resumed_from_disk);
-    assert_eq!(reply.text, expected(&fake, &turns, "third"));
+    assert_eq!(
+        reply.text,
+        fake.expected_reply(SYSTEM, &turns, "third", MAX_TOKENS)
+    );
     let stats = pool.stats();
     assert_eq!(stats.counters.rebuilds, 1);
     assert_eq!(stats.recent_rebuilds.len(), 1);
@@ -302,10 +291,16 @@ fn damaged_shared_system_segment_is_rebuilt_for_every_sharer() {
     let pool = open(dir.path());
     let a = say(&pool, "a", "third");
     assert_eq!(a.rebuilt.map(|r| r.reason), Some(RebuildReason::Damaged));
-    assert_eq!(a.text, expected(&fake, &turns, "third"));
+    assert_eq!(
+        a.text,
+        fake.expected_reply(SYSTEM, &turns, "third", MAX_TOKENS)
+    );
     let b = say(&pool, "b", "hello");
     assert!(b.rebuilt.is_some(), "b shared the damaged segment");
-    assert_eq!(b.text, expected(&fake, &[], "hello"));
+    assert_eq!(
+        b.text,
+        fake.expected_reply(SYSTEM, &[], "hello", MAX_TOKENS)
+    );
     drop(pool);
     let pool = open(dir.path());
     for id in ["a", "b"] {
@@ -328,7 +323,7 @@ fn missing_cache_is_rebuilt() {
     );
     assert_eq!(
         reply.text,
-        expected(&FakeBackend::default(), &turns, "third")
+        FakeBackend::default().expected_reply(SYSTEM, &turns, "third", MAX_TOKENS)
     );
 }
 
@@ -339,7 +334,7 @@ fn cache_of_another_model_is_rebuilt_with_the_current_one() {
     let other = FakeBackend::new("another-model");
     let pool = open_with(dir.path(), other.clone());
     let reply = pool
-        .generate("a", "third", &options(), &mut |_| {})
+        .generate("a", "third", &options(MAX_TOKENS), &mut |_| {})
         .expect("generate");
     let rebuilt = reply.rebuilt.expect("rebuilt");
     assert_eq!(rebuilt.reason, RebuildReason::OtherModel);
@@ -350,7 +345,7 @@ fn cache_of_another_model_is_rebuilt_with_the_current_one() {
     );
     assert_eq!(
         reply.text,
-        expected(&other, &turns, "third"),
+        other.expected_reply(SYSTEM, &turns, "third", MAX_TOKENS),
         "computed by the current model"
     );
     assert_eq!(pool.transcript("a").expect("transcript").len(), 3);
@@ -372,7 +367,7 @@ fn damaged_agent_file_is_reported_and_the_agent_can_be_deleted() {
     assert!(listed[0].info.is_none() && listed[0].damage.is_some());
     assert!(listed[1].info.is_some());
     let err = pool
-        .generate("a", "hi", &options(), &mut |_| {})
+        .generate("a", "hi", &options(MAX_TOKENS), &mut |_| {})
         .unwrap_err();
     assert!(matches!(err, PoolError::CorruptAgentFile { .. }), "{err}");
     assert!(err.to_string().contains("agent.json"), "{err}");
@@ -388,13 +383,16 @@ fn engine_failure_records_no_turn() {
     pool.create_agent("a", "t", SYSTEM).expect("create");
     let huge = "y".repeat(agent_pool::testing::FAKE_CONTEXT + 10);
     let err = pool
-        .generate("a", &huge, &options(), &mut |_| {})
+        .generate("a", &huge, &options(MAX_TOKENS), &mut |_| {})
         .unwrap_err();
     assert!(matches!(err, PoolError::Engine { .. }), "{err}");
     assert!(pool.transcript("a").expect("transcript").is_empty());
     let reply = say(&pool, "a", "small");
     assert_eq!(reply.turn, Some(0));
-    assert_eq!(reply.text, expected(&FakeBackend::default(), &[], "small"));
+    assert_eq!(
+        reply.text,
+        FakeBackend::default().expected_reply(SYSTEM, &[], "small", MAX_TOKENS)
+    );
 }
 
 #[test]

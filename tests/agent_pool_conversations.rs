@@ -9,17 +9,12 @@ use std::sync::Arc;
 
 use agent_pool::testing::FakeBackend;
 use agent_pool::{AgentPool, Backend, Continue, Parent, PoolConfig, PoolError, Reply, Reused};
-use engine::GenerateOptions;
 use engine::chat::{Message, Role};
+use engine::testing::options;
 
 const SYSTEM: &str = "You are terse.";
 
-fn options() -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: 10,
-        ..GenerateOptions::default()
-    }
-}
+const MAX_TOKENS: usize = 10;
 
 fn open(dir: &Path) -> AgentPool<FakeBackend> {
     AgentPool::open(dir, Arc::new(FakeBackend::default()), PoolConfig::default()).expect("open")
@@ -27,14 +22,18 @@ fn open(dir: &Path) -> AgentPool<FakeBackend> {
 
 /// The reply the fake gives to `conversation`, computed without any pool or cache.
 fn expected(conversation: &[Message]) -> String {
-    let fake = FakeBackend::default();
-    let prompt = fake.chat_tokens(conversation, true).expect("tokens");
-    fake.reply_to(&prompt, options().max_tokens)
+    FakeBackend::default().reply_to_conversation(conversation, MAX_TOKENS)
 }
 
 fn respond(pool: &AgentPool<FakeBackend>, at: Continue, messages: &[Message]) -> Reply {
-    pool.respond("a", at, messages.to_vec(), &options(), &mut |_| {})
-        .expect("respond")
+    pool.respond(
+        "a",
+        at,
+        messages.to_vec(),
+        &options(MAX_TOKENS),
+        &mut |_| {},
+    )
+    .expect("respond")
 }
 
 #[test]
@@ -106,7 +105,13 @@ fn a_resent_history_continues_its_deepest_turn_and_a_divergent_one_forks() {
     // Nothing new to answer.
     let done = [bare, vec![Message::assistant(r4.text)]].concat();
     let err = pool
-        .respond("a", Continue::Match, done, &options(), &mut |_| {})
+        .respond(
+            "a",
+            Continue::Match,
+            done,
+            &options(MAX_TOKENS),
+            &mut |_| {},
+        )
         .expect_err("no input");
     assert!(matches!(err, PoolError::NoInput { .. }), "{err}");
 
@@ -256,7 +261,7 @@ fn instructions_open_their_own_turn_alone_and_every_turn_keeps_its_usage() {
             "b",
             Continue::Head,
             vec![Message::user("first")],
-            &options(),
+            &options(MAX_TOKENS),
             &mut |_| {},
         )
         .expect("respond");
@@ -281,7 +286,7 @@ fn deleted_turns_cannot_be_read_or_continued_and_their_children_live_on() {
             "a",
             Continue::At(Parent::Turn(0)),
             vec![Message::user("x")],
-            &options(),
+            &options(MAX_TOKENS),
             &mut |_| {},
         )
         .expect_err("continue a deleted turn"),
@@ -321,7 +326,12 @@ fn ask_detached(
         .len();
     let mut told = None;
     let reply = pool
-        .respond_detached(&messages, &options(), &mut |n| told = Some(n), &mut |_| {})
+        .respond_detached(
+            &messages,
+            &options(MAX_TOKENS),
+            &mut |n| told = Some(n),
+            &mut |_| {},
+        )
         .expect("detached");
     (messages, system_tokens, reply, told)
 }
@@ -374,7 +384,12 @@ fn a_detached_reply_reads_a_saved_system_prompt_from_disk_and_writes_nothing() {
     ];
     let mut told = None;
     let reply = pool
-        .respond_detached(&other, &options(), &mut |n| told = Some(n), &mut |_| {})
+        .respond_detached(
+            &other,
+            &options(MAX_TOKENS),
+            &mut |n| told = Some(n),
+            &mut |_| {},
+        )
         .expect("detached");
     assert_eq!(told.map(|r| r.from_disk), Some(false));
     assert_eq!(reply.text, expected(&other));
@@ -408,7 +423,7 @@ fn a_detached_reply_reuses_a_hot_prefix_and_writes_nothing() {
     // A prompt that fills the context is refused before any work.
     let huge = [Message::user("x".repeat(agent_pool::testing::FAKE_CONTEXT))];
     let err = pool
-        .respond_detached(&huge, &options(), &mut |_| {}, &mut |_| {})
+        .respond_detached(&huge, &options(MAX_TOKENS), &mut |_| {}, &mut |_| {})
         .expect_err("too long");
     assert!(
         matches!(&err, PoolError::Engine { source, .. } if matches!(**source, engine::EngineError::ContextOverflow { .. })),

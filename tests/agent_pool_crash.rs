@@ -12,9 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent_pool::testing::FakeBackend;
-use agent_pool::{AgentPool, Backend, PoolConfig};
-use engine::GenerateOptions;
-use engine::chat::Message;
+use agent_pool::{AgentPool, PoolConfig};
+use engine::testing::options;
 use kv_extract::KvShape;
 
 const CHILD_ENV: &str = "AGENT_POOL_CRASH_CHILD_ROOT";
@@ -37,13 +36,6 @@ fn config() -> PoolConfig {
     PoolConfig {
         max_hot: 1,
         ..PoolConfig::default()
-    }
-}
-
-fn options() -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: MAX_TOKENS,
-        ..GenerateOptions::default()
     }
 }
 
@@ -74,7 +66,7 @@ fn crash_child() {
         let id = AGENTS[(k as usize * 3 + 1) % AGENTS.len()];
         let user = format!("message {k} from {pid}");
         let reply = pool
-            .generate(id, &user, &options(), &mut |_| {})
+            .generate(id, &user, &options(MAX_TOKENS), &mut |_| {})
             .expect("child: generate");
         let line = serde_json::json!({"id": id, "turn": reply.turn.expect("a committed turn"), "user": user, "reply": reply.text});
         println!("TURN {line}");
@@ -186,24 +178,6 @@ fn run_and_kill(root: &Path, min_turns: usize, kill: Kill) -> (Vec<Reported>, bo
     (lines, mid_save)
 }
 
-fn expected_reply(
-    fake: &FakeBackend,
-    system: &str,
-    history: &[(String, String)],
-    user: &str,
-) -> String {
-    let mut messages = vec![Message::system(system)];
-    for (u, a) in history {
-        messages.push(Message::user(u.clone()));
-        messages.push(Message::assistant(a.clone()));
-    }
-    messages.push(Message::user(user));
-    fake.reply_to(
-        &fake.chat_tokens(&messages, true).expect("tokens"),
-        MAX_TOKENS,
-    )
-}
-
 #[test]
 fn sigkill_at_random_moments_loses_no_returned_turn() {
     if std::env::var_os(CHILD_ENV).is_some() {
@@ -252,7 +226,7 @@ fn sigkill_at_random_moments_loses_no_returned_turn() {
             for t in &turns {
                 assert_eq!(
                     t.reply,
-                    expected_reply(&fake, SYSTEMS[i % 2], &history, t.user()),
+                    fake.expected_reply(SYSTEMS[i % 2], &history, t.user(), MAX_TOKENS),
                     "{id} turn {}",
                     t.index
                 );
@@ -304,11 +278,11 @@ fn sigkill_at_random_moments_loses_no_returned_turn() {
             .map(|t| (t.user().to_owned(), t.reply))
             .collect();
         let reply = pool
-            .generate(id, "after the crashes", &options(), &mut |_| {})
+            .generate(id, "after the crashes", &options(MAX_TOKENS), &mut |_| {})
             .expect("generate");
         assert_eq!(
             reply.text,
-            expected_reply(&fake, SYSTEMS[i % 2], &history, "after the crashes")
+            fake.expected_reply(SYSTEMS[i % 2], &history, "after the crashes", MAX_TOKENS)
         );
     }
 }

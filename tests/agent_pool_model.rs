@@ -9,9 +9,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use agent_pool::{AgentPool, PoolConfig, Reply};
+use engine::Engine;
 use engine::chat::Message;
-use engine::testing::{bitwise_equal, max_abs_diff, real_engine};
-use engine::{Engine, GenerateOptions};
+use engine::testing::{bitwise_equal, max_abs_diff, options, real_engine};
 use kv_store::KvDtype;
 
 const MAX_TOKENS: usize = 12;
@@ -37,10 +37,6 @@ const AGENTS: [(&str, &str, &str, &str); 3] = [
     ),
 ];
 
-fn options() -> GenerateOptions {
-    engine::testing::options(MAX_TOKENS)
-}
-
 fn config(dtype: KvDtype) -> PoolConfig {
     PoolConfig {
         kv_dtype: dtype,
@@ -49,7 +45,7 @@ fn config(dtype: KvDtype) -> PoolConfig {
 }
 
 fn turn(pool: &AgentPool<Engine>, id: &str, text: &str) -> Reply {
-    pool.generate(id, text, &options(), &mut |_| {})
+    pool.generate(id, text, &options(MAX_TOKENS), &mut |_| {})
         .expect("generate")
 }
 
@@ -181,7 +177,7 @@ fn adopted_system_prefix_is_bitwise_equal_to_computing_from_scratch() {
         .expect("tokens");
     let mut cache = engine.new_cache();
     let scratch = engine
-        .generate(&mut cache, &prompt, &options(), &mut |_| {})
+        .generate(&mut cache, &prompt, &options(MAX_TOKENS), &mut |_| {})
         .expect("generate");
     assert_eq!(scratch.reused_tokens, 0);
     eprintln!("adopted prefix: {:?}", reply.text);

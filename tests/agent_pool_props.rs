@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use agent_pool::testing::FakeBackend;
 use agent_pool::{AgentPool, Backend, PoolConfig, PoolError, Turn};
-use engine::GenerateOptions;
 use engine::chat::Message;
+use engine::testing::options;
 use kv_store::KvDtype;
 use proptest::prelude::*;
 
@@ -18,31 +18,6 @@ const SYSTEMS: [&str; 3] = [
     "You write code.",
     "You are a careful researcher.\nBe brief.",
 ];
-
-fn options(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens,
-        ..GenerateOptions::default()
-    }
-}
-
-/// The reply the fake must give to `user` after `turns`: computed without the pool.
-fn expected_reply(
-    fake: &FakeBackend,
-    system: &str,
-    turns: &[(String, String)],
-    user: &str,
-    max_tokens: usize,
-) -> String {
-    let mut messages = vec![Message::system(system)];
-    for (u, a) in turns {
-        messages.push(Message::user(u.clone()));
-        messages.push(Message::assistant(a.clone()));
-    }
-    messages.push(Message::user(user));
-    let prompt = fake.chat_tokens(&messages, true).expect("fake tokens");
-    fake.reply_to(&prompt, max_tokens)
-}
 
 fn pairs(turns: &[Turn]) -> Vec<(String, String)> {
     turns
@@ -170,7 +145,7 @@ fn run_ops(config: PoolConfig, ops: Vec<Op>) {
                 match pool.generate(&id, &user, &options(max_tokens), &mut |_| {}) {
                     Ok(reply) => {
                         let (sys, turns) = model.get_mut(&id).expect("generated for a live agent");
-                        let want = expected_reply(&fake, SYSTEMS[*sys], turns, &user, max_tokens);
+                        let want = fake.expected_reply(SYSTEMS[*sys], turns, &user, max_tokens);
                         assert_eq!(reply.text, want, "reply of {id} at step {step}");
                         assert_eq!(reply.turn, Some(turns.len() as u64));
                         turns.push((user, reply.text));
@@ -231,7 +206,7 @@ fn run_ops(config: PoolConfig, ops: Vec<Op>) {
             .expect("generate");
         assert_eq!(
             reply.text,
-            expected_reply(&fake, SYSTEMS[*sys], turns, "one more", 8)
+            fake.expected_reply(SYSTEMS[*sys], turns, "one more", 8)
         );
         check_accounting(&pool);
     }
@@ -449,10 +424,7 @@ fn same_system_prompt_shares_one_segment_and_later_agents_adopt_it() {
         .generate("second", "hello", &options(8), &mut |_| {})
         .expect("generate");
     assert_eq!(reply.reused_tokens, sys.len());
-    assert_eq!(
-        reply.text,
-        expected_reply(&fake, SYSTEMS[0], &[], "hello", 8)
-    );
+    assert_eq!(reply.text, fake.expected_reply(SYSTEMS[0], &[], "hello", 8));
     pool.save_agent("second").expect("save");
     assert_eq!(chain("second")[0], chain("first")[0]);
     assert_eq!(chain("second").len(), 2);
@@ -566,7 +538,7 @@ fn threads_on_different_agents_do_not_interfere() {
             assert_eq!(t.user(), format!("{id} says {k}"));
             assert_eq!(
                 t.reply,
-                expected_reply(&fake, SYSTEMS[i % 2], &history, t.user(), 10)
+                fake.expected_reply(SYSTEMS[i % 2], &history, t.user(), 10)
             );
             assert_eq!(t.reply, replies[i][k]);
             history.push((t.user().to_owned(), t.reply.clone()));
@@ -611,7 +583,7 @@ fn calls_on_one_agent_are_serialized() {
         assert_eq!(t.index, i as u64);
         assert_eq!(
             t.reply,
-            expected_reply(&fake, SYSTEMS[0], &history, t.user(), 6)
+            fake.expected_reply(SYSTEMS[0], &history, t.user(), 6)
         );
         history.push((t.user().to_owned(), t.reply.clone()));
     }

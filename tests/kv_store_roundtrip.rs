@@ -3,13 +3,12 @@
 // Test code: a failed unwrap is a failed test, which is what we want.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use kv_store::testing::meta;
 use kv_store::{
-    CacheMeta, Error, KvDtype, KvKind, KvSource, Manifest, ModelFingerprint, ReadMode, Segment,
-    Step, Store,
+    CacheMeta, Error, KvDtype, KvKind, KvSource, Manifest, ReadMode, Segment, Step, Store,
 };
 use proptest::prelude::*;
 
@@ -78,25 +77,6 @@ impl KvSource for Fake {
                 out.extend((0..row).map(|i| byte(layer, kind, h, self.salts[p], i)));
             }
         }
-    }
-}
-
-fn meta(n_layers: u32, n_kv_heads: u32, head_dim: u32, dtype: KvDtype) -> CacheMeta {
-    CacheMeta {
-        model: ModelFingerprint {
-            architecture: "llama".into(),
-            n_layers,
-            n_heads: n_kv_heads * 3,
-            n_kv_heads,
-            head_dim,
-            rope_theta: 100_000.0,
-            rope_dim: head_dim,
-            weights_hash: "0123456789abcdef".into(),
-            extra: BTreeMap::new(),
-        },
-        tokenizer: "tok-1".into(),
-        chat_template: "tpl-1".into(),
-        dtype,
     }
 }
 

@@ -154,6 +154,33 @@ impl FakeBackend {
         }
     }
 
+    /// The reply the fake gives to `conversation` (rendered with the generation prompt), computed
+    /// without any pool or cache: what a pool must answer for it.
+    pub fn reply_to_conversation(&self, conversation: &[Message], max_tokens: usize) -> String {
+        let prompt = self
+            .chat_tokens(conversation, true)
+            .expect("the fake renders every conversation");
+        self.reply_to(&prompt, max_tokens)
+    }
+
+    /// The reply the fake gives to `user` after the system prompt `system` and the earlier
+    /// (user, reply) `turns`, computed without any pool or cache.
+    pub fn expected_reply(
+        &self,
+        system: &str,
+        turns: &[(String, String)],
+        user: &str,
+        max_tokens: usize,
+    ) -> String {
+        let mut conversation = vec![Message::system(system)];
+        for (u, a) in turns {
+            conversation.push(Message::user(u.clone()));
+            conversation.push(Message::assistant(a.clone()));
+        }
+        conversation.push(Message::user(user));
+        self.reply_to_conversation(&conversation, max_tokens)
+    }
+
     /// The reply the fake gives to `prompt` when allowed `max_tokens` tokens.
     pub fn reply_to(&self, prompt: &[u32], max_tokens: usize) -> String {
         let h = self.hash_of(prompt);

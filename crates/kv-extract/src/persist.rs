@@ -234,10 +234,6 @@ fn check_shape(shape: KvShape, meta: &CacheMeta) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use kv_store::ModelFingerprint;
-
     use super::*;
 
     fn shape() -> KvShape {
@@ -249,22 +245,13 @@ mod tests {
     }
 
     fn meta(dtype: KvDtype) -> CacheMeta {
-        CacheMeta {
-            model: ModelFingerprint {
-                architecture: "llama".into(),
-                n_layers: 3,
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 8,
-                rope_theta: 10_000.0,
-                rope_dim: 8,
-                weights_hash: "w".into(),
-                extra: BTreeMap::new(),
-            },
-            tokenizer: "t".into(),
-            chat_template: "c".into(),
+        let s = shape();
+        kv_store::testing::meta(
+            s.n_layers as u32,
+            s.n_kv_heads as u32,
+            s.head_dim as u32,
             dtype,
-        }
+        )
     }
 
     fn append(cache: &mut KvCache, tokens: &[u32], seed: f32) {

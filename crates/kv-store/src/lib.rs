@@ -11,6 +11,9 @@ mod map;
 mod meta;
 mod segment;
 mod store;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod testing;
 
 pub use durable::Step;
 #[cfg(feature = "fault-injection")]

@@ -248,23 +248,9 @@ pub(crate) fn checksum(bytes: &[u8]) -> String {
 pub(crate) mod tests {
     use super::*;
 
+    /// A small model's metadata: 2 layers, 2 KV heads of width 4.
     pub(crate) fn meta(dtype: KvDtype) -> CacheMeta {
-        CacheMeta {
-            model: ModelFingerprint {
-                architecture: "llama".into(),
-                n_layers: 2,
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 4,
-                rope_theta: 10000.0,
-                rope_dim: 4,
-                weights_hash: "w1".into(),
-                extra: BTreeMap::new(),
-            },
-            tokenizer: "t1".into(),
-            chat_template: "c1".into(),
-            dtype,
-        }
+        crate::testing::meta(2, 2, 4, dtype)
     }
 
     #[test]
@@ -298,7 +284,7 @@ pub(crate) mod tests {
         b.model.weights_hash = "w2".into();
         assert_eq!(
             a.first_difference(&b),
-            Some(("model weights", "w1".into(), "w2".into()))
+            Some(("model weights", a.model.weights_hash.clone(), "w2".into()))
         );
     }
 }
