@@ -47,7 +47,7 @@ pub enum PoolError {
         root: PathBuf,
     },
     /// An I/O call on the pool's own files failed.
-    #[error("could not {op} {path}: {source}")]
+    #[error("could not {op} {path}")]
     Io {
         /// What was being done ("create", "append to", "fsync", ...).
         op: &'static str,
@@ -116,7 +116,7 @@ pub enum PoolError {
     },
     /// Saving or loading an agent's KV cache failed where the caller asked for it explicitly
     /// (`save_agent`, `evict`). The transcript is unaffected; the cache can always be rebuilt.
-    #[error("kv cache of agent {id:?}: {source}")]
+    #[error("kv cache of agent {id:?}")]
     Cache {
         /// The agent.
         id: String,
@@ -125,7 +125,7 @@ pub enum PoolError {
         source: Box<kv_extract::Error>,
     },
     /// The cache store under the pool's root could not be opened.
-    #[error("could not open the kv cache store in {path}: {source}")]
+    #[error("could not open the kv cache store in {path}")]
     Store {
         /// The store's directory.
         path: PathBuf,
@@ -173,6 +173,20 @@ pub enum PoolError {
 pub type Result<T, E = PoolError> = std::result::Result<T, E>;
 
 impl PoolError {
+    /// This error's message followed by each of its causes, once each, joined by `": "` (as
+    /// `anyhow` prints a chain with `{:#}`): one line for where the chain itself cannot travel,
+    /// such as an HTTP error body or a listing.
+    pub fn with_causes(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
+    }
+
     /// Wraps an I/O error, recognising a full disk.
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> PoolError {
         let path = path.into();
@@ -212,5 +226,29 @@ pub(crate) fn validate_id(id: &str) -> Result<()> {
             id: id.to_owned(),
             reason: "it is not a valid name",
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let os = io::Error::from(io::ErrorKind::NotFound);
+        let os_text = os.to_string();
+        let err = PoolError::io("read", "/pool/agents/a/agent.json", os);
+        assert_eq!(err.to_string(), "could not read /pool/agents/a/agent.json");
+        assert_eq!(
+            err.with_causes(),
+            format!("could not read /pool/agents/a/agent.json: {os_text}")
+        );
+        let store = PoolError::Store {
+            path: "/pool/kv".into(),
+            source: Box::new(kv_store::Error::InvalidInput {
+                detail: "the cause".into(),
+            }),
+        };
+        assert_eq!(store.with_causes().matches("the cause").count(), 1);
     }
 }

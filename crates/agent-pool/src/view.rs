@@ -60,7 +60,7 @@ impl PoolView {
             {
                 continue;
             }
-            let info = files::read_agent(&entry.path(), &name).map_err(|e| e.to_string());
+            let info = files::read_agent(&entry.path(), &name).map_err(|e| e.with_causes());
             out.push(AgentSummary {
                 id: name,
                 damage: info.as_ref().err().cloned(),

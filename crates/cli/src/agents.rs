@@ -163,7 +163,7 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
                     }
                     Err(e) => {
                         bad += 1;
-                        format!("DAMAGED: {e}")
+                        format!("DAMAGED: {:#}", anyhow::Error::new(e))
                     }
                     Ok(loaded) => match meta.first_difference(loaded.meta()) {
                         None => format!(
@@ -181,7 +181,7 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
                     Ok(t) => format!("transcript ok ({} turns)", t.len()),
                     Err(e) => {
                         bad += 1;
-                        format!("transcript DAMAGED: {e}")
+                        format!("transcript DAMAGED: {}", e.with_causes())
                     }
                 };
                 println!("{}: {verdict}; {transcript}", a.id);

@@ -54,10 +54,13 @@ pub struct RunArgs {
 fn open(env: &Env, args: &AgentArgs) -> Result<(std::sync::Arc<Engine>, AgentPool<Engine>)> {
     let system = match (&args.system, &args.system_file) {
         (Some(s), _) => Some(s.clone()),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the system prompt {}", path.display()))?,
-        ),
+        (None, Some(path)) => Some(std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "reading the system prompt file {} (--system-file): pass a readable \
+                         file, or the prompt itself with --system",
+                path.display()
+            )
+        })?),
         (None, None) => None,
     };
     let engine = env.engine()?;

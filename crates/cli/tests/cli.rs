@@ -52,6 +52,69 @@ fn fails(out: Output) -> String {
     stderr(&out)
 }
 
+/// Flips the last byte of one of the segment files in `segments`.
+fn damage_a_segment(segments: &Path) {
+    let seg = std::fs::read_dir(segments)
+        .expect("listing the segments")
+        .map(|e| e.expect("a directory entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&seg).expect("reading the segment");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&seg, bytes).expect("writing the segment");
+}
+
+#[test]
+fn a_missing_system_prompt_file_says_so_once_and_what_to_do() {
+    let home = tempfile::tempdir().unwrap();
+    let missing = home.path().join("no-such-prompt.txt");
+    let missing = missing.to_str().expect("a UTF-8 temp path");
+    for command in ["run", "chat"] {
+        let mut args = vec![command, "--agent", "a", "--system-file", missing];
+        if command == "run" {
+            args.push("hi");
+        }
+        let err = fails(agentkv(home.path(), None, &args));
+        assert_eq!(
+            err.matches("No such file or directory").count(),
+            1,
+            "{command}: the OS error once: {err}"
+        );
+        assert!(err.contains(missing), "{command}: names the file: {err}");
+        assert!(
+            err.contains("pass a readable file, or the prompt itself with --system"),
+            "{command}: says what to do: {err}"
+        );
+    }
+}
+
+/// Errors from kv-store and agent-pool reach the terminal through a chain of causes: each
+/// appears once. (`<home>/pool/kv` is a file, so the cache store's directory cannot be made.)
+#[test]
+fn a_library_error_prints_each_cause_once() {
+    let home = tempfile::tempdir().unwrap();
+    let model = home.path().join("tiny.gguf");
+    engine::testing::write_tiny_llama_gguf(&model, &engine::testing::TinyConfig::default(), 1)
+        .expect("writing the tiny model");
+    std::fs::create_dir_all(home.path().join("pool")).unwrap();
+    let kv = home.path().join("pool/kv");
+    std::fs::write(&kv, b"not a directory").unwrap();
+    // `agents gc` goes straight to kv-store; `agents list` opens the pool over it.
+    for args in [&["agents", "gc"][..], &["agents", "list"]] {
+        let err = fails(agentkv(home.path(), Some(&model), args));
+        assert_eq!(
+            err.matches("File exists").count(),
+            1,
+            "{args:?}: the OS error once: {err}"
+        );
+        assert!(
+            err.contains(kv.to_str().expect("a UTF-8 temp path")),
+            "{args:?}: names the directory: {err}"
+        );
+    }
+}
+
 #[test]
 fn missing_model_names_the_fetch_command() {
     let home = tempfile::tempdir().unwrap();
@@ -114,16 +177,7 @@ fn demo_session_1_then_2() {
     // A third session after damage to a segment: the pool rebuilds that agent's cache from
     // its transcript, and the demo says so instead of printing a resume figure as if nothing
     // happened.
-    let segments = home.path().join("demo/kv/segments");
-    let seg = std::fs::read_dir(&segments)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .expect("a segment");
-    let mut bytes = std::fs::read(&seg).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    std::fs::write(&seg, bytes).unwrap();
+    damage_a_segment(&home.path().join("demo/kv/segments"));
     let three = agentkv(home.path(), Some(&model), &[&demo[..], &["2"]].concat());
     let err = stderr(&three);
     let three = ok(three);
@@ -233,16 +287,7 @@ fn agents_subcommands_and_bad_input() {
     assert!(!orphan.exists());
 
     // Damage a segment: verify must fail and name the problem.
-    let segments = home.path().join("pool/kv/segments");
-    let seg = std::fs::read_dir(&segments)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .expect("a segment");
-    let mut bytes = std::fs::read(&seg).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    std::fs::write(&seg, bytes).unwrap();
+    damage_a_segment(&home.path().join("pool/kv/segments"));
     let err = fails(agentkv(home.path(), m, &["agents", "verify"]));
     assert!(err.contains("problems found"), "{err}");
 

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// An I/O call failed.
-    #[error("could not {op} {path}: {source}")]
+    #[error("could not {op} {path}")]
     Io {
         /// What was being done ("create", "read", "fsync", ...).
         op: &'static str,
@@ -50,7 +50,7 @@ pub enum Error {
     },
     /// A segment file is not a valid safetensors file.
     #[error(
-        "segment {path} is not a valid safetensors file ({source}); the file is damaged: delete the cache and rebuild it"
+        "segment {path} is not a valid safetensors file: it is damaged; delete the cache and rebuild it"
     )]
     BadSafetensors {
         /// The segment file.

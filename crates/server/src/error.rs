@@ -118,14 +118,8 @@ impl ApiError {
 
 impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> ApiError {
-        // The chain, each cause once: the pool's messages say what to do next.
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
+        // The pool's messages say what to do next.
+        let message = e.with_causes();
         match &e {
             PoolError::InvalidId { .. } => ApiError {
                 code: Some("invalid_agent"),
