@@ -80,7 +80,7 @@ impl MetadataError {
 }
 
 /// A short name for the type of a stored value, for error messages.
-pub fn type_name(value: &Value) -> &'static str {
+fn type_name(value: &Value) -> &'static str {
     match value {
         Value::U8(_) => "u8",
         Value::I8(_) => "i8",

@@ -111,11 +111,6 @@ impl CacheMeta {
         self.kv_shape(n_tokens).iter().product::<usize>() * self.dtype.size()
     }
 
-    /// Bytes of K and V of all layers per cached token.
-    pub fn bytes_per_token(&self) -> usize {
-        2 * self.model.n_layers as usize * self.kv_bytes(1)
-    }
-
     /// The first field that differs from `found`, as (field, expected, found), or `None`.
     pub fn first_difference(&self, found: &CacheMeta) -> Option<(&'static str, String, String)> {
         let (e, f) = (&self.model, &found.model);

@@ -410,11 +410,6 @@ impl Segment {
         let i = 1 + 2 * layer + usize::from(kind == KvKind::V);
         self.bytes.release(self.ranges[i].clone());
     }
-
-    /// Size of the file in bytes.
-    pub fn file_len(&self) -> usize {
-        self.bytes.as_slice().len()
-    }
 }
 
 fn parse_header(path: &Path, metadata: &Metadata) -> Result<SegmentHeader> {
