@@ -269,7 +269,9 @@ fn ci() -> Result<()> {
     // architecture) runs, which the default run above does not reach on an x86 CI machine.
     run_step(
         "test (portable kernels)",
-        cargo_test().args(["-p", "engine"]).env("AGENTKV_SIMD", "portable"),
+        cargo_test()
+            .args(["-p", "engine"])
+            .env("AGENTKV_SIMD", "portable"),
     )?;
     openai_test(&model)?;
     run_step(

@@ -177,14 +177,7 @@ impl PoolError {
     /// `anyhow` prints a chain with `{:#}`): one line for where the chain itself cannot travel,
     /// such as an HTTP error body or a listing.
     pub fn with_causes(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(c) = cause {
-            text.push_str(": ");
-            text.push_str(&c.to_string());
-            cause = c.source();
-        }
-        text
+        with_causes(self)
     }
 
     /// Wraps an I/O error, recognising a full disk.
@@ -227,6 +220,19 @@ pub(crate) fn validate_id(id: &str) -> Result<()> {
             reason: "it is not a valid name",
         }),
     }
+}
+
+/// `err` and every error in its source chain, joined by `: ` (for a one-line string: a report
+/// field, an HTTP error body).
+pub(crate) fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -208,7 +208,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             if validate_id(&name).is_err() || !path.is_dir() {
                 continue;
             }
-            let info = files::read_agent(&path, &name).map_err(|e| e.to_string());
+            let info = files::read_agent(&path, &name).map_err(|e| e.with_causes());
             registry.agents.insert(
                 name.clone(),
                 Arc::new(Slot {

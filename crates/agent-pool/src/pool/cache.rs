@@ -147,7 +147,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             cache,
             Some(Rebuild {
                 reason,
-                detail: err.to_string(),
+                detail: crate::error::with_causes(&err),
                 tokens: tokens.len(),
             }),
         ))
