@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use agent_pool::{AgentPool, PoolConfig, Reply};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use engine::chat::Message;
+use engine::Message;
 use engine::{Engine, GenerateOptions, Sampler, SamplingConfig};
 use kv_extract::KvCache;
 use kv_store::Store;

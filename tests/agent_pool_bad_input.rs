@@ -460,7 +460,7 @@ fn interrupted_create_and_delete_leave_no_agent_behind() {
 mod parsers {
     use agent_pool::testing::{parse_agent_file, parse_transcript, transcript_line};
     use agent_pool::{Parent, PoolError, Turn, Usage};
-    use engine::chat::Message;
+    use engine::Message;
     use proptest::prelude::*;
     use proptest::sample::Index;
 

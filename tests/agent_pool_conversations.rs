@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use agent_pool::testing::FakeBackend;
 use agent_pool::{AgentPool, Backend, Continue, Parent, PoolConfig, PoolError, Reply, Reused};
-use engine::chat::{Message, Role};
 use engine::testing::options;
+use engine::{Message, Role};
 
 const SYSTEM: &str = "You are terse.";
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use agent_pool::{AgentPool, PoolConfig, Reply};
 use engine::Engine;
-use engine::chat::Message;
+use engine::Message;
 use engine::testing::{bitwise_equal, max_abs_diff, options, real_engine};
 use kv_store::KvDtype;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agent_pool::testing::FakeBackend;
 use agent_pool::{AgentPool, Backend, PoolConfig, PoolError, Turn};
-use engine::chat::Message;
+use engine::Message;
 use engine::testing::options;
 use kv_store::KvDtype;
 use proptest::prelude::*;

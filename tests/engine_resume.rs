@@ -4,7 +4,7 @@
 //! These tests need the model (`cargo xtask fetch-model`); see
 //! `engine::testing::real_model_path` for what happens without it.
 
-use engine::chat::Message;
+use engine::Message;
 use engine::testing::{bitwise_equal, max_abs_diff, options, real_engine};
 use engine::{Engine, Generation};
 use kv_extract::KvCache;

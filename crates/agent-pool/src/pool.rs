@@ -33,7 +33,7 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
-use engine::chat::Message;
+use engine::Message;
 use kv_extract::{KvCache, KvShape};
 use kv_store::durable_fs::{self, TMP_PREFIX};
 use kv_store::{CacheMeta, Store};
@@ -140,9 +140,9 @@ fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
 }
 
 impl<B: Backend + ?Sized> AgentPool<B> {
-    /// The default pool directory: `$AGENTKV_HOME/pool` (see [`engine::runtime::agentkv_home`]).
+    /// The default pool directory: `$AGENTKV_HOME/pool` (see [`engine::agentkv_home`]).
     pub fn default_root() -> Option<PathBuf> {
-        engine::runtime::agentkv_home().map(|h| h.join("pool"))
+        engine::agentkv_home().map(|h| h.join("pool"))
     }
 
     /// Opens (creating if needed) the pool at `root`, running agents on `backend`.

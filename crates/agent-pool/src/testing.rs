@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use engine::chat::Message;
+use engine::Message;
 use engine::{EngineError, GenerateOptions, Generation, StopReason};
 use kv_extract::{KvCache, KvShape};
 use kv_store::{CacheMeta, KvDtype, ModelFingerprint};

@@ -15,7 +15,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use engine::chat::{Message, Role};
+use engine::{Message, Role};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PoolError, Result};

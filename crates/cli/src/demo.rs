@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use agent_pool::{AgentPool, RebuildReason};
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use engine::chat::Message;
+use engine::Message;
 use engine::{Engine, GenerateOptions};
 
 use crate::Env;

@@ -100,15 +100,13 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let home = match cli.home {
         Some(h) => h,
-        None => engine::runtime::agentkv_home().context(
+        None => engine::agentkv_home().context(
             "cannot tell where agentkv keeps its data: set AGENTKV_HOME or pass --home DIR",
         )?,
     };
     let model = match cli.model {
         Some(m) => m,
-        None => home
-            .join("models")
-            .join(engine::runtime::DEFAULT_MODEL_FILE),
+        None => home.join("models").join(engine::DEFAULT_MODEL_FILE),
     };
     let cx = Env {
         home,

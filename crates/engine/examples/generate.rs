@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 use engine::GenerateOptions;
-use engine::chat::Message;
+use engine::Message;
 
 #[derive(Parser)]
 struct Args {

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use engine::chat::Message;
+use engine::Message;
 use engine::{Engine, GenerateOptions};
 use kv_extract::KvCache;
 use kv_store::{KvDtype, Store};
@@ -35,7 +35,7 @@ struct Args {
 }
 
 fn store() -> Result<Store> {
-    let home = engine::runtime::agentkv_home().context("set AGENTKV_HOME to a data directory")?;
+    let home = engine::agentkv_home().context("set AGENTKV_HOME to a data directory")?;
     Ok(Store::open(&home.join("examples-store"))?)
 }
 

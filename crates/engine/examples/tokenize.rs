@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
-use engine::chat::Message;
+use engine::Message;
 
 #[derive(Parser)]
 struct Args {

@@ -35,7 +35,7 @@ pub enum EngineError {
         path: PathBuf,
         /// What the GGUF parser said.
         #[source]
-        source: candle_core::Error,
+        source: BoxError,
     },
 
     /// The model's `general.architecture` is not one this engine can run.
@@ -84,9 +84,9 @@ pub enum EngineError {
     TensorData {
         /// The tensor's GGUF name.
         name: String,
-        /// What candle said.
+        /// What the GGUF reader said.
         #[source]
-        source: candle_core::Error,
+        source: BoxError,
     },
 
     /// A token id is not below the vocabulary size.
@@ -131,9 +131,13 @@ pub enum EngineError {
     #[error("generation was cancelled")]
     Cancelled,
 
-    /// Building or using the tokenizer or chat template failed.
+    /// Building or using the tokenizer failed.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
+
+    /// Reading, compiling or rendering the chat template failed.
+    #[error(transparent)]
+    Template(#[from] crate::chat::TemplateError),
 
     /// Logits that cannot be sampled from (empty or containing NaN).
     #[error("cannot sample from logits: {reason}")]
@@ -142,6 +146,10 @@ pub enum EngineError {
         reason: String,
     },
 }
+
+/// An error from a library the engine uses inside (the GGUF reader), kept as the cause
+/// without making that library part of the engine's API.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The engine's result type.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -1,22 +1,27 @@
-//! SmolLM2 / llama-architecture inference from a GGUF file: weights, tokenizer, chat template,
-//! sampling, and a forward pass over our own [`kv_extract::KvCache`] that is bitwise
-//! deterministic and batch-invariant, so a cache saved to disk and resumed gives exactly the
-//! logits of an uninterrupted run.
+#![doc = include_str!("../README.md")]
 #![deny(unsafe_code)]
+#![deny(missing_docs)]
 
-pub mod chat;
-pub mod error;
-pub mod gguf_meta;
-pub mod kernels;
-pub mod model;
-pub mod runtime;
-pub mod sample;
+mod chat;
+mod error;
+mod gguf_meta;
+mod kernels;
+mod model;
+mod runtime;
+mod sample;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
-pub mod tokenizer;
+mod tokenizer;
 
-pub use error::{EngineError, Result};
-pub use model::{LlamaConfig, Logits, Model};
-pub use runtime::{Engine, GenerateOptions, Generation, StopReason, default_model_path};
+pub use chat::{ChatTemplate, Message, Role, TemplateError};
+pub use error::{BoxError, EngineError, Result};
+pub use gguf_meta::MetadataError;
+pub use kernels::Isa;
+pub use model::{LlamaConfig, Logits, Model, PREFILL_CHUNK};
+pub use runtime::{
+    DEFAULT_MODEL_FILE, Engine, GenerateOptions, Generation, StopReason, agentkv_home,
+    default_model_path,
+};
 pub use sample::{Sampler, SamplingConfig};
+pub use tokenizer::{Tokenizer, TokenizerError};

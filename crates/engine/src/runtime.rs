@@ -192,10 +192,10 @@ impl Engine {
     /// If the template does not insert content verbatim (removing the markers does not give
     /// the plain rendering, e.g. it strips content), the plain rendering is tokenized whole,
     /// which is allowed only when no content holds control-token text: otherwise the error is
-    /// [`TokenizerError::ControlTextInContent`]. Markers that come through out of place (a
+    /// [`TemplateError::ControlTextInContent`]. Markers that come through out of place (a
     /// template that cuts content, or one inside another) count as such a template too.
     ///
-    /// [`TokenizerError::ControlTextInContent`]: crate::tokenizer::TokenizerError::ControlTextInContent
+    /// [`TemplateError::ControlTextInContent`]: crate::TemplateError::ControlTextInContent
     pub fn chat_tokens(
         &self,
         messages: &[Message],

@@ -6,8 +6,8 @@ use std::sync::atomic::AtomicBool;
 
 use axum::body::{Body, Bytes};
 use axum::http::HeaderMap;
-use engine::chat::{Message, Role};
 use engine::{GenerateOptions, SamplingConfig};
+use engine::{Message, Role};
 use serde::Deserialize;
 
 use crate::error::ApiError;

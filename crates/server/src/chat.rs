@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::response::sse::Event as SseEvent;
-use engine::chat::Role;
+use engine::Role;
 use serde_json::{Value, json};
 
 use crate::api::{self, ChatRequest, Sampling};

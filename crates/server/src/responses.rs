@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::response::sse::Event as SseEvent;
-use engine::chat::Message;
+use engine::Message;
 use serde_json::{Value, json};
 
 use crate::api::{self, ResponsesRequest, Sampling};

@@ -16,7 +16,7 @@ use axum::http::HeaderValue;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use engine::GenerateOptions;
-use engine::chat::{Message, Role};
+use engine::{Message, Role};
 use futures_util::Stream;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};

@@ -3,7 +3,7 @@
 //! transcript when it cannot be loaded, and saving it. What stays in memory is `memory`'s
 //! business, not this module's.
 
-use engine::chat::Message;
+use engine::Message;
 use kv_extract::KvCache;
 use kv_store::{SaveReport, SegmentId};
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine::GenerateOptions;
-use engine::chat::{Message, Role};
+use engine::{Message, Role};
 use kv_extract::KvCache;
 use kv_store::SegmentId;
 

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use engine::chat::{Message, Role};
 use engine::{GenerateOptions, StopReason};
+use engine::{Message, Role};
 
 use super::{Agent, AgentPool, Continue, LoadReport, Reply, Slot, Timings, lock};
 use crate::backend::Backend;

@@ -2,8 +2,8 @@
 //! the conversation is rendered again with each message's content between noncharacter
 //! markers, and the rendering is cut into template text and content there.
 
-use super::{ChatTemplate, Message};
-use crate::tokenizer::{Result, Tokenizer, TokenizerError};
+use super::{ChatTemplate, Message, Result, TemplateError};
+use crate::tokenizer::Tokenizer;
 
 impl ChatTemplate {
     /// Token ids of `messages` rendered with `add_generation_prompt`, where only the
@@ -22,14 +22,14 @@ impl ChatTemplate {
             // control token.
             for (index, m) in messages.iter().enumerate() {
                 if let Some(token) = tokenizer.control_text_in(&m.content) {
-                    return Err(TokenizerError::ControlTextInContent {
+                    return Err(TemplateError::ControlTextInContent {
                         index,
                         role: m.role.as_str(),
                         token: token.to_owned(),
                     });
                 }
             }
-            return tokenizer.encode(&plain);
+            return Ok(tokenizer.encode(&plain)?);
         };
         let mut ids = Vec::new();
         for piece in pieces {

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::gguf_meta;
-use crate::tokenizer::{Result, TokenizerError};
+use crate::gguf_meta::MetadataError;
+use crate::tokenizer::TokenizerError;
 use python::{python_method, raise_exception};
 
 const KEY_TEMPLATE: &str = "tokenizer.chat_template";
@@ -115,6 +116,57 @@ impl Message {
     }
 }
 
+/// What can go wrong reading, compiling or rendering a chat template, or tokenizing what it
+/// renders.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TemplateError {
+    /// A metadata key the template needs is of the wrong type.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The GGUF carries no `tokenizer.chat_template`.
+    #[error(
+        "gguf has no tokenizer.chat_template; use a model converted with its chat template, \
+         or build one with ChatTemplate::new"
+    )]
+    Missing,
+    /// The chat template does not parse.
+    #[error("the chat template does not compile")]
+    Syntax {
+        /// The template engine's error, with line information.
+        #[source]
+        source: minijinja::Error,
+    },
+    /// Rendering the chat template failed, e.g. the template called `raise_exception`.
+    #[error("rendering the chat template failed")]
+    Render {
+        /// The template engine's error.
+        #[source]
+        source: minijinja::Error,
+    },
+    /// Message content holds control-token text, and the chat template changes content as it
+    /// renders it, so that text cannot be kept apart from the template's own control tokens.
+    #[error(
+        "message {index} ({role}) contains the control-token text {token:?}, and the chat \
+         template does not insert message content verbatim, so it cannot be kept from acting \
+         as a control token; remove that text from the message"
+    )]
+    ControlTextInContent {
+        /// Position of the message in the conversation.
+        index: usize,
+        /// Its role (`"user"`, ...).
+        role: &'static str,
+        /// The control token whose text it contains.
+        token: String,
+    },
+    /// The tokenizer failed on the rendered text, or a special token id is out of range.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+/// Result of a chat-template operation.
+pub type Result<T, E = TemplateError> = std::result::Result<T, E>;
+
 /// A compiled chat template with the special-token strings it may refer to.
 #[derive(Clone, Debug)]
 pub struct ChatTemplate {
@@ -129,25 +181,23 @@ impl ChatTemplate {
     /// The template in `tokenizer.chat_template`, with `bos_token` / `eos_token` set to the
     /// text of the file's BOS / EOS tokens (empty when the file names none).
     ///
-    /// A file without a template is an error ([`TokenizerError::MissingChatTemplate`]), not a
+    /// A file without a template is an error ([`TemplateError::Missing`]), not a
     /// silent fallback to some default format.
-    pub fn from_gguf(content: &Content) -> Result<Self> {
+    pub(crate) fn from_gguf(content: &Content) -> Result<Self> {
         let md = &content.metadata;
-        let source =
-            gguf_meta::opt_string(md, KEY_TEMPLATE)?.ok_or(TokenizerError::MissingChatTemplate)?;
+        let source = gguf_meta::opt_string(md, KEY_TEMPLATE)?.ok_or(TemplateError::Missing)?;
         let token_text = |key: &'static str| -> Result<String> {
             let Some(id) = gguf_meta::opt_u32(md, key)? else {
                 return Ok(String::new());
             };
             let tokens = gguf_meta::string_array(md, KEY_TOKENS)?;
             let vocab_size = tokens.len();
-            tokens.get(id as usize).map(|t| (*t).to_owned()).ok_or(
-                TokenizerError::SpecialIdOutOfRange {
-                    key,
-                    id,
-                    vocab_size,
-                },
-            )
+            let out_of_range = TokenizerError::SpecialIdOutOfRange {
+                key,
+                id,
+                vocab_size,
+            };
+            (tokens.get(id as usize).map(|t| (*t).to_owned())).ok_or(out_of_range.into())
         };
         Self::new(
             source.to_owned(),
@@ -166,7 +216,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.set_unknown_method_callback(python_method);
         env.add_template_owned(TEMPLATE_NAME, source.clone())
-            .map_err(|source| TokenizerError::TemplateSyntax { source })?;
+            .map_err(|source| TemplateError::Syntax { source })?;
         let fingerprint = {
             let mut tagged = b"agentkv-chat-template-v1\0".to_vec();
             tagged.extend_from_slice(source.as_bytes());
@@ -187,7 +237,7 @@ impl ChatTemplate {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
-            .map_err(|source| TokenizerError::TemplateRender { source })?;
+            .map_err(|source| TemplateError::Render { source })?;
         template
             .render(context! {
                 messages => messages,
@@ -195,7 +245,7 @@ impl ChatTemplate {
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
-            .map_err(|source| TokenizerError::TemplateRender { source })
+            .map_err(|source| TemplateError::Render { source })
     }
 
     /// The template source.

@@ -22,7 +22,7 @@ fn tiny(source: &str) -> ChatTemplate {
 
 fn render_err(t: &ChatTemplate) -> String {
     match t.render(&[Message::user("hi")], false) {
-        Err(TokenizerError::TemplateRender { source }) => source.to_string(),
+        Err(TemplateError::Render { source }) => source.to_string(),
         other => panic!("expected a render error, got {other:?}"),
     }
 }
@@ -87,12 +87,12 @@ fn real_fingerprint_is_stable() {
 #[test]
 fn gguf_without_template_is_an_error() {
     let err = ChatTemplate::from_gguf(&gguf_content(HashMap::new())).err();
-    assert!(matches!(err, Some(TokenizerError::MissingChatTemplate)));
+    assert!(matches!(err, Some(TemplateError::Missing)));
 
     let mut md = HashMap::new();
     md.insert(KEY_TEMPLATE.to_owned(), GgufValue::U32(3));
     let err = ChatTemplate::from_gguf(&gguf_content(md)).err();
-    assert!(matches!(err, Some(TokenizerError::Metadata(_))));
+    assert!(matches!(err, Some(TemplateError::Metadata(_))));
 }
 
 #[test]
@@ -118,18 +118,20 @@ fn gguf_template_sees_bos_and_eos_text() {
     let err = ChatTemplate::from_gguf(&gguf_content(md)).err();
     assert!(matches!(
         err,
-        Some(TokenizerError::SpecialIdOutOfRange {
-            key: KEY_EOS,
-            id: 7,
-            ..
-        })
+        Some(TemplateError::Tokenizer(
+            TokenizerError::SpecialIdOutOfRange {
+                key: KEY_EOS,
+                id: 7,
+                ..
+            }
+        ))
     ));
 }
 
 #[test]
 fn syntax_error_is_reported_at_load() {
     let err = ChatTemplate::new("{% for m in messages %}".to_owned(), "", "").err();
-    assert!(matches!(err, Some(TokenizerError::TemplateSyntax { .. })));
+    assert!(matches!(err, Some(TemplateError::Syntax { .. })));
 }
 
 #[test]
@@ -343,7 +345,7 @@ fn template_that_rewrites_content_falls_back_or_refuses() {
     assert!(
         matches!(
             &err,
-            TokenizerError::ControlTextInContent { index: 1, role: "user", token }
+            TemplateError::ControlTextInContent { index: 1, role: "user", token }
                 if token == "<|im_start|>" || token == "<|im_end|>"
         ),
         "{err:?}"
@@ -371,7 +373,7 @@ fn template_that_cuts_content_falls_back_or_refuses() {
     assert!(
         matches!(
             &err,
-            TokenizerError::ControlTextInContent { index: 0, role: "user", token }
+            TemplateError::ControlTextInContent { index: 0, role: "user", token }
                 if token == "<|im_end|>"
         ),
         "{err:?}"

@@ -51,12 +51,11 @@ mod x86;
 #[cfg(test)]
 mod tests;
 
-pub use attention::attention;
-pub use dot::{LANES, dot};
-pub use elementwise::{RopeTable, add_in_place, exp, rms_norm, silu_mul_rows};
+pub(crate) use attention::attention;
+pub(crate) use elementwise::{RopeTable, add_in_place, rms_norm, silu_mul_rows};
 pub use isa::Isa;
-pub use matmul::matmul;
-pub use weight::{Weight, WeightData};
+pub(crate) use matmul::matmul;
+pub(crate) use weight::Weight;
 
 use isa::Recompile;
 

@@ -4,7 +4,8 @@
 use kv_extract::{KvCache, KvShape};
 
 use super::attention::{Task, attention_tasks, exp_and_sum, scale_and_max};
-use super::dot::{LANES, reduce};
+use super::dot::{LANES, dot, reduce};
+use super::elementwise::exp;
 use super::isa::{Isa, for_each_isa};
 use super::matmul::{panel, panel_portable};
 use super::quant::{QKind, QMatrix};
@@ -222,7 +223,7 @@ fn weight_concat_and_rows() {
     let a = Weight::from_f32(1, 2, vec![1.0, 2.0]).expect("sizes match");
     let b = Weight::from_f32(2, 2, vec![3.0, 4.0, 5.0, 6.0]).expect("sizes match");
     let c = Weight::concat_rows(vec![a, b]).expect("same width");
-    assert_eq!((c.rows(), c.cols()), (3, 2));
+    assert_eq!((c.rows, c.cols), (3, 2));
     let mut row = [0.0; 2];
     c.row_into(2, &mut row);
     assert_eq!(row, [5.0, 6.0]);

@@ -69,16 +69,6 @@ impl Weight {
         Weight::from_f32(rows, cols, data)
     }
 
-    /// Number of rows (output features).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Number of columns (input features).
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// Copies row `r` as f32 into `out` (an embedding lookup).
     ///
     /// # Panics

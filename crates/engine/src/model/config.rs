@@ -45,7 +45,7 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     /// Reads and validates the configuration from GGUF metadata. The vocabulary size is taken
     /// from the `token_embd.weight` tensor's shape.
-    pub fn from_gguf(content: &Content) -> Result<LlamaConfig> {
+    pub(crate) fn from_gguf(content: &Content) -> Result<LlamaConfig> {
         let md = &content.metadata;
         let arch = gguf_meta::string(md, "general.architecture")?;
         if arch != "llama" {

@@ -24,7 +24,7 @@ impl Model {
 
     /// Loads a GGUF model file and also returns its parsed header (metadata such as the
     /// tokenizer and chat template), so the file is parsed once.
-    pub fn load_with_content(path: &Path) -> Result<(Model, Content)> {
+    pub(crate) fn load_with_content(path: &Path) -> Result<(Model, Content)> {
         let file = File::open(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => EngineError::ModelNotFound {
                 path: path.to_owned(),
@@ -37,7 +37,7 @@ impl Model {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|source| EngineError::Gguf {
             path: path.to_owned(),
-            source,
+            source: source.into(),
         })?;
         let model = Self::from_content(&content, &mut reader)?;
         Ok((model, content))
@@ -67,9 +67,9 @@ impl Model {
         let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
         let mut values: HashMap<String, Tensor> = HashMap::new();
         for name in names {
-            let tensor_err = |source| EngineError::TensorData {
+            let tensor_err = |source: candle_core::Error| EngineError::TensorData {
                 name: name.clone(),
-                source,
+                source: source.into(),
             };
             let info = &content.tensor_infos[name];
             if !expected.contains_key(name) && !shape_is_sane(info.shape.dims()) {

@@ -48,7 +48,7 @@ impl Tokenizer {
     ///
     /// Requires `tokenizer.ggml.model = "gpt2"`, `tokens`, `merges` and `eos_token_id`;
     /// `token_type` defaults to all-normal and `pre` to `default`, as in llama.cpp.
-    pub fn from_gguf(content: &Content) -> Result<Self> {
+    pub(crate) fn from_gguf(content: &Content) -> Result<Self> {
         Self::from_metadata(&content.metadata)
     }
 

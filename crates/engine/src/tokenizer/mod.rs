@@ -120,21 +120,6 @@ pub enum TokenizerError {
         #[source]
         source: tokenizers::Error,
     },
-    /// Message content holds control-token text, and the chat template changes content as it
-    /// renders it, so that text cannot be kept apart from the template's own control tokens.
-    #[error(
-        "message {index} ({role}) contains the control-token text {token:?}, and the chat \
-         template does not insert message content verbatim, so it cannot be kept from acting \
-         as a control token; remove that text from the message"
-    )]
-    ControlTextInContent {
-        /// Position of the message in the conversation.
-        index: usize,
-        /// Its role (`"user"`, ...).
-        role: &'static str,
-        /// The control token whose text it contains.
-        token: String,
-    },
     /// A token id given to decode is not in the vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab_size} tokens")]
     UnknownId {
@@ -142,25 +127,5 @@ pub enum TokenizerError {
         id: u32,
         /// Size of the vocabulary.
         vocab_size: usize,
-    },
-    /// The GGUF carries no `tokenizer.chat_template`.
-    #[error(
-        "gguf has no tokenizer.chat_template; use a model converted with its chat template, \
-         or build one with ChatTemplate::new"
-    )]
-    MissingChatTemplate,
-    /// The chat template does not parse.
-    #[error("the chat template does not compile")]
-    TemplateSyntax {
-        /// The template engine's error, with line information.
-        #[source]
-        source: minijinja::Error,
-    },
-    /// Rendering the chat template failed, e.g. the template called `raise_exception`.
-    #[error("rendering the chat template failed")]
-    TemplateRender {
-        /// The template engine's error.
-        #[source]
-        source: minijinja::Error,
     },
 }
