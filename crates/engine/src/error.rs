@@ -47,7 +47,7 @@ pub enum EngineError {
 
     /// A metadata key is absent, of the wrong type, or holds a value the model cannot use.
     #[error(transparent)]
-    Metadata(#[from] crate::gguf_meta::MetadataError),
+    Metadata(#[from] crate::gguf::meta::MetadataError),
 
     /// `AGENTKV_SIMD` names an instruction-set level this CPU does not have (or none at all).
     #[error(

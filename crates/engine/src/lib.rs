@@ -4,7 +4,7 @@
 
 mod chat;
 mod error;
-mod gguf_meta;
+mod gguf;
 mod kernels;
 mod model;
 mod runtime;
@@ -16,7 +16,7 @@ mod tokenizer;
 
 pub use chat::{ChatTemplate, Message, Role, TemplateError};
 pub use error::{BoxError, EngineError, Result};
-pub use gguf_meta::MetadataError;
+pub use gguf::meta::MetadataError;
 pub use kernels::Isa;
 pub use model::{LlamaConfig, Logits, Model, PREFILL_CHUNK};
 pub use runtime::{

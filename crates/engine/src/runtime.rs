@@ -12,6 +12,7 @@ use kv_store::{CacheMeta, KvDtype};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
 use crate::model::{Logits, Model};
 use crate::sample::{Sampler, SamplingConfig};
 use crate::tokenizer::{TokenStream, Tokenizer};
@@ -113,9 +114,10 @@ pub struct Engine {
 impl Engine {
     /// Loads the model, tokenizer and chat template from a GGUF file.
     pub fn load(path: &Path) -> Result<Engine> {
-        let (model, content) = Model::load_with_content(path)?;
-        let tokenizer = Tokenizer::from_gguf(&content)?;
-        let template = ChatTemplate::from_gguf(&content)?;
+        let mut file = GgufFile::open(path)?;
+        let model = Model::from_file(&mut file)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let template = ChatTemplate::from_gguf(&file)?;
         Ok(Engine {
             model,
             tokenizer,

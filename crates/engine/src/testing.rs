@@ -15,6 +15,7 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::gguf::GgufFile;
 use crate::{Engine, GenerateOptions};
 
 /// The ChatML template SmolLM2 uses (without its default system prompt).
@@ -75,23 +76,18 @@ pub fn real_engine() -> Option<Arc<Engine>> {
 
 /// The real model's GGUF header (metadata and tensor index), read once per test binary;
 /// `None` (after the warning) where [`real_model_path`] gives none.
-pub fn real_model_content() -> Option<&'static gguf_file::Content> {
-    static CONTENT: OnceLock<gguf_file::Content> = OnceLock::new();
+pub fn real_model_content() -> Option<&'static GgufFile> {
+    static CONTENT: OnceLock<GgufFile> = OnceLock::new();
     let path = real_model_path()?;
-    Some(CONTENT.get_or_init(|| {
-        let mut file = File::open(&path).expect("opening the real model");
-        gguf_file::Content::read(&mut file).expect("reading the real model's gguf header")
-    }))
+    Some(
+        CONTENT
+            .get_or_init(|| GgufFile::open(&path).expect("reading the real model's gguf header")),
+    )
 }
 
 /// A GGUF header with `metadata` and no tensors, for tokenizer and chat-template tests.
-pub fn gguf_content(metadata: HashMap<String, Value>) -> gguf_file::Content {
-    gguf_file::Content {
-        magic: gguf_file::VersionedMagic::GgufV3,
-        metadata,
-        tensor_infos: HashMap::new(),
-        tensor_data_offset: 0,
-    }
+pub fn gguf_content(metadata: HashMap<String, Value>) -> GgufFile {
+    GgufFile::from_metadata(metadata)
 }
 
 /// Greedy generation of at most `max_tokens` tokens.
@@ -383,8 +379,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("tiny.gguf");
         write_tiny_llama_gguf(&path, &TinyConfig::default(), 1).expect("write");
-        let mut f = File::open(&path).expect("open");
-        let content = gguf_file::Content::read(&mut f).expect("parse");
+        let content = GgufFile::open(&path).expect("parse");
         let tok = Tokenizer::from_gguf(&content).expect("tokenizer");
         assert_eq!(tok.vocab_size(), 3 + 256 + MERGES.len());
         // " the" merges to "Ġthe", the third merge: id 3 + 256 + 2.

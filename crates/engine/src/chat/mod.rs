@@ -14,13 +14,12 @@ mod tests;
 
 use std::fmt;
 
-use candle_core::quantized::gguf_file::Content;
 use minijinja::{Environment, context};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::gguf_meta;
-use crate::gguf_meta::MetadataError;
+use crate::gguf::GgufFile;
+use crate::gguf::meta::{self as gguf_meta, MetadataError};
 use crate::tokenizer::TokenizerError;
 use python::{python_method, raise_exception};
 
@@ -183,8 +182,8 @@ impl ChatTemplate {
     ///
     /// A file without a template is an error ([`TemplateError::Missing`]), not a
     /// silent fallback to some default format.
-    pub(crate) fn from_gguf(content: &Content) -> Result<Self> {
-        let md = &content.metadata;
+    pub(crate) fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let md = file.metadata();
         let source = gguf_meta::opt_string(md, KEY_TEMPLATE)?.ok_or(TemplateError::Missing)?;
         let token_text = |key: &'static str| -> Result<String> {
             let Some(id) = gguf_meta::opt_u32(md, key)? else {

@@ -1,11 +1,11 @@
 //! [`LlamaConfig`]: the hyper-parameters, read from GGUF metadata and checked before any
 //! tensor is.
 
-use candle_core::quantized::gguf_file::Content;
 use kv_extract::KvShape;
 
 use crate::error::{EngineError, Result};
-use crate::gguf_meta::{self, MetadataError};
+use crate::gguf::GgufFile;
+use crate::gguf::meta::{self as gguf_meta, MetadataError};
 
 /// Upper bounds on metadata values, so a hostile file cannot make shape arithmetic overflow
 /// or ask for absurd allocations before any tensor byte is checked.
@@ -45,8 +45,8 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     /// Reads and validates the configuration from GGUF metadata. The vocabulary size is taken
     /// from the `token_embd.weight` tensor's shape.
-    pub(crate) fn from_gguf(content: &Content) -> Result<LlamaConfig> {
-        let md = &content.metadata;
+    pub(crate) fn from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
+        let md = file.metadata();
         let arch = gguf_meta::string(md, "general.architecture")?;
         if arch != "llama" {
             return Err(EngineError::UnsupportedArchitecture {
@@ -120,14 +120,12 @@ impl LlamaConfig {
             ));
         }
         let context_length = gguf_meta::count(md, &key("context_length"), MAX_CONTEXT)?;
-        let embd =
-            content
-                .tensor_infos
-                .get(TOKEN_EMBD)
-                .ok_or_else(|| EngineError::MissingTensor {
-                    name: TOKEN_EMBD.to_owned(),
-                })?;
-        let vocab_size = match embd.shape.dims() {
+        let embd = file
+            .tensor_dims(TOKEN_EMBD)
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: TOKEN_EMBD.to_owned(),
+            })?;
+        let vocab_size = match embd {
             &[v, d] if d == dim && (1..=MAX_VOCAB).contains(&v) => v,
             found => {
                 return Err(EngineError::TensorShape {

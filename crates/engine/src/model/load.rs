@@ -1,124 +1,80 @@
-//! Loading a model: the GGUF header and tensors read with candle's reader, every tensor's
+//! Loading a model: the GGUF header and tensors read through `GgufFile`, every tensor's
 //! shape checked against the configuration, the weights hashed, Q4_1 and Q8_0 kept quantized.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::{BufReader, Read, Seek};
 use std::path::Path;
-
-use candle_core::Device;
-use candle_core::quantized::GgmlDType;
-use candle_core::quantized::gguf_file::Content;
 
 use super::config::{OUTPUT, OUTPUT_NORM, TOKEN_EMBD};
 use super::{Layer, LlamaConfig, Model};
 use crate::error::{EngineError, Result};
-use crate::kernels::quant::{QKind, QMatrix};
+use crate::gguf::GgufFile;
+use crate::kernels::quant::QMatrix;
 use crate::kernels::{Isa, RopeTable, Weight};
 
 impl Model {
     /// Loads a GGUF model file.
     pub fn load(path: &Path) -> Result<Model> {
-        Self::load_with_content(path).map(|(model, _)| model)
+        Self::from_file(&mut GgufFile::open(path)?)
     }
 
-    /// Loads a GGUF model file and also returns its parsed header (metadata such as the
-    /// tokenizer and chat template), so the file is parsed once.
-    pub(crate) fn load_with_content(path: &Path) -> Result<(Model, Content)> {
-        let file = File::open(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => EngineError::ModelNotFound {
-                path: path.to_owned(),
-            },
-            _ => EngineError::Io {
-                path: path.to_owned(),
-                source,
-            },
-        })?;
-        let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|source| EngineError::Gguf {
-            path: path.to_owned(),
-            source: source.into(),
-        })?;
-        let model = Self::from_content(&content, &mut reader)?;
-        Ok((model, content))
-    }
-
-    /// Builds the model from a parsed header and the reader it came from.
-    fn from_content<R: Read + Seek>(content: &Content, reader: &mut R) -> Result<Model> {
-        let config = LlamaConfig::from_gguf(content)?;
-        let expected = expected_shapes(&config, content.tensor_infos.contains_key(OUTPUT));
+    /// Builds the model from an open GGUF file (whose metadata also holds the tokenizer and
+    /// chat template, so the file is parsed once).
+    pub(crate) fn from_file(file: &mut GgufFile) -> Result<Model> {
+        let config = LlamaConfig::from_gguf(file)?;
+        let expected = expected_shapes(&config, file.tensor_dims(OUTPUT).is_some());
         for (name, shape) in &expected {
-            let info = content
-                .tensor_infos
-                .get(name)
+            let dims = file
+                .tensor_dims(name)
                 .ok_or_else(|| EngineError::MissingTensor { name: name.clone() })?;
-            if info.shape.dims() != shape.as_slice() {
+            if dims != shape.as_slice() {
                 return Err(EngineError::TensorShape {
                     name: name.clone(),
                     expected: shape.clone(),
-                    found: info.shape.dims().to_vec(),
+                    found: dims.to_vec(),
                 });
             }
         }
 
         // Read every tensor once, in name order: hash its raw bytes, keep the ones we use.
-        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-        names.sort();
         let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
         let mut values: HashMap<String, Tensor> = HashMap::new();
-        for name in names {
-            let tensor_err = |source: candle_core::Error| EngineError::TensorData {
-                name: name.clone(),
-                source: source.into(),
-            };
-            let info = &content.tensor_infos[name];
-            if !expected.contains_key(name) && !shape_is_sane(info.shape.dims()) {
+        for name in file.tensor_names() {
+            let dims = file.tensor_dims(&name).unwrap_or_default().to_vec();
+            if !expected.contains_key(&name) && !shape_is_sane(&dims) {
                 return Err(EngineError::TensorShape {
-                    name: name.clone(),
+                    name,
                     expected: vec![],
-                    found: info.shape.dims().to_vec(),
+                    found: dims,
                 });
             }
-            let qt = content
-                .tensor(reader, name, &Device::Cpu)
-                .map_err(tensor_err)?;
-            let data = qt.data().map_err(tensor_err)?;
+            let tensor = file.tensor(&name)?;
+            let data = tensor.raw()?;
             hasher.update(&(name.len() as u64).to_le_bytes());
             hasher.update(name.as_bytes());
-            hasher.update(format!("{:?}", qt.dtype()).as_bytes());
-            hasher.update(&(info.shape.dims().len() as u64).to_le_bytes());
-            for d in info.shape.dims() {
+            hasher.update(tensor.dtype_name().as_bytes());
+            hasher.update(&(dims.len() as u64).to_le_bytes());
+            for d in &dims {
                 hasher.update(&(*d as u64).to_le_bytes());
             }
             hasher.update(&(data.len() as u64).to_le_bytes());
             hasher.update(&data);
-            let Some(shape) = expected.get(name) else {
+            let Some(shape) = expected.get(&name) else {
                 continue;
             };
             // Projections and embeddings in Q4_1 / Q8_0 stay quantized; anything else is
             // dequantized to f32.
-            let kind = match qt.dtype() {
-                GgmlDType::Q4_1 => Some(QKind::Q4_1),
-                GgmlDType::Q8_0 => Some(QKind::Q8_0),
-                _ => None,
-            };
-            let quantized = match (kind, shape.as_slice()) {
+            let quantized = match (tensor.quant_kind(), shape.as_slice()) {
                 (Some(kind), &[rows, cols]) => {
                     QMatrix::from_gguf_blocks(kind, rows, cols, &data).map(Tensor::Quant)
                 }
                 _ => None,
             };
             drop(data);
-            let tensor = match quantized {
+            let value = match quantized {
                 Some(q) => q,
-                None => Tensor::F32(
-                    qt.dequantize(&Device::Cpu)
-                        .and_then(|t| t.flatten_all())
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .map_err(tensor_err)?,
-                ),
+                None => Tensor::F32(tensor.to_f32()?),
             };
-            values.insert(name.clone(), tensor);
+            values.insert(name, value);
         }
         let weights_hash = format!("{:032x}", hasher.digest128());
 

@@ -388,7 +388,8 @@ fn real_model_answers_capital_of_france() {
     let Some(path) = crate::testing::real_model_path() else {
         return;
     };
-    let (model, content) = Model::load_with_content(&path).expect("load real model");
+    let mut content = crate::gguf::GgufFile::open(&path).expect("open real model");
+    let model = Model::from_file(&mut content).expect("load real model");
     let c = model.config();
     assert_eq!(
         (

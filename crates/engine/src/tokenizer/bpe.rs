@@ -1,7 +1,6 @@
 //! The byte-level BPE tokenizer: the GGUF's vocabulary, merges and token types in a
 //! `tokenizers` BPE model, with control tokens matched in text (or not, for data).
 
-use candle_core::quantized::gguf_file::Content;
 use tokenizers::AddedToken;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BPE, Merges, Vocab};
@@ -11,7 +10,8 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::pre::PreSplit;
 use super::{Result, TokenizerError};
-use crate::gguf_meta::{self, Metadata};
+use crate::gguf::GgufFile;
+use crate::gguf::meta::{self as gguf_meta, Metadata};
 
 pub(super) const KEY_MODEL: &str = "tokenizer.ggml.model";
 pub(super) const KEY_PRE: &str = "tokenizer.ggml.pre";
@@ -48,8 +48,8 @@ impl Tokenizer {
     ///
     /// Requires `tokenizer.ggml.model = "gpt2"`, `tokens`, `merges` and `eos_token_id`;
     /// `token_type` defaults to all-normal and `pre` to `default`, as in llama.cpp.
-    pub(crate) fn from_gguf(content: &Content) -> Result<Self> {
-        Self::from_metadata(&content.metadata)
+    pub(crate) fn from_gguf(file: &GgufFile) -> Result<Self> {
+        Self::from_metadata(file.metadata())
     }
 
     fn from_metadata(md: &Metadata) -> Result<Self> {

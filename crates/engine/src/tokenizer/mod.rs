@@ -17,7 +17,7 @@ mod tests;
 pub use bpe::Tokenizer;
 pub use stream::TokenStream;
 
-use crate::gguf_meta::MetadataError;
+use crate::gguf::meta::MetadataError;
 use pre::{DIGITS_GPT2_FAMILY, GPT2_FAMILY};
 
 /// Result of tokenizer and chat-template operations.

@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Value;
 
 use super::bpe::{
     KEY_BOS, KEY_EOS, KEY_MERGES, KEY_MODEL, KEY_PRE, KEY_TOKEN_TYPE, KEY_TOKENS,
@@ -10,7 +10,8 @@ use super::bpe::{
 };
 use super::pre::PreSplit;
 use super::*;
-use crate::gguf_meta::Metadata;
+use crate::gguf::GgufFile;
+use crate::gguf::meta::Metadata;
 use crate::testing::{gguf_content, real_model_content};
 
 fn real() -> Option<&'static Tokenizer> {
@@ -543,6 +544,6 @@ fn real_fingerprint_is_stable() {
     assert_ne!(tok.fingerprint(), tiny.fingerprint());
 }
 
-fn content_tiny() -> Content {
+fn content_tiny() -> GgufFile {
     gguf_content(tiny_metadata("smollm"))
 }
