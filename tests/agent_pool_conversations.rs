@@ -216,12 +216,14 @@ fn instructions_open_their_own_turn_alone_and_every_turn_keeps_its_usage() {
             .map(|m| (m.role, m.content.clone()))
             .collect()
     };
-    let before_third = &after_asked[..after_asked.len() - 1];
-    let seen = pool.conversation_at("a", Parent::Turn(2), None);
-    assert_eq!(text(&seen.expect("conversation")), text(before_third));
-    let mut opened = before_third.to_vec();
+    // A detached continuation is prompted with what respond would render, by the same rule.
+    let third = vec![Message::user("third")];
+    let seen = pool.conversation_at("a", Parent::Turn(2), third.clone());
+    assert_eq!(text(&seen.expect("conversation")), text(&after_asked));
+    let mut opened = after_asked.clone();
     opened[0] = Message::system("Whisper.");
-    let seen = pool.conversation_at("a", Parent::Turn(2), Some("Whisper."));
+    let whispered = [vec![Message::system("Whisper.")], third].concat();
+    let seen = pool.conversation_at("a", Parent::Turn(2), whispered);
     assert_eq!(text(&seen.expect("conversation")), text(&opened));
 
     // Instructions and usage are durable, and the input keeps no system message.

@@ -15,8 +15,7 @@ use agent_pool::{Continue, PoolError, Reply, Reused};
 use axum::http::HeaderValue;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use engine::GenerateOptions;
-use engine::{Message, Role};
+use engine::{GenerateOptions, Message};
 use futures_util::Stream;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -233,13 +232,7 @@ fn run(
         }
         Target::DetachedFrom { id, created_ms, at } => {
             still_there(pool, &id, created_ms)?;
-            let mut messages = messages;
-            let instructions = messages
-                .first()
-                .is_some_and(|m| m.role == Role::System)
-                .then(|| messages.remove(0).content);
-            let mut conversation = pool.conversation_at(&id, at, instructions.as_deref())?;
-            conversation.extend(messages);
+            let conversation = pool.conversation_at(&id, at, messages)?;
             detached(pool, &conversation, options, tx, &mut on_text)
         }
         Target::Detached => detached(pool, &messages, options, tx, &mut on_text),

@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use engine::{GenerateOptions, StopReason};
-use engine::{Message, Role};
+use engine::{GenerateOptions, Message, Role, StopReason};
 
 use super::{Agent, AgentPool, Continue, LoadReport, Reply, Slot, Timings, lock};
 use crate::backend::Backend;
@@ -82,14 +81,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         let (parent, matched_messages, mut input) = match at {
             Continue::Head => (transcript.head(), 0, messages),
             Continue::At(parent) => {
-                if let Parent::Turn(index) = parent
-                    && transcript.live(index).is_none()
-                {
-                    return Err(PoolError::UnknownTurn {
-                        id: id.to_owned(),
-                        index,
-                    });
-                }
+                check_point(transcript, id, parent)?;
                 (parent, 0, messages)
             }
             Continue::Match => {
@@ -261,15 +253,8 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         let slot = self.slot(id)?;
         let (mut agent, _) = self.lock_agent(&slot)?;
         self.ensure_transcript(id, &mut agent)?;
-        agent
-            .transcript
-            .as_ref()
-            .and_then(|t| t.live(index))
-            .cloned()
-            .ok_or_else(|| PoolError::UnknownTurn {
-                id: id.to_owned(),
-                index,
-            })
+        let empty = Transcript::default();
+        live_turn(agent.transcript.as_ref().unwrap_or(&empty), id, index).cloned()
     }
 
     /// The system prompt turn `index` of agent `id` was answered with, if its conversation had
@@ -282,12 +267,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         self.ensure_transcript(id, &mut agent)?;
         let empty = Transcript::default();
         let transcript = agent.transcript.as_ref().unwrap_or(&empty);
-        let turn = transcript
-            .live(index)
-            .ok_or_else(|| PoolError::UnknownTurn {
-                id: id.to_owned(),
-                index,
-            })?;
+        let turn = live_turn(transcript, id, index)?;
         let history =
             Self::conversation(info, transcript, turn.parent, turn.instructions.as_deref());
         let first = history.iter().chain(&turn.input).next();
@@ -296,32 +276,27 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             .map(|m| m.content.clone()))
     }
 
-    /// Agent `id`'s conversation up to and including `at` as a turn continuing there sees it:
-    /// opening with `instructions` when given, else with the agent's system prompt when the
-    /// path starts there, as [`AgentPool::respond`] renders it. These are the messages a client
-    /// continuing from `at` without writing to the agent sends before its new ones (to
-    /// [`AgentPool::respond_detached`]). A deleted or unknown turn is
-    /// [`PoolError::UnknownTurn`].
+    /// The whole conversation a turn continuing agent `id` at `at` with `messages` is
+    /// prompted with, exactly as [`AgentPool::respond`] with [`Continue::At`] renders it (a
+    /// leading system message is that turn's instructions): what a client continuing from
+    /// `at` without writing to the agent sends to [`AgentPool::respond_detached`]. A deleted or
+    /// unknown turn is [`PoolError::UnknownTurn`].
     pub fn conversation_at(
         &self,
         id: &str,
         at: Parent,
-        instructions: Option<&str>,
+        mut messages: Vec<Message>,
     ) -> Result<Vec<Message>> {
         let slot = self.slot(id)?;
         let (mut agent, info) = self.lock_agent(&slot)?;
         self.ensure_transcript(id, &mut agent)?;
         let empty = Transcript::default();
         let transcript = agent.transcript.as_ref().unwrap_or(&empty);
-        if let Parent::Turn(index) = at
-            && transcript.live(index).is_none()
-        {
-            return Err(PoolError::UnknownTurn {
-                id: id.to_owned(),
-                index,
-            });
-        }
-        Ok(Self::conversation(info, transcript, at, instructions))
+        check_point(transcript, id, at)?;
+        let instructions = Self::take_instructions(info, transcript, at, &mut messages);
+        let mut conversation = Self::conversation(info, transcript, at, instructions.as_deref());
+        conversation.extend(messages);
+        Ok(conversation)
     }
 
     /// Deletes turn `index` of agent `id`, durably: it can no longer be continued from or
@@ -333,12 +308,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         self.ensure_transcript(id, &mut agent)?;
         let path = self.agent_dir(id).join(TRANSCRIPT_FILE);
         let transcript = agent.transcript.get_or_insert_with(Transcript::default);
-        if transcript.live(index).is_none() {
-            return Err(PoolError::UnknownTurn {
-                id: id.to_owned(),
-                index,
-            });
-        }
+        live_turn(transcript, id, index)?;
         transcript.append(&path, Entry::Deleted(index))
     }
 
@@ -353,4 +323,23 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             .map(|t| t.turns.clone())
             .unwrap_or_default())
     }
+}
+
+/// Turn `index` of agent `id`'s `transcript`, or [`PoolError::UnknownTurn`] when it was
+/// deleted or never written.
+fn live_turn<'t>(transcript: &'t Transcript, id: &str, index: u64) -> Result<&'t Turn> {
+    transcript
+        .live(index)
+        .ok_or_else(|| PoolError::UnknownTurn {
+            id: id.to_owned(),
+            index,
+        })
+}
+
+/// Checks that a conversation can be continued at `at`: a turn there must be live.
+fn check_point(transcript: &Transcript, id: &str, at: Parent) -> Result<()> {
+    if let Parent::Turn(index) = at {
+        live_turn(transcript, id, index)?;
+    }
+    Ok(())
 }
