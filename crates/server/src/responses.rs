@@ -76,14 +76,6 @@ fn usage(usage: &Usage) -> Value {
     })
 }
 
-fn reply_usage(reply: &Reply) -> Usage {
-    Usage {
-        prompt_tokens: reply.prompt_tokens,
-        reused_tokens: reply.reused_tokens,
-        output_tokens: reply.tokens.len(),
-    }
-}
-
 fn output_message(item_id: &str, text: &str, status: &str) -> Value {
     let content = if status == "completed" {
         json!([{"type": "output_text", "text": text, "annotations": []}])
@@ -234,7 +226,7 @@ pub(crate) async fn create(
                 "completed",
                 vec![output_message(&item, &outcome.reply.text, "completed")],
                 Some(&outcome.reply),
-                Some(reply_usage(&outcome.reply)),
+                Some(outcome.reply.usage()),
             )
         })
     };
@@ -322,7 +314,7 @@ impl turn::Frames for ResponseFrames {
             "completed",
             vec![item.clone()],
             Some(&outcome.reply),
-            Some(reply_usage(&outcome.reply)),
+            Some(outcome.reply.usage()),
         );
         let text_done = self.part(json!({"text": text, "logprobs": []}));
         let part_done = self.part(json!({"part": part}));

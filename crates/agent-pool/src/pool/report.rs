@@ -6,7 +6,7 @@ use std::time::Duration;
 use engine::StopReason;
 
 use crate::files::AgentInfo;
-use crate::transcript::{Parent, TranscriptRepair};
+use crate::transcript::{Parent, TranscriptRepair, Usage};
 
 /// Why a cache had to be computed again from the transcript.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +124,17 @@ pub struct Reply {
     pub rebuilt: Option<Rebuild>,
     /// A torn last transcript line was cut off when the transcript was first read.
     pub transcript_repair: Option<TranscriptRepair>,
+}
+
+impl Reply {
+    /// The token counts a transcript records for this turn ([`Turn::usage`](crate::Turn)).
+    pub fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            reused_tokens: self.reused_tokens,
+            output_tokens: self.tokens.len(),
+        }
+    }
 }
 
 /// One hot agent in [`PoolStats`].
