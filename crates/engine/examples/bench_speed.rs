@@ -90,7 +90,7 @@ fn run() -> Result<()> {
 
     let vocab = model.config().vocab_size as u32;
     let mut rng = StdRng::seed_from_u64(1234);
-    println!("INFO isa: {}", engine::Isa::from_env()?.name());
+    println!("INFO isa: {}", model.isa().name());
     // Warm up the thread pool and page in the weights, with the llama.cpp peer's warm-up.
     let warmup: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab)).collect();
     model.forward(&warmup, &mut model.new_cache(), Logits::Last)?;

@@ -307,7 +307,7 @@ fn instruction_set(cpuinfo: &str) -> String {
         "no AVX2"
     };
     match std::env::var("AGENTKV_SIMD") {
-        Ok(cap) if !cap.is_empty() => format!("{isa} (agentkv capped by AGENTKV_SIMD={cap})"),
+        Ok(cap) if !cap.is_empty() => format!("{isa} (agentkv kernels at AGENTKV_SIMD={cap})"),
         _ => isa.to_owned(),
     }
 }
