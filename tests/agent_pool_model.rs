@@ -9,9 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use agent_pool::{AgentPool, PoolConfig, Reply};
-use engine::Engine;
-use engine::Message;
 use engine::testing::{bitwise_equal, max_abs_diff, options, real_engine};
+use engine::{Engine, Message};
 use kv_store::KvDtype;
 
 const MAX_TOKENS: usize = 12;

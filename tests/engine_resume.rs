@@ -4,9 +4,8 @@
 //! These tests need the model (`cargo xtask fetch-model`); see
 //! `engine::testing::real_model_path` for what happens without it.
 
-use engine::Message;
 use engine::testing::{bitwise_equal, max_abs_diff, options, real_engine};
-use engine::{Engine, Generation};
+use engine::{Engine, Generation, Message};
 use kv_extract::KvCache;
 use kv_store::{KvDtype, Store};
 

@@ -1,8 +1,7 @@
 //! What the pool needs from an inference engine, as a trait: the real [`engine::Engine`]
 //! implements it, and so does the deterministic fake in [`crate::testing`].
 
-use engine::Message;
-use engine::{Engine, GenerateOptions, Generation};
+use engine::{Engine, GenerateOptions, Generation, Message};
 use kv_extract::{KvCache, KvShape};
 use kv_store::{CacheMeta, KvDtype};
 

@@ -13,8 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use engine::Message;
-use engine::{EngineError, GenerateOptions, Generation, StopReason};
+use engine::{EngineError, GenerateOptions, Generation, Message, StopReason};
 use kv_extract::{KvCache, KvShape};
 use kv_store::{CacheMeta, KvDtype, ModelFingerprint};
 

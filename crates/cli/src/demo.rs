@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use agent_pool::{AgentPool, RebuildReason};
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use engine::Message;
-use engine::{Engine, GenerateOptions};
+use engine::{Engine, GenerateOptions, Message};
 
 use crate::Env;
 use crate::ui::{self, Table};

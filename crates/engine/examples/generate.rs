@@ -10,8 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
-use engine::GenerateOptions;
-use engine::Message;
+use engine::{GenerateOptions, Message};
 
 #[derive(Parser)]
 struct Args {

@@ -13,8 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use engine::Message;
-use engine::{Engine, GenerateOptions};
+use engine::{Engine, GenerateOptions, Message};
 use kv_extract::KvCache;
 use kv_store::{KvDtype, Store};
 

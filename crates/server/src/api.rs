@@ -6,8 +6,7 @@ use std::sync::atomic::AtomicBool;
 
 use axum::body::{Body, Bytes};
 use axum::http::HeaderMap;
-use engine::{GenerateOptions, SamplingConfig};
-use engine::{Message, Role};
+use engine::{GenerateOptions, Message, Role, SamplingConfig};
 use serde::Deserialize;
 
 use crate::error::ApiError;

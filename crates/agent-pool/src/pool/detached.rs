@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine::GenerateOptions;
-use engine::{Message, Role};
+use engine::{GenerateOptions, Message, Role};
 use kv_extract::KvCache;
 use kv_store::SegmentId;
 
