@@ -27,6 +27,16 @@ pub(crate) enum Level {
     Avx512,
 }
 
+impl Level {
+    fn name(self) -> &'static str {
+        match self {
+            Level::Portable => "portable",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+}
+
 impl Isa {
     /// The portable build: every CPU has it.
     pub const PORTABLE: Isa = Isa {
@@ -87,11 +97,7 @@ impl Isa {
 
     /// `portable`, `avx2` or `avx512`: what benchmarks report.
     pub fn name(self) -> &'static str {
-        match self.level {
-            Level::Portable => "portable",
-            Level::Avx2 => "avx2",
-            Level::Avx512 => "avx512",
-        }
+        self.level.name()
     }
 
     pub(crate) fn level(self) -> Level {
@@ -113,11 +119,36 @@ pub(crate) trait Recompile {
 }
 
 /// Runs `f` once at every level this CPU has, lowest (portable) first: tests compare each
-/// level's result with the portable one, in the spirit of candle's `test_device!`.
+/// level's result with the portable one, in the spirit of candle's `test_device!`. The x86
+/// levels this CPU lacks are named on the terminal, so that a run on an AVX2-only machine
+/// does not pass in silence for code it never reached.
 #[cfg(test)]
 pub(crate) fn for_each_isa(mut f: impl FnMut(Isa)) {
-    for isa in Isa::available() {
+    let available = Isa::available();
+    for &isa in &available {
         f(isa);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let missing: Vec<&str> = [Level::Avx2, Level::Avx512]
+            .into_iter()
+            .filter(|&level| !available.iter().any(|isa| isa.level == level))
+            .map(Level::name)
+            .collect();
+        thread_local! {
+            // Each test runs on its own thread: say it once per test, not once per call.
+            static WARNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        if !missing.is_empty() && !WARNED.replace(true) {
+            use std::io::Write;
+            // Straight to the terminal: the test harness captures `eprintln!` of passing tests.
+            let test = std::thread::current().name().unwrap_or("a test").to_owned();
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: {test} did not run at {}: this CPU lacks it",
+                missing.join(", ")
+            );
+        }
     }
 }
 
