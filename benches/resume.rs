@@ -382,7 +382,7 @@ impl Bench {
     fn reprefill(&self, messages: &[Message], n: usize) -> Result<(Duration, u32)> {
         let started = Instant::now();
         let prompt = self.engine.chat_tokens(messages, true)?;
-        let mut cache = self.engine.new_cache();
+        let mut cache = self.engine.new_cache(self.config.kv_dtype)?;
         let (logits, _) = self.engine.sync(&mut cache, &prompt)?;
         let token = greedy(&logits)?;
         let ttft = started.elapsed();

@@ -120,23 +120,18 @@ fn assert_same(dtype: KvDtype, what: &str, a: &[Reply], b: &[Reply]) {
     }
 }
 
-/// With f32 caches a pool dropped and reopened between turns gives, bit for bit, the replies
-/// of a pool that stayed open. With f16 the caches that went through disk are rounded, so the
-/// reference is a pool that stayed open but evicted every agent between the turns: the same
-/// rounding at the same points, hence again bit for bit. (How far f16 rounding itself moves
-/// the logits is the engine's business: `engine_resume.rs` bounds it.)
+/// In every KV dtype a pool dropped and reopened (or evicting every agent) between turns gives,
+/// bit for bit, the replies of a pool that stayed open: memory holds the values in the dtype
+/// the files do.
 #[test]
 fn reopened_pool_continues_exactly_like_an_uninterrupted_one() {
     let Some(engine) = real_engine() else { return };
-    for (dtype, reference) in [
-        (KvDtype::F32, Between::Nothing),
-        (KvDtype::F16, Between::Evict),
-    ] {
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
         let (a, b) = (
             tempfile::tempdir().expect("tempdir"),
             tempfile::tempdir().expect("tempdir"),
         );
-        let uninterrupted = second_turns(&engine, a.path(), dtype, reference);
+        let uninterrupted = second_turns(&engine, a.path(), dtype, Between::Nothing);
         let reopened = second_turns(&engine, b.path(), dtype, Between::Reopen);
         assert_same(
             dtype,
@@ -144,6 +139,17 @@ fn reopened_pool_continues_exactly_like_an_uninterrupted_one() {
             &uninterrupted,
             &reopened,
         );
+        if dtype == KvDtype::F16 {
+            // The default dtype: evicted to disk and loaded back within one pool, too.
+            let c = tempfile::tempdir().expect("tempdir");
+            let evicted = second_turns(&engine, c.path(), dtype, Between::Evict);
+            assert_same(
+                dtype,
+                "evicted vs open throughout",
+                &uninterrupted,
+                &evicted,
+            );
+        }
     }
 }
 
@@ -174,7 +180,7 @@ fn adopted_system_prefix_is_bitwise_equal_to_computing_from_scratch() {
     let prompt = engine
         .chat_tokens(&[Message::system(system), Message::user(question)], true)
         .expect("tokens");
-    let mut cache = engine.new_cache();
+    let mut cache = engine.new_cache(KvDtype::F32).expect("cache");
     let scratch = engine
         .generate(&mut cache, &prompt, &options(MAX_TOKENS), &mut |_| {})
         .expect("generate");

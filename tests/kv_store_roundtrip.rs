@@ -71,7 +71,7 @@ impl KvSource for Fake {
     }
 
     fn write_kv(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
-        let row = self.meta.model.head_dim as usize * self.meta.dtype.size();
+        let row = self.meta.row_bytes();
         for h in 0..self.meta.model.n_kv_heads as usize {
             for p in range.clone() {
                 out.extend((0..row).map(|i| byte(layer, kind, h, self.salts[p], i)));

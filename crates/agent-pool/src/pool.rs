@@ -162,6 +162,15 @@ impl<B: Backend + ?Sized> AgentPool<B> {
                 detail: "kv_budget_bytes is 0".into(),
             });
         }
+        let shape = backend.kv_shape();
+        if !shape.supports(config.kv_dtype) {
+            return Err(PoolError::InvalidConfig {
+                detail: format!(
+                    "kv dtype {} cannot hold this model's heads of width {}: use f16 or f32",
+                    config.kv_dtype, shape.head_dim
+                ),
+            });
+        }
         let agents_dir = root.join("agents");
         fs::create_dir_all(&agents_dir)
             .map_err(|e| PoolError::io("create directory", &agents_dir, e))?;
@@ -228,7 +237,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             scratch: Mutex::new(None),
             root: root.to_owned(),
             meta: backend.cache_meta(config.kv_dtype),
-            shape: backend.kv_shape(),
+            shape,
             backend,
             config,
             store,

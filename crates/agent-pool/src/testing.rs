@@ -125,29 +125,29 @@ impl FakeBackend {
         cache.push_tokens(tokens);
     }
 
-    /// The oracle: every position below `n` must hold the values its tokens imply.
+    /// The oracle: every position below `n` must hold the values its tokens imply, as the
+    /// cache's dtype stores them.
     fn verify(&self, cache: &KvCache, n: usize) {
         let s = self.shape;
+        let row = s.row_len();
         let mut h = self.seed;
+        let mut want = KvCache::with_capacity(s, cache.dtype(), 1);
         for (p, &t) in cache.tokens()[..n].iter().enumerate() {
             h = self.prefix_hash(h, t);
             for layer in 0..s.n_layers {
+                let rows = |v: bool| -> Vec<f32> {
+                    (0..row).map(|e| Self::value(h, layer, v, e)).collect()
+                };
+                want.write_rows(layer, 0, &rows(false), &rows(true));
                 for head in 0..s.n_kv_heads {
-                    let k = cache.k_head(layer, head, p..p + 1);
-                    let v = cache.v_head(layer, head, p..p + 1);
-                    for d in 0..s.head_dim {
-                        let e = head * s.head_dim + d;
-                        let (want_k, want_v) = (
-                            Self::value(h, layer, false, e),
-                            Self::value(h, layer, true, e),
-                        );
-                        assert!(
-                            k[d].to_bits() == want_k.to_bits()
-                                && v[d].to_bits() == want_v.to_bits(),
-                            "fake backend: the cache handed over holds wrong K/V at position {p} \
-                             (layer {layer}, head {head}): it does not belong to its tokens"
-                        );
-                    }
+                    assert!(
+                        cache.k_head(layer, head, p..p + 1).bytes()
+                            == want.k_head(layer, head, 0..1).bytes()
+                            && cache.v_head(layer, head, p..p + 1).bytes()
+                                == want.v_head(layer, head, 0..1).bytes(),
+                        "fake backend: the cache handed over holds wrong K/V at position {p} \
+                         (layer {layer}, head {head}): it does not belong to its tokens"
+                    );
                 }
             }
         }

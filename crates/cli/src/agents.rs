@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use agent_pool::{AgentInfo, AgentPool, AgentSummary, PoolConfig, PoolError, PoolView, Turn};
+use agent_pool::{AgentInfo, AgentPool, AgentSummary, PoolError, PoolView, Turn};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use engine::Engine;
@@ -50,8 +50,8 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
         return Ok(());
     }
     let engine = env.engine()?;
-    let meta = engine.cache_meta(kv_store::KvDtype::F16);
-    let pool = match AgentPool::open(&root, Arc::clone(&engine), PoolConfig::default()) {
+    let meta = engine.cache_meta(env.kv_dtype);
+    let pool = match AgentPool::open(&root, Arc::clone(&engine), env.pool_config()) {
         Ok(pool) => Pool::Open(Box::new(pool)),
         // A server (or a chat) holds the pool: read its files instead, changing nothing.
         Err(PoolError::Locked { .. }) if !matches!(command, AgentsCommand::Rm { .. }) => {

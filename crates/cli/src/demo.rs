@@ -256,8 +256,9 @@ fn session2(
                 RebuildReason::Missing => "no cache was saved (session 1 did not finish)",
                 RebuildReason::Damaged => "the saved cache is damaged",
                 RebuildReason::OtherModel => {
-                    "the saved cache was made by another model, tokenizer, template or dtype"
+                    "the saved cache was made by another model, tokenizer or template"
                 }
+                RebuildReason::OtherDtype => "the saved cache holds another KV dtype",
                 RebuildReason::Unreadable => "the saved cache could not be read",
                 _ => "the saved cache could not be used",
             };
@@ -312,7 +313,7 @@ fn session2(
             ),
         );
         let started = Instant::now();
-        let mut scratch = engine.new_cache();
+        let mut scratch = engine.new_cache(env.kv_dtype)?;
         engine.sync(&mut scratch, &prompt)?;
         let scratch_ttft = started.elapsed();
         spinner.finish_and_clear();

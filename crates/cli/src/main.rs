@@ -20,6 +20,7 @@ use agent_pool::{AgentPool, PoolConfig};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use engine::Engine;
+use kv_store::KvDtype;
 
 /// Persistent KV-cache memory for local LLM agents.
 #[derive(Parser)]
@@ -35,6 +36,12 @@ struct Cli {
     /// ~/.local/share/agentkv).
     #[arg(long, global = true, value_name = "DIR")]
     home: Option<PathBuf>,
+    /// Element type agents' KV caches are held in, in memory and on disk: f16 (half of f32's
+    /// bytes), q8_0 (llama.cpp's 8-bit blocks, about a quarter) or f32. A conversation resumed
+    /// from disk gives bit for bit the replies of one that stayed in memory, in each. Caches
+    /// saved in another dtype are rebuilt from their transcripts, with a note.
+    #[arg(long, global = true, default_value = "f16", value_name = "DTYPE", value_parser = parse_kv_dtype)]
+    kv_dtype: KvDtype,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,6 +73,8 @@ pub struct Env {
     pub model: PathBuf,
     /// No progress bars, tables or notes.
     pub quiet: bool,
+    /// The dtype agents' caches are held in.
+    pub kv_dtype: KvDtype,
 }
 
 impl Env {
@@ -86,8 +95,16 @@ impl Env {
 
     /// Opens the pool at `root` on `engine`.
     pub fn pool(&self, root: &Path, engine: Arc<Engine>) -> Result<AgentPool<Engine>> {
-        AgentPool::open(root, engine, PoolConfig::default())
+        AgentPool::open(root, engine, self.pool_config())
             .with_context(|| format!("opening the agent pool in {}", root.display()))
+    }
+
+    /// The pool configuration every command but `serve` uses: defaults, and `--kv-dtype`.
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            kv_dtype: self.kv_dtype,
+            ..PoolConfig::default()
+        }
     }
 
     /// The everyday pool: `<home>/pool`.
@@ -112,6 +129,7 @@ fn run() -> Result<()> {
         home,
         model,
         quiet: cli.quiet,
+        kv_dtype: cli.kv_dtype,
     };
     match cli.command {
         Command::Demo(args) => demo::run(&cx, &args),
@@ -119,6 +137,14 @@ fn run() -> Result<()> {
         Command::Run(args) => chat::run(&cx, &args),
         Command::Serve(args) => serve::run(&cx, &args),
         Command::Agents { command } => agents::run(&cx, &command),
+    }
+}
+
+/// `--kv-dtype NAME`.
+fn parse_kv_dtype(name: &str) -> std::result::Result<KvDtype, String> {
+    match KvDtype::from_name(name) {
+        Some(d @ (KvDtype::F32 | KvDtype::F16 | KvDtype::Q8_0)) => Ok(d),
+        _ => Err(format!("unknown KV dtype {name:?}: use f16, q8_0 or f32")),
     }
 }
 

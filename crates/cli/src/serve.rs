@@ -7,7 +7,6 @@ use std::sync::Arc;
 use agent_pool::{AgentPool, Backend, PoolConfig};
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use kv_store::KvDtype;
 use server::ServerConfig;
 
 use crate::Env;
@@ -33,18 +32,6 @@ pub struct ServeArgs {
     /// Requests admitted at once (running or waiting for their agent); more get 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
-    /// Element type of the caches on disk: f16 (half the bytes) or f32 (a conversation
-    /// resumed after a restart gives bit for bit the replies of an uninterrupted server).
-    #[arg(long, default_value = "f16", value_parser = parse_dtype)]
-    kv_dtype: KvDtype,
-}
-
-fn parse_dtype(s: &str) -> std::result::Result<KvDtype, String> {
-    match s {
-        "f16" => Ok(KvDtype::F16),
-        "f32" => Ok(KvDtype::F32),
-        other => Err(format!("unknown KV dtype {other:?}: use f16 or f32")),
-    }
 }
 
 /// Parses `123`, `512KiB`, `64MiB`, `2GiB` (also `KB`/`MB`/`GB` and `K`/`M`/`G`, as powers of
@@ -88,7 +75,7 @@ pub fn run(env: &Env, args: &ServeArgs) -> Result<()> {
     let config = PoolConfig {
         max_hot: args.max_hot,
         kv_budget_bytes: args.max_kv_bytes,
-        kv_dtype: args.kv_dtype,
+        kv_dtype: env.kv_dtype,
         // A reply is acknowledged with its cache on disk, so that after a crash or kill -9
         // every acknowledged conversation resumes from disk rather than by re-prefill.
         save_every_turn: true,

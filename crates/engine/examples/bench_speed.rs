@@ -1,12 +1,14 @@
 //! Times the engine on the real SmolLM2 model, for each history length: prefill of the history
 //! (seeded random tokens), greedy decode steps after it, resume TTFT (load the history's saved
-//! f16 cache through kv-store from the page cache, then a 16-token turn; into the buffers the
+//! cache through kv-store from the page cache, then a 16-token turn; into the buffers the
 //! history was computed in, and into new ones) and re-prefill TTFT (history + turn from an
 //! empty cache). Each once per run after a 64-token warm-up, as the llama.cpp peer does:
 //! `cargo xtask bench` runs both several times, alternately, and takes medians.
 //!
 //! `cargo run --release -p engine --example bench_speed -- [--model PATH]
-//! [--histories 512,2048,4096] [--decode 32] [--turn 16] [--repeats 1]`
+//! [--histories 512,2048,4096] [--decode 32] [--turn 16] [--repeats 1] [--kv-dtype f16]`
+//!
+//! The cache is held in memory and saved in `--kv-dtype` (f32, f16 or q8_0).
 //!
 //! Prints a human-readable line per figure on stderr, one `ENGINE {json}` line per history and
 //! an `INFO isa: LEVEL` line (the instruction set the kernels ran) on stdout, which
@@ -45,6 +47,9 @@ struct Args {
     /// Where the kv-store used for the resume figure lives (default: a temp dir).
     #[arg(long)]
     store: Option<PathBuf>,
+    /// The dtype the cache holds K and V in, in memory and on disk.
+    #[arg(long, default_value = "f16", value_parser = common::parse_kv_dtype)]
+    kv_dtype: KvDtype,
 }
 
 fn main() -> std::process::ExitCode {
@@ -86,19 +91,21 @@ fn run() -> Result<()> {
     };
     let store = Store::open(&store_dir)
         .with_context(|| format!("opening a store in {}", store_dir.display()))?;
-    let meta = engine.cache_meta(KvDtype::F16);
+    let meta = engine.cache_meta(args.kv_dtype);
+    let new_cache = || model.new_cache(args.kv_dtype);
 
     let vocab = model.config().vocab_size as u32;
     let mut rng = StdRng::seed_from_u64(1234);
     println!("INFO isa: {}", model.isa().name());
+    println!("INFO kv dtype: {}", args.kv_dtype);
     // Warm up the thread pool and page in the weights, with the llama.cpp peer's warm-up.
     let warmup: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab)).collect();
-    model.forward(&warmup, &mut model.new_cache(), Logits::Last)?;
+    model.forward(&warmup, &mut new_cache()?, Logits::Last)?;
     for &n in &args.histories {
         let history: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
         let turn: Vec<u32> = (0..args.turn).map(|_| rng.random_range(0..vocab)).collect();
 
-        let mut cache = model.new_cache();
+        let mut cache = new_cache()?;
         let t = Instant::now();
         let mut logits = model.forward(&history, &mut cache, Logits::Last)?;
         let prefill = t.elapsed();
@@ -137,11 +144,12 @@ fn run() -> Result<()> {
         let mut reprefill = Vec::new();
         for _ in 0..args.repeats {
             let t = Instant::now();
-            model.forward(&full, &mut model.new_cache(), Logits::Last)?;
+            model.forward(&full, &mut new_cache()?, Logits::Last)?;
             reprefill.push(t.elapsed());
         }
         let reprefill = median(reprefill);
 
+        let kv_bytes_per_token = meta.kv_bytes(1) * 2 * model.config().n_layers;
         let prefill_tps = n as f64 / prefill.as_secs_f64();
         let decode_tps = args.decode as f64 / decode.as_secs_f64();
         let (resume, resume_fresh) = (median(resume), median(resume_fresh));
@@ -162,6 +170,8 @@ fn run() -> Result<()> {
                 "resume_fresh_ttft_ms": ms(resume_fresh),
                 "reprefill_ttft_ms": ms(reprefill),
                 "weight_bytes": model.weight_bytes(),
+                "kv_dtype": args.kv_dtype.name(),
+                "kv_bytes_per_token": kv_bytes_per_token,
                 "threads": rayon::current_num_threads(),
             })
         );

@@ -39,7 +39,7 @@ fn run() -> Result<()> {
     }
     messages.push(Message::user(args.message));
     let prompt = engine.chat_tokens(&messages, true)?;
-    let mut cache = engine.new_cache();
+    let mut cache = engine.new_cache(kv_store::KvDtype::F32)?;
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
         ..GenerateOptions::default()

@@ -60,7 +60,7 @@ fn run() -> Result<()> {
     let meta = engine.cache_meta(KvDtype::F16);
     match args.session {
         1 => {
-            let mut cache = engine.new_cache();
+            let mut cache = engine.new_cache(KvDtype::F16)?;
             println!("user: {TURN1}\nassistant: ");
             let out = say(
                 &engine,
@@ -106,7 +106,7 @@ fn run() -> Result<()> {
             let resume_ttft = started.elapsed();
 
             let started = Instant::now();
-            let mut scratch = engine.new_cache();
+            let mut scratch = engine.new_cache(KvDtype::F16)?;
             engine.sync(&mut scratch, &prompt)?;
             let scratch_ttft = started.elapsed();
 

@@ -107,6 +107,16 @@ pub enum EngineError {
         found: KvShape,
     },
 
+    /// The KV dtype cannot hold this model's heads (`q8_0` needs a head width that is a
+    /// multiple of 32).
+    #[error("kv dtype {dtype} cannot hold this model's heads of width {head_dim}: use f16 or f32")]
+    UnsupportedKvDtype {
+        /// The dtype asked for.
+        dtype: kv_store::KvDtype,
+        /// The model's head width.
+        head_dim: usize,
+    },
+
     /// Running the tokens would go past the model's context length.
     #[error("context overflow: {needed} positions needed, the model supports {max}")]
     ContextOverflow {

@@ -152,9 +152,9 @@ impl Engine {
         self.model.config().context_length
     }
 
-    /// An empty cache shaped for this model.
-    pub fn new_cache(&self) -> KvCache {
-        self.model.new_cache()
+    /// An empty cache shaped for this model, holding K and V in `dtype`.
+    pub fn new_cache(&self, dtype: KvDtype) -> Result<KvCache> {
+        self.model.new_cache(dtype)
     }
 
     /// The compatibility key of caches this engine makes, stored as `dtype`.
@@ -394,7 +394,7 @@ mod tests {
                              <|im_start|>user\nWhat is the capital of France?";
 
     fn reply(engine: &Engine, prompt: &[u32], options: &GenerateOptions) -> Generation {
-        let mut cache = engine.new_cache();
+        let mut cache = engine.new_cache(KvDtype::F32).expect("f32 cache");
         engine
             .generate(&mut cache, prompt, options, &mut |_| {})
             .expect("generate")
@@ -537,7 +537,7 @@ mod tests {
             ..Default::default()
         };
         let mut streamed = String::new();
-        let mut cache = e.new_cache();
+        let mut cache = e.new_cache(KvDtype::F32).expect("f32 cache");
         let out = e
             .generate(&mut cache, &prompt, &options, &mut |piece| {
                 streamed.push_str(piece)
@@ -562,7 +562,7 @@ mod tests {
             stop: vec![format!("{stop}!!")],
             ..Default::default()
         };
-        let mut cache = e.new_cache();
+        let mut cache = e.new_cache(KvDtype::F32).expect("f32 cache");
         let out = e
             .generate(&mut cache, &prompt, &options, &mut |piece| {
                 streamed.push_str(piece)
@@ -585,7 +585,7 @@ mod tests {
             ..Default::default()
         };
         let mut pieces = 0;
-        let mut cache = e.new_cache();
+        let mut cache = e.new_cache(KvDtype::F32).expect("f32 cache");
         let result = e.generate(&mut cache, &prompt, &options, &mut |_| {
             pieces += 1;
             cancel.store(true, Ordering::Relaxed);
@@ -595,7 +595,7 @@ mod tests {
         // The cache holds the prompt: the first token's K/V were never computed.
         assert_eq!(cache.tokens(), &prompt[..]);
         // Already set: nothing runs.
-        let mut fresh = e.new_cache();
+        let mut fresh = e.new_cache(KvDtype::F32).expect("f32 cache");
         let result = e.generate(&mut fresh, &prompt, &options, &mut |_| {});
         assert!(matches!(result, Err(EngineError::Cancelled)), "{result:?}");
         assert!(fresh.is_empty());

@@ -19,13 +19,23 @@ pub enum Error {
         /// The shape recorded in the cache.
         found: KvShape,
     },
-    /// The saved cache uses a dtype this build cannot convert.
+    /// The saved cache uses a dtype this build cannot hold.
     #[error(
         "cache dtype {dtype} is not supported by this build: upgrade agentkv or rebuild the cache"
     )]
     UnsupportedDtype {
         /// The dtype's name.
         dtype: String,
+    },
+    /// A save asked for another dtype than the one the cache holds its values in.
+    #[error(
+        "the cache holds {cache} values, not {requested}: convert it first (KvCache::convert) or save it as {cache}"
+    )]
+    DtypeMismatch {
+        /// The cache's dtype.
+        cache: String,
+        /// The dtype the save asked for.
+        requested: String,
     },
 }
 

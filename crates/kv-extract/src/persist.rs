@@ -1,11 +1,9 @@
-//! The round trip between a [`KvCache`] and kv-store: export converts f32 to the store's dtype
-//! on the way out, import converts back straight into the cache's buffers (one copy).
+//! The round trip between a [`KvCache`] and kv-store: a cache is saved in the dtype it holds
+//! its values in, and loaded by copying them back, so nothing is converted either way.
 
 use std::ops::Range;
 
-use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
-use kv_store::{CacheMeta, KvDtype, KvKind, KvSource, LoadedCache, SaveReport, Store};
+use kv_store::{CacheMeta, KvKind, KvSource, LoadedCache, SaveReport, Store};
 use rayon::prelude::*;
 
 use crate::{Error, KvCache, KvShape, Result};
@@ -13,10 +11,9 @@ use crate::{Error, KvCache, KvShape, Result};
 /// Spare room given to an imported cache, in tokens, so the next turn does not regrow it.
 const IMPORT_HEADROOM: usize = 256;
 
-/// A [`KvSource`] view of a cache that converts to `dtype` while writing.
+/// A [`KvSource`] view of a cache: its rows as they are in memory.
 struct Export<'a> {
     cache: &'a KvCache,
-    dtype: KvDtype,
 }
 
 impl KvSource for Export<'_> {
@@ -26,101 +23,32 @@ impl KvSource for Export<'_> {
 
     fn write_kv(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
         for h in 0..self.cache.shape().n_kv_heads {
-            let src = match kind {
+            let rows = match kind {
                 KvKind::K => self.cache.k_head(layer, h, range.clone()),
                 KvKind::V => self.cache.v_head(layer, h, range.clone()),
             };
-            encode(src, self.dtype, out);
+            out.extend_from_slice(rows.bytes());
         }
     }
-}
-
-/// Values converted per batch by the f16 paths: `half` converts whole slices with F16C
-/// instructions when the CPU has them (detected at run time), 8 values per instruction, where
-/// `f16::to_f32` / `from_f32` on one value at a time cost several times more. Both round the
-/// same way (to nearest, ties to even); the conversion to f32 is exact.
-const F16_BATCH: usize = 1024;
-
-fn encode(src: &[f32], dtype: KvDtype, out: &mut Vec<u8>) {
-    match dtype {
-        KvDtype::F32 => out.extend(src.iter().flat_map(|x| x.to_le_bytes())),
-        KvDtype::F16 => {
-            let mut buf = [f16::ZERO; F16_BATCH];
-            out.reserve(src.len() * 2);
-            for s in src.chunks(F16_BATCH) {
-                let b = &mut buf[..s.len()];
-                b.convert_from_f32_slice(s);
-                out.extend(b.iter().flat_map(|h| h.to_le_bytes()));
-            }
-        }
-        KvDtype::Bf16 => out.extend(src.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes())),
-        // `KvCache::save` refuses any other dtype before it gets here.
-        _ => {}
-    }
-}
-
-fn decode(src: &[u8], dtype: KvDtype, dst: &mut [f32]) -> Result<()> {
-    match dtype {
-        KvDtype::F32 => {
-            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        KvDtype::F16 => {
-            // Stored halves are little-endian: on a little-endian CPU, bytes at an even
-            // address (segment tensors are 8-byte aligned in the file, and the map is
-            // page-aligned) are the halves themselves, converted with no copy.
-            #[cfg(target_endian = "little")]
-            if let Ok(halves) = bytemuck::try_cast_slice::<u8, f16>(src) {
-                let n = dst.len().min(halves.len());
-                halves[..n].convert_to_f32_slice(&mut dst[..n]);
-                return Ok(());
-            }
-            let mut buf = [f16::ZERO; F16_BATCH];
-            for (s, d) in src.chunks(2 * F16_BATCH).zip(dst.chunks_mut(F16_BATCH)) {
-                let n = d.len().min(s.len() / 2);
-                for (h, c) in buf[..n].iter_mut().zip(s.chunks_exact(2)) {
-                    *h = f16::from_le_bytes([c[0], c[1]]);
-                }
-                buf[..n].convert_to_f32_slice(&mut d[..n]);
-            }
-        }
-        KvDtype::Bf16 => {
-            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = bf16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
-        other => {
-            return Err(Error::UnsupportedDtype {
-                dtype: other.to_string(),
-            });
-        }
-    }
-    Ok(())
 }
 
 impl KvCache {
-    /// Saves the cache as `name`, converting K/V to `meta.dtype`. Only tokens not already in
-    /// the saved chain are written (see [`Store::save`]).
+    /// Saves the cache as `name`. Only tokens not already in the saved chain are written (see
+    /// [`Store::save`]). `meta.dtype` must be the cache's own: the bytes are written as they
+    /// are, so the file holds exactly what memory held.
     pub fn save(&self, store: &Store, name: &str, meta: &CacheMeta) -> Result<SaveReport> {
         check_shape(self.shape(), meta)?;
-        if !matches!(meta.dtype, KvDtype::F32 | KvDtype::F16 | KvDtype::Bf16) {
-            return Err(Error::UnsupportedDtype {
-                dtype: meta.dtype.to_string(),
+        if meta.dtype != self.dtype() {
+            return Err(Error::DtypeMismatch {
+                cache: self.dtype().to_string(),
+                requested: meta.dtype.to_string(),
             });
         }
-        Ok(store.save(
-            name,
-            meta,
-            &Export {
-                cache: self,
-                dtype: meta.dtype,
-            },
-        )?)
+        Ok(store.save(name, meta, &Export { cache: self })?)
     }
 
     /// Loads the cache `name`, which must have been made under `expected` (same model,
-    /// tokenizer, template and dtype), into a new cache of shape `shape`.
+    /// tokenizer, template and dtype), into a new cache of shape `shape` in that dtype.
     pub fn load(
         store: &Store,
         name: &str,
@@ -131,35 +59,37 @@ impl KvCache {
         KvCache::import(&loaded, expected, shape)
     }
 
-    /// Builds a cache from one loaded from disk, converting each segment's bytes straight into
+    /// Builds a cache from one loaded from disk, copying each segment's bytes straight into
     /// place: the only copy between the page cache and the engine's buffers.
     ///
     /// The new buffers are fresh memory, and touching it costs page faults (about 1 ms per
-    /// MB on the machines we measured, more than the conversion). A long-running process that
+    /// MB on the machines we measured, more than the copy). A long-running process that
     /// resumes one cache after another can reuse an old cache's buffers with
     /// [`KvCache::import_into`].
     pub fn import(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> Result<KvCache> {
         check_loaded(loaded, expected, shape)?;
-        let mut cache = KvCache::with_capacity(shape, loaded.len() + IMPORT_HEADROOM);
-        cache.fill(loaded)?;
+        let dtype = loaded.meta().dtype;
+        let mut cache = KvCache::with_capacity(shape, dtype, loaded.len() + IMPORT_HEADROOM);
+        cache.fill(loaded);
         Ok(cache)
     }
 
-    /// [`KvCache::import`] into this cache's buffers, which are reused when they have room
-    /// (grown otherwise): whatever the cache held is replaced. The shape stays this cache's.
+    /// [`KvCache::import`] into this cache's buffers, which are reused when they have room and
+    /// the dtype is the same (new ones otherwise): whatever the cache held is replaced, and
+    /// the cache takes the loaded dtype. The shape stays this cache's.
     ///
     /// On error the cache is left empty, its buffers kept.
     pub fn import_into(&mut self, loaded: &LoadedCache, expected: &CacheMeta) -> Result<()> {
         self.clear();
         check_loaded(loaded, expected, self.shape())?;
-        if self.capacity() < loaded.len() {
+        let dtype = loaded.meta().dtype;
+        if dtype != self.dtype() {
+            *self = KvCache::with_capacity(self.shape(), dtype, loaded.len() + IMPORT_HEADROOM);
+        } else if self.capacity() < loaded.len() {
             self.reserve(loaded.len() + IMPORT_HEADROOM);
         }
-        let filled = self.fill(loaded);
-        if filled.is_err() {
-            self.clear();
-        }
-        filled
+        self.fill(loaded);
+        Ok(())
     }
 
     /// [`KvCache::load`] into this cache's buffers; see [`KvCache::import_into`].
@@ -169,35 +99,40 @@ impl KvCache {
         self.import_into(&loaded, expected)
     }
 
-    /// Converts every segment of `loaded` into the (empty) cache, which has room for it.
-    fn fill(&mut self, loaded: &LoadedCache) -> Result<()> {
+    /// Copies every segment of `loaded` into the (empty) cache, which has its dtype and room
+    /// for it. kv-store checked each tensor's length against the metadata.
+    fn fill(&mut self, loaded: &LoadedCache) {
         let shape = self.shape();
-        let cap = self.capacity();
-        let d = shape.head_dim;
-        let dtype = loaded.meta().dtype;
-        let row_bytes = d * dtype.size();
-        // Layers convert in parallel: one core converts f16 at about half the speed the
-        // memory can take it.
-        for seg in loaded.segments() {
-            let (start, len) = (seg.start(), seg.len());
+        let heads: Vec<Vec<Range<usize>>> = loaded
+            .segments()
+            .iter()
+            .map(|seg| {
+                (0..shape.n_kv_heads)
+                    .map(|h| self.row_range(h, seg.start()..seg.start() + seg.len()))
+                    .collect()
+            })
+            .collect();
+        // Layers copy in parallel: one core copies at well under the speed memory allows.
+        for (seg, heads) in loaded.segments().iter().zip(&heads) {
             self.layers_mut()
                 .par_iter_mut()
                 .enumerate()
-                .try_for_each(|(layer, l)| {
-                    for (kind, dst) in [(KvKind::K, &mut l.k), (KvKind::V, &mut l.v)] {
+                .for_each(|(layer, l)| {
+                    for kind in [KvKind::K, KvKind::V] {
                         let src = seg.kv(layer, kind);
-                        for h in 0..shape.n_kv_heads {
-                            let from = &src[h * len * row_bytes..(h + 1) * len * row_bytes];
-                            let to = &mut dst[(h * cap + start) * d..(h * cap + start + len) * d];
-                            decode(from, dtype, to)?;
+                        let dst = match kind {
+                            KvKind::K => l.k_mut(),
+                            KvKind::V => l.v_mut(),
+                        };
+                        let per_head = src.len() / shape.n_kv_heads;
+                        for (h, to) in heads.iter().enumerate() {
+                            dst[to.clone()].copy_from_slice(&src[h * per_head..(h + 1) * per_head]);
                         }
                         seg.release_kv(layer, kind);
                     }
-                    Ok::<(), Error>(())
-                })?;
+                });
         }
         self.push_tokens(loaded.tokens());
-        Ok(())
     }
 }
 
@@ -213,7 +148,14 @@ fn check_loaded(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> R
         }
         .into());
     }
-    check_shape(shape, loaded.meta())
+    check_shape(shape, loaded.meta())?;
+    let dtype = loaded.meta().dtype;
+    if !shape.supports(dtype) {
+        return Err(Error::UnsupportedDtype {
+            dtype: format!("{dtype} with heads of width {}", shape.head_dim),
+        });
+    }
+    Ok(())
 }
 
 fn check_shape(shape: KvShape, meta: &CacheMeta) -> Result<()> {
@@ -234,13 +176,15 @@ fn check_shape(shape: KvShape, meta: &CacheMeta) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use kv_store::KvDtype;
+
     use super::*;
 
     fn shape() -> KvShape {
         KvShape {
             n_layers: 3,
             n_kv_heads: 2,
-            head_dim: 8,
+            head_dim: 32,
         }
     }
 
@@ -271,50 +215,59 @@ mod tests {
         cache.push_tokens(tokens);
     }
 
-    fn all(cache: &KvCache) -> Vec<f32> {
+    /// Every byte of K and V the cache holds for its tokens.
+    fn all(cache: &KvCache) -> Vec<u8> {
         let s = cache.shape();
         let mut out = Vec::new();
         for layer in 0..s.n_layers {
             for h in 0..s.n_kv_heads {
-                out.extend_from_slice(cache.k_head(layer, h, 0..cache.len()));
-                out.extend_from_slice(cache.v_head(layer, h, 0..cache.len()));
+                out.extend_from_slice(cache.k_head(layer, h, 0..cache.len()).bytes());
+                out.extend_from_slice(cache.v_head(layer, h, 0..cache.len()).bytes());
             }
         }
         out
     }
 
     #[test]
-    fn f32_round_trip_is_bitwise_over_several_saves() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let meta = meta(KvDtype::F32);
-        let mut cache = KvCache::new(shape());
-        for turn in 0..4u32 {
-            let toks: Vec<u32> = (0..(turn * 7 + 3)).map(|i| turn * 100 + i).collect();
-            append(&mut cache, &toks, turn as f32);
-            cache.save(&store, "a", &meta).unwrap();
-        }
-        let back = KvCache::load(&store, "a", &meta, shape()).unwrap();
-        assert_eq!(back.tokens(), cache.tokens());
-        let (a, b) = (all(&cache), all(&back));
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
-    }
-
-    #[test]
-    fn half_round_trips_within_rounding() {
-        for (dtype, rel) in [(KvDtype::F16, 1.0 / 2048.0), (KvDtype::Bf16, 1.0 / 256.0)] {
+    fn every_dtype_round_trips_bitwise_over_several_saves() {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0] {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(dir.path()).unwrap();
             let meta = meta(dtype);
-            let mut cache = KvCache::new(shape());
-            append(&mut cache, &[1, 2, 3, 4, 5], 1.0);
-            cache.save(&store, "a", &meta).unwrap();
-            let back = KvCache::load(&store, "a", &meta, shape()).unwrap();
-            for (x, y) in all(&cache).iter().zip(all(&back)) {
-                // Round to nearest: half an ulp of the format, relative.
-                assert!((x - y).abs() <= x.abs() * rel, "{dtype}: {x} vs {y}");
+            let mut cache = KvCache::new(shape(), dtype);
+            for turn in 0..4u32 {
+                let toks: Vec<u32> = (0..(turn * 7 + 3)).map(|i| turn * 100 + i).collect();
+                append(&mut cache, &toks, turn as f32);
+                cache.save(&store, "a", &meta).unwrap();
             }
+            let back = KvCache::load(&store, "a", &meta, shape()).unwrap();
+            assert_eq!(back.dtype(), dtype);
+            assert_eq!(back.tokens(), cache.tokens());
+            assert_eq!(all(&back), all(&cache), "{dtype}");
+            // The file holds the bytes memory held: as many as the cache uses.
+            let loaded = store.load("a", &meta).unwrap();
+            let on_disk: usize = (0..3)
+                .map(|l| loaded.kv(l, KvKind::K).len() + loaded.kv(l, KvKind::V).len())
+                .sum();
+            assert_eq!(on_disk, cache.bytes_used(), "{dtype}");
         }
+    }
+
+    #[test]
+    fn a_save_in_another_dtype_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut cache = KvCache::new(shape(), KvDtype::F32);
+        append(&mut cache, &[1, 2, 3], 0.0);
+        let err = cache.save(&store, "a", &meta(KvDtype::F16)).unwrap_err();
+        assert!(matches!(err, Error::DtypeMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("convert"), "{err}");
+        assert!(store.load_any("a").is_err(), "nothing was written");
+        // Converted explicitly, it saves.
+        cache
+            .convert(KvDtype::F16)
+            .save(&store, "a", &meta(KvDtype::F16))
+            .unwrap();
     }
 
     #[test]
@@ -322,7 +275,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let meta = meta(KvDtype::F16);
-        let mut cache = KvCache::new(shape());
+        let mut cache = KvCache::new(shape(), KvDtype::F16);
         append(&mut cache, &[1, 2], 0.0);
         cache.save(&store, "a", &meta).unwrap();
 
@@ -355,50 +308,33 @@ mod tests {
     }
 
     #[test]
-    fn f16_decodes_the_same_at_any_alignment() {
-        let values: Vec<f32> = (0..3000).map(|i| (i as f32 - 1500.0) * 0.37).collect();
-        let mut bytes = Vec::new();
-        encode(&values, KvDtype::F16, &mut bytes);
-        // The same bytes one past an even address: bytemuck refuses them, the copy path runs.
-        let mut shifted = vec![0u8; bytes.len() + 1];
-        shifted[1..].copy_from_slice(&bytes);
-        let (mut aligned, mut odd) = (vec![0.0f32; 3000], vec![0.0f32; 3000]);
-        decode(&bytes, KvDtype::F16, &mut aligned).unwrap();
-        decode(&shifted[1..], KvDtype::F16, &mut odd).unwrap();
-        assert_eq!(aligned, odd);
-        for (got, want) in aligned.iter().zip(&values) {
-            assert_eq!(*got, f16::from_f32(*want).to_f32());
-        }
-    }
-
-    #[test]
     fn import_into_reuses_buffers_and_equals_import() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let meta = meta(KvDtype::F16);
-        let mut a = KvCache::new(shape());
+        let mut a = KvCache::new(shape(), KvDtype::F16);
         append(&mut a, &[1, 2, 3, 4, 5, 6, 7], 1.0);
         a.save(&store, "a", &meta).unwrap();
-        let mut b = KvCache::new(shape());
+        let mut b = KvCache::new(shape(), KvDtype::F16);
         append(&mut b, &[9; 40], 2.0);
         b.save(&store, "b", &meta).unwrap();
         let fresh_a = KvCache::load(&store, "a", &meta, shape()).unwrap();
         let fresh_b = KvCache::load(&store, "b", &meta, shape()).unwrap();
 
         // A used cache with room: same buffers, same contents as a fresh import.
-        let mut reused = KvCache::with_capacity(shape(), 100);
+        let mut reused = KvCache::with_capacity(shape(), KvDtype::F16, 100);
         append(&mut reused, &[5; 60], 3.0);
-        let (ptr, cap) = (reused.k(0).as_ptr(), reused.capacity());
+        let (ptr, cap) = (reused.k_bytes(0).as_ptr(), reused.capacity());
         reused.load_into(&store, "a", &meta).unwrap();
-        assert_eq!((reused.k(0).as_ptr(), reused.capacity()), (ptr, cap));
+        assert_eq!((reused.k_bytes(0).as_ptr(), reused.capacity()), (ptr, cap));
         assert_eq!(reused.tokens(), fresh_a.tokens());
         assert_eq!(all(&reused), all(&fresh_a));
         reused.load_into(&store, "b", &meta).unwrap();
-        assert_eq!(reused.k(0).as_ptr(), ptr);
+        assert_eq!(reused.k_bytes(0).as_ptr(), ptr);
         assert_eq!(all(&reused), all(&fresh_b));
 
         // Too small: grown, same contents.
-        let mut small = KvCache::with_capacity(shape(), 4);
+        let mut small = KvCache::with_capacity(shape(), KvDtype::F16, 4);
         small.load_into(&store, "b", &meta).unwrap();
         assert!(small.capacity() >= 40);
         assert_eq!(all(&small), all(&fresh_b));
@@ -409,14 +345,23 @@ mod tests {
         let err = reused.load_into(&store, "a", &other).unwrap_err();
         assert!(matches!(err, Error::Store(_)), "{err}");
         assert!(reused.is_empty());
-        assert_eq!(reused.k(0).as_ptr(), ptr);
-        let mut wrong = KvCache::new(KvShape {
-            n_layers: 2,
-            ..shape()
-        });
+        assert_eq!(reused.k_bytes(0).as_ptr(), ptr);
+        let mut wrong = KvCache::new(
+            KvShape {
+                n_layers: 2,
+                ..shape()
+            },
+            KvDtype::F16,
+        );
         let loaded = store.load("a", &meta).unwrap();
         let err = wrong.import_into(&loaded, &meta).unwrap_err();
         assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+
+        // A cache in another dtype takes the loaded one's.
+        let mut q8 = KvCache::with_capacity(shape(), KvDtype::Q8_0, 100);
+        q8.import_into(&loaded, &meta).unwrap();
+        assert_eq!(q8.dtype(), KvDtype::F16);
+        assert_eq!(all(&q8), all(&fresh_a));
     }
 
     #[test]
@@ -424,7 +369,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let meta = meta(KvDtype::F32);
-        let mut cache = KvCache::new(shape());
+        let mut cache = KvCache::new(shape(), KvDtype::F32);
         append(&mut cache, &[1, 2, 3], 0.0);
         cache.save(&store, "a", &meta).unwrap();
         append(&mut cache, &[4, 5, 6], 1.0);

@@ -21,6 +21,8 @@ pub use durable::{crash_after, fail_writes};
 pub use error::{Error, Result};
 pub use loaded::LoadedCache;
 pub use manifest::{MANIFEST_VERSION, Manifest, SegmentRef};
-pub use meta::{CacheMeta, KvDtype, ModelFingerprint, SegmentId, validate_name};
+pub use meta::{
+    CacheMeta, KvDtype, ModelFingerprint, Q8_0_BLOCK, Q8_0_BLOCK_BYTES, SegmentId, validate_name,
+};
 pub use segment::{KvKind, KvSource, ReadMode, SEGMENT_VERSION, Segment};
 pub use store::{GcReport, SaveReport, Store};

@@ -64,7 +64,7 @@ impl LoadedCache {
     /// head_dim]`.
     fn gather(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
         let meta = self.meta();
-        let row = meta.model.head_dim as usize * meta.dtype.size();
+        let row = meta.row_bytes();
         for h in 0..meta.model.n_kv_heads as usize {
             for seg in &self.segments {
                 let (s, n) = (seg.start(), seg.len());

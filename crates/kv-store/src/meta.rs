@@ -6,28 +6,41 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Element type of the K and V tensors on disk.
+/// Element type of the K and V tensors, on disk and in memory alike.
 ///
-/// The format reserves room for an 8-bit type with per-group scales (`"q8_0"`, see
-/// `docs/format.md`); a file naming a dtype this build does not know is rejected, not misread.
+/// A file naming a dtype this build does not know is rejected, not misread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum KvDtype {
-    /// IEEE 754 single precision, 4 bytes: bit-exact with an f32 engine.
+    /// IEEE 754 single precision, 4 bytes.
     F32,
     /// IEEE 754 half precision, 2 bytes.
     F16,
     /// bfloat16, 2 bytes.
     Bf16,
+    /// 8-bit blocks as llama.cpp's `q8_0`: each run of [`Q8_0_BLOCK`] values of a row is one
+    /// f16 scale `d` (little-endian) and 32 signed bytes `q`, the value being `d * q`;
+    /// [`Q8_0_BLOCK_BYTES`] bytes per block. A row's width must be a multiple of 32.
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
+/// Values per `q8_0` block.
+pub const Q8_0_BLOCK: usize = 32;
+/// Bytes per `q8_0` block: the f16 scale, then 32 signed bytes.
+pub const Q8_0_BLOCK_BYTES: usize = 34;
+
 impl KvDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bytes of a row of `width` values, or `None` when this dtype cannot hold such a row
+    /// (`q8_0` needs a multiple of [`Q8_0_BLOCK`]).
+    pub fn row_bytes(self, width: usize) -> Option<usize> {
         match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 | KvDtype::Bf16 => 2,
+            KvDtype::F32 => width.checked_mul(4),
+            KvDtype::F16 | KvDtype::Bf16 => width.checked_mul(2),
+            KvDtype::Q8_0 => width
+                .is_multiple_of(Q8_0_BLOCK)
+                .then(|| width / Q8_0_BLOCK * Q8_0_BLOCK_BYTES),
         }
     }
 
@@ -37,14 +50,33 @@ impl KvDtype {
             KvDtype::F32 => "f32",
             KvDtype::F16 => "f16",
             KvDtype::Bf16 => "bf16",
+            KvDtype::Q8_0 => "q8_0",
         }
     }
 
+    /// The dtype called `name` (`f32`, `f16`, `bf16`, `q8_0`).
+    pub fn from_name(name: &str) -> Option<KvDtype> {
+        [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0]
+            .into_iter()
+            .find(|d| d.name() == name)
+    }
+
+    /// The safetensors dtype its tensors are stored as: `U8` rows of blocks for `q8_0`.
     pub(crate) fn safetensors(self) -> safetensors::Dtype {
         match self {
             KvDtype::F32 => safetensors::Dtype::F32,
             KvDtype::F16 => safetensors::Dtype::F16,
             KvDtype::Bf16 => safetensors::Dtype::BF16,
+            KvDtype::Q8_0 => safetensors::Dtype::U8,
+        }
+    }
+
+    /// Elements of the stored tensor per row of `width` values: `width`, or the row's bytes
+    /// for `q8_0`.
+    pub(crate) fn stored_width(self, width: usize) -> Option<usize> {
+        match self {
+            KvDtype::Q8_0 => self.row_bytes(width),
+            _ => Some(width),
         }
     }
 }
@@ -97,18 +129,42 @@ pub struct CacheMeta {
 }
 
 impl CacheMeta {
-    /// Shape of one layer's K (or V) for `n_tokens` tokens: `[n_kv_heads, n_tokens, head_dim]`.
+    /// Shape of one layer's K (or V) tensor as stored for `n_tokens` tokens:
+    /// `[n_kv_heads, n_tokens, head_dim]`, the last dimension in bytes for `q8_0`
+    /// (`head_dim / 32 * 34`).
     pub fn kv_shape(&self, n_tokens: usize) -> [usize; 3] {
+        let width = self.model.head_dim as usize;
         [
             self.model.n_kv_heads as usize,
             n_tokens,
-            self.model.head_dim as usize,
+            self.dtype.stored_width(width).unwrap_or(width),
         ]
+    }
+
+    /// Bytes of one row (one head, one token) of K or V.
+    pub fn row_bytes(&self) -> usize {
+        self.dtype
+            .row_bytes(self.model.head_dim as usize)
+            .unwrap_or(0)
     }
 
     /// Bytes of one layer's K (or V) for `n_tokens` tokens.
     pub fn kv_bytes(&self, n_tokens: usize) -> usize {
-        self.kv_shape(n_tokens).iter().product::<usize>() * self.dtype.size()
+        self.model.n_kv_heads as usize * n_tokens * self.row_bytes()
+    }
+
+    /// Checks that the dtype can hold this model's rows (`q8_0` needs a head width that is a
+    /// multiple of 32).
+    pub fn check_dtype(&self) -> crate::Result<()> {
+        match self.dtype.row_bytes(self.model.head_dim as usize) {
+            Some(_) => Ok(()),
+            None => Err(crate::Error::InvalidInput {
+                detail: format!(
+                    "kv dtype {} needs a head width that is a multiple of {Q8_0_BLOCK}, not {}: use f16 or f32",
+                    self.dtype, self.model.head_dim
+                ),
+            }),
+        }
     }
 
     /// The first field that differs from `found`, as (field, expected, found), or `None`.

@@ -122,6 +122,7 @@ pub(crate) fn write_segment(
     source: &dyn KvSource,
     range: Range<usize>,
 ) -> Result<u64> {
+    meta.check_dtype()?;
     let n = range.len();
     let tokens = source
         .tokens()
@@ -273,6 +274,15 @@ impl Segment {
         let header = parse_header(path, &metadata)?;
         let n = usize::try_from(header.n_tokens)
             .map_err(|_| Error::bad_metadata(path, "token count overflows"))?;
+        if header.meta.check_dtype().is_err() {
+            return Err(Error::bad_metadata(
+                path,
+                format!(
+                    "kv dtype {} cannot hold rows of head width {}",
+                    header.meta.dtype, header.meta.model.head_dim
+                ),
+            ));
+        }
         let expected = layout(&header.meta, n);
         if metadata.tensors().len() != expected.len() {
             return Err(Error::bad_metadata(

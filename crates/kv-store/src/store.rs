@@ -597,6 +597,50 @@ mod tests {
         }
     }
 
+    /// A `q8_0` cache of 64-wide heads whose every byte is its token id's low byte.
+    struct Blocks(Vec<u32>, CacheMeta);
+
+    impl KvSource for Blocks {
+        fn tokens(&self) -> &[u32] {
+            &self.0
+        }
+
+        fn write_kv(&self, _layer: usize, _kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
+            for _head in 0..self.1.model.n_kv_heads {
+                for t in &self.0[range.clone()] {
+                    out.extend(std::iter::repeat_n(*t as u8, self.1.row_bytes()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_rows_are_blocks_of_34_bytes_and_need_a_width_of_32() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = crate::testing::meta(2, 2, 64, KvDtype::Q8_0);
+        assert_eq!((m.row_bytes(), m.kv_shape(3)), (68, [2, 3, 68]));
+        store
+            .save("a", &m, &Blocks(vec![1, 2, 3], m.clone()))
+            .unwrap();
+        let loaded = store.load("a", &m).unwrap();
+        assert_eq!(loaded.tokens(), &[1, 2, 3]);
+        let k = loaded.kv(1, KvKind::K);
+        assert_eq!(k.len(), 2 * 3 * 68);
+        assert!(k[68..136].iter().all(|&b| b == 2));
+        // The manifest names the dtype as the format spells it.
+        let manifest = std::fs::read_to_string(dir.path().join("manifests/a.json")).unwrap();
+        assert!(manifest.contains(r#""dtype":"q8_0""#), "{manifest}");
+
+        // 40-wide heads cannot be cut into blocks of 32: refused before anything is written.
+        let narrow = crate::testing::meta(2, 2, 40, KvDtype::Q8_0);
+        let err = store
+            .save("b", &narrow, &Blocks(vec![1], narrow.clone()))
+            .unwrap_err();
+        assert!(err.to_string().contains("multiple of 32"), "{err}");
+        assert!(matches!(store.load_any("b"), Err(Error::NotFound { .. })));
+    }
+
     #[test]
     fn adopt_starts_a_cache_from_a_shared_segment() {
         let dir = tempfile::tempdir().unwrap();

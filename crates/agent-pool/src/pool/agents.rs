@@ -4,8 +4,6 @@
 use std::fs;
 use std::sync::{Arc, Mutex};
 
-use kv_extract::KvCache;
-use kv_store::KvDtype;
 use kv_store::durable_fs;
 
 use super::{Agent, AgentPool, AgentSummary, CreateReport, Slot, lock};
@@ -69,7 +67,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             created_unix_ms: files::now_unix_ms(),
         };
         // Compute first: an engine failure must not leave a half-made agent behind.
-        let (mut cache, system_tokens, adopted) = self.start_cache(id, &info)?;
+        let (cache, system_tokens, adopted) = self.start_cache(id, &info)?;
         if let Err(e) = self.write_agent_dir(&info) {
             if adopted {
                 // The adoption wrote a manifest for an agent that does not exist.
@@ -79,17 +77,10 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         }
         let mut cache_saved = adopted;
         if !adopted && !cache.is_empty() {
+            // Memory holds the bits the file holds: agents that adopt this system prompt
+            // start from the same values as this one.
             match cache.save(&self.store, id, &self.meta) {
-                Ok(_) => {
-                    cache_saved = true;
-                    if self.meta.dtype != KvDtype::F32 {
-                        // Hold exactly the bits other agents will adopt, so that every agent
-                        // with this system prompt starts from the same values.
-                        if let Ok(c) = KvCache::load(&self.store, id, &self.meta, self.shape) {
-                            cache = c;
-                        }
-                    }
-                }
+                Ok(_) => cache_saved = true,
                 Err(_) => lock(&self.state).counters.save_errors += 1,
             }
         }

@@ -17,6 +17,9 @@ fn classify(e: &kv_extract::Error) -> RebuildReason {
     use kv_store::Error as S;
     match e {
         kv_extract::Error::Store(S::NotFound { .. }) => RebuildReason::Missing,
+        kv_extract::Error::Store(S::FingerprintMismatch {
+            field: "kv dtype", ..
+        }) => RebuildReason::OtherDtype,
         kv_extract::Error::Store(S::FingerprintMismatch { .. })
         | kv_extract::Error::ShapeMismatch { .. }
         | kv_extract::Error::UnsupportedDtype { .. } => RebuildReason::OtherModel,
@@ -76,7 +79,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
     /// the same system prompt if there is one (then `id`'s manifest already points at it),
     /// else computed. Returns the cache, the prefix length and whether it was adopted.
     pub(super) fn start_cache(&self, id: &str, info: &AgentInfo) -> Result<(KvCache, usize, bool)> {
-        let mut cache = KvCache::new(self.shape);
+        let mut cache = KvCache::new(self.shape, self.meta.dtype);
         let Some(sys) = self.system_prefix(id, info)? else {
             return Ok((cache, 0, false));
         };

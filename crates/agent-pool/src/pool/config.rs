@@ -12,7 +12,12 @@ pub struct PoolConfig {
     /// Most bytes of KV caches in memory at once, counted exactly as
     /// [`KvCache::bytes_allocated`](kv_extract::KvCache::bytes_allocated) (default 1 GiB).
     pub kv_budget_bytes: usize,
-    /// Element type of caches on disk (default f16; f32 makes every reload bit-exact).
+    /// Element type K and V are held in, in memory and on disk alike (default f16: half of
+    /// f32's bytes; `q8_0`: about a quarter, llama.cpp's 8-bit blocks; f32: the model's own
+    /// precision). A cache reloaded from disk holds the same bits in every dtype; caches saved
+    /// in another dtype are rebuilt from their transcripts ([`RebuildReason::OtherDtype`]).
+    ///
+    /// [`RebuildReason::OtherDtype`]: crate::RebuildReason::OtherDtype
     pub kv_dtype: KvDtype,
     /// Save the cache after every turn instead of at eviction, `save_agent`, `flush` and drop
     /// (default false: the transcript makes turns durable either way).

@@ -37,7 +37,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             .map_err(|e| PoolError::engine(WHO, e))?;
         let options = self.fit(WHO, &prompt, options)?;
         let mut scratch = lock(&self.scratch);
-        let cache = scratch.get_or_insert_with(|| KvCache::new(self.shape));
+        let cache = scratch.get_or_insert_with(|| KvCache::new(self.shape, self.meta.dtype));
         let own = cache.common_prefix_len(&prompt);
         let slots: Vec<Arc<Slot>> = lock(&self.state)
             .hot

@@ -17,8 +17,12 @@ pub enum RebuildReason {
     /// The saved cache is damaged (checksum, structure, missing segment); its damaged
     /// segments were removed so that the rebuilt cache is written anew.
     Damaged,
-    /// The saved cache was made by another model, tokenizer, template or KV dtype.
+    /// The saved cache was made by another model, tokenizer or template.
     OtherModel,
+    /// The saved cache holds another KV dtype than the pool's: computed again in the pool's
+    /// dtype (a conversion would not be the cache a session in that dtype builds). The saved
+    /// cache is replaced at the next save.
+    OtherDtype,
     /// The saved cache could not be read (permissions, a newer format version).
     Unreadable,
 }

@@ -31,3 +31,14 @@ pub fn main(run: fn() -> Result<()>) -> ExitCode {
         }
     }
 }
+
+/// `--kv-dtype NAME`: the dtype a cache holds K and V in.
+#[allow(dead_code)] // not every example takes it
+pub fn parse_kv_dtype(name: &str) -> Result<kv_store::KvDtype, String> {
+    match kv_store::KvDtype::from_name(name) {
+        Some(d @ (kv_store::KvDtype::F32 | kv_store::KvDtype::F16 | kv_store::KvDtype::Q8_0)) => {
+            Ok(d)
+        }
+        _ => Err(format!("{name:?} is not a KV dtype: use f32, f16 or q8_0")),
+    }
+}

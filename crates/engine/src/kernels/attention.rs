@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use kv_extract::{AlignedBuf, KvCache};
+use kv_extract::{AlignedBuf, KvCache, KvDtype, KvRows};
 use rayon::prelude::*;
 
 use super::dot::{LANES, MR, NR, dot_1x1, dot_1x3, dot_2x3, reduce};
@@ -20,52 +20,90 @@ struct Queries<'a> {
     lens: &'a [usize],
 }
 
+/// K and V rows are read in chunks of this many positions: a chunk of V stays in L1 while
+/// every query sweeps it, and a cache held in f16 or `q8_0` converts one chunk at a time
+/// into a buffer of that size.
+const CHUNK: usize = 64;
+
+/// A task's working memory, kept across the tasks a worker runs.
+struct Scratch {
+    scores: Vec<f32>,
+    /// Scores of one chunk, `[queries, CHUNK]`, for caches not held in f32.
+    block: Vec<f32>,
+    /// One chunk of K or V rows converted to f32, line-aligned like the cache's own rows.
+    rows: AlignedBuf,
+}
+
+impl Scratch {
+    fn new(d: usize) -> Scratch {
+        Scratch {
+            scores: Vec::new(),
+            block: Vec::new(),
+            rows: AlignedBuf::zeros(CHUNK * d),
+        }
+    }
+}
+
+/// Rows `j0..j1` of `rows` as f32: the cache's own slice when it holds f32, else converted
+/// into `buf` (exactly, as [`KvRows::to_f32`] defines it: F16C at the x86 levels for f16,
+/// the same bits).
+#[inline(always)]
+fn rows_f32<'b>(isa: Isa, rows: KvRows<'b>, j0: usize, j1: usize, buf: &'b mut [f32]) -> &'b [f32] {
+    let d = rows.width();
+    if let Some(all) = rows.as_f32() {
+        return &all[j0 * d..j1 * d];
+    }
+    let out = &mut buf[..(j1 - j0) * d];
+    #[cfg(target_arch = "x86_64")]
+    if let (true, KvDtype::F16, Some(halves)) = (isa.is_simd(), rows.dtype(), rows.as_u16()) {
+        x86::f16_to_f32(isa, &halves[j0 * d..j1 * d], out);
+        return out;
+    }
+    rows.to_f32(j0..j1, out);
+    out
+}
+
 /// Attention of a set of queries sharing one KV head: scores against every K row any of them
 /// sees, a softmax per query, then the weighted sum of V rows in position order.
 ///
 /// Each query's result depends only on that query and its rows: its scores are [`dot`] bit
 /// for bit, its softmax is [`scale_and_max`] and [`exp_and_sum`], and its V sums are
-/// [`accumulate`]'s. Batching queries only shares loads.
+/// [`accumulate`]'s. Batching queries only shares loads. A cache held in another dtype than
+/// f32 is read as the f32 values it holds ([`KvRows::to_f32`]), so its attention is this same
+/// definition applied to those values.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_portable(
     isa: Isa,
     qs: Queries<'_>,
-    k: &[f32],
-    v: &[f32],
+    k: KvRows<'_>,
+    v: KvRows<'_>,
     d: usize,
     scale: f32,
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
     let nq = qs.lens.len();
     let len = qs.lens.iter().copied().max().unwrap_or(0);
-    let qrow = |i: usize| &qs.q[i * d..(i + 1) * d];
-    let krow = |j: usize| &k[j * d..(j + 1) * d];
+    let Scratch {
+        scores,
+        block,
+        rows,
+    } = scratch;
     scores.clear();
     scores.resize(nq * len, 0.0);
-    // Scores: the x86 kernel when it applies, else two queries by three K rows at a time.
-    let done = gram_simd(isa, qs.q, nq, k, len, d, scores);
-    let mut j = if done { len } else { 0 };
-    while j + NR <= len {
-        let ks = [krow(j), krow(j + 1), krow(j + 2)];
-        let mut i = 0;
-        while i + MR <= nq {
-            let r = dot_2x3([qrow(i), qrow(i + 1)], ks, d);
-            for (di, row) in r.iter().enumerate() {
-                scores[(i + di) * len + j..][..NR].copy_from_slice(row);
+    match k.as_f32() {
+        Some(k) => score_block(isa, qs.q, nq, k, len, d, scores),
+        None => {
+            block.resize(nq * CHUNK, 0.0);
+            for j0 in (0..len).step_by(CHUNK) {
+                let c = CHUNK.min(len - j0);
+                let kc = rows_f32(isa, k, j0, j0 + c, &mut rows[..]);
+                score_block(isa, qs.q, nq, kc, c, d, &mut block[..nq * c]);
+                for (i, b) in block[..nq * c].chunks_exact(c).enumerate() {
+                    scores[i * len + j0..][..c].copy_from_slice(b);
+                }
             }
-            i += MR;
-        }
-        if i < nq {
-            let r = dot_1x3([qrow(i)], ks, d);
-            scores[i * len + j..][..NR].copy_from_slice(&r[0]);
-        }
-        j += NR;
-    }
-    for j in j..len {
-        for i in 0..nq {
-            scores[i * len + j] = dot_1x1([qrow(i)], [krow(j)], d)[0][0];
         }
     }
     // Softmax numerators and their sums, per query.
@@ -82,13 +120,13 @@ fn attend_portable(
         let max = scale_and_max(s, scale);
         *sum = exp_and_sum(s, max);
     }
-    // Weighted V sums: V rows in chunks that stay in L1 while every query sweeps them, up to
-    // six queries at a time sharing each row's loads.
-    const CHUNK: usize = 64;
+    // Weighted V sums: V rows a chunk at a time, up to six queries at a time sharing each
+    // row's loads. Rows and scores are indexed from the chunk's start.
     let pv6 = d == 64 && pv6_available(isa);
     out.fill(0.0);
     for j0 in (0..len).step_by(CHUNK) {
-        let end = |i: usize| qs.lens[i].clamp(j0, j0 + CHUNK);
+        let vc = rows_f32(isa, v, j0, (j0 + CHUNK).min(len), &mut rows[..]);
+        let end = |i: usize| qs.lens[i].clamp(j0, j0 + CHUNK) - j0;
         let mut i = 0;
         while i < nq {
             let group = match nq - i {
@@ -97,21 +135,22 @@ fn attend_portable(
                 r => r.min(2),
             };
             // Rows every query of the group sees together, then each one's own rest.
-            let common = (i..i + group).map(end).min().unwrap_or(j0);
+            let common = (i..i + group).map(end).min().unwrap_or(0);
+            let s = &scores[j0..];
             accumulate_group(
                 isa,
                 &mut out[i * d..],
-                &scores[i * len..],
+                &s[i * len..],
                 len,
-                j0..common,
-                v,
+                0..common,
+                vc,
                 d,
                 group,
             );
             for q in i..i + group {
                 let rest = common..end(q);
                 let o = &mut out[q * d..];
-                accumulate_group(isa, o, &scores[q * len..], len, rest, v, d, 1);
+                accumulate_group(isa, o, &s[q * len..], len, rest, vc, d, 1);
             }
             i += group;
         }
@@ -120,6 +159,38 @@ fn attend_portable(
         let inv = 1.0 / sum;
         for o in o.iter_mut() {
             *o *= inv;
+        }
+    }
+}
+
+/// Every score `dot(q[i], k[j])` of `nq` queries against `nk` K rows into
+/// `out[i * nk + j]`: the x86 kernel when it applies, else two queries by three K rows at a
+/// time.
+#[inline(always)]
+fn score_block(isa: Isa, q: &[f32], nq: usize, k: &[f32], nk: usize, d: usize, out: &mut [f32]) {
+    let qrow = |i: usize| &q[i * d..(i + 1) * d];
+    let krow = |j: usize| &k[j * d..(j + 1) * d];
+    let done = gram_simd(isa, q, nq, k, nk, d, out);
+    let mut j = if done { nk } else { 0 };
+    while j + NR <= nk {
+        let ks = [krow(j), krow(j + 1), krow(j + 2)];
+        let mut i = 0;
+        while i + MR <= nq {
+            let r = dot_2x3([qrow(i), qrow(i + 1)], ks, d);
+            for (di, row) in r.iter().enumerate() {
+                out[(i + di) * nk + j..][..NR].copy_from_slice(row);
+            }
+            i += MR;
+        }
+        if i < nq {
+            let r = dot_1x3([qrow(i)], ks, d);
+            out[i * nk + j..][..NR].copy_from_slice(&r[0]);
+        }
+        j += NR;
+    }
+    for j in j..nk {
+        for i in 0..nq {
+            out[i * nk + j] = dot_1x1([qrow(i)], [krow(j)], d)[0][0];
         }
     }
 }
@@ -290,21 +361,21 @@ fn attend(
     isa: Isa,
     q: &[f32],
     lens: &[usize],
-    k: &[f32],
-    v: &[f32],
+    k: KvRows<'_>,
+    v: KvRows<'_>,
     d: usize,
     scale: f32,
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
     struct Attend<'a> {
         isa: Isa,
         qs: Queries<'a>,
-        k: &'a [f32],
-        v: &'a [f32],
+        k: KvRows<'a>,
+        v: KvRows<'a>,
         d: usize,
         scale: f32,
-        scores: &'a mut Vec<f32>,
+        scratch: &'a mut Scratch,
         out: &'a mut [f32],
     }
     impl Recompile for Attend<'_> {
@@ -318,10 +389,10 @@ fn attend(
                 v,
                 d,
                 scale,
-                scores,
+                scratch,
                 out,
             } = self;
-            attend_portable(isa, qs, k, v, d, scale, scores, out);
+            attend_portable(isa, qs, k, v, d, scale, scratch, out);
         }
     }
     let qs = Queries { q, lens };
@@ -332,7 +403,7 @@ fn attend(
         v,
         d,
         scale,
-        scores,
+        scratch,
         out,
     };
     vectorized(isa, kernel);
@@ -435,8 +506,8 @@ pub fn attention(
         .map_init(
             // Queries are copied to a line-aligned buffer: with 64-wide heads, the score
             // kernel's loads of them and of the (aligned) K rows then never straddle lines.
-            || (Vec::new(), AlignedBuf::zeros(most * d), Vec::new()),
-            |(scores, qs, lens), &Task { t0, t1, h0, nh }| {
+            || (Scratch::new(d), AlignedBuf::zeros(most * d), Vec::new()),
+            |(scratch, qs, lens), &Task { t0, t1, h0, nh }| {
                 let qbuf = &mut qs[..(t1 - t0) * nh * d];
                 lens.clear();
                 for (t, rows) in (t0..t1).zip(qbuf.chunks_exact_mut(nh * d)) {
@@ -447,7 +518,7 @@ pub fn attention(
                 let k = cache.k_head(layer, kv, 0..start + t1);
                 let v = cache.v_head(layer, kv, 0..start + t1);
                 let mut out = vec![0.0f32; qbuf.len()];
-                attend(isa, qbuf, lens, k, v, d, scale, scores, &mut out);
+                attend(isa, qbuf, lens, k, v, d, scale, scratch, &mut out);
                 out
             },
         )

@@ -21,7 +21,7 @@ pub struct Isa {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Level {
     Portable,
-    /// AVX2 and FMA: 16 lanes are two registers.
+    /// AVX2, FMA and F16C: 16 lanes are two registers.
     Avx2,
     /// AVX-512F (with AVX2 and FMA): 16 lanes are one register, and there are 32 of them.
     Avx512,
@@ -47,7 +47,10 @@ impl Isa {
     pub fn available() -> Vec<Isa> {
         let mut all = vec![Isa::PORTABLE];
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             all.push(Isa { level: Level::Avx2 });
             if is_x86_feature_detected!("avx512f") {
                 all.push(Isa {

@@ -1,7 +1,7 @@
 //! Every kernel against its definition, and at every instruction-set level this CPU has
 //! against the portable build, bit for bit.
 
-use kv_extract::{KvCache, KvShape};
+use kv_extract::{KvCache, KvDtype, KvShape};
 
 use super::attention::{Task, attention_tasks, exp_and_sum, scale_and_max};
 use super::dot::{LANES, dot, reduce};
@@ -359,7 +359,7 @@ fn attention_matches_naive_softmax_and_is_causal() {
         n_kv_heads: 1,
         head_dim: 4,
     };
-    let mut cache = KvCache::new(shape);
+    let mut cache = KvCache::new(shape, KvDtype::F32);
     let n = 5;
     let k = values(n * 4, 7);
     let v = values(n * 4, 8);
@@ -430,7 +430,13 @@ fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks_at_every_level()
     // full prefill tiles and a partial one; 150 positions make the V sums run over several
     // chunks; a 48-wide head takes the generic (not 64-wide) path. The whole attention also
     // runs on one and on three threads, which split the tiles into other tasks.
-    for (d, n) in [(64, 35), (64, 150), (48, 21)] {
+    // Each KV dtype the head can hold: rows read in place and converted per chunk.
+    let dtypes = [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0];
+    for (d, n, dtype) in [(64, 35), (64, 150), (48, 21)]
+        .into_iter()
+        .flat_map(|(d, n)| dtypes.map(|dtype| (d, n, dtype)))
+        .filter(|&(d, _, dtype)| dtype.row_bytes(d).is_some())
+    {
         let (n_kv, group) = (2, 3);
         let n_heads = n_kv * group;
         let shape = KvShape {
@@ -438,16 +444,24 @@ fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks_at_every_level()
             n_kv_heads: n_kv,
             head_dim: d,
         };
-        let mut cache = KvCache::new(shape);
+        let mut cache = KvCache::new(shape, dtype);
         cache.reserve(n);
         cache.write_rows(0, 0, &values(n * n_kv * d, 61), &values(n * n_kv * d, 62));
         cache.push_tokens(&vec![0; n]);
         let q = values(n * n_heads * d, 63);
         let row = n_heads * d;
         let all = attention(Isa::PORTABLE, &q, n, 0, n_heads, &cache, 0);
+        // The definition: attention over the f32 values the cache holds.
+        let exact = cache.convert(KvDtype::F32);
+        let want = attention(Isa::PORTABLE, &q, n, 0, n_heads, &exact, 0);
+        assert_eq!(
+            bits(&all),
+            bits(&want),
+            "d {d}, {dtype}: not the f32 definition"
+        );
         for_each_isa(|isa| {
             let at = attention(isa, &q, n, 0, n_heads, &cache, 0);
-            assert_eq!(bits(&at), bits(&all), "d {d}, {isa:?}");
+            assert_eq!(bits(&at), bits(&all), "d {d}, {dtype}, {isa:?}");
             for threads in [1, 3] {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -457,21 +471,41 @@ fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks_at_every_level()
                 assert_eq!(
                     bits(&other),
                     bits(&all),
-                    "d {d}, {threads} threads, {isa:?}"
+                    "d {d}, {dtype}, {threads} threads, {isa:?}"
                 );
             }
             for t in 0..n {
                 let one = attention(isa, &q[t * row..][..row], 1, t, n_heads, &cache, 0);
                 let want = bits(&all[t * row..][..row]);
-                assert_eq!(bits(&one), want, "d {d}, token {t}, {isa:?}");
+                assert_eq!(bits(&one), want, "d {d}, {dtype}, token {t}, {isa:?}");
             }
             // A few tokens at once (split as decode is, with causal lengths), and one tile.
             for (t0, m) in [(5, 3), (n - 7, 7), (n - 8, 8)] {
                 let q = &q[t0 * row..][..m * row];
                 let part = attention(isa, q, m, t0, n_heads, &cache, 0);
                 let want = bits(&all[t0 * row..][..m * row]);
-                assert_eq!(bits(&part), want, "d {d}, {t0}+{m}, {isa:?}");
+                assert_eq!(bits(&part), want, "d {d}, {dtype}, {t0}+{m}, {isa:?}");
             }
         });
     }
+}
+
+#[test]
+fn f16_rows_widen_to_the_same_bits_at_every_level() {
+    // Every half-precision value, in a length that leaves a tail past the 8-wide steps.
+    let halves: Vec<u16> = (0..=u16::MAX).chain(0..5).collect();
+    let want: Vec<u32> = halves
+        .iter()
+        .map(|&h| kv_extract::f16_to_f32(h).to_bits())
+        .collect();
+    for_each_isa(|isa| {
+        #[cfg(target_arch = "x86_64")]
+        if isa.is_simd() {
+            let mut got = vec![0.0f32; halves.len()];
+            super::x86::f16_to_f32(isa, &halves, &mut got);
+            assert_eq!(bits(&got), want, "{isa:?}");
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = isa;
+    });
 }

@@ -12,8 +12,9 @@ mod load;
 #[cfg(test)]
 mod tests;
 
-use kv_extract::{KvCache, KvShape};
+use kv_extract::{KvCache, KvDtype, KvShape};
 
+use crate::error::{EngineError, Result};
 use crate::kernels::{Isa, Weight};
 
 pub use config::LlamaConfig;
@@ -93,9 +94,16 @@ impl Model {
         self.config.kv_shape()
     }
 
-    /// An empty KV cache for this model.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.kv_shape())
+    /// An empty KV cache for this model holding K and V in `dtype`.
+    pub fn new_cache(&self, dtype: KvDtype) -> Result<KvCache> {
+        let shape = self.kv_shape();
+        if !shape.supports(dtype) {
+            return Err(EngineError::UnsupportedKvDtype {
+                dtype,
+                head_dim: shape.head_dim,
+            });
+        }
+        Ok(KvCache::new(shape, dtype))
     }
 
     /// Bytes of memory the weights take.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
-use kv_extract::{KvCache, KvShape};
+use kv_extract::{KvCache, KvDtype, KvShape};
 
 use super::*;
 use crate::error::EngineError;
@@ -32,18 +32,32 @@ fn letters() -> Vec<u32> {
     (b'a'..=b'z').map(|b| 3 + b as u32).collect()
 }
 
-/// Every cached K and V value, layer by layer, head by head.
-fn cache_bits(cache: &KvCache) -> Vec<u32> {
+/// Every cached K and V byte, layer by layer, head by head.
+fn cache_bits(cache: &KvCache) -> Vec<u8> {
     let s = cache.shape();
     let mut out = Vec::new();
     for l in 0..s.n_layers {
         for h in 0..s.n_kv_heads {
-            out.extend(bits(cache.k_head(l, h, 0..cache.len())));
-            out.extend(bits(cache.v_head(l, h, 0..cache.len())));
+            out.extend_from_slice(cache.k_head(l, h, 0..cache.len()).bytes());
+            out.extend_from_slice(cache.v_head(l, h, 0..cache.len()).bytes());
         }
     }
     out
 }
+
+/// A tiny model with SmolLM2's 64-wide heads, which every KV dtype can hold.
+fn wide_heads() -> TinyConfig {
+    TinyConfig {
+        dim: 384,
+        n_heads: 6,
+        n_kv_heads: 1,
+        ffn_dim: 128,
+        ..TinyConfig::default()
+    }
+}
+
+/// The KV dtypes a cache can be held in.
+const KV_DTYPES: [KvDtype; 4] = [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0];
 
 #[test]
 fn tiny_config_is_read_from_metadata() {
@@ -77,37 +91,40 @@ fn a_forward_pass_is_the_same_bits_at_every_instruction_set_level() {
     // 64-wide heads in groups of six queries (SmolLM2's width, and the AVX-512 V-sum
     // kernel's group) with quantized and f32 weights; 40 tokens make prefill tiles, then
     // decode steps.
+    // Every KV dtype the heads can hold: the cache's rows are read in place, converted.
     let configs = [
         TinyConfig::default(),
-        TinyConfig {
-            dim: 384,
-            n_heads: 6,
-            n_kv_heads: 1,
-            ffn_dim: 128,
-            ..TinyConfig::default()
-        },
+        wide_heads(),
         TinyConfig {
             weight_dtype: GgmlDType::F32,
             ..TinyConfig::default()
         },
     ];
-    let toks: Vec<u32> = letters().into_iter().cycle().take(40).collect();
+    // 90 tokens: attention over more than one 64-row chunk of a converted cache.
+    let toks: Vec<u32> = letters().into_iter().cycle().take(90).collect();
     for cfg in configs {
         let mut m = tiny_model(&cfg);
-        let run = |m: &Model| {
-            let mut cache = m.new_cache();
-            let mut logits = m.forward(&toks, &mut cache, Logits::All).expect("prefill");
-            for &t in &toks[..3] {
-                logits.extend(m.forward(&[t], &mut cache, Logits::Last).expect("decode"));
-            }
-            (bits(&logits), cache_bits(&cache))
-        };
-        m.set_isa(Isa::PORTABLE);
-        let portable = run(&m);
-        crate::kernels::isa::for_each_isa(|isa| {
-            m.set_isa(isa);
-            assert!(run(&m) == portable, "{isa:?}, {} heads", cfg.n_heads);
-        });
+        let shape = m.kv_shape();
+        for dtype in KV_DTYPES.into_iter().filter(|&d| shape.supports(d)) {
+            let run = |m: &Model| {
+                let mut cache = m.new_cache(dtype).expect("cache");
+                let mut logits = m.forward(&toks, &mut cache, Logits::All).expect("prefill");
+                for &t in &toks[..3] {
+                    logits.extend(m.forward(&[t], &mut cache, Logits::Last).expect("decode"));
+                }
+                (bits(&logits), cache_bits(&cache))
+            };
+            m.set_isa(Isa::PORTABLE);
+            let portable = run(&m);
+            crate::kernels::isa::for_each_isa(|isa| {
+                m.set_isa(isa);
+                assert!(
+                    run(&m) == portable,
+                    "{isa:?}, {} heads, {dtype}",
+                    cfg.n_heads
+                );
+            });
+        }
     }
 }
 
@@ -115,12 +132,12 @@ fn a_forward_pass_is_the_same_bits_at_every_instruction_set_level() {
 fn prefill_split_prefill_and_decode_are_bitwise_equal() {
     let m = tiny_model(&TinyConfig::default());
     let toks = letters();
-    let mut whole = m.new_cache();
+    let mut whole = m.new_cache(KvDtype::F32).expect("f32 cache");
     let all = m.forward(&toks, &mut whole, Logits::All).expect("prefill");
     assert_eq!(all.len(), toks.len() * 268);
     assert!(all.iter().all(|x| x.is_finite()));
 
-    let mut split = m.new_cache();
+    let mut split = m.new_cache(KvDtype::F32).expect("f32 cache");
     let mut split_logits = m
         .forward(&toks[..5], &mut split, Logits::All)
         .expect("first part");
@@ -130,7 +147,7 @@ fn prefill_split_prefill_and_decode_are_bitwise_equal() {
     );
     assert_eq!(bits(&all), bits(&split_logits));
 
-    let mut decode = m.new_cache();
+    let mut decode = m.new_cache(KvDtype::F32).expect("f32 cache");
     let mut decode_logits = Vec::new();
     for t in &toks {
         decode_logits.extend(m.forward(&[*t], &mut decode, Logits::Last).expect("decode"));
@@ -142,10 +159,10 @@ fn prefill_split_prefill_and_decode_are_bitwise_equal() {
     assert_eq!(cache_bits(&whole), cache_bits(&decode));
 
     // Logits::Last is the last row of Logits::All; Logits::None returns nothing.
-    let mut c = m.new_cache();
+    let mut c = m.new_cache(KvDtype::F32).expect("f32 cache");
     let last = m.forward(&toks, &mut c, Logits::Last).expect("last");
     assert_eq!(bits(&last), bits(&all[(toks.len() - 1) * 268..]));
-    let mut c = m.new_cache();
+    let mut c = m.new_cache(KvDtype::F32).expect("f32 cache");
     assert!(
         m.forward(&toks, &mut c, Logits::None)
             .expect("none")
@@ -155,16 +172,73 @@ fn prefill_split_prefill_and_decode_are_bitwise_equal() {
 }
 
 #[test]
+fn every_kv_dtype_keeps_prefill_split_prefill_and_decode_bitwise_equal() {
+    // A row is rounded or quantized once, when it is written, whatever the batch: so the
+    // batch invariance that bitwise resume rests on holds for each dtype.
+    let m = tiny_model(&wide_heads());
+    let toks: Vec<u32> = letters().into_iter().cycle().take(80).collect();
+    let mut reference = None;
+    for dtype in KV_DTYPES {
+        let mut whole = m.new_cache(dtype).expect("cache");
+        let all = m.forward(&toks, &mut whole, Logits::All).expect("prefill");
+        let mut split = m.new_cache(dtype).expect("cache");
+        let mut split_logits = m
+            .forward(&toks[..37], &mut split, Logits::All)
+            .expect("part");
+        split_logits.extend(
+            m.forward(&toks[37..], &mut split, Logits::All)
+                .expect("rest"),
+        );
+        assert_eq!(bits(&all), bits(&split_logits), "{dtype}");
+        let mut decode = m.new_cache(dtype).expect("cache");
+        m.forward(&toks[..70], &mut decode, Logits::None)
+            .expect("prefix");
+        let mut decode_logits = Vec::new();
+        for t in &toks[70..] {
+            decode_logits.extend(m.forward(&[*t], &mut decode, Logits::Last).expect("decode"));
+        }
+        assert_eq!(bits(&all[70 * 268..]), bits(&decode_logits), "{dtype}");
+        assert_eq!(cache_bits(&whole), cache_bits(&split), "{dtype}");
+        assert_eq!(cache_bits(&whole), cache_bits(&decode), "{dtype}");
+        assert_eq!(
+            whole.bytes_used(),
+            2 * 2 * 80 * whole.dtype().row_bytes(64).expect("64")
+        );
+        // The dtypes do compute different (close) logits: the test is not comparing f32
+        // with itself.
+        match &reference {
+            None => reference = Some(all),
+            Some(f32_logits) => {
+                assert_ne!(bits(f32_logits), bits(&all), "{dtype}");
+                let worst = f32_logits
+                    .iter()
+                    .zip(&all)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst < 0.5, "{dtype}: logits differ by {worst}");
+            }
+        }
+    }
+    // A dtype the heads cannot hold is a typed error.
+    let narrow = tiny_model(&TinyConfig::default());
+    let err = narrow.new_cache(KvDtype::Q8_0).expect_err("8-wide heads");
+    assert!(
+        matches!(err, EngineError::UnsupportedKvDtype { .. }),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_prompt_in_chunks_is_bitwise_the_prompt_in_one_pass() {
     let m = tiny_model(&TinyConfig::default());
     let toks = letters();
     for want in [Logits::All, Logits::Last, Logits::None] {
-        let mut one = m.new_cache();
+        let mut one = m.new_cache(KvDtype::F32).expect("f32 cache");
         let whole = m
             .forward_chunked(&toks, &mut one, want, usize::MAX)
             .expect("one pass");
         for chunk in [1, 3, 7, 25] {
-            let mut parts = m.new_cache();
+            let mut parts = m.new_cache(KvDtype::F32).expect("f32 cache");
             let chunked = m
                 .forward_chunked(&toks, &mut parts, want, chunk)
                 .expect("chunks");
@@ -178,7 +252,7 @@ fn a_prompt_in_chunks_is_bitwise_the_prompt_in_one_pass() {
         }
     }
     // A prompt that overflows the context is refused before any chunk runs.
-    let mut cache = m.new_cache();
+    let mut cache = m.new_cache(KvDtype::F32).expect("f32 cache");
     m.forward(&toks[..4], &mut cache, Logits::None)
         .expect("start");
     let long = vec![toks[0]; 600];
@@ -193,8 +267,8 @@ fn a_prompt_in_chunks_is_bitwise_the_prompt_in_one_pass() {
 fn cache_capacity_does_not_change_results() {
     let m = tiny_model(&TinyConfig::default());
     let toks = letters();
-    let mut small = m.new_cache();
-    let mut big = KvCache::with_capacity(m.kv_shape(), 1000);
+    let mut small = m.new_cache(KvDtype::F32).expect("f32 cache");
+    let mut big = KvCache::with_capacity(m.kv_shape(), KvDtype::F32, 1000);
     let a = m.forward(&toks, &mut small, Logits::All).expect("small");
     let b = m.forward(&toks, &mut big, Logits::All).expect("big");
     assert_eq!(bits(&a), bits(&b));
@@ -212,7 +286,7 @@ fn cache_capacity_does_not_change_results() {
 fn prefix_reuse_matches_prefill_from_scratch() {
     let m = tiny_model(&TinyConfig::default());
     let toks = letters();
-    let mut cache = m.new_cache();
+    let mut cache = m.new_cache(KvDtype::F32).expect("f32 cache");
     m.forward(&toks, &mut cache, Logits::None).expect("prefill");
     let other: Vec<u32> = [&toks[..10], &[100, 101, 102, 7][..]].concat();
     let keep = cache.common_prefix_len(&other);
@@ -221,7 +295,7 @@ fn prefix_reuse_matches_prefill_from_scratch() {
     let resumed = m
         .forward(&other[keep..], &mut cache, Logits::All)
         .expect("continue");
-    let mut fresh = m.new_cache();
+    let mut fresh = m.new_cache(KvDtype::F32).expect("f32 cache");
     let scratch = m.forward(&other, &mut fresh, Logits::All).expect("scratch");
     assert_eq!(bits(&resumed), bits(&scratch[keep * 268..]));
     assert_eq!(cache_bits(&cache), cache_bits(&fresh));
@@ -239,7 +313,7 @@ fn separate_output_head_and_f32_weights() {
     let tied = tiny_model(&TinyConfig::default());
     assert!(tied.output.is_none());
     assert_ne!(m.weights_hash(), tied.weights_hash());
-    let mut c = m.new_cache();
+    let mut c = m.new_cache(KvDtype::F32).expect("f32 cache");
     let logits = m
         .forward(&letters(), &mut c, Logits::Last)
         .expect("forward");
@@ -331,7 +405,7 @@ fn bad_inputs_are_errors_and_leave_the_cache_alone() {
         context_length: 30,
         ..TinyConfig::default()
     });
-    let mut cache = m.new_cache();
+    let mut cache = m.new_cache(KvDtype::F32).expect("f32 cache");
     m.forward(&[5, 6, 7], &mut cache, Logits::None)
         .expect("prefill");
     let err = m
@@ -365,11 +439,14 @@ fn bad_inputs_are_errors_and_leave_the_cache_alone() {
         "{err:?}"
     );
     assert_eq!(cache.tokens(), &[5, 6, 7]);
-    let mut wrong = KvCache::new(KvShape {
-        n_layers: 3,
-        n_kv_heads: 2,
-        head_dim: 8,
-    });
+    let mut wrong = KvCache::new(
+        KvShape {
+            n_layers: 3,
+            n_kv_heads: 2,
+            head_dim: 8,
+        },
+        KvDtype::F32,
+    );
     let err = m
         .forward(&[5], &mut wrong, Logits::Last)
         .expect_err("wrong shape");
@@ -421,14 +498,14 @@ fn real_model_answers_capital_of_france() {
     let ids = tokenizer.encode(&prompt).expect("encode");
 
     // Prefill in two uneven parts, then check the last logits against a one-shot prefill.
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache(KvDtype::F32).expect("f32 cache");
     model
         .forward(&ids[..7], &mut cache, Logits::None)
         .expect("prefill part 1");
     let mut logits = model
         .forward(&ids[7..], &mut cache, Logits::Last)
         .expect("prefill part 2");
-    let mut whole = model.new_cache();
+    let mut whole = model.new_cache(KvDtype::F32).expect("f32 cache");
     let once = model
         .forward(&ids, &mut whole, Logits::Last)
         .expect("prefill at once");

@@ -5,7 +5,7 @@
 //! * hand-written kernels for where the compiler's output of the portable source is slow:
 //!   attention scores ([`gram`]), the matmul panel ([`panel`]), the weighted V sums of six
 //!   queries ([`pv_6x64`]) and quantized weights ([`dequantize_rows`], [`gemv`]): intrinsics,
-//!   and four micro-kernels in assembly (`kernel_2x3`, `kernel512_6x4`, `kernel512_1x16_k64`,
+//!   f16 cache rows widened with F16C ([`f16_to_f32`]), and four micro-kernels in assembly (`kernel_2x3`, `kernel512_6x4`, `kernel512_1x16_k64`,
 //!   `pv512_6x64`);
 //! * a safe wrapper for each, which checks every length the unsafe code relies on and takes an
 //!   [`Isa`]: a value that exists only for levels this CPU has, so holding one proves the
@@ -20,11 +20,13 @@ use std::arch::x86_64::*;
 use super::dot::LANES;
 use super::isa::{Isa, Level, Recompile};
 
+mod convert;
 mod dequant;
 mod gram;
 mod panel;
 mod pv;
 
+pub(crate) use convert::f16_to_f32;
 pub(crate) use dequant::{dequantize_rows, gemv};
 pub(crate) use gram::gram;
 pub(crate) use panel::panel;
