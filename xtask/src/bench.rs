@@ -2,7 +2,8 @@
 //! example) and, with `--peer llama.cpp`, llama.cpp on the same GGUF and thread count, side by
 //! side with the ratios (stdout and `target/bench/engine.md`); and the resume benchmark
 //! (`resume` binary of agentkv-benches: time to first token resumed from the saved cache, page
-//! cache warm and cold, against re-prefilling the history), with a chart. Everything measured
+//! cache warm and cold, against re-prefilling the history), with a chart; and, when asked for,
+//! what a lower-precision KV cache costs in quality, against llama.cpp's. Everything measured
 //! goes to `target/bench/report.md`.
 
 use std::collections::BTreeMap;
@@ -18,13 +19,14 @@ use crate::venv::Venv;
 use crate::{cargo, fetch_model, project_root, run_step};
 
 mod engine;
+mod kv_quality;
 mod serve;
 
 const USAGE: &str = "\
-usage: cargo xtask bench [--only criterion|engine|resume[,...]|serve] [--no-criterion] [--no-engine]
-                         [--no-resume] [--peer llama.cpp] [--histories 512,2048,4096]
+usage: cargo xtask bench [--only criterion|engine|resume|kv-quality[,...]|serve] [--no-criterion]
+                         [--no-engine] [--no-resume] [--peer llama.cpp] [--histories 512,2048,4096]
                          [--decode 32] [--repeats 3] [--resume-histories 256,1024,2048,4096]
-                         [--resume-repeats 3] [-- <criterion args>]
+                         [--resume-repeats 3] [--text PATH] [-- <criterion args>]
 
   criterion  kv-store vs plain file I/O (cargo bench -p agentkv-benches)
   engine     prefill / decode tok/s, resume and re-prefill TTFT at --histories (bench_speed),
@@ -35,6 +37,12 @@ usage: cargo xtask bench [--only criterion|engine|resume[,...]|serve] [--no-crit
              resume from the saved cache, page cache warm and cold; save ms, bytes/token;
              chart in target/bench/resume.png. Several minutes on two cores: each history
              is prefilled twice (to build the saved agent, and as the re-prefill baseline)
+  kv-quality only when --only names it: what an f16 or q8_0 KV cache costs against f32 (the
+             engine's kv_quality example) and llama.cpp's q8_0 against its f16 (peer
+             script, target/peer-venv) on the first 4096 tokens of --text (default
+             /usr/share/common-licenses/GPL-3): KL of the next-token distributions,
+             top-1 agreement, greedy agreement after a save and load at 4 cuts; table in
+             target/bench/kv-quality.md. About 5 minutes on two cores for llama.cpp alone
   serve      multi-round conversations against agentkv serve and llama.cpp's server, both
              restarted mid-way; runs alone (`cargo xtask bench --only serve --help`)
   Everything that ran is summarized in target/bench/report.md.";
@@ -51,6 +59,11 @@ struct Options {
     criterion: bool,
     engine: bool,
     resume: bool,
+    /// The KV cache quality comparison: never part of the default set, it needs the llama.cpp
+    /// peer (a ~15-minute build on first use).
+    kv_quality: bool,
+    /// kv-quality's held-out text.
+    text: Option<PathBuf>,
     resume_histories: String,
     resume_repeats: String,
     criterion_args: Vec<String>,
@@ -65,6 +78,8 @@ fn parse(args: &[String]) -> Result<Options> {
         criterion: true,
         engine: true,
         resume: true,
+        kv_quality: false,
+        text: None,
         resume_histories: "256,1024,2048,4096".into(),
         resume_repeats: "3".into(),
         criterion_args: Vec::new(),
@@ -95,19 +110,21 @@ fn parse(args: &[String]) -> Result<Options> {
             }
             "--resume-histories" => o.resume_histories = value("--resume-histories")?,
             "--resume-repeats" => o.resume_repeats = value("--resume-repeats")?,
+            "--text" => o.text = Some(PathBuf::from(value("--text")?)),
             "--no-criterion" => o.criterion = false,
             "--no-engine" => o.engine = false,
             "--no-resume" => o.resume = false,
             "--only" => {
                 let only = value("--only")?;
-                (o.criterion, o.engine, o.resume) = (false, false, false);
+                (o.criterion, o.engine, o.resume, o.kv_quality) = (false, false, false, false);
                 for part in only.split(',') {
                     match part.trim() {
                         "criterion" => o.criterion = true,
                         "engine" => o.engine = true,
                         "resume" => o.resume = true,
+                        "kv-quality" => o.kv_quality = true,
                         other => bail!(
-                            "--only takes criterion, engine or resume (comma-separated), not {other:?}\n{USAGE}"
+                            "--only takes criterion, engine, resume or kv-quality (comma-separated), not {other:?}\n{USAGE}"
                         ),
                     }
                 }
@@ -119,7 +136,10 @@ fn parse(args: &[String]) -> Result<Options> {
     if o.peer && !o.engine {
         bail!("--peer llama.cpp compares engine speed: it needs the engine bench\n{USAGE}");
     }
-    if !(o.criterion || o.engine || o.resume) {
+    if o.text.is_some() && !o.kv_quality {
+        bail!("--text is kv-quality's held-out text: it needs --only kv-quality\n{USAGE}");
+    }
+    if !(o.criterion || o.engine || o.resume || o.kv_quality) {
         bail!("nothing to run\n{USAGE}");
     }
     Ok(o)
@@ -135,6 +155,14 @@ pub fn bench(args: &[String]) -> Result<()> {
         return Ok(());
     }
     let opts = parse(args)?;
+    let held_out = opts
+        .text
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(kv_quality::DEFAULT_TEXT));
+    if opts.kv_quality {
+        // Before the other parts run for minutes.
+        kv_quality::check_text(&held_out)?;
+    }
     let model = fetch_model()?;
     let load_before = loadavg();
     if opts.criterion {
@@ -173,6 +201,17 @@ pub fn bench(args: &[String]) -> Result<()> {
     } else {
         None
     };
+    let kv_quality_table = if opts.kv_quality {
+        Some(kv_quality::run(
+            &held_out,
+            &model,
+            threads,
+            &load_before,
+            &dir,
+        )?)
+    } else {
+        None
+    };
     let load_after = loadavg();
     let engine_threads = resume
         .as_ref()
@@ -191,12 +230,11 @@ pub fn bench(args: &[String]) -> Result<()> {
         None => Ok("resume.png"),
         Some(e) => Err(e.as_str()),
     };
-    let text = report::report(
-        &machine,
-        resume.as_deref(),
-        chart_link,
-        engine_table.as_deref(),
-    );
+    let sections: Vec<&str> = [engine_table.as_deref(), kv_quality_table.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let text = report::report(&machine, resume.as_deref(), chart_link, &sections);
     print!("{text}");
     let path = dir.join("report.md");
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
@@ -368,8 +406,9 @@ fn rows(stdout: &str, prefix: &str) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// `{"a": 1, "b": 2.5}` → map. Only what the two bench scripts print: one flat object whose
-/// values are numbers (xtask stays free of a JSON dependency).
+/// `{"a": 1, "b": 2.5}` → map. Only what the speed and resume benches print: one flat object
+/// whose values are numbers (kv-quality's lines, with strings and arrays, go through
+/// serde_json).
 fn parse_flat_json(s: &str) -> Result<Row> {
     let body = s
         .trim()
@@ -441,5 +480,26 @@ mod tests {
         assert_eq!(parse(&args("--repeats 5")).expect("valid").repeats, 5);
         assert!(parse(&args("--repeats 2")).is_err());
         assert!(parse(&args("--repeats x")).is_err());
+    }
+
+    #[test]
+    fn kv_quality_runs_only_when_named() {
+        let o = parse(&[]).expect("defaults");
+        assert!(!o.kv_quality && o.text.is_none());
+
+        let o = parse(&args("--only kv-quality")).expect("valid");
+        assert!(o.kv_quality && !o.criterion && !o.engine && !o.resume);
+        assert!(o.text.is_none());
+
+        let o = parse(&args("--only resume,kv-quality --text /tmp/held-out.txt")).expect("valid");
+        assert!(o.kv_quality && o.resume && !o.criterion && !o.engine);
+        assert_eq!(o.text.as_deref(), Some(Path::new("/tmp/held-out.txt")));
+
+        // --text belongs to kv-quality; kv-quality does not make --peer's engine bench run.
+        assert!(parse(&args("--text /tmp/held-out.txt")).is_err());
+        assert!(parse(&args("--only resume --text /tmp/held-out.txt")).is_err());
+        assert!(parse(&args("--only kv-quality --text")).is_err());
+        assert!(parse(&args("--only kv-quality --peer llama.cpp")).is_err());
+        assert!(parse(&args("--only kv_quality")).is_err());
     }
 }

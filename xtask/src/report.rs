@@ -195,12 +195,14 @@ fn resume_notes(rows: &[Row]) -> String {
     s
 }
 
-/// The whole report: machine, resume table and chart, then the engine table if it ran.
+/// The whole report: machine, resume table and chart, then the other parts' tables
+/// (`sections`: the engine's, kv-quality's), each a document of its own whose headings become
+/// one level deeper.
 pub fn report(
     machine: &Machine,
     resume: Option<&[Row]>,
     chart: Result<&str, &str>,
-    engine: Option<&str>,
+    sections: &[&str],
 ) -> String {
     let mut s = String::from("# agentkv benchmarks\n\n");
     let _ = writeln!(
@@ -227,15 +229,14 @@ pub fn report(
             }
         }
     }
-    if let Some(engine) = engine {
-        // engine.md is a document of its own: its title becomes a section here.
-        if resume.is_some() {
+    for section in sections {
+        if !s.ends_with("\n\n") {
             s.push('\n');
         }
-        if engine.starts_with("# ") {
+        if section.starts_with("# ") {
             s.push('#');
         }
-        s.push_str(engine);
+        s.push_str(section);
     }
     s
 }
@@ -336,7 +337,10 @@ mod tests {
             &machine,
             Some(&rows),
             Ok("resume.png"),
-            Some("# Engine speed\n\nx\n"),
+            &[
+                "# Engine speed\n\nx\n",
+                "# KV cache precision and quality\n\ny\n",
+            ],
         );
         assert!(r.contains("2025-01-02 03:04 UTC; AMD EPYC, 2 logical CPUs; engine threads 2"));
         assert!(r.contains("before 0.10 0.20 0.30, after 1.00 0.50 0.40"));
@@ -350,10 +354,15 @@ mod tests {
             "engine title demoted:\n{r}"
         );
 
-        let r = report(&machine, Some(&rows), Err("no font"), None);
+        assert!(
+            r.contains("\nx\n\n## KV cache precision and quality\n\ny\n"),
+            "kv-quality title demoted, after the engine's:\n{r}"
+        );
+
+        let r = report(&machine, Some(&rows), Err("no font"), &[]);
         assert!(r.contains("(No chart: no font.)"));
         assert!(!r.contains("Engine speed"));
-        let r = report(&machine, None, Err("unused"), Some("# Engine speed\n"));
+        let r = report(&machine, None, Err("unused"), &["# Engine speed\n"]);
         assert!(!r.contains("Resume") && !r.contains("No chart"));
         assert!(
             r.contains("after 1.00 0.50 0.40.\n\n## Engine speed\n"),

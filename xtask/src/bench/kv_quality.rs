@@ -1,0 +1,516 @@
+//! `cargo xtask bench --only kv-quality`: what storing the attention KV cache at a lower
+//! precision costs a conversation's quality. The engine's `kv_quality` example measures f16 and
+//! q8_0 caches against f32, the peer script `benches/peer/llama_kv_quality.py` llama.cpp's q8_0
+//! against its default f16, on the same GGUF, held-out text and thread count; both print KL
+//! divergence and top-1 agreement of every position's next-token distribution, and greedy
+//! agreement of continuations decoded from a cache saved and loaded back. This module runs
+//! both, writes the table to `target/bench/kv-quality.md` with the target's verdict, and
+//! returns it for `report.md`.
+//!
+//! The example is given `--model --text --tokens --continuation --cuts` and prints an
+//! `INFO isa: LEVEL` line and one `KVQ {...}` line per precision, with the fields of
+//! [`Quality`]; its cuts must be the peer's (cut k of N at floor(tokens * k / N)), or the
+//! verdict says the two are not comparable.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use super::{loadavg, peer_python, run_for_output};
+use crate::project_root;
+use crate::report::Machine;
+
+/// The held-out text when `--text` is not given.
+pub(super) const DEFAULT_TEXT: &str = "/usr/share/common-licenses/GPL-3";
+/// Tokens of the text both sides read.
+const TOKENS: usize = 4096;
+/// Tokens greedily decoded after each cut.
+const CONTINUATION: usize = 64;
+/// Cut points, spread over the text.
+const CUTS: usize = 4;
+
+/// One `KVQ {...}` / `PEERQ {...}` line: a cache precision against a baseline.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Quality {
+    /// The precision measured (`f16`, `q8_0`).
+    pub kv: String,
+    /// The precision it is measured against (`f32`, `f16`).
+    pub baseline: String,
+    /// Positions compared.
+    pub tokens: u64,
+    /// KL(baseline || kv) of the next-token distributions, mean over positions, in nats.
+    pub mean_kl: f64,
+    /// The same, max over positions.
+    pub max_kl: f64,
+    /// Share of positions whose argmax agrees.
+    pub top1_agree: f64,
+    /// Share of continuation tokens equal position by position, over all cuts.
+    pub greedy_agree: f64,
+    /// Per cut, the index of the first continuation token that differs (the continuation's
+    /// length when none does).
+    pub greedy_first_diff: Vec<u64>,
+    /// The cut points, in tokens.
+    pub cuts: Vec<u64>,
+}
+
+/// Parses the JSON object of one line.
+pub(super) fn parse_quality(json: &str) -> Result<Quality> {
+    let v: Value =
+        serde_json::from_str(json.trim()).with_context(|| format!("not a JSON object: {json}"))?;
+    let field = |k: &str| v.get(k).with_context(|| format!("no {k:?} in {json}"));
+    let text = |k: &str| -> Result<String> {
+        field(k)?
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("{k:?} is not a string in {json}"))
+    };
+    let number = |k: &str| -> Result<f64> {
+        field(k)?
+            .as_f64()
+            .with_context(|| format!("{k:?} is not a number in {json}"))
+    };
+    let share = |k: &str| -> Result<f64> {
+        let x = number(k)?;
+        if !(0.0..=1.0).contains(&x) {
+            bail!("{k:?} is {x}, not a share between 0 and 1, in {json}");
+        }
+        Ok(x)
+    };
+    let counts = |k: &str| -> Result<Vec<u64>> {
+        field(k)?
+            .as_array()
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .with_context(|| format!("{k:?} is not an array of counts in {json}"))
+    };
+    let q = Quality {
+        kv: text("kv")?,
+        baseline: text("baseline")?,
+        tokens: field("tokens")?
+            .as_u64()
+            .with_context(|| format!("\"tokens\" is not a count in {json}"))?,
+        mean_kl: number("mean_kl")?,
+        max_kl: number("max_kl")?,
+        top1_agree: share("top1_agree")?,
+        greedy_agree: share("greedy_agree")?,
+        greedy_first_diff: counts("greedy_first_diff")?,
+        cuts: counts("cuts")?,
+    };
+    if q.greedy_first_diff.len() != q.cuts.len() {
+        bail!(
+            "{} first differences for {} cuts in {json}",
+            q.greedy_first_diff.len(),
+            q.cuts.len()
+        );
+    }
+    Ok(q)
+}
+
+/// The `{prefix}{json}` lines of a program's stdout; none is an error.
+pub(super) fn qualities(stdout: &str, prefix: &str, program: &str) -> Result<Vec<Quality>> {
+    let found: Vec<Quality> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .map(parse_quality)
+        .collect::<Result<_>>()
+        .with_context(|| format!("reading a {prefix:?} line of {program}"))?;
+    if found.is_empty() {
+        bail!("{program} printed no {prefix:?} line; its output:\n{stdout}");
+    }
+    Ok(found)
+}
+
+/// The line measuring `kv` against `baseline`.
+fn pick(found: &[Quality], kv: &str, baseline: &str, program: &str) -> Result<Quality> {
+    found
+        .iter()
+        .find(|q| q.kv == kv && q.baseline == baseline)
+        .cloned()
+        .with_context(|| format!("{program} printed no line for {kv} against {baseline}"))
+}
+
+/// Checks the held-out text before anything runs.
+pub(super) fn check_text(text: &Path) -> Result<()> {
+    if !text.is_file() {
+        bail!(
+            "the held-out text {} is not a file: pass a plain-text file of at least {TOKENS} \
+             tokens with --text PATH",
+            text.display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs the engine's example and the peer script, writes `kv-quality.md`; returns its text.
+pub(super) fn run(
+    text: &Path,
+    model: &Path,
+    threads: usize,
+    load_before: &str,
+    dir: &Path,
+) -> Result<String> {
+    check_text(text)?;
+    // First, so that a missing llama.cpp build is installed (or fails) before the engine runs.
+    let python = peer_python()?;
+
+    eprintln!("==> KV cache quality, agentkv (f16 and q8_0 against f32)");
+    let mut cmd = super::cargo_run_release("engine", "--example", "kv_quality");
+    cmd.arg("--model")
+        .arg(model)
+        .arg("--text")
+        .arg(text)
+        .args(["--tokens", &TOKENS.to_string()])
+        .args(["--continuation", &CONTINUATION.to_string()])
+        .args(["--cuts", &CUTS.to_string()])
+        .env("RAYON_NUM_THREADS", threads.to_string());
+    let program = "the engine's kv_quality example (cargo run -p engine --example kv_quality)";
+    let stdout = run_for_output(&mut cmd, program)?;
+    let found = qualities(&stdout, "KVQ ", program)?;
+    let ours = Sides {
+        f16: pick(&found, "f16", "f32", program)?,
+        q8_0: pick(&found, "q8_0", "f32", program)?,
+        info: super::infos(&stdout),
+    };
+
+    eprintln!("==> KV cache quality, llama.cpp (q8_0 against f16)");
+    let script = project_root().join("benches/peer/llama_kv_quality.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(&script)
+        .arg(model)
+        .arg(text)
+        .args(["--tokens", &TOKENS.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--continuation", &CONTINUATION.to_string()])
+        .args(["--cuts", &CUTS.to_string()])
+        .arg("--workdir")
+        .arg(dir);
+    let program = format!("the llama.cpp peer ({})", script.display());
+    let stdout = run_for_output(&mut cmd, &program)?;
+    let peer = Peer {
+        q8_0: pick(
+            &qualities(&stdout, "PEERQ ", &program)?,
+            "q8_0",
+            "f16",
+            &program,
+        )?,
+        info: super::infos(&stdout),
+    };
+
+    let machine = Machine::current(threads, load_before.to_owned(), loadavg());
+    let table = report(&machine, text, &ours, &peer);
+    let path = dir.join("kv-quality.md");
+    std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(table)
+}
+
+/// What the engine's example printed.
+pub(super) struct Sides {
+    pub f16: Quality,
+    pub q8_0: Quality,
+    /// Its `INFO key: value` lines.
+    pub info: BTreeMap<String, String>,
+}
+
+/// What the peer script printed.
+pub(super) struct Peer {
+    pub q8_0: Quality,
+    /// Its `INFO key: value` lines.
+    pub info: BTreeMap<String, String>,
+}
+
+/// The target: agentkv's q8_0 against f32 is no worse than llama.cpp's q8_0 against its f16,
+/// in mean KL and in top-1 disagreement. Measured, not timed: the figures are deterministic,
+/// so they are compared as they are, with no noise band.
+pub(super) fn verdict(ours: &Quality, peer: &Quality) -> String {
+    if ours.tokens != peer.tokens || ours.cuts != peer.cuts {
+        return format!(
+            "not comparable: agentkv measured {} tokens with cuts at {:?}, llama.cpp {} with \
+             cuts at {:?}",
+            ours.tokens, ours.cuts, peer.tokens, peer.cuts
+        );
+    }
+    let (our_miss, peer_miss) = (1.0 - ours.top1_agree, 1.0 - peer.top1_agree);
+    let kl_ok = ours.mean_kl <= peer.mean_kl;
+    let top1_ok = our_miss <= peer_miss;
+    format!(
+        "{} (mean KL {} {} {}, top-1 disagreement {} {} {})",
+        if kl_ok && top1_ok {
+            "holds"
+        } else {
+            "does not hold"
+        },
+        kl(ours.mean_kl),
+        if kl_ok { "<=" } else { ">" },
+        kl(peer.mean_kl),
+        percent(our_miss),
+        if top1_ok { "<=" } else { ">" },
+        percent(peer_miss),
+    )
+}
+
+fn kl(x: f64) -> String {
+    format!("{x:.2e}")
+}
+
+fn percent(share: f64) -> String {
+    format!("{:.2}%", share * 100.0)
+}
+
+/// `kv-quality.md`: the conditions, one row per comparison, the target and its verdict.
+pub(super) fn report(machine: &Machine, text: &Path, ours: &Sides, peer: &Peer) -> String {
+    let mut s = String::from("# KV cache precision and quality\n\n");
+    let info = |map: &BTreeMap<String, String>, key: &str| {
+        map.get(key).cloned().unwrap_or_else(|| "?".into())
+    };
+    let _ = writeln!(
+        s,
+        "{}; {}, {} logical CPUs; engine kernels: {}, {} threads; load average before {}, \
+         after {}.\n",
+        machine.date,
+        machine.cpu,
+        machine.cpus,
+        info(&ours.info, "isa"),
+        machine.threads,
+        machine.load_before,
+        machine.load_after,
+    );
+    let _ = writeln!(
+        s,
+        "llama.cpp: {}; {}; flags {}.\n",
+        info(&peer.info, "version"),
+        info(&peer.info, "system"),
+        info(&peer.info, "flags"),
+    );
+    let cuts = ours
+        .q8_0
+        .cuts
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(
+        s,
+        "Held-out text: the first {} tokens of {}. Each row runs them with the KV cache stored \
+         at a lower precision and at a baseline one, and compares the next-token distributions \
+         at every position: KL(baseline || lower) in nats, mean and max over positions; top-1 \
+         agreement = share of positions whose most likely token is the same. Greedy: at each \
+         cut c ({cuts} tokens) the baseline decodes {CONTINUATION} tokens greedily after the \
+         first c tokens, uninterrupted, and the lower precision does the same from its cache \
+         saved and loaded back; agreement = share of those tokens equal position by position, \
+         first difference = per cut, the index of the first that differs ({CONTINUATION} = \
+         none). llama.cpp's baseline is its default f16 cache.\n",
+        ours.q8_0.tokens,
+        text.display(),
+    );
+    let _ = writeln!(
+        s,
+        "| KV cache | mean KL | max KL | top-1 agreement | greedy agreement | first difference per cut |\n\
+         |---|---:|---:|---:|---:|---|"
+    );
+    for (label, q) in [
+        ("agentkv f16 vs f32", &ours.f16),
+        ("agentkv q8_0 vs f32", &ours.q8_0),
+        ("llama.cpp q8_0 vs f16", &peer.q8_0),
+    ] {
+        let firsts = q
+            .greedy_first_diff
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {} | {} | {firsts} |",
+            kl(q.mean_kl),
+            kl(q.max_kl),
+            percent(q.top1_agree),
+            percent(q.greedy_agree),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nTarget: agentkv q8_0's mean KL and top-1 disagreement against f32 are no worse than \
+         llama.cpp's q8_0 against its f16: {}.",
+        verdict(&ours.q8_0, &peer.q8_0)
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KVQ_F16: &str = r#"{"kv":"f16","baseline":"f32","tokens":4096,"mean_kl":1.5e-6,"max_kl":0.0003,"top1_agree":0.9995,"greedy_agree":1.0,"greedy_first_diff":[64,64,64,64],"cuts":[1024,2048,3072,4096]}"#;
+    const KVQ_Q8: &str = r#"{"kv":"q8_0","baseline":"f32","tokens":4096,"mean_kl":0.0021,"max_kl":0.05,"top1_agree":0.97,"greedy_agree":0.75,"greedy_first_diff":[12,64,30,64],"cuts":[1024,2048,3072,4096]}"#;
+    /// As Python's json.dumps prints it.
+    const PEERQ: &str = r#"{"kv": "q8_0", "baseline": "f16", "tokens": 4096, "mean_kl": 0.004446120946368542, "max_kl": 0.10244017523224307, "top1_agree": 0.95458984375, "greedy_agree": 0.640625, "greedy_first_diff": [8, 45, 18, 64], "cuts": [1024, 2048, 3072, 4096]}"#;
+
+    #[test]
+    fn kvq_and_peerq_lines_parse() {
+        let out = format!("INFO isa: avx2\nnoise\nKVQ {KVQ_F16}\nKVQ {KVQ_Q8}\nINFO threads: 2\n");
+        let found = qualities(&out, "KVQ ", "the example").expect("two lines");
+        assert_eq!(found.len(), 2);
+        let q8 = pick(&found, "q8_0", "f32", "the example").expect("q8_0 line");
+        assert_eq!(q8.tokens, 4096);
+        assert_eq!(q8.mean_kl, 0.0021);
+        assert_eq!(q8.max_kl, 0.05);
+        assert_eq!(q8.top1_agree, 0.97);
+        assert_eq!(q8.greedy_agree, 0.75);
+        assert_eq!(q8.greedy_first_diff, [12, 64, 30, 64]);
+        assert_eq!(q8.cuts, [1024, 2048, 3072, 4096]);
+        assert_eq!(
+            pick(&found, "f16", "f32", "the example")
+                .expect("f16 line")
+                .mean_kl,
+            1.5e-6
+        );
+        let err = pick(&found, "q8_0", "f16", "the example").expect_err("no such line");
+        assert!(format!("{err:#}").contains("no line for q8_0 against f16"));
+
+        let peer = qualities(&format!("PEERQ {PEERQ}\n"), "PEERQ ", "the peer").expect("one");
+        assert_eq!(peer[0].kv, "q8_0");
+        assert_eq!(peer[0].baseline, "f16");
+        assert_eq!(peer[0].top1_agree, 0.95458984375);
+        assert_eq!(peer[0].greedy_first_diff, [8, 45, 18, 64]);
+    }
+
+    #[test]
+    fn bad_lines_are_errors_naming_what_is_wrong() {
+        let err = qualities("INFO isa: avx2\n", "KVQ ", "the example").expect_err("none");
+        assert!(
+            format!("{err:#}").contains("printed no \"KVQ \" line"),
+            "{err:#}"
+        );
+        let bad = |json: &str, says: &str| {
+            let err = parse_quality(json).expect_err(json);
+            assert!(format!("{err:#}").contains(says), "{json}: {err:#}");
+        };
+        bad("[1]", "\"kv\"");
+        bad("{\"kv\":", "not a JSON object");
+        bad(&KVQ_Q8.replace("\"mean_kl\":0.0021,", ""), "no \"mean_kl\"");
+        bad(&KVQ_Q8.replace("\"q8_0\"", "8"), "\"kv\" is not a string");
+        bad(
+            &KVQ_Q8.replace("0.0021", "\"0.0021\""),
+            "\"mean_kl\" is not a number",
+        );
+        bad(&KVQ_Q8.replace("0.97", "1.5"), "not a share");
+        bad(
+            &KVQ_Q8.replace("[12,64,30,64]", "[12,64.5,30,64]"),
+            "not an array of counts",
+        );
+        bad(
+            &KVQ_Q8.replace("[12,64,30,64]", "[12,64,30]"),
+            "3 first differences for 4 cuts",
+        );
+        bad(
+            &KVQ_Q8.replace("4096,\"mean", "-1,\"mean"),
+            "\"tokens\" is not a count",
+        );
+    }
+
+    fn with(json: &str, mean_kl: f64, top1: f64) -> Quality {
+        Quality {
+            mean_kl,
+            top1_agree: top1,
+            ..parse_quality(json).expect("valid")
+        }
+    }
+
+    #[test]
+    fn verdict_compares_mean_kl_and_top1_disagreement() {
+        let peer = with(PEERQ, 0.004, 0.95);
+        assert_eq!(
+            verdict(&with(KVQ_Q8, 0.002, 0.97), &peer),
+            "holds (mean KL 2.00e-3 <= 4.00e-3, top-1 disagreement 3.00% <= 5.00%)"
+        );
+        // Equal is no worse.
+        assert!(verdict(&with(KVQ_Q8, 0.004, 0.95), &peer).starts_with("holds"));
+        assert_eq!(
+            verdict(&with(KVQ_Q8, 0.005, 0.97), &peer),
+            "does not hold (mean KL 5.00e-3 > 4.00e-3, top-1 disagreement 3.00% <= 5.00%)"
+        );
+        assert_eq!(
+            verdict(&with(KVQ_Q8, 0.002, 0.94), &peer),
+            "does not hold (mean KL 2.00e-3 <= 4.00e-3, top-1 disagreement 6.00% > 5.00%)"
+        );
+        let mut other = with(KVQ_Q8, 0.001, 1.0);
+        other.cuts = vec![512, 1024, 1536, 2048];
+        other.tokens = 2048;
+        assert!(
+            verdict(&other, &peer).starts_with("not comparable: agentkv measured 2048 tokens"),
+            "{}",
+            verdict(&other, &peer)
+        );
+    }
+
+    #[test]
+    fn report_has_machine_rows_and_verdict() {
+        let machine = Machine {
+            cpu: "AMD EPYC".into(),
+            cpus: 2,
+            threads: 2,
+            load_before: "0.10 0.20 0.30".into(),
+            load_after: "1.00 0.50 0.40".into(),
+            date: "2026-12-02 03:04 UTC".into(),
+        };
+        let info = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let ours = Sides {
+            f16: parse_quality(KVQ_F16).expect("valid"),
+            q8_0: parse_quality(KVQ_Q8).expect("valid"),
+            info: info(&[("isa", "avx2")]),
+        };
+        let peer = Peer {
+            q8_0: parse_quality(PEERQ).expect("valid"),
+            info: info(&[
+                ("version", "llama-cpp-python 0.3.36"),
+                ("flags", "flash_attn=on"),
+            ]),
+        };
+        let r = report(&machine, Path::new("/texts/GPL-3"), &ours, &peer);
+        assert!(
+            r.contains(
+                "2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; engine kernels: avx2, 2 threads"
+            ),
+            "{r}"
+        );
+        assert!(r.contains("llama.cpp: llama-cpp-python 0.3.36; ?; flags flash_attn=on."));
+        assert!(r.contains("the first 4096 tokens of /texts/GPL-3"));
+        assert!(r.contains("cut c (1024, 2048, 3072, 4096 tokens)"));
+        assert!(
+            r.contains(
+                "| agentkv f16 vs f32 | 1.50e-6 | 3.00e-4 | 99.95% | 100.00% | 64, 64, 64, 64 |"
+            ),
+            "{r}"
+        );
+        assert!(r.contains(
+            "| agentkv q8_0 vs f32 | 2.10e-3 | 5.00e-2 | 97.00% | 75.00% | 12, 64, 30, 64 |"
+        ));
+        assert!(r.contains(
+            "| llama.cpp q8_0 vs f16 | 4.45e-3 | 1.02e-1 | 95.46% | 64.06% | 8, 45, 18, 64 |"
+        ));
+        assert!(r.contains(
+            "against its f16: holds (mean KL 2.10e-3 <= 4.45e-3, top-1 disagreement 3.00% <= 4.54%)."
+        ));
+    }
+
+    #[test]
+    fn a_missing_text_says_what_to_pass() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = check_text(&dir.path().join("nope.txt")).expect_err("missing");
+        assert!(format!("{err:#}").contains("--text PATH"), "{err:#}");
+        // A directory is not a text either.
+        assert!(check_text(dir.path()).is_err());
+        let file = dir.path().join("text.txt");
+        std::fs::write(&file, "some text").expect("write");
+        check_text(&file).expect("a file");
+    }
+}
