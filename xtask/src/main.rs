@@ -54,7 +54,9 @@ commands:
                 to first token resumed from the saved cache (page cache warm and cold) vs
                 re-prefilling 256/1K/2K/4K-token histories, with a chart. Writes
                 target/bench/report.md, engine.md and resume.png; `--only resume` runs one
-                part (`cargo xtask bench --help` for the flags)
+                part (`cargo xtask bench --help` for the flags); `--only kv-quality` (never
+                by default) measures what f16 and q8_0 KV caches cost in quality against
+                f32, beside llama.cpp's q8_0 against its f16
   demo          fetch the model; `agentkv demo --session 1` (three agents answer and are
                 saved), then `--session 2` in a new process (they resume; resume TTFT is
                 measured against re-prefilling the same history)
