@@ -45,8 +45,8 @@ impl Scratch {
 }
 
 /// Rows `j0..j1` of `rows` as f32: the cache's own slice when it holds f32, else converted
-/// into `buf` (exactly, as [`KvRows::to_f32`] defines it: F16C at the x86 levels for f16,
-/// the same bits).
+/// into `buf` (exactly, as [`KvRows::to_f32`] defines it; at the x86 levels, F16C for f16 and
+/// AVX2 widening for `q8_0`: the same bits).
 #[inline(always)]
 fn rows_f32<'b>(isa: Isa, rows: KvRows<'b>, j0: usize, j1: usize, buf: &'b mut [f32]) -> &'b [f32] {
     let d = rows.width();
@@ -55,9 +55,19 @@ fn rows_f32<'b>(isa: Isa, rows: KvRows<'b>, j0: usize, j1: usize, buf: &'b mut [
     }
     let out = &mut buf[..(j1 - j0) * d];
     #[cfg(target_arch = "x86_64")]
-    if let (true, KvDtype::F16, Some(halves)) = (isa.is_simd(), rows.dtype(), rows.as_u16()) {
-        x86::f16_to_f32(isa, &halves[j0 * d..j1 * d], out);
-        return out;
+    if isa.is_simd() {
+        match (rows.dtype(), rows.as_u16()) {
+            (KvDtype::F16, Some(halves)) => {
+                x86::f16_to_f32(isa, &halves[j0 * d..j1 * d], out);
+                return out;
+            }
+            (KvDtype::Q8_0, _) => {
+                let rb = rows.bytes().len() / rows.len().max(1);
+                x86::q8_0_to_f32(isa, &rows.bytes()[j0 * rb..j1 * rb], out);
+                return out;
+            }
+            _ => {}
+        }
     }
     rows.to_f32(j0..j1, out);
     out

@@ -509,3 +509,37 @@ fn f16_rows_widen_to_the_same_bits_at_every_level() {
         let _ = isa;
     });
 }
+
+#[test]
+fn q8_0_rows_widen_to_the_same_bits_at_every_level() {
+    // Blocks with every scale sign and size and every quant byte, through the cache's own
+    // writer and reader.
+    let shape = KvShape {
+        n_layers: 1,
+        n_kv_heads: 1,
+        head_dim: 64,
+    };
+    let n = 40;
+    let mut cache = KvCache::new(shape, KvDtype::Q8_0);
+    cache.reserve(n);
+    let rows: Vec<f32> = values(n * 64, 71)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * (1 << (i % 23)) as f32 * 1e-3)
+        .collect();
+    cache.write_rows(0, 0, &rows, &rows);
+    cache.push_tokens(&vec![0; n]);
+    let k = cache.k_head(0, 0, 0..n);
+    let mut want = vec![0.0f32; n * 64];
+    k.to_f32(0..n, &mut want);
+    for_each_isa(|isa| {
+        #[cfg(target_arch = "x86_64")]
+        if isa.is_simd() {
+            let mut got = vec![0.0f32; n * 64];
+            super::x86::q8_0_to_f32(isa, k.bytes(), &mut got);
+            assert_eq!(bits(&got), bits(&want), "{isa:?}");
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = isa;
+    });
+}

@@ -37,3 +37,41 @@ unsafe fn widen(src: &[u16], dst: &mut [f32]) {
         *d = kv_extract::f16_to_f32(h);
     }
 }
+
+/// `q8_0` blocks (34 bytes: an f16 scale, 32 signed bytes) as f32, exactly as
+/// [`kv_extract::dequantize_q8_0`] defines them (`d * q`, exact in f32), eight values per step.
+///
+/// # Panics
+/// If `isa` is the portable level or `dst` does not hold 32 values per block of `src`.
+pub(crate) fn q8_0_to_f32(isa: Isa, src: &[u8], dst: &mut [f32]) {
+    assert!(
+        isa.level() != Level::Portable,
+        "x86::q8_0_to_f32 needs AVX2 and F16C, which the portable level does not promise"
+    );
+    assert!(
+        src.len().is_multiple_of(34) && dst.len() == src.len() / 34 * 32,
+        "q8_0_to_f32 lengths"
+    );
+    // SAFETY: an `Isa` above the portable level exists only when the CPU has AVX2, FMA and
+    // F16C (see `Isa::available`); `dst` holds 32 values per 34-byte block of `src` (checked).
+    unsafe { widen_q8_0(src, dst) }
+}
+
+/// # Safety
+/// The CPU has AVX2 and F16C; `src` is whole 34-byte blocks and `dst` 32 values per block.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_q8_0(src: &[u8], dst: &mut [f32]) {
+    for (block, out) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
+        let bits = i16::from_le_bytes([block[0], block[1]]);
+        // SAFETY: each step reads bytes 2 + 8i .. 10 + 8i < 34 of the block and writes values
+        // 8i .. 8i + 8 <= 32 of `out`; unaligned loads and stores.
+        unsafe {
+            let d = _mm256_cvtph_ps(_mm_set1_epi16(bits));
+            for i in 0..4 {
+                let q = _mm_loadl_epi64(block.as_ptr().add(2 + 8 * i).cast());
+                let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), _mm256_mul_ps(d, v));
+            }
+        }
+    }
+}

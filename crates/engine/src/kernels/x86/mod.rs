@@ -26,7 +26,7 @@ mod gram;
 mod panel;
 mod pv;
 
-pub(crate) use convert::f16_to_f32;
+pub(crate) use convert::{f16_to_f32, q8_0_to_f32};
 pub(crate) use dequant::{dequantize_rows, gemv};
 pub(crate) use gram::gram;
 pub(crate) use panel::panel;
