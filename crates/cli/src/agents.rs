@@ -86,6 +86,7 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
                     "type",
                     "turns",
                     "cached tok",
+                    "kv",
                     "on disk",
                     "last use",
                 ],
@@ -96,6 +97,7 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
                     table.row(vec![
                         a.id,
                         format!("damaged: {}", a.damage.unwrap_or_default()),
+                        "-".into(),
                         "-".into(),
                         "-".into(),
                         "-".into(),
@@ -111,6 +113,9 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
                     Err(_) => ("damaged".to_owned(), info.created_unix_ms),
                 };
                 let manifest = pool.store().manifest(&a.id).ok().flatten();
+                let (tokens, dtype) = manifest.map_or(("-".to_owned(), "-".to_owned()), |m| {
+                    (m.n_tokens.to_string(), m.meta.dtype.to_string())
+                });
                 let transcript_bytes =
                     std::fs::metadata(root.join("agents").join(&a.id).join("transcript.jsonl"))
                         .map_or(0, |m| m.len());
@@ -119,7 +124,8 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
                     a.id,
                     info.agent_type,
                     turns,
-                    manifest.map_or("-".to_owned(), |m| m.n_tokens.to_string()),
+                    tokens,
+                    dtype,
                     ui::bytes(cache_bytes + transcript_bytes),
                     ui::ago(last),
                 ]);

@@ -259,6 +259,38 @@ fn agents_subcommands_and_bad_input() {
         list.contains("last use") && list.contains("on disk"),
         "{list}"
     );
+    assert!(list.contains("f16") && !list.contains("q8_0"), "{list}");
+
+    // Another KV dtype: beta's f16 cache is computed again in q8_0, with a note, and saved
+    // in it; an unknown dtype is refused before anything runs.
+    let out = agentkv(
+        home.path(),
+        m,
+        &[
+            "--kv-dtype",
+            "q8_0",
+            "run",
+            "--agent",
+            "beta",
+            "--max-tokens",
+            "4",
+            "More.",
+        ],
+    );
+    let note = stderr(&out);
+    ok(out);
+    assert!(
+        note.contains("rebuilt") && note.contains("kv dtype"),
+        "{note}"
+    );
+    let list = ok(agentkv(home.path(), m, &["agents", "list"]));
+    assert!(list.contains("q8_0") && list.contains("f16"), "{list}");
+    let err = fails(agentkv(
+        home.path(),
+        m,
+        &["--kv-dtype", "q4", "agents", "list"],
+    ));
+    assert!(err.contains("q4") && err.contains("q8_0"), "{err}");
 
     let show = ok(agentkv(home.path(), m, &["agents", "show", "alpha"]));
     assert!(
