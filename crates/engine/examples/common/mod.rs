@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 
 /// `--model PATH` if given, else the model `cargo xtask fetch-model` installs.
+#[allow(dead_code)] // not every example takes a model
 pub fn model_path(arg: Option<PathBuf>) -> Result<PathBuf> {
     let path = match arg {
         Some(p) => p,
