@@ -4,8 +4,8 @@
 //! - Tokens: `<|im_start|>` is 1, `<|im_end|>` is 2, every byte `b` of text is `3 + b`; the
 //!   "template" is ChatML, so a conversation's tokens start with its system message's.
 //! - K/V: the value of every element at position `p` is a hash of (model, tokens `0..=p`,
-//!   layer, K or V, element), a multiple of 1/8 below 8 in magnitude, so f16 and bf16 store
-//!   it exactly and a cache that went through disk in any dtype is bit-identical.
+//!   layer, K or V, element), a multiple of 1/8 below 8 in magnitude (f16 and bf16 store it
+//!   exactly, `q8_0` quantizes it; the oracle compares with what the cache's dtype stores).
 //! - A reply is a function of the whole prompt: its length and letters come from its hash.
 //! - Oracle: before using a cache, `sync` and `generate` recompute every reused position and
 //!   **panic** if one differs: a pool that hands over K/V that do not belong to the cache's
