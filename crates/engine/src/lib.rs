@@ -18,6 +18,8 @@ pub use chat::{ChatTemplate, Message, Role, TemplateError};
 pub use error::{BoxError, EngineError, Result};
 pub use gguf::meta::MetadataError;
 pub use kernels::Isa;
+/// The element type a [`kv_extract::KvCache`] holds K and V in (from kv-store).
+pub use kv_store::KvDtype;
 pub use model::{LlamaConfig, Logits, Model, PREFILL_CHUNK};
 pub use runtime::{
     DEFAULT_MODEL_FILE, Engine, GenerateOptions, Generation, StopReason, agentkv_home,
