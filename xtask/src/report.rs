@@ -22,6 +22,21 @@ pub struct Machine {
     pub date: String,
 }
 
+#[cfg(test)]
+impl Machine {
+    /// The machine the report tests describe.
+    pub(crate) fn example() -> Machine {
+        Machine {
+            cpu: "AMD EPYC".into(),
+            cpus: 2,
+            threads: 2,
+            load_before: "0.10 0.20 0.30".into(),
+            load_after: "1.00 0.50 0.40".into(),
+            date: "2026-12-02 03:04 UTC".into(),
+        }
+    }
+}
+
 impl Machine {
     /// The current machine, `threads` engine threads, the given load averages, now.
     pub fn current(threads: usize, load_before: String, load_after: String) -> Machine {
@@ -324,14 +339,7 @@ mod tests {
 
     #[test]
     fn report_has_machine_table_chart_and_notes() {
-        let machine = Machine {
-            cpu: "AMD EPYC".into(),
-            cpus: 2,
-            threads: 2,
-            load_before: "0.10 0.20 0.30".into(),
-            load_after: "1.00 0.50 0.40".into(),
-            date: "2025-01-02 03:04 UTC".into(),
-        };
+        let machine = Machine::example();
         let rows = rows();
         let r = report(
             &machine,
@@ -342,7 +350,7 @@ mod tests {
                 "# KV cache precision and quality\n\ny\n",
             ],
         );
-        assert!(r.contains("2025-01-02 03:04 UTC; AMD EPYC, 2 logical CPUs; engine threads 2"));
+        assert!(r.contains("2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; engine threads 2"));
         assert!(r.contains("before 0.10 0.20 0.30, after 1.00 0.50 0.40"));
         assert!(r.contains("| 256 | 3000.0 |"));
         assert!(r.contains("![TTFT against history length](resume.png)"));

@@ -16,6 +16,8 @@
 
 mod common;
 
+use common::argmax;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -177,14 +179,4 @@ fn run() -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    logits
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
-            if l > best.1 { (i, l) } else { best }
-        })
-        .0 as u32
 }

@@ -25,6 +25,8 @@
 
 mod common;
 
+use common::argmax;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -247,14 +249,4 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let sum: f64 = logits.iter().map(|&x| (f64::from(x) - max).exp()).sum();
     let log_z = max + sum.ln();
     logits.iter().map(|&x| f64::from(x) - log_z).collect()
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    logits
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
-            if x > best.1 { (i, x) } else { best }
-        })
-        .0 as u32
 }

@@ -405,14 +405,7 @@ mod tests {
     }
 
     fn machine() -> Machine {
-        Machine {
-            cpu: "AMD EPYC 7B13".into(),
-            cpus: 2,
-            threads: 2,
-            load_before: "0.10 0.20 0.30".into(),
-            load_after: "1.90 1.00 0.50".into(),
-            date: "2026-12-02 03:00 UTC".into(),
-        }
+        Machine::example()
     }
 
     #[test]
@@ -506,7 +499,7 @@ mod tests {
     fn report_keeps_llama_cpps_better_setting_and_marks_what_is_unsettled() {
         let text = report(&machine(), &runs(), true);
         assert!(
-            text.contains("2026-12-02 03:00 UTC; AMD EPYC 7B13, 2 logical CPUs; engine kernels: avx2, 2 threads, 94.0 MiB of weights; load average before 0.10 0.20 0.30, after 1.90 1.00 0.50."),
+            text.contains("2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; engine kernels: avx2, 2 threads, 94.0 MiB of weights; load average before 0.10 0.20 0.30, after 1.00 0.50 0.40."),
             "{text}"
         );
         assert!(text.contains(

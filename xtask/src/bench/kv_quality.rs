@@ -449,14 +449,7 @@ mod tests {
 
     #[test]
     fn report_has_machine_rows_and_verdict() {
-        let machine = Machine {
-            cpu: "AMD EPYC".into(),
-            cpus: 2,
-            threads: 2,
-            load_before: "0.10 0.20 0.30".into(),
-            load_after: "1.00 0.50 0.40".into(),
-            date: "2026-12-02 03:04 UTC".into(),
-        };
+        let machine = Machine::example();
         let info = |pairs: &[(&str, &str)]| {
             pairs
                 .iter()

@@ -43,3 +43,15 @@ pub fn parse_kv_dtype(name: &str) -> Result<kv_store::KvDtype, String> {
         _ => Err(format!("{name:?} is not a KV dtype: use f32, f16 or q8_0")),
     }
 }
+
+/// The index of the largest logit (the first of equals): the greedy token.
+#[allow(dead_code)] // not every example samples
+pub fn argmax(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+            if l > best.1 { (i, l) } else { best }
+        })
+        .0 as u32
+}
