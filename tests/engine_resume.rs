@@ -215,3 +215,27 @@ fn cache_from_another_model_is_refused() {
         "{text}"
     );
 }
+
+#[test]
+fn a_rounded_cache_from_before_caches_were_held_in_their_dtype_is_refused() {
+    let Some(engine) = real_engine() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    // f32 caches are computed as they always were: their key is unchanged.
+    assert!(engine.cache_meta(KvDtype::F32).model.extra.is_empty());
+    // An f16 cache saved under the key an f32-in-memory engine gave it (no `extra`).
+    let mut older = engine.cache_meta(KvDtype::F16);
+    assert!(!older.model.extra.is_empty());
+    older.model.extra.clear();
+    let mut cache = engine.new_cache(KvDtype::F16).expect("cache");
+    engine.sync(&mut cache, &[1, 2, 3, 4]).expect("prefill");
+    cache.save(&store, "old", &older).expect("save");
+    let err = KvCache::load(
+        &store,
+        "old",
+        &engine.cache_meta(KvDtype::F16),
+        engine.model().kv_shape(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("model parameters"), "{err}");
+}

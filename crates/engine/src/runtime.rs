@@ -111,6 +111,12 @@ pub struct Engine {
     path: PathBuf,
 }
 
+/// The `extra` fingerprint key saying how attention read a cache's history when its K/V
+/// were computed; see [`Engine::cache_meta`].
+const KV_HISTORY_KEY: &str = "kv_history";
+/// Its value: the history was read in the cache's own dtype.
+const KV_HISTORY_STORED: &str = "read in the stored dtype";
+
 impl Engine {
     /// Loads the model, tokenizer and chat template from a GGUF file.
     pub fn load(path: &Path) -> Result<Engine> {
@@ -157,9 +163,20 @@ impl Engine {
         self.model.new_cache(dtype)
     }
 
-    /// The compatibility key of caches this engine makes, stored as `dtype`.
+    /// The compatibility key of caches this engine makes, held and stored as `dtype`.
+    ///
+    /// For a dtype other than f32 it names, in `extra`, that attention reads the history in
+    /// that dtype (`"kv_history": "read in the stored dtype"`): the K/V of a position are then computed from the
+    /// rounded K/V before it, so they differ from those of an engine that held the cache in
+    /// f32 and rounded it only on saving, whose caches carried the same dtype name. Such an
+    /// older cache is refused as another model's parameters (and rebuilt by the pool), not
+    /// continued into a conversation that no uninterrupted session would give.
     pub fn cache_meta(&self, dtype: KvDtype) -> CacheMeta {
         let c = self.model.config();
+        let mut extra = std::collections::BTreeMap::new();
+        if dtype != KvDtype::F32 {
+            extra.insert(KV_HISTORY_KEY.to_owned(), KV_HISTORY_STORED.to_owned());
+        }
         CacheMeta {
             model: kv_store::ModelFingerprint {
                 // LlamaConfig::from_gguf accepts nothing else.
@@ -171,7 +188,7 @@ impl Engine {
                 rope_theta: f64::from(c.rope_base),
                 rope_dim: c.rope_dim as u32,
                 weights_hash: self.model.weights_hash().to_owned(),
-                extra: Default::default(),
+                extra,
             },
             tokenizer: self.tokenizer.fingerprint().to_owned(),
             chat_template: self.template.fingerprint().to_owned(),

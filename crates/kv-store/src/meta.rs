@@ -194,6 +194,10 @@ impl CacheMeta {
                 f.rope_theta.to_string(),
             ),
             ("rope dim", e.rope_dim.to_string(), f.rope_dim.to_string()),
+            // Before the parameters, which an engine may derive from the dtype (agentkv's
+            // records how attention read the history): a cache of another dtype is named
+            // as that.
+            ("kv dtype", self.dtype.to_string(), found.dtype.to_string()),
             (
                 "model parameters",
                 format!("{:?}", e.extra),
@@ -210,7 +214,6 @@ impl CacheMeta {
                 self.chat_template.clone(),
                 found.chat_template.clone(),
             ),
-            ("kv dtype", self.dtype.to_string(), found.dtype.to_string()),
         ];
         fields.into_iter().find(|(_, a, b)| a != b)
     }
@@ -336,6 +339,15 @@ pub(crate) mod tests {
         assert_eq!(
             a.first_difference(&b),
             Some(("model weights", a.model.weights_hash.clone(), "w2".into()))
+        );
+        // Another dtype whose engine also records something of it in `extra`: named as the
+        // dtype.
+        let mut c = a.clone();
+        c.dtype = KvDtype::F32;
+        c.model.extra.insert("kv_history".into(), "x".into());
+        assert_eq!(
+            a.first_difference(&c),
+            Some(("kv dtype", "f16".into(), "f32".into()))
         );
     }
 }
