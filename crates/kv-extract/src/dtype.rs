@@ -4,8 +4,8 @@
 //! Writing rounds (f16, bf16: to nearest, ties to even) or quantizes (`q8_0`, below); reading
 //! is exact: every stored value is an f32 value, and [`KvRows::to_f32`] gives it bit for bit.
 //! So attention over a cache in any dtype is attention over f32 rows, which is what lets the
-//! engine read them in place, converting in registers, and still compute the same bits at
-//! every instruction-set level.
+//! engine read them in place, widening a few rows at a time, and still compute the same bits
+//! at every instruction-set level.
 
 use std::ops::Range;
 
@@ -47,7 +47,12 @@ impl<'a> KvRows<'a> {
 
     /// Number of rows.
     pub fn len(&self) -> usize {
-        self.bytes.len() / row_bytes(self.dtype, self.width)
+        self.bytes.len() / self.row_bytes()
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        row_bytes(self.dtype, self.width)
     }
 
     /// True when there is no row.
@@ -87,7 +92,7 @@ impl<'a> KvRows<'a> {
     pub fn to_f32(&self, rows: Range<usize>, out: &mut [f32]) {
         let w = self.width;
         assert_eq!(out.len(), rows.len() * w, "output of another length");
-        let rb = row_bytes(self.dtype, w);
+        let rb = self.row_bytes();
         let src = &self.bytes[rows.start * rb..rows.end * rb];
         match self.dtype {
             KvDtype::F32 => out.copy_from_slice(bytemuck::cast_slice(src)),

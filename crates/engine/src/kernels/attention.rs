@@ -62,7 +62,7 @@ fn rows_f32<'b>(isa: Isa, rows: KvRows<'b>, j0: usize, j1: usize, buf: &'b mut [
                 return out;
             }
             (KvDtype::Q8_0, _) => {
-                let rb = rows.bytes().len() / rows.len().max(1);
+                let rb = rows.row_bytes();
                 x86::q8_0_to_f32(isa, &rows.bytes()[j0 * rb..j1 * rb], out);
                 return out;
             }
