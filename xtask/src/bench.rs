@@ -406,28 +406,16 @@ fn rows(stdout: &str, prefix: &str) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// `{"a": 1, "b": 2.5}` → map. Only what the speed and resume benches print: one flat object
-/// whose values are numbers (kv-quality's lines, with strings and arrays, go through
-/// serde_json).
+/// `{"a": 1, "b": 2.5, "c": "x"}` → `{a: 1, b: 2.5}`: the figures of one flat JSON object.
+/// Values that are not numbers (a label such as the KV dtype) are not figures and are left
+/// out; the benches print what they ran with on `INFO` lines.
 fn parse_flat_json(s: &str) -> Result<Row> {
-    let body = s
-        .trim()
-        .strip_prefix('{')
-        .and_then(|s| s.strip_suffix('}'))
-        .with_context(|| format!("not a JSON object: {s}"))?;
-    body.split(',')
-        .filter(|kv| !kv.trim().is_empty())
-        .map(|kv| {
-            let (k, v) = kv
-                .split_once(':')
-                .with_context(|| format!("no ':' in {kv:?}"))?;
-            let v: f64 = v
-                .trim()
-                .parse()
-                .with_context(|| format!("{kv:?} is not a number"))?;
-            Ok((k.trim().trim_matches('"').to_owned(), v))
-        })
-        .collect()
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(s.trim()).with_context(|| format!("not a JSON object: {s}"))?;
+    Ok(object
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+        .collect())
 }
 
 #[cfg(test)]
@@ -442,7 +430,11 @@ mod tests {
         assert_eq!(r["prefill_tok_s"], 301.5);
         assert_eq!(r["x"], 1000.0);
         assert!(parse_flat_json("[1]").is_err());
-        assert!(parse_flat_json(r#"{"a": "b"}"#).is_err());
+        assert!(parse_flat_json("{\"a\": 1").is_err());
+        let labelled =
+            parse_flat_json(r#"{"kv_dtype": "f16", "decode_tok_s": 60}"#).expect("valid");
+        assert_eq!(labelled.len(), 1);
+        assert_eq!(labelled["decode_tok_s"], 60.0);
         let out = "noise\nINFO isa: avx2\nENGINE {\"history\":1}\nINFO flags: a=1 b: 2\n";
         let rs = rows(out, "ENGINE ").expect("one row");
         assert_eq!(rs.len(), 1);

@@ -172,7 +172,6 @@ fn run() -> Result<()> {
                 "resume_fresh_ttft_ms": ms(resume_fresh),
                 "reprefill_ttft_ms": ms(reprefill),
                 "weight_bytes": model.weight_bytes(),
-                "kv_dtype": args.kv_dtype.name(),
                 "kv_bytes_per_token": kv_bytes_per_token,
                 "threads": rayon::current_num_threads(),
             })

@@ -284,13 +284,14 @@ pub(super) fn report(machine: &Machine, runs: &Runs, peer: bool) -> String {
         .map_or(f64::NAN, |b| b / (1 << 20) as f64);
     let _ = writeln!(
         s,
-        "{}; {}, {} logical CPUs; engine kernels: {}, {} threads, {weights:.1} MiB of weights; \
-         load average before {}, after {}.\n",
+        "{}; {}, {} logical CPUs; engine kernels: {}, {} threads, {weights:.1} MiB of weights, \
+         KV cache in {}; load average before {}, after {}.\n",
         machine.date,
         machine.cpu,
         machine.cpus,
         info(&runs.ours, "isa"),
         machine.threads,
+        info(&runs.ours, "kv dtype"),
         machine.load_before,
         machine.load_after,
     );
@@ -482,7 +483,7 @@ mod tests {
                 .collect()
         };
         Runs {
-            ours: side(to_runs(&ours), &[("isa", "avx2")]),
+            ours: side(to_runs(&ours), &[("isa", "avx2"), ("kv dtype", "f16")]),
             peer_off: side(
                 to_runs(&off),
                 &[
@@ -499,7 +500,7 @@ mod tests {
     fn report_keeps_llama_cpps_better_setting_and_marks_what_is_unsettled() {
         let text = report(&machine(), &runs(), true);
         assert!(
-            text.contains("2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; engine kernels: avx2, 2 threads, 94.0 MiB of weights; load average before 0.10 0.20 0.30, after 1.00 0.50 0.40."),
+            text.contains("2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; engine kernels: avx2, 2 threads, 94.0 MiB of weights, KV cache in f16; load average before 0.10 0.20 0.30, after 1.00 0.50 0.40."),
             "{text}"
         );
         assert!(text.contains(
