@@ -161,9 +161,10 @@ unsafe fn panel_avx2(
 
 /// [`kernel`]`::<2, 3>` for rows `x0`, `x1` against the three rows of `w` (`k` apart), in
 /// assembly: the compiler's register allocation of the intrinsics spills accumulators.
-/// Twelve accumulators (`ymm0..=11`) and one `x` row's chunk (`ymm12..=13`); weight chunks
-/// are memory operands. Per lane it is the same fused multiply-add as the portable `fmadd`, so
-/// the same bits.
+/// Twelve accumulators (`ymm0..=11`), the three weight rows' half-chunks (`ymm12..=14`) and
+/// one `x` half-chunk (`ymm15`): ten loads per twelve FMAs. (Weight chunks as memory operands
+/// of every FMA took sixteen, and the loads, not the FMA pipes, were the limit.) Per lane it
+/// is the same fused multiply-add as the portable `fmadd`, so the same bits.
 ///
 /// # Safety
 /// AVX2 and FMA are available; `x0` and `x1` point to `k` values, `w` to `3 * k`,
@@ -193,22 +194,31 @@ unsafe fn kernel_2x3(x0: *const f32, x1: *const f32, w: *const f32, k: usize) ->
             "vxorps ymm10, ymm10, ymm10",
             "vxorps ymm11, ymm11, ymm11",
             "2:",
-            "vmovups ymm12, [{x0} + {off}]",
-            "vmovups ymm13, [{x0} + {off} + 32]",
-            "vfmadd231ps ymm0, ymm12, [{w0} + {off}]",
-            "vfmadd231ps ymm1, ymm13, [{w0} + {off} + 32]",
-            "vfmadd231ps ymm2, ymm12, [{w1} + {off}]",
-            "vfmadd231ps ymm3, ymm13, [{w1} + {off} + 32]",
-            "vfmadd231ps ymm4, ymm12, [{w2} + {off}]",
-            "vfmadd231ps ymm5, ymm13, [{w2} + {off} + 32]",
-            "vmovups ymm12, [{x1} + {off}]",
-            "vmovups ymm13, [{x1} + {off} + 32]",
-            "vfmadd231ps ymm6, ymm12, [{w0} + {off}]",
-            "vfmadd231ps ymm7, ymm13, [{w0} + {off} + 32]",
-            "vfmadd231ps ymm8, ymm12, [{w1} + {off}]",
-            "vfmadd231ps ymm9, ymm13, [{w1} + {off} + 32]",
-            "vfmadd231ps ymm10, ymm12, [{w2} + {off}]",
-            "vfmadd231ps ymm11, ymm13, [{w2} + {off} + 32]",
+            // Lanes 0..8 of the chunk: the three weight rows' halves in ymm12..=14, each
+            // x row's half in ymm15 in turn.
+            "vmovups ymm12, [{w0} + {off}]",
+            "vmovups ymm13, [{w1} + {off}]",
+            "vmovups ymm14, [{w2} + {off}]",
+            "vmovups ymm15, [{x0} + {off}]",
+            "vfmadd231ps ymm0, ymm15, ymm12",
+            "vfmadd231ps ymm2, ymm15, ymm13",
+            "vfmadd231ps ymm4, ymm15, ymm14",
+            "vmovups ymm15, [{x1} + {off}]",
+            "vfmadd231ps ymm6, ymm15, ymm12",
+            "vfmadd231ps ymm8, ymm15, ymm13",
+            "vfmadd231ps ymm10, ymm15, ymm14",
+            // Lanes 8..16.
+            "vmovups ymm12, [{w0} + {off} + 32]",
+            "vmovups ymm13, [{w1} + {off} + 32]",
+            "vmovups ymm14, [{w2} + {off} + 32]",
+            "vmovups ymm15, [{x0} + {off} + 32]",
+            "vfmadd231ps ymm1, ymm15, ymm12",
+            "vfmadd231ps ymm3, ymm15, ymm13",
+            "vfmadd231ps ymm5, ymm15, ymm14",
+            "vmovups ymm15, [{x1} + {off} + 32]",
+            "vfmadd231ps ymm7, ymm15, ymm12",
+            "vfmadd231ps ymm9, ymm15, ymm13",
+            "vfmadd231ps ymm11, ymm15, ymm14",
             "add {off}, 64",
             "cmp {off}, {end}",
             "jb 2b",
@@ -233,6 +243,8 @@ unsafe fn kernel_2x3(x0: *const f32, x1: *const f32, w: *const f32, k: usize) ->
             out("ymm11") a[11],
             out("ymm12") _,
             out("ymm13") _,
+            out("ymm14") _,
+            out("ymm15") _,
             options(nostack, readonly, pure),
         );
         let r = |n: usize| reduce([a[n], a[n + 1]]);
