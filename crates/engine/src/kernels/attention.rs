@@ -133,6 +133,11 @@ fn attend_portable(
     // Weighted V sums: V rows a chunk at a time, up to six queries at a time sharing each
     // row's loads. Rows and scores are indexed from the chunk's start.
     let pv6 = d == 64 && pv6_available(isa);
+    // At AVX2 one query at a time, with the x86 kernel: a 64-wide query's sums are 8
+    // registers, already enough chains to keep both FMA pipes busy, and two or four queries'
+    // do not fit in the 16 registers (the portable loop's output kept even one query's sums
+    // on the stack: a quarter of a 16-token turn after 2,048 tokens went to the V sums).
+    let one_at_a_time = d == 64 && isa.level() == Level::Avx2;
     out.fill(0.0);
     for j0 in (0..len).step_by(CHUNK) {
         let vc = rows_f32(isa, v, j0, (j0 + CHUNK).min(len), &mut rows[..]);
@@ -140,6 +145,7 @@ fn attend_portable(
         let mut i = 0;
         while i < nq {
             let group = match nq - i {
+                _ if one_at_a_time => 1,
                 r if r >= 6 && pv6 => 6,
                 r if r >= 4 => 4,
                 r => r.min(2),
@@ -305,7 +311,8 @@ fn accumulate<const D: usize, const Q: usize>(
 
 /// [`accumulate`] for the `group` queries whose outputs start `o` (`d` values each) and whose
 /// scores start `scores` (`len` apart): the 64-wide kernels for SmolLM2's heads (six queries
-/// only when [`pv6_available`]), [`accumulate_any`] for other widths.
+/// only when [`pv6_available`], one with the x86 kernel at any SIMD level), [`accumulate_any`]
+/// for other widths.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn accumulate_group(
@@ -320,6 +327,8 @@ fn accumulate_group(
 ) {
     let o = &mut o[..group * d];
     match (d, group) {
+        #[cfg(target_arch = "x86_64")]
+        (64, 1) if isa.is_simd() => x86::pv_1x64(isa, o, scores, rows, v),
         (64, 6) => accumulate6(isa, o, scores, len, rows, v),
         (64, 4) => accumulate::<64, 4>(o, scores, len, rows, v),
         (64, 2) => accumulate::<64, 2>(o, scores, len, rows, v),

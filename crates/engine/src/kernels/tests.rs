@@ -168,6 +168,33 @@ fn pv_6x64_is_the_portable_accumulation_bitwise() {
     });
 }
 
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn pv_1x64_is_the_portable_accumulation_bitwise() {
+    // One query's weights over V rows 5..83, on top of an output that already holds sums; and
+    // an empty run, which must leave the output alone.
+    let (len, rows) = (90, 5..83);
+    let scores = values(len, 81);
+    let v = values(len * 64, 82);
+    let start = values(64, 83);
+    let mut want = start.clone();
+    for j in rows.clone() {
+        for l in 0..64 {
+            want[l] = scores[j].mul_add(v[j * 64 + l], want[l]);
+        }
+    }
+    for_each_isa(|isa| {
+        if !isa.is_simd() {
+            return;
+        }
+        let mut got = start.clone();
+        super::x86::pv_1x64(isa, &mut got, &scores, rows.clone(), &v);
+        assert_eq!(bits(&got), bits(&want), "{isa:?}");
+        super::x86::pv_1x64(isa, &mut got, &scores, 7..7, &v);
+        assert_eq!(bits(&got), bits(&want), "{isa:?}: an empty run");
+    });
+}
+
 #[test]
 fn matmul_matches_reference_and_is_batch_invariant() {
     let (m, n, k) = (37, 29, 100);

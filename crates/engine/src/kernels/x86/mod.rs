@@ -4,7 +4,7 @@
 //!   (`#[target_feature]` copies of one source, so the same operations and the same bits);
 //! * hand-written kernels for where the compiler's output of the portable source is slow:
 //!   attention scores ([`gram`]), the matmul panel ([`panel`]), the weighted V sums of six
-//!   queries ([`pv_6x64`]) and quantized weights ([`dequantize_rows`], [`gemv`]): intrinsics,
+//!   queries ([`pv_6x64`]) or of one ([`pv_1x64`], AVX2) and quantized weights ([`dequantize_rows`], [`gemv`]): intrinsics,
 //!   f16 cache rows widened with F16C ([`f16_to_f32`]), and four micro-kernels in assembly (`kernel_2x3`, `kernel512_6x4`, `kernel512_1x16_k64`,
 //!   `pv512_6x64`);
 //! * a safe wrapper for each, which checks every length the unsafe code relies on and takes an
@@ -30,7 +30,7 @@ pub(crate) use convert::{f16_to_f32, q8_0_to_f32};
 pub(crate) use dequant::{dequantize_rows, gemv};
 pub(crate) use gram::gram;
 pub(crate) use panel::panel;
-pub(crate) use pv::pv_6x64;
+pub(crate) use pv::{pv_1x64, pv_6x64};
 
 /// Runs `kernel` compiled for `isa`'s extensions (the portable build for [`Isa::PORTABLE`]).
 pub(crate) fn recompiled<K: Recompile>(isa: Isa, kernel: K) -> K::Output {

@@ -193,3 +193,95 @@ unsafe fn pv512_6x64(o: *mut f32, p: *const f32, stride: usize, v: *const f32, n
         );
     }
 }
+
+/// For one query (output `o[..64]`, weights `scores`), `o = fma(scores[j], v[j], o)` for the
+/// V rows `j` in `rows`, in order: [`pv_6x64`] for a lone query, at AVX2 (or above).
+///
+/// # Panics
+/// If `isa` is the portable level or a length is short.
+pub(crate) fn pv_1x64(isa: Isa, o: &mut [f32], scores: &[f32], rows: Range<usize>, v: &[f32]) {
+    assert!(isa.is_simd(), "x86::pv_1x64 needs AVX2");
+    assert!(o.len() == 64 && rows.start <= rows.end, "pv_1x64 rows");
+    assert!(
+        scores.len() >= rows.end && v.len() >= rows.end * 64,
+        "pv_1x64 bounds"
+    );
+    // SAFETY: the CPU has AVX2 and FMA (every level above the portable one does); `o` has 64
+    // values, and the weights scores[j] and V rows j * 64.. for j in `rows` are in bounds
+    // (checked above).
+    unsafe {
+        pv256_1x64(
+            o.as_mut_ptr(),
+            scores.as_ptr().add(rows.start),
+            v.as_ptr().add(rows.start * 64),
+            rows.len(),
+        )
+    }
+}
+
+/// Weighted V sums of one query over a run of V rows, for 64-wide heads: for each row `j` of
+/// `0..n`, in order, `o = fma(p[j], v[j], o)`.
+///
+/// In assembly so that the eight accumulators stay in registers (`ymm0..=7`, one broadcast
+/// weight in `ymm8`, V rows as memory operands): eight independent chains keep both FMA
+/// pipes busy. The portable loop's output kept them on the stack. Per lane the same fused
+/// multiply-adds in the same order as the portable `accumulate`, so the same bits.
+///
+/// # Safety
+/// AVX2 and FMA are available; `o` has 64 values, `p` has `n` and `v` has `n * 64`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pv256_1x64(o: *mut f32, p: *const f32, v: *const f32, n: usize) {
+    // SAFETY: the caller's contract. The loop body runs n times (n > 0 is checked first, as
+    // the loop tests its bound at the end); every access is within the rows.
+    unsafe {
+        if n == 0 {
+            return;
+        }
+        std::arch::asm!(
+            "vmovups ymm0, [{o} + 0]",
+            "vmovups ymm1, [{o} + 32]",
+            "vmovups ymm2, [{o} + 64]",
+            "vmovups ymm3, [{o} + 96]",
+            "vmovups ymm4, [{o} + 128]",
+            "vmovups ymm5, [{o} + 160]",
+            "vmovups ymm6, [{o} + 192]",
+            "vmovups ymm7, [{o} + 224]",
+            "2:",
+            "vbroadcastss ymm8, [{p}]",
+            "vfmadd231ps ymm0, ymm8, [{v} + 0]",
+            "vfmadd231ps ymm1, ymm8, [{v} + 32]",
+            "vfmadd231ps ymm2, ymm8, [{v} + 64]",
+            "vfmadd231ps ymm3, ymm8, [{v} + 96]",
+            "vfmadd231ps ymm4, ymm8, [{v} + 128]",
+            "vfmadd231ps ymm5, ymm8, [{v} + 160]",
+            "vfmadd231ps ymm6, ymm8, [{v} + 192]",
+            "vfmadd231ps ymm7, ymm8, [{v} + 224]",
+            "add {p}, 4",
+            "add {v}, 256",
+            "dec {n}",
+            "jnz 2b",
+            "vmovups [{o} + 0], ymm0",
+            "vmovups [{o} + 32], ymm1",
+            "vmovups [{o} + 64], ymm2",
+            "vmovups [{o} + 96], ymm3",
+            "vmovups [{o} + 128], ymm4",
+            "vmovups [{o} + 160], ymm5",
+            "vmovups [{o} + 192], ymm6",
+            "vmovups [{o} + 224], ymm7",
+            o = in(reg) o,
+            p = inout(reg) p => _,
+            v = inout(reg) v => _,
+            n = inout(reg) n => _,
+            out("ymm0") _,
+            out("ymm1") _,
+            out("ymm2") _,
+            out("ymm3") _,
+            out("ymm4") _,
+            out("ymm5") _,
+            out("ymm6") _,
+            out("ymm7") _,
+            out("ymm8") _,
+            options(nostack),
+        );
+    }
+}
