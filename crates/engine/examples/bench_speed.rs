@@ -1,7 +1,7 @@
 //! Times the engine on the real SmolLM2 model, for each history length: prefill of the history
 //! (seeded random tokens), greedy decode steps after it, resume TTFT (load the history's saved
 //! cache through kv-store from the page cache, then a 16-token turn; into the buffers the
-//! history was computed in, and into new ones) and re-prefill TTFT (history + turn from an
+//! history was computed in, with the load's share, and into new ones) and re-prefill TTFT (history + turn from an
 //! empty cache). Each once per run after a 64-token warm-up, as the llama.cpp peer does:
 //! `cargo xtask bench` runs both several times, alternately, and takes medians.
 //!
@@ -126,12 +126,13 @@ fn run() -> Result<()> {
         // Resume into the buffers the history was computed in, as llama.cpp loads its state
         // into the context it already has (and as a long-running process can reuse an
         // evicted cache's buffers); and into new buffers, whose first touch is page faults.
-        let (mut resume, mut resume_fresh) = (Vec::new(), Vec::new());
+        let (mut resume, mut resume_fresh, mut load) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.repeats {
             let t = Instant::now();
             cache
                 .load_into(&store, &name, &meta)
                 .context("loading the history")?;
+            load.push(t.elapsed());
             model.forward(&turn, &mut cache, Logits::Last)?;
             resume.push(t.elapsed());
 
@@ -155,10 +156,13 @@ fn run() -> Result<()> {
         let prefill_tps = n as f64 / prefill.as_secs_f64();
         let decode_tps = args.decode as f64 / decode.as_secs_f64();
         let (resume, resume_fresh) = (median(resume), median(resume_fresh));
+        let load = median(load);
         eprintln!(
             "history {n}: prefill {prefill_tps:.1} tok/s, decode {decode_tps:.1} tok/s, \
-             resume TTFT {:.1} ms ({:.1} ms into new buffers), re-prefill TTFT {:.1} ms",
+             resume TTFT {:.1} ms (of which loading {:.1} ms; {:.1} ms into new buffers), \
+             re-prefill TTFT {:.1} ms",
             ms(resume),
+            ms(load),
             ms(resume_fresh),
             ms(reprefill)
         );
@@ -169,6 +173,7 @@ fn run() -> Result<()> {
                 "prefill_tok_s": prefill_tps,
                 "decode_tok_s": decode_tps,
                 "resume_ttft_ms": ms(resume),
+                "resume_load_ms": ms(load),
                 "resume_fresh_ttft_ms": ms(resume_fresh),
                 "reprefill_ttft_ms": ms(reprefill),
                 "weight_bytes": model.weight_bytes(),

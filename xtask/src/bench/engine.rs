@@ -201,7 +201,7 @@ struct Figure {
 
 /// The speed targets: prefill >= 1.5x llama.cpp and decode >= 1.2x at 512 and 2048 tokens,
 /// resume TTFT <= 0.5x at 2048.
-const FIGURES: [Figure; 5] = [
+const FIGURES: [Figure; 6] = [
     Figure {
         label: "prefill tok/s",
         key: "prefill_tok_s",
@@ -222,6 +222,13 @@ const FIGURES: [Figure; 5] = [
         higher_is_better: false,
         decimals: 1,
         target: Some((0.5, &[2048.0])),
+    },
+    Figure {
+        label: "resume: of which loading ms",
+        key: "resume_load_ms",
+        higher_is_better: false,
+        decimals: 1,
+        target: None,
     },
     Figure {
         label: "resume TTFT ms, new buffers",
