@@ -132,12 +132,63 @@ unsafe fn kernel<const R: usize, const C: usize>(
             }
         }
         let mut out = [[0.0f32; C]; R];
+        if R * C == 4 {
+            // Four sums (the 2x2 and 1x4 tiles): one batched reduction, lane i * C + j.
+            let mut flat = [[_mm256_setzero_ps(); 2]; 4];
+            for n in 0..4 {
+                flat[n] = acc[n / C][n % C];
+            }
+            let mut lanes = [0.0f32; 4];
+            _mm_storeu_ps(lanes.as_mut_ptr(), reduce4(&flat));
+            for n in 0..4 {
+                out[n / C][n % C] = lanes[n];
+            }
+            return out;
+        }
         for i in 0..R {
             for j in 0..C {
                 out[i][j] = reduce(acc[i][j]);
             }
         }
         out
+    }
+}
+
+/// [`reduce`] of four dot products at once: lane `n` of the result is `reduce(acc[n])`, with
+/// the same additions in the same tree (shuffles first bring the lanes each step adds into
+/// the same lane). 15 instructions for four sums, where four separate reductions take 28.
+///
+/// # Safety
+/// AVX is available.
+#[inline(always)]
+unsafe fn reduce4(acc: &[[__m256; 2]; 4]) -> __m128 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        // s8[l] = x[l] + x[l + 8]: one register per sum.
+        let s0 = _mm256_add_ps(acc[0][0], acc[0][1]);
+        let s1 = _mm256_add_ps(acc[1][0], acc[1][1]);
+        let s2 = _mm256_add_ps(acc[2][0], acc[2][1]);
+        let s3 = _mm256_add_ps(acc[3][0], acc[3][1]);
+        // s4[l] = s8[l] + s8[l + 4]: [s4 of sum 0 | s4 of sum 1], and of sums 2 and 3.
+        let p01 = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(s0, s1),
+            _mm256_permute2f128_ps::<0x31>(s0, s1),
+        );
+        let p23 = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(s2, s3),
+            _mm256_permute2f128_ps::<0x31>(s2, s3),
+        );
+        // [s4[0] + s4[2], s4[1] + s4[3]] of sums 0 and 2 in the low half, 1 and 3 in the high.
+        let w = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x44>(p01, p23),
+            _mm256_shuffle_ps::<0xEE>(p01, p23),
+        );
+        // (s4[0] + s4[2]) + (s4[1] + s4[3]): low half [r0, r2, r0, r2], high [r1, r3, r1, r3].
+        let r = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x88>(w, w),
+            _mm256_shuffle_ps::<0xDD>(w, w),
+        );
+        _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps::<1>(r))
     }
 }
 
