@@ -10,7 +10,9 @@
 //!
 //! The cache is held in memory and saved in `--kv-dtype` (f32, f16 or q8_0).
 //!
-//! Prints a human-readable line per figure on stderr, one `ENGINE {json}` line per history and
+//! Prints a human-readable line per figure on stderr, one `ENGINE {json}` line per history (with
+//! the KV bytes per token and the turn's flops, from which `cargo xtask bench` computes the
+//! resume floor) and
 //! an `INFO isa: LEVEL` line (the instruction set the kernels ran) on stdout, which
 //! `cargo xtask bench` parses.
 
@@ -153,6 +155,7 @@ fn run() -> Result<()> {
         let reprefill = median(reprefill);
 
         let kv_bytes_per_token = meta.kv_bytes(1) * 2 * model.config().n_layers;
+        let turn_flops = turn_flops(model.config(), n, args.turn);
         let prefill_tps = n as f64 / prefill.as_secs_f64();
         let decode_tps = args.decode as f64 / decode.as_secs_f64();
         let (resume, resume_fresh) = (median(resume), median(resume_fresh));
@@ -178,9 +181,24 @@ fn run() -> Result<()> {
                 "reprefill_ttft_ms": ms(reprefill),
                 "weight_bytes": model.weight_bytes(),
                 "kv_bytes_per_token": kv_bytes_per_token,
+                "turn_flops": turn_flops,
                 "threads": rayon::current_num_threads(),
             })
         );
     }
     Ok(())
+}
+
+/// The arithmetic of a `turn`-token turn after `history` tokens, in flops (two per
+/// multiply-add): every layer's projections and MLP for each token, its attention (scores and
+/// V sums over every position it sees, each query head), and the output head for the last
+/// token. What the resume floor charges at the FMA peak.
+fn turn_flops(c: &engine::LlamaConfig, history: usize, turn: usize) -> f64 {
+    let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let projections = c.dim * (q + 2 * kv) + q * c.dim + 3 * c.dim * c.ffn_dim;
+    let attention: usize = (0..turn)
+        .map(|t| c.n_heads * (history + t + 1) * c.head_dim * 2)
+        .sum();
+    let macs = c.n_layers * (turn * projections + attention) + c.vocab_size * c.dim;
+    2.0 * macs as f64
 }

@@ -54,13 +54,54 @@ impl Side {
     }
 }
 
-/// Both sides' runs: ours, and llama.cpp's with flash attention off and on.
+/// Both sides' runs: ours, and llama.cpp's with flash attention off and on; and the machine's
+/// measured limits, for the resume floor.
 #[derive(Default)]
 pub(super) struct Runs {
     pub ours: Side,
     pub peer_off: Side,
     pub peer_on: Side,
+    pub limits: Option<Limits>,
 }
+
+/// What the engine's `machine` example measured: the limits a resume is judged against.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Limits {
+    /// Copy bandwidth, bytes read plus bytes written per second.
+    pub bandwidth: f64,
+    /// f32 fused multiply-add flops per second, all threads, at the fastest level.
+    pub fma_peak: f64,
+}
+
+impl Limits {
+    /// Runs the `machine` example on `threads` threads.
+    fn measure(threads: usize) -> Result<Limits> {
+        eprintln!("==> the machine's memory bandwidth and FMA peak");
+        let mut cmd = super::cargo_run_release("engine", "--example", "machine");
+        cmd.env("RAYON_NUM_THREADS", threads.to_string());
+        let out = run_for_output(&mut cmd, "the machine example")?;
+        let row = super::rows(&out, "MACHINE ")?.remove(0);
+        let get = |key: &str| {
+            row.get(key)
+                .copied()
+                .filter(|v| *v > 0.0)
+                .with_context(|| format!("the machine example printed no {key}"))
+        };
+        Ok(Limits {
+            bandwidth: get("bandwidth_bytes_s")?,
+            fma_peak: get("fma_peak_flops")?,
+        })
+    }
+
+    /// The floor of a resume, in ms: the cache copied at the bandwidth (its bytes read and
+    /// written) plus the turn's arithmetic at the FMA peak.
+    fn floor_ms(&self, cache_bytes: f64, turn_flops: f64) -> f64 {
+        (2.0 * cache_bytes / self.bandwidth + turn_flops / self.fma_peak) * 1e3
+    }
+}
+
+/// How close a resume should come to its floor, and at which histories.
+const FLOOR_TARGET: (f64, &[f64]) = (1.5, &[2048.0]);
 
 /// Runs the engine (and the peer) `opts.repeats` times each, alternately, and writes
 /// `engine.md`; returns its text.
@@ -71,7 +112,10 @@ pub(super) fn run(
     load_before: &str,
     dir: &Path,
 ) -> Result<String> {
-    let mut runs = Runs::default();
+    let mut runs = Runs {
+        limits: Some(Limits::measure(threads)?),
+        ..Runs::default()
+    };
     let python = if opts.peer {
         Some(peer_python()?)
     } else {
@@ -381,7 +425,57 @@ pub(super) fn report(machine: &Machine, runs: &Runs, peer: bool) -> String {
             );
         }
     }
+    if let Some(limits) = &runs.limits {
+        floor_section(&mut s, limits, &runs.ours);
+    }
     s
+}
+
+/// The resume floor per history and how far above it the resume runs.
+fn floor_section(s: &mut String, limits: &Limits, ours: &Side) {
+    let _ = writeln!(
+        s,
+        "\nResume floor (the `machine` example: {:.1} GB/s copy bandwidth, {:.0} GFLOP/s f32 FMA \
+         peak): the cache's bytes copied at that bandwidth plus the turn's flops at that peak.\n\n\
+         | history | floor ms | of which copy | resume TTFT ms | resume / floor | target | verdict |\n\
+         |---|---|---|---|---|---|---|",
+        limits.bandwidth / 1e9,
+        limits.fma_peak / 1e9,
+    );
+    for history in ours.histories() {
+        let first = |key: &str| Spread::of(&ours.samples(history, key)).map(|v| v.median);
+        let (Some(per_token), Some(flops), Some(resume)) = (
+            first("kv_bytes_per_token"),
+            first("turn_flops"),
+            Spread::of(&ours.samples(history, "resume_ttft_ms")),
+        ) else {
+            continue;
+        };
+        let cache = per_token * history;
+        let floor = limits.floor_ms(cache, flops);
+        let copy = limits.floor_ms(cache, 0.0);
+        let ratio = Ratio {
+            median: resume.median / floor,
+            lo: resume.min / floor,
+            hi: resume.max / floor,
+        };
+        let (target, verdict) = if FLOOR_TARGET.1.contains(&history) {
+            (
+                format!("<= {}x", FLOOR_TARGET.0),
+                verdict(&ratio, FLOOR_TARGET.0, false),
+            )
+        } else {
+            (String::new(), "")
+        };
+        let _ = writeln!(
+            s,
+            "| {history} | {floor:.1} | {copy:.1} | {} | {:.2}x ({:.2}-{:.2}) | {target} | {verdict} |",
+            resume.cell(1),
+            ratio.median,
+            ratio.lo,
+            ratio.hi,
+        );
+    }
 }
 
 /// Checks `--repeats`.
@@ -484,6 +578,8 @@ mod tests {
                             ("decode_tok_s", d),
                             ("resume_ttft_ms", r),
                             ("weight_bytes", 98566144.0),
+                            ("kv_bytes_per_token", 23040.0),
+                            ("turn_flops", 5.73e9),
                         ],
                     )]
                 })
@@ -500,7 +596,34 @@ mod tests {
                 ],
             ),
             peer_on: side(to_runs(&on), &[("flags", "n_threads=2 flash_attn=on")]),
+            limits: Some(Limits {
+                bandwidth: 36.8e9,
+                fma_peak: 227e9,
+            }),
         }
+    }
+
+    #[test]
+    fn report_gives_the_resume_floor_and_how_far_above_it_the_resume_is() {
+        let text = report(&machine(), &runs(), true);
+        // 2048 * 23040 bytes copied at 36.8 GB/s: 2 * 47.19 MB / 36.8 GB/s = 2.56 ms; 5.73
+        // GFLOP at 227 GFLOP/s = 25.24 ms; 27.81 ms in all. Resume 100 (90-110) ms: 3.60x
+        // (3.24-3.96), over the 1.5x target in every run.
+        assert!(
+            text.contains(
+                "(the `machine` example: 36.8 GB/s copy bandwidth, 227 GFLOP/s f32 FMA peak)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| 2048 | 27.8 | 2.6 | 100.0 (90.0-110.0) | 3.60x (3.24-3.96) | <= 1.5x | not met |"
+            ),
+            "{text}"
+        );
+        let mut r = runs();
+        r.limits = None;
+        assert!(!report(&machine(), &r, true).contains("Resume floor"));
     }
 
     #[test]
