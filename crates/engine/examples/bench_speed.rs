@@ -1,20 +1,20 @@
 //! Times the engine on the real SmolLM2 model, for each history length: prefill of the history
 //! (seeded random tokens), greedy decode steps after it, resume TTFT (load the history's saved
 //! cache through kv-store from the page cache, then a 16-token turn; into the buffers the
-//! history was computed in, with the load's share, and into new ones) and re-prefill TTFT (history + turn from an
-//! empty cache). Each once per run after a 64-token warm-up, as the llama.cpp peer does:
-//! `cargo xtask bench` runs both several times, alternately, and takes medians.
+//! history was computed in, with the load's share, and into new ones) and re-prefill TTFT
+//! (history + turn from an empty cache). Each once per run after a 64-token warm-up, as the
+//! llama.cpp peer does: `cargo xtask bench` runs both several times, alternately, and takes
+//! medians.
 //!
 //! `cargo run --release -p engine --example bench_speed -- [--model PATH]
 //! [--histories 512,2048,4096] [--decode 32] [--turn 16] [--repeats 1] [--kv-dtype f16]`
 //!
 //! The cache is held in memory and saved in `--kv-dtype` (f32, f16 or q8_0).
 //!
-//! Prints a human-readable line per figure on stderr, one `ENGINE {json}` line per history (with
-//! the KV bytes per token and the turn's flops, from which `cargo xtask bench` computes the
-//! resume floor) and
-//! an `INFO isa: LEVEL` line (the instruction set the kernels ran) on stdout, which
-//! `cargo xtask bench` parses.
+//! Prints a human-readable line per figure on stderr, and on stdout one `ENGINE {json}` line
+//! per history (with the KV bytes per token and the turn's flops, from which `cargo xtask
+//! bench` computes the resume floor) and an `INFO isa: LEVEL` line (the instruction set the
+//! kernels ran), which `cargo xtask bench` parses.
 
 mod common;
 

@@ -166,11 +166,12 @@ impl Engine {
     /// The compatibility key of caches this engine makes, held and stored as `dtype`.
     ///
     /// For a dtype other than f32 it names, in `extra`, that attention reads the history in
-    /// that dtype (`"kv_history": "read in the stored dtype"`): the K/V of a position are then computed from the
-    /// rounded K/V before it, so they differ from those of an engine that held the cache in
-    /// f32 and rounded it only on saving, whose caches carried the same dtype name. Such an
-    /// older cache is refused as another model's parameters (and rebuilt by the pool), not
-    /// continued into a conversation that no uninterrupted session would give.
+    /// that dtype (`"kv_history": "read in the stored dtype"`): the K/V of a position are then
+    /// computed from the rounded K/V before it, so they differ from those of an engine that
+    /// held the cache in f32 and rounded it only on saving, whose caches carried the same
+    /// dtype name. Such an older cache is refused as another model's parameters (and rebuilt
+    /// by the pool), not continued into a conversation that no uninterrupted session would
+    /// give.
     pub fn cache_meta(&self, dtype: KvDtype) -> CacheMeta {
         let c = self.model.config();
         let mut extra = std::collections::BTreeMap::new();

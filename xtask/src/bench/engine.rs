@@ -443,10 +443,10 @@ fn floor_section(s: &mut String, limits: &Limits, ours: &Side) {
         limits.fma_peak / 1e9,
     );
     for history in ours.histories() {
-        let first = |key: &str| Spread::of(&ours.samples(history, key)).map(|v| v.median);
+        let median = |key: &str| Spread::of(&ours.samples(history, key)).map(|v| v.median);
         let (Some(per_token), Some(flops), Some(resume)) = (
-            first("kv_bytes_per_token"),
-            first("turn_flops"),
+            median("kv_bytes_per_token"),
+            median("turn_flops"),
             Spread::of(&ours.samples(history, "resume_ttft_ms")),
         ) else {
             continue;

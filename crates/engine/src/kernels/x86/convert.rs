@@ -2,6 +2,8 @@
 
 use std::arch::x86_64::*;
 
+use kv_store::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
+
 use super::{Isa, Level};
 
 /// Half-precision values (their bits) as f32, exactly as [`kv_extract::f16_to_f32`] defines
@@ -49,7 +51,8 @@ pub(crate) fn q8_0_to_f32(isa: Isa, src: &[u8], dst: &mut [f32]) {
         "x86::q8_0_to_f32 needs AVX2 and F16C, which the portable level does not promise"
     );
     assert!(
-        src.len().is_multiple_of(34) && dst.len() == src.len() / 34 * 32,
+        src.len().is_multiple_of(Q8_0_BLOCK_BYTES)
+            && dst.len() == src.len() / Q8_0_BLOCK_BYTES * Q8_0_BLOCK,
         "q8_0_to_f32 lengths"
     );
     // SAFETY: an `Isa` above the portable level exists only when the CPU has AVX2, FMA and
@@ -61,7 +64,10 @@ pub(crate) fn q8_0_to_f32(isa: Isa, src: &[u8], dst: &mut [f32]) {
 /// The CPU has AVX2 and F16C; `src` is whole 34-byte blocks and `dst` 32 values per block.
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn widen_q8_0(src: &[u8], dst: &mut [f32]) {
-    for (block, out) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
+    for (block, out) in src
+        .chunks_exact(Q8_0_BLOCK_BYTES)
+        .zip(dst.chunks_exact_mut(Q8_0_BLOCK))
+    {
         let bits = i16::from_le_bytes([block[0], block[1]]);
         // SAFETY: each step reads bytes 2 + 8i .. 10 + 8i < 34 of the block and writes values
         // 8i .. 8i + 8 <= 32 of `out`; unaligned loads and stores.
