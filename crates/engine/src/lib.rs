@@ -22,8 +22,8 @@ pub use kernels::Isa;
 pub use kv_store::KvDtype;
 pub use model::{LlamaConfig, Logits, Model, PREFILL_CHUNK};
 pub use runtime::{
-    DEFAULT_MODEL_FILE, Engine, GenerateOptions, Generation, StopReason, agentkv_home,
-    default_model_path,
+    DEFAULT_MODEL_FILE, Engine, GEMMA3_270M_FILE, GenerateOptions, Generation, StopReason,
+    agentkv_home, default_model_path, model_path,
 };
 pub use sample::{Sampler, SamplingConfig};
 pub use tokenizer::{Tokenizer, TokenizerError};

@@ -33,9 +33,19 @@ pub fn agentkv_home() -> Option<PathBuf> {
         .or_else(|| var("HOME").map(|h| h.join(".local/share/agentkv")))
 }
 
+/// File name of Gemma 3 270M (Q4_K_M), the model with sliding-window layers that
+/// `cargo xtask fetch-model gemma3-270m` installs beside the default one.
+pub const GEMMA3_270M_FILE: &str = "gemma-3-270m-Q4_K_M.gguf";
+
 /// Where `cargo xtask fetch-model` puts the default model.
 pub fn default_model_path() -> Option<PathBuf> {
-    agentkv_home().map(|h| h.join("models").join(DEFAULT_MODEL_FILE))
+    model_path(DEFAULT_MODEL_FILE)
+}
+
+/// Where `cargo xtask fetch-model` puts the model file `file_name`: `models/` under
+/// [`agentkv_home`].
+pub fn model_path(file_name: &str) -> Option<PathBuf> {
+    agentkv_home().map(|h| h.join("models").join(file_name))
 }
 
 /// How to continue a conversation.

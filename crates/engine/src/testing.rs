@@ -40,15 +40,28 @@ pub const REQUIRE_MODEL_ENV: &str = "AGENTKV_REQUIRE_MODEL";
 /// on the terminal that the calling test did not run and returns `None`, for the test to
 /// return early.
 pub fn real_model_path() -> Option<PathBuf> {
-    let path = crate::default_model_path();
+    fetched_model_path(crate::DEFAULT_MODEL_FILE, "cargo xtask fetch-model")
+}
+
+/// Gemma 3 270M for the tests that need a model with sliding-window layers and K-quants,
+/// found and missed as [`real_model_path`] finds and misses the default one.
+pub fn real_gemma_path() -> Option<PathBuf> {
+    fetched_model_path(
+        crate::GEMMA3_270M_FILE,
+        "cargo xtask fetch-model gemma3-270m",
+    )
+}
+
+fn fetched_model_path(file_name: &str, fetch: &str) -> Option<PathBuf> {
+    let path = crate::model_path(file_name);
     if let Some(path) = path.as_ref().filter(|p| p.exists()) {
         return Some(path.clone());
     }
     let missing = match &path {
-        Some(p) => format!("the real model is missing: no file {}", p.display()),
-        None => "the real model is missing: neither AGENTKV_HOME nor HOME is set".to_owned(),
+        Some(p) => format!("a real model is missing: no file {}", p.display()),
+        None => "the real models are missing: neither AGENTKV_HOME nor HOME is set".to_owned(),
     };
-    let fix = "run `cargo xtask fetch-model` (it honours AGENTKV_HOME)";
+    let fix = format!("run `{fetch}` (it honours AGENTKV_HOME)");
     assert!(
         std::env::var_os(REQUIRE_MODEL_ENV).is_none(),
         "{missing}; {fix}, or unset {REQUIRE_MODEL_ENV} to skip the tests that need it"
