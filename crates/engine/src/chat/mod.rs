@@ -125,8 +125,8 @@ pub enum TemplateError {
     Metadata(#[from] MetadataError),
     /// The GGUF carries no `tokenizer.chat_template`.
     #[error(
-        "gguf has no tokenizer.chat_template; use a model converted with its chat template, \
-         or build one with ChatTemplate::new"
+        "gguf has no tokenizer.chat_template (a base model?): use a model converted with its \
+         chat template, build one with ChatTemplate::new, or give the model raw text"
     )]
     Missing,
     /// The chat template does not parse.

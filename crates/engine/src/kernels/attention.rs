@@ -14,10 +14,12 @@ use super::vectorized;
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 
-/// Queries of one attention task: query row `q[i]` sees cached positions `0..lens[i]`.
+/// Queries of one attention task: query row `q[i]` sees the rows `firsts[i]..lens[i]` of the
+/// K and V it is given.
 struct Queries<'a> {
     q: &'a [f32],
     lens: &'a [usize],
+    firsts: &'a [usize],
 }
 
 /// K and V rows are read in chunks of this many positions: a chunk of V stays in L1 while
@@ -125,10 +127,20 @@ fn attend_portable(
         sums_vec = vec![0.0f32; nq];
         &mut sums_vec
     };
-    for ((i, &n), sum) in qs.lens.iter().enumerate().zip(sums.iter_mut()) {
+    for ((i, (&n, &first)), sum) in qs
+        .lens
+        .iter()
+        .zip(qs.firsts)
+        .enumerate()
+        .zip(sums.iter_mut())
+    {
         let s = &mut scores[i * len..i * len + n];
-        let max = scale_and_max(s, scale);
-        *sum = exp_and_sum(s, max);
+        let max = scale_and_max(&mut s[first..], scale);
+        // Rows before a query's first are not its to see: their weights are zero and never
+        // summed. The sum's lanes stay position % 16 (the K rows start on a multiple of 16).
+        let aligned = first - first % LANES;
+        s[..aligned].fill(0.0);
+        *sum = exp_and_sum_from(&mut s[aligned..], max, first - aligned);
     }
     // Weighted V sums: V rows a chunk at a time, up to six queries at a time sharing each
     // row's loads. Rows and scores are indexed from the chunk's start.
@@ -142,6 +154,7 @@ fn attend_portable(
     for j0 in (0..len).step_by(CHUNK) {
         let vc = rows_f32(isa, v, j0, (j0 + CHUNK).min(len), &mut rows[..]);
         let end = |i: usize| qs.lens[i].clamp(j0, j0 + CHUNK) - j0;
+        let begin = |i: usize| qs.firsts[i].clamp(j0, j0 + CHUNK) - j0;
         let mut i = 0;
         while i < nq {
             let group = match nq - i {
@@ -150,21 +163,28 @@ fn attend_portable(
                 r if r >= 4 => 4,
                 r => r.min(2),
             };
-            // Rows every query of the group sees together, then each one's own rest.
-            let common = (i..i + group).map(end).min().unwrap_or(0);
+            // Each query's rows in position order: its own before the rows every query of the
+            // group sees, those together, then its own after.
+            let from = (i..i + group).map(begin).max().unwrap_or(0);
+            let to = (i..i + group).map(end).min().unwrap_or(0).max(from);
             let s = &scores[j0..];
+            for q in i..i + group {
+                let own = begin(q)..from.min(end(q));
+                let o = &mut out[q * d..];
+                accumulate_group(isa, o, &s[q * len..], len, own, vc, d, 1);
+            }
             accumulate_group(
                 isa,
                 &mut out[i * d..],
                 &s[i * len..],
                 len,
-                0..common,
+                from..to,
                 vc,
                 d,
                 group,
             );
             for q in i..i + group {
-                let rest = common..end(q);
+                let rest = to.max(begin(q)).min(end(q))..end(q);
                 let o = &mut out[q * d..];
                 accumulate_group(isa, o, &s[q * len..], len, rest, vc, d, 1);
             }
@@ -239,9 +259,27 @@ pub(super) fn scale_and_max(s: &mut [f32], scale: f32) -> f32 {
 /// The sum has sixteen lanes of partial sums (position `j` adds into lane `j % 16`, in position
 /// order), folded by [`reduce`]'s tree: part of the numeric definition, like a dot product's
 /// lanes. The lanes are independent chains, so the loop runs at the speed of `exp`.
-#[inline(always)]
+#[cfg(test)]
 pub(super) fn exp_and_sum(s: &mut [f32], max: f32) -> f32 {
+    exp_and_sum_from(s, max, 0)
+}
+
+/// [`exp_and_sum`] of the scores from `s[skip]` on (`skip < 16`), lanes counted from `s[0]`:
+/// the first `skip` become 0 and are not summed (a sliding window's first visible position
+/// need not start a lane).
+#[inline(always)]
+pub(super) fn exp_and_sum_from(s: &mut [f32], max: f32, skip: usize) -> f32 {
+    debug_assert!(skip < LANES);
     let mut acc = [0.0f32; LANES];
+    let (head, s) = s.split_at_mut(if skip > 0 { LANES.min(s.len()) } else { 0 });
+    for (l, x) in head.iter_mut().enumerate() {
+        if l < skip {
+            *x = 0.0;
+        } else {
+            *x = exp(*x - max);
+            acc[l] += *x;
+        }
+    }
     let mut chunks = s.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
@@ -378,8 +416,7 @@ fn accumulate_any(
 #[allow(clippy::too_many_arguments)]
 fn attend(
     isa: Isa,
-    q: &[f32],
-    lens: &[usize],
+    qs: Queries<'_>,
     k: KvRows<'_>,
     v: KvRows<'_>,
     d: usize,
@@ -414,7 +451,6 @@ fn attend(
             attend_portable(isa, qs, k, v, d, scale, scratch, out);
         }
     }
-    let qs = Queries { q, lens };
     let kernel = Attend {
         isa,
         qs,
@@ -494,26 +530,45 @@ pub(super) fn attention_tasks(n: usize, n_heads: usize, group: usize, threads: u
     tasks
 }
 
+/// What one layer's attention computes, besides its inputs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionSpec {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Scores are `dot(q, k) * scale`.
+    pub scale: f32,
+    /// A sliding window: the query at position `p` sees positions `p + 1 - window ..= p`
+    /// (llama.cpp's standard SWA mask); `None` sees every earlier position.
+    pub window: Option<usize>,
+}
+
 /// Causal grouped-query attention at `isa` for `n` new tokens at positions `start..start + n`,
 /// whose K and V are already written to `cache` (layer `layer`) at those positions.
 ///
 /// `q` is `[n, n_heads, head_dim]` (after RoPE); returns the attention output in the same
 /// layout. Query head `h` reads KV head `h / (n_heads / n_kv_heads)`. Work is parallel over
 /// tasks of (tokens, query heads of one KV head), split by `attention_tasks`; each query's
-/// result does not depend on which task it is in.
+/// result does not depend on which task it is in, nor (in a sliding window) on where the
+/// rows its task reads begin.
 pub fn attention(
     isa: Isa,
     q: &[f32],
     n: usize,
     start: usize,
-    n_heads: usize,
+    spec: AttentionSpec,
     cache: &KvCache,
     layer: usize,
 ) -> Vec<f32> {
+    let AttentionSpec {
+        n_heads,
+        scale,
+        window,
+    } = spec;
     let shape = cache.shape();
     let d = shape.head_dim;
     let group = n_heads / shape.n_kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
+    // The first position the query at `p` sees.
+    let first = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
     let tasks = attention_tasks(n, n_heads, group, rayon::current_num_threads());
     let most = tasks
         .iter()
@@ -525,19 +580,32 @@ pub fn attention(
         .map_init(
             // Queries are copied to a line-aligned buffer: with 64-wide heads, the score
             // kernel's loads of them and of the (aligned) K rows then never straddle lines.
-            || (Scratch::new(d), AlignedBuf::zeros(most * d), Vec::new()),
-            |(scratch, qs, lens), &Task { t0, t1, h0, nh }| {
+            || {
+                let bufs = (Vec::new(), Vec::new());
+                (Scratch::new(d), AlignedBuf::zeros(most * d), bufs)
+            },
+            |(scratch, qs, (lens, firsts)), &Task { t0, t1, h0, nh }| {
                 let qbuf = &mut qs[..(t1 - t0) * nh * d];
+                // The rows read start on a multiple of 16 positions, so that a softmax sum's
+                // lanes are the same whichever task a query is in.
+                let lo = first(start + t0) / LANES * LANES;
                 lens.clear();
+                firsts.clear();
                 for (t, rows) in (t0..t1).zip(qbuf.chunks_exact_mut(nh * d)) {
                     rows.copy_from_slice(&q[(t * n_heads + h0) * d..][..nh * d]);
-                    lens.extend(std::iter::repeat_n(start + t + 1, nh));
+                    lens.extend(std::iter::repeat_n(start + t + 1 - lo, nh));
+                    firsts.extend(std::iter::repeat_n(first(start + t) - lo, nh));
                 }
                 let kv = h0 / group;
-                let k = cache.k_head(layer, kv, 0..start + t1);
-                let v = cache.v_head(layer, kv, 0..start + t1);
+                let k = cache.k_head(layer, kv, lo..start + t1);
+                let v = cache.v_head(layer, kv, lo..start + t1);
                 let mut out = vec![0.0f32; qbuf.len()];
-                attend(isa, qbuf, lens, k, v, d, scale, scratch, &mut out);
+                let queries = Queries {
+                    q: qbuf,
+                    lens,
+                    firsts,
+                };
+                attend(isa, queries, k, v, d, scale, scratch, &mut out);
                 out
             },
         )

@@ -1,5 +1,5 @@
-//! The per-row and element-wise steps of a layer: RMSNorm, residual adds, the SiLU gate,
-//! rotary position embeddings, and the `exp` every build computes alike.
+//! The per-row and element-wise steps of a layer: RMSNorm, residual adds, the SiLU and GELU
+//! gates, rotary position embeddings, and the `exp` every build computes alike.
 
 use super::dot::dot;
 use super::isa::{Isa, Recompile};
@@ -55,6 +55,38 @@ pub fn silu_mul_rows(gate_up: &[f32], f: usize) -> Vec<f32> {
     out
 }
 
+/// GELU-gated product over rows laid out `[gate (f) | up (f)]`: returns `gelu(gate) * up`,
+/// `[rows, f]`, with GELU's tanh form (Gemma's `gelu_pytorch_tanh`; llama.cpp's `ggml_gelu`):
+/// `0.5 x (1 + tanh(sqrt(2 / pi) x (1 + 0.044715 x²)))`, `tanh` from [`exp`], so every build
+/// gives the same bits. (llama.cpp's CPU backend rounds the input to f16 and looks the result
+/// up in a table; this computes it in f32.)
+pub fn gelu_mul_rows(gate_up: &[f32], f: usize) -> Vec<f32> {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    let gelu = |x: f32| {
+        let u = SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x);
+        // tanh(u) = sign(u) (1 - 2 / (exp(2|u|) + 1)), exact in sign and saturating to 1.
+        let t = 1.0 - 2.0 / (exp(2.0 * u.abs()) + 1.0);
+        0.5 * x * (1.0 + t.copysign(u))
+    };
+    let mut out = Vec::with_capacity(gate_up.len() / 2);
+    for row in gate_up.chunks_exact(2 * f) {
+        let (g, u) = row.split_at(f);
+        out.extend(g.iter().zip(u).map(|(&g, &u)| gelu(g) * u));
+    }
+    out
+}
+
+/// Which values of a head RoPE rotates together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(x[2i], x[2i + 1])`: GGUF llama models, whose converter permutes Q and
+    /// K to match.
+    Interleaved,
+    /// Halves `(x[i], x[i + rope_dim / 2])`: GPT-NeoX's layout, used by Gemma.
+    NeoX,
+}
+
 /// Rotary position embedding tables for `n` consecutive positions from `start`.
 ///
 /// Row `t` holds `cos` and `sin` of `(start + t) * inv_freq[i]` for every rotated pair `i`;
@@ -90,18 +122,27 @@ impl RopeTable {
         RopeTable { cos, sin, pairs }
     }
 
-    /// Rotates, in place, adjacent pairs `(x[2i], x[2i+1])` of the first `2 * pairs` values of
-    /// every head of every token in `x` (`[n, n_heads, head_dim]`): the interleaved ("normal")
-    /// RoPE of GGUF llama models, whose converter permutes Q and K to match it.
-    pub fn apply(&self, x: &mut [f32], n_heads: usize, head_dim: usize) {
+    /// Rotates, in place, the first `2 * pairs` values of every head of every token in `x`
+    /// (`[n, n_heads, head_dim]`), pair `i` by row `t`'s angle `i`, pairs taken as `style`
+    /// says.
+    pub fn apply(&self, style: RopeStyle, x: &mut [f32], n_heads: usize, head_dim: usize) {
+        let rotate = |a: f32, b: f32, c: f32, s: f32| (a * c - b * s, a * s + b * c);
         for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
             let cos = &self.cos[t * self.pairs..(t + 1) * self.pairs];
             let sin = &self.sin[t * self.pairs..(t + 1) * self.pairs];
             for head in tok.chunks_exact_mut(head_dim) {
-                for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
-                    let (a, b) = (pair[0], pair[1]);
-                    pair[0] = a * c - b * s;
-                    pair[1] = a * s + b * c;
+                match style {
+                    RopeStyle::Interleaved => {
+                        for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                            (pair[0], pair[1]) = rotate(pair[0], pair[1], c, s);
+                        }
+                    }
+                    RopeStyle::NeoX => {
+                        let (lo, hi) = head[..2 * self.pairs].split_at_mut(self.pairs);
+                        for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
+                            (*a, *b) = rotate(*a, *b, c, s);
+                        }
+                    }
                 }
             }
         }

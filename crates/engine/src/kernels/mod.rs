@@ -51,8 +51,10 @@ mod x86;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use attention::attention;
-pub(crate) use elementwise::{RopeTable, add_in_place, rms_norm, silu_mul_rows};
+pub(crate) use attention::{AttentionSpec, attention};
+pub(crate) use elementwise::{
+    RopeStyle, RopeTable, add_in_place, gelu_mul_rows, rms_norm, silu_mul_rows,
+};
 pub use isa::Isa;
 pub(crate) use matmul::matmul;
 pub(crate) use weight::Weight;

@@ -16,6 +16,15 @@ fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
 }
 
+/// Attention of `n_heads` query heads of width `head_dim` with the usual scale.
+fn spec(n_heads: usize, head_dim: usize, window: Option<usize>) -> AttentionSpec {
+    AttentionSpec {
+        n_heads,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        window,
+    }
+}
+
 fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
@@ -284,17 +293,47 @@ fn rope_rotates_adjacent_pairs() {
     assert!((inv[1] - 0.01).abs() < 1e-12);
     let table = RopeTable::new(&inv, 2, 1);
     let mut x = [1.0f32, 0.0, 0.0, 1.0];
-    table.apply(&mut x, 1, 4);
+    table.apply(RopeStyle::Interleaved, &mut x, 1, 4);
     let (c0, s0) = (2.0f32.cos(), 2.0f32.sin());
     let (c1, s1) = (0.02f32.cos(), 0.02f32.sin());
     let want = [c0, s0, -s1, c1];
     for (g, w) in x.iter().zip(want) {
         assert!((g - w).abs() < 1e-6, "{x:?} vs {want:?}");
     }
+    // NeoX pairs are (0, 2) and (1, 3).
+    let mut x = [1.0f32, 0.0, 0.0, 1.0];
+    table.apply(RopeStyle::NeoX, &mut x, 1, 4);
+    let want = [c0, -s1, s0, c1];
+    for (g, w) in x.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{x:?} vs {want:?}");
+    }
     // Position 0 is the identity.
-    let mut y = [0.3f32, -0.7, 1.5, 2.5];
-    RopeTable::new(&inv, 0, 1).apply(&mut y, 1, 4);
-    assert_eq!(y, [0.3, -0.7, 1.5, 2.5]);
+    for style in [RopeStyle::Interleaved, RopeStyle::NeoX] {
+        let mut y = [0.3f32, -0.7, 1.5, 2.5];
+        RopeTable::new(&inv, 0, 1).apply(style, &mut y, 1, 4);
+        assert_eq!(y, [0.3, -0.7, 1.5, 2.5]);
+    }
+}
+
+#[test]
+fn gelu_matches_the_tanh_formula() {
+    let f = 5;
+    let gate: Vec<f32> = vec![-12.0, -1.5, 0.0, 0.7, 30.0];
+    let up = values(f, 3);
+    let mut gate_up = gate.clone();
+    gate_up.extend_from_slice(&up);
+    let got = gelu_mul_rows(&gate_up, f);
+    for ((&g, &u), &y) in gate.iter().zip(&up).zip(&got) {
+        let x = g as f64;
+        let want = 0.5
+            * x
+            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+            * u as f64;
+        assert!(
+            (y as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+            "gelu({g}) * {u}: {y} vs {want}"
+        );
+    }
 }
 
 #[test]
@@ -395,7 +434,7 @@ fn attention_matches_naive_softmax_and_is_causal() {
     cache.push_tokens(&[0; 5]);
     // Two query heads share the one KV head.
     let q = values(n * 2 * 4, 9);
-    let out = attention(Isa::PORTABLE, &q, n, 0, 2, &cache, 0);
+    let out = attention(Isa::PORTABLE, &q, n, 0, spec(2, 4, None), &cache, 0);
     for t in 0..n {
         for h in 0..2 {
             let qh = &q[(t * 2 + h) * 4..][..4];
@@ -416,8 +455,58 @@ fn attention_matches_naive_softmax_and_is_causal() {
         }
     }
     // Decoding the last token alone gives the same bits.
-    let last = attention(Isa::PORTABLE, &q[(n - 1) * 8..], 1, n - 1, 2, &cache, 0);
+    let last = attention(
+        Isa::PORTABLE,
+        &q[(n - 1) * 8..],
+        1,
+        n - 1,
+        spec(2, 4, None),
+        &cache,
+        0,
+    );
     assert_eq!(&out[(n - 1) * 8..], &last[..]);
+}
+
+#[test]
+fn sliding_window_attention_sees_only_its_window() {
+    let shape = KvShape {
+        n_layers: 1,
+        n_kv_heads: 1,
+        head_dim: 16,
+    };
+    let (n, window, d) = (40, 7, 16);
+    let mut cache = KvCache::new(shape, KvDtype::F32);
+    let k = values(n * d, 17);
+    let v = values(n * d, 18);
+    cache.reserve(n);
+    cache.write_rows(0, 0, &k, &v);
+    cache.push_tokens(&[0; 40]);
+    let q = values(n * d, 19);
+    let out = attention(Isa::PORTABLE, &q, n, 0, spec(1, d, Some(window)), &cache, 0);
+    for t in 0..n {
+        let qt = &q[t * d..][..d];
+        let seen = t.saturating_sub(window - 1)..=t;
+        let s: Vec<f64> = seen
+            .clone()
+            .map(|j| dot_f64(qt, &k[j * d..][..d]) / 4.0)
+            .collect();
+        let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+        let z: f64 = e.iter().sum();
+        for dd in 0..d {
+            let want: f64 = seen
+                .clone()
+                .zip(&e)
+                .map(|(j, e)| e / z * v[j * d + dd] as f64)
+                .sum();
+            let got = out[t * d + dd] as f64;
+            assert!((got - want).abs() < 1e-5, "t={t} d={dd}: {got} vs {want}");
+        }
+    }
+    // A window as long as the history is no window at all.
+    let full = attention(Isa::PORTABLE, &q, n, 0, spec(1, d, None), &cache, 0);
+    let wide = attention(Isa::PORTABLE, &q, n, 0, spec(1, d, Some(n)), &cache, 0);
+    assert_eq!(bits(&full), bits(&wide));
 }
 
 #[test]
@@ -459,10 +548,22 @@ fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks_at_every_level()
     // runs on one and on three threads, which split the tiles into other tasks.
     // Each KV dtype the head can hold: rows read in place and converted per chunk.
     let dtypes = [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0];
-    for (d, n, dtype) in [(64, 35), (64, 150), (48, 21)]
+    //
+    // Sliding windows: shorter than a tile, not a multiple of 16, longer than a chunk, on
+    // Gemma 3's 256-wide heads too; a query's window then starts anywhere in the rows its
+    // task reads.
+    let cases = [
+        (64, 35, None),
+        (64, 150, None),
+        (48, 21, None),
+        (64, 150, Some(70)),
+        (48, 40, Some(16)),
+        (256, 45, Some(11)),
+    ];
+    for (d, n, window, dtype) in cases
         .into_iter()
-        .flat_map(|(d, n)| dtypes.map(|dtype| (d, n, dtype)))
-        .filter(|&(d, _, dtype)| dtype.row_bytes(d).is_some())
+        .flat_map(|(d, n, w)| dtypes.map(|dtype| (d, n, w, dtype)))
+        .filter(|&(d, _, _, dtype)| dtype.row_bytes(d).is_some())
     {
         let (n_kv, group) = (2, 3);
         let n_heads = n_kv * group;
@@ -477,41 +578,62 @@ fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks_at_every_level()
         cache.push_tokens(&vec![0; n]);
         let q = values(n * n_heads * d, 63);
         let row = n_heads * d;
-        let all = attention(Isa::PORTABLE, &q, n, 0, n_heads, &cache, 0);
+        let all = attention(Isa::PORTABLE, &q, n, 0, spec(n_heads, d, window), &cache, 0);
         // The definition: attention over the f32 values the cache holds.
         let exact = cache.convert(KvDtype::F32);
-        let want = attention(Isa::PORTABLE, &q, n, 0, n_heads, &exact, 0);
+        let want = attention(Isa::PORTABLE, &q, n, 0, spec(n_heads, d, window), &exact, 0);
         assert_eq!(
             bits(&all),
             bits(&want),
-            "d {d}, {dtype}: not the f32 definition"
+            "d {d}, window {window:?}, {dtype}: not the f32 definition"
         );
         for_each_isa(|isa| {
-            let at = attention(isa, &q, n, 0, n_heads, &cache, 0);
-            assert_eq!(bits(&at), bits(&all), "d {d}, {dtype}, {isa:?}");
+            let at = attention(isa, &q, n, 0, spec(n_heads, d, window), &cache, 0);
+            assert_eq!(
+                bits(&at),
+                bits(&all),
+                "d {d}, window {window:?}, {dtype}, {isa:?}"
+            );
             for threads in [1, 3] {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
                     .expect("thread pool");
-                let other = pool.install(|| attention(isa, &q, n, 0, n_heads, &cache, 0));
+                let other =
+                    pool.install(|| attention(isa, &q, n, 0, spec(n_heads, d, window), &cache, 0));
                 assert_eq!(
                     bits(&other),
                     bits(&all),
-                    "d {d}, {dtype}, {threads} threads, {isa:?}"
+                    "d {d}, window {window:?}, {dtype}, {threads} threads, {isa:?}"
                 );
             }
             for t in 0..n {
-                let one = attention(isa, &q[t * row..][..row], 1, t, n_heads, &cache, 0);
+                let one = attention(
+                    isa,
+                    &q[t * row..][..row],
+                    1,
+                    t,
+                    spec(n_heads, d, window),
+                    &cache,
+                    0,
+                );
                 let want = bits(&all[t * row..][..row]);
-                assert_eq!(bits(&one), want, "d {d}, {dtype}, token {t}, {isa:?}");
+                assert_eq!(
+                    bits(&one),
+                    want,
+                    "d {d}, window {window:?}, {dtype}, token {t}, {isa:?}"
+                );
             }
             // A few tokens at once (split as decode is, with causal lengths), and one tile.
             for (t0, m) in [(5, 3), (n - 7, 7), (n - 8, 8)] {
                 let q = &q[t0 * row..][..m * row];
-                let part = attention(isa, q, m, t0, n_heads, &cache, 0);
+                let part = attention(isa, q, m, t0, spec(n_heads, d, window), &cache, 0);
                 let want = bits(&all[t0 * row..][..m * row]);
-                assert_eq!(bits(&part), want, "d {d}, {dtype}, {t0}+{m}, {isa:?}");
+                assert_eq!(
+                    bits(&part),
+                    want,
+                    "d {d}, window {window:?}, {dtype}, {t0}+{m}, {isa:?}"
+                );
             }
         });
     }

@@ -1,5 +1,5 @@
-//! [`LlamaConfig`]: the hyper-parameters, read from GGUF metadata and checked before any
-//! tensor is.
+//! [`ModelConfig`]: the architecture and its hyper-parameters, read from GGUF metadata and
+//! checked before any tensor is.
 
 use kv_extract::KvShape;
 
@@ -14,9 +14,44 @@ const MAX_LAYERS: usize = 4096;
 const MAX_VOCAB: usize = 1 << 24;
 const MAX_CONTEXT: usize = 1 << 24;
 
-/// The hyper-parameters of a llama-architecture model, from the GGUF metadata.
+/// The architectures the engine runs (`general.architecture`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Architecture {
+    /// `llama`: RMSNorm, SiLU-gated MLP, interleaved RoPE (SmolLM2, Llama).
+    Llama,
+    /// `gemma3`: scaled embeddings, norms before and after attention and the MLP, per-head
+    /// q/k norms, GELU-gated MLP, NeoX RoPE with one base for sliding-window layers and
+    /// another for global ones.
+    Gemma3,
+}
+
+impl Architecture {
+    /// The name GGUF files give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Gemma3 => "gemma3",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Architecture> {
+        match name {
+            "llama" => Some(Architecture::Llama),
+            "gemma3" => Some(Architecture::Gemma3),
+            _ => None,
+        }
+    }
+}
+
+/// The architectures [`ModelConfig::from_gguf`] accepts, for error messages.
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, gemma3";
+
+/// A model's hyper-parameters, from the GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlamaConfig {
+pub struct ModelConfig {
+    /// Which forward pass the weights are for.
+    pub arch: Architecture,
     /// Transformer layers (`{arch}.block_count`).
     pub n_layers: usize,
     /// Width of the residual stream (`{arch}.embedding_length`).
@@ -32,8 +67,21 @@ pub struct LlamaConfig {
     /// Leading dimensions of each head that RoPE rotates (`{arch}.rope.dimension_count`,
     /// default `head_dim`).
     pub rope_dim: usize,
-    /// RoPE base frequency (`{arch}.rope.freq_base`, default 10000).
+    /// RoPE base frequency (`{arch}.rope.freq_base`, default 10000): of every layer, or of
+    /// the global layers when some have a sliding window.
     pub rope_base: f32,
+    /// RoPE base of the sliding-window layers (`{arch}.rope.freq_base_swa`, default 10000, as
+    /// llama.cpp has it); `rope_base` when no layer has a window.
+    pub rope_base_swa: f32,
+    /// Positions each query of a sliding-window layer sees, itself included
+    /// (`{arch}.attention.sliding_window`): query `p` sees keys `p - window + 1 ..= p`.
+    pub sliding_window: Option<usize>,
+    /// Which layers have the sliding window (`{arch}.attention.sliding_window_pattern`: for
+    /// Gemma 3 by default every layer but each sixth); empty when none has.
+    pub swa_layers: Vec<bool>,
+    /// Attention's score scale: `1 / sqrt(head_dim)` (Gemma 3 27B: `1 / sqrt(dim / n_heads)`,
+    /// as llama.cpp has it).
+    pub attn_scale: f32,
     /// RMSNorm epsilon (`{arch}.attention.layer_norm_rms_epsilon`).
     pub rms_eps: f32,
     /// Longest sequence the model was trained for (`{arch}.context_length`).
@@ -42,17 +90,16 @@ pub struct LlamaConfig {
     pub vocab_size: usize,
 }
 
-impl LlamaConfig {
+impl ModelConfig {
     /// Reads and validates the configuration from GGUF metadata. The vocabulary size is taken
     /// from the `token_embd.weight` tensor's shape.
-    pub(crate) fn from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
+    pub(crate) fn from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         let md = file.metadata();
         let arch = gguf_meta::string(md, "general.architecture")?;
-        if arch != "llama" {
-            return Err(EngineError::UnsupportedArchitecture {
+        let kind =
+            Architecture::from_name(arch).ok_or_else(|| EngineError::UnsupportedArchitecture {
                 name: arch.to_owned(),
-            });
-        }
+            })?;
         let key = |k: &str| format!("{arch}.{k}");
         let n_layers = gguf_meta::count(md, &key("block_count"), MAX_LAYERS)?;
         let dim = gguf_meta::count(md, &key("embedding_length"), MAX_DIM)?;
@@ -120,6 +167,53 @@ impl LlamaConfig {
             ));
         }
         let context_length = gguf_meta::count(md, &key("context_length"), MAX_CONTEXT)?;
+        if let Some(scaling) = gguf_meta::opt_string(md, &key("rope.scaling.type"))?
+            && scaling != "none"
+        {
+            // Gemma 3's larger models scale global layers' positions linearly; the engine does
+            // not implement it yet, and running without it would give other logits silently.
+            return Err(bad(
+                &key("rope.scaling.type"),
+                format!("rope scaling `{scaling}` is not supported (only unscaled rope is)"),
+            ));
+        }
+        let mut sliding_window = None;
+        let mut swa_layers = Vec::new();
+        let mut rope_base_swa = rope_base;
+        if kind == Architecture::Gemma3 {
+            let window_key = key("attention.sliding_window");
+            sliding_window = gguf_meta::opt_count(md, &window_key, MAX_CONTEXT)?.filter(|&w| w > 0);
+            if sliding_window.is_some() {
+                let pattern_key = key("attention.sliding_window_pattern");
+                let pattern = gguf_meta::opt_count(md, &pattern_key, MAX_LAYERS)?.unwrap_or(6);
+                // llama.cpp's `set_swa_pattern`: within each run of `pattern` layers, all but
+                // the last have the window (0: every layer has it).
+                swa_layers = (0..n_layers)
+                    .map(|il| pattern == 0 || il % pattern < pattern - 1)
+                    .collect();
+                rope_base_swa =
+                    gguf_meta::opt_f32(md, &key("rope.freq_base_swa"))?.unwrap_or(10000.0);
+                if !(rope_base_swa.is_finite() && rope_base_swa > 0.0) {
+                    return Err(bad(
+                        &key("rope.freq_base_swa"),
+                        format!("{rope_base_swa} is not a positive number"),
+                    ));
+                }
+            }
+            if let Some(cap) = gguf_meta::opt_f32(md, &key("final_logit_softcapping"))?
+                && cap != 0.0
+            {
+                return Err(bad(
+                    &key("final_logit_softcapping"),
+                    format!("logit soft-capping ({cap}) is not supported"),
+                ));
+            }
+        }
+        let attn_scale = match (kind, n_layers) {
+            // gemma_pytorch's query_pre_attn_scalar for the 27B model, as llama.cpp picks it.
+            (Architecture::Gemma3, 62) => 1.0 / ((dim / n_heads) as f32).sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
         let embd = file
             .tensor_dims(TOKEN_EMBD)
             .ok_or_else(|| EngineError::MissingTensor {
@@ -138,7 +232,8 @@ impl LlamaConfig {
                 });
             }
         };
-        Ok(LlamaConfig {
+        Ok(ModelConfig {
+            arch: kind,
             n_layers,
             dim,
             ffn_dim,
@@ -147,10 +242,22 @@ impl LlamaConfig {
             head_dim,
             rope_dim,
             rope_base,
+            rope_base_swa,
+            sliding_window,
+            swa_layers,
+            attn_scale,
             rms_eps,
             context_length,
             vocab_size,
         })
+    }
+
+    /// The sliding window of layer `layer`, if it has one.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        match self.swa_layers.get(layer) {
+            Some(true) => self.sliding_window,
+            _ => None,
+        }
     }
 
     /// The shape of a KV cache for this model.

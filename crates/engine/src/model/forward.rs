@@ -3,9 +3,10 @@
 
 use kv_extract::KvCache;
 
+use super::config::Architecture;
 use super::{Logits, Model};
 use crate::error::{EngineError, Result};
-use crate::kernels::{self, RopeTable};
+use crate::kernels::{self, AttentionSpec, RopeStyle, RopeTable};
 
 impl Model {
     /// Runs `tokens` at positions `cache.len()..`, appends their K/V (and ids) to `cache`, and
@@ -89,12 +90,27 @@ impl Model {
         let (start, n) = (cache.len(), tokens.len());
         let (dim, hd) = (c.dim, c.head_dim);
         let (q_w, kv_w) = (c.n_heads * hd, c.n_kv_heads * hd);
+        let gemma = c.arch == Architecture::Gemma3;
+        let style = if gemma {
+            RopeStyle::NeoX
+        } else {
+            RopeStyle::Interleaved
+        };
         let rope = RopeTable::new(&self.rope_inv_freq, start, n);
+        let rope_swa = match c.sliding_window {
+            Some(_) => RopeTable::new(&self.rope_inv_freq_swa, start, n),
+            None => RopeTable::new(&[], start, n),
+        };
         let isa = self.isa;
 
         let mut x = vec![0.0f32; n * dim];
         for (row, &t) in x.chunks_exact_mut(dim).zip(tokens) {
             self.token_embd.row_into(t as usize, row);
+        }
+        if gemma {
+            // Gemma scales the embeddings by sqrt(dim) (llama.cpp: `ggml_scale`, in f32).
+            let s = (dim as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= s);
         }
         let mut h = vec![0.0f32; n * dim];
         for (li, layer) in self.layers.iter().enumerate() {
@@ -108,17 +124,42 @@ impl Model {
                 k.extend_from_slice(&row[q_w..q_w + kv_w]);
                 v.extend_from_slice(&row[q_w + kv_w..]);
             }
-            rope.apply(&mut q, c.n_heads, hd);
-            rope.apply(&mut k, c.n_kv_heads, hd);
+            if let Some(g) = &layer.gemma {
+                // Each head's query and key RMS-normed on its own, before RoPE.
+                let (q_in, k_in) = (q.clone(), k.clone());
+                kernels::rms_norm(isa, &q_in, &g.q_norm, c.rms_eps, &mut q);
+                kernels::rms_norm(isa, &k_in, &g.k_norm, c.rms_eps, &mut k);
+            }
+            let table = if layer.window.is_some() {
+                &rope_swa
+            } else {
+                &rope
+            };
+            table.apply(style, &mut q, c.n_heads, hd);
+            table.apply(style, &mut k, c.n_kv_heads, hd);
             cache.write_rows(li, start, &k, &v);
-            let attn = kernels::attention(isa, &q, n, start, c.n_heads, cache, li);
-            let o = kernels::matmul(isa, &attn, n, &layer.attn_output);
+            let spec = AttentionSpec {
+                n_heads: c.n_heads,
+                scale: c.attn_scale,
+                window: layer.window,
+            };
+            let attn = kernels::attention(isa, &q, n, start, spec, cache, li);
+            let mut o = kernels::matmul(isa, &attn, n, &layer.attn_output);
+            if let Some(g) = &layer.gemma {
+                kernels::rms_norm(isa, &o.clone(), &g.post_attn_norm, c.rms_eps, &mut o);
+            }
             kernels::add_in_place(&mut x, &o);
 
             kernels::rms_norm(isa, &x, &layer.ffn_norm, c.rms_eps, &mut h);
             let gate_up = kernels::matmul(isa, &h, n, &layer.gate_up);
-            let act = kernels::silu_mul_rows(&gate_up, c.ffn_dim);
-            let down = kernels::matmul(isa, &act, n, &layer.ffn_down);
+            let act = match gemma {
+                true => kernels::gelu_mul_rows(&gate_up, c.ffn_dim),
+                false => kernels::silu_mul_rows(&gate_up, c.ffn_dim),
+            };
+            let mut down = kernels::matmul(isa, &act, n, &layer.ffn_down);
+            if let Some(g) = &layer.gemma {
+                kernels::rms_norm(isa, &down.clone(), &g.post_ffn_norm, c.rms_eps, &mut down);
+            }
             kernels::add_in_place(&mut x, &down);
         }
         cache.push_tokens(tokens);

@@ -1,11 +1,13 @@
 //! Loading a model: the GGUF header and tensors read through `GgufFile`, every tensor's
 //! shape checked against the configuration, the weights hashed, Q4_1 and Q8_0 kept quantized.
+//! The tensors are llama's, and for Gemma 3 four more norms per layer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use super::config::Architecture;
 use super::config::{OUTPUT, OUTPUT_NORM, TOKEN_EMBD};
-use super::{Layer, LlamaConfig, Model};
+use super::{GemmaNorms, Layer, Model, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kernels::quant::QMatrix;
@@ -20,7 +22,7 @@ impl Model {
     /// Builds the model from an open GGUF file (whose metadata also holds the tokenizer and
     /// chat template, so the file is parsed once).
     pub(crate) fn from_file(file: &mut GgufFile) -> Result<Model> {
-        let config = LlamaConfig::from_gguf(file)?;
+        let config = ModelConfig::from_gguf(file)?;
         let expected = expected_shapes(&config, file.tensor_dims(OUTPUT).is_some());
         for (name, shape) in &expected {
             let dims = file
@@ -107,6 +109,15 @@ impl Model {
                 w(&n("ffn_gate"), c.ffn_dim, c.dim)?,
                 w(&n("ffn_up"), c.ffn_dim, c.dim)?,
             ];
+            let gemma = match c.arch {
+                Architecture::Llama => None,
+                Architecture::Gemma3 => Some(GemmaNorms {
+                    q_norm: w(&n("attn_q_norm"), 1, c.head_dim)?.into_f32(),
+                    k_norm: w(&n("attn_k_norm"), 1, c.head_dim)?.into_f32(),
+                    post_attn_norm: w(&n("post_attention_norm"), 1, c.dim)?.into_f32(),
+                    post_ffn_norm: w(&n("post_ffw_norm"), 1, c.dim)?.into_f32(),
+                }),
+            };
             layers.push(Layer {
                 attn_norm: w(&n("attn_norm"), 1, c.dim)?.into_f32(),
                 qkv: stack(&n("attn_q"), qkv)?,
@@ -114,9 +125,12 @@ impl Model {
                 ffn_norm: w(&n("ffn_norm"), 1, c.dim)?.into_f32(),
                 gate_up: stack(&n("ffn_gate"), gate_up)?,
                 ffn_down: w(&n("ffn_down"), c.dim, c.ffn_dim)?,
+                gemma,
+                window: c.layer_window(i),
             });
         }
         let rope_inv_freq = RopeTable::inv_freq(config.rope_base, config.rope_dim);
+        let rope_inv_freq_swa = RopeTable::inv_freq(config.rope_base_swa, config.rope_dim);
         Ok(Model {
             config,
             weights_hash,
@@ -125,6 +139,7 @@ impl Model {
             output_norm,
             layers,
             rope_inv_freq,
+            rope_inv_freq_swa,
             isa: Isa::from_env()?,
         })
     }
@@ -132,7 +147,7 @@ impl Model {
 
 /// Every tensor the model uses, with its shape as candle reports it (`[rows, cols]`,
 /// the reverse of GGUF's dimension order).
-fn expected_shapes(c: &LlamaConfig, has_output: bool) -> BTreeMap<String, Vec<usize>> {
+fn expected_shapes(c: &ModelConfig, has_output: bool) -> BTreeMap<String, Vec<usize>> {
     let (q_rows, kv_rows) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let mut m = BTreeMap::new();
     m.insert(TOKEN_EMBD.to_owned(), vec![c.vocab_size, c.dim]);
@@ -151,6 +166,12 @@ fn expected_shapes(c: &LlamaConfig, has_output: bool) -> BTreeMap<String, Vec<us
         m.insert(n("ffn_gate"), vec![c.ffn_dim, c.dim]);
         m.insert(n("ffn_up"), vec![c.ffn_dim, c.dim]);
         m.insert(n("ffn_down"), vec![c.dim, c.ffn_dim]);
+        if c.arch == Architecture::Gemma3 {
+            m.insert(n("attn_q_norm"), vec![c.head_dim]);
+            m.insert(n("attn_k_norm"), vec![c.head_dim]);
+            m.insert(n("post_attention_norm"), vec![c.dim]);
+            m.insert(n("post_ffw_norm"), vec![c.dim]);
+        }
     }
     m
 }

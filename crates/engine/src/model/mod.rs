@@ -1,5 +1,5 @@
-//! A llama-architecture model loaded from a GGUF file, and its forward pass over our own
-//! [`KvCache`].
+//! A model loaded from a GGUF file (the llama and Gemma 3 architectures), and its forward
+//! pass over our own [`KvCache`].
 //!
 //! Q4_1 and Q8_0 weights stay quantized in memory (other types are dequantized to f32 at load
 //! time) and are multiplied with the batch-invariant kernels of [`crate::kernels`] and
@@ -17,7 +17,7 @@ use kv_extract::{KvCache, KvDtype, KvShape};
 use crate::error::{EngineError, Result};
 use crate::kernels::{Isa, Weight};
 
-pub use config::LlamaConfig;
+pub use config::{Architecture, ModelConfig, SUPPORTED_ARCHITECTURES};
 pub use forward::PREFILL_CHUNK;
 
 /// Which logits [`Model::forward`] returns.
@@ -41,11 +41,25 @@ struct Layer {
     /// Gate and up projections stacked row-wise.
     gate_up: Weight,
     ffn_down: Weight,
+    /// Gemma 3's extra norms; `None` for llama.
+    gemma: Option<GemmaNorms>,
+    /// Positions a query sees in this layer, itself included, when it has a sliding window.
+    window: Option<usize>,
 }
 
-/// A loaded llama-architecture model.
+/// The RMSNorm weights a Gemma 3 layer has beyond llama's.
+struct GemmaNorms {
+    /// Of each query head and each key head (`head_dim` values), before RoPE.
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    /// Of the attention output and of the MLP output, before each residual add.
+    post_attn_norm: Vec<f32>,
+    post_ffn_norm: Vec<f32>,
+}
+
+/// A loaded model.
 pub struct Model {
-    config: LlamaConfig,
+    config: ModelConfig,
     weights_hash: String,
     token_embd: Weight,
     /// `None` when the LM head is tied to `token_embd` (no `output.weight` in the file).
@@ -53,6 +67,8 @@ pub struct Model {
     output_norm: Vec<f32>,
     layers: Vec<Layer>,
     rope_inv_freq: Vec<f64>,
+    /// Of the sliding-window layers, when their base differs (Gemma 3).
+    rope_inv_freq_swa: Vec<f64>,
     /// The instruction-set level every kernel call runs at.
     isa: Isa,
 }
@@ -79,7 +95,7 @@ impl Model {
     }
 
     /// The model's hyper-parameters.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -117,6 +133,13 @@ impl Model {
                     + l.gate_up.bytes()
                     + l.ffn_down.bytes()
                     + (l.attn_norm.len() + l.ffn_norm.len()) * size_of::<f32>()
+                    + l.gemma.as_ref().map_or(0, |g| {
+                        (g.q_norm.len()
+                            + g.k_norm.len()
+                            + g.post_attn_norm.len()
+                            + g.post_ffn_norm.len())
+                            * size_of::<f32>()
+                    })
             })
             .sum();
         layers

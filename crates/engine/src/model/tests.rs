@@ -362,17 +362,21 @@ fn missing_file_is_model_not_found() {
 fn unsupported_architecture_is_named() {
     let (_dir, path) = write_tiny(
         &TinyConfig {
-            architecture: "gemma3".into(),
+            architecture: "mamba".into(),
             ..TinyConfig::default()
         },
         1,
     );
-    let err = Model::load(&path).expect_err("gemma3 is not supported");
+    let err = Model::load(&path).expect_err("mamba is not supported");
     assert!(
-        matches!(&err, EngineError::UnsupportedArchitecture { name } if name == "gemma3"),
+        matches!(&err, EngineError::UnsupportedArchitecture { name } if name == "mamba"),
         "{err:?}"
     );
-    assert!(err.to_string().contains("gemma3"));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("mamba") && msg.contains("llama, gemma3"),
+        "{msg}"
+    );
 }
 
 #[test]
