@@ -1,6 +1,10 @@
 //! Prints the token ids of a text as a JSON array, for comparing with other tokenizers.
 //!
 //! `cargo run -p engine --example tokenize -- [--model PATH] [--chat] TEXT`
+//!
+//! Without `--chat` only the GGUF's tokenizer is read, so any model file works (Gemma 3's
+//! too, which the engine does not run); control-token text in TEXT becomes control tokens,
+//! and no BOS is added.
 
 mod common;
 
@@ -13,7 +17,8 @@ use engine::Message;
 
 #[derive(Parser)]
 struct Args {
-    /// A GGUF of a supported architecture (default: the fetched SmolLM2-135M-Instruct).
+    /// A GGUF file (default: the fetched SmolLM2-135M-Instruct); with `--chat`, one the
+    /// engine can load, with a chat template.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Render TEXT as one user message through the chat template first.
@@ -25,11 +30,12 @@ struct Args {
 
 fn run() -> Result<()> {
     let args = Args::parse();
-    let engine = engine::Engine::load(&common::model_path(args.model)?)?;
+    let path = common::model_path(args.model)?;
     let ids = if args.chat {
+        let engine = engine::Engine::load(&path)?;
         engine.chat_tokens(&[Message::user(args.text)], true)?
     } else {
-        engine.tokenizer().encode(&args.text)?
+        engine::Tokenizer::from_file(&path)?.encode(&args.text)?
     };
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())

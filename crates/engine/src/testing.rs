@@ -98,6 +98,14 @@ pub fn real_model_content() -> Option<&'static GgufFile> {
     )
 }
 
+/// Gemma 3 270M's GGUF header, read once per test binary; `None` (after the warning) where
+/// [`real_gemma_path`] gives none.
+pub fn real_gemma_content() -> Option<&'static GgufFile> {
+    static CONTENT: OnceLock<GgufFile> = OnceLock::new();
+    let path = real_gemma_path()?;
+    Some(CONTENT.get_or_init(|| GgufFile::open(&path).expect("reading gemma 3's gguf header")))
+}
+
 /// A GGUF header with `metadata` and no tensors, for tokenizer and chat-template tests.
 pub fn gguf_content(metadata: HashMap<String, Value>) -> GgufFile {
     GgufFile::from_metadata(metadata)

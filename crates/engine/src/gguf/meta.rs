@@ -195,6 +195,27 @@ pub fn i32_array(md: &Metadata, key: &str) -> Result<Vec<i32>> {
         .collect()
 }
 
+/// The array of numbers under `key` as `f32`: floats (`f64` narrowed) or integers, since
+/// llama.cpp accepts `tokenizer.ggml.scores` stored either way.
+pub fn f32_array(md: &Metadata, key: &str) -> Result<Vec<f32>> {
+    array(md, key)?
+        .iter()
+        .enumerate()
+        .map(|(index, v)| match *v {
+            Value::F32(x) => Ok(x),
+            Value::F64(x) => Ok(x as f32),
+            ref other => as_i128(other).map(|wide| wide as f32).ok_or_else(|| {
+                MetadataError::WrongElementType {
+                    key: key.to_owned(),
+                    index,
+                    expected: "number",
+                    found: type_name(other),
+                }
+            }),
+        })
+        .collect()
+}
+
 fn array<'a>(md: &'a Metadata, key: &str) -> Result<&'a [Value]> {
     match get(md, key)? {
         Value::Array(items) => Ok(items),
@@ -291,6 +312,11 @@ mod tests {
         assert_eq!(opt_string(&md, "nope").ok(), Some(None));
         assert_eq!(string_array(&md, "strs").ok(), Some(vec!["a", "b"]));
         assert_eq!(i32_array(&md, "ints").ok(), Some(vec![1, 3, -2]));
+        assert_eq!(f32_array(&md, "ints").ok(), Some(vec![1.0, 3.0, -2.0]));
+        assert!(matches!(
+            f32_array(&md, "mixed"),
+            Err(MetadataError::WrongElementType { index: 0, .. })
+        ));
     }
 
     #[test]

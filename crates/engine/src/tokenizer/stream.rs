@@ -7,6 +7,10 @@ use super::{Result, Tokenizer};
 ///
 /// The tokenizer is passed to each call rather than borrowed for the stream's lifetime, so a
 /// generation loop can keep the stream next to the model it mutates.
+///
+/// The text is the concatenation of [`Tokenizer::token_bytes`]: for a SentencePiece
+/// vocabulary with a space prefix, [`Tokenizer::decode`] also drops the first token's
+/// leading space, the stream does not (generated text continues a prompt, as in llama.cpp).
 #[derive(Clone, Debug, Default)]
 pub struct TokenStream {
     pending: Vec<u8>,

@@ -4,10 +4,7 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file::Value;
 
-use super::bpe::{
-    KEY_BOS, KEY_EOS, KEY_MERGES, KEY_MODEL, KEY_PRE, KEY_TOKEN_TYPE, KEY_TOKENS,
-    byte_level_char_to_byte, parse_merges,
-};
+use super::bpe::{byte_level_char_to_byte, parse_merges};
 use super::pre::PreSplit;
 use super::*;
 use crate::gguf::GgufFile;
@@ -223,10 +220,21 @@ fn bad_metadata_gives_typed_errors() {
     ));
 
     let mut md = tiny_metadata("smollm");
-    md.insert(KEY_MODEL.into(), Value::String("llama".into()));
+    md.insert(KEY_MODEL.into(), Value::String("bert".into()));
     assert!(matches!(
         build(md),
-        Some(TokenizerError::UnsupportedModel { model }) if model == "llama"
+        Some(TokenizerError::UnsupportedModel { model }) if model == "bert"
+    ));
+
+    let mut md = tiny_metadata("smollm");
+    md.remove(KEY_BOS);
+    md.insert(KEY_ADD_BOS.into(), Value::Bool(true));
+    assert!(matches!(
+        build(md),
+        Some(TokenizerError::AddWithoutId {
+            flag: KEY_ADD_BOS,
+            key: KEY_BOS
+        })
     ));
 
     let err = build(tiny_metadata("qwen2"));
@@ -476,7 +484,10 @@ fn real_plain_encoding_round_trips_without_control_tokens() {
             assert_eq!(ids, tok.encode(text).expect("encode"));
         }
     }
-    let control: Vec<u32> = tok.control.iter().filter_map(|t| tok.token_id(t)).collect();
+    let Model::Bpe(bpe) = &tok.model else {
+        panic!("SmolLM2 is byte-level bpe")
+    };
+    let control: Vec<u32> = bpe.control.iter().filter_map(|t| tok.token_id(t)).collect();
     assert_eq!(control.len(), 17);
     assert!(control.iter().all(|&i| i <= 16), "{control:?}");
     assert_eq!(
