@@ -83,6 +83,15 @@ pub enum EngineError {
         found: Vec<usize>,
     },
 
+    /// A tensor holds values the model cannot use.
+    #[error("tensor {name:?} holds values the model cannot use: {reason}")]
+    InvalidTensor {
+        /// The tensor's GGUF name.
+        name: String,
+        /// What is wrong with them.
+        reason: String,
+    },
+
     /// A tensor's data could not be read or dequantized (typically a truncated file).
     #[error("could not load tensor {name:?} (truncated or corrupt file?)")]
     TensorData {

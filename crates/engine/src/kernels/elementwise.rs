@@ -99,10 +99,25 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
-    /// Inverse frequencies `base^(-2i / rope_dim)` for `i < rope_dim / 2`.
-    pub fn inv_freq(base: f32, rope_dim: usize) -> Vec<f64> {
-        (0..rope_dim / 2)
-            .map(|i| (base as f64).powf(-((2 * i) as f64) / rope_dim as f64))
+    /// Inverse frequencies `base^(-2i / rope_dim) / factors[i]` for `i < rope_dim / 2`, each
+    /// factor `1` without `factors` (Llama 3's `rope_freqs.weight`, one per pair: llama.cpp's
+    /// `ggml_rope_ext` divides each pair's angle by its factor).
+    ///
+    /// # Panics
+    /// If `factors` is not `rope_dim / 2` long.
+    pub fn inv_freq(base: f32, rope_dim: usize, factors: Option<&[f32]>) -> Vec<f64> {
+        let pairs = rope_dim / 2;
+        if let Some(f) = factors {
+            assert_eq!(f.len(), pairs, "one rope frequency factor per pair");
+        }
+        (0..pairs)
+            .map(|i| {
+                let f = (base as f64).powf(-((2 * i) as f64) / rope_dim as f64);
+                match factors {
+                    Some(factors) => f / f64::from(factors[i]),
+                    None => f,
+                }
+            })
             .collect()
     }
 

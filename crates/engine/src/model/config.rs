@@ -18,7 +18,8 @@ const MAX_CONTEXT: usize = 1 << 24;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Architecture {
-    /// `llama`: RMSNorm, SiLU-gated MLP, interleaved RoPE (SmolLM2, Llama).
+    /// `llama`: RMSNorm, SiLU-gated MLP, interleaved RoPE (SmolLM2, Llama), with Llama 3's
+    /// per-pair frequency factors when the file has them (`rope_freqs.weight`).
     Llama,
     /// `gemma3`: scaled embeddings, norms before and after attention and the MLP, per-head
     /// q/k norms, GELU-gated MLP, NeoX RoPE with one base for sliding-window layers and
@@ -278,3 +279,4 @@ pub(super) fn bad(key: &str, reason: String) -> EngineError {
 pub(super) const TOKEN_EMBD: &str = "token_embd.weight";
 pub(super) const OUTPUT: &str = "output.weight";
 pub(super) const OUTPUT_NORM: &str = "output_norm.weight";
+pub(super) const ROPE_FREQS: &str = "rope_freqs.weight";

@@ -1,12 +1,13 @@
 //! Loading a model: the GGUF header and tensors read through `GgufFile`, every tensor's
 //! shape checked against the configuration, the weights hashed, Q4_1 and Q8_0 kept quantized.
-//! The tensors are llama's, and for Gemma 3 four more norms per layer.
+//! The tensors are llama's, for Gemma 3 four more norms per layer, and Llama 3's RoPE
+//! frequency factors when the file has them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use super::config::Architecture;
-use super::config::{OUTPUT, OUTPUT_NORM, TOKEN_EMBD};
+use super::config::{OUTPUT, OUTPUT_NORM, ROPE_FREQS, TOKEN_EMBD};
 use super::{GemmaNorms, Layer, Model, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
@@ -23,7 +24,7 @@ impl Model {
     /// chat template, so the file is parsed once).
     pub(crate) fn from_file(file: &mut GgufFile) -> Result<Model> {
         let config = ModelConfig::from_gguf(file)?;
-        let expected = expected_shapes(&config, file.tensor_dims(OUTPUT).is_some());
+        let expected = expected_shapes(&config, |name| file.tensor_dims(name).is_some());
         for (name, shape) in &expected {
             let dims = file
                 .tensor_dims(name)
@@ -90,6 +91,10 @@ impl Model {
             false => None,
         };
         let output_norm = w(OUTPUT_NORM, 1, c.dim)?.into_f32();
+        let rope_freq_factors = match expected.contains_key(ROPE_FREQS) {
+            true => Some(rope_factors(w(ROPE_FREQS, 1, c.rope_dim / 2)?.into_f32())?),
+            false => None,
+        };
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let n = |t: &str| format!("blk.{i}.{t}.weight");
@@ -129,8 +134,13 @@ impl Model {
                 window: c.layer_window(i),
             });
         }
-        let rope_inv_freq = RopeTable::inv_freq(config.rope_base, config.rope_dim);
-        let rope_inv_freq_swa = RopeTable::inv_freq(config.rope_base_swa, config.rope_dim);
+        let rope_inv_freq = RopeTable::inv_freq(
+            config.rope_base,
+            config.rope_dim,
+            rope_freq_factors.as_deref(),
+        );
+        // Only llama takes the factors, and it has no sliding-window layers.
+        let rope_inv_freq_swa = RopeTable::inv_freq(config.rope_base_swa, config.rope_dim, None);
         Ok(Model {
             config,
             weights_hash,
@@ -138,6 +148,7 @@ impl Model {
             output,
             output_norm,
             layers,
+            rope_freq_factors,
             rope_inv_freq,
             rope_inv_freq_swa,
             isa: Isa::from_env()?,
@@ -146,14 +157,22 @@ impl Model {
 }
 
 /// Every tensor the model uses, with its shape as candle reports it (`[rows, cols]`,
-/// the reverse of GGUF's dimension order).
-fn expected_shapes(c: &ModelConfig, has_output: bool) -> BTreeMap<String, Vec<usize>> {
+/// the reverse of GGUF's dimension order): the required ones, and the optional ones the
+/// architecture takes that `has` says the file holds.
+fn expected_shapes(c: &ModelConfig, has: impl Fn(&str) -> bool) -> BTreeMap<String, Vec<usize>> {
     let (q_rows, kv_rows) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let mut m = BTreeMap::new();
+    let optional = |m: &mut BTreeMap<String, Vec<usize>>, name: String, shape: Vec<usize>| {
+        if has(&name) {
+            m.insert(name, shape);
+        }
+    };
     m.insert(TOKEN_EMBD.to_owned(), vec![c.vocab_size, c.dim]);
     m.insert(OUTPUT_NORM.to_owned(), vec![c.dim]);
-    if has_output {
-        m.insert(OUTPUT.to_owned(), vec![c.vocab_size, c.dim]);
+    optional(&mut m, OUTPUT.to_owned(), vec![c.vocab_size, c.dim]);
+    if c.arch == Architecture::Llama {
+        // One factor per rotated pair, shared by every layer (llama.cpp: `{n_rot / 2}`).
+        optional(&mut m, ROPE_FREQS.to_owned(), vec![c.rope_dim / 2]);
     }
     for i in 0..c.n_layers {
         let n = |t: &str| format!("blk.{i}.{t}.weight");
@@ -174,6 +193,18 @@ fn expected_shapes(c: &ModelConfig, has_output: bool) -> BTreeMap<String, Vec<us
         }
     }
     m
+}
+
+/// Llama 3's RoPE frequency factors, checked: each divides a frequency, so it must be a
+/// positive finite number (a hostile zero would make every angle infinite).
+fn rope_factors(factors: Vec<f32>) -> Result<Vec<f32>> {
+    match factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+        Some(bad) => Err(EngineError::InvalidTensor {
+            name: ROPE_FREQS.to_owned(),
+            reason: format!("frequency factor {bad} is not a positive number"),
+        }),
+        None => Ok(factors),
+    }
 }
 
 /// Whether an unused tensor's element count can be computed without overflow (it is read to

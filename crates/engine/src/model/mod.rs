@@ -66,6 +66,9 @@ pub struct Model {
     output: Option<Weight>,
     output_norm: Vec<f32>,
     layers: Vec<Layer>,
+    /// Llama 3's RoPE frequency factors (`rope_freqs.weight`), already divided into
+    /// `rope_inv_freq`; kept for the cache fingerprint.
+    rope_freq_factors: Option<Vec<f32>>,
     rope_inv_freq: Vec<f64>,
     /// Of the sliding-window layers, when their base differs (Gemma 3).
     rope_inv_freq_swa: Vec<f64>,
@@ -103,6 +106,12 @@ impl Model {
     /// in name order: with the configuration, the model's identity in saved caches' metadata.
     pub fn weights_hash(&self) -> &str {
         &self.weights_hash
+    }
+
+    /// Llama 3's RoPE frequency factors (`rope_freqs.weight`, one per rotated pair), which
+    /// divide each pair's frequency; `None` when the file has none (every factor 1).
+    pub fn rope_freq_factors(&self) -> Option<&[f32]> {
+        self.rope_freq_factors.as_deref()
     }
 
     /// The shape a KV cache for this model must have.
@@ -145,6 +154,7 @@ impl Model {
         layers
             + self.token_embd.bytes()
             + self.output.as_ref().map_or(0, Weight::bytes)
+            + self.rope_freq_factors.as_ref().map_or(0, Vec::len) * size_of::<f32>()
             + self.output_norm.len() * size_of::<f32>()
     }
 }

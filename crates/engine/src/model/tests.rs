@@ -380,6 +380,48 @@ fn unsupported_architecture_is_named() {
 }
 
 #[test]
+fn rope_frequency_factors_are_read_and_checked() {
+    let with = |factors: Vec<f32>| TinyConfig {
+        extra_tensors: vec![("rope_freqs.weight".into(), factors)],
+        ..TinyConfig::default()
+    };
+    // 8-wide heads: four pairs.
+    let m = tiny_model(&with(vec![1.0, 2.0, 4.0, 8.0]));
+    assert_eq!(m.rope_freq_factors(), Some(&[1.0, 2.0, 4.0, 8.0][..]));
+    let plain = tiny_model(&TinyConfig::default());
+    assert_eq!(plain.rope_freq_factors(), None);
+    let mut a = m.new_cache(KvDtype::F32).expect("f32 cache");
+    let mut b = plain.new_cache(KvDtype::F32).expect("f32 cache");
+    let toks = letters();
+    let scaled = m.forward(&toks, &mut a, Logits::All).expect("forward");
+    let unscaled = plain.forward(&toks, &mut b, Logits::All).expect("forward");
+    // Position 0 does not turn; later ones do, by other angles.
+    assert_eq!(bits(&scaled[..268]), bits(&unscaled[..268]));
+    assert!(crate::testing::max_abs_diff(&scaled, &unscaled) > 0.01);
+    // All ones is no scaling at all.
+    let ones = tiny_model(&with(vec![1.0; 4]));
+    let mut c = ones.new_cache(KvDtype::F32).expect("f32 cache");
+    let same = ones.forward(&toks, &mut c, Logits::All).expect("forward");
+    assert_eq!(bits(&same), bits(&unscaled));
+
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let (_dir, path) = write_tiny(&with(vec![1.0, bad, 4.0, 8.0]), 7);
+        let err = Model::load(&path).expect_err("a factor that is not positive");
+        assert!(
+            matches!(&err, EngineError::InvalidTensor { name, .. } if name == "rope_freqs.weight"),
+            "{bad}: {err:?}"
+        );
+    }
+    let (_dir, path) = write_tiny(&with(vec![1.0; 3]), 7);
+    let err = Model::load(&path).expect_err("one factor per pair");
+    assert!(
+        matches!(&err, EngineError::TensorShape { name, expected, .. }
+            if name == "rope_freqs.weight" && expected == &[4]),
+        "{err:?}"
+    );
+}
+
+#[test]
 fn missing_tensor_is_named() {
     let cfg = TinyConfig {
         omit_tensor: Some("blk.1.ffn_up.weight".into()),
