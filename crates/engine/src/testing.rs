@@ -144,7 +144,8 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
 /// Shape and contents of a tiny model.
 #[derive(Clone, Debug)]
 pub struct TinyConfig {
-    /// `general.architecture`; anything but "llama" must be rejected by the loader.
+    /// `general.architecture`: "llama", or "qwen2" for the same tensors read as Qwen2 (with
+    /// biases from `extra_tensors`), or a name the loader must reject.
     pub architecture: String,
     /// Transformer layers.
     pub n_layers: usize,
