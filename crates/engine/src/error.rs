@@ -83,6 +83,29 @@ pub enum EngineError {
         found: Vec<usize>,
     },
 
+    /// The file holds a tensor that would change the model's output in llama.cpp but that the
+    /// engine does not apply for this architecture (a bias of a projection it has none for,
+    /// RoPE frequency factors it does not take): running without it would give other logits.
+    #[error(
+        "tensor {name:?} is not supported for the {arch} architecture: llama.cpp applies it, \
+         and running without it would give other results; this model cannot run here"
+    )]
+    UnsupportedTensor {
+        /// The tensor's GGUF name.
+        name: String,
+        /// The file's architecture.
+        arch: &'static str,
+    },
+
+    /// A tensor holds values the model cannot use.
+    #[error("tensor {name:?} holds values the model cannot use: {reason}")]
+    InvalidTensor {
+        /// The tensor's GGUF name.
+        name: String,
+        /// What is wrong with them.
+        reason: String,
+    },
+
     /// A tensor's data could not be read or dequantized (typically a truncated file).
     #[error("could not load tensor {name:?} (truncated or corrupt file?)")]
     TensorData {

@@ -190,6 +190,9 @@ impl Engine {
     /// dtype name. Such an older cache is refused as another model's parameters (and rebuilt
     /// by the pool), not continued into a conversation that no uninterrupted session would
     /// give.
+    ///
+    /// What else turns the keys is named there too: Gemma 3's sliding window, which layers
+    /// have it and their RoPE base; Llama 3's RoPE frequency factors (`rope_freq_factors`).
     pub fn cache_meta(&self, dtype: KvDtype) -> CacheMeta {
         let c = self.model.config();
         let mut extra = std::collections::BTreeMap::new();
@@ -206,6 +209,12 @@ impl Engine {
             extra.insert("sliding_window".to_owned(), window.to_string());
             extra.insert("sliding_window_layers".to_owned(), pattern);
             extra.insert("rope_theta_swa".to_owned(), c.rope_base_swa.to_string());
+        }
+        if let Some(factors) = self.model.rope_freq_factors() {
+            // Llama 3's per-pair frequency factors turn the keys as much as the base does.
+            // Written out (f32's shortest exact form): 64 short numbers for Llama 3.1 8B.
+            let list: Vec<String> = factors.iter().map(f32::to_string).collect();
+            extra.insert("rope_freq_factors".to_owned(), list.join(","));
         }
         CacheMeta {
             model: kv_store::ModelFingerprint {

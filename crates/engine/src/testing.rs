@@ -152,7 +152,8 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
 /// Shape and contents of a tiny model.
 #[derive(Clone, Debug)]
 pub struct TinyConfig {
-    /// `general.architecture`; anything but "llama" must be rejected by the loader.
+    /// `general.architecture`: "llama", or "qwen2" for the same tensors read as Qwen2 (with
+    /// biases from `extra_tensors`), or a name the loader must reject.
     pub architecture: String,
     /// Transformer layers.
     pub n_layers: usize,
@@ -174,6 +175,8 @@ pub struct TinyConfig {
     pub separate_output: bool,
     /// A tensor to leave out (to test the missing-tensor error).
     pub omit_tensor: Option<String>,
+    /// One-dimensional f32 tensors written as given (biases, `rope_freqs.weight`).
+    pub extra_tensors: Vec<(String, Vec<f32>)>,
 }
 
 impl Default for TinyConfig {
@@ -190,6 +193,7 @@ impl Default for TinyConfig {
             embed_dtype: GgmlDType::Q8_0,
             separate_output: false,
             omit_tensor: None,
+            extra_tensors: Vec::new(),
         }
     }
 }
@@ -336,6 +340,12 @@ pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::i
             0.0,
             1.0 / (f as f32).sqrt(),
         )?;
+    }
+    for (name, data) in &cfg.extra_tensors {
+        let t = Tensor::from_vec(data.clone(), data.len(), &Device::Cpu)
+            .and_then(|t| QTensor::quantize(&t, GgmlDType::F32))
+            .map_err(std::io::Error::other)?;
+        tensors.push((name.clone(), t));
     }
     if let Some(omit) = &cfg.omit_tensor {
         tensors.retain(|(name, _)| name != omit);

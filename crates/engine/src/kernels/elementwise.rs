@@ -1,5 +1,5 @@
-//! The per-row and element-wise steps of a layer: RMSNorm, residual adds, the SiLU and GELU
-//! gates, rotary position embeddings, and the `exp` every build computes alike.
+//! The per-row and element-wise steps of a layer: RMSNorm, residual and bias adds, the SiLU
+//! and GELU gates, rotary position embeddings, and the `exp` every build computes alike.
 
 use super::dot::dot;
 use super::isa::{Isa, Recompile};
@@ -41,6 +41,22 @@ pub fn rms_norm(isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn add_in_place(a: &mut [f32], b: &[f32]) {
     for (a, b) in a.iter_mut().zip(b) {
         *a += b;
+    }
+}
+
+/// `rows[t][i] += bias[i]` for every row of `bias.len()` values of `rows` (a projection's
+/// bias: one f32 add per element, whatever the batch).
+///
+/// # Panics
+/// If `rows` is not a whole number of rows.
+pub fn add_bias_rows(rows: &mut [f32], bias: &[f32]) {
+    assert_eq!(
+        rows.len() % bias.len(),
+        0,
+        "add_bias_rows input is not whole rows"
+    );
+    for row in rows.chunks_exact_mut(bias.len()) {
+        add_in_place(row, bias);
     }
 }
 
@@ -99,10 +115,25 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
-    /// Inverse frequencies `base^(-2i / rope_dim)` for `i < rope_dim / 2`.
-    pub fn inv_freq(base: f32, rope_dim: usize) -> Vec<f64> {
-        (0..rope_dim / 2)
-            .map(|i| (base as f64).powf(-((2 * i) as f64) / rope_dim as f64))
+    /// Inverse frequencies `base^(-2i / rope_dim) / factors[i]` for `i < rope_dim / 2`, each
+    /// factor `1` without `factors` (Llama 3's `rope_freqs.weight`, one per pair: llama.cpp's
+    /// `ggml_rope_ext` divides each pair's angle by its factor).
+    ///
+    /// # Panics
+    /// If `factors` is not `rope_dim / 2` long.
+    pub fn inv_freq(base: f32, rope_dim: usize, factors: Option<&[f32]>) -> Vec<f64> {
+        let pairs = rope_dim / 2;
+        if let Some(f) = factors {
+            assert_eq!(f.len(), pairs, "one rope frequency factor per pair");
+        }
+        (0..pairs)
+            .map(|i| {
+                let f = (base as f64).powf(-((2 * i) as f64) / rope_dim as f64);
+                match factors {
+                    Some(factors) => f / f64::from(factors[i]),
+                    None => f,
+                }
+            })
             .collect()
     }
 

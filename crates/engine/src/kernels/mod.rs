@@ -53,7 +53,7 @@ mod tests;
 
 pub(crate) use attention::{AttentionSpec, attention};
 pub(crate) use elementwise::{
-    RopeStyle, RopeTable, add_in_place, gelu_mul_rows, rms_norm, silu_mul_rows,
+    RopeStyle, RopeTable, add_bias_rows, add_in_place, gelu_mul_rows, rms_norm, silu_mul_rows,
 };
 pub use isa::Isa;
 pub(crate) use matmul::matmul;

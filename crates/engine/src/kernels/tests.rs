@@ -289,7 +289,7 @@ fn rms_norm_of_known_row() {
 #[test]
 fn rope_rotates_adjacent_pairs() {
     // head_dim 4, base 10000: pair 0 turns by pos rad, pair 1 by pos / 100 rad.
-    let inv = RopeTable::inv_freq(10000.0, 4);
+    let inv = RopeTable::inv_freq(10000.0, 4, None);
     assert!((inv[1] - 0.01).abs() < 1e-12);
     let table = RopeTable::new(&inv, 2, 1);
     let mut x = [1.0f32, 0.0, 0.0, 1.0];
@@ -313,6 +313,25 @@ fn rope_rotates_adjacent_pairs() {
         RopeTable::new(&inv, 0, 1).apply(style, &mut y, 1, 4);
         assert_eq!(y, [0.3, -0.7, 1.5, 2.5]);
     }
+}
+
+#[test]
+fn rope_frequency_factors_divide_each_pairs_frequency() {
+    // Llama 3's `rope_freqs.weight`: pair i turns by pos * base^(-2i/d) / factors[i].
+    let plain = RopeTable::inv_freq(10000.0, 8, None);
+    let factors = [1.0f32, 1.5, 8.0, 8.0];
+    let scaled = RopeTable::inv_freq(10000.0, 8, Some(&factors));
+    for ((p, s), f) in plain.iter().zip(&scaled).zip(factors) {
+        assert_eq!(*s, p / f64::from(f));
+    }
+    assert_eq!(scaled[0], 1.0);
+    // At position 3, pair 2 turns by 3 * 0.01 / 8 rad.
+    let table = RopeTable::new(&scaled, 3, 1);
+    let mut x = [0.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
+    table.apply(RopeStyle::Interleaved, &mut x, 1, 8);
+    let angle = 3.0 * 0.01 / 8.0;
+    assert!((x[4] - (angle as f32).cos()).abs() < 1e-7, "{x:?}");
+    assert!((x[5] - (angle as f32).sin()).abs() < 1e-7, "{x:?}");
 }
 
 #[test]

@@ -18,12 +18,16 @@ const MAX_CONTEXT: usize = 1 << 24;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Architecture {
-    /// `llama`: RMSNorm, SiLU-gated MLP, interleaved RoPE (SmolLM2, Llama).
+    /// `llama`: RMSNorm, SiLU-gated MLP, interleaved RoPE (SmolLM2, Llama), with Llama 3's
+    /// per-pair frequency factors when the file has them (`rope_freqs.weight`).
     Llama,
     /// `gemma3`: scaled embeddings, norms before and after attention and the MLP, per-head
     /// q/k norms, GELU-gated MLP, NeoX RoPE with one base for sliding-window layers and
     /// another for global ones.
     Gemma3,
+    /// `qwen2`: llama with biases on the query, key and value projections, NeoX RoPE, and
+    /// usually an LM head of its own (Qwen2, Qwen2.5).
+    Qwen2,
 }
 
 impl Architecture {
@@ -32,6 +36,7 @@ impl Architecture {
         match self {
             Architecture::Llama => "llama",
             Architecture::Gemma3 => "gemma3",
+            Architecture::Qwen2 => "qwen2",
         }
     }
 
@@ -39,13 +44,14 @@ impl Architecture {
         match name {
             "llama" => Some(Architecture::Llama),
             "gemma3" => Some(Architecture::Gemma3),
+            "qwen2" => Some(Architecture::Qwen2),
             _ => None,
         }
     }
 }
 
 /// The architectures [`ModelConfig::from_gguf`] accepts, for error messages.
-pub const SUPPORTED_ARCHITECTURES: &str = "llama, gemma3";
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, gemma3, qwen2";
 
 /// A model's hyper-parameters, from the GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -278,3 +284,5 @@ pub(super) fn bad(key: &str, reason: String) -> EngineError {
 pub(super) const TOKEN_EMBD: &str = "token_embd.weight";
 pub(super) const OUTPUT: &str = "output.weight";
 pub(super) const OUTPUT_NORM: &str = "output_norm.weight";
+pub(super) const OUTPUT_BIAS: &str = "output.bias";
+pub(super) const ROPE_FREQS: &str = "rope_freqs.weight";

@@ -91,10 +91,11 @@ impl Model {
         let (dim, hd) = (c.dim, c.head_dim);
         let (q_w, kv_w) = (c.n_heads * hd, c.n_kv_heads * hd);
         let gemma = c.arch == Architecture::Gemma3;
-        let style = if gemma {
-            RopeStyle::NeoX
-        } else {
-            RopeStyle::Interleaved
+        // As llama.cpp's `llama_model_rope_type`: NORM (adjacent pairs) for llama, NEOX for
+        // gemma3 and qwen2.
+        let style = match c.arch {
+            Architecture::Llama => RopeStyle::Interleaved,
+            Architecture::Gemma3 | Architecture::Qwen2 => RopeStyle::NeoX,
         };
         let rope = RopeTable::new(&self.rope_inv_freq, start, n);
         let rope_swa = match c.sliding_window {
@@ -115,7 +116,12 @@ impl Model {
         let mut h = vec![0.0f32; n * dim];
         for (li, layer) in self.layers.iter().enumerate() {
             kernels::rms_norm(isa, &x, &layer.attn_norm, c.rms_eps, &mut h);
-            let qkv = kernels::matmul(isa, &h, n, &layer.qkv);
+            let mut qkv = kernels::matmul(isa, &h, n, &layer.qkv);
+            if let Some(bias) = &layer.qkv_bias {
+                // After the matmul, in f32, as llama.cpp's `ggml_add` (one rounding per
+                // element, so still batch-invariant).
+                kernels::add_bias_rows(&mut qkv, bias);
+            }
             let mut q = Vec::with_capacity(n * q_w);
             let mut k = Vec::with_capacity(n * kv_w);
             let mut v = Vec::with_capacity(n * kv_w);
@@ -173,7 +179,11 @@ impl Model {
         let mut normed = vec![0.0f32; rows.len()];
         kernels::rms_norm(self.isa, rows, &self.output_norm, c.rms_eps, &mut normed);
         let head = self.output.as_ref().unwrap_or(&self.token_embd);
-        kernels::matmul(self.isa, &normed, m, head)
+        let mut logits = kernels::matmul(self.isa, &normed, m, head);
+        if let Some(bias) = &self.output_bias {
+            kernels::add_bias_rows(&mut logits, bias);
+        }
+        logits
     }
 }
 

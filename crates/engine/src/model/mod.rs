@@ -1,5 +1,5 @@
-//! A model loaded from a GGUF file (the llama and Gemma 3 architectures), and its forward
-//! pass over our own [`KvCache`].
+//! A model loaded from a GGUF file (the llama, Gemma 3 and Qwen2 architectures), and its
+//! forward pass over our own [`KvCache`].
 //!
 //! Q4_1 and Q8_0 weights stay quantized in memory (other types are dequantized to f32 at load
 //! time) and are multiplied with the batch-invariant kernels of [`crate::kernels`] and
@@ -36,6 +36,9 @@ struct Layer {
     attn_norm: Vec<f32>,
     /// Q, K and V projections stacked row-wise: one matmul per layer instead of three.
     qkv: Weight,
+    /// Their biases, stacked the same way (zeros for a projection without one), when the
+    /// file has any (Qwen2 has all three).
+    qkv_bias: Option<Vec<f32>>,
     attn_output: Weight,
     ffn_norm: Vec<f32>,
     /// Gate and up projections stacked row-wise.
@@ -64,8 +67,13 @@ pub struct Model {
     token_embd: Weight,
     /// `None` when the LM head is tied to `token_embd` (no `output.weight` in the file).
     output: Option<Weight>,
+    /// The LM head's bias (`output.bias`, which llama.cpp's qwen2 graph adds when present).
+    output_bias: Option<Vec<f32>>,
     output_norm: Vec<f32>,
     layers: Vec<Layer>,
+    /// Llama 3's RoPE frequency factors (`rope_freqs.weight`), already divided into
+    /// `rope_inv_freq`; kept for the cache fingerprint.
+    rope_freq_factors: Option<Vec<f32>>,
     rope_inv_freq: Vec<f64>,
     /// Of the sliding-window layers, when their base differs (Gemma 3).
     rope_inv_freq_swa: Vec<f64>,
@@ -105,6 +113,12 @@ impl Model {
         &self.weights_hash
     }
 
+    /// Llama 3's RoPE frequency factors (`rope_freqs.weight`, one per rotated pair), which
+    /// divide each pair's frequency; `None` when the file has none (every factor 1).
+    pub fn rope_freq_factors(&self) -> Option<&[f32]> {
+        self.rope_freq_factors.as_deref()
+    }
+
     /// The shape a KV cache for this model must have.
     pub fn kv_shape(&self) -> KvShape {
         self.config.kv_shape()
@@ -129,6 +143,9 @@ impl Model {
             .iter()
             .map(|l| {
                 l.qkv.bytes()
+                    + l.qkv_bias
+                        .as_ref()
+                        .map_or(0, |b| b.len() * size_of::<f32>())
                     + l.attn_output.bytes()
                     + l.gate_up.bytes()
                     + l.ffn_down.bytes()
@@ -145,6 +162,8 @@ impl Model {
         layers
             + self.token_embd.bytes()
             + self.output.as_ref().map_or(0, Weight::bytes)
+            + self.output_bias.as_ref().map_or(0, Vec::len) * size_of::<f32>()
+            + self.rope_freq_factors.as_ref().map_or(0, Vec::len) * size_of::<f32>()
             + self.output_norm.len() * size_of::<f32>()
     }
 }

@@ -56,6 +56,35 @@ fn wide_heads() -> TinyConfig {
     }
 }
 
+/// The default tiny model read as Qwen2: q/k/v biases, NeoX RoPE, its own LM head.
+fn tiny_qwen2() -> TinyConfig {
+    TinyConfig {
+        architecture: "qwen2".into(),
+        separate_output: true,
+        extra_tensors: qkv_biases(&TinyConfig::default()),
+        ..TinyConfig::default()
+    }
+}
+
+/// Non-zero q, k and v biases for every layer of `cfg`.
+fn qkv_biases(cfg: &TinyConfig) -> Vec<(String, Vec<f32>)> {
+    let hd = cfg.dim / cfg.n_heads;
+    let mut out = Vec::new();
+    for i in 0..cfg.n_layers {
+        for (t, rows) in [
+            ("attn_q", cfg.n_heads * hd),
+            ("attn_k", cfg.n_kv_heads * hd),
+            ("attn_v", cfg.n_kv_heads * hd),
+        ] {
+            out.push((
+                format!("blk.{i}.{t}.bias"),
+                crate::testing::values(rows, 100 + i as u64),
+            ));
+        }
+    }
+    out
+}
+
 /// The KV dtypes a cache can be held in.
 const KV_DTYPES: [KvDtype; 4] = [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0];
 
@@ -99,6 +128,7 @@ fn a_forward_pass_is_the_same_bits_at_every_instruction_set_level() {
             weight_dtype: GgmlDType::F32,
             ..TinyConfig::default()
         },
+        tiny_qwen2(),
     ];
     // 90 tokens: attention over more than one 64-row chunk of a converted cache.
     let toks: Vec<u32> = letters().into_iter().cycle().take(90).collect();
@@ -374,9 +404,130 @@ fn unsupported_architecture_is_named() {
     );
     let msg = err.to_string();
     assert!(
-        msg.contains("mamba") && msg.contains("llama, gemma3"),
+        msg.contains("mamba") && msg.contains("llama, gemma3, qwen2"),
         "{msg}"
     );
+}
+
+#[test]
+fn qwen2_reads_biases_and_differs_from_llama_on_the_same_tensors() {
+    // NeoX pairs and the biases: the same file read as llama, or without biases, computes
+    // other logits (that they are llama.cpp's is tests/engine_tiny_models.rs's to check).
+    let run = |cfg: &TinyConfig| {
+        let m = tiny_model(cfg);
+        let mut c = m.new_cache(KvDtype::F32).expect("f32 cache");
+        (
+            m.config().arch,
+            m.forward(&letters(), &mut c, Logits::All).expect("forward"),
+        )
+    };
+    let (arch, qwen) = run(&tiny_qwen2());
+    assert_eq!(arch, Architecture::Qwen2);
+    let (arch, as_llama) = run(&TinyConfig {
+        architecture: "llama".into(),
+        ..tiny_qwen2()
+    });
+    assert_eq!(arch, Architecture::Llama);
+    let (_, no_bias) = run(&TinyConfig {
+        extra_tensors: Vec::new(),
+        ..tiny_qwen2()
+    });
+    assert!(crate::testing::max_abs_diff(&qwen, &as_llama) > 0.01);
+    assert!(crate::testing::max_abs_diff(&qwen, &no_bias) > 0.01);
+    // A projection's bias alone is taken too (llama.cpp adds each that is present).
+    let key_only = TinyConfig {
+        extra_tensors: qkv_biases(&TinyConfig::default())
+            .into_iter()
+            .filter(|(name, _)| name.contains("attn_k"))
+            .collect(),
+        ..tiny_qwen2()
+    };
+    let (_, k_bias) = run(&key_only);
+    assert!(crate::testing::max_abs_diff(&k_bias, &no_bias) > 0.01);
+    assert!(crate::testing::max_abs_diff(&k_bias, &qwen) > 0.01);
+}
+
+#[test]
+fn rope_frequency_factors_are_read_and_checked() {
+    let with = |factors: Vec<f32>| TinyConfig {
+        extra_tensors: vec![("rope_freqs.weight".into(), factors)],
+        ..TinyConfig::default()
+    };
+    // 8-wide heads: four pairs.
+    let m = tiny_model(&with(vec![1.0, 2.0, 4.0, 8.0]));
+    assert_eq!(m.rope_freq_factors(), Some(&[1.0, 2.0, 4.0, 8.0][..]));
+    let plain = tiny_model(&TinyConfig::default());
+    assert_eq!(plain.rope_freq_factors(), None);
+    let mut a = m.new_cache(KvDtype::F32).expect("f32 cache");
+    let mut b = plain.new_cache(KvDtype::F32).expect("f32 cache");
+    let toks = letters();
+    let scaled = m.forward(&toks, &mut a, Logits::All).expect("forward");
+    let unscaled = plain.forward(&toks, &mut b, Logits::All).expect("forward");
+    // Position 0 does not turn; later ones do, by other angles.
+    assert_eq!(bits(&scaled[..268]), bits(&unscaled[..268]));
+    assert!(crate::testing::max_abs_diff(&scaled, &unscaled) > 0.01);
+    // All ones is no scaling at all.
+    let ones = tiny_model(&with(vec![1.0; 4]));
+    let mut c = ones.new_cache(KvDtype::F32).expect("f32 cache");
+    let same = ones.forward(&toks, &mut c, Logits::All).expect("forward");
+    assert_eq!(bits(&same), bits(&unscaled));
+
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let (_dir, path) = write_tiny(&with(vec![1.0, bad, 4.0, 8.0]), 7);
+        let err = Model::load(&path).expect_err("a factor that is not positive");
+        assert!(
+            matches!(&err, EngineError::InvalidTensor { name, .. } if name == "rope_freqs.weight"),
+            "{bad}: {err:?}"
+        );
+    }
+    let (_dir, path) = write_tiny(&with(vec![1.0; 3]), 7);
+    let err = Model::load(&path).expect_err("one factor per pair");
+    assert!(
+        matches!(&err, EngineError::TensorShape { name, expected, .. }
+            if name == "rope_freqs.weight" && expected == &[4]),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_tensor_that_would_change_the_output_is_not_ignored() {
+    // llama.cpp applies these; running without them would give other logits in silence.
+    let cases = [
+        ("llama", "blk.0.attn_output.bias", 32),
+        ("llama", "blk.1.ffn_down.bias", 32),
+        ("llama", "output.bias", 268),
+        ("qwen2", "rope_freqs.weight", 4),
+        ("llama", "rope_factors_long.weight", 4),
+    ];
+    for (arch, name, n) in cases {
+        let cfg = TinyConfig {
+            architecture: arch.into(),
+            extra_tensors: vec![(name.into(), vec![0.5; n])],
+            ..TinyConfig::default()
+        };
+        let (_dir, path) = write_tiny(&cfg, 1);
+        let err = Model::load(&path).expect_err("a tensor the engine would ignore");
+        assert!(
+            matches!(&err, EngineError::UnsupportedTensor { name: t, arch: a } if t == name && *a == arch),
+            "{arch} {name}: {err:?}"
+        );
+        assert!(err.to_string().contains(name), "{err}");
+    }
+    // Qwen2's LM head bias is applied.
+    let mut cfg = tiny_qwen2();
+    cfg.extra_tensors
+        .push(("output.bias".into(), vec![0.5; 268]));
+    let biased = tiny_model(&cfg);
+    let plain = tiny_model(&tiny_qwen2());
+    let mut a = biased.new_cache(KvDtype::F32).expect("f32 cache");
+    let mut b = plain.new_cache(KvDtype::F32).expect("f32 cache");
+    let x = biased
+        .forward(&[5, 6], &mut a, Logits::All)
+        .expect("forward");
+    let y = plain
+        .forward(&[5, 6], &mut b, Logits::All)
+        .expect("forward");
+    assert!(x.iter().zip(&y).all(|(x, y)| *x == y + 0.5));
 }
 
 #[test]
