@@ -1,24 +1,31 @@
 //! Quantized weights against f32 activations: the fast paths behind
 //! [`matmul`](super::matmul) for [`QMatrix`] weights.
 //!
-//! The numeric definition is the f32 one of [`crate::kernels`]: a weight value is `d * q + m`
-//! (Q4_1) or `d * q` (Q8_0), a multiply then an add, exactly as [`QMatrix::dequantize_rows`]
-//! computes it, and an output is the 16-lane [`dot`](super::dot) of the activation row with
-//! those values. The two kernels here only compute it faster:
+//! The numeric definition is the f32 one of [`crate::kernels`]: a weight value is what
+//! ggml's reference dequantization computes (`d * q + m` for Q4_1, `d * q` for Q8_0, the
+//! K-quants' `d * sc * q - dmin * m`, ...: see `quant::blocks`), exactly as
+//! [`QMatrix::dequantize_rows`] computes it, and an output is the 16-lane [`dot`](super::dot)
+//! of the activation row with those values. The two kernels here only compute it faster:
 //!
-//! * [`dequantize_rows`] widens blocks to f32 eight values per instruction (the prefill path
-//!   dequantizes a few rows into a buffer, then runs the f32 micro-kernels over every token);
-//! * [`gemv`] is the decode path (one activation row): it widens each block in registers and
-//!   multiplies it at once, one weight row at a time, so nothing is written back to memory.
+//! * [`dequantize_rows`] widens blocks to f32 eight or sixteen values per instruction (the
+//!   prefill path, and decode for the kinds held as the file stores them, dequantize a few
+//!   rows into a buffer, then run the f32 micro-kernels over every token);
+//! * [`gemv`] is the decode path of Q4_1 and Q8_0 (one activation row): it widens each block
+//!   in registers and multiplies it at once, one weight row at a time, so nothing is written
+//!   back to memory.
 //!
-//! Both have a portable form (the reference) and x86 forms (AVX2; `gemv` also AVX-512) with
-//! the same operations in the same order per lane (the dot products' fused multiply-adds
-//! included), in `x86::dequant`; tests check they give the same bits at every level the
-//! machine has. Q4_1's `d * q + m` is exact to fuse too: `d * q` loses nothing.
+//! Both have a portable form (the reference) and x86 forms with the same operations in the
+//! same order per lane (the dot products' fused multiply-adds included): hand-written for
+//! Q4_1, Q8_0, Q5_0, Q4_K and Q6_K (`x86::dequant`, `x86::blocks`), the portable source
+//! compiled for the level for the other kinds. Tests check they give the same bits at every
+//! level the machine has. Where a weight is a product plus a minimum (Q4_1's `d * q + m`, the
+//! K-quants' `dl * q - ml`) it is exact to fuse: the product loses nothing, so one rounding
+//! remains either way.
 
 use super::dot::dot;
-use super::isa::Isa;
+use super::isa::{Isa, Recompile};
 use super::quant::QMatrix;
+use super::vectorized;
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 
@@ -29,21 +36,35 @@ use super::x86;
 /// If the rows are out of range or `out` has the wrong length.
 pub(crate) fn dequantize_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa.is_simd() {
+    if isa.is_simd() && x86::has_dequantize(q.kind()) {
         x86::dequantize_rows(isa, q, r0, count, out);
         return;
     }
-    q.dequantize_rows(r0, count, out);
+    struct Rows<'a> {
+        q: &'a QMatrix,
+        r0: usize,
+        count: usize,
+        out: &'a mut [f32],
+    }
+    impl Recompile for Rows<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run(self) {
+            self.q.dequantize_rows(self.r0, self.count, self.out);
+        }
+    }
+    vectorized(isa, Rows { q, r0, count, out });
 }
 
 /// `out[j] = dot(x, row r0 + j of q)` for `j < out.len()`, at `isa`: bitwise what
-/// dequantizing the rows and calling [`dot`] on each gives.
+/// dequantizing the rows and calling [`dot`] on each gives. In registers for Q4_1 and Q8_0;
+/// the other kinds take the portable form here (the matmul gives them a buffer instead).
 ///
 /// # Panics
 /// If `x.len() != q.cols()` or the rows are out of range.
 pub(crate) fn gemv(isa: Isa, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa.is_simd() {
+    if isa.is_simd() && q.kind().widened() {
         x86::gemv(isa, q, r0, x, out);
         return;
     }
@@ -64,34 +85,44 @@ fn gemv_portable(q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::kernels::isa::for_each_isa;
-    use crate::kernels::quant::tests::{bits, matrix};
+    use crate::kernels::quant::tests::{Scales, bits, matrix, random_blocks};
     use crate::kernels::quant::{QK, QKind};
     use crate::testing::values;
 
     #[test]
     fn dequantize_rows_matches_the_reference_bitwise() {
-        for kind in [QKind::Q4_1, QKind::Q8_0] {
-            let (rows, cols) = (7, 96);
-            let q = matrix(kind, rows, cols, 3);
-            let mut want = vec![0.0f32; 5 * cols];
-            q.dequantize_rows(1, 5, &mut want);
-            for_each_isa(|isa| {
-                let mut got = vec![f32::NAN; 5 * cols];
-                dequantize_rows(isa, &q, 1, 5, &mut got);
-                assert_eq!(bits(&got), bits(&want), "{kind:?} {isa:?}");
-            });
-            // Spot check the reference itself against row_into.
-            let mut row = vec![0.0f32; cols];
-            q.row_into(3, &mut row);
-            assert_eq!(bits(&row), bits(&want[2 * cols..3 * cols]), "{kind:?}");
+        for kind in QKind::ALL {
+            for scales in [Scales::Moderate, Scales::Extreme] {
+                let (rows, cols) = (7, 3 * kind.block_values());
+                let raw = random_blocks(kind, rows, cols, 3, scales);
+                let q = QMatrix::from_gguf_blocks(kind, rows, cols, &raw).expect("blocks");
+                let mut want = vec![0.0f32; 5 * cols];
+                q.dequantize_rows(1, 5, &mut want);
+                for_each_isa(|isa| {
+                    let mut got = vec![f32::NAN; 5 * cols];
+                    dequantize_rows(isa, &q, 1, 5, &mut got);
+                    assert_eq!(bits(&got), bits(&want), "{kind:?} {scales:?} {isa:?}");
+                });
+                // The reference itself against row_into, one row at a time.
+                let mut row = vec![0.0f32; cols];
+                for r in 1..6 {
+                    q.row_into(r, &mut row);
+                    let at = (r - 1) * cols;
+                    assert_eq!(bits(&row), bits(&want[at..at + cols]), "{kind:?} row {r}");
+                }
+            }
         }
     }
 
     #[test]
     fn gemv_matches_dequantize_then_dot_bitwise() {
-        for kind in [QKind::Q4_1, QKind::Q8_0] {
-            // 11 rows of 7 blocks, from row 1.
-            let (rows, cols) = (11, 7 * QK);
+        for kind in QKind::ALL {
+            // 11 rows of 7 blocks of 32 (or 2 super-blocks), from row 1.
+            let rows = 11;
+            let cols = match kind.block_values() {
+                QK => 7 * QK,
+                k => 2 * k,
+            };
             let q = matrix(kind, rows, cols, 5);
             let x = values(cols, 9);
             let mut reference = vec![f32::NAN; rows - 1];
