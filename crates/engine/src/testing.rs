@@ -158,7 +158,9 @@ pub struct TinyConfig {
     pub ffn_dim: usize,
     /// `{arch}.context_length`.
     pub context_length: usize,
-    /// Type of the projection weights.
+    /// Type of the projection weights. Rows that are not whole blocks of it (a 128-wide
+    /// K-quant) are written anyway, as the blocks of the flattened values: a file llama.cpp
+    /// would refuse, for the loader's tests.
     pub weight_dtype: GgmlDType,
     /// Type of `token_embd.weight`.
     pub embed_dtype: GgmlDType,
@@ -281,9 +283,7 @@ pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::i
         let data: Vec<f32> = (0..n)
             .map(|_| center + spread * rng.random_range(-1.0f32..1.0))
             .collect();
-        let t = Tensor::from_vec(data, dims, &Device::Cpu)
-            .and_then(|t| QTensor::quantize(&t, dtype))
-            .map_err(std::io::Error::other)?;
+        let t = quantize_any_shape(data, dims, dtype).map_err(std::io::Error::other)?;
         tensors.push((name, t));
         std::io::Result::Ok(())
     };
@@ -339,6 +339,99 @@ pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::i
     gguf_file::write(&mut w, &meta_refs, &tensor_refs).map_err(std::io::Error::other)?;
     std::io::Write::flush(&mut w)?;
     w.get_ref().sync_all()
+}
+
+/// `data` as a `dims` tensor of `dtype`; when the rows are not whole blocks, the blocks of the
+/// flattened values under that shape (candle's quantizer refuses it, its GGUF writer does not).
+fn quantize_any_shape(
+    data: Vec<f32>,
+    dims: &[usize],
+    dtype: GgmlDType,
+) -> candle_core::Result<QTensor> {
+    let block = dtype.block_size();
+    if dims.last().is_none_or(|c| c.is_multiple_of(block)) {
+        return QTensor::quantize(&Tensor::from_vec(data, dims, &Device::Cpu)?, dtype);
+    }
+    let n = data.len();
+    let flat = QTensor::quantize(
+        &Tensor::from_vec(data, (n / block, block), &Device::Cpu)?,
+        dtype,
+    )?;
+    candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        &flat.data()?,
+        dims.to_vec(),
+        &Device::Cpu,
+    )
+}
+
+/// A GGUF model's metadata and its first layers' tensors as f32 (dequantized by candle), to be
+/// written again with other types: real weights in every block type without downloading
+/// more.
+pub struct GgufSource {
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, Tensor)>,
+}
+
+impl GgufSource {
+    /// Reads the model at `path`, keeping the tensors outside the blocks and those of blocks
+    /// `0..layers`, and setting `{arch}.block_count` to `layers`.
+    pub fn read(path: &Path, layers: usize) -> candle_core::Result<GgufSource> {
+        let mut reader = std::io::BufReader::new(File::open(path)?);
+        let content = gguf_file::Content::read(&mut reader)?;
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let block_count = format!("{arch}.block_count");
+        let mut metadata: Vec<(String, Value)> = content
+            .metadata
+            .iter()
+            .map(|(k, v)| match k == &block_count {
+                true => (k.clone(), Value::U32(layers as u32)),
+                false => (k.clone(), v.clone()),
+            })
+            .collect();
+        metadata.sort_by(|a, b| a.0.cmp(&b.0));
+        let keep = |name: &str| match name.strip_prefix("blk.") {
+            None => true,
+            Some(rest) => rest
+                .split('.')
+                .next()
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i < layers),
+        };
+        let mut names: Vec<&String> = content.tensor_infos.keys().filter(|n| keep(n)).collect();
+        names.sort();
+        let mut tensors = Vec::with_capacity(names.len());
+        for name in names {
+            let t = content.tensor(&mut reader, name, &Device::Cpu)?;
+            tensors.push((name.clone(), t.dequantize(&Device::Cpu)?));
+        }
+        Ok(GgufSource { metadata, tensors })
+    }
+
+    /// Writes the model to `path` with each tensor in `dtype(name, dims)` (candle's
+    /// quantizers, llama.cpp's reference quantization).
+    pub fn write(
+        &self,
+        path: &Path,
+        dtype: impl Fn(&str, &[usize]) -> GgmlDType,
+    ) -> candle_core::Result<()> {
+        let mut quantized = Vec::with_capacity(self.tensors.len());
+        for (name, t) in &self.tensors {
+            quantized.push((name.as_str(), QTensor::quantize(t, dtype(name, t.dims()))?));
+        }
+        let meta: Vec<(&str, &Value)> =
+            self.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = quantized.iter().map(|(k, t)| (*k, t)).collect();
+        let mut w = BufWriter::new(File::create(path)?);
+        gguf_file::write(&mut w, &meta, &tensors)?;
+        w.flush()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
