@@ -8,24 +8,21 @@
 //! of the activation row with those values. The two kernels here only compute it faster:
 //!
 //! * [`dequantize_rows`] widens blocks to f32 eight or sixteen values per instruction (the
-//!   prefill path, and decode for the kinds held as the file stores them, dequantize a few
-//!   rows into a buffer, then run the f32 micro-kernels over every token);
-//! * [`gemv`] is the decode path of Q4_1 and Q8_0 (one activation row): it widens each block
-//!   in registers and multiplies it at once, one weight row at a time, so nothing is written
-//!   back to memory.
+//!   prefill path dequantizes a few rows into a buffer, then runs the f32 micro-kernels over
+//!   every token);
+//! * [`gemv`] is the decode path (one activation row): it widens each block in registers and
+//!   multiplies it at once, one weight row at a time, so nothing is written back to memory.
 //!
-//! Both have a portable form (the reference) and x86 forms with the same operations in the
-//! same order per lane (the dot products' fused multiply-adds included): hand-written for
-//! Q4_1, Q8_0, Q5_0, Q4_K and Q6_K (`x86::dequant`, `x86::blocks`), the portable source
-//! compiled for the level for the other kinds. Tests check they give the same bits at every
-//! level the machine has. Where a weight is a product plus a minimum (Q4_1's `d * q + m`, the
-//! K-quants' `dl * q - ml`) it is exact to fuse: the product loses nothing, so one rounding
-//! remains either way.
+//! Both have a portable form (the reference) and hand-written x86 forms for every kind
+//! (`x86::dequant` for Q4_1 and Q8_0, `x86::blocks` for the kinds held as the file's blocks)
+//! with the same operations in the same order per lane (the dot products' fused multiply-adds
+//! included); tests check they give the same bits at every level the machine has. Where a
+//! weight is a product plus a minimum (Q4_1's `d * q + m`, the K-quants' `dl * q - ml`) it is
+//! exact to fuse: the product loses nothing, so one rounding remains either way.
 
 use super::dot::dot;
-use super::isa::{Isa, Recompile};
+use super::isa::Isa;
 use super::quant::QMatrix;
-use super::vectorized;
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 
@@ -36,35 +33,21 @@ use super::x86;
 /// If the rows are out of range or `out` has the wrong length.
 pub(crate) fn dequantize_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa.is_simd() && x86::has_dequantize(q.kind()) {
+    if isa.is_simd() {
         x86::dequantize_rows(isa, q, r0, count, out);
         return;
     }
-    struct Rows<'a> {
-        q: &'a QMatrix,
-        r0: usize,
-        count: usize,
-        out: &'a mut [f32],
-    }
-    impl Recompile for Rows<'_> {
-        type Output = ();
-        #[inline(always)]
-        fn run(self) {
-            self.q.dequantize_rows(self.r0, self.count, self.out);
-        }
-    }
-    vectorized(isa, Rows { q, r0, count, out });
+    q.dequantize_rows(r0, count, out);
 }
 
 /// `out[j] = dot(x, row r0 + j of q)` for `j < out.len()`, at `isa`: bitwise what
-/// dequantizing the rows and calling [`dot`] on each gives. In registers for Q4_1 and Q8_0;
-/// the other kinds take the portable form here (the matmul gives them a buffer instead).
+/// dequantizing the rows and calling [`dot`] on each gives.
 ///
 /// # Panics
 /// If `x.len() != q.cols()` or the rows are out of range.
 pub(crate) fn gemv(isa: Isa, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa.is_simd() && q.kind().widened() {
+    if isa.is_simd() {
         x86::gemv(isa, q, r0, x, out);
         return;
     }

@@ -213,11 +213,6 @@ fn join_columns(chunks: Vec<f32>, m: usize, n: usize, width: usize) -> Vec<f32> 
 /// widths, small enough for the f32 copy to stay in L1/L2.
 const DEQUANT_ROWS: usize = 12;
 
-/// Weight rows dequantized at a time for a single activation row (decode of the kinds without
-/// a register [`dequant::gemv`]): the 1x4 tile's width, and a buffer that stays in L1 (each
-/// row is read once, right after it is written).
-const DECODE_ROWS: usize = 4;
-
 /// Dequantizes weight rows `r0..r0 + rows` into `buf` (at least `rows * cols` long) and
 /// multiplies them with every row of `x` into `out[i * ld + j]` (see [`panel`]).
 #[allow(clippy::too_many_arguments)]
@@ -241,8 +236,7 @@ fn dequant_panel(
 /// [`matmul`] for quantized weights: each task dequantizes a few rows at a time (exactly, as
 /// the GGUF reference does) and runs the f32 kernels on them, so results are bitwise those of
 /// the fully dequantized matrix while only the quantized blocks stream from memory. A single
-/// row (decode) of Q4_1 or Q8_0 goes to [`dequant::gemv`], which does the same without the
-/// buffer; the other kinds take the buffer a few rows at a time.
+/// row (decode) goes to [`dequant::gemv`], which does the same without the buffer.
 ///
 /// Why not llama.cpp's integer dot products against 8-bit-quantized activations (an earlier
 /// `quant::matmul`, since removed)? With SmolLM2-135M that quantization changes greedy
@@ -255,7 +249,7 @@ fn matmul_dequant(isa: Isa, x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
     }
     debug_assert_eq!(x.len(), m * k);
     let tasks = rayon::current_num_threads() * 4;
-    if m == 1 && q.kind().widened() {
+    if m == 1 {
         // Decode: blocks are widened in registers, never written out.
         let mut y = vec![0.0f32; n];
         let rows_per_task = n.div_ceil(tasks);
@@ -264,18 +258,17 @@ fn matmul_dequant(isa: Isa, x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
             .for_each(|(c, out)| dequant::gemv(isa, q, c * rows_per_task, x, out));
         return y;
     }
-    let step = if m == 1 { DECODE_ROWS } else { DEQUANT_ROWS };
-    let rows_per_task = n.div_ceil(tasks).next_multiple_of(step);
+    let rows_per_task = n.div_ceil(tasks).next_multiple_of(DEQUANT_ROWS);
     let mut chunks = vec![0.0f32; m * n];
     chunks
         .par_chunks_mut(rows_per_task * m)
         .enumerate()
         .for_each_init(
-            || AlignedBuf::zeros(step * k),
+            || AlignedBuf::zeros(DEQUANT_ROWS * k),
             |buf, (c, out)| {
                 let (j0, width) = (c * rows_per_task, out.len() / m);
-                for s in (0..width).step_by(step) {
-                    let rows = step.min(width - s);
+                for s in (0..width).step_by(DEQUANT_ROWS) {
+                    let rows = DEQUANT_ROWS.min(width - s);
                     dequant_panel(isa, q, j0 + s, rows, x, m, buf, &mut out[s..], width);
                 }
             },

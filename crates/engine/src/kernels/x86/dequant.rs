@@ -1,10 +1,10 @@
 //! Quantized weights against f32 activations: Q4_1 and Q8_0 blocks (held widened) widened to
-//! f32 eight values per instruction, exactly as the portable dequantization computes them, and
-//! the dispatch to [`super::blocks`] for the kinds held as the file stores them.
+//! f32 eight or sixteen values per instruction, exactly as the portable dequantization computes
+//! them, and the dispatch to [`super::blocks`] for the kinds held as the file stores them.
 
 use std::arch::x86_64::*;
 
-use super::blocks::{self, has_kernel};
+use super::blocks;
 use super::{reduce, reduce512};
 use crate::kernels::isa::{Isa, Level};
 use crate::kernels::quant::{QK, QKind, QMatrix};
@@ -34,18 +34,11 @@ impl Blocks {
     }
 }
 
-/// Whether [`dequantize_rows`] has a hand-written form for `kind` (the others are the
-/// portable source compiled for the level).
-pub(crate) fn has_dequantize(kind: QKind) -> bool {
-    kind.widened() || has_kernel(kind)
-}
-
 /// [`dequantize_rows`](crate::kernels::dequant::dequantize_rows) at `isa` (AVX2 and FMA, or
 /// AVX-512).
 ///
 /// # Panics
-/// If `isa` is the portable level or `q`'s kind has no form here ([`has_dequantize`]), as the
-/// portable form otherwise.
+/// If `isa` is the portable level, as the portable form otherwise.
 pub(crate) fn dequantize_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize, out: &mut [f32]) {
     let rows_end = r0.checked_add(count).expect("row range overflows");
     assert!(rows_end <= q.rows(), "dequantize_rows out of range");
@@ -77,6 +70,11 @@ pub(crate) fn gemv(isa: Isa, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32])
     assert_eq!(x.len(), q.cols(), "gemv input is not the weight's width");
     let rows_end = r0.checked_add(out.len()).expect("row range overflows");
     assert!(rows_end <= q.rows(), "gemv rows out of range");
+    if !q.kind().widened() {
+        let raw = &q.gguf_blocks()[r0 * q.row_bytes()..rows_end * q.row_bytes()];
+        blocks::gemv(isa, q.kind(), raw, x, out);
+        return;
+    }
     // SAFETY: the CPU has `isa` (an `Isa` exists only for levels it has) and rows
     // r0..r0 + out.len() exist (asserted above); `x`
     // holds nb * QK values.

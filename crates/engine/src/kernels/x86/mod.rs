@@ -5,7 +5,7 @@
 //! * hand-written kernels for where the compiler's output of the portable source is slow:
 //!   attention scores ([`gram`]), the matmul panel ([`panel`]), the weighted V sums of six
 //!   queries ([`pv_6x64`]) or of one ([`pv_1x64`], AVX2) and quantized weights
-//!   ([`dequantize_rows`], [`gemv`]; Q5_0, Q4_K and Q6_K blocks in `blocks`): intrinsics,
+//!   ([`dequantize_rows`], [`gemv`]; the kinds held as GGUF blocks in `blocks`): intrinsics,
 //!   f16 and `q8_0` cache rows widened with F16C and AVX2 ([`f16_to_f32`], [`q8_0_to_f32`]),
 //!   and five micro-kernels in assembly
 //!   (`kernel_2x3`, `kernel512_6x4`, `kernel512_1x16_k64`, `pv512_6x64`, `pv256_1x64`);
@@ -30,7 +30,7 @@ mod panel;
 mod pv;
 
 pub(crate) use convert::{f16_to_f32, q8_0_to_f32};
-pub(crate) use dequant::{dequantize_rows, gemv, has_dequantize};
+pub(crate) use dequant::{dequantize_rows, gemv};
 pub(crate) use gram::gram;
 pub(crate) use panel::panel;
 pub(crate) use pv::{pv_1x64, pv_6x64};
