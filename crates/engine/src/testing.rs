@@ -158,9 +158,7 @@ pub struct TinyConfig {
     pub ffn_dim: usize,
     /// `{arch}.context_length`.
     pub context_length: usize,
-    /// Type of the projection weights. Rows that are not whole blocks of it (a 128-wide
-    /// K-quant) are written anyway, as the blocks of the flattened values: a file llama.cpp
-    /// would refuse, for the loader's tests.
+    /// Type of the projection weights.
     pub weight_dtype: GgmlDType,
     /// Type of `token_embd.weight`.
     pub embed_dtype: GgmlDType,
@@ -283,7 +281,9 @@ pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::i
         let data: Vec<f32> = (0..n)
             .map(|_| center + spread * rng.random_range(-1.0f32..1.0))
             .collect();
-        let t = quantize_any_shape(data, dims, dtype).map_err(std::io::Error::other)?;
+        let t = Tensor::from_vec(data, dims, &Device::Cpu)
+            .and_then(|t| QTensor::quantize(&t, dtype))
+            .map_err(std::io::Error::other)?;
         tensors.push((name, t));
         std::io::Result::Ok(())
     };
@@ -339,30 +339,6 @@ pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::i
     gguf_file::write(&mut w, &meta_refs, &tensor_refs).map_err(std::io::Error::other)?;
     std::io::Write::flush(&mut w)?;
     w.get_ref().sync_all()
-}
-
-/// `data` as a `dims` tensor of `dtype`; when the rows are not whole blocks, the blocks of the
-/// flattened values under that shape (candle's quantizer refuses it, its GGUF writer does not).
-fn quantize_any_shape(
-    data: Vec<f32>,
-    dims: &[usize],
-    dtype: GgmlDType,
-) -> candle_core::Result<QTensor> {
-    let block = dtype.block_size();
-    if dims.last().is_none_or(|c| c.is_multiple_of(block)) {
-        return QTensor::quantize(&Tensor::from_vec(data, dims, &Device::Cpu)?, dtype);
-    }
-    let n = data.len();
-    let flat = QTensor::quantize(
-        &Tensor::from_vec(data, (n / block, block), &Device::Cpu)?,
-        dtype,
-    )?;
-    candle_core::quantized::ggml_file::qtensor_from_ggml(
-        dtype,
-        &flat.data()?,
-        dims.to_vec(),
-        &Device::Cpu,
-    )
 }
 
 /// A GGUF model's metadata and its first layers' tensors as f32 (dequantized by candle), to be

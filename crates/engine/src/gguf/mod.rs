@@ -82,8 +82,23 @@ impl GgufFile {
         self.content.tensor_infos.get(name).map(|i| i.shape.dims())
     }
 
-    /// Reads tensor `name`'s data.
+    /// Reads tensor `name`'s data. A type the engine does not read (Q8_1, Q8_K) and rows that
+    /// are not whole blocks of the tensor's type are errors naming the tensor, before any of
+    /// it is read.
     pub(crate) fn tensor(&mut self, name: &str) -> Result<GgufTensor> {
+        if let Some(info) = self.content.tensor_infos.get(name) {
+            let kind = kind_of(info.ggml_dtype).map_err(|dtype| unsupported(name, dtype))?;
+            // Rows are GGUF's first dimension, the last of candle's.
+            let cols = info.shape.dims().last().copied().unwrap_or(1);
+            if let Some(kind) = kind.filter(|k| !cols.is_multiple_of(k.block_values())) {
+                return Err(EngineError::PartialBlocks {
+                    name: name.to_owned(),
+                    dtype: kind.name().to_owned(),
+                    cols,
+                    block: kind.block_values(),
+                });
+            }
+        }
         let tensor_err = |source: candle_core::Error| EngineError::TensorData {
             name: name.to_owned(),
             source: source.into(),
@@ -119,16 +134,35 @@ fn unreadable(path: &Path, source: candle_core::Error) -> EngineError {
         })
     });
     match unknown {
-        Some((name, id)) => EngineError::UnsupportedTensorType {
-            name,
-            dtype: header::ggml_type_name(id)
-                .map_or_else(|| format!("GGML type {id}"), str::to_owned),
-            supported: SUPPORTED_TYPES.to_owned(),
-        },
+        Some((name, id)) => unsupported(
+            &name,
+            header::ggml_type_name(id).map_or_else(|| format!("GGML type {id}"), str::to_owned),
+        ),
         None => EngineError::Gguf {
             path: path.to_owned(),
             source: source.into(),
         },
+    }
+}
+
+/// The kernels' block format for `dtype`, `None` for the float types read as f32, or GGML's
+/// name for a type the engine does not read.
+fn kind_of(dtype: GgmlDType) -> Result<Option<QKind>, String> {
+    let kind = QKind::ALL.into_iter().find(|&k| ggml_dtype(k) == dtype);
+    match (kind, dtype) {
+        (Some(kind), _) => Ok(Some(kind)),
+        (None, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Ok(None),
+        (None, GgmlDType::Q8K) => Err("Q8_K".to_owned()),
+        (None, other) => Err(format!("{other:?}")),
+    }
+}
+
+/// The error for tensor `name` stored as `dtype`, a type the engine does not read.
+fn unsupported(name: &str, dtype: String) -> EngineError {
+    EngineError::UnsupportedTensorType {
+        name: name.to_owned(),
+        dtype,
+        supported: SUPPORTED_TYPES.to_owned(),
     }
 }
 
@@ -180,24 +214,9 @@ impl GgufTensor {
     }
 
     /// The block format the kernels keep the tensor in, or `None` for F32, F16 and BF16
-    /// (read as f32); a type the engine does not support (Q8_1, Q8_K) is an error naming the
-    /// tensor.
+    /// (read as f32).
     pub(crate) fn quant_kind(&self) -> Result<Option<QKind>> {
-        let kind = QKind::ALL
-            .into_iter()
-            .find(|&kind| ggml_dtype(kind) == self.qt.dtype());
-        match (kind, self.qt.dtype()) {
-            (Some(kind), _) => Ok(Some(kind)),
-            (None, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Ok(None),
-            (None, other) => Err(EngineError::UnsupportedTensorType {
-                name: self.name.clone(),
-                dtype: match other {
-                    GgmlDType::Q8K => "Q8_K".to_owned(),
-                    other => format!("{other:?}"),
-                },
-                supported: SUPPORTED_TYPES.to_owned(),
-            }),
-        }
+        kind_of(self.qt.dtype()).map_err(|dtype| unsupported(&self.name, dtype))
     }
 
     /// The raw bytes, exactly as in the file.

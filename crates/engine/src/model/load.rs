@@ -182,7 +182,8 @@ fn shape_is_sane(dims: &[usize]) -> bool {
 }
 
 /// The blocks of tensor `name` (of `shape`: `[rows, cols]`, or `[cols]` for one row) as a
-/// matrix; an error if its rows are not whole blocks.
+/// matrix; an error if its rows are not whole blocks (which `GgufFile::tensor` already
+/// refuses: this keeps the matrix from depending on it).
 fn quantized(name: &str, kind: QKind, shape: &[usize], data: &[u8]) -> Result<QMatrix> {
     let (rows, cols) = match *shape {
         [rows, cols] => (rows, cols),

@@ -3,8 +3,9 @@
 //!
 //! Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K) stay quantized in memory
 //! (F32, F16 and BF16 ones are read as f32) and are multiplied with the batch-invariant
-//! kernels of [`crate::kernels`] and `kernels::quant`, so a token's K/V and logits are bitwise the same whether it was
-//! prefilled in a batch of any size or decoded alone, and whatever the cache's capacity.
+//! kernels of [`crate::kernels`] and `kernels::quant`, so a token's K/V and logits are
+//! bitwise the same whether it was prefilled in a batch of any size or decoded alone, and
+//! whatever the cache's capacity.
 
 mod config;
 mod forward;
