@@ -106,6 +106,38 @@ pub enum EngineError {
         reason: String,
     },
 
+    /// A tensor is stored in a GGML type this engine does not read (IQ*, TQ*, Q8_K, ...).
+    #[error(
+        "tensor {name:?} is stored as {dtype}, a type this engine does not support; \
+         supported: {supported} (requantize the model to one of them, e.g. with llama.cpp's \
+         llama-quantize)"
+    )]
+    UnsupportedTensorType {
+        /// The tensor's GGUF name.
+        name: String,
+        /// GGML's name for its type (or its number, when GGML has none we know).
+        dtype: String,
+        /// The types the engine reads.
+        supported: String,
+    },
+
+    /// A quantized tensor's rows are not a whole number of its type's blocks (GGUF requires
+    /// them to be).
+    #[error(
+        "tensor {name:?} ({dtype}) has rows of {cols} values, not a whole number of the type's \
+         {block}-value blocks (corrupt or mislabeled file?)"
+    )]
+    PartialBlocks {
+        /// The tensor's GGUF name.
+        name: String,
+        /// GGML's name for its type.
+        dtype: String,
+        /// Values per row.
+        cols: usize,
+        /// Values per block of the type.
+        block: usize,
+    },
+
     /// A tensor's data could not be read or dequantized (typically a truncated file).
     #[error("could not load tensor {name:?} (truncated or corrupt file?)")]
     TensorData {

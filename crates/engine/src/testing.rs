@@ -359,6 +359,75 @@ pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::i
     w.get_ref().sync_all()
 }
 
+/// A GGUF model's metadata and its first layers' tensors as f32 (dequantized by candle), to be
+/// written again with other types: real weights in every block type without downloading
+/// more.
+pub struct GgufSource {
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, Tensor)>,
+}
+
+impl GgufSource {
+    /// Reads the model at `path`, keeping the tensors outside the blocks and those of blocks
+    /// `0..layers`, and setting `{arch}.block_count` to `layers`.
+    pub fn read(path: &Path, layers: usize) -> candle_core::Result<GgufSource> {
+        let mut reader = std::io::BufReader::new(File::open(path)?);
+        let content = gguf_file::Content::read(&mut reader)?;
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let block_count = format!("{arch}.block_count");
+        let mut metadata: Vec<(String, Value)> = content
+            .metadata
+            .iter()
+            .map(|(k, v)| match k == &block_count {
+                true => (k.clone(), Value::U32(layers as u32)),
+                false => (k.clone(), v.clone()),
+            })
+            .collect();
+        metadata.sort_by(|a, b| a.0.cmp(&b.0));
+        let keep = |name: &str| match name.strip_prefix("blk.") {
+            None => true,
+            Some(rest) => rest
+                .split('.')
+                .next()
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i < layers),
+        };
+        let mut names: Vec<&String> = content.tensor_infos.keys().filter(|n| keep(n)).collect();
+        names.sort();
+        let mut tensors = Vec::with_capacity(names.len());
+        for name in names {
+            let t = content.tensor(&mut reader, name, &Device::Cpu)?;
+            tensors.push((name.clone(), t.dequantize(&Device::Cpu)?));
+        }
+        Ok(GgufSource { metadata, tensors })
+    }
+
+    /// Writes the model to `path` with each tensor in `dtype(name, dims)` (candle's
+    /// quantizers, llama.cpp's reference quantization).
+    pub fn write(
+        &self,
+        path: &Path,
+        dtype: impl Fn(&str, &[usize]) -> GgmlDType,
+    ) -> candle_core::Result<()> {
+        let mut quantized = Vec::with_capacity(self.tensors.len());
+        for (name, t) in &self.tensors {
+            quantized.push((name.as_str(), QTensor::quantize(t, dtype(name, t.dims()))?));
+        }
+        let meta: Vec<(&str, &Value)> =
+            self.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = quantized.iter().map(|(k, t)| (*k, t)).collect();
+        let mut w = BufWriter::new(File::create(path)?);
+        gguf_file::write(&mut w, &meta, &tensors)?;
+        w.flush()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

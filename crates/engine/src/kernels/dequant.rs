@@ -1,20 +1,24 @@
 //! Quantized weights against f32 activations: the fast paths behind
 //! [`matmul`](super::matmul) for [`QMatrix`] weights.
 //!
-//! The numeric definition is the f32 one of [`crate::kernels`]: a weight value is `d * q + m`
-//! (Q4_1) or `d * q` (Q8_0), a multiply then an add, exactly as [`QMatrix::dequantize_rows`]
-//! computes it, and an output is the 16-lane [`dot`](super::dot) of the activation row with
-//! those values. The two kernels here only compute it faster:
+//! The numeric definition is the f32 one of [`crate::kernels`]: a weight value is what
+//! ggml's reference dequantization computes (`d * q + m` for Q4_1, `d * q` for Q8_0, the
+//! K-quants' `d * sc * q - dmin * m`, ...: see `quant::blocks`), exactly as
+//! [`QMatrix::dequantize_rows`] computes it, and an output is the 16-lane [`dot`](super::dot)
+//! of the activation row with those values. The two kernels here only compute it faster:
 //!
-//! * [`dequantize_rows`] widens blocks to f32 eight values per instruction (the prefill path
-//!   dequantizes a few rows into a buffer, then runs the f32 micro-kernels over every token);
+//! * [`dequantize_rows`] widens blocks to f32 eight or sixteen values per instruction (the
+//!   prefill path dequantizes a few rows into a buffer, then runs the f32 micro-kernels over
+//!   every token);
 //! * [`gemv`] is the decode path (one activation row): it widens each block in registers and
 //!   multiplies it at once, one weight row at a time, so nothing is written back to memory.
 //!
-//! Both have a portable form (the reference) and x86 forms (AVX2; `gemv` also AVX-512) with
-//! the same operations in the same order per lane (the dot products' fused multiply-adds
-//! included), in `x86::dequant`; tests check they give the same bits at every level the
-//! machine has. Q4_1's `d * q + m` is exact to fuse too: `d * q` loses nothing.
+//! Both have a portable form (the reference) and hand-written x86 forms for every kind
+//! (`x86::dequant` for Q4_1 and Q8_0, `x86::blocks` for the kinds held as the file's blocks)
+//! with the same operations in the same order per lane (the dot products' fused multiply-adds
+//! included); tests check they give the same bits at every level the machine has. Where a
+//! weight is a product plus a minimum (Q4_1's `d * q + m`, the K-quants' `dl * q - ml`) it is
+//! exact to fuse: the product loses nothing, so one rounding remains either way.
 
 use super::dot::dot;
 use super::isa::Isa;
@@ -64,34 +68,44 @@ fn gemv_portable(q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::kernels::isa::for_each_isa;
-    use crate::kernels::quant::tests::{bits, matrix};
+    use crate::kernels::quant::tests::{Scales, bits, matrix, random_blocks};
     use crate::kernels::quant::{QK, QKind};
     use crate::testing::values;
 
     #[test]
     fn dequantize_rows_matches_the_reference_bitwise() {
-        for kind in [QKind::Q4_1, QKind::Q8_0] {
-            let (rows, cols) = (7, 96);
-            let q = matrix(kind, rows, cols, 3);
-            let mut want = vec![0.0f32; 5 * cols];
-            q.dequantize_rows(1, 5, &mut want);
-            for_each_isa(|isa| {
-                let mut got = vec![f32::NAN; 5 * cols];
-                dequantize_rows(isa, &q, 1, 5, &mut got);
-                assert_eq!(bits(&got), bits(&want), "{kind:?} {isa:?}");
-            });
-            // Spot check the reference itself against row_into.
-            let mut row = vec![0.0f32; cols];
-            q.row_into(3, &mut row);
-            assert_eq!(bits(&row), bits(&want[2 * cols..3 * cols]), "{kind:?}");
+        for kind in QKind::ALL {
+            for scales in [Scales::Moderate, Scales::Extreme] {
+                let (rows, cols) = (7, 3 * kind.block_values());
+                let raw = random_blocks(kind, rows, cols, 3, scales);
+                let q = QMatrix::from_gguf_blocks(kind, rows, cols, &raw).expect("blocks");
+                let mut want = vec![0.0f32; 5 * cols];
+                q.dequantize_rows(1, 5, &mut want);
+                for_each_isa(|isa| {
+                    let mut got = vec![f32::NAN; 5 * cols];
+                    dequantize_rows(isa, &q, 1, 5, &mut got);
+                    assert_eq!(bits(&got), bits(&want), "{kind:?} {scales:?} {isa:?}");
+                });
+                // The reference itself against row_into, one row at a time.
+                let mut row = vec![0.0f32; cols];
+                for r in 1..6 {
+                    q.row_into(r, &mut row);
+                    let at = (r - 1) * cols;
+                    assert_eq!(bits(&row), bits(&want[at..at + cols]), "{kind:?} row {r}");
+                }
+            }
         }
     }
 
     #[test]
     fn gemv_matches_dequantize_then_dot_bitwise() {
-        for kind in [QKind::Q4_1, QKind::Q8_0] {
-            // 11 rows of 7 blocks, from row 1.
-            let (rows, cols) = (11, 7 * QK);
+        for kind in QKind::ALL {
+            // 11 rows of 7 blocks of 32 (or 2 super-blocks), from row 1.
+            let rows = 11;
+            let cols = match kind.block_values() {
+                QK => 7 * QK,
+                k => 2 * k,
+            };
             let q = matrix(kind, rows, cols, 5);
             let x = values(cols, 9);
             let mut reference = vec![f32::NAN; rows - 1];

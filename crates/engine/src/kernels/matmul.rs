@@ -152,6 +152,7 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
     let wd = match &w.data {
         WeightData::F32(wd) => wd,
         WeightData::Quant(q) => return matmul_dequant(isa, x, m, q),
+        WeightData::Stack(parts) => return matmul_stack(isa, x, m, parts, n),
     };
     // Each task owns a block of weight rows: its columns of y, as a [m, rows] chunk.
     let tasks = rayon::current_num_threads() * 4;
@@ -166,6 +167,21 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
             panel(isa, x, m, k, &wd[j0 * k..(j0 + rows) * k], rows, out, rows);
         });
     join_columns(chunks, m, n, rows_per_task)
+}
+
+/// [`matmul`] of a stack of weights (`n` rows in all): each part's outputs, computed in its
+/// own form, are its block of `y`'s columns.
+fn matmul_stack(isa: Isa, x: &[f32], m: usize, parts: &[Weight], n: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; m * n];
+    let mut col = 0;
+    for p in parts.iter().filter(|p| p.rows > 0) {
+        let yp = matmul(isa, x, m, p);
+        for (dst, src) in y.chunks_exact_mut(n).zip(yp.chunks_exact(p.rows)) {
+            dst[col..col + p.rows].copy_from_slice(src);
+        }
+        col += p.rows;
+    }
+    y
 }
 
 /// `y` (`[m, n]`, row-major) from the column blocks tasks computed: block `c` holds columns

@@ -255,6 +255,71 @@ fn quantized_matmul_equals_dequantized_bitwise() {
 }
 
 #[test]
+fn every_quantized_kind_multiplies_as_its_dequantized_matrix_bitwise() {
+    // Decode (one row: the register gemv of Q4_1 and Q8_0, the 4-row buffer of the others),
+    // a few rows, and more than a 2x3 or 6x4 tile sweep, at every level, against the f32 matmul
+    // of the dequantized matrix at the portable level.
+    for kind in QKind::ALL {
+        let (n, k) = (29, 3 * kind.block_values());
+        let q = crate::kernels::quant::tests::matrix(kind, n, k, 21);
+        let wf = Weight::from_f32(n, k, q.to_f32()).expect("sizes");
+        let wq = Weight::from_quant(q);
+        assert!(wq.bytes() < wf.bytes() / 3, "{kind:?} is held quantized");
+        for m in [1, 3, 17] {
+            let x = values(m * k, 30 + m as u64);
+            let want = matmul(Isa::PORTABLE, &x, m, &wf);
+            for_each_isa(|isa| {
+                let got = matmul(isa, &x, m, &wq);
+                assert_eq!(bits(&got), bits(&want), "{kind:?} m={m} {isa:?}");
+            });
+        }
+    }
+}
+
+#[test]
+fn weights_of_different_kinds_stack_without_dequantizing() {
+    // A Q4_K_M file's attention: Q5_0 Q and K over a Q8_0 V; and an f32 part and a K-quant.
+    let k = 256;
+    let matrix = crate::kernels::quant::tests::matrix;
+    let parts = vec![
+        Weight::from_quant(matrix(QKind::Q5_0, 5, k, 1)),
+        Weight::from_quant(matrix(QKind::Q5_0, 4, k, 2)),
+        Weight::from_quant(matrix(QKind::Q8_0, 3, k, 3)),
+        Weight::from_f32(2, k, values(2 * k, 4)).expect("sizes"),
+        Weight::from_quant(matrix(QKind::Q4K, 7, k, 5)),
+    ];
+    let bytes: usize = parts.iter().map(Weight::bytes).sum();
+    let flat: Vec<f32> = parts.iter().flat_map(|p| p.clone().into_f32()).collect();
+    let stack = Weight::concat_rows(parts).expect("same width");
+    assert!(matches!(stack.data, weight::WeightData::Stack(_)));
+    assert_eq!((stack.rows, stack.cols, stack.bytes()), (21, k, bytes));
+    let wf = Weight::from_f32(21, k, flat.clone()).expect("sizes");
+    let mut row = vec![0.0f32; k];
+    for r in [0, 4, 5, 9, 12, 13, 14, 20] {
+        stack.row_into(r, &mut row);
+        assert_eq!(bits(&row), bits(&flat[r * k..(r + 1) * k]), "row {r}");
+    }
+    for m in [1, 3, 17] {
+        let x = values(m * k, 40 + m as u64);
+        let want = matmul(Isa::PORTABLE, &x, m, &wf);
+        for_each_isa(|isa| {
+            assert_eq!(
+                bits(&matmul(isa, &x, m, &stack)),
+                bits(&want),
+                "m={m} {isa:?}"
+            );
+        });
+    }
+    // One kind stays one matrix.
+    let same = Weight::concat_rows(vec![
+        Weight::from_quant(matrix(QKind::Q6K, 2, k, 6)),
+        Weight::from_quant(matrix(QKind::Q6K, 3, k, 7)),
+    ])
+    .expect("same width");
+    assert!(matches!(same.data, weight::WeightData::Quant(_)));
+}
+
+#[test]
 fn weight_concat_and_rows() {
     let a = Weight::from_f32(1, 2, vec![1.0, 2.0]).expect("sizes match");
     let b = Weight::from_f32(2, 2, vec![3.0, 4.0, 5.0, 6.0]).expect("sizes match");

@@ -1,5 +1,6 @@
 //! Loading a model: the GGUF header and tensors read through `GgufFile`, every tensor's
-//! shape checked against the configuration, the weights hashed, Q4_1 and Q8_0 kept quantized.
+//! shape checked against the configuration, the weights hashed, quantized weights kept
+//! quantized (F32, F16 and BF16 ones read as f32).
 //! The tensors are llama's, for Gemma 3 four more norms per layer, and those llama.cpp takes
 //! when present: q/k/v biases (Qwen2 has them), Llama 3's RoPE frequency factors, Qwen2's LM
 //! head bias. A bias or RoPE tensor that the architecture does not take is an error rather
@@ -13,8 +14,19 @@ use super::config::{OUTPUT, OUTPUT_BIAS, OUTPUT_NORM, ROPE_FREQS, TOKEN_EMBD};
 use super::{GemmaNorms, Layer, Model, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::kernels::quant::QMatrix;
+use crate::kernels::quant::{QKind, QMatrix};
 use crate::kernels::{Isa, RopeTable, Weight};
+
+/// How a loaded model holds its quantized weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WeightForm {
+    /// As the file stores them: the kernels multiply the blocks.
+    Quantized,
+    /// Every weight dequantized to f32 by candle at load: the reference the quantized kernels
+    /// are tested against.
+    #[cfg(test)]
+    F32,
+}
 
 impl Model {
     /// Loads a GGUF model file.
@@ -25,6 +37,11 @@ impl Model {
     /// Builds the model from an open GGUF file (whose metadata also holds the tokenizer and
     /// chat template, so the file is parsed once).
     pub(crate) fn from_file(file: &mut GgufFile) -> Result<Model> {
+        Self::from_file_as(file, WeightForm::Quantized)
+    }
+
+    /// [`Model::from_file`], holding the weights in `form`.
+    pub(crate) fn from_file_as(file: &mut GgufFile, form: WeightForm) -> Result<Model> {
         let config = ModelConfig::from_gguf(file)?;
         let expected = expected_shapes(&config, |name| file.tensor_dims(name).is_some());
         for (name, shape) in &expected {
@@ -43,6 +60,7 @@ impl Model {
         // Read every tensor once, in name order: hash its raw bytes, keep the ones we use.
         let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
         let mut values: HashMap<String, Tensor> = HashMap::new();
+        let mut file_tensor_bytes = 0;
         for name in file.tensor_names() {
             let dims = file.tensor_dims(&name).unwrap_or_default().to_vec();
             if !expected.contains_key(&name) {
@@ -74,18 +92,17 @@ impl Model {
             let Some(shape) = expected.get(&name) else {
                 continue;
             };
-            // Projections and embeddings in Q4_1 / Q8_0 stay quantized; anything else is
-            // dequantized to f32.
-            let quantized = match (tensor.quant_kind(), shape.as_slice()) {
-                (Some(kind), &[rows, cols]) => {
-                    QMatrix::from_gguf_blocks(kind, rows, cols, &data).map(Tensor::Quant)
-                }
-                _ => None,
+            file_tensor_bytes += data.len();
+            // Quantized weights stay quantized (their rows whole blocks, as GGUF requires);
+            // F32, F16 and BF16 ones are read as f32.
+            let quantized = match tensor.quant_kind()? {
+                Some(kind) => Some(quantized(&name, kind, shape, &data)?),
+                None => None,
             };
             drop(data);
-            let value = match quantized {
-                Some(q) => q,
-                None => Tensor::F32(tensor.to_f32()?),
+            let value = match (quantized, form) {
+                (Some(q), WeightForm::Quantized) => Tensor::Quant(q),
+                _ => Tensor::F32(tensor.to_f32()?),
             };
             values.insert(name, value);
         }
@@ -188,6 +205,7 @@ impl Model {
             rope_inv_freq,
             rope_inv_freq_swa,
             isa: Isa::from_env()?,
+            file_tensor_bytes,
         })
     }
 }
@@ -264,6 +282,31 @@ fn shape_is_sane(dims: &[usize]) -> bool {
     dims.iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .is_some_and(|n| n <= 1 << 40)
+}
+
+/// The blocks of tensor `name` (of `shape`: `[rows, cols]`, or `[cols]` for one row) as a
+/// matrix; an error if its rows are not whole blocks (which `GgufFile::tensor` already
+/// refuses: this keeps the matrix from depending on it).
+fn quantized(name: &str, kind: QKind, shape: &[usize], data: &[u8]) -> Result<QMatrix> {
+    let (rows, cols) = match *shape {
+        [rows, cols] => (rows, cols),
+        [cols] => (1, cols),
+        _ => (1, shape.iter().product()),
+    };
+    if !cols.is_multiple_of(kind.block_values()) {
+        return Err(EngineError::PartialBlocks {
+            name: name.to_owned(),
+            dtype: kind.name().to_owned(),
+            cols,
+            block: kind.block_values(),
+        });
+    }
+    // The reader sized the data from the shape, so this only fails on a reader's bug.
+    QMatrix::from_gguf_blocks(kind, rows, cols, data).ok_or_else(|| EngineError::TensorShape {
+        name: name.to_owned(),
+        expected: shape.to_vec(),
+        found: vec![data.len() / kind.block_bytes() * kind.block_values()],
+    })
 }
 
 /// A tensor's values as loaded: quantized blocks kept as they are, or f32.

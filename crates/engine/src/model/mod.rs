@@ -1,10 +1,11 @@
 //! A model loaded from a GGUF file (the llama, Gemma 3 and Qwen2 architectures), and its
 //! forward pass over our own [`KvCache`].
 //!
-//! Q4_1 and Q8_0 weights stay quantized in memory (other types are dequantized to f32 at load
-//! time) and are multiplied with the batch-invariant kernels of [`crate::kernels`] and
-//! `kernels::quant`, so a token's K/V and logits are bitwise the same whether it was
-//! prefilled in a batch of any size or decoded alone, and whatever the cache's capacity.
+//! Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K) stay quantized in memory
+//! (F32, F16 and BF16 ones are read as f32) and are multiplied with the batch-invariant
+//! kernels of [`crate::kernels`] and `kernels::quant`, so a token's K/V and logits are
+//! bitwise the same whether it was prefilled in a batch of any size or decoded alone, and
+//! whatever the cache's capacity.
 
 mod config;
 mod forward;
@@ -19,6 +20,8 @@ use crate::kernels::{Isa, Weight};
 
 pub use config::{Architecture, ModelConfig, SUPPORTED_ARCHITECTURES};
 pub use forward::PREFILL_CHUNK;
+#[cfg(test)]
+pub(crate) use load::WeightForm;
 
 /// Which logits [`Model::forward`] returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +82,8 @@ pub struct Model {
     rope_inv_freq_swa: Vec<f64>,
     /// The instruction-set level every kernel call runs at.
     isa: Isa,
+    /// Bytes the tensors the model uses take in the GGUF file.
+    file_tensor_bytes: usize,
 }
 
 impl std::fmt::Debug for Model {
@@ -134,6 +139,14 @@ impl Model {
             });
         }
         Ok(KvCache::new(shape, dtype))
+    }
+
+    /// Bytes the tensors the model uses take in its GGUF file: what [`Model::weight_bytes`]
+    /// would be if memory held every tensor as the file does. (It holds Q4_1 and Q8_0 with
+    /// their scales widened to f32, 24 and 36 bytes a block where the file has 20 and 34, and
+    /// F16 and BF16 tensors as f32.)
+    pub fn file_tensor_bytes(&self) -> usize {
+        self.file_tensor_bytes
     }
 
     /// Bytes of memory the weights take.

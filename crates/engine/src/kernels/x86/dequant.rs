@@ -1,13 +1,15 @@
-//! Quantized weights (Q4_1, Q8_0) against f32 activations: blocks widened to f32 eight values
-//! per instruction, exactly as the portable dequantization computes them.
+//! Quantized weights against f32 activations: Q4_1 and Q8_0 blocks (held widened) widened to
+//! f32 eight or sixteen values per instruction, exactly as the portable dequantization computes
+//! them, and the dispatch to [`super::blocks`] for the kinds held as the file stores them.
 
 use std::arch::x86_64::*;
 
+use super::blocks;
 use super::{reduce, reduce512};
 use crate::kernels::isa::{Isa, Level};
 use crate::kernels::quant::{QK, QKind, QMatrix};
 
-/// Raw views of a matrix's blocks.
+/// Raw views of a widened (Q4_1 or Q8_0) matrix's blocks.
 struct Blocks {
     kind: QKind,
     nb: usize,
@@ -17,7 +19,10 @@ struct Blocks {
 }
 
 impl Blocks {
+    /// # Panics
+    /// If `q` is not of a widened kind (the kernels below read its buffers as such).
     fn new(q: &QMatrix) -> Blocks {
+        assert!(q.kind().widened(), "{:?} is not held widened", q.kind());
         let (qs, d, m) = q.raw_parts();
         Blocks {
             kind: q.kind(),
@@ -38,6 +43,11 @@ pub(crate) fn dequantize_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize, ou
     let rows_end = r0.checked_add(count).expect("row range overflows");
     assert!(rows_end <= q.rows(), "dequantize_rows out of range");
     assert_eq!(out.len(), count * q.cols(), "dequantize_rows output length");
+    if !q.kind().widened() {
+        let raw = &q.gguf_blocks()[r0 * q.row_bytes()..rows_end * q.row_bytes()];
+        blocks::dequantize_blocks(isa, q.kind(), raw, out);
+        return;
+    }
     let (b, out) = (Blocks::new(q), out.as_mut_ptr());
     // SAFETY: the CPU has `isa` (an `Isa` exists only for levels it has); rows r0..r0 + count
     // exist and `out`
@@ -60,6 +70,11 @@ pub(crate) fn gemv(isa: Isa, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32])
     assert_eq!(x.len(), q.cols(), "gemv input is not the weight's width");
     let rows_end = r0.checked_add(out.len()).expect("row range overflows");
     assert!(rows_end <= q.rows(), "gemv rows out of range");
+    if !q.kind().widened() {
+        let raw = &q.gguf_blocks()[r0 * q.row_bytes()..rows_end * q.row_bytes()];
+        blocks::gemv(isa, q.kind(), raw, x, out);
+        return;
+    }
     // SAFETY: the CPU has `isa` (an `Isa` exists only for levels it has) and rows
     // r0..r0 + out.len() exist (asserted above); `x`
     // holds nb * QK values.
@@ -104,7 +119,8 @@ unsafe fn block(b: &Blocks, row: usize, blk_in_row: usize) -> [__m256; 4] {
                     f(_mm_srli_si128(hi, 8)),
                 ]
             }
-            QKind::Q8_0 => {
+            // Q8_0, the other widened kind (see `Blocks::new`).
+            _ => {
                 let p = b.qs.add(blk * QK);
                 let a = _mm_loadu_si128(p.cast());
                 let c = _mm_loadu_si128(p.add(16).cast());
@@ -194,7 +210,8 @@ unsafe fn block512(b: &Blocks, row: usize, blk_in_row: usize) -> [__m512; 2] {
                 };
                 [f(lo), f(hi)]
             }
-            QKind::Q8_0 => {
+            // Q8_0, as in `block`.
+            _ => {
                 let p = b.qs.add(blk * QK);
                 let f = |bytes: __m128i| {
                     _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))

@@ -1,0 +1,764 @@
+//! GGUF blocks kept as the file stores them (every kind but the widened Q4_1 and Q8_0), widened
+//! to f32 with AVX2 or AVX-512: into a buffer ([`dequantize_blocks`]) or straight into a dot
+//! product with the activations ([`gemv`], decode). Each value is the one `quant::blocks`
+//! (ggml's reference) computes, bit for bit: its products are exact (see that module), so
+//! `d * q` is the same in any lane, and a minimum after one (`d * q + m`, `dl * q - ml`) fused
+//! into one FMA rounds once, as the reference's addition after its exact product does.
+//!
+//! Each kind is a visitor over one block: it hands out the block's values sixteen at a time,
+//! in order, as one AVX-512 register (`*_512`: Q5_0, Q4_K and Q6_K, what Gemma 3 270M's
+//! Q4_K_M file holds besides Q8_0) or two AVX2 registers (`*_256`: every kind; the AVX-512
+//! level runs these for the other kinds). Storing them dequantizes; multiplying them into
+//! sixteen lanes of accumulators as they come is [`dot`](crate::kernels::dot::dot)'s order.
+
+use std::arch::x86_64::*;
+
+use super::{reduce, reduce512};
+use crate::kernels::isa::{Isa, Level};
+use crate::kernels::quant::QKind;
+use crate::kernels::quant::blocks::scale_min_k4;
+
+/// Bytes ahead of the current block that [`gemv`] asks the CPU to prefetch.
+const PREFETCH: usize = 512;
+
+/// Widens `raw`, whole GGUF blocks of `kind`, into `out`, bitwise as
+/// `quant::blocks::dequantize`, at `isa`.
+///
+/// # Panics
+/// If `isa` is the portable level, `kind` is held widened (Q4_1, Q8_0: see `x86::dequant`) or
+/// `out` does not hold exactly the blocks' values.
+pub(crate) fn dequantize_blocks(isa: Isa, kind: QKind, raw: &[u8], out: &mut [f32]) {
+    assert!(!kind.widened(), "{kind:?} is held widened");
+    let n = raw.len() / kind.block_bytes();
+    assert!(
+        raw.len() == n * kind.block_bytes() && out.len() == n * kind.block_values(),
+        "x86::dequantize_blocks: {} bytes are not the blocks of {} values",
+        raw.len(),
+        out.len()
+    );
+    let (src, dst) = (raw.as_ptr(), out.as_mut_ptr());
+    // SAFETY: the CPU has `isa` (an `Isa` exists only for levels it has; both x86 levels
+    // include F16C), and `raw` holds exactly `n` blocks of `kind` whose values fit `out`
+    // (checked above), which is all the kernels read and write.
+    unsafe {
+        match isa.level() {
+            Level::Avx512 => dequantize_avx512(kind, src, n, dst),
+            Level::Avx2 => dequantize_avx2(kind, src, n, dst),
+            Level::Portable => panic!("x86::dequantize_blocks needs AVX2 or AVX-512"),
+        }
+    }
+}
+
+/// `out[j] = dot(x, row j of raw)` for the rows of GGUF blocks of `kind` in `raw` (each
+/// `x.len()` values), at `isa`: bitwise what dequantizing them and calling `dot` gives.
+///
+/// One row at a time, one sequential stream, with a software prefetch ahead, as the widened
+/// kinds' gemv (see there why).
+///
+/// # Panics
+/// If `isa` is the portable level, `kind` is held widened, `x` is not whole blocks or `raw`
+/// does not hold `out.len()` rows of them.
+pub(crate) fn gemv(isa: Isa, kind: QKind, raw: &[u8], x: &[f32], out: &mut [f32]) {
+    assert!(!kind.widened(), "{kind:?} is held widened");
+    let nb = x.len() / kind.block_values();
+    assert!(
+        x.len() == nb * kind.block_values() && raw.len() == out.len() * nb * kind.block_bytes(),
+        "x86::gemv: {} bytes are not {} rows of {} values",
+        raw.len(),
+        out.len(),
+        x.len()
+    );
+    // SAFETY: as in `dequantize_blocks`; row `j` is `raw[j * row..(j + 1) * row]` with
+    // `row = nb * block_bytes`, `nb` blocks against `x`'s `nb * block_values` values (checked).
+    unsafe {
+        match isa.level() {
+            Level::Avx512 => gemv_avx512(kind, raw.as_ptr(), nb, x.as_ptr(), out),
+            Level::Avx2 => gemv_avx2(kind, raw.as_ptr(), nb, x.as_ptr(), out),
+            Level::Portable => panic!("x86::gemv needs AVX2 or AVX-512"),
+        }
+    }
+}
+
+/// `$then!(visitor, lanes, block bytes, block values, $args...)` for `$kind`'s visitor at
+/// `$level` (`avx512` or `avx2`), `lanes` the type of the sixteen values it hands out: macros,
+/// because each visitor is generic over the closure it is handed.
+macro_rules! each_kind {
+    ($kind:expr, $level:ident, $then:ident!($($args:tt)*)) => {
+        match $kind {
+            QKind::Q4_0 => $then!(q4_0_256, V256, 18, 32, $($args)*),
+            QKind::Q5_0 => each_kind!(@q5_0 $level, $then, ($($args)*)),
+            QKind::Q5_1 => $then!(q5_1_256, V256, 24, 32, $($args)*),
+            QKind::Q2K => $then!(q2_k_256, V256, 84, 256, $($args)*),
+            QKind::Q3K => $then!(q3_k_256, V256, 110, 256, $($args)*),
+            QKind::Q4K => each_kind!(@q4_k $level, $then, ($($args)*)),
+            QKind::Q5K => $then!(q5_k_256, V256, 176, 256, $($args)*),
+            QKind::Q6K => each_kind!(@q6_k $level, $then, ($($args)*)),
+            QKind::Q4_1 | QKind::Q8_0 => unreachable!("held widened: checked by the wrappers"),
+        }
+    };
+    (@q5_0 avx512, $then:ident, ($($a:tt)*)) => { $then!(q5_0_512, __m512, 22, 32, $($a)*) };
+    (@q5_0 avx2, $then:ident, ($($a:tt)*)) => { $then!(q5_0_256, V256, 22, 32, $($a)*) };
+    (@q4_k avx512, $then:ident, ($($a:tt)*)) => { $then!(q4_k_512, __m512, 144, 256, $($a)*) };
+    (@q4_k avx2, $then:ident, ($($a:tt)*)) => { $then!(q4_k_256, V256, 144, 256, $($a)*) };
+    (@q6_k avx512, $then:ident, ($($a:tt)*)) => { $then!(q6_k_512, __m512, 210, 256, $($a)*) };
+    (@q6_k avx2, $then:ident, ($($a:tt)*)) => { $then!(q6_k_256, V256, 210, 256, $($a)*) };
+}
+
+/// Stores the values of the `$n` blocks at `$src` to `$dst`.
+macro_rules! store_blocks {
+    (
+        $visit:ident, $lanes:ty, $bytes:literal, $values:literal,
+        $src:ident, $n:ident, $dst:ident
+    ) => {
+        for b in 0..$n {
+            let y = $dst.add($values * b);
+            $visit($src.add($bytes * b), &mut |off, v: $lanes| {
+                v.store(y.add(off))
+            });
+        }
+    };
+}
+
+/// `$out[j]` = the dot product of `$x` with row `j` at `$src` (`$nb` blocks), with a software
+/// prefetch ahead (the address may point past the matrix; it is never dereferenced, and a
+/// prefetch does not fault, hence `wrapping_add`).
+macro_rules! dot_rows {
+    (
+        $visit:ident, $lanes:ty, $bytes:literal, $values:literal,
+        $src:ident, $nb:ident, $x:ident, $out:ident
+    ) => {
+        for (j, o) in $out.iter_mut().enumerate() {
+            let row = $src.add(j * $nb * $bytes);
+            let mut acc = <$lanes>::zero();
+            for b in 0..$nb {
+                let p = row.add($bytes * b);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH).cast());
+                let xb = $x.add($values * b);
+                $visit(p, &mut |off, v: $lanes| v.fmadd(xb.add(off), &mut acc));
+            }
+            *o = <$lanes>::reduce(acc);
+        }
+    };
+}
+
+/// Sixteen values as two AVX2 registers (lanes 0..8, 8..16).
+type V256 = [__m256; 2];
+
+/// Sixteen values: one AVX-512 register or two AVX2 ones (lanes 0..8, 8..16).
+trait Sixteen: Copy {
+    /// Stores the values at `p`.
+    ///
+    /// # Safety
+    /// The vector instructions are available and `p..p + 16` is writable.
+    unsafe fn store(self, p: *mut f32);
+    /// The accumulators of a dot product, zero.
+    type Acc;
+    /// # Safety
+    /// As for `store`.
+    unsafe fn zero() -> Self::Acc;
+    /// `acc = fma(x[0..16], self, acc)` lane by lane.
+    ///
+    /// # Safety
+    /// As for `store`, and `x..x + 16` is readable.
+    unsafe fn fmadd(self, x: *const f32, acc: &mut Self::Acc);
+    /// The dot product's fixed reduction tree.
+    ///
+    /// # Safety
+    /// As for `store`.
+    unsafe fn reduce(acc: Self::Acc) -> f32;
+}
+
+impl Sixteen for [__m256; 2] {
+    type Acc = [__m256; 2];
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            _mm256_storeu_ps(p, self[0]);
+            _mm256_storeu_ps(p.add(8), self[1]);
+        }
+    }
+    #[inline(always)]
+    unsafe fn zero() -> [__m256; 2] {
+        // SAFETY: the caller's contract.
+        unsafe { [_mm256_setzero_ps(); 2] }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(self, x: *const f32, acc: &mut [__m256; 2]) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x), self[0], acc[0]);
+            acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8)), self[1], acc[1]);
+        }
+    }
+    #[inline(always)]
+    unsafe fn reduce(acc: [__m256; 2]) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { reduce(acc) }
+    }
+}
+
+impl Sixteen for __m512 {
+    type Acc = __m512;
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_storeu_ps(p, self) }
+    }
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(self, x: *const f32, acc: &mut __m512) {
+        // SAFETY: the caller's contract.
+        unsafe { *acc = _mm512_fmadd_ps(_mm512_loadu_ps(x), self, *acc) }
+    }
+    #[inline(always)]
+    unsafe fn reduce(acc: __m512) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { reduce512(acc) }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn dequantize_avx512(kind: QKind, src: *const u8, n: usize, dst: *mut f32) {
+    // SAFETY: the caller's contract (see `dequantize_blocks`): block `b` is
+    // `src[b * bytes..]`, its values `dst[b * values..]`, and a visitor hands out offsets
+    // below `values`.
+    unsafe { each_kind!(kind, avx512, store_blocks!(src, n, dst)) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequantize_avx2(kind: QKind, src: *const u8, n: usize, dst: *mut f32) {
+    // SAFETY: as in `dequantize_avx512`.
+    unsafe { each_kind!(kind, avx2, store_blocks!(src, n, dst)) }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn gemv_avx512(kind: QKind, src: *const u8, nb: usize, x: *const f32, out: &mut [f32]) {
+    // SAFETY: the caller's contract (see `gemv`): row `j` is `nb` blocks from
+    // `src[j * nb * bytes..]`, block `b` against `x[b * values..]`.
+    unsafe { each_kind!(kind, avx512, dot_rows!(src, nb, x, out)) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_avx2(kind: QKind, src: *const u8, nb: usize, x: *const f32, out: &mut [f32]) {
+    // SAFETY: as in `gemv_avx512`.
+    unsafe { each_kind!(kind, avx2, dot_rows!(src, nb, x, out)) }
+}
+
+/// The f16 at `p`, widened.
+///
+/// # Safety
+/// F16C is available and `p..p + 2` is readable.
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let bits = p.cast::<u16>().read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+}
+
+/// Bytes `8 * i .. 8 * i + 8` of `v` (unsigned) as eight i32 lanes.
+///
+/// # Safety
+/// AVX2 is available.
+#[inline(always)]
+unsafe fn widen8(v: __m256i, i: usize) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe { _mm256_cvtepu8_epi32(octet(v, i)) }
+}
+
+/// Bytes `8 * i .. 8 * i + 8` of `v` (signed) as eight i32 lanes.
+///
+/// # Safety
+/// AVX2 is available.
+#[inline(always)]
+unsafe fn widen8_signed(v: __m256i, i: usize) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe { _mm256_cvtepi8_epi32(octet(v, i)) }
+}
+
+/// Bytes `8 * i .. 8 * i + 8` of `v` in the low half of a 128-bit register.
+///
+/// # Safety
+/// AVX2 is available.
+#[inline(always)]
+unsafe fn octet(v: __m256i, i: usize) -> __m128i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let half = match i / 2 {
+            0 => _mm256_castsi256_si128(v),
+            _ => _mm256_extracti128_si256::<1>(v),
+        };
+        match i % 2 {
+            0 => half,
+            _ => _mm_srli_si128::<8>(half),
+        }
+    }
+}
+
+/// Bytes `16 * i .. 16 * i + 16` of `v` (unsigned) as sixteen i32 lanes.
+///
+/// # Safety
+/// AVX-512F is available.
+#[inline(always)]
+unsafe fn widen16(v: __m256i, i: usize) -> __m512i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let half = match i {
+            0 => _mm256_castsi256_si128(v),
+            _ => _mm256_extracti128_si256::<1>(v),
+        };
+        _mm512_cvtepu8_epi32(half)
+    }
+}
+
+/// The low and high nibbles of the 16 bytes at `p`.
+///
+/// # Safety
+/// AVX2 is available and `p..p + 16` is readable.
+#[inline(always)]
+unsafe fn nibbles16(p: *const u8) -> (__m128i, __m128i) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let (q, mask) = (_mm_loadu_si128(p.cast()), _mm_set1_epi8(0x0F));
+        (
+            _mm_and_si128(q, mask),
+            _mm_and_si128(_mm_srli_epi16::<4>(q), mask),
+        )
+    }
+}
+
+/// The low and high nibbles of the 32 bytes at `p`.
+///
+/// # Safety
+/// AVX2 is available and `p..p + 32` is readable.
+#[inline(always)]
+unsafe fn nibbles32(p: *const u8) -> (__m256i, __m256i) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let (q, mask) = (_mm256_loadu_si256(p.cast()), _mm256_set1_epi8(0x0F));
+        (
+            _mm256_and_si256(q, mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
+        )
+    }
+}
+
+/// 0x10 in each byte of 32 whose bit `bit` of `qh` is set, else 0: the fifth bits of a Q5_K
+/// quarter's values, from its 32 bytes of high bits.
+///
+/// # Safety
+/// AVX2 is available.
+#[inline(always)]
+unsafe fn fifth_bits(qh: __m256i, bit: u8) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let m = _mm256_set1_epi8(bit as i8);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q4_0: x = (q - 8) * d.
+// ---------------------------------------------------------------------------------------------
+
+/// # Safety
+/// AVX2 and F16C are available and the 18-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q4_0_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract: bytes 0..18 of the block.
+    unsafe {
+        let d = _mm256_set1_ps(f16_at(p));
+        let eight = _mm256_set1_epi32(8);
+        let (lo, hi) = nibbles16(p.add(2));
+        let f = |bytes: __m128i| {
+            let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), eight);
+            _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
+        };
+        emit(0, [f(lo), f(_mm_srli_si128::<8>(lo))]);
+        emit(16, [f(hi), f(_mm_srli_si128::<8>(hi))]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q5_0: x = (q - 16) * d, and Q5_1: x = q * d + m; q's fifth bit in qh (bit e for element e).
+// ---------------------------------------------------------------------------------------------
+
+/// The four octets of a 5-bit block's quants (values `8g .. 8g + 8` in entry `g`), from its
+/// 16 bytes of nibbles at `qs` and its 32 high bits `qh`, as i32 lanes.
+///
+/// # Safety
+/// AVX2 is available and `qs..qs + 16` is readable.
+#[inline(always)]
+unsafe fn q5_octets(qs: *const u8, qh: u32) -> [__m256i; 4] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let (lo, hi) = nibbles16(qs);
+        let bytes = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
+        let (sixteen, lane) = (
+            _mm256_set1_epi32(16),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        std::array::from_fn(|g| {
+            // ggml's `((qh >> j) << 4) & 0x10` for the octet's eight elements j.
+            let bits = _mm256_set1_epi32(((qh >> (8 * g)) << 4) as i32);
+            let high = _mm256_and_si256(_mm256_srlv_epi32(bits, lane), sixteen);
+            _mm256_or_si256(_mm256_cvtepu8_epi32(bytes[g]), high)
+        })
+    }
+}
+
+/// # Safety
+/// AVX2 and F16C are available and the 22-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q5_0_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract: bytes 0..22 of the block.
+    unsafe {
+        let d = _mm256_set1_ps(f16_at(p));
+        let qh = p.add(2).cast::<u32>().read_unaligned();
+        let sixteen = _mm256_set1_epi32(16);
+        let q = q5_octets(p.add(6), qh);
+        let f = |q: __m256i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, sixteen)), d);
+        emit(0, [f(q[0]), f(q[1])]);
+        emit(16, [f(q[2]), f(q[3])]);
+    }
+}
+
+/// # Safety
+/// AVX-512F and F16C are available and the 22-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q5_0_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
+    // SAFETY: the caller's contract: bytes 0..22 of the block.
+    unsafe {
+        let d = _mm512_set1_ps(f16_at(p));
+        let qh = p.add(2).cast::<u32>().read_unaligned();
+        let sixteen = _mm512_set1_epi32(16);
+        let (lo, hi) = nibbles16(p.add(6));
+        for (h, nib) in [lo, hi].into_iter().enumerate() {
+            let q = _mm512_cvtepu8_epi32(nib);
+            // Bit e of qh is element e's fifth bit: lanes whose bit is set get 16 or-ed in.
+            let q = _mm512_mask_or_epi32(q, (qh >> (16 * h)) as u16, q, sixteen);
+            let x = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, sixteen));
+            emit(16 * h, _mm512_mul_ps(x, d));
+        }
+    }
+}
+
+/// # Safety
+/// AVX2, FMA and F16C are available and the 24-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q5_1_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract: bytes 0..24 of the block.
+    unsafe {
+        let (d, m) = (_mm256_set1_ps(f16_at(p)), _mm256_set1_ps(f16_at(p.add(2))));
+        let qh = p.add(4).cast::<u32>().read_unaligned();
+        let q = q5_octets(p.add(8), qh);
+        // `q * d` is exact: one rounding, the addition's.
+        let f = |q: __m256i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m);
+        emit(0, [f(q[0]), f(q[1])]);
+        emit(16, [f(q[2]), f(q[3])]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q2_K: x = d * sc * q - dmin * m per 16 values.
+// ---------------------------------------------------------------------------------------------
+
+/// `v`'s 16-bit lanes shifted right by `2 * j` bits.
+///
+/// # Safety
+/// AVX2 is available.
+#[inline(always)]
+unsafe fn shift_pairs(v: __m256i, j: usize) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match j {
+            0 => v,
+            1 => _mm256_srli_epi16::<2>(v),
+            2 => _mm256_srli_epi16::<4>(v),
+            _ => _mm256_srli_epi16::<6>(v),
+        }
+    }
+}
+
+/// # Safety
+/// AVX2, FMA and F16C are available and the 84-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q2_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract: scales at 0..16, quants at 16..80, d and dmin at 80..84.
+    unsafe {
+        let (d, min) = (f16_at(p.add(80)), f16_at(p.add(82)));
+        let three = _mm256_set1_epi8(3);
+        for n in 0..2 {
+            let q = _mm256_loadu_si256(p.add(16 + 32 * n).cast());
+            for j in 0..4 {
+                // Each byte's bits 2j..2j + 2 (16-bit shifts bring in the next byte's bits,
+                // above the mask).
+                let v = _mm256_and_si256(shift_pairs(q, j), three);
+                for half in 0..2 {
+                    let sc = *p.add(8 * n + 2 * j + half);
+                    let dl = _mm256_set1_ps(d * (sc & 0xF) as f32);
+                    let ml = _mm256_set1_ps(min * (sc >> 4) as f32);
+                    // `dl * q` is exact: one rounding, the subtraction's.
+                    let f = |i: usize| {
+                        _mm256_fmsub_ps(dl, _mm256_cvtepi32_ps(widen8(v, 2 * half + i)), ml)
+                    };
+                    emit(128 * n + 32 * j + 16 * half, [f(0), f(1)]);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q3_K: x = d * (sc - 32) * (q - 4 * !high) per 16 values.
+// ---------------------------------------------------------------------------------------------
+
+/// # Safety
+/// AVX2 and F16C are available and the 110-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract: high bits at 0..32, quants at 32..96, scales at
+    // 96..108, d at 108..110.
+    unsafe {
+        let d_all = f16_at(p.add(108));
+        let scales = q3_k_scales(std::slice::from_raw_parts(p.add(96), 12));
+        let hm = _mm256_loadu_si256(p.cast());
+        let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+        for n in 0..2 {
+            let q = _mm256_loadu_si256(p.add(32 + 32 * n).cast());
+            for j in 0..4 {
+                let low = _mm256_and_si256(shift_pairs(q, j), three);
+                // 4 where the value's high bit (bit 4n + j of its hmask byte) is clear.
+                let m = _mm256_set1_epi8((1u8 << (4 * n + j)) as i8);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
+                let v = _mm256_sub_epi8(low, _mm256_andnot_si256(set, four));
+                for half in 0..2 {
+                    let sc = scales[8 * n + 2 * j + half];
+                    let dl = _mm256_set1_ps(d_all * (sc as i32 - 32) as f32);
+                    let f = |i: usize| {
+                        _mm256_mul_ps(dl, _mm256_cvtepi32_ps(widen8_signed(v, 2 * half + i)))
+                    };
+                    emit(128 * n + 32 * j + 16 * half, [f(0), f(1)]);
+                }
+            }
+        }
+    }
+}
+
+/// A Q3_K super-block's sixteen 6-bit scales (still offset by 32) from their 12 packed bytes,
+/// as the reference unpacks them.
+#[inline(always)]
+fn q3_k_scales(packed: &[u8]) -> [i8; 16] {
+    const KMASK1: u32 = 0x0303_0303;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    let word =
+        |i: usize| u32::from_le_bytes([packed[i], packed[i + 1], packed[i + 2], packed[i + 3]]);
+    let (a0, a1, tmp) = (word(0), word(4), word(8));
+    let aux = [
+        (a0 & KMASK2) | ((tmp & KMASK1) << 4),
+        (a1 & KMASK2) | (((tmp >> 2) & KMASK1) << 4),
+        ((a0 >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4),
+        ((a1 >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4),
+    ];
+    let mut out = [0i8; 16];
+    for (o, b) in out.iter_mut().zip(aux.iter().flat_map(|w| w.to_le_bytes())) {
+        *o = b as i8;
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q4_K and Q5_K: x = d * sc * q - dmin * m per 32 values.
+// ---------------------------------------------------------------------------------------------
+
+/// `[d1, m1, d2, m2]` of quarter `j` of a Q4_K or Q5_K super-block: `d * sc` and `dmin * m`
+/// of sub-blocks `2j` and `2j + 1`, as the reference computes them.
+#[inline(always)]
+fn k4_scales(d: f32, dmin: f32, scales: &[u8], j: usize) -> [f32; 4] {
+    let (sc1, m1) = scale_min_k4(2 * j, scales);
+    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+    [
+        d * sc1 as f32,
+        dmin * m1 as f32,
+        d * sc2 as f32,
+        dmin * m2 as f32,
+    ]
+}
+
+/// Emits the 64 values of one quarter: `lo` (32 quants of scale `d1`, minimum `m1`) then `hi`
+/// (`d2`, `m2`), from offset `at`.
+///
+/// # Safety
+/// AVX2 and FMA are available.
+#[inline(always)]
+unsafe fn k4_quarter_256(
+    at: usize,
+    (lo, hi): (__m256i, __m256i),
+    [d1, m1, d2, m2]: [f32; 4],
+    emit: &mut impl FnMut(usize, [__m256; 2]),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for (s, (q, dl, ml)) in [(lo, d1, m1), (hi, d2, m2)].into_iter().enumerate() {
+            let (dl, ml) = (_mm256_set1_ps(dl), _mm256_set1_ps(ml));
+            // `dl * q` is exact: one rounding, the subtraction's.
+            let f = |i: usize| _mm256_fmsub_ps(dl, _mm256_cvtepi32_ps(widen8(q, i)), ml);
+            emit(at + 32 * s, [f(0), f(1)]);
+            emit(at + 32 * s + 16, [f(2), f(3)]);
+        }
+    }
+}
+
+/// # Safety
+/// AVX2, FMA and F16C are available and the 144-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q4_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract: d and dmin at 0..4, scales at 4..16, quants at 16..144.
+    unsafe {
+        let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        for j in 0..4 {
+            let q = nibbles32(p.add(16 + 32 * j));
+            k4_quarter_256(64 * j, q, k4_scales(d, dmin, scales, j), emit);
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512F and F16C are available and the 144-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q4_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
+    // SAFETY: the caller's contract, as for `q4_k_256`.
+    unsafe {
+        let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        for j in 0..4 {
+            let [d1, m1, d2, m2] = k4_scales(d, dmin, scales, j);
+            let (lo, hi) = nibbles32(p.add(16 + 32 * j));
+            for (s, (q, dl, ml)) in [(lo, d1, m1), (hi, d2, m2)].into_iter().enumerate() {
+                let (dl, ml) = (_mm512_set1_ps(dl), _mm512_set1_ps(ml));
+                for i in 0..2 {
+                    let x = _mm512_cvtepi32_ps(widen16(q, i));
+                    // Exact to fuse, as at AVX2.
+                    emit(64 * j + 32 * s + 16 * i, _mm512_fmsub_ps(dl, x, ml));
+                }
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2, FMA and F16C are available and the 176-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q5_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract: d and dmin at 0..4, scales at 4..16, high bits at
+    // 16..48, quants at 48..176.
+    unsafe {
+        let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        let qh = _mm256_loadu_si256(p.add(16).cast());
+        for j in 0..4 {
+            let (lo, hi) = nibbles32(p.add(48 + 32 * j));
+            let lo = _mm256_or_si256(lo, fifth_bits(qh, 1 << (2 * j)));
+            let hi = _mm256_or_si256(hi, fifth_bits(qh, 2 << (2 * j)));
+            k4_quarter_256(64 * j, (lo, hi), k4_scales(d, dmin, scales, j), emit);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q6_K: x = d * sc * (q - 32) per 16 values.
+// ---------------------------------------------------------------------------------------------
+
+/// Half `h` of a Q6_K super-block at `p` (128 values) as four vectors of 32 six-bit values
+/// (0..64): values `32k .. 32k + 32` of the half in vector `k`.
+///
+/// # Safety
+/// AVX2 is available and the block at `p` is readable.
+#[inline(always)]
+unsafe fn q6_k_quants(p: *const u8, h: usize) -> [__m256i; 4] {
+    // SAFETY: the caller's contract: bytes 64h .. 64h + 64 (low nibbles) and
+    // 128 + 32h .. 160 + 32h (high bit pairs) of the 210-byte block.
+    unsafe {
+        let (ql0, ql1) = nibbles32(p.add(64 * h));
+        let (ql2, ql3) = nibbles32(p.add(64 * h + 32));
+        let qh = _mm256_loadu_si256(p.add(128 + 32 * h).cast());
+        let m30 = _mm256_set1_epi8(0x30);
+        // Each value's high pair moved to bits 4..6 of its byte (16-bit shifts carry bits
+        // across bytes, which the 0x30 mask drops).
+        let high = [
+            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m30),
+            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m30),
+            _mm256_and_si256(qh, m30),
+            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
+        ];
+        // Low nibbles: of bytes 0..32 (values 0..32), of 32..64 (32..64), then the high
+        // nibbles of each (64..96, 96..128).
+        let low = [ql0, ql2, ql1, ql3];
+        std::array::from_fn(|k| _mm256_or_si256(low[k], high[k]))
+    }
+}
+
+/// `d * sc` of the eight sub-blocks of half `h` of a Q6_K super-block, as the reference
+/// computes them (exact).
+///
+/// # Safety
+/// The block at `p` is readable.
+#[inline(always)]
+unsafe fn q6_k_scales(p: *const u8, d: f32, h: usize) -> [f32; 8] {
+    // SAFETY: the caller's contract: bytes 192 + 8h .. 200 + 8h of the block.
+    std::array::from_fn(|i| d * (unsafe { *p.add(192 + 8 * h + i) } as i8) as f32)
+}
+
+/// # Safety
+/// AVX2 and F16C are available and the 210-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract: d at 208..210, the rest as `q6_k_quants` and
+    // `q6_k_scales` read it.
+    unsafe {
+        let d = f16_at(p.add(208));
+        let offset = _mm256_set1_epi32(32);
+        for h in 0..2 {
+            let dsc = q6_k_scales(p, d, h);
+            for (k, q) in q6_k_quants(p, h).into_iter().enumerate() {
+                for half in 0..2 {
+                    let s = _mm256_set1_ps(dsc[2 * k + half]);
+                    let f = |i: usize| {
+                        let q = _mm256_sub_epi32(widen8(q, 2 * half + i), offset);
+                        _mm256_mul_ps(s, _mm256_cvtepi32_ps(q))
+                    };
+                    emit(128 * h + 32 * k + 16 * half, [f(0), f(1)]);
+                }
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512F and F16C are available and the 210-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q6_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
+    // SAFETY: the caller's contract, as for `q6_k_256`.
+    unsafe {
+        let d = f16_at(p.add(208));
+        let offset = _mm512_set1_epi32(32);
+        for h in 0..2 {
+            let dsc = q6_k_scales(p, d, h);
+            for (k, q) in q6_k_quants(p, h).into_iter().enumerate() {
+                for half in 0..2 {
+                    let q = _mm512_sub_epi32(widen16(q, half), offset);
+                    let v = _mm512_mul_ps(_mm512_set1_ps(dsc[2 * k + half]), _mm512_cvtepi32_ps(q));
+                    emit(128 * h + 32 * k + 16 * half, v);
+                }
+            }
+        }
+    }
+}
