@@ -1,6 +1,7 @@
 //! With the real Gemma 3 270M (Q4_K_M): its logits and greedy choices against llama.cpp's on
 //! the same weights, before, at and well past its 512-token sliding window, and the
-//! exactness of resuming from a saved cache at those lengths.
+//! exactness of resuming from a saved cache at those lengths, under the engine's own cache
+//! fingerprint.
 //!
 //! These tests need the model (`cargo xtask fetch-model gemma3-270m`); see
 //! `engine::testing::real_gemma_path` for what happens without it. The reference is
@@ -10,17 +11,17 @@
 use std::sync::{Arc, OnceLock};
 
 use engine::testing::{bitwise_equal, max_abs_diff, real_gemma_path};
-use engine::{Logits, Model};
+use engine::{Engine, Logits};
 use kv_extract::KvCache;
-use kv_store::{CacheMeta, KvDtype, ModelFingerprint, Store};
+use kv_store::{KvDtype, Store};
 use serde_json::Value;
 
-/// The model, loaded once per test binary.
-fn model() -> Option<Arc<Model>> {
-    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+/// The engine (model and tokenizer), loaded once per test binary.
+fn engine() -> Option<Arc<Engine>> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
     let path = real_gemma_path()?;
-    Some(Arc::clone(MODEL.get_or_init(|| {
-        Arc::new(Model::load(&path).expect("loading Gemma 3 270M"))
+    Some(Arc::clone(ENGINE.get_or_init(|| {
+        Arc::new(Engine::load(&path).expect("loading Gemma 3 270M"))
     })))
 }
 
@@ -54,7 +55,8 @@ const LOGIT_TOLERANCE: f32 = 0.05;
 
 #[test]
 fn logits_match_llama_cpp_before_at_and_past_the_window() {
-    let Some(model) = model() else { return };
+    let Some(engine) = engine() else { return };
+    let model = engine.model();
     assert_eq!(model.config().sliding_window, Some(512));
     let r = reference();
     let logits = &r["logits"];
@@ -92,7 +94,8 @@ const NEAR_TIE: f64 = 0.5;
 
 #[test]
 fn greedy_choices_match_llama_cpp_on_the_same_gguf() {
-    let Some(model) = model() else { return };
+    let Some(engine) = engine() else { return };
+    let model = engine.model();
     let r = reference();
     let (mut compared, mut steps) = (0, 0);
     for run in r["greedy"].as_array().expect("greedy runs") {
@@ -126,32 +129,20 @@ fn greedy_choices_match_llama_cpp_on_the_same_gguf() {
     assert!(compared * 2 > steps, "too few clear steps to mean anything");
 }
 
-fn meta(model: &Model) -> CacheMeta {
-    let c = model.config();
-    CacheMeta {
-        model: ModelFingerprint {
-            architecture: c.arch.name().to_owned(),
-            n_layers: c.n_layers as u32,
-            n_heads: c.n_heads as u32,
-            n_kv_heads: c.n_kv_heads as u32,
-            head_dim: c.head_dim as u32,
-            rope_theta: f64::from(c.rope_base),
-            rope_dim: c.rope_dim as u32,
-            weights_hash: model.weights_hash().to_owned(),
-            extra: Default::default(),
-        },
-        tokenizer: "test".to_owned(),
-        chat_template: "none".to_owned(),
-        dtype: KvDtype::F32,
-    }
-}
-
 #[test]
 fn resume_is_bitwise_exact_shorter_than_at_and_past_the_window() {
-    let Some(model) = model() else { return };
+    let Some(engine) = engine() else { return };
+    let model = engine.model();
     let r = reference();
     let text = ids(&r["logits"]["ids"]);
     let window = model.config().sliding_window.expect("a window");
+    // The window and which layers have it are part of what the cached K/V mean.
+    let extra = engine.cache_meta(KvDtype::F32).model.extra;
+    assert_eq!(extra.get("sliding_window").map(String::as_str), Some("512"));
+    assert_eq!(
+        extra.get("sliding_window_layers").map(String::as_str),
+        Some("SSSSSGSSSSSGSSSSSG")
+    );
     for history in [300, window, window + 1, 1400] {
         let (past, next) = (&text[..history], &text[history..history + 6]);
         // Uninterrupted: the whole history in one call, then one token at a time.
@@ -178,10 +169,17 @@ fn resume_is_bitwise_exact_shorter_than_at_and_past_the_window() {
                     .forward(piece, &mut cache, Logits::None)
                     .expect("prefill");
             }
-            cache.save(&store, "agent", &meta(&model)).expect("save");
+            cache
+                .save(&store, "agent", &engine.cache_meta(KvDtype::F32))
+                .expect("save");
         }
-        let mut cache =
-            KvCache::load(&store, "agent", &meta(&model), model.kv_shape()).expect("load");
+        let mut cache = KvCache::load(
+            &store,
+            "agent",
+            &engine.cache_meta(KvDtype::F32),
+            model.kv_shape(),
+        )
+        .expect("load");
         assert_eq!(cache.len(), history);
         for (i, &t) in next.iter().enumerate() {
             let got = model
