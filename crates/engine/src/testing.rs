@@ -16,6 +16,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::gguf::GgufFile;
+use crate::kernels::quant::{QKind, QMatrix};
+use crate::kernels::{Isa, Weight, matmul};
 use crate::{Engine, GenerateOptions};
 
 /// The ChatML template SmolLM2 uses (without its default system prompt).
@@ -425,6 +427,81 @@ impl GgufSource {
         gguf_file::write(&mut w, &meta, &tensors)?;
         w.flush()?;
         Ok(())
+    }
+}
+
+/// A `[rows, cols]` weight in one block type (or f32), from random values quantized by
+/// candle (llama.cpp's reference quantizers), for the kernels' benchmarks.
+pub struct BenchWeight {
+    weight: Weight,
+    /// The blocks again, for [`BenchWeight::dequantize_rows`]; `None` for f32.
+    blocks: Option<QMatrix>,
+    cols: usize,
+}
+
+impl BenchWeight {
+    /// The type names [`BenchWeight::random`] takes: `F32` and the block types the kernels
+    /// hold, in GGML's order.
+    pub fn types() -> Vec<&'static str> {
+        std::iter::once("F32")
+            .chain(QKind::ALL.into_iter().map(QKind::name))
+            .collect()
+    }
+
+    /// Values uniform in ±1/sqrt(cols) (a projection's scale) as type `dtype` (GGML's name:
+    /// `Q4_K`, ...); `None` for a name not in [`BenchWeight::types`] or rows that are not whole
+    /// blocks of it.
+    pub fn random(dtype: &str, rows: usize, cols: usize, seed: u64) -> Option<BenchWeight> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let spread = 1.0 / (cols as f32).sqrt();
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|_| spread * rng.random_range(-1.0f32..1.0))
+            .collect();
+        if dtype == "F32" {
+            let weight = Weight::from_f32(rows, cols, data)?;
+            return Some(BenchWeight {
+                weight,
+                blocks: None,
+                cols,
+            });
+        }
+        let kind = QKind::ALL.into_iter().find(|k| k.name() == dtype)?;
+        if !cols.is_multiple_of(kind.block_values()) {
+            return None;
+        }
+        let ggml = crate::gguf::ggml_dtype(kind);
+        let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).ok()?;
+        let q = QTensor::quantize(&t, ggml).ok()?;
+        let blocks = QMatrix::from_gguf_blocks(kind, rows, cols, &q.data().ok()?)?;
+        Some(BenchWeight {
+            weight: Weight::from_quant(blocks.clone()),
+            blocks: Some(blocks),
+            cols,
+        })
+    }
+
+    /// Bytes of memory the weight takes.
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes()
+    }
+
+    /// `x · Wᵀ` for the `m` rows of `x` at `isa`, as the forward pass computes it.
+    pub fn matmul(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
+        matmul(isa, x, m, &self.weight)
+    }
+
+    /// Dequantizes rows `r0..r0 + out.len() / cols` into `out` at `isa`, as the matmul does
+    /// into its buffer (f32 weights are copied).
+    pub fn dequantize_rows(&self, isa: Isa, r0: usize, out: &mut [f32]) {
+        let rows = out.len() / self.cols;
+        match &self.blocks {
+            Some(q) => crate::kernels::dequant::dequantize_rows(isa, q, r0, rows, out),
+            None => {
+                for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+                    self.weight.row_into(r0 + r, row);
+                }
+            }
+        }
     }
 }
 

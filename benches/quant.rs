@@ -1,0 +1,66 @@
+//! The engine's matmul over weights held in each GGUF block type, against Q4_1 (the type
+//! whose kernels were tuned first) on the same shape, side by side in one run.
+//!
+//! Shapes are Gemma 3 270M's MLP: `2048x640` (gate and up: 2048 rows of 640, which only the
+//! 32-value types divide) and `640x2048` (down: every type). For each, decode (`m1`: one
+//! activation row, the gemv) and prefill (`m64`: 64 rows), and the dequantization alone
+//! (`dequant`: four rows at a time into an L1 buffer, one thread). The level is
+//! `AGENTKV_SIMD`'s, else the best this CPU has (so `AGENTKV_SIMD=avx2` measures the AVX2 forms
+//! on an AVX-512 machine). Ratios to Q4_1 come from criterion's estimates:
+//! `python3 benches/quant_ratios.py` prints them as a table.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use engine::Isa;
+use engine::testing::{BenchWeight, values};
+
+/// `(rows, cols)` of the weights measured.
+const SHAPES: [(usize, usize); 2] = [(2048, 640), (640, 2048)];
+
+fn quantized_matmul(c: &mut Criterion) {
+    let isa = Isa::from_env().expect("AGENTKV_SIMD names a level this CPU has");
+    for (rows, cols) in SHAPES {
+        let weights: Vec<(&str, BenchWeight)> = BenchWeight::types()
+            .into_iter()
+            .filter_map(|t| BenchWeight::random(t, rows, cols, 7).map(|w| (t, w)))
+            .collect();
+        for m in [1, 64] {
+            let x = values(m * cols, 11);
+            let mut g = c.benchmark_group(format!("{}/m{m}/{rows}x{cols}", isa.name()));
+            g.sample_size(30)
+                .warm_up_time(Duration::from_secs(1))
+                .measurement_time(Duration::from_secs(3))
+                .throughput(Throughput::Elements((m * rows * cols) as u64));
+            for (name, w) in &weights {
+                g.bench_function(*name, |b| {
+                    b.iter(|| black_box(w.matmul(isa, black_box(&x), m)))
+                });
+            }
+            g.finish();
+        }
+        // The dequantization alone, as decode does it: four rows at a time into a buffer that
+        // stays in L1.
+        let mut g = c.benchmark_group(format!("{}/dequant/{rows}x{cols}", isa.name()));
+        g.sample_size(30)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(3))
+            .throughput(Throughput::Elements((rows * cols) as u64));
+        let mut buf = vec![0.0f32; 4 * cols];
+        for (name, w) in &weights {
+            g.bench_function(*name, |b| {
+                b.iter(|| {
+                    for r0 in (0..rows).step_by(4) {
+                        w.dequantize_rows(isa, r0, &mut buf);
+                    }
+                    black_box(&buf);
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, quantized_matmul);
+criterion_main!(benches);
