@@ -196,9 +196,18 @@ fn run() -> Result<()> {
 fn turn_flops(c: &engine::ModelConfig, history: usize, turn: usize) -> f64 {
     let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let projections = c.dim * (q + 2 * kv) + q * c.dim + 3 * c.dim * c.ffn_dim;
-    let attention: usize = (0..turn)
-        .map(|t| c.n_heads * (history + t + 1) * c.head_dim * 2)
+    // A sliding-window layer's query reads at most its window.
+    let attention = |window: Option<usize>| -> usize {
+        (0..turn)
+            .map(|t| {
+                let seen = (history + t + 1).min(window.unwrap_or(usize::MAX));
+                c.n_heads * seen * c.head_dim * 2
+            })
+            .sum()
+    };
+    let layers: usize = (0..c.n_layers)
+        .map(|l| turn * projections + attention(c.layer_window(l)))
         .sum();
-    let macs = c.n_layers * (turn * projections + attention) + c.vocab_size * c.dim;
+    let macs = layers + c.vocab_size * c.dim;
     2.0 * macs as f64
 }
