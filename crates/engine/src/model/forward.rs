@@ -98,10 +98,9 @@ impl Model {
             Architecture::Gemma3 | Architecture::Qwen2 => RopeStyle::NeoX,
         };
         let rope = RopeTable::new(&self.rope_inv_freq, start, n);
-        let rope_swa = match c.sliding_window {
-            Some(_) => RopeTable::new(&self.rope_inv_freq_swa, start, n),
-            None => RopeTable::new(&[], start, n),
-        };
+        let rope_swa = c
+            .sliding_window
+            .map(|_| RopeTable::new(&self.rope_inv_freq_swa, start, n));
         let isa = self.isa;
 
         let mut x = vec![0.0f32; n * dim];
@@ -136,10 +135,9 @@ impl Model {
                 kernels::rms_norm(isa, &q_in, &g.q_norm, c.rms_eps, &mut q);
                 kernels::rms_norm(isa, &k_in, &g.k_norm, c.rms_eps, &mut k);
             }
-            let table = if layer.window.is_some() {
-                &rope_swa
-            } else {
-                &rope
+            let table = match (layer.window, &rope_swa) {
+                (Some(_), Some(swa)) => swa,
+                _ => &rope,
             };
             table.apply(style, &mut q, c.n_heads, hd);
             table.apply(style, &mut k, c.n_kv_heads, hd);
@@ -150,11 +148,15 @@ impl Model {
                 window: layer.window,
             };
             let attn = kernels::attention(isa, &q, n, start, spec, cache, li);
-            let mut o = kernels::matmul(isa, &attn, n, &layer.attn_output);
-            if let Some(g) = &layer.gemma {
-                kernels::rms_norm(isa, &o.clone(), &g.post_attn_norm, c.rms_eps, &mut o);
+            let o = kernels::matmul(isa, &attn, n, &layer.attn_output);
+            match &layer.gemma {
+                // Normed into `h`, free until the MLP's norm overwrites it.
+                Some(g) => {
+                    kernels::rms_norm(isa, &o, &g.post_attn_norm, c.rms_eps, &mut h);
+                    kernels::add_in_place(&mut x, &h);
+                }
+                None => kernels::add_in_place(&mut x, &o),
             }
-            kernels::add_in_place(&mut x, &o);
 
             kernels::rms_norm(isa, &x, &layer.ffn_norm, c.rms_eps, &mut h);
             let gate_up = kernels::matmul(isa, &h, n, &layer.gate_up);
@@ -162,11 +164,14 @@ impl Model {
                 true => kernels::gelu_mul_rows(&gate_up, c.ffn_dim),
                 false => kernels::silu_mul_rows(&gate_up, c.ffn_dim),
             };
-            let mut down = kernels::matmul(isa, &act, n, &layer.ffn_down);
-            if let Some(g) = &layer.gemma {
-                kernels::rms_norm(isa, &down.clone(), &g.post_ffn_norm, c.rms_eps, &mut down);
+            let down = kernels::matmul(isa, &act, n, &layer.ffn_down);
+            match &layer.gemma {
+                Some(g) => {
+                    kernels::rms_norm(isa, &down, &g.post_ffn_norm, c.rms_eps, &mut h);
+                    kernels::add_in_place(&mut x, &h);
+                }
+                None => kernels::add_in_place(&mut x, &down),
             }
-            kernels::add_in_place(&mut x, &down);
         }
         cache.push_tokens(tokens);
 
