@@ -138,16 +138,23 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, |max, d| if d.is_nan() || d > max { d } else { max })
 }
 
+/// xorshift64 states from `seed` spread by `mix`: the generator behind every test's
+/// pseudo-random data.
+pub fn xorshift(seed: u64, mix: u64) -> impl Iterator<Item = u64> {
+    let mut s = seed.wrapping_mul(mix) | 1;
+    std::iter::repeat_with(move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    })
+}
+
 /// Deterministic pseudo-random values in [-1, 1) (xorshift), for kernel tests.
 pub fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
+    xorshift(seed, 0x9E37_79B9_7F4A_7C15)
+        .take(n)
+        .map(|s| ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
         .collect()
 }
 

@@ -391,14 +391,9 @@ pub(crate) mod tests {
 
     /// Deterministic pseudo-random bytes (xorshift).
     pub(crate) fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 32) as u8
-            })
+        crate::testing::xorshift(seed, 0x2545_F491_4F6C_DD1D)
+            .take(n)
+            .map(|s| (s >> 32) as u8)
             .collect()
     }
 
