@@ -22,7 +22,8 @@ pub use error::{Error, Result};
 pub use loaded::LoadedCache;
 pub use manifest::{MANIFEST_VERSION, Manifest, SegmentRef};
 pub use meta::{
-    CacheMeta, KvDtype, ModelFingerprint, Q8_0_BLOCK, Q8_0_BLOCK_BYTES, SegmentId, validate_name,
+    CacheMeta, EXTRA_SLIDING_LAYERS, EXTRA_SLIDING_WINDOW, KvDtype, ModelFingerprint, Q8_0_BLOCK,
+    Q8_0_BLOCK_BYTES, SegmentId, kept_from, validate_name,
 };
 pub use segment::{KvKind, KvSource, ReadMode, SEGMENT_VERSION, Segment};
 pub use store::{GcReport, SaveReport, Store};

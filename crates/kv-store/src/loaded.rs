@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use crate::manifest::Manifest;
-use crate::meta::CacheMeta;
+use crate::meta::{CacheMeta, kept_from};
 use crate::segment::{KvKind, KvSource, Segment};
 
 /// A cache loaded from disk and validated, ready to be copied into an engine's buffers.
@@ -14,6 +14,8 @@ pub struct LoadedCache {
     pub(crate) manifest: Manifest,
     pub(crate) segments: Vec<Segment>,
     pub(crate) tokens: Vec<u32>,
+    /// Each layer's sliding window (from the meta), `None` for a global layer.
+    pub(crate) windows: Vec<Option<usize>>,
 }
 
 impl LoadedCache {
@@ -47,14 +49,24 @@ impl LoadedCache {
         &self.segments
     }
 
-    /// K or V of `layer` for all tokens, `[n_kv_heads, len, head_dim]` little-endian bytes:
-    /// borrowed from the file when the chain is one segment, else gathered in one copy.
+    /// The first position of `layer` a continuation of this cache can attend to: 0, or for a
+    /// sliding-window layer the start of the window of the next token. The layer's K/V are
+    /// read from there on ([`LoadedCache::kv`]); the chain holds at least those positions
+    /// (every segment was checked to hold what a continuation from its own end needs).
+    pub fn kv_from(&self, layer: usize) -> usize {
+        kept_from(self.windows[layer], self.len())
+    }
+
+    /// K or V of `layer` for the positions from [`LoadedCache::kv_from`] to the end,
+    /// `[n_kv_heads, positions, head_dim]` little-endian bytes: borrowed from the file when
+    /// one segment holds exactly those, else gathered in one copy.
     pub fn kv(&self, layer: usize, kind: KvKind) -> Cow<'_, [u8]> {
+        let from = self.kv_from(layer);
         match self.segments.as_slice() {
-            [one] => Cow::Borrowed(one.kv(layer, kind)),
+            [one] if one.kv_from(layer) == from => Cow::Borrowed(one.kv(layer, kind)),
             _ => {
-                let mut out = Vec::with_capacity(self.meta().kv_bytes(self.len()));
-                self.gather(layer, kind, 0..self.len(), &mut out);
+                let mut out = Vec::with_capacity(self.meta().kv_bytes(self.len() - from));
+                self.gather(layer, kind, from..self.len(), &mut out);
                 Cow::Owned(out)
             }
         }
@@ -62,17 +74,26 @@ impl LoadedCache {
 
     /// Appends K or V of `layer` for positions `range` to `out`, `[n_kv_heads, range.len(),
     /// head_dim]`.
+    ///
+    /// # Panics
+    /// If a segment does not hold a position of `range` that it covers (a sliding layer's
+    /// positions before [`LoadedCache::kv_from`]).
     fn gather(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
         let meta = self.meta();
         let row = meta.row_bytes();
         for h in 0..meta.model.n_kv_heads as usize {
             for seg in &self.segments {
-                let (s, n) = (seg.start(), seg.len());
-                let lo = range.start.clamp(s, s + n);
-                let hi = range.end.clamp(s, s + n);
+                let (from, end) = (seg.kv_from(layer), seg.start() + seg.len());
+                let lo = range.start.clamp(seg.start(), end);
+                let hi = range.end.clamp(seg.start(), end);
                 if lo < hi {
+                    assert!(
+                        lo >= from,
+                        "positions {lo}..{hi} of layer {layer} are not held"
+                    );
+                    let n = end - from;
                     let head = &seg.kv(layer, kind)[h * n * row..(h + 1) * n * row];
-                    out.extend_from_slice(&head[(lo - s) * row..(hi - s) * row]);
+                    out.extend_from_slice(&head[(lo - from) * row..(hi - from) * row]);
                 }
             }
         }

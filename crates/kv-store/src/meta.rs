@@ -219,6 +219,62 @@ impl CacheMeta {
     }
 }
 
+/// `model.extra` key of the sliding window: a query at position `p` of a sliding layer sees
+/// positions `p + 1 - window ..= p`.
+pub const EXTRA_SLIDING_WINDOW: &str = "sliding_window";
+/// `model.extra` key saying which layers slide: one letter per layer, `S` sliding, `G`
+/// global. Without it, every layer slides.
+pub const EXTRA_SLIDING_LAYERS: &str = "sliding_window_layers";
+
+impl CacheMeta {
+    /// The sliding window of each layer (`None`: the layer attends to every earlier
+    /// position), from `model.extra`'s [`EXTRA_SLIDING_WINDOW`] and [`EXTRA_SLIDING_LAYERS`].
+    /// Malformed entries are an error describing them.
+    pub fn layer_windows(&self) -> std::result::Result<Vec<Option<usize>>, String> {
+        let n_layers = self.model.n_layers as usize;
+        let extra = &self.model.extra;
+        let Some(window) = extra.get(EXTRA_SLIDING_WINDOW) else {
+            if extra.contains_key(EXTRA_SLIDING_LAYERS) {
+                return Err(format!(
+                    "{EXTRA_SLIDING_LAYERS} is given without {EXTRA_SLIDING_WINDOW}"
+                ));
+            }
+            return Ok(vec![None; n_layers]);
+        };
+        let window = window
+            .parse::<usize>()
+            .ok()
+            .filter(|&w| w > 0)
+            .ok_or_else(|| format!("{EXTRA_SLIDING_WINDOW} {window:?} is not a positive count"))?;
+        let Some(letters) = extra.get(EXTRA_SLIDING_LAYERS) else {
+            return Ok(vec![Some(window); n_layers]);
+        };
+        if letters.len() != n_layers {
+            return Err(format!(
+                "{EXTRA_SLIDING_LAYERS} has {} letters for {n_layers} layers",
+                letters.len()
+            ));
+        }
+        letters
+            .bytes()
+            .map(|b| match b {
+                b'S' => Ok(Some(window)),
+                b'G' => Ok(None),
+                _ => Err(format!(
+                    "{EXTRA_SLIDING_LAYERS} {letters:?} holds a letter other than S and G"
+                )),
+            })
+            .collect()
+    }
+}
+
+/// The first position a layer with `window` must hold for a cache of `n` tokens to be
+/// continued: the next token, at position `n`, sees `n + 1 - window ..= n`. Every position
+/// (0) for a layer without a window.
+pub fn kept_from(window: Option<usize>, n: usize) -> usize {
+    window.map_or(0, |w| (n + 1).saturating_sub(w))
+}
+
 /// Content address of a segment: a hash of (cache meta, parent segment id, token ids).
 ///
 /// Two segments with the same id hold the K/V of the same tokens after the same history under

@@ -10,12 +10,15 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Metadata, TensorInfo};
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{CacheMeta, SegmentId, checksum};
+use crate::meta::{CacheMeta, SegmentId, checksum, kept_from};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
-/// Segment format version written by this build, and the newest it reads.
-pub const SEGMENT_VERSION: u32 = 1;
+/// The newest segment format version this build reads and writes. Version 2 adds
+/// `kv_from`, the first position each layer's tensors hold (a sliding-window layer keeps only
+/// what a continuation can still attend to); a segment whose every layer holds all its
+/// positions is still written as version 1, byte for byte what older builds wrote and read.
+pub const SEGMENT_VERSION: u32 = 2;
 /// The `__metadata__` key holding the agentkv header.
 pub(crate) const METADATA_KEY: &str = "agentkv";
 const FORMAT_NAME: &str = "agentkv.segment";
@@ -35,6 +38,9 @@ pub trait KvSource {
     fn tokens(&self) -> &[u32];
     /// Appends to `out` the K or V of `layer` for token positions `range`, as little-endian
     /// values of the save's [`crate::KvDtype`], in the shape `[n_kv_heads, range.len(), head_dim]`.
+    ///
+    /// A sliding-window layer is asked only for the positions a continuation of the cache can
+    /// still attend to (from [`crate::kept_from`] of its window and the cache's length on).
     fn write_kv(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>);
 }
 
@@ -48,7 +54,42 @@ pub(crate) struct SegmentHeader {
     pub start: u64,
     pub n_tokens: u64,
     pub meta: CacheMeta,
+    /// Version 2: per layer, the first position its tensors hold (the rest of the segment's
+    /// positions, up to its end). Absent in version 1, where every layer holds all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_from: Option<Vec<u64>>,
     pub checksums: BTreeMap<String, String>,
+}
+
+impl SegmentHeader {
+    /// The first position layer `layer`'s tensors hold.
+    fn layer_from(&self, layer: usize) -> u64 {
+        self.kv_from
+            .as_ref()
+            .and_then(|f| f.get(layer).copied())
+            .unwrap_or(self.start)
+    }
+
+    /// Positions each layer's tensors hold.
+    fn held(&self) -> Vec<usize> {
+        let end = self.start + self.n_tokens;
+        (0..self.meta.model.n_layers as usize)
+            .map(|l| (end - self.layer_from(l)) as usize)
+            .collect()
+    }
+}
+
+/// Per layer, the first position a segment of `range` stores: its start, or for a
+/// sliding-window layer the first position a continuation from the segment's end can attend to
+/// when that is later.
+fn stored_from(meta: &CacheMeta, range: &Range<usize>) -> Result<Vec<u64>> {
+    let windows = meta.layer_windows().map_err(|detail| Error::InvalidInput {
+        detail: format!("the cache's sliding windows: {detail}"),
+    })?;
+    Ok(windows
+        .into_iter()
+        .map(|w| range.start.max(kept_from(w, range.end)) as u64)
+        .collect())
 }
 
 pub(crate) fn tensor_name(layer: usize, kind: KvKind) -> String {
@@ -58,15 +99,20 @@ pub(crate) fn tensor_name(layer: usize, kind: KvKind) -> String {
     }
 }
 
-/// Names, dtypes and shapes of a segment's tensors, in file order.
-fn layout(meta: &CacheMeta, n_tokens: usize) -> Vec<(String, safetensors::Dtype, Vec<usize>)> {
+/// Names, dtypes and shapes of a segment's tensors, in file order, for `n_tokens` tokens
+/// of which layer `i` holds the last `held[i]`.
+fn layout(
+    meta: &CacheMeta,
+    n_tokens: usize,
+    held: &[usize],
+) -> Vec<(String, safetensors::Dtype, Vec<usize>)> {
     let mut out = vec![("tokens".to_owned(), safetensors::Dtype::U32, vec![n_tokens])];
-    for layer in 0..meta.model.n_layers as usize {
+    for (layer, &rows) in held.iter().enumerate() {
         for kind in [KvKind::K, KvKind::V] {
             out.push((
                 tensor_name(layer, kind),
                 meta.dtype.safetensors(),
-                meta.kv_shape(n_tokens).to_vec(),
+                meta.kv_shape(rows).to_vec(),
             ));
         }
     }
@@ -122,6 +168,23 @@ pub(crate) fn write_segment(
     source: &dyn KvSource,
     range: Range<usize>,
 ) -> Result<u64> {
+    let from = stored_from(meta, &range)?;
+    write_segment_holding(file, path, meta, id, parent, source, range, from)
+}
+
+/// [`write_segment`] with each layer holding the positions from `from[layer]` on (a version 1
+/// segment when every layer holds them all).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_segment_holding(
+    file: &mut File,
+    path: &Path,
+    meta: &CacheMeta,
+    id: &SegmentId,
+    parent: Option<&SegmentId>,
+    source: &dyn KvSource,
+    range: Range<usize>,
+    from: Vec<u64>,
+) -> Result<u64> {
     meta.check_dtype()?;
     let n = range.len();
     let tokens = source
@@ -133,20 +196,23 @@ pub(crate) fn write_segment(
                 source.tokens().len()
             ),
         })?;
-    let layout = layout(meta, n);
+    let windowed = from.iter().any(|&f| f > range.start as u64);
     let mut header = SegmentHeader {
         format: FORMAT_NAME.to_owned(),
-        version: SEGMENT_VERSION,
+        version: if windowed { SEGMENT_VERSION } else { 1 },
         id: id.clone(),
         parent: parent.cloned(),
         start: range.start as u64,
         n_tokens: n as u64,
         meta: meta.clone(),
-        checksums: layout
-            .iter()
-            .map(|(name, _, _)| (name.clone(), "0".repeat(16)))
-            .collect(),
+        kv_from: windowed.then_some(from),
+        checksums: BTreeMap::new(),
     };
+    let layout = layout(meta, n, &header.held());
+    header.checksums = layout
+        .iter()
+        .map(|(name, _, _)| (name.clone(), "0".repeat(16)))
+        .collect();
     let placeholder = encode_header(&header, &layout)?;
     let io = |op, e| Error::io(op, path, e);
     file.write_all(&(placeholder.len() as u64).to_le_bytes())
@@ -159,16 +225,17 @@ pub(crate) fn write_segment(
     header.checksums.insert("tokens".to_owned(), checksum(&buf));
     file.write_all(&buf).map_err(|e| io("write", e))?;
     for layer in 0..meta.model.n_layers as usize {
+        let held = header.layer_from(layer) as usize..range.end;
         for kind in [KvKind::K, KvKind::V] {
             buf.clear();
-            source.write_kv(layer, kind, range.clone(), &mut buf);
-            if buf.len() != meta.kv_bytes(n) {
+            source.write_kv(layer, kind, held.clone(), &mut buf);
+            if buf.len() != meta.kv_bytes(held.len()) {
                 return Err(Error::InvalidInput {
                     detail: format!(
                         "the source gave {} bytes for {}, the metadata implies {}",
                         buf.len(),
                         tensor_name(layer, kind),
-                        meta.kv_bytes(n)
+                        meta.kv_bytes(held.len())
                     ),
                 });
             }
@@ -283,7 +350,8 @@ impl Segment {
                 ),
             ));
         }
-        let expected = layout(&header.meta, n);
+        check_held(path, &header)?;
+        let expected = layout(&header.meta, n, &header.held());
         if metadata.tensors().len() != expected.len() {
             return Err(Error::bad_metadata(
                 path,
@@ -399,7 +467,14 @@ impl Segment {
             .collect()
     }
 
-    /// Raw little-endian bytes of K or V of `layer`, shape `[n_kv_heads, len, head_dim]`.
+    /// The first position whose K/V layer `layer` holds: [`Segment::start`], or later for a
+    /// sliding-window layer (format version 2).
+    pub fn kv_from(&self, layer: usize) -> usize {
+        self.header.layer_from(layer) as usize
+    }
+
+    /// Raw little-endian bytes of K or V of `layer`, shape `[n_kv_heads, held, head_dim]` for
+    /// the `held` positions from [`Segment::kv_from`] to the segment's end.
     ///
     /// # Panics
     /// If `layer` is not below the model's layer count.
@@ -438,7 +513,7 @@ fn parse_header(path: &Path, metadata: &Metadata) -> Result<SegmentHeader> {
         .get("version")
         .and_then(|v| v.as_u64())
         .ok_or_else(|| Error::bad_metadata(path, "no version"))?;
-    if version != u64::from(SEGMENT_VERSION) {
+    if version == 0 || version > u64::from(SEGMENT_VERSION) {
         return Err(Error::UnsupportedVersion {
             path: path.to_owned(),
             kind: "segment",
@@ -447,4 +522,48 @@ fn parse_header(path: &Path, metadata: &Metadata) -> Result<SegmentHeader> {
         });
     }
     serde_json::from_value(value).map_err(|e| Error::bad_metadata(path, e.to_string()))
+}
+
+/// Checks `kv_from` against the version and the segment: present exactly in version 2, one
+/// entry per layer, each inside the segment and no later than the first position a
+/// continuation from the segment's end attends to (a layer may hold more, as version 1
+/// segments of sliding-window models do, never less).
+pub(crate) fn check_held(path: &Path, h: &SegmentHeader) -> Result<()> {
+    let bad = |detail: String| Error::bad_metadata(path, detail);
+    let end = h
+        .start
+        .checked_add(h.n_tokens)
+        .ok_or_else(|| bad("token range overflows".into()))?;
+    let from = match (h.version, &h.kv_from) {
+        (1, None) => return Ok(()),
+        (1, Some(_)) => return Err(bad("kv_from in a version 1 segment".into())),
+        (_, None) => {
+            return Err(bad(format!(
+                "no kv_from in a version {} segment",
+                h.version
+            )));
+        }
+        (_, Some(from)) => from,
+    };
+    let windows = h
+        .meta
+        .layer_windows()
+        .map_err(|e| bad(format!("sliding windows: {e}")))?;
+    if from.len() != windows.len() {
+        return Err(bad(format!(
+            "kv_from has {} entries for {} layers",
+            from.len(),
+            windows.len()
+        )));
+    }
+    for (layer, (&f, &w)) in from.iter().zip(&windows).enumerate() {
+        let needed = h.start.max(kept_from(w, end as usize) as u64);
+        if f < h.start || f > needed {
+            return Err(bad(format!(
+                "layer {layer} holds positions from {f}, the segment covers {}..{end} and a continuation needs them from {needed}",
+                h.start
+            )));
+        }
+    }
+    Ok(())
 }

@@ -331,10 +331,15 @@ impl Store {
             segments.push(seg);
             parent = Some(&s.id);
         }
+        let windows = manifest
+            .meta
+            .layer_windows()
+            .map_err(|e| Error::bad_metadata(self.manifest_path(name), e))?;
         Ok(LoadedCache {
             manifest,
             segments,
             tokens,
+            windows,
         })
     }
 
@@ -430,10 +435,14 @@ impl Store {
             segments: refs,
             generation: 0,
         };
+        let windows = meta.layer_windows().map_err(|e| Error::InvalidInput {
+            detail: format!("the cache's sliding windows: {e}"),
+        })?;
         Ok(LoadedCache {
             manifest,
             segments,
             tokens,
+            windows,
         })
     }
 
@@ -573,7 +582,7 @@ mod tests {
     use super::*;
     use crate::KvDtype;
     use crate::meta::tests::meta;
-    use crate::segment::KvKind;
+    use crate::segment::{KvKind, SegmentHeader};
 
     /// A cache whose every K/V byte is its token id's low byte.
     struct Toy(Vec<u32>);
@@ -639,6 +648,163 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("multiple of 32"), "{err}");
         assert!(matches!(store.load_any("b"), Err(Error::NotFound { .. })));
+    }
+
+    /// The test meta with a sliding window of `window` positions on layer 0 of its 2.
+    fn windowed(window: usize) -> CacheMeta {
+        let mut m = meta(KvDtype::F16);
+        let extra = &mut m.model.extra;
+        extra.insert(crate::EXTRA_SLIDING_WINDOW.into(), window.to_string());
+        extra.insert(crate::EXTRA_SLIDING_LAYERS.into(), "SG".into());
+        m
+    }
+
+    /// What a [`Toy`] cache of `tokens` holds for `layer`'s positions `range`: each row's bytes
+    /// are its token's low byte.
+    fn toy_rows(tokens: &[u32], range: Range<usize>) -> Vec<u8> {
+        let row = meta(KvDtype::F16).row_bytes();
+        let mut out = Vec::new();
+        for _head in 0..2 {
+            for t in &tokens[range.clone()] {
+                out.extend(std::iter::repeat_n(*t as u8, row));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn sliding_layers_store_only_what_a_continuation_attends_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = windowed(8);
+        let tokens: Vec<u32> = (1..=40).collect();
+        let segment = |name: &str| {
+            let chain = store.manifest(name).unwrap().unwrap().segments;
+            Segment::open(
+                &store.segment_path(&chain.last().unwrap().id),
+                ReadMode::Buffered,
+            )
+            .unwrap()
+        };
+        // Shorter than the window less one: every position, written as version 1.
+        store.save("a", &m, &Toy(tokens[..5].to_vec())).unwrap();
+        let first = segment("a");
+        assert_eq!(first.header().version, 1);
+        assert_eq!((first.kv_from(0), first.kv_from(1)), (0, 0));
+        // Then 5..20: the sliding layer keeps 13..20, the 7 positions the token at 20 sees
+        // besides itself; the global layer all 15.
+        store.save("a", &m, &Toy(tokens[..20].to_vec())).unwrap();
+        let second = segment("a");
+        assert_eq!(second.header().version, 2);
+        assert_eq!((second.kv_from(0), second.kv_from(1)), (13, 5));
+        assert_eq!(second.kv(0, KvKind::K), toy_rows(&tokens, 13..20));
+        assert_eq!(second.kv(1, KvKind::V), toy_rows(&tokens, 5..20));
+        let loaded = store.load("a", &m).unwrap();
+        assert_eq!((loaded.kv_from(0), loaded.kv_from(1)), (13, 0));
+        assert_eq!(&*loaded.kv(0, KvKind::V), toy_rows(&tokens, 13..20));
+        assert_eq!(&*loaded.kv(1, KvKind::K), toy_rows(&tokens, 0..20));
+
+        // Two more saves: the chain's earlier segments still hold the window's start.
+        store.save("a", &m, &Toy(tokens[..22].to_vec())).unwrap();
+        store.save("a", &m, &Toy(tokens[..40].to_vec())).unwrap();
+        assert_eq!(segment("a").kv_from(0), 33);
+        store.save("a", &m, &Toy(tokens[..22].to_vec())).unwrap();
+        let loaded = store.load("a", &m).unwrap();
+        assert_eq!(loaded.kv_from(0), 15);
+        assert_eq!(&*loaded.kv(0, KvKind::K), toy_rows(&tokens, 15..22));
+
+        // Compaction writes one segment holding exactly what a continuation needs.
+        store.save("a", &m, &Toy(tokens[..40].to_vec())).unwrap();
+        store.compact("a").unwrap();
+        let one = segment("a");
+        assert_eq!((one.start(), one.kv_from(0), one.kv_from(1)), (0, 33, 0));
+        assert_eq!(one.kv(0, KvKind::K), toy_rows(&tokens, 33..40));
+        assert_eq!(one.kv(1, KvKind::K), toy_rows(&tokens, 0..40));
+        let loaded = store.load("a", &m).unwrap();
+        assert_eq!(&*loaded.kv(0, KvKind::V), toy_rows(&tokens, 33..40));
+        // 7 of 40 positions for the sliding layer: the file is 47/80 of a full one, plus
+        // tokens and header.
+        let kv: usize = (0..2).map(|l| one.kv(l, KvKind::K).len() * 2).sum();
+        assert_eq!(kv, 47 * 2 * m.row_bytes() * 2);
+    }
+
+    #[test]
+    fn a_segment_holding_every_position_of_a_sliding_layer_still_loads() {
+        // What builds before format version 2 wrote for sliding-window models: version 1,
+        // every position in every layer, under the same id.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = windowed(8);
+        let tokens: Vec<u32> = (1..=20).collect();
+        let id = SegmentId::compute(&m, None, &tokens);
+        commit_file(
+            &store.segment_path(&id),
+            [Step::SegmentWritten; 3],
+            |file, tmp| {
+                crate::segment::write_segment_holding(
+                    file,
+                    tmp,
+                    &m,
+                    &id,
+                    None,
+                    &Toy(tokens.clone()),
+                    0..20,
+                    vec![0, 0],
+                )
+                .map(drop)
+            },
+        )
+        .unwrap();
+        let loaded = store.adopt("old", &m, std::slice::from_ref(&id)).unwrap();
+        assert_eq!(loaded.segments()[0].header().version, 1);
+        assert_eq!(loaded.kv_from(0), 13);
+        assert_eq!(&*loaded.kv(0, KvKind::K), toy_rows(&tokens, 13..20));
+        // A save of the same tokens keeps that file (same id); a longer one follows it.
+        let report = store.save("old", &m, &Toy(tokens.clone())).unwrap();
+        assert_eq!(report.reused_tokens, 20);
+        let mut more = tokens.clone();
+        more.extend(21..=30);
+        store.save("old", &m, &Toy(more.clone())).unwrap();
+        let loaded = store.load("old", &m).unwrap();
+        assert_eq!(&*loaded.kv(0, KvKind::K), toy_rows(&more, 23..30));
+    }
+
+    #[test]
+    fn a_segment_holding_less_than_a_continuation_needs_is_damage() {
+        let m = windowed(8);
+        let header = |version: u32, kv_from: Option<Vec<u64>>| SegmentHeader {
+            format: "agentkv.segment".into(),
+            version,
+            id: SegmentId::compute(&m, None, &[1]),
+            parent: None,
+            start: 10,
+            n_tokens: 10,
+            meta: m.clone(),
+            kv_from,
+            checksums: Default::default(),
+        };
+        let check = |h: SegmentHeader| crate::segment::check_held(Path::new("s"), &h);
+        assert!(check(header(1, None)).is_ok());
+        assert!(check(header(2, Some(vec![13, 10]))).is_ok());
+        // Holding more than needed is fine (an older writer's choice).
+        assert!(check(header(2, Some(vec![11, 10]))).is_ok());
+        for (version, from) in [
+            (2, Some(vec![14, 10])),
+            (2, Some(vec![13, 11])),
+            (2, Some(vec![9, 10])),
+            (2, Some(vec![13])),
+            (2, None),
+            (1, Some(vec![10, 10])),
+        ] {
+            let err = check(header(version, from.clone())).unwrap_err();
+            assert!(matches!(err, Error::BadMetadata { .. }), "{from:?}: {err}");
+        }
+        let mut bad = header(2, Some(vec![13, 10]));
+        bad.meta
+            .model
+            .extra
+            .insert(crate::EXTRA_SLIDING_LAYERS.into(), "SX".into());
+        assert!(check(bad).is_err());
     }
 
     #[test]
