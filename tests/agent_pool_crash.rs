@@ -28,6 +28,7 @@ fn backend() -> FakeBackend {
         n_layers: 8,
         n_kv_heads: 4,
         head_dim: 64,
+        window: None,
     })
 }
 

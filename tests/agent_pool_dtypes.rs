@@ -16,6 +16,7 @@ const SMOLLM2: KvShape = KvShape {
     n_layers: 30,
     n_kv_heads: 3,
     head_dim: 64,
+    window: None,
 };
 /// Agents created; more than the most any dtype keeps hot.
 const AGENTS: usize = 10;

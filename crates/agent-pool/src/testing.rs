@@ -57,6 +57,7 @@ impl FakeBackend {
                 n_layers: 2,
                 n_kv_heads: 2,
                 head_dim: 4,
+                window: None,
             },
             seed: xxhash_rust::xxh3::xxh3_64(model.as_bytes()),
             token_delay: Duration::ZERO,
@@ -248,9 +249,12 @@ impl Backend for FakeBackend {
                 max: FAKE_CONTEXT,
             });
         }
-        let reuse = cache.common_prefix_len(tokens).min(tokens.len() - 1);
+        let mut reuse = cache.common_prefix_len(&tokens[..tokens.len() - 1]);
+        if cache.truncate(reuse).is_err() {
+            cache.clear();
+            reuse = 0;
+        }
         self.verify(cache, reuse);
-        cache.truncate(reuse);
         self.append(cache, &tokens[reuse..]);
         Ok(reuse)
     }

@@ -161,9 +161,9 @@ pub enum EngineError {
     #[error("kv cache shape {found:?} does not match the model's {expected:?}")]
     CacheShapeMismatch {
         /// The shape this model needs.
-        expected: KvShape,
+        expected: Box<KvShape>,
         /// The shape of the cache passed in.
-        found: KvShape,
+        found: Box<KvShape>,
     },
 
     /// The KV dtype cannot hold this model's heads (`q8_0` needs a head width that is a

@@ -275,8 +275,13 @@ impl Engine {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }
-        let reuse = cache.common_prefix_len(tokens).min(tokens.len() - 1);
-        cache.truncate(reuse);
+        let mut reuse = cache.common_prefix_len(&tokens[..tokens.len() - 1]);
+        if cache.truncate(reuse).is_err() {
+            // A sliding-window layer has dropped positions a continuation from `reuse` sees:
+            // the cache is rebuilt from the first token.
+            cache.clear();
+            reuse = 0;
+        }
         let logits = self.model.forward(&tokens[reuse..], cache, Logits::Last)?;
         Ok((logits, reuse))
     }

@@ -15,9 +15,9 @@ pub enum Error {
     )]
     ShapeMismatch {
         /// The shape the caller's model needs.
-        expected: KvShape,
+        expected: Box<KvShape>,
         /// The shape recorded in the cache.
-        found: KvShape,
+        found: Box<KvShape>,
     },
     /// The saved cache uses a dtype this build cannot hold.
     #[error(
@@ -36,6 +36,18 @@ pub enum Error {
         cache: String,
         /// The dtype the save asked for.
         requested: String,
+    },
+    /// A sliding-window layer no longer holds positions a rollback or copy would need.
+    #[error(
+        "layer {layer} of the cache holds positions from {held_from} on, but continuing from here needs position {needed}: its sliding window has dropped it; rebuild the cache from its tokens"
+    )]
+    WindowDropped {
+        /// The layer.
+        layer: usize,
+        /// The first position the operation needs.
+        needed: usize,
+        /// The first position the layer holds.
+        held_from: usize,
     },
 }
 

@@ -9,7 +9,7 @@ mod error;
 mod persist;
 
 pub use buf::AlignedBuf;
-pub use cache::{KvCache, KvShape};
+pub use cache::{KvCache, KvShape, SlidingWindow};
 pub use dtype::{KvRows, dequantize_q8_0, f16_to_f32};
 pub use error::{Error, Result};
 pub use kv_store::KvDtype;

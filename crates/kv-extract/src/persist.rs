@@ -6,6 +6,7 @@ use std::ops::Range;
 use kv_store::{CacheMeta, KvKind, KvSource, LoadedCache, SaveReport, Store};
 use rayon::prelude::*;
 
+use crate::cache::SlidingWindow;
 use crate::{Error, KvCache, KvShape, Result};
 
 /// Spare room given to an imported cache, in tokens, so the next turn does not regrow it.
@@ -68,8 +69,7 @@ impl KvCache {
     /// [`KvCache::import_into`].
     pub fn import(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> Result<KvCache> {
         check_loaded(loaded, expected, shape)?;
-        let dtype = loaded.meta().dtype;
-        let mut cache = KvCache::with_capacity(shape, dtype, loaded.len() + IMPORT_HEADROOM);
+        let mut cache = KvCache::new(shape, loaded.meta().dtype);
         cache.fill(loaded);
         Ok(cache)
     }
@@ -84,9 +84,7 @@ impl KvCache {
         check_loaded(loaded, expected, self.shape())?;
         let dtype = loaded.meta().dtype;
         if dtype != self.dtype() {
-            *self = KvCache::with_capacity(self.shape(), dtype, loaded.len() + IMPORT_HEADROOM);
-        } else if self.capacity() < loaded.len() {
-            self.reserve(loaded.len() + IMPORT_HEADROOM);
+            *self = KvCache::new(self.shape(), dtype);
         }
         self.fill(loaded);
         Ok(())
@@ -99,25 +97,35 @@ impl KvCache {
         self.import_into(&loaded, expected)
     }
 
-    /// Copies every segment of `loaded` into the (empty) cache, which has its dtype and room
-    /// for it. kv-store checked each tensor's length against the metadata.
+    /// Copies every segment of `loaded` into the cache, which has its dtype: into buffers with
+    /// room for it (reused when large enough), each layer from the first position a
+    /// continuation attends to. kv-store checked each tensor's length against the metadata
+    /// and that every segment holds those positions.
     fn fill(&mut self, loaded: &LoadedCache) {
+        let n = loaded.len();
+        self.prepare_import(n, IMPORT_HEADROOM);
         let shape = self.shape();
-        let heads: Vec<Vec<Range<usize>>> = loaded
-            .segments()
-            .iter()
-            .map(|seg| {
-                (0..shape.n_kv_heads)
-                    .map(|h| self.row_range(h, seg.start()..seg.start() + seg.len()))
-                    .collect()
-            })
-            .collect();
-        // Layers copy in parallel: one core copies at well under the speed memory allows.
-        for (seg, heads) in loaded.segments().iter().zip(&heads) {
+        let row = self.dtype().row_bytes(shape.head_dim).unwrap_or(0);
+        for seg in loaded.segments() {
+            let end = seg.start() + seg.len();
+            // Per layer: the positions copied, and where each head's go.
+            let plans: Vec<(Range<usize>, Vec<Range<usize>>)> = (0..shape.n_layers)
+                .map(|layer| {
+                    let from = seg.start().max(self.held_from(layer)).min(end);
+                    let heads = (0..shape.n_kv_heads)
+                        .filter(|_| from < end)
+                        .map(|h| self.row_range(layer, h, from..end))
+                        .collect();
+                    (from..end, heads)
+                })
+                .collect();
+            // Layers copy in parallel: one core copies at well under the speed memory allows.
             self.layers_mut()
                 .par_iter_mut()
+                .zip(&plans)
                 .enumerate()
-                .for_each(|(layer, l)| {
+                .for_each(|(layer, (l, (positions, heads)))| {
+                    let skip = (positions.start - seg.kv_from(layer)) * row;
                     for kind in [KvKind::K, KvKind::V] {
                         let src = seg.kv(layer, kind);
                         let dst = match kind {
@@ -126,14 +134,37 @@ impl KvCache {
                         };
                         let per_head = src.len() / shape.n_kv_heads;
                         for (h, to) in heads.iter().enumerate() {
-                            dst[to.clone()].copy_from_slice(&src[h * per_head..(h + 1) * per_head]);
+                            let at = h * per_head + skip;
+                            dst[to.clone()].copy_from_slice(&src[at..at + to.len()]);
                         }
                         seg.release_kv(layer, kind);
                     }
                 });
         }
-        self.push_tokens(loaded.tokens());
+        self.set_imported_tokens(loaded.tokens());
     }
+}
+
+/// The sliding window `meta` records (see [`CacheMeta::layer_windows`]).
+fn sliding_window(meta: &CacheMeta) -> Result<Option<SlidingWindow>> {
+    let invalid = |detail: String| {
+        Error::Store(kv_store::Error::InvalidInput {
+            detail: format!("the cache's sliding windows: {detail}"),
+        })
+    };
+    let windows = meta.layer_windows().map_err(invalid)?;
+    let mut found: Option<SlidingWindow> = None;
+    for (layer, w) in windows.iter().enumerate() {
+        let Some(size) = *w else { continue };
+        if layer >= 128 {
+            return Err(invalid(format!(
+                "layer {layer} slides; at most 128 layers can"
+            )));
+        }
+        let w = found.get_or_insert(SlidingWindow { size, layers: 0 });
+        w.layers |= 1 << layer;
+    }
+    Ok(found)
 }
 
 /// Checks that `loaded` was made under `expected` and has `shape`.
@@ -164,11 +195,12 @@ fn check_shape(shape: KvShape, meta: &CacheMeta) -> Result<()> {
         n_layers: m.n_layers as usize,
         n_kv_heads: m.n_kv_heads as usize,
         head_dim: m.head_dim as usize,
+        window: sliding_window(meta)?,
     };
     if found != shape {
         return Err(Error::ShapeMismatch {
-            expected: shape,
-            found,
+            expected: Box::new(shape),
+            found: Box::new(found),
         });
     }
     Ok(())
@@ -179,12 +211,14 @@ mod tests {
     use kv_store::KvDtype;
 
     use super::*;
+    use crate::SlidingWindow;
 
     fn shape() -> KvShape {
         KvShape {
             n_layers: 3,
             n_kv_heads: 2,
             head_dim: 32,
+            window: None,
         }
     }
 
@@ -374,12 +408,88 @@ mod tests {
         cache.save(&store, "a", &meta).unwrap();
         append(&mut cache, &[4, 5, 6], 1.0);
         cache.save(&store, "a", &meta).unwrap();
-        cache.truncate(3);
+        cache.truncate(3).unwrap();
         append(&mut cache, &[7, 8], 2.0);
         let report = cache.save(&store, "a", &meta).unwrap();
         assert_eq!((report.reused_tokens, report.new_tokens), (3, 2));
         let back = KvCache::load(&store, "a", &meta, shape()).unwrap();
         assert_eq!(back.tokens(), &[1, 2, 3, 7, 8]);
         assert_eq!(all(&back), all(&cache));
+    }
+
+    /// [`shape`] with layers 0 and 2 sliding over 20 positions, and its meta.
+    fn windowed(dtype: KvDtype) -> (KvShape, CacheMeta) {
+        let shape = KvShape {
+            window: Some(SlidingWindow {
+                size: 20,
+                layers: 0b101,
+            }),
+            ..shape()
+        };
+        let mut meta = meta(dtype);
+        let extra = &mut meta.model.extra;
+        extra.insert(kv_store::EXTRA_SLIDING_WINDOW.into(), "20".into());
+        extra.insert(kv_store::EXTRA_SLIDING_LAYERS.into(), "SGS".into());
+        (shape, meta)
+    }
+
+    /// Every byte of K and V the cache holds, from each layer's first held position.
+    fn held(cache: &KvCache) -> Vec<u8> {
+        let s = cache.shape();
+        let mut out = Vec::new();
+        for layer in 0..s.n_layers {
+            let range = cache.held_from(layer)..cache.len();
+            for h in 0..s.n_kv_heads {
+                out.extend_from_slice(cache.k_head(layer, h, range.clone()).bytes());
+                out.extend_from_slice(cache.v_head(layer, h, range.clone()).bytes());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn sliding_layers_round_trip_holding_only_their_window() {
+        for dtype in [KvDtype::F32, KvDtype::Q8_0] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let (shape, meta) = windowed(dtype);
+            let mut cache = KvCache::new(shape, dtype);
+            let mut reused = KvCache::new(shape, dtype);
+            for turn in 0..6u32 {
+                let toks: Vec<u32> = (0..(turn * 9 + 3)).map(|i| turn * 100 + i).collect();
+                append(&mut cache, &toks, turn as f32);
+                cache.save(&store, "a", &meta).unwrap();
+                let back = KvCache::load(&store, "a", &meta, shape).unwrap();
+                reused.load_into(&store, "a", &meta).unwrap();
+                for b in [&back, &reused] {
+                    assert_eq!(b.tokens(), cache.tokens());
+                    for layer in 0..3 {
+                        assert_eq!(b.held_from(layer), cache.held_from(layer), "{dtype}");
+                    }
+                    assert_eq!(held(b), held(&cache), "{dtype} after turn {turn}");
+                }
+                // What is on disk for a continuation is what memory holds.
+                let loaded = store.load("a", &meta).unwrap();
+                let on_disk: usize = (0..3)
+                    .map(|l| loaded.kv(l, KvKind::K).len() + loaded.kv(l, KvKind::V).len())
+                    .sum();
+                assert_eq!(on_disk, cache.bytes_used(), "{dtype}");
+            }
+            assert_eq!(cache.held_from(0), cache.len() - 19);
+            assert_eq!(cache.held_from(1), 0);
+            // Continued after the load, it equals the cache that never left memory.
+            let mut back = KvCache::load(&store, "a", &meta, shape).unwrap();
+            append(&mut back, &[7; 30], 9.0);
+            append(&mut cache, &[7; 30], 9.0);
+            assert_eq!(held(&back), held(&cache), "{dtype}");
+
+            // The window is part of the shape: a model without it cannot take the cache.
+            let err = KvCache::load(&store, "a", &meta, shape_plain()).unwrap_err();
+            assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+        }
+    }
+
+    fn shape_plain() -> KvShape {
+        shape()
     }
 }

@@ -82,7 +82,11 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             let n = other.common_prefix_len(&prompt);
             if n > own {
                 cache.clear();
-                cache.extend_from(other, 0..n);
+                // A prefix a sliding window has dropped is not copied: the prompt is then
+                // computed in full.
+                if cache.extend_from(other, 0..n).is_err() {
+                    reused.tokens = 0;
+                }
             }
         }
         reused.tokens = reused.tokens.min(prompt.len().saturating_sub(1));

@@ -508,6 +508,7 @@ fn attention_matches_naive_softmax_and_is_causal() {
         n_layers: 1,
         n_kv_heads: 1,
         head_dim: 4,
+        window: None,
     };
     let mut cache = KvCache::new(shape, KvDtype::F32);
     let n = 5;
@@ -556,6 +557,7 @@ fn sliding_window_attention_sees_only_its_window() {
     let shape = KvShape {
         n_layers: 1,
         n_kv_heads: 1,
+        window: None,
         head_dim: 16,
     };
     let (n, window, d) = (40, 7, 16);
@@ -653,6 +655,7 @@ fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks_at_every_level()
         let n_heads = n_kv * group;
         let shape = KvShape {
             n_layers: 1,
+            window: None,
             n_kv_heads: n_kv,
             head_dim: d,
         };
@@ -748,6 +751,7 @@ fn q8_0_rows_widen_to_the_same_bits_at_every_level() {
     // Blocks with every scale sign and size and every quant byte, through the cache's own
     // writer and reader.
     let shape = KvShape {
+        window: None,
         n_layers: 1,
         n_kv_heads: 1,
         head_dim: 64,

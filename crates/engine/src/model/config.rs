@@ -1,7 +1,7 @@
 //! [`ModelConfig`]: the architecture and its hyper-parameters, read from GGUF metadata and
 //! checked before any tensor is.
 
-use kv_extract::KvShape;
+use kv_extract::{KvShape, SlidingWindow};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
@@ -197,6 +197,15 @@ impl ModelConfig {
                 swa_layers = (0..n_layers)
                     .map(|il| pattern == 0 || il % pattern < pattern - 1)
                     .collect();
+                // The cache's shape names its sliding layers in 128 bits.
+                if swa_layers.iter().skip(128).any(|&s| s) {
+                    return Err(bad(
+                        &window_key,
+                        format!(
+                            "{n_layers} layers with a sliding window: at most 128 are supported"
+                        ),
+                    ));
+                }
                 rope_base_swa =
                     gguf_meta::opt_f32(md, &key("rope.freq_base_swa"))?.unwrap_or(10000.0);
                 if !(rope_base_swa.is_finite() && rope_base_swa > 0.0) {
@@ -268,10 +277,17 @@ impl ModelConfig {
 
     /// The shape of a KV cache for this model.
     pub fn kv_shape(&self) -> KvShape {
+        let window = self.sliding_window.map(|size| SlidingWindow {
+            size,
+            layers: (0..self.n_layers)
+                .filter(|&l| self.layer_window(l).is_some())
+                .fold(0u128, |m, l| m | 1 << l),
+        });
         KvShape {
             n_layers: self.n_layers,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
+            window,
         }
     }
 }

@@ -29,15 +29,18 @@ impl Model {
         chunk: usize,
     ) -> Result<Vec<f32>> {
         self.check_input(tokens, cache)?;
-        let (start, n) = (cache.len(), tokens.len());
         let c = &self.config;
-        if cache.capacity() < start + n {
-            let room = (n + GROWTH_HEADROOM).min(c.context_length - start);
-            cache.reserve(room);
-        }
         let mut logits = Vec::new();
+        let mut left = tokens.len();
         let mut parts = tokens.chunks(chunk.max(1)).peekable();
         while let Some(part) = parts.next() {
+            // Room for this part; a cache that has to grow gets room for the rest of the
+            // prompt and a reply (its sliding-window layers only for a window more).
+            if !cache.has_room(part.len()) {
+                let ahead = (left + GROWTH_HEADROOM).min(c.context_length - cache.len());
+                cache.reserve_pass(part.len(), ahead);
+            }
+            left -= part.len();
             let last = parts.peek().is_none();
             let part_want = match want {
                 Logits::All => Logits::All,
@@ -70,8 +73,8 @@ impl Model {
         }
         if cache.shape() != self.kv_shape() {
             return Err(EngineError::CacheShapeMismatch {
-                expected: self.kv_shape(),
-                found: cache.shape(),
+                expected: Box::new(self.kv_shape()),
+                found: Box::new(cache.shape()),
             });
         }
         let needed = cache.len() + tokens.len();

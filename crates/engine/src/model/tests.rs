@@ -109,7 +109,8 @@ fn tiny_config_is_read_from_metadata() {
         KvShape {
             n_layers: 2,
             n_kv_heads: 2,
-            head_dim: 8
+            head_dim: 8,
+            window: None,
         }
     );
     assert_eq!(m.weights_hash().len(), 32);
@@ -321,7 +322,7 @@ fn prefix_reuse_matches_prefill_from_scratch() {
     let other: Vec<u32> = [&toks[..10], &[100, 101, 102, 7][..]].concat();
     let keep = cache.common_prefix_len(&other);
     assert_eq!(keep, 10);
-    cache.truncate(keep);
+    cache.truncate(keep).unwrap();
     let resumed = m
         .forward(&other[keep..], &mut cache, Logits::All)
         .expect("continue");
@@ -599,6 +600,7 @@ fn bad_inputs_are_errors_and_leave_the_cache_alone() {
             n_layers: 3,
             n_kv_heads: 2,
             head_dim: 8,
+            window: None,
         },
         KvDtype::F32,
     );
