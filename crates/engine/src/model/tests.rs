@@ -145,6 +145,7 @@ fn a_forward_pass_is_the_same_bits_at_every_instruction_set_level() {
     // kernel's group) with quantized and f32 weights; 40 tokens make prefill tiles, then
     // decode steps.
     // Every KV dtype the heads can hold: the cache's rows are read in place, converted.
+    // A tiny Gemma 3 too: its norms, GELU, and 20-position windows that start mid-lane.
     let configs = [
         TinyConfig::default(),
         wide_heads(),
@@ -153,6 +154,7 @@ fn a_forward_pass_is_the_same_bits_at_every_instruction_set_level() {
             ..TinyConfig::default()
         },
         tiny_qwen2(),
+        tiny_gemma3(20, 7),
     ];
     // 90 tokens: attention over more than one 64-row chunk of a converted cache.
     let toks: Vec<u32> = letters().into_iter().cycle().take(90).collect();
