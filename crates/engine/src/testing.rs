@@ -1,7 +1,7 @@
 //! Test support, compiled only for tests (the `testing` feature, which the workspace's test
-//! crates enable): a tiny random-weight llama GGUF (with a minimal GPT-2 style tokenizer and the
-//! ChatML template) that tests anywhere in the workspace can write to a temp dir, the one place
-//! tests find the real model, and comparisons of logits.
+//! crates enable): a tiny random-weight llama, qwen2 or gemma3 GGUF (with a minimal GPT-2 style
+//! tokenizer and the ChatML template) that tests anywhere in the workspace can write to a temp
+//! dir, the one place tests find the real model, and comparisons of logits.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -162,7 +162,9 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
 #[derive(Clone, Debug)]
 pub struct TinyConfig {
     /// `general.architecture`: "llama", or "qwen2" for the same tensors read as Qwen2 (with
-    /// biases from `extra_tensors`), or a name the loader must reject.
+    /// biases from `extra_tensors`), or "gemma3" for them and Gemma 3's four norms a layer
+    /// (with its metadata: key and value lengths, a global and a sliding-window RoPE base), or
+    /// a name the loader must reject.
     pub architecture: String,
     /// Transformer layers.
     pub n_layers: usize,
@@ -180,8 +182,12 @@ pub struct TinyConfig {
     pub weight_dtype: GgmlDType,
     /// Type of `token_embd.weight`.
     pub embed_dtype: GgmlDType,
-    /// Write a separate `output.weight` instead of tying the LM head to the embeddings.
+    /// Write a separate `output.weight` instead of tying the LM head to the embeddings (Gemma
+    /// 3's files tie it; the loader takes either, for every architecture).
     pub separate_output: bool,
+    /// `{arch}.attention.sliding_window`, which only "gemma3" reads: its layers then follow
+    /// llama.cpp's pattern, five with the window and a sixth without.
+    pub sliding_window: Option<usize>,
     /// A tensor to leave out (to test the missing-tensor error).
     pub omit_tensor: Option<String>,
     /// One-dimensional f32 tensors written as given (biases, `rope_freqs.weight`).
@@ -201,6 +207,7 @@ impl Default for TinyConfig {
             weight_dtype: GgmlDType::Q4_1,
             embed_dtype: GgmlDType::Q8_0,
             separate_output: false,
+            sliding_window: None,
             omit_tensor: None,
             extra_tensors: Vec::new(),
         }
@@ -234,11 +241,13 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<i32>) {
     (tokens, types)
 }
 
-/// Writes a tiny llama GGUF with random weights drawn from `seed` to `path`.
+/// Writes a tiny llama (or qwen2, or gemma3: see [`TinyConfig::architecture`]) GGUF with
+/// random weights drawn from `seed` to `path`.
 pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::io::Result<()> {
     let (tokens, types) = tiny_vocab();
     let vocab = tokens.len();
     let arch = cfg.architecture.as_str();
+    let gemma = arch == "gemma3";
     let head_dim = cfg.dim / cfg.n_heads;
     let u32v = |v: usize| Value::U32(v as u32);
 
@@ -257,7 +266,12 @@ pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::i
             format!("{arch}.attention.head_count_kv"),
             u32v(cfg.n_kv_heads),
         ),
-        (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
+        // Gemma 3's global layers turn with a base of a million (its sliding ones with 10000,
+        // below): a forward pass that mixed the two tables up would show.
+        (
+            format!("{arch}.rope.freq_base"),
+            Value::F32(if gemma { 1_000_000.0 } else { 10000.0 }),
+        ),
         (format!("{arch}.rope.dimension_count"), u32v(head_dim)),
         (
             format!("{arch}.attention.layer_norm_rms_epsilon"),
@@ -294,6 +308,16 @@ pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::i
         ),
     ];
     meta.push(("general.file_type".into(), Value::U32(3)));
+    if gemma {
+        meta.extend([
+            (format!("{arch}.attention.key_length"), u32v(head_dim)),
+            (format!("{arch}.attention.value_length"), u32v(head_dim)),
+            (format!("{arch}.rope.freq_base_swa"), Value::F32(10000.0)),
+        ]);
+    }
+    if let Some(window) = cfg.sliding_window {
+        meta.push((format!("{arch}.attention.sliding_window"), u32v(window)));
+    }
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -349,6 +373,14 @@ pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::i
             0.0,
             1.0 / (f as f32).sqrt(),
         )?;
+        // Drawn after a layer's llama tensors, so that llama's and qwen2's weights stay the
+        // ones they were. Near 1, as the converter stores Gemma's norms (with the 1 added).
+        if gemma {
+            add(n("attn_q_norm"), &[head_dim], GgmlDType::F32, 1.0, 0.1)?;
+            add(n("attn_k_norm"), &[head_dim], GgmlDType::F32, 1.0, 0.1)?;
+            add(n("post_attention_norm"), &[d], GgmlDType::F32, 1.0, 0.1)?;
+            add(n("post_ffw_norm"), &[d], GgmlDType::F32, 1.0, 0.1)?;
+        }
     }
     for (name, data) in &cfg.extra_tensors {
         let t = Tensor::from_vec(data.clone(), data.len(), &Device::Cpu)

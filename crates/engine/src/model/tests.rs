@@ -66,6 +66,30 @@ fn tiny_qwen2() -> TinyConfig {
     }
 }
 
+/// A tiny Gemma 3 with 64-wide heads (which every KV dtype can hold: two query heads on one
+/// KV head) whose sliding layers see `window` positions: with six or more layers, llama.cpp's
+/// pattern gives both kinds (layer 5 of each six is global).
+fn tiny_gemma3(window: usize, n_layers: usize) -> TinyConfig {
+    TinyConfig {
+        architecture: "gemma3".into(),
+        n_layers,
+        dim: 128,
+        n_heads: 2,
+        n_kv_heads: 1,
+        ffn_dim: 256,
+        sliding_window: Some(window),
+        ..TinyConfig::default()
+    }
+}
+
+/// `n` token ids spread over the whole tiny vocabulary, in no pattern.
+fn scattered_tokens(n: usize) -> Vec<u32> {
+    crate::testing::xorshift(11, 0x2545_F491_4F6C_DD1D)
+        .take(n)
+        .map(|s| (s % 268) as u32)
+        .collect()
+}
+
 /// Non-zero q, k and v biases for every layer of `cfg`.
 fn qkv_biases(cfg: &TinyConfig) -> Vec<(String, Vec<f32>)> {
     let hd = cfg.dim / cfg.n_heads;
@@ -122,6 +146,7 @@ fn a_forward_pass_is_the_same_bits_at_every_instruction_set_level() {
     // kernel's group) with quantized and f32 weights; 40 tokens make prefill tiles, then
     // decode steps.
     // Every KV dtype the heads can hold: the cache's rows are read in place, converted.
+    // A tiny Gemma 3 too: its norms, GELU, and 20-position windows that start mid-lane.
     let configs = [
         TinyConfig::default(),
         wide_heads(),
@@ -130,6 +155,7 @@ fn a_forward_pass_is_the_same_bits_at_every_instruction_set_level() {
             ..TinyConfig::default()
         },
         tiny_qwen2(),
+        tiny_gemma3(20, 7),
     ];
     // 90 tokens: attention over more than one 64-row chunk of a converted cache.
     let toks: Vec<u32> = letters().into_iter().cycle().take(90).collect();
@@ -257,6 +283,125 @@ fn every_kv_dtype_keeps_prefill_split_prefill_and_decode_bitwise_equal() {
         matches!(err, EngineError::UnsupportedKvDtype { .. }),
         "{err}"
     );
+}
+
+#[test]
+fn tiny_gemma3_has_five_sliding_layers_then_a_global_one() {
+    let m = tiny_model(&tiny_gemma3(20, 7));
+    let c = m.config();
+    assert_eq!(c.arch, Architecture::Gemma3);
+    assert_eq!(
+        (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim),
+        (7, 128, 2, 1, 64)
+    );
+    assert_eq!(c.sliding_window, Some(20));
+    assert_eq!((c.rope_base, c.rope_base_swa), (1_000_000.0, 10000.0));
+    let windows: Vec<Option<usize>> = (0..7).map(|i| c.layer_window(i)).collect();
+    let (s, g) = (Some(20), None);
+    assert_eq!(windows, [s, s, s, s, s, g, s]);
+    assert!(
+        m.layers
+            .iter()
+            .zip(&windows)
+            .all(|(l, w)| l.gemma.is_some() && l.window == *w)
+    );
+    assert!(m.output.is_none(), "the LM head is tied, as Gemma 3's is");
+    assert!(KV_DTYPES.iter().all(|&d| m.kv_shape().supports(d)));
+
+    // Without the key every layer is global.
+    let global = tiny_model(&TinyConfig {
+        sliding_window: None,
+        ..tiny_gemma3(20, 7)
+    });
+    assert_eq!(global.config().sliding_window, None);
+    assert!((0..7).all(|i| global.config().layer_window(i).is_none()));
+    // Gemma's norms are written, and the loader needs them.
+    let (_dir, path) = write_tiny(
+        &TinyConfig {
+            omit_tensor: Some("blk.3.post_ffw_norm.weight".into()),
+            ..tiny_gemma3(20, 7)
+        },
+        7,
+    );
+    let err = Model::load(&path).expect_err("a gemma norm missing");
+    assert!(
+        matches!(&err, EngineError::MissingTensor { name } if name == "blk.3.post_ffw_norm.weight"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn tiny_gemma3_prefill_split_prefill_and_decode_are_bitwise_equal() {
+    // A 20-position window over 100 tokens: queries whose window starts mid-lane (the
+    // attention's rows start on multiples of 16), prefill parts that begin inside the window
+    // of their first query, and at positions that are not multiples of 16.
+    let m = tiny_model(&tiny_gemma3(20, 7));
+    let vocab = m.config().vocab_size;
+    let toks = scattered_tokens(100);
+    let splits: [&[usize]; 4] = [&[7], &[20], &[37, 45], &[16, 33, 50, 83, 99]];
+    let mut reference: Option<Vec<f32>> = None;
+    for dtype in KV_DTYPES {
+        let mut whole = m.new_cache(dtype).expect("cache");
+        let all = m.forward(&toks, &mut whole, Logits::All).expect("prefill");
+        assert_eq!(all.len(), toks.len() * vocab);
+        assert!(all.iter().all(|x| x.is_finite()), "{dtype}");
+        for cuts in splits {
+            let mut split = m.new_cache(dtype).expect("cache");
+            let mut logits = Vec::new();
+            let bounds: Vec<usize> = [&[0][..], cuts, &[toks.len()]].concat();
+            for w in bounds.windows(2) {
+                logits.extend(
+                    m.forward(&toks[w[0]..w[1]], &mut split, Logits::All)
+                        .expect("part"),
+                );
+            }
+            assert!(bits(&all) == bits(&logits), "{dtype}, split at {cuts:?}");
+            assert!(
+                cache_bits(&whole) == cache_bits(&split),
+                "{dtype}, {cuts:?}"
+            );
+        }
+        let mut decode = m.new_cache(dtype).expect("cache");
+        let mut decode_logits = Vec::new();
+        for t in &toks {
+            decode_logits.extend(m.forward(&[*t], &mut decode, Logits::Last).expect("decode"));
+        }
+        assert!(bits(&all) == bits(&decode_logits), "{dtype}: decode");
+        assert!(cache_bits(&whole) == cache_bits(&decode), "{dtype}: decode");
+        // The dtypes compute different logits: no dtype is compared with f32 by mistake.
+        match &reference {
+            None => reference = Some(all),
+            Some(f32_logits) => assert!(bits(f32_logits) != bits(&all), "{dtype}"),
+        }
+    }
+}
+
+#[test]
+fn a_sliding_window_hides_exactly_the_keys_older_than_the_window() {
+    // The same weights with a window wider than the sequence: every layer sees every key.
+    // Position p sees keys p - 19 ..= p through a 20-position window, so up to position 19
+    // both models read the same keys and give the same bits; from position 20 on, key 0 (and
+    // then more) drops out of the sliding layers, and every position's logits change.
+    let window = 20;
+    let narrow = tiny_model(&tiny_gemma3(window, 7));
+    let wide = tiny_model(&tiny_gemma3(512, 7));
+    assert_eq!(narrow.weights_hash(), wide.weights_hash());
+    let vocab = narrow.config().vocab_size;
+    let toks = scattered_tokens(100);
+    let run = |m: &Model| {
+        let mut cache = m.new_cache(KvDtype::F32).expect("f32 cache");
+        m.forward(&toks, &mut cache, Logits::All).expect("prefill")
+    };
+    let (a, b) = (run(&narrow), run(&wide));
+    for (p, (x, y)) in a.chunks_exact(vocab).zip(b.chunks_exact(vocab)).enumerate() {
+        match p < window {
+            true => assert!(bits(x) == bits(y), "position {p} inside the window differs"),
+            false => assert!(
+                crate::testing::max_abs_diff(x, y) > 1e-4,
+                "position {p} past the window still sees its oldest keys"
+            ),
+        }
+    }
 }
 
 #[test]
