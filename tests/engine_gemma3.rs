@@ -143,7 +143,10 @@ fn resume_is_bitwise_exact_shorter_than_at_and_past_the_window() {
         extra.get("sliding_window_layers").map(String::as_str),
         Some("SSSSSGSSSSSGSSSSSG")
     );
-    for history in [300, window, window + 1, 1400] {
+    // Several windows long: the text, then its start again.
+    let text: Vec<u32> = text.iter().chain(&text).copied().collect();
+    let meta = engine.cache_meta(KvDtype::F32);
+    for history in [300, window, window + 1, 1400, 2000] {
         let (past, next) = (&text[..history], &text[history..history + 6]);
         // Uninterrupted: the whole history in one call, then one token at a time.
         let mut cache = model.new_cache(KvDtype::F32).expect("cache");
@@ -169,17 +172,22 @@ fn resume_is_bitwise_exact_shorter_than_at_and_past_the_window() {
                     .forward(piece, &mut cache, Logits::None)
                     .expect("prefill");
             }
-            cache
-                .save(&store, "agent", &engine.cache_meta(KvDtype::F32))
-                .expect("save");
+            cache.save(&store, "agent", &meta).expect("save");
+            // In memory and on disk, a sliding layer holds the 511 positions the next token
+            // sees besides itself, a global layer all of them.
+            let held = |l: usize| match model.config().layer_window(l) {
+                Some(w) => history.min(w - 1),
+                None => history,
+            };
+            let rows: usize = (0..model.config().n_layers).map(held).sum();
+            assert_eq!(cache.bytes_used(), 2 * rows * meta.row_bytes(), "{history}");
+            let loaded = store.load("agent", &meta).expect("load");
+            for l in 0..model.config().n_layers {
+                let k = loaded.kv(l, kv_store::KvKind::K);
+                assert_eq!(k.len(), held(l) * meta.row_bytes(), "{history}, layer {l}");
+            }
         }
-        let mut cache = KvCache::load(
-            &store,
-            "agent",
-            &engine.cache_meta(KvDtype::F32),
-            model.kv_shape(),
-        )
-        .expect("load");
+        let mut cache = KvCache::load(&store, "agent", &meta, model.kv_shape()).expect("load");
         assert_eq!(cache.len(), history);
         for (i, &t) in next.iter().enumerate() {
             let got = model

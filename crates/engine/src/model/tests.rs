@@ -32,14 +32,17 @@ fn letters() -> Vec<u32> {
     (b'a'..=b'z').map(|b| 3 + b as u32).collect()
 }
 
-/// Every cached K and V byte, layer by layer, head by head.
+/// Every K and V byte the cache holds, layer by layer, head by head (a sliding-window layer's
+/// from its first held position, which is part of the result).
 fn cache_bits(cache: &KvCache) -> Vec<u8> {
     let s = cache.shape();
     let mut out = Vec::new();
     for l in 0..s.n_layers {
+        let held = cache.held_from(l)..cache.len();
+        out.extend_from_slice(&(held.start as u64).to_le_bytes());
         for h in 0..s.n_kv_heads {
-            out.extend_from_slice(cache.k_head(l, h, 0..cache.len()).bytes());
-            out.extend_from_slice(cache.v_head(l, h, 0..cache.len()).bytes());
+            out.extend_from_slice(cache.k_head(l, h, held.clone()).bytes());
+            out.extend_from_slice(cache.v_head(l, h, held.clone()).bytes());
         }
     }
     out
@@ -374,6 +377,106 @@ fn tiny_gemma3_prefill_split_prefill_and_decode_are_bitwise_equal() {
             Some(f32_logits) => assert!(bits(f32_logits) != bits(&all), "{dtype}"),
         }
     }
+}
+
+#[test]
+fn sliding_layers_keep_only_their_window_and_resume_bitwise() {
+    // Histories shorter than the 19 positions a continuation sees, equal to it, one past the
+    // window, and several windows long; each saved, loaded and continued (a prefill part,
+    // then token by token) next to the cache that never left memory.
+    let (_dir, path) = write_tiny(&tiny_gemma3(20, 7), 7);
+    let engine = crate::Engine::load(&path).expect("tiny gemma3 engine");
+    let m = engine.model();
+    let toks = scattered_tokens(170);
+    let store_dir = tempfile::tempdir().expect("tempdir");
+    let store = kv_store::Store::open(store_dir.path()).expect("store");
+    for dtype in KV_DTYPES {
+        let meta = engine.cache_meta(dtype);
+        for history in [15, 19, 20, 21, 100] {
+            let mut live = m.new_cache(dtype).expect("cache");
+            m.forward(&toks[..history], &mut live, Logits::None)
+                .expect("prefill");
+            let sliding = |l: usize| m.config().layer_window(l).is_some();
+            let held = |l: usize| if sliding(l) { history.min(19) } else { history };
+            let rows: usize = (0..7).map(held).sum();
+            let row = meta.row_bytes();
+            assert_eq!(live.bytes_used(), 2 * rows * row, "{dtype} {history}");
+            let name = format!("h{history}");
+            live.save(&store, &name, &meta).expect("save");
+            // The file holds what memory holds.
+            let loaded = store.load(&name, &meta).expect("load");
+            for l in 0..7 {
+                let k = loaded.kv(l, kv_store::KvKind::K);
+                assert_eq!(k.len(), held(l) * row, "{dtype} {history} layer {l}");
+            }
+            let mut resumed = KvCache::load(&store, &name, &meta, m.kv_shape()).expect("resume");
+            assert!(
+                cache_bits(&resumed) == cache_bits(&live),
+                "{dtype} {history}"
+            );
+            let more = &toks[history..history + 37];
+            let a = m.forward(&more[..7], &mut live, Logits::All).expect("live");
+            let b = m
+                .forward(&more[..7], &mut resumed, Logits::All)
+                .expect("resumed");
+            assert!(
+                bits(&a) == bits(&b),
+                "{dtype} {history}: prefill after resume"
+            );
+            for &t in &more[7..] {
+                let a = m.forward(&[t], &mut live, Logits::Last).expect("live");
+                let b = m
+                    .forward(&[t], &mut resumed, Logits::Last)
+                    .expect("resumed");
+                assert!(
+                    bits(&a) == bits(&b),
+                    "{dtype} {history}: decode after resume"
+                );
+            }
+            assert!(
+                cache_bits(&resumed) == cache_bits(&live),
+                "{dtype} {history}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_prompt_that_needs_positions_a_window_dropped_rebuilds_the_cache() {
+    let (_dir, path) = write_tiny(&tiny_gemma3(20, 7), 7);
+    let engine = crate::Engine::load(&path).expect("tiny gemma3 engine");
+    let toks = scattered_tokens(140);
+    let fresh = |prompt: &[u32]| {
+        let mut cache = engine.new_cache(KvDtype::F32).expect("cache");
+        engine.sync(&mut cache, prompt).expect("sync").0
+    };
+    let mut cache = engine.new_cache(KvDtype::F32).expect("cache");
+    engine.sync(&mut cache, &toks[..100]).expect("sync");
+    // Continuing: everything cached is reused.
+    let (logits, reused) = engine.sync(&mut cache, &toks[..110]).expect("continue");
+    assert_eq!(reused, 100);
+    assert!(bits(&logits) == bits(&fresh(&toks[..110])));
+    // The same prompt again: its last token is recomputed for its logits, and its window
+    // starts at 90, one position before what the sliding layers still hold: rebuilt.
+    let (logits, reused) = engine.sync(&mut cache, &toks[..110]).expect("again");
+    assert_eq!(reused, 0);
+    assert!(bits(&logits) == bits(&fresh(&toks[..110])));
+    // Diverging at 90: the sliding layers no longer hold 71..91, so the prompt is computed
+    // from the first token, and gives the logits of a fresh cache.
+    let mut other = toks[..90].to_vec();
+    other.extend_from_slice(&toks[120..140]);
+    assert!(!cache.can_truncate(90));
+    let (logits, reused) = engine.sync(&mut cache, &other).expect("rebuild");
+    assert_eq!(reused, 0);
+    assert!(bits(&logits) == bits(&fresh(&other)));
+    // Short of the window a rollback still reuses the common prefix.
+    let mut short = engine.new_cache(KvDtype::F32).expect("cache");
+    engine.sync(&mut short, &toks[..15]).expect("sync");
+    let mut branch = toks[..10].to_vec();
+    branch.extend_from_slice(&toks[50..60]);
+    let (logits, reused) = engine.sync(&mut short, &branch).expect("branch");
+    assert_eq!(reused, 10);
+    assert!(bits(&logits) == bits(&fresh(&branch)));
 }
 
 #[test]
