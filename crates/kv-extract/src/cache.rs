@@ -246,6 +246,7 @@ impl KvCache {
         let ahead = ahead.max(pass);
         let len = self.len();
         let (heads, rb) = (self.shape.n_kv_heads, self.row_bytes);
+        let mut grew = false;
         for l in &mut self.layers {
             if l.end() >= len + pass {
                 continue;
@@ -266,8 +267,12 @@ impl KvCache {
             grown.first = l.first;
             copy_rows(l, &mut grown, l.first..len, heads, rb);
             *l = grown;
+            grew = true;
         }
-        self.tokens.reserve(ahead);
+        if grew {
+            let room = self.capacity() - len;
+            self.tokens.reserve(room);
+        }
     }
 
     /// Byte range of rows `range` of head `head` in `layer`'s buffers.
@@ -535,7 +540,6 @@ impl KvCache {
             l.base = base;
             l.first = first;
         }
-        self.tokens.reserve(n + headroom);
     }
 
     /// Byte range of rows `range` of head `head` in `layer`'s buffers, for importers.
