@@ -126,6 +126,7 @@ def main():
                     "resume_ttft_ms": statistics.median(resume) * 1e3,
                     "reprefill_ttft_ms": statistics.median(reprefill) * 1e3,
                     "state_bytes": state_bytes,
+                    "disk_bytes_per_token": state_bytes / n,
                 }
             ),
             flush=True,

@@ -24,13 +24,16 @@ mod serve;
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--only criterion|engine|resume|kv-quality[,...]|serve] [--no-criterion]
-                         [--no-engine] [--no-resume] [--model NAME] [--peer llama.cpp]
+                         [--no-engine] [--no-resume] [--model NAME] [--requantize TYPE]
+                         [--peer llama.cpp]
                          [--histories 512,2048,4096]
                          [--decode 32] [--repeats 3] [--resume-histories 256,1024,2048,4096]
                          [--resume-repeats 3] [--text PATH] [-- <criterion args>]
 
   --model    the model every part runs: a name `cargo xtask fetch-model` knows (smollm2,
              the default, or gemma3-270m), fetched first if need be
+  --requantize  run on the model requantized to TYPE (q4_k_m, q6_k, q8_0, ...) by llama.cpp's
+             own quantizer in target/peer-venv (made once, in target/bench/models)
   criterion  kv-store vs plain file I/O (cargo bench -p agentkv-benches)
   engine     prefill / decode tok/s, resume and re-prefill TTFT at --histories (bench_speed),
              --repeats runs (at least 3; median, min, max); with --peer, llama.cpp's runs
@@ -55,6 +58,8 @@ pub type Row = BTreeMap<String, f64>;
 
 struct Options {
     model: &'static ModelSource,
+    /// The llama.cpp file type to requantize the model to first.
+    requantize: Option<String>,
     peer: bool,
     histories: String,
     decode: String,
@@ -76,6 +81,7 @@ struct Options {
 fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
         model: &SMOLLM2,
+        requantize: None,
         peer: false,
         histories: "512,2048,4096".into(),
         decode: "32".into(),
@@ -117,6 +123,7 @@ fn parse(args: &[String]) -> Result<Options> {
                         )
                     })?;
             }
+            "--requantize" => o.requantize = Some(value("--requantize")?),
             "--histories" => o.histories = value("--histories")?,
             "--decode" => o.decode = value("--decode")?,
             "--repeats" => {
@@ -202,7 +209,10 @@ pub fn bench(args: &[String]) -> Result<()> {
         // Before the other parts run for minutes.
         kv_quality::check_text(&held_out)?;
     }
-    let model = fetch(opts.model)?;
+    let mut model = fetch(opts.model)?;
+    if let Some(kind) = &opts.requantize {
+        model = requantize(&model, kind)?;
+    }
     let load_before = loadavg();
     if opts.criterion {
         run_step(
@@ -336,6 +346,34 @@ fn loadavg() -> String {
         .ok()
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// `model` requantized to `kind` by llama.cpp's quantizer (`benches/peer/requantize.py` in the
+/// peer's virtualenv), made once in `target/bench/models`.
+fn requantize(model: &Path, kind: &str) -> Result<PathBuf> {
+    let stem = model
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .context("the model file has no name")?;
+    // SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct.requantized-q4_k_m.gguf
+    let base = stem.rsplit_once('.').map_or(stem, |(b, _)| b);
+    let dir = project_root().join("target/bench/models");
+    let out = dir.join(format!("{base}.requantized-{kind}.gguf"));
+    if out.exists() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let python = peer_python()?;
+    run_step(
+        &format!("requantize {} to {kind}", model.display()),
+        Command::new(python)
+            .arg(project_root().join("benches/peer/requantize.py"))
+            .arg(model)
+            .arg(&out)
+            .arg(kind),
+    )?;
+    eprintln!("requantized to {}", out.display());
+    Ok(out)
 }
 
 /// How llama.cpp is built for the peer: native code for this CPU, but without AMX.

@@ -100,6 +100,12 @@ fn run() -> Result<()> {
 
     let vocab = model.config().vocab_size as u32;
     let mut rng = StdRng::seed_from_u64(1234);
+    println!(
+        "INFO model: {}",
+        path.file_name().map_or(path.display().to_string(), |n| n
+            .to_string_lossy()
+            .into_owned())
+    );
     println!("INFO isa: {}", model.isa().name());
     println!("INFO kv dtype: {}", args.kv_dtype);
     // Warm up the thread pool and page in the weights, with the llama.cpp peer's warm-up.
@@ -117,6 +123,13 @@ fn run() -> Result<()> {
         cache
             .save(&store, &name, &meta)
             .context("saving the history")?;
+        // What the history takes: in memory (a sliding-window layer holds only its window),
+        // and in its file, header and token ids included.
+        let kv_bytes_per_token = cache.bytes_used() as f64 / n as f64;
+        let disk_bytes_per_token = store
+            .disk_bytes(&name)
+            .context("sizing the saved history")? as f64
+            / n as f64;
 
         let t = Instant::now();
         for _ in 0..args.decode {
@@ -154,7 +167,6 @@ fn run() -> Result<()> {
         }
         let reprefill = median(reprefill);
 
-        let kv_bytes_per_token = meta.kv_bytes(1) * 2 * model.config().n_layers;
         let turn_flops = turn_flops(model.config(), n, args.turn);
         let prefill_tps = n as f64 / prefill.as_secs_f64();
         let decode_tps = args.decode as f64 / decode.as_secs_f64();
@@ -181,6 +193,7 @@ fn run() -> Result<()> {
                 "reprefill_ttft_ms": ms(reprefill),
                 "weight_bytes": model.weight_bytes(),
                 "kv_bytes_per_token": kv_bytes_per_token,
+                "disk_bytes_per_token": disk_bytes_per_token,
                 "turn_flops": turn_flops,
                 "threads": rayon::current_num_threads(),
             })

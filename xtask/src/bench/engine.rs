@@ -245,7 +245,7 @@ struct Figure {
 
 /// The speed targets: prefill >= 1.5x llama.cpp and decode >= 1.2x at 512 and 2048 tokens,
 /// resume TTFT <= 0.5x at 2048.
-const FIGURES: [Figure; 6] = [
+const FIGURES: [Figure; 7] = [
     Figure {
         label: "prefill tok/s",
         key: "prefill_tok_s",
@@ -287,6 +287,13 @@ const FIGURES: [Figure; 6] = [
         higher_is_better: false,
         decimals: 1,
         target: None,
+    },
+    Figure {
+        label: "saved history, bytes/token",
+        key: "disk_bytes_per_token",
+        higher_is_better: false,
+        decimals: 0,
+        target: Some((1.0, &[2048.0])),
     },
 ];
 
@@ -335,11 +342,12 @@ pub(super) fn report(machine: &Machine, runs: &Runs, peer: bool) -> String {
         .map_or(f64::NAN, |b| b / (1 << 20) as f64);
     let _ = writeln!(
         s,
-        "{}; {}, {} logical CPUs; engine kernels: {}, {} threads, {weights:.1} MiB of weights, \
-         KV cache in {}; load average before {}, after {}.\n",
+        "{}; {}, {} logical CPUs; model {}; engine kernels: {}, {} threads, {weights:.1} MiB of \
+         weights, KV cache in {}; load average before {}, after {}.\n",
         machine.date,
         machine.cpu,
         machine.cpus,
+        info(&runs.ours, "model"),
         info(&runs.ours, "isa"),
         machine.threads,
         info(&runs.ours, "kv dtype"),
