@@ -142,9 +142,8 @@ impl Model {
     }
 
     /// Bytes the tensors the model uses take in its GGUF file: what [`Model::weight_bytes`]
-    /// would be if memory held every tensor as the file does. (It holds Q4_1 and Q8_0 with
-    /// their scales widened to f32, 24 and 36 bytes a block where the file has 20 and 34, and
-    /// F16 and BF16 tensors as f32.)
+    /// would be if memory held every tensor as the file does. (It holds quantized tensors as
+    /// the file's bytes, Q4_1 and Q8_0 rearranged, and F16 and BF16 tensors as f32.)
     pub fn file_tensor_bytes(&self) -> usize {
         self.file_tensor_bytes
     }

@@ -3,10 +3,11 @@
 //!
 //! Two layouts:
 //!
-//! * Q4_1 and Q8_0 (blocks of 32): quantized values apart from their scales (and Q4_1's
-//!   minimums), which are widened from f16 to f32 at load, so that the tuned kernels do no
-//!   conversion (`d * q + m` or `d * q`, a multiply then an add). Memory holds 24 bytes per
-//!   Q4_1 block where the file has 20, 36 per Q8_0 block where it has 34.
+//! * Q4_1 and Q8_0 (blocks of 32): split, the quantized values apart from their f16 scales
+//!   (and Q4_1's minimums), so that the tuned kernels read the values of consecutive blocks
+//!   as one stream and widen a row's scales to f32 once, into a small buffer, before its
+//!   blocks (`d * q + m` or `d * q`, a multiply then an add). Memory holds the file's bytes,
+//!   rearranged: 20 per Q4_1 block, 34 per Q8_0 block.
 //! * Every other type (Q4_0, Q5_0, Q5_1 and the K-quants Q2_K to Q6_K, super-blocks of 256):
 //!   the GGUF blocks as the file stores them, f16 scales inside, so memory holds the file's
 //!   bytes. [`blocks`] dequantizes them exactly as ggml's reference does.
@@ -103,13 +104,13 @@ impl QKind {
         }
     }
 
-    /// Whether memory holds this kind widened (scales as f32, apart from the quantized
-    /// values) rather than as the file's blocks: Q4_1 and Q8_0, whose kernels are tuned to it.
-    pub(crate) fn widened(self) -> bool {
+    /// Whether memory holds this kind split (f16 scales apart from the quantized values)
+    /// rather than as the file's blocks: Q4_1 and Q8_0, whose kernels are tuned to it.
+    pub(crate) fn split(self) -> bool {
         matches!(self, QKind::Q4_1 | QKind::Q8_0)
     }
 
-    /// Bytes of quantized values per block in memory, for the widened kinds.
+    /// Bytes of quantized values per block in memory, for the split kinds.
     pub(crate) fn qs_bytes(self) -> usize {
         match self {
             QKind::Q4_1 => QK / 2,
@@ -121,20 +122,20 @@ impl QKind {
 
 /// A `[rows, cols]` weight matrix of quantized blocks, one row per output feature.
 ///
-/// Q4_1 and Q8_0 have their scales (and Q4_1 its minimums) widened from f16 to f32 at load time
-/// (exactly), so their kernels do no conversion; every other kind keeps the file's blocks.
+/// Q4_1 and Q8_0 are held split: quantized values apart from their f16 scales (and Q4_1's
+/// minimums); every other kind keeps the file's blocks.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     kind: QKind,
     rows: usize,
     cols: usize,
-    /// Widened kinds: quantized values, row-major, block-major within a row; else empty.
+    /// Split kinds: quantized values, row-major, block-major within a row; else empty.
     qs: Vec<u8>,
-    /// Widened kinds: one scale per block, `rows * nb`; else empty.
-    d: Vec<f32>,
-    /// Q4_1: one minimum per block, `rows * nb`; else empty.
-    m: Vec<f32>,
-    /// Other kinds: the GGUF blocks as stored, row-major; empty for the widened kinds.
+    /// Split kinds: one f16 scale per block (its bits), `rows * nb`; else empty.
+    d: Vec<u16>,
+    /// Q4_1: one f16 minimum per block (its bits), `rows * nb`; else empty.
+    m: Vec<u16>,
+    /// Other kinds: the GGUF blocks as stored, row-major; empty for the split kinds.
     blocks: Vec<u8>,
 }
 
@@ -159,7 +160,7 @@ impl QMatrix {
             m: Vec::new(),
             blocks: Vec::new(),
         };
-        if !kind.widened() {
+        if !kind.split() {
             out.blocks = bytes.to_vec();
             return Some(out);
         }
@@ -168,7 +169,7 @@ impl QMatrix {
         if kind == QKind::Q4_1 {
             out.m.reserve_exact(blocks);
         }
-        let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let f16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
         for raw in bytes.chunks_exact(kind.block_bytes()) {
             out.d.push(f16(&raw[0..2]));
             if kind == QKind::Q4_1 {
@@ -208,7 +209,7 @@ impl QMatrix {
 
     /// Bytes of memory the matrix takes.
     pub fn bytes(&self) -> usize {
-        self.qs.len() + self.blocks.len() + (self.d.len() + self.m.len()) * size_of::<f32>()
+        self.qs.len() + self.blocks.len() + (self.d.len() + self.m.len()) * size_of::<u16>()
     }
 
     /// Stacks matrices of the same kind and width row-wise; `None` if they differ or `parts`
@@ -244,7 +245,7 @@ impl QMatrix {
     /// If `r >= rows` or `out.len() != cols`.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols, "row_into output length");
-        if !self.kind.widened() {
+        if !self.kind.split() {
             let rb = self.row_bytes();
             blocks::dequantize(self.kind, &self.blocks[r * rb..(r + 1) * rb], out);
             return;
@@ -252,11 +253,11 @@ impl QMatrix {
         let nb = self.nb();
         let qb = self.kind.qs_bytes();
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            let d = self.d[r * nb + b];
+            let d = f16_bits(self.d[r * nb + b]);
             let q = &self.qs[(r * nb + b) * qb..][..qb];
             match self.kind {
                 QKind::Q4_1 => {
-                    let m = self.m[r * nb + b];
+                    let m = f16_bits(self.m[r * nb + b]);
                     for (e, o) in o.iter_mut().enumerate() {
                         *o = d * q4(q, e) as f32 + m;
                     }
@@ -282,7 +283,7 @@ impl QMatrix {
             count * self.cols,
             "dequantize_rows output length"
         );
-        if !self.kind.widened() {
+        if !self.kind.split() {
             let rb = self.row_bytes();
             blocks::dequantize(self.kind, &self.blocks[r0 * rb..(r0 + count) * rb], out);
             return;
@@ -297,10 +298,10 @@ impl QMatrix {
             .zip(qs.chunks_exact(qb))
             .enumerate()
         {
-            let d = ds[blk];
+            let d = f16_bits(ds[blk]);
             match self.kind {
                 QKind::Q4_1 => {
-                    let m = self.m[r0 * nb + blk];
+                    let m = f16_bits(self.m[r0 * nb + blk]);
                     let q: &[u8; QK / 2] = q.try_into().expect("block size");
                     let (lo, hi) = o.split_at_mut(QK / 2);
                     for e in 0..QK / 2 {
@@ -317,13 +318,13 @@ impl QMatrix {
         }
     }
 
-    /// The widened kinds' buffers: quantized values, scales and Q4_1 minimums (one per block,
-    /// row-major).
-    pub(crate) fn raw_parts(&self) -> (&[u8], &[f32], &[f32]) {
+    /// The split kinds' buffers: quantized values, f16 scales and Q4_1 minimums (one per
+    /// block, row-major, as bits).
+    pub(crate) fn raw_parts(&self) -> (&[u8], &[u16], &[u16]) {
         (&self.qs, &self.d, &self.m)
     }
 
-    /// The other kinds' GGUF blocks, row-major (empty for the widened kinds).
+    /// The other kinds' GGUF blocks, row-major (empty for the split kinds).
     pub(crate) fn gguf_blocks(&self) -> &[u8] {
         &self.blocks
     }
@@ -336,6 +337,12 @@ impl QMatrix {
         }
         out
     }
+}
+
+/// The f16 whose bits are `b`, as f32 (exactly).
+#[inline(always)]
+fn f16_bits(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
 }
 
 /// Element `e` (0..32) of a Q4_1 block's 16 packed bytes: low nibbles hold elements 0..16,
@@ -480,13 +487,8 @@ pub(crate) mod tests {
             let raw = random_blocks(kind, rows, cols, 11, Scales::Moderate);
             assert_eq!(raw.len(), rows * 2 * kind.block_bytes());
             let q = QMatrix::from_gguf_blocks(kind, rows, cols, &raw).expect("whole blocks");
-            // The file's bytes, or for the widened kinds 4 bytes more per f16.
-            let widened = match kind {
-                QKind::Q4_1 => 4 * rows * 2,
-                QKind::Q8_0 => 2 * rows * 2,
-                _ => 0,
-            };
-            assert_eq!(q.bytes(), raw.len() + widened, "{kind:?}");
+            // The file's bytes, every kind (the split ones rearranged).
+            assert_eq!(q.bytes(), raw.len(), "{kind:?}");
             let short = &raw[..raw.len() - 1];
             assert!(QMatrix::from_gguf_blocks(kind, rows, cols, short).is_none());
             let half_block = cols - kind.block_values() / 2;
@@ -496,8 +498,8 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_widened_kinds_dequantize_as_their_gguf_blocks() {
-        // Q4_1 and Q8_0 are held widened; their values are ggml's all the same.
+    fn the_split_kinds_dequantize_as_their_gguf_blocks() {
+        // Q4_1 and Q8_0 are held split; their values are ggml's all the same.
         for kind in [QKind::Q4_1, QKind::Q8_0] {
             let (rows, cols) = (5, 96);
             let raw = random_blocks(kind, rows, cols, 12, Scales::Extreme);

@@ -1,4 +1,4 @@
-//! GGUF blocks kept as the file stores them (every kind but the widened Q4_1 and Q8_0), widened
+//! GGUF blocks kept as the file stores them (every kind but the split Q4_1 and Q8_0), widened
 //! to f32 with AVX2 or AVX-512: into a buffer ([`dequantize_blocks`]) or straight into a dot
 //! product with the activations ([`gemv`], decode). Each value is the one `quant::blocks`
 //! (ggml's reference) computes, bit for bit: its products are exact (see that module), so
@@ -25,10 +25,10 @@ const PREFETCH: usize = 512;
 /// `quant::blocks::dequantize`, at `isa`.
 ///
 /// # Panics
-/// If `isa` is the portable level, `kind` is held widened (Q4_1, Q8_0: see `x86::dequant`) or
+/// If `isa` is the portable level, `kind` is held split (Q4_1, Q8_0: see `x86::dequant`) or
 /// `out` does not hold exactly the blocks' values.
 pub(crate) fn dequantize_blocks(isa: Isa, kind: QKind, raw: &[u8], out: &mut [f32]) {
-    assert!(!kind.widened(), "{kind:?} is held widened");
+    assert!(!kind.split(), "{kind:?} is held split");
     let n = raw.len() / kind.block_bytes();
     assert!(
         raw.len() == n * kind.block_bytes() && out.len() == n * kind.block_values(),
@@ -52,14 +52,14 @@ pub(crate) fn dequantize_blocks(isa: Isa, kind: QKind, raw: &[u8], out: &mut [f3
 /// `out[j] = dot(x, row j of raw)` for the rows of GGUF blocks of `kind` in `raw` (each
 /// `x.len()` values), at `isa`: bitwise what dequantizing them and calling `dot` gives.
 ///
-/// One row at a time, one sequential stream, with a software prefetch ahead, as the widened
+/// One row at a time, one sequential stream, with a software prefetch ahead, as the split
 /// kinds' gemv (see there why).
 ///
 /// # Panics
-/// If `isa` is the portable level, `kind` is held widened, `x` is not whole blocks or `raw`
+/// If `isa` is the portable level, `kind` is held split, `x` is not whole blocks or `raw`
 /// does not hold `out.len()` rows of them.
 pub(crate) fn gemv(isa: Isa, kind: QKind, raw: &[u8], x: &[f32], out: &mut [f32]) {
-    assert!(!kind.widened(), "{kind:?} is held widened");
+    assert!(!kind.split(), "{kind:?} is held split");
     let nb = x.len() / kind.block_values();
     assert!(
         x.len() == nb * kind.block_values() && raw.len() == out.len() * nb * kind.block_bytes(),
@@ -93,7 +93,7 @@ macro_rules! each_kind {
             QKind::Q4K => each_kind!(@q4_k $level, $then, ($($args)*)),
             QKind::Q5K => $then!(q5_k_256, V256, 176, 256, $($args)*),
             QKind::Q6K => each_kind!(@q6_k $level, $then, ($($args)*)),
-            QKind::Q4_1 | QKind::Q8_0 => unreachable!("held widened: checked by the wrappers"),
+            QKind::Q4_1 | QKind::Q8_0 => unreachable!("held split: checked by the wrappers"),
         }
     };
     (@q5_0 avx512, $then:ident, ($($a:tt)*)) => { $then!(q5_0_512, __m512, 22, 32, $($a)*) };
