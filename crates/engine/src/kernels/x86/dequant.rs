@@ -68,6 +68,12 @@ unsafe fn widen(src: *const u16, n: usize, out: &mut [f32; SCALES]) {
             _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
             i += 8;
         }
+        if i < n && n >= 8 {
+            // The last eight again, overlapping what is done (the same values).
+            let h = _mm_loadu_si128(src.add(n - 8).cast());
+            _mm256_storeu_ps(out.as_mut_ptr().add(n - 8), _mm256_cvtph_ps(h));
+            return;
+        }
         while i < n {
             out[i] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(*src.add(i)))));
             i += 1;
@@ -237,8 +243,9 @@ unsafe fn dequantize_rows_avx512(b: &Blocks, r0: usize, count: usize, out: *mut 
 unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
     unsafe {
+        let mut s = Scales::new();
         for (j, o) in out.iter_mut().enumerate() {
-            *o = gemv_row(b, r0 + j, x);
+            *o = gemv_row(b, &mut s, r0 + j, x);
         }
     }
 }
@@ -247,8 +254,9 @@ unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
 unsafe fn gemv_avx512(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
     unsafe {
+        let mut s = Scales::new();
         for (j, o) in out.iter_mut().enumerate() {
-            *o = gemv_row512(b, r0 + j, x);
+            *o = gemv_row512(b, &mut s, r0 + j, x);
         }
     }
 }
@@ -298,12 +306,11 @@ unsafe fn block512(b: &Blocks, s: &Scales, i: usize, row: usize, blk_in_row: usi
 /// # Safety
 /// AVX-512F is available, row `row` exists and `x` has `nb * QK` values.
 #[inline(always)]
-unsafe fn gemv_row512(b: &Blocks, row: usize, x: *const f32) -> f32 {
+unsafe fn gemv_row512(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> f32 {
     let block_bytes = b.kind.qs_bytes();
     // SAFETY: as in `gemv_row`.
     unsafe {
         let mut acc = _mm512_setzero_ps();
-        let mut s = Scales::new();
         for c0 in (0..b.nb).step_by(SCALES) {
             let n = SCALES.min(b.nb - c0);
             s.load(b, row * b.nb + c0, n);
@@ -313,7 +320,7 @@ unsafe fn gemv_row512(b: &Blocks, row: usize, x: *const f32) -> f32 {
                     b.qs.wrapping_add((row * b.nb + blk) * block_bytes + PREFETCH);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                 let xp = x.add(blk * QK);
-                let w = block512(b, &s, i, row, blk);
+                let w = block512(b, s, i, row, blk);
                 acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp), w[0], acc);
                 acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(16)), w[1], acc);
             }
@@ -337,13 +344,12 @@ const PREFETCH: usize = 512;
 /// # Safety
 /// AVX2 and FMA are available, row `row` exists and `x` has `nb * QK` values.
 #[inline(always)]
-unsafe fn gemv_row(b: &Blocks, row: usize, x: *const f32) -> f32 {
+unsafe fn gemv_row(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> f32 {
     let block_bytes = b.kind.qs_bytes();
     // SAFETY: the caller's contract. The prefetch address may point past the matrix; it
     // is never dereferenced (a prefetch does not fault), hence `wrapping_add`.
     unsafe {
         let mut acc = [_mm256_setzero_ps(); 2];
-        let mut s = Scales::new();
         for c0 in (0..b.nb).step_by(SCALES) {
             let n = SCALES.min(b.nb - c0);
             s.load(b, row * b.nb + c0, n);
@@ -355,7 +361,7 @@ unsafe fn gemv_row(b: &Blocks, row: usize, x: *const f32) -> f32 {
                 // Opaque to the optimizer so the x loads stay memory operands of the
                 // multiplies (hoisted into registers, they made a multi-row kernel spill).
                 let xp = std::hint::black_box(x.add(blk * QK));
-                let w = block(b, &s, i, row, blk);
+                let w = block(b, s, i, row, blk);
                 let xs = [
                     _mm256_loadu_ps(xp),
                     _mm256_loadu_ps(xp.add(8)),
