@@ -277,6 +277,33 @@ fn every_quantized_kind_multiplies_as_its_dequantized_matrix_bitwise() {
 }
 
 #[test]
+fn split_kinds_widen_their_scales_right_at_every_row_width() {
+    // Q4_1 and Q8_0 rows widen their scales 64 blocks at a time, 8 per instruction, the last
+    // eight overlapping and fewer than eight one by one: rows of 3, 8, 18 (SmolLM2's 576
+    // columns) and 150 blocks (two buffers and a tail) cover each path.
+    for kind in [QKind::Q4_1, QKind::Q8_0] {
+        for blocks in [3, 8, 18, 150] {
+            let (n, k) = (5, blocks * kind.block_values());
+            let q = crate::kernels::quant::tests::matrix(kind, n, k, 23);
+            let wf = Weight::from_f32(n, k, q.to_f32()).expect("sizes");
+            let wq = Weight::from_quant(q);
+            for m in [1, 7] {
+                let x = values(m * k, 50 + m as u64);
+                let want = matmul(Isa::PORTABLE, &x, m, &wf);
+                for_each_isa(|isa| {
+                    let got = matmul(isa, &x, m, &wq);
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{kind:?} {blocks} blocks m={m} {isa:?}"
+                    );
+                });
+            }
+        }
+    }
+}
+
+#[test]
 fn weights_of_different_kinds_stack_without_dequantizing() {
     // A Q4_K_M file's attention: Q5_0 Q and K over a Q8_0 V; and an f32 part and a K-quant.
     let k = 256;
