@@ -45,6 +45,10 @@ def main():
         n_threads=args.threads,
         n_threads_batch=args.threads,
         flash_attn=args.flash_attn == "on",
+        # llama.cpp's own tools (llama-server, llama-cli) keep only the window of a
+        # sliding-window layer (common_params.swa_full = false); the library's default context
+        # keeps every position. The tools' setting: a smaller state file, less attention work.
+        swa_full=False,
         verbose=False,
     )
     ctx = llm.ctx
@@ -54,7 +58,7 @@ def main():
     print(f"INFO system: {system}", flush=True)
     print(
         f"INFO flags: n_threads={args.threads} n_threads_batch={args.threads} n_batch=512 "
-        f"n_ctx={n_ctx} flash_attn={args.flash_attn}",
+        f"n_ctx={n_ctx} flash_attn={args.flash_attn} swa_full=false",
         flush=True,
     )
 
