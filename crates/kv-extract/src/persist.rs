@@ -455,8 +455,11 @@ mod tests {
             let (shape, meta) = windowed(dtype);
             let mut cache = KvCache::new(shape, dtype);
             let mut reused = KvCache::new(shape, dtype);
-            for turn in 0..6u32 {
-                let toks: Vec<u32> = (0..(turn * 9 + 3)).map(|i| turn * 100 + i).collect();
+            // Short turns after long ones too: the load then reads a sliding layer's first
+            // positions from inside an earlier segment, past the ones it stored for its end.
+            for (turn, n) in [3u32, 12, 21, 30, 4, 39, 2].into_iter().enumerate() {
+                let turn = turn as u32;
+                let toks: Vec<u32> = (0..n).map(|i| turn * 100 + i).collect();
                 append(&mut cache, &toks, turn as f32);
                 cache.save(&store, "a", &meta).unwrap();
                 let back = KvCache::load(&store, "a", &meta, shape).unwrap();
