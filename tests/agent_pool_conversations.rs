@@ -11,6 +11,7 @@ use agent_pool::testing::FakeBackend;
 use agent_pool::{AgentPool, Backend, Continue, Parent, PoolConfig, PoolError, Reply, Reused};
 use engine::testing::options;
 use engine::{Message, Role};
+use kv_extract::{KvShape, SlidingWindow};
 
 const SYSTEM: &str = "You are terse.";
 
@@ -431,4 +432,85 @@ fn a_detached_reply_reuses_a_hot_prefix_and_writes_nothing() {
         matches!(&err, PoolError::Engine { source, .. } if matches!(**source, engine::EngineError::ContextOverflow { .. })),
         "{err}"
     );
+}
+
+#[test]
+fn sliding_window_caches_share_system_prompts_resume_and_rebuild_what_the_window_dropped() {
+    // Layer 0 of this fake slides over 24 positions: its caches keep the last 23, in memory
+    // and in files. The fake's oracle checks every position a cache holds against its tokens
+    // (a dropped or misplaced position would panic), and every reply is checked against the
+    // reply to the whole prompt.
+    let fake = FakeBackend::default().with_shape(KvShape {
+        n_layers: 2,
+        n_kv_heads: 2,
+        head_dim: 4,
+        window: Some(SlidingWindow {
+            size: 24,
+            layers: 0b01,
+        }),
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pool =
+        AgentPool::open(dir.path(), Arc::new(fake.clone()), PoolConfig::default()).expect("open");
+    let expect = |c: &[Message]| fake.reply_to_conversation(c, MAX_TOKENS);
+    let reply = |id: &str, at: Continue, user: &str| {
+        pool.respond(
+            id,
+            at,
+            vec![Message::user(user)],
+            &options(MAX_TOKENS),
+            &mut |_| {},
+        )
+        .expect("respond")
+    };
+    // A system prompt longer than the window, saved once and shared.
+    let system = "You answer in one short line, and never more than that.";
+    let a = pool.create_agent("a", "t", system).expect("create a");
+    let b = pool.create_agent("b", "t", system).expect("create b");
+    assert!(a.system_tokens > 24 && !a.adopted && b.adopted);
+    let mut history = vec![Message::system(system)];
+    for (i, user) in ["first", "second", "third"].into_iter().enumerate() {
+        history.push(Message::user(user));
+        let r = reply("a", Continue::Head, user);
+        assert_eq!(r.text, expect(&history), "turn {i}");
+        // (The first turn counts the system prompt computed at creation as its own.)
+        if i > 0 {
+            assert!(
+                r.reused_tokens > a.system_tokens,
+                "turn {i}: {}",
+                r.reused_tokens
+            );
+        }
+        history.push(Message::assistant(r.text.clone()));
+    }
+    let rb = reply("b", Continue::Head, "first");
+    assert_eq!(rb.text, expect(&history[..2]));
+    assert_eq!(rb.reused_tokens, b.system_tokens);
+
+    // Evicted and resumed: the window's positions come back from disk.
+    assert!(pool.evict("a").expect("evict"));
+    history.push(Message::user("fourth"));
+    let r = reply("a", Continue::Head, "fourth");
+    assert!(r.resumed_from_disk && r.rebuilt.is_none());
+    assert_eq!(r.text, expect(&history));
+    assert!(r.reused_tokens > 24);
+
+    // Back to the first turn: the window no longer holds what its continuation sees, so the
+    // prompt is computed from the first token, and the answer is the same.
+    let fork = reply("a", Continue::At(Parent::Turn(0)), "again");
+    let forked = [history[..3].to_vec(), vec![Message::user("again")]].concat();
+    assert_eq!(fork.text, expect(&forked));
+    assert_eq!(fork.reused_tokens, 0);
+
+    // A detached reply: copies what a hot cache can give, or computes the prompt.
+    let conversation = [Message::system(system), Message::user("hi")];
+    let detached = pool
+        .respond_detached(
+            &conversation,
+            &options(MAX_TOKENS),
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .expect("detached");
+    assert_eq!(detached.text, expect(&conversation));
 }

@@ -126,8 +126,9 @@ impl FakeBackend {
         cache.push_tokens(tokens);
     }
 
-    /// The oracle: every position below `n` must hold the values its tokens imply, as the
-    /// cache's dtype stores them.
+    /// The oracle: every position below `n` that the cache holds (a sliding-window layer's
+    /// from [`KvCache::held_from`]) must hold the values its tokens imply, as the cache's
+    /// dtype stores them.
     fn verify(&self, cache: &KvCache, n: usize) {
         let s = self.shape;
         let row = s.row_len();
@@ -135,7 +136,7 @@ impl FakeBackend {
         let mut want = KvCache::with_capacity(s, cache.dtype(), 1);
         for (p, &t) in cache.tokens()[..n].iter().enumerate() {
             h = self.prefix_hash(h, t);
-            for layer in 0..s.n_layers {
+            for layer in (0..s.n_layers).filter(|&l| p >= cache.held_from(l)) {
                 let rows = |v: bool| -> Vec<f32> {
                     (0..row).map(|e| Self::value(h, layer, v, e)).collect()
                 };
@@ -194,6 +195,24 @@ impl FakeBackend {
 impl Backend for FakeBackend {
     fn cache_meta(&self, dtype: KvDtype) -> CacheMeta {
         let s = self.shape;
+        // A sliding window is part of what the K/V mean, recorded as the engine records it.
+        let mut extra = std::collections::BTreeMap::new();
+        if let Some(w) = s.window {
+            extra.insert(
+                kv_store::EXTRA_SLIDING_WINDOW.to_owned(),
+                w.size.to_string(),
+            );
+            let letters = (0..s.n_layers)
+                .map(|l| {
+                    if s.layer_window(l).is_some() {
+                        'S'
+                    } else {
+                        'G'
+                    }
+                })
+                .collect();
+            extra.insert(kv_store::EXTRA_SLIDING_LAYERS.to_owned(), letters);
+        }
         CacheMeta {
             model: ModelFingerprint {
                 architecture: "fake".into(),
@@ -204,7 +223,7 @@ impl Backend for FakeBackend {
                 rope_theta: 10_000.0,
                 rope_dim: s.head_dim as u32,
                 weights_hash: format!("{:016x}", self.seed),
-                extra: Default::default(),
+                extra,
             },
             tokenizer: "fake-bytes-v1".into(),
             chat_template: "fake-chatml-v1".into(),
