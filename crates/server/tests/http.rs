@@ -293,8 +293,9 @@ async fn a_resumed_conversation_equals_an_uninterrupted_one_across_a_restart() {
     let mut pool_a = Some(open_pool(&engine, &root, pool_config()));
     for (i, question) in turns.iter().enumerate() {
         history.push(json!({"role": "user", "content": question}));
-        let (url, tx, task) =
-            spawn(pool_a.take().expect("pool"), ServerConfig::new(MODEL_ID)).await;
+        let pool = pool_a.take().expect("pool");
+        let weak = Arc::downgrade(&pool);
+        let (url, tx, task) = spawn(pool, ServerConfig::new(MODEL_ID)).await;
         let (cache_a, a) = ask(url, json!(history)).await;
         let (_, b) = ask(reference.url.clone(), json!(history)).await;
         assert_eq!(content(&a), content(&b), "turn {i}");
@@ -305,10 +306,24 @@ async fn a_resumed_conversation_equals_an_uninterrupted_one_across_a_restart() {
         history.push(json!({"role": "assistant", "content": content(&a)}));
         let _ = tx.send(());
         task.await.expect("server task");
-        // The pool is dropped with the server: a new one opens the same directory.
+        // The pool is dropped with the server (its connection and blocking tasks let go of
+        // it a moment after the server stops; until then it holds the directory's lock): a
+        // new one opens the same directory.
+        dropped(&weak).await;
         pool_a = Some(open_pool(&engine, &root, pool_config()));
     }
     reference.stop().await;
+}
+
+/// Waits until the last handle on a pool is gone; fails after ten seconds.
+async fn dropped(pool: &std::sync::Weak<Pool>) {
+    for _ in 0..1000 {
+        if pool.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the stopped server still holds its pool after ten seconds");
 }
 
 /// Parses an SSE body into its `data:` payloads.
