@@ -594,7 +594,14 @@ mod tests {
                 .collect()
         };
         Runs {
-            ours: side(to_runs(&ours), &[("isa", "avx2"), ("kv dtype", "f16")]),
+            ours: side(
+                to_runs(&ours),
+                &[
+                    ("model", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                    ("isa", "avx2"),
+                    ("kv dtype", "f16"),
+                ],
+            ),
             peer_off: side(
                 to_runs(&off),
                 &[
@@ -638,7 +645,7 @@ mod tests {
     fn report_keeps_llama_cpps_better_setting_and_marks_what_is_unsettled() {
         let text = report(&machine(), &runs(), true);
         assert!(
-            text.contains("2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; engine kernels: avx2, 2 threads, 94.0 MiB of weights, KV cache in f16; load average before 0.10 0.20 0.30, after 1.00 0.50 0.40."),
+            text.contains("2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; model SmolLM2-135M-Instruct.Q4_1.gguf; engine kernels: avx2, 2 threads, 94.0 MiB of weights, KV cache in f16; load average before 0.10 0.20 0.30, after 1.00 0.50 0.40."),
             "{text}"
         );
         assert!(text.contains(
