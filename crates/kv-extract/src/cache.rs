@@ -107,6 +107,21 @@ impl LayerKv {
     fn end(&self) -> usize {
         self.base + self.rows
     }
+
+    /// New zeroed buffers (`row_bytes` a row) for exactly the positions `self` holds up to
+    /// `len`, from the same first position: what a copy of the layer is written into.
+    fn empty_copy(&self, len: usize, row_bytes: usize, heads: usize) -> LayerKv {
+        let base = aligned(self.first);
+        let mut out = LayerKv::zeros(self.window, len - base, base, row_bytes, heads);
+        out.first = self.first;
+        out
+    }
+}
+
+/// The buffer start for a sliding layer whose first held position is `first`: the multiple of
+/// [`ALIGN`] at or before it.
+fn aligned(first: usize) -> usize {
+    first / ALIGN * ALIGN
 }
 
 /// The attention KV cache of one conversation (batch 1).
@@ -254,7 +269,7 @@ impl KvCache {
             let (base, rows) = match l.window {
                 None => (0, (len + ahead).max(l.rows * 2).max(MIN_CAPACITY)),
                 Some(w) => {
-                    let base = l.first / ALIGN * ALIGN;
+                    let base = aligned(l.first);
                     let keep = len - base;
                     if keep + pass <= l.rows {
                         move_rows(l, base, len, heads, rb);
@@ -411,21 +426,14 @@ impl KvCache {
 
     /// An independent copy holding exactly the cached tokens (no spare capacity).
     pub fn fork(&self) -> KvCache {
-        let mut copy = self.empty_like(self.dtype);
+        let mut copy = KvCache::new(self.shape, self.dtype);
         let (heads, rb) = (self.shape.n_kv_heads, self.row_bytes);
         for (l, c) in self.layers.iter().zip(&mut copy.layers) {
-            let base = l.first / ALIGN * ALIGN;
-            *c = LayerKv::zeros(l.window, self.len() - base, base, rb, heads);
-            c.first = l.first;
+            *c = l.empty_copy(self.len(), rb, heads);
             copy_rows(l, c, l.first..self.len(), heads, rb);
         }
         copy.tokens.extend_from_slice(&self.tokens);
         copy
-    }
-
-    /// An empty cache of this shape in `dtype`, no memory reserved.
-    fn empty_like(&self, dtype: KvDtype) -> KvCache {
-        KvCache::new(self.shape, dtype)
     }
 
     /// A copy holding the cached tokens in `dtype`: each value read back exactly and written
@@ -436,15 +444,13 @@ impl KvCache {
     /// # Panics
     /// If the shape cannot hold `dtype` ([`KvShape::supports`]).
     pub fn convert(&self, dtype: KvDtype) -> KvCache {
-        let mut out = self.empty_like(dtype);
+        let mut out = KvCache::new(self.shape, dtype);
         let (d, len) = (self.shape.head_dim, self.len());
         let rb = dtype::row_bytes(dtype, d);
         let mut values = vec![0.0f32; len * d];
         for (layer, l) in self.layers.iter().enumerate() {
-            let base = l.first / ALIGN * ALIGN;
             let o = &mut out.layers[layer];
-            *o = LayerKv::zeros(l.window, len - base, base, rb, self.shape.n_kv_heads);
-            o.first = l.first;
+            *o = l.empty_copy(len, rb, self.shape.n_kv_heads);
             let held = l.first..len;
             for h in 0..self.shape.n_kv_heads {
                 let dst = span(o, h, held.clone(), rb);
@@ -533,7 +539,7 @@ impl KvCache {
         let (heads, rb) = (self.shape.n_kv_heads, self.row_bytes);
         for l in &mut self.layers {
             let first = kv_store::kept_from(l.window, n);
-            let base = first / ALIGN * ALIGN;
+            let base = aligned(first);
             if l.rows < n - base {
                 *l = LayerKv::zeros(l.window, n - base + headroom, base, rb, heads);
             }

@@ -88,8 +88,14 @@ fn stored_from(meta: &CacheMeta, range: &Range<usize>) -> Result<Vec<u64>> {
     })?;
     Ok(windows
         .into_iter()
-        .map(|w| range.start.max(kept_from(w, range.end)) as u64)
+        .map(|w| first_needed(w, range.start as u64, range.end as u64))
         .collect())
+}
+
+/// The first position of a segment `[start, end)` that a layer with `window` must hold: its
+/// start, or the first one a continuation from its end attends to when that is later.
+fn first_needed(window: Option<usize>, start: u64, end: u64) -> u64 {
+    start.max(kept_from(window, end as usize) as u64)
 }
 
 pub(crate) fn tensor_name(layer: usize, kind: KvKind) -> String {
@@ -557,7 +563,7 @@ pub(crate) fn check_held(path: &Path, h: &SegmentHeader) -> Result<()> {
         )));
     }
     for (layer, (&f, &w)) in from.iter().zip(&windows).enumerate() {
-        let needed = h.start.max(kept_from(w, end as usize) as u64);
+        let needed = first_needed(w, h.start, end);
         if f < h.start || f > needed {
             return Err(bad(format!(
                 "layer {layer} holds positions from {f}, the segment covers {}..{end} and a continuation needs them from {needed}",
