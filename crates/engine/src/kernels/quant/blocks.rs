@@ -1,7 +1,7 @@
 //! The reference dequantization of GGUF blocks: each function is ggml's `dequantize_row_*`
 //! (`ggml/src/ggml-quants.c`) for one block, with the same f32 operations in the same order,
 //! so its values are bitwise llama.cpp's (and candle's, whose `to_float` transliterates the
-//! same code). Q4_1 and Q8_0 are here too, though memory holds those two widened (see
+//! same code). Q4_1 and Q8_0 are here too, though memory holds those two split (see
 //! [`super::QMatrix`]).
 //!
 //! Exactness: an f16 scale has at most 11 significant bits (its subnormals are multiples of
@@ -37,7 +37,8 @@ pub(crate) fn q4_0(b: &[u8; 18], y: &mut [f32; 32]) {
 }
 
 /// Q4_1, 20 bytes: `d`, `m`, 16 bytes of nibbles. `x = q * d + m`. (In memory this type is
-/// held widened, see [`super::QMatrix`]; this is its reference on the file's bytes.)
+/// held split, values apart from scales, see [`super::QMatrix`]; this is its reference on the
+/// file's bytes.)
 #[inline(always)]
 pub(crate) fn q4_1(b: &[u8; 20], y: &mut [f32; 32]) {
     let d = f16_at(b, 0);
@@ -85,7 +86,7 @@ pub(crate) fn q5_1(b: &[u8; 24], y: &mut [f32; 32]) {
     }
 }
 
-/// Q8_0, 34 bytes: `d`, 32 signed bytes. `x = q * d`. (Held widened in memory, as Q4_1.)
+/// Q8_0, 34 bytes: `d`, 32 signed bytes. `x = q * d`. (Held split in memory, as Q4_1.)
 #[inline(always)]
 pub(crate) fn q8_0(b: &[u8; 34], y: &mut [f32; 32]) {
     let d = f16_at(b, 0);
