@@ -351,7 +351,7 @@ fn flipped_data_byte_is_a_checksum_error() {
 fn newer_versions_are_refused_by_name() {
     let (_dir, store, fake, path) = one_segment_store();
     let mut bytes = std::fs::read(&path).unwrap();
-    let needle = br#"\"version\":1,"#;
+    let needle = br#"\"version\":3,"#;
     let at = bytes
         .windows(needle.len())
         .position(|w| w == needle)
@@ -375,7 +375,7 @@ fn newer_versions_are_refused_by_name() {
     let manifest = store.root().join("manifests/a.json");
     let text = std::fs::read_to_string(&manifest)
         .unwrap()
-        .replace(r#""version":1,"#, r#""version":2,"#);
+        .replace(r#""version":2,"#, r#""version":3,"#);
     std::fs::write(&manifest, text).unwrap();
     let err = store.load("a", &fake.meta).unwrap_err();
     assert!(
@@ -383,7 +383,7 @@ fn newer_versions_are_refused_by_name() {
             err,
             Error::UnsupportedVersion {
                 kind: "manifest",
-                found: 2,
+                found: 3,
                 ..
             }
         ),
@@ -393,6 +393,117 @@ fn newer_versions_are_refused_by_name() {
     assert!(matches!(
         store.save("a", &fake.meta, &fake),
         Err(Error::UnsupportedVersion { .. })
+    ));
+}
+
+/// Rewrites the agentkv header of the segment file at `path` with `edit` applied to its JSON,
+/// keeping the tensors' bytes: what a writer that adds fields to the header would produce.
+fn edit_segment_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut st: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let text = st["__metadata__"]["agentkv"].as_str().unwrap().to_owned();
+    let mut header: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut header);
+    st["__metadata__"]["agentkv"] = serde_json::Value::String(header.to_string());
+    let mut st = serde_json::to_vec(&st).unwrap();
+    st.resize(st.len().next_multiple_of(8), b' ');
+    let mut out = (st.len() as u64).to_le_bytes().to_vec();
+    out.extend(st);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Writes a version 2 manifest at `path` whose body is `body`'s bytes as given, with the
+/// envelope members `extra` (JSON text, each followed by a comma) before the checksum.
+fn write_manifest(path: &Path, extra: &str, body: &str, checksum: u64) {
+    let text = format!(
+        r#"{{"format":"agentkv.manifest","version":2,{extra}"checksum":"{checksum:016x}","body":{body}}}"#
+    );
+    std::fs::write(path, text).unwrap();
+}
+
+fn xxh3(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+#[test]
+fn unknown_fields_are_not_damage_and_a_save_keeps_the_manifests() {
+    let (_dir, store, mut fake, path) = one_segment_store();
+    edit_segment_header(&path, |h| {
+        h["written_by"] = "a newer build".into();
+        h["extension"] = serde_json::json!({"nested": [1, 2.5, null]});
+    });
+    let manifest = store.root().join("manifests/a.json");
+    let mut file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let mut body = file["body"].take();
+    body["replicas"] = serde_json::json!(["host-a", "host-b"]);
+    body["note"] = "ünïcode \"quoted\"".into();
+    // Another writer's spacing, too: the checksum covers the bytes as stored.
+    let body = serde_json::to_string_pretty(&body).unwrap();
+    write_manifest(&manifest, r#""tool":"x","#, &body, xxh3(body.as_bytes()));
+    assert_loads(&store, "a", &fake);
+    let m = store.manifest("a").unwrap().unwrap();
+    assert_eq!(
+        m.unknown["replicas"],
+        serde_json::json!(["host-a", "host-b"])
+    );
+
+    // A save of a longer cache keeps the chain's first segment (its id does not cover the
+    // unknown header fields) and the manifest's unknown fields.
+    fake.push(3, 1);
+    let report = store.save("a", &fake.meta, &fake).unwrap();
+    assert_eq!((report.reused_tokens, report.new_tokens), (5, 3));
+    assert_loads(&store, "a", &fake);
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains(r#""replicas":["host-a","host-b"]"#), "{text}");
+    assert!(text.contains(r#""note":"ünïcode \"quoted\"""#), "{text}");
+    assert_eq!(store.manifest("a").unwrap().unwrap().unknown.len(), 2);
+
+    // The same body under a wrong checksum is damage.
+    write_manifest(&manifest, "", &body, xxh3(body.as_bytes()) ^ 1);
+    assert!(matches!(
+        store.manifest("a"),
+        Err(Error::BadMetadata { .. })
+    ));
+}
+
+#[test]
+fn meta_is_a_closed_set_of_fields() {
+    // The segment id covers every field of `meta`: one more is damage, not ignored (what
+    // changes K/V beyond the named fields goes into `model.extra`).
+    let (_dir, store, fake, path) = one_segment_store();
+    edit_segment_header(&path, |h| {
+        h["meta"]["model"]["rope_scaling"] = "yarn".into()
+    });
+    let err = store.load("a", &fake.meta).unwrap_err();
+    assert!(matches!(err, Error::BadMetadata { .. }), "{err}");
+    assert!(err.to_string().contains("rope_scaling"), "{err}");
+}
+
+#[test]
+fn version_1_manifests_still_load() {
+    let (_dir, store, fake, _path) = one_segment_store();
+    let manifest = store.root().join("manifests/a.json");
+    let m = store.manifest("a").unwrap().unwrap();
+    // Version 1: the checksum of serde_json's compact encoding of the body, whatever the
+    // body's bytes in the file.
+    let compact = serde_json::to_vec(&m).unwrap();
+    let v1 = serde_json::json!({
+        "format": "agentkv.manifest",
+        "version": 1,
+        "checksum": format!("{:016x}", xxh3(&compact)),
+        "body": m,
+    });
+    std::fs::write(&manifest, serde_json::to_string_pretty(&v1).unwrap()).unwrap();
+    assert_loads(&store, "a", &fake);
+    let mut bad = v1.clone();
+    bad["body"]["generation"] = 9.into();
+    std::fs::write(&manifest, bad.to_string()).unwrap();
+    assert!(matches!(
+        store.manifest("a"),
+        Err(Error::BadMetadata { .. })
     ));
 }
 

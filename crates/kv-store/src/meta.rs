@@ -91,7 +91,11 @@ impl fmt::Display for KvDtype {
 ///
 /// Two caches are interchangeable only if their fingerprints are equal. `weights_hash` alone
 /// would do, but the named shape fields let an error say *what* differs.
+///
+/// Its fields are a closed set (the segment id covers each of them): a file with another field
+/// here is damaged. What else changes K/V goes into `extra`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelFingerprint {
     /// Architecture name, as in GGUF's `general.architecture` (e.g. `llama`).
     pub architecture: String,
@@ -116,7 +120,10 @@ pub struct ModelFingerprint {
 }
 
 /// The full compatibility key of a saved cache.
+///
+/// A closed set of fields, as [`ModelFingerprint`]'s.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CacheMeta {
     /// The model the cache was computed with.
     pub model: ModelFingerprint,
@@ -284,14 +291,38 @@ pub fn kept_from(window: Option<usize>, n: usize) -> usize {
 pub struct SegmentId(String);
 
 impl SegmentId {
-    /// Computes the id of the segment holding `tokens` after `parent` under `meta`.
+    /// Computes the id of the segment holding `tokens` after `parent` under `meta`: the
+    /// xxh3-128 of their canonical encoding (docs/format.md, "Segment ids"), which any
+    /// language can reproduce from the fields alone.
     pub fn compute(meta: &CacheMeta, parent: Option<&SegmentId>, tokens: &[u32]) -> SegmentId {
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        // serde_json of our own struct is deterministic: fields in declaration order.
+        hasher.update(b"agentkv.segment.v3\0");
+        let mut buf = Vec::with_capacity(512);
+        canonical_meta(meta, &mut buf);
+        hasher.update(&buf);
+        SegmentId::finish(hasher, parent, tokens)
+    }
+
+    /// The id as segment format versions 1 and 2 computed it: over serde_json's compact
+    /// encoding of `meta` (fields in declaration order). Only for reading those files.
+    pub(crate) fn compute_v1(
+        meta: &CacheMeta,
+        parent: Option<&SegmentId>,
+        tokens: &[u32],
+    ) -> SegmentId {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let meta_json = serde_json::to_vec(meta).unwrap_or_default();
         hasher.update(b"agentkv.segment.v1\0");
         hasher.update(&(meta_json.len() as u64).to_le_bytes());
         hasher.update(&meta_json);
+        SegmentId::finish(hasher, parent, tokens)
+    }
+
+    fn finish(
+        mut hasher: xxhash_rust::xxh3::Xxh3,
+        parent: Option<&SegmentId>,
+        tokens: &[u32],
+    ) -> SegmentId {
         match parent {
             Some(p) => {
                 hasher.update(&[1]);
@@ -350,6 +381,34 @@ pub fn validate_name(name: &str) -> crate::Result<()> {
     }
 }
 
+/// Appends the canonical encoding of `meta` (docs/format.md, "Segment ids"): every field in a
+/// fixed order, integers little-endian, `rope_theta` as its IEEE 754 bits, strings as a u64
+/// byte length then their UTF-8, `extra` as its entry count then key and value of each entry
+/// in ascending byte order of the keys.
+fn canonical_meta(meta: &CacheMeta, out: &mut Vec<u8>) {
+    fn text(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let m = &meta.model;
+    text(out, &m.architecture);
+    for n in [m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim] {
+        out.extend(n.to_le_bytes());
+    }
+    out.extend(m.rope_theta.to_bits().to_le_bytes());
+    out.extend(m.rope_dim.to_le_bytes());
+    text(out, &m.weights_hash);
+    out.extend((m.extra.len() as u64).to_le_bytes());
+    // A BTreeMap of Strings iterates in ascending byte order of its keys.
+    for (key, value) in &m.extra {
+        text(out, key);
+        text(out, value);
+    }
+    text(out, &meta.tokenizer);
+    text(out, &meta.chat_template);
+    text(out, meta.dtype.name());
+}
+
 pub(crate) fn checksum(bytes: &[u8]) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
 }
@@ -371,8 +430,56 @@ pub(crate) mod tests {
         assert_ne!(a, SegmentId::compute(&m, None, &[1, 2, 4]));
         assert_ne!(a, SegmentId::compute(&m, Some(&a), &[1, 2, 3]));
         assert_ne!(a, SegmentId::compute(&meta(KvDtype::F32), None, &[1, 2, 3]));
+        let changed = [
+            |m: &mut CacheMeta| m.model.architecture.push('x'),
+            |m: &mut CacheMeta| m.model.n_layers += 1,
+            |m: &mut CacheMeta| m.model.n_heads += 1,
+            |m: &mut CacheMeta| m.model.n_kv_heads += 1,
+            |m: &mut CacheMeta| m.model.head_dim += 1,
+            |m: &mut CacheMeta| {
+                m.model.rope_theta = f64::from_bits(m.model.rope_theta.to_bits() + 1)
+            },
+            |m: &mut CacheMeta| m.model.rope_dim += 1,
+            |m: &mut CacheMeta| m.model.weights_hash.push('x'),
+            |m: &mut CacheMeta| {
+                m.model.extra.insert("k".into(), String::new());
+            },
+            |m: &mut CacheMeta| m.tokenizer.push('x'),
+            |m: &mut CacheMeta| m.chat_template.push('x'),
+        ];
+        for (i, change) in changed.into_iter().enumerate() {
+            let mut other = m.clone();
+            change(&mut other);
+            assert_ne!(a, SegmentId::compute(&other, None, &[1, 2, 3]), "field {i}");
+        }
+        // Lengths are part of the encoding: moving bytes from one string to the next changes it.
+        let (mut x, mut y) = (m.clone(), m.clone());
+        (x.tokenizer, x.chat_template) = ("ab".into(), "c".into());
+        (y.tokenizer, y.chat_template) = ("a".into(), "bc".into());
+        assert_ne!(
+            SegmentId::compute(&x, None, &[1]),
+            SegmentId::compute(&y, None, &[1])
+        );
         assert!(SegmentId::parse(a.as_str()).is_some());
         assert!(SegmentId::parse("../../etc/passwd").is_none());
+    }
+
+    #[test]
+    fn ids_are_the_documented_canonical_encodings_hash() {
+        // Computed by tests/format/python_store.py's `segment_id` (Python's `xxhash` package
+        // over docs/format.md's encoding), not by this crate: a change to the encoding that
+        // the format does not describe fails here.
+        let mut m = meta(KvDtype::F16);
+        let first = SegmentId::compute(&m, None, &[1, 2, 3]);
+        assert_eq!(first.as_str(), "e2e37629a3580ed8e613f30d9b868770");
+        m.model
+            .extra
+            .insert(EXTRA_SLIDING_WINDOW.into(), "512".into());
+        m.model
+            .extra
+            .insert(EXTRA_SLIDING_LAYERS.into(), "SG".into());
+        let second = SegmentId::compute(&m, Some(&first), &[4, 5]);
+        assert_eq!(second.as_str(), "b6d9ed1f9ce862608ff9c92c9b834aa0");
     }
 
     #[test]

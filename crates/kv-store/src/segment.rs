@@ -14,11 +14,13 @@ use crate::meta::{CacheMeta, SegmentId, checksum, kept_from};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
-/// The newest segment format version this build reads and writes. Version 2 adds
-/// `kv_from`, the first position each layer's tensors hold (a sliding-window layer keeps only
-/// what a continuation can still attend to); a segment whose every layer holds all its
-/// positions is still written as version 1, byte for byte what older builds wrote and read.
-pub const SEGMENT_VERSION: u32 = 2;
+/// The segment format version this build writes, and the newest it reads.
+///
+/// Version 2 added `kv_from`, the first position each layer's tensors hold (a sliding-window
+/// layer keeps only what a continuation can still attend to). Version 3 computes the segment
+/// id over a canonical encoding of the metadata instead of serde_json's, and always has
+/// `kv_from`. Versions 1 and 2 still load.
+pub const SEGMENT_VERSION: u32 = 3;
 /// The `__metadata__` key holding the agentkv header.
 pub(crate) const METADATA_KEY: &str = "agentkv";
 const FORMAT_NAME: &str = "agentkv.segment";
@@ -54,8 +56,9 @@ pub(crate) struct SegmentHeader {
     pub start: u64,
     pub n_tokens: u64,
     pub meta: CacheMeta,
-    /// Version 2: per layer, the first position its tensors hold (the rest of the segment's
-    /// positions, up to its end). Absent in version 1, where every layer holds all of them.
+    /// Versions 2 and 3: per layer, the first position its tensors hold (the rest of the
+    /// segment's positions, up to its end). Absent in version 1, where every layer holds all
+    /// of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_from: Option<Vec<u64>>,
     pub checksums: BTreeMap<String, String>,
@@ -175,11 +178,13 @@ pub(crate) fn write_segment(
     range: Range<usize>,
 ) -> Result<u64> {
     let from = stored_from(meta, &range)?;
-    write_segment_holding(file, path, meta, id, parent, source, range, from)
+    let version = SEGMENT_VERSION;
+    write_segment_holding(file, path, meta, id, parent, source, range, from, version)
 }
 
-/// [`write_segment`] with each layer holding the positions from `from[layer]` on (a version 1
-/// segment when every layer holds them all).
+/// [`write_segment`] with each layer holding the positions from `from[layer]` on, as format
+/// `version` (the tests write older versions; the caller computes `id` as that version does,
+/// and for version 1 every layer must hold every position).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_segment_holding(
     file: &mut File,
@@ -190,6 +195,7 @@ pub(crate) fn write_segment_holding(
     source: &dyn KvSource,
     range: Range<usize>,
     from: Vec<u64>,
+    version: u32,
 ) -> Result<u64> {
     meta.check_dtype()?;
     let n = range.len();
@@ -202,16 +208,15 @@ pub(crate) fn write_segment_holding(
                 source.tokens().len()
             ),
         })?;
-    let windowed = from.iter().any(|&f| f > range.start as u64);
     let mut header = SegmentHeader {
         format: FORMAT_NAME.to_owned(),
-        version: if windowed { SEGMENT_VERSION } else { 1 },
+        version,
         id: id.clone(),
         parent: parent.cloned(),
         start: range.start as u64,
         n_tokens: n as u64,
         meta: meta.clone(),
-        kv_from: windowed.then_some(from),
+        kv_from: (version > 1).then_some(from),
         checksums: BTreeMap::new(),
     };
     let layout = layout(meta, n, &header.held());
@@ -418,11 +423,12 @@ impl Segment {
             header,
             ranges,
         };
-        let id = SegmentId::compute(
-            &segment.header.meta,
-            segment.header.parent.as_ref(),
-            &segment.tokens(),
-        );
+        let h = &segment.header;
+        let compute = match h.version {
+            1 | 2 => SegmentId::compute_v1,
+            _ => SegmentId::compute,
+        };
+        let id = compute(&h.meta, h.parent.as_ref(), &segment.tokens());
         if id != segment.header.id {
             return Err(Error::bad_metadata(
                 path,
@@ -530,7 +536,7 @@ fn parse_header(path: &Path, metadata: &Metadata) -> Result<SegmentHeader> {
     serde_json::from_value(value).map_err(|e| Error::bad_metadata(path, e.to_string()))
 }
 
-/// Checks `kv_from` against the version and the segment: present exactly in version 2, one
+/// Checks `kv_from` against the version and the segment: present exactly from version 2 on, one
 /// entry per layer, each inside the segment and no later than the first position a
 /// continuation from the segment's end attends to (a layer may hold more, as version 1
 /// segments of sliding-window models do, never less).

@@ -238,6 +238,8 @@ impl Store {
             n_tokens: tokens.len() as u64,
             segments: chain,
             generation: report.generation,
+            // A newer build's fields of this name's manifest stay.
+            unknown: old.map(|m| m.unknown).unwrap_or_default(),
         };
         self.write_manifest(&manifest)?;
         Ok(report)
@@ -434,6 +436,7 @@ impl Store {
             n_tokens: tokens.len() as u64,
             segments: refs,
             generation: 0,
+            unknown: Default::default(),
         };
         let windows = meta.layer_windows().map_err(|e| Error::InvalidInput {
             detail: format!("the cache's sliding windows: {e}"),
@@ -581,6 +584,7 @@ mod tests {
 
     use super::*;
     use crate::KvDtype;
+    use crate::SEGMENT_VERSION;
     use crate::meta::tests::meta;
     use crate::segment::{KvKind, SegmentHeader};
 
@@ -686,16 +690,16 @@ mod tests {
             )
             .unwrap()
         };
-        // Shorter than the window less one: every position, written as version 1.
+        // Shorter than the window less one: every position.
         store.save("a", &m, &Toy(tokens[..5].to_vec())).unwrap();
         let first = segment("a");
-        assert_eq!(first.header().version, 1);
+        assert_eq!(first.header().version, SEGMENT_VERSION);
         assert_eq!((first.kv_from(0), first.kv_from(1)), (0, 0));
         // Then 5..20: the sliding layer keeps 13..20, the 7 positions the token at 20 sees
         // besides itself; the global layer all 15.
         store.save("a", &m, &Toy(tokens[..20].to_vec())).unwrap();
         let second = segment("a");
-        assert_eq!(second.header().version, 2);
+        assert_eq!(second.header().version, SEGMENT_VERSION);
         assert_eq!((second.kv_from(0), second.kv_from(1)), (13, 5));
         assert_eq!(second.kv(0, KvKind::K), toy_rows(&tokens, 13..20));
         assert_eq!(second.kv(1, KvKind::V), toy_rows(&tokens, 5..20));
@@ -728,45 +732,76 @@ mod tests {
         assert_eq!(kv, 47 * 2 * m.row_bytes() * 2);
     }
 
-    #[test]
-    fn a_segment_holding_every_position_of_a_sliding_layer_still_loads() {
-        // What builds before format version 2 wrote for sliding-window models: version 1,
-        // every position in every layer, under the same id.
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let m = windowed(8);
-        let tokens: Vec<u32> = (1..=20).collect();
-        let id = SegmentId::compute(&m, None, &tokens);
+    /// Writes the segment of `tokens[range]` after `parent` as format `version` (ids as that
+    /// version computes them), each layer holding the positions from `from[layer]` on.
+    fn write_old_segment(
+        store: &Store,
+        m: &CacheMeta,
+        version: u32,
+        parent: Option<&SegmentId>,
+        tokens: &[u32],
+        range: Range<usize>,
+        from: Vec<u64>,
+    ) -> SegmentId {
+        let compute = if version < 3 {
+            SegmentId::compute_v1
+        } else {
+            SegmentId::compute
+        };
+        let id = compute(m, parent, &tokens[range.clone()]);
         commit_file(
             &store.segment_path(&id),
             [Step::SegmentWritten; 3],
             |file, tmp| {
+                let source = Toy(tokens.to_vec());
                 crate::segment::write_segment_holding(
-                    file,
-                    tmp,
-                    &m,
-                    &id,
-                    None,
-                    &Toy(tokens.clone()),
-                    0..20,
-                    vec![0, 0],
+                    file, tmp, m, &id, parent, &source, range, from, version,
                 )
                 .map(drop)
             },
         )
         .unwrap();
-        let loaded = store.adopt("old", &m, std::slice::from_ref(&id)).unwrap();
-        assert_eq!(loaded.segments()[0].header().version, 1);
+        id
+    }
+
+    #[test]
+    fn older_segment_versions_load_and_the_next_save_writes_the_current_one() {
+        // Version 1, as builds before sliding-window persistence wrote for every model (every
+        // position in every layer), then a version 2 segment after it: both with version 1's
+        // ids.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = windowed(8);
+        let tokens: Vec<u32> = (1..=30).collect();
+        let first = write_old_segment(&store, &m, 1, None, &tokens, 0..20, vec![0, 0]);
+        let second = write_old_segment(&store, &m, 2, Some(&first), &tokens, 20..30, vec![23, 20]);
+        assert_ne!(first, SegmentId::compute(&m, None, &tokens[..20]));
+        let loaded = store.adopt("old", &m, &[first.clone(), second]).unwrap();
+        let versions: Vec<u32> = loaded
+            .segments()
+            .iter()
+            .map(|s| s.header().version)
+            .collect();
+        assert_eq!(versions, [1, 2]);
+        assert_eq!(loaded.kv_from(0), 23);
+        assert_eq!(&*loaded.kv(0, KvKind::K), toy_rows(&tokens, 23..30));
+        assert_eq!(&*loaded.kv(1, KvKind::K), toy_rows(&tokens, 0..30));
+
+        // A save recomputes ids the current way, so it finds no segment to keep and writes
+        // the cache as a version 3 segment; the old files stay until gc.
+        let report = store.save("old", &m, &Toy(tokens.clone())).unwrap();
+        assert_eq!((report.reused_tokens, report.new_tokens), (0, 30));
+        let loaded = store.load("old", &m).unwrap();
+        assert_eq!(loaded.segments()[0].header().version, SEGMENT_VERSION);
+        assert_eq!(&*loaded.kv(0, KvKind::K), toy_rows(&tokens, 23..30));
+        assert!(store.segment_path(&first).exists());
+        assert_eq!(store.gc().unwrap().segments_removed, 2);
+
+        // A current segment holding more than a continuation needs (every position) loads.
+        let full = write_old_segment(&store, &m, 3, None, &tokens, 0..20, vec![0, 0]);
+        let loaded = store.adopt("full", &m, &[full]).unwrap();
         assert_eq!(loaded.kv_from(0), 13);
         assert_eq!(&*loaded.kv(0, KvKind::K), toy_rows(&tokens, 13..20));
-        // A save of the same tokens keeps that file (same id); a longer one follows it.
-        let report = store.save("old", &m, &Toy(tokens.clone())).unwrap();
-        assert_eq!(report.reused_tokens, 20);
-        let mut more = tokens.clone();
-        more.extend(21..=30);
-        store.save("old", &m, &Toy(more.clone())).unwrap();
-        let loaded = store.load("old", &m).unwrap();
-        assert_eq!(&*loaded.kv(0, KvKind::K), toy_rows(&more, 23..30));
     }
 
     #[test]
@@ -794,6 +829,8 @@ mod tests {
             (2, Some(vec![9, 10])),
             (2, Some(vec![13])),
             (2, None),
+            (3, None),
+            (3, Some(vec![14, 10])),
             (1, Some(vec![10, 10])),
         ] {
             let err = check(header(version, from.clone())).unwrap_err();
