@@ -7,12 +7,15 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{PoolError, Result};
 
-/// Version of `agent.json` written by this build, and the newest it reads.
-pub const AGENT_FILE_VERSION: u64 = 1;
+/// Version of `agent.json` written by this build, and the newest it reads. Version 2 checks
+/// `agent`'s bytes as stored; version 1 (a checksum over serde_json's re-encoding) still
+/// loads.
+pub const AGENT_FILE_VERSION: u64 = 2;
 const AGENT_FORMAT: &str = "agentkv.agent";
 pub(crate) const AGENT_FILE: &str = "agent.json";
 
@@ -29,11 +32,22 @@ pub struct AgentInfo {
     pub created_unix_ms: u64,
 }
 
+/// `agent.json`: `agent` is checksummed over its bytes exactly as they are stored, so a field
+/// this build does not know is not damage (it is ignored; the file is never rewritten).
 #[derive(Serialize, Deserialize)]
-struct AgentEnvelope {
+struct AgentEnvelope<'a> {
     format: String,
     version: u64,
-    /// xxh3-64 of the compact JSON of `agent`, 16 hex digits.
+    /// xxh3-64 of the bytes of `agent` as they appear in the file, 16 hex digits.
+    checksum: String,
+    #[serde(borrow)]
+    agent: &'a RawValue,
+}
+
+/// The envelope as version 1 wrote it: `checksum` is the xxh3-64 of serde_json's compact
+/// encoding of `agent`.
+#[derive(Deserialize)]
+struct AgentEnvelopeV1 {
     checksum: String,
     agent: AgentInfo,
 }
@@ -53,12 +67,12 @@ pub(crate) fn encode_agent(info: &AgentInfo) -> Result<Vec<u8>> {
         path: PathBuf::from(AGENT_FILE),
         detail: format!("cannot encode: {e}"),
     };
-    let body = serde_json::to_vec(info).map_err(encode_err)?;
+    let body = serde_json::value::to_raw_value(info).map_err(encode_err)?;
     let env = AgentEnvelope {
         format: AGENT_FORMAT.to_owned(),
         version: AGENT_FILE_VERSION,
-        checksum: checksum(&body),
-        agent: info.clone(),
+        checksum: checksum(body.get().as_bytes()),
+        agent: &body,
     };
     serde_json::to_vec(&env).map_err(encode_err)
 }
@@ -86,33 +100,53 @@ pub(crate) fn parse_agent(path: &Path, bytes: &[u8], id: &str) -> Result<AgentIn
         path: path.to_owned(),
         detail,
     };
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-    if value.get("format").and_then(|f| f.as_str()) != Some(AGENT_FORMAT) {
+    // The format and version first, so a newer file says so instead of failing to parse.
+    #[derive(Deserialize)]
+    struct Head {
+        format: Option<String>,
+        version: Option<serde_json::Value>,
+    }
+    let head: Head = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    if head.format.as_deref() != Some(AGENT_FORMAT) {
         return Err(bad("not an agentkv agent file".into()));
     }
-    let version = value
-        .get("version")
+    let version = head
+        .version
         .and_then(|v| v.as_u64())
         .ok_or_else(|| bad("no version".into()))?;
-    if version != AGENT_FILE_VERSION {
-        return Err(PoolError::UnsupportedVersion {
-            path: path.to_owned(),
-            found: version,
-            supported: AGENT_FILE_VERSION,
-        });
-    }
-    let env: AgentEnvelope = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-    let body = serde_json::to_vec(&env.agent).map_err(|e| bad(e.to_string()))?;
-    if checksum(&body) != env.checksum {
-        return Err(bad("checksum mismatch".into()));
-    }
-    if env.agent.id != id {
+    let agent: AgentInfo = match version {
+        1 => {
+            let env: AgentEnvelopeV1 =
+                serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+            let body = serde_json::to_vec(&env.agent).map_err(|e| bad(e.to_string()))?;
+            if checksum(&body) != env.checksum {
+                return Err(bad("checksum mismatch".into()));
+            }
+            env.agent
+        }
+        AGENT_FILE_VERSION => {
+            let env: AgentEnvelope =
+                serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+            if checksum(env.agent.get().as_bytes()) != env.checksum {
+                return Err(bad("checksum mismatch".into()));
+            }
+            serde_json::from_str(env.agent.get()).map_err(|e| bad(e.to_string()))?
+        }
+        _ => {
+            return Err(PoolError::UnsupportedVersion {
+                path: path.to_owned(),
+                found: version,
+                supported: AGENT_FILE_VERSION,
+            });
+        }
+    };
+    if agent.id != id {
         return Err(bad(format!(
             "it describes agent {:?}, not {id:?}",
-            env.agent.id
+            agent.id
         )));
     }
-    Ok(env.agent)
+    Ok(agent)
 }
 
 #[cfg(test)]
@@ -144,7 +178,7 @@ mod tests {
         let text = String::from_utf8(bytes).unwrap();
         for (damaged, want_version) in [
             (text.replace("be brief", "be BRIEF"), false),
-            (text.replace("\"version\":1", "\"version\":9"), true),
+            (text.replace("\"version\":2", "\"version\":9"), true),
             (text[..text.len() / 2].to_owned(), false),
             (String::new(), false),
         ] {
@@ -160,6 +194,47 @@ mod tests {
             }
         }
         fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            read_agent(dir.path(), "a"),
+            Err(PoolError::CorruptAgentFile { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_fields_and_other_spacing_are_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(AGENT_FILE);
+        let mut agent = serde_json::to_value(info()).unwrap();
+        agent["tools"] = serde_json::json!([{"name": "search"}]);
+        let body = serde_json::to_string_pretty(&agent).unwrap();
+        let text = format!(
+            r#"{{"format":"agentkv.agent","version":2,"owner":"x","checksum":"{}","agent":{body}}}"#,
+            checksum(body.as_bytes())
+        );
+        write_new(&path, text.as_bytes()).unwrap();
+        assert_eq!(read_agent(dir.path(), "a").unwrap(), info());
+        fs::write(&path, text.replace("search", "fetch")).unwrap();
+        assert!(matches!(
+            read_agent(dir.path(), "a"),
+            Err(PoolError::CorruptAgentFile { .. })
+        ));
+    }
+
+    #[test]
+    fn version_1_files_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(AGENT_FILE);
+        let compact = serde_json::to_vec(&info()).unwrap();
+        let v1 = serde_json::json!({
+            "format": "agentkv.agent",
+            "version": 1,
+            "checksum": checksum(&compact),
+            "agent": info(),
+        });
+        write_new(&path, serde_json::to_string_pretty(&v1).unwrap().as_bytes()).unwrap();
+        assert_eq!(read_agent(dir.path(), "a").unwrap(), info());
+        let text = v1.to_string().replace("be brief", "be BRIEF");
+        fs::write(&path, text).unwrap();
         assert!(matches!(
             read_agent(dir.path(), "a"),
             Err(PoolError::CorruptAgentFile { .. })

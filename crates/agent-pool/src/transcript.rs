@@ -17,12 +17,15 @@ use std::path::{Path, PathBuf};
 
 use engine::{Message, Role};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::error::{PoolError, Result};
 use crate::files::checksum;
 
-/// Version of transcript lines written by this build, and the newest it reads.
-pub const TRANSCRIPT_VERSION: u64 = 3;
+/// Version of transcript lines written by this build, and the newest it reads. Version 4
+/// checks the bytes of a line's `turn` (or `deleted`) as stored; versions 1 to 3 (a checksum
+/// over serde_json's re-encoding) still load.
+pub const TRANSCRIPT_VERSION: u64 = 4;
 pub(crate) const TRANSCRIPT_FILE: &str = "transcript.jsonl";
 
 /// Where a turn continues a conversation.
@@ -109,17 +112,18 @@ struct TurnV1 {
     assistant: String,
 }
 
-/// What a line records: `{"v":3,"xxh3":"<16 hex>","turn":{...}}` or
-/// `{"v":3,"xxh3":"<16 hex>","deleted":N}`, where `xxh3` is the xxh3-64 of the compact JSON of
-/// the `turn` object or of the number `N`, as serde_json writes it.
-#[derive(Serialize)]
+/// What a line records: `{"v":4,"xxh3":"<16 hex>","turn":{...}}` or
+/// `{"v":4,"xxh3":"<16 hex>","deleted":N}`, where `xxh3` is the xxh3-64 of the bytes of the
+/// `turn` object or of the number `N` exactly as they appear in the line. Fields this build
+/// does not know, in the line or in the turn, are ignored.
+#[derive(Serialize, Deserialize)]
 struct Line<'a> {
     v: u64,
     xxh3: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    turn: Option<&'a Turn>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    deleted: Option<u64>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    turn: Option<&'a RawValue>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    deleted: Option<&'a RawValue>,
 }
 
 /// A torn last line that was cut off while reading a transcript.
@@ -161,29 +165,17 @@ fn encode_err(e: serde_json::Error) -> PoolError {
 }
 
 pub(crate) fn encode_line(entry: &Entry) -> Result<Vec<u8>> {
-    let (body, line) = match entry {
-        Entry::Turn(turn) => (
-            serde_json::to_vec(turn).map_err(encode_err)?,
-            Line {
-                v: TRANSCRIPT_VERSION,
-                xxh3: String::new(),
-                turn: Some(turn),
-                deleted: None,
-            },
-        ),
-        Entry::Deleted(index) => (
-            serde_json::to_vec(index).map_err(encode_err)?,
-            Line {
-                v: TRANSCRIPT_VERSION,
-                xxh3: String::new(),
-                turn: None,
-                deleted: Some(*index),
-            },
-        ),
-    };
+    let body = match entry {
+        Entry::Turn(turn) => serde_json::value::to_raw_value(turn),
+        Entry::Deleted(index) => serde_json::value::to_raw_value(index),
+    }
+    .map_err(encode_err)?;
+    let is_turn = matches!(entry, Entry::Turn(_));
     let line = Line {
-        xxh3: checksum(&body),
-        ..line
+        v: TRANSCRIPT_VERSION,
+        xxh3: checksum(body.get().as_bytes()),
+        turn: is_turn.then_some(&*body),
+        deleted: (!is_turn).then_some(&*body),
     };
     // serde_json escapes control characters inside strings: the only newline is this one.
     let mut out = serde_json::to_vec(&line).map_err(encode_err)?;
@@ -214,17 +206,35 @@ fn decode_line(path: &Path, number: usize, bytes: &[u8], next_index: u64) -> Res
         .get("xxh3")
         .and_then(|v| v.as_str())
         .ok_or_else(|| bad("no checksum".into()))?;
-    let verify = |body: Vec<u8>| {
-        if checksum(&body) == xxh3 {
+    let verify = |body: &[u8]| {
+        if checksum(body) == xxh3 {
             Ok(())
         } else {
             Err(bad("checksum mismatch".into()))
         }
     };
     let field = |name: &str| value.get(name).cloned().unwrap_or(serde_json::Value::Null);
-    let entry = if version == 1 {
+    let entry = if version >= 4 {
+        let line: Line = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        match (line.turn, line.deleted) {
+            (Some(turn), None) => {
+                verify(turn.get().as_bytes())?;
+                Entry::Turn(serde_json::from_str(turn.get()).map_err(|e| bad(e.to_string()))?)
+            }
+            (None, Some(deleted)) => {
+                verify(deleted.get().as_bytes())?;
+                let index: u64 = serde_json::from_str(deleted.get())
+                    .map_err(|_| bad("deleted is not a turn index".into()))?;
+                if index >= next_index {
+                    return Err(bad(format!("deletes turn {index}, which does not exist")));
+                }
+                return Ok(Entry::Deleted(index));
+            }
+            _ => return Err(bad("a line holds exactly one of turn and deleted".into())),
+        }
+    } else if version == 1 {
         let old: TurnV1 = serde_json::from_value(field("turn")).map_err(|e| bad(e.to_string()))?;
-        verify(serde_json::to_vec(&old).map_err(|e| bad(e.to_string()))?)?;
+        verify(&serde_json::to_vec(&old).map_err(|e| bad(e.to_string()))?)?;
         Entry::Turn(Turn {
             index: old.index,
             unix_ms: old.unix_ms,
@@ -242,14 +252,14 @@ fn decode_line(path: &Path, number: usize, bytes: &[u8], next_index: u64) -> Res
         let index = deleted
             .as_u64()
             .ok_or_else(|| bad("deleted is not a turn index".into()))?;
-        verify(serde_json::to_vec(&index).map_err(|e| bad(e.to_string()))?)?;
+        verify(&serde_json::to_vec(&index).map_err(|e| bad(e.to_string()))?)?;
         if index >= next_index {
             return Err(bad(format!("deletes turn {index}, which does not exist")));
         }
         return Ok(Entry::Deleted(index));
     } else {
         let turn: Turn = serde_json::from_value(field("turn")).map_err(|e| bad(e.to_string()))?;
-        verify(serde_json::to_vec(&turn).map_err(|e| bad(e.to_string()))?)?;
+        verify(&serde_json::to_vec(&turn).map_err(|e| bad(e.to_string()))?)?;
         Entry::Turn(turn)
     };
     let Entry::Turn(turn) = &entry else {
@@ -584,6 +594,34 @@ mod tests {
         fs::write(&path, v2).unwrap();
         let (t, repair) = Transcript::read(&path).unwrap();
         assert_eq!((t.turns, repair), (vec![old], None));
+    }
+
+    #[test]
+    fn unknown_fields_and_other_spacing_are_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(TRANSCRIPT_FILE);
+        let mut body = serde_json::to_value(turn(0)).unwrap();
+        body["tool_state"] = serde_json::json!({"open_files": ["a.rs"], "score": 0.5});
+        body["input"][0]["name"] = "ignored too".into();
+        let body = serde_json::to_string_pretty(&body)
+            .unwrap()
+            .replace('\n', " ");
+        let line = |body: &str| {
+            format!(
+                r#"{{"v":4,"host":"b","xxh3":"{}","turn":{body}}}"#,
+                checksum(body.as_bytes())
+            )
+        };
+        fs::write(&path, line(&body) + "\n").unwrap();
+        let (t, repair) = Transcript::read(&path).unwrap();
+        assert_eq!((t.turns, repair), (vec![turn(0)], None));
+        // The checksum covers those bytes: a changed one is damage.
+        let damaged = line(&body).replace("a.rs", "b.rs");
+        fs::write(&path, damaged + "\n").unwrap();
+        assert!(matches!(
+            Transcript::read(&path),
+            Err(PoolError::CorruptTranscript { line: 1, .. })
+        ));
     }
 
     #[test]
