@@ -84,6 +84,9 @@ pub(crate) const MODELS: [&ModelSource; 2] = [&SMOLLM2, &GEMMA3_270M];
 /// The openai package `tests/openai/client_test.py` runs with (pinned, so that a new release
 /// changes what CI checks only through a commit here).
 const OPENAI_PACKAGE: &str = "openai==1.109.1";
+/// What tests/format/python_store.py needs to write and check kv-store files from the format's
+/// description alone.
+const FORMAT_PACKAGES: [&str; 3] = ["safetensors==0.8.0", "numpy==2.4.6", "xxhash==4.1.0"];
 
 /// Crates that would make kv-store an ML library; `cargo xtask ci` fails if it reaches one.
 const TENSOR_FRAMEWORKS: &[&str] = &[
@@ -108,8 +111,9 @@ commands:
                 smollm2 (the default: SmolLM2-135M-Instruct, Q4_1) or gemma3-270m (Gemma 3
                 270M base, Q4_K_M; Google's Gemma terms of use apply). Any other GGUF works
                 with --model PATH without fetching
-  ci            everything CI checks: both models, fmt, clippy -D warnings, tests, the openai
-                client test, docs, and the layering check
+  ci            everything CI checks: both models, fmt, clippy -D warnings, tests (with
+                Python's safetensors, numpy and xxhash in target/format-venv for the format's
+                interoperability test), the openai client test, docs, and the layering check
   openai-test   the official openai Python package (pinned, installed into target/openai-venv
                 on first use) drives `agentkv serve`: chat and responses across a kill -9 and
                 restart, checked bit for bit against an uninterrupted server
@@ -376,7 +380,13 @@ fn ci() -> Result<()> {
             "warnings",
         ]),
     )?;
-    run_step("test", cargo_test().arg("--workspace"))?;
+    let format_python = format_python()?;
+    run_step(
+        "test",
+        cargo_test()
+            .arg("--workspace")
+            .env("AGENTKV_FORMAT_PYTHON", format_python),
+    )?;
     // Once more with the portable kernels forced: the code a machine without AVX2 (or another
     // architecture) runs, which the default run above does not reach on an x86 CI machine.
     run_step(
@@ -394,6 +404,39 @@ fn ci() -> Result<()> {
     )?;
     eprintln!("ci: all checks passed");
     Ok(())
+}
+
+/// The Python of target/format-venv, with [`FORMAT_PACKAGES`]: tests/kv_store_python.rs runs
+/// tests/format/python_store.py with it.
+fn format_python() -> Result<PathBuf> {
+    let root = project_root();
+    let stamp = FORMAT_PACKAGES.join(" ");
+    let venv = venv::Venv {
+        dir: root.join("target/format-venv"),
+        module: "safetensors.numpy, xxhash",
+        stamp: &stamp,
+        stamp_file: "agentkv-requirement",
+    };
+    venv.python(|python| {
+        run_step(
+            &format!("pip install {stamp}"),
+            Command::new(python)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(FORMAT_PACKAGES),
+        )
+        .with_context(|| {
+            format!(
+                "installing {stamp} into {}: check that PyPI is reachable",
+                venv.dir.display()
+            )
+        })
+    })
 }
 
 /// `tests/openai/client_test.py`: the openai Python package against `agentkv serve` processes
