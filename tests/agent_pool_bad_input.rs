@@ -1,7 +1,7 @@
 //! agent-pool given bad input and damaged files: invalid ids, duplicates, unknown agents,
 //! torn and corrupt transcripts, damaged caches, caches of another model, a damaged agent
-//! file, a second pool on one directory. Clear errors or documented recovery; never a panic,
-//! never a lost turn.
+//! file, a second pool on one directory, files with fields a newer build added. Clear errors
+//! or documented recovery; never a panic, never a lost turn.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -353,6 +353,100 @@ fn cache_of_another_model_is_rebuilt_with_the_current_one() {
     // Saved under the new model: it loads again with it.
     let pool = open_with(dir.path(), other);
     assert!(pool.load_agent("a").expect("load").resumed_from_disk);
+}
+
+fn xxh3_hex(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+/// Adds a member `extra` to the object at `key` of the JSON `text` and to the object itself,
+/// and rewrites `checksum_key` as the xxh3-64 of that body's new bytes (as a newer build that
+/// adds fields writes them).
+fn add_fields(text: &str, key: &str, checksum_key: &str) -> String {
+    let mut file: serde_json::Value = serde_json::from_str(text).expect("json");
+    let mut body = file[key].take();
+    body["from_a_newer_build"] = serde_json::json!({"list": [1, 2.5, "x"]});
+    let body = serde_json::to_string(&body).expect("encode");
+    file[checksum_key] = xxh3_hex(body.as_bytes()).into();
+    file["from_a_newer_build"] = true.into();
+    file[key] = serde_json::Value::Null;
+    // The body's bytes go in as written: re-encoding them could change what the checksum
+    // covers.
+    let mut out = serde_json::to_string(&file).expect("encode");
+    let null = format!(r#""{key}":null"#);
+    out = out.replace(&null, &format!(r#""{key}":{body}"#));
+    out
+}
+
+#[test]
+fn files_with_fields_this_build_does_not_know_resume_and_are_kept() {
+    // A newer build added fields to every file: agent.json, each transcript line, the
+    // manifest, the segments. This build reads them as they are, resumes the cache from disk,
+    // and leaves what it does not rewrite byte for byte.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let turns = agent_with_two_turns(dir.path(), "a");
+    let agent_file = dir.path().join("agents/a/agent.json");
+    let text = fs::read_to_string(&agent_file).expect("read");
+    fs::write(&agent_file, add_fields(&text, "agent", "checksum")).expect("write");
+    let transcript = transcript_path(dir.path(), "a");
+    let lines: Vec<String> = fs::read_to_string(&transcript)
+        .expect("read")
+        .lines()
+        .map(|l| add_fields(l, "turn", "xxh3") + "\n")
+        .collect();
+    fs::write(&transcript, lines.concat()).expect("write");
+    let manifest = dir.path().join("kv/manifests/a.json");
+    let text = fs::read_to_string(&manifest).expect("read");
+    fs::write(&manifest, add_fields(&text, "body", "checksum")).expect("write");
+    let store = kv_store::Store::open(&dir.path().join("kv")).expect("store");
+    let chain = store.manifest("a").expect("read").expect("saved").segments;
+    for s in &chain {
+        kv_store::testing::edit_segment_header(&store.segment_path(&s.id), |h| {
+            h["from_a_newer_build"] = "yes".into();
+        });
+    }
+    let before: Vec<Vec<u8>> = [agent_file.clone(), transcript.clone()]
+        .into_iter()
+        .chain(chain.iter().map(|s| store.segment_path(&s.id)))
+        .map(|p| fs::read(p).expect("read"))
+        .collect();
+
+    let pool = open(dir.path());
+    assert_eq!(pairs(&pool, "a"), turns);
+    let reply = say(&pool, "a", "third");
+    assert!(reply.resumed_from_disk, "{reply:?}");
+    assert!(reply.rebuilt.is_none() && reply.transcript_repair.is_none());
+    assert_eq!(
+        reply.text,
+        FakeBackend::default().expected_reply(SYSTEM, &turns, "third", MAX_TOKENS)
+    );
+    // As much of the prompt reused as from files without those fields.
+    let control = tempfile::tempdir().expect("tempdir");
+    agent_with_two_turns(control.path(), "a");
+    let unchanged = say(&open(control.path()), "a", "third");
+    assert!(unchanged.resumed_from_disk && unchanged.reused_tokens > 0);
+    assert_eq!(
+        (reply.prompt_tokens, reply.reused_tokens),
+        (unchanged.prompt_tokens, unchanged.reused_tokens)
+    );
+    drop(pool);
+
+    // agent.json and the segments as they were; the transcript grew by one line after the
+    // old ones; the manifest, rewritten by the save, still has the newer build's field.
+    let after: Vec<Vec<u8>> = [agent_file, transcript]
+        .into_iter()
+        .chain(chain.iter().map(|s| store.segment_path(&s.id)))
+        .map(|p| fs::read(p).expect("read"))
+        .collect();
+    assert_eq!(after[0], before[0]);
+    assert!(after[1].starts_with(&before[1]) && after[1].len() > before[1].len());
+    assert_eq!(after[2..], before[2..]);
+    let kept = store.manifest("a").expect("read").expect("saved");
+    assert_eq!(kept.unknown["from_a_newer_build"]["list"][1], 2.5);
+    assert!(kept.segments.starts_with(&chain));
+    let pool = open(dir.path());
+    assert!(pool.load_agent("a").expect("load").resumed_from_disk);
+    assert_eq!(pool.transcript("a").expect("transcript").len(), 3);
 }
 
 #[test]

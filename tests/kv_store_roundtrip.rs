@@ -6,7 +6,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use kv_store::testing::meta;
+use kv_store::testing::{edit_segment_header, meta};
 use kv_store::{
     CacheMeta, Error, KvDtype, KvKind, KvSource, Manifest, ReadMode, Segment, Step, Store,
 };
@@ -394,24 +394,6 @@ fn newer_versions_are_refused_by_name() {
         store.save("a", &fake.meta, &fake),
         Err(Error::UnsupportedVersion { .. })
     ));
-}
-
-/// Rewrites the agentkv header of the segment file at `path` with `edit` applied to its JSON,
-/// keeping the tensors' bytes: what a writer that adds fields to the header would produce.
-fn edit_segment_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut st: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let text = st["__metadata__"]["agentkv"].as_str().unwrap().to_owned();
-    let mut header: serde_json::Value = serde_json::from_str(&text).unwrap();
-    edit(&mut header);
-    st["__metadata__"]["agentkv"] = serde_json::Value::String(header.to_string());
-    let mut st = serde_json::to_vec(&st).unwrap();
-    st.resize(st.len().next_multiple_of(8), b' ');
-    let mut out = (st.len() as u64).to_le_bytes().to_vec();
-    out.extend(st);
-    out.extend(&bytes[8 + n..]);
-    std::fs::write(path, out).unwrap();
 }
 
 /// Writes a version 2 manifest at `path` whose body is `body`'s bytes as given, with the
