@@ -441,6 +441,14 @@ impl Segment {
         Ok(segment)
     }
 
+    /// The whole file's bytes, once validated (a mapped segment is copied).
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self.bytes {
+            Bytes::Owned(v) => v,
+            Bytes::Mapped(m) => m.to_vec(),
+        }
+    }
+
     pub(crate) fn header(&self) -> &SegmentHeader {
         &self.header
     }

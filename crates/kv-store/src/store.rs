@@ -484,6 +484,52 @@ impl Store {
         Ok(removed)
     }
 
+    /// The bytes of segment `id`'s file, verified as a load verifies them (structure,
+    /// checksums, id): what another store can [`Store::import_segment`].
+    pub fn segment_bytes(&self, id: &SegmentId) -> Result<Vec<u8>> {
+        let path = self.segment_path(id);
+        let _lock = self.lock(false)?;
+        let bytes = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        let seg = Segment::from_bytes(&path, bytes)?;
+        if seg.id() != id {
+            return Err(Error::bad_metadata(
+                &path,
+                format!("its header says segment {}", seg.id()),
+            ));
+        }
+        Ok(seg.into_bytes())
+    }
+
+    /// Stores the segment file `bytes` (from another store) as segment `id`, after verifying
+    /// them as a load does: structure, checksums, and that their content is segment `id`.
+    /// Returns whether a file was written (`false`: the segment was already here). Bytes
+    /// that fail are an error and leave nothing behind.
+    pub fn import_segment(&self, id: &SegmentId, bytes: Vec<u8>) -> Result<bool> {
+        let path = self.segment_path(id);
+        let seg = Segment::from_bytes(&path, bytes)?;
+        if seg.id() != id {
+            return Err(Error::bad_metadata(
+                &path,
+                format!("its content is segment {}, not {id}", seg.id()),
+            ));
+        }
+        let _lock = self.lock(true)?;
+        if path.exists() {
+            return Ok(false);
+        }
+        let bytes = seg.into_bytes();
+        let steps = [
+            Step::SegmentWritten,
+            Step::SegmentSynced,
+            Step::SegmentRenamed,
+        ];
+        commit_file(&path, steps, |file, tmp| {
+            file.write_all(&bytes)
+                .map_err(|e| Error::io("write", tmp, e))
+        })?;
+        Ok(true)
+    }
+
     /// Removes the cache `name` (its manifest). Its segments stay until [`Store::gc`], since
     /// other caches may share them. Returns whether the cache existed.
     pub fn delete(&self, name: &str) -> Result<bool> {
