@@ -1,0 +1,250 @@
+//! Test support (the `testing` feature): a real Garage cluster on loopback ports, started as
+//! external `garage` processes and stopped when dropped. `cargo xtask ci` installs Garage
+//! once per machine and names the binary in [`GARAGE_ENV`].
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The environment variable naming the `garage` binary.
+pub const GARAGE_ENV: &str = "AGENTKV_GARAGE";
+/// Set (as `cargo xtask ci` does) to make a missing Garage fail the tests that need it.
+pub const REQUIRE_ENV: &str = "AGENTKV_REQUIRE_MODEL";
+/// The bucket every cluster has.
+pub const BUCKET: &str = "agentkv";
+
+/// The `garage` binary: [`GARAGE_ENV`], else `garage` in `$CARGO_HOME/bin` (where `cargo
+/// install garage` puts it). When there is none this panics under [`REQUIRE_ENV`] and
+/// otherwise warns on the terminal that the calling test did not run and returns `None`.
+pub fn garage_binary() -> Option<PathBuf> {
+    let found = std::env::var_os(GARAGE_ENV).map(PathBuf::from).or_else(|| {
+        let home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
+        Some(home.join("bin/garage")).filter(|p| p.exists())
+    });
+    if found.is_some() {
+        return found;
+    }
+    let fix = "run `cargo install garage --locked --version 2.5.0` (or `cargo xtask ci`, which \
+               does), or set AGENTKV_GARAGE to the binary";
+    assert!(
+        std::env::var_os(REQUIRE_ENV).is_none(),
+        "Garage is missing; {fix}"
+    );
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    let _ = writeln!(
+        std::io::stderr(),
+        "warning: {test} did not run: Garage is missing; {fix}"
+    );
+    None
+}
+
+struct Node {
+    config: PathBuf,
+    s3_port: u16,
+    child: Option<Child>,
+}
+
+/// A Garage cluster of a few nodes on loopback ports, replication factor 3 (or the node
+/// count when smaller), with bucket [`BUCKET`] and one key allowed to read and write it.
+pub struct Garage {
+    binary: PathBuf,
+    nodes: Vec<Node>,
+    /// The key's id.
+    pub key_id: String,
+    /// The key's secret.
+    pub secret: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn random_hex(bytes: usize) -> String {
+    use std::hash::{BuildHasher, RandomState};
+    (0..bytes.div_ceil(8))
+        .map(|i| format!("{:016x}", RandomState::new().hash_one(i)))
+        .collect::<String>()[..bytes * 2]
+        .to_owned()
+}
+
+impl Garage {
+    /// Starts `n` nodes with their data under `dir`, connects them, applies a layout and
+    /// creates the bucket and key. Panics (it is test support) with Garage's output when a
+    /// step fails.
+    pub fn start(binary: &Path, dir: &Path, n: usize) -> Garage {
+        let secret = random_hex(32);
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let node_dir = dir.join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let (rpc, s3) = (free_port(), free_port());
+            let config = node_dir.join("garage.toml");
+            let text = format!(
+                "metadata_dir = \"{meta}\"\n\
+                 data_dir = \"{data}\"\n\
+                 db_engine = \"sqlite\"\n\
+                 replication_factor = {rf}\n\
+                 rpc_secret = \"{secret}\"\n\
+                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+                 rpc_public_addr = \"127.0.0.1:{rpc}\"\n\
+                 allow_world_readable_secrets = true\n\
+                 [s3_api]\n\
+                 s3_region = \"garage\"\n\
+                 api_bind_addr = \"127.0.0.1:{s3}\"\n",
+                meta = node_dir.join("meta").display(),
+                data = node_dir.join("data").display(),
+                rf = n.min(3),
+            );
+            std::fs::write(&config, text).expect("write the node's config");
+            nodes.push(Node {
+                config,
+                s3_port: s3,
+                child: None,
+            });
+        }
+        let mut garage = Garage {
+            binary: binary.to_owned(),
+            nodes,
+            key_id: String::new(),
+            secret: String::new(),
+        };
+        for i in 0..n {
+            garage.start_node(i);
+        }
+        let ids: Vec<String> = (0..n).map(|i| garage.node_id(i)).collect();
+        for id in &ids[1..] {
+            garage.cli(0, &["node", "connect", id]);
+        }
+        for id in &ids {
+            let short = &id[..16];
+            garage.cli(0, &["layout", "assign", "-z", "dc1", "-c", "1G", short]);
+        }
+        garage.cli(0, &["layout", "apply", "--version", "1"]);
+        garage.cli(0, &["bucket", "create", BUCKET]);
+        let out = garage.cli(0, &["key", "create", "agentkv-test"]);
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_else(|| panic!("no {name:?} in `garage key create`: {out}"))
+        };
+        garage.key_id = field("Key ID:");
+        garage.secret = field("Secret key:");
+        garage.cli(
+            0,
+            &[
+                "bucket",
+                "allow",
+                "--read",
+                "--write",
+                "--owner",
+                BUCKET,
+                "--key",
+                "agentkv-test",
+            ],
+        );
+        garage
+    }
+
+    /// Starts node `i` again (or for the first time) and waits until it answers.
+    pub fn start_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        assert!(node.child.is_none(), "node {i} is running");
+        let log = std::fs::File::create(node.config.with_file_name("log")).expect("log file");
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&node.config)
+            .arg("server")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("start garage");
+        node.child = Some(child);
+        self.node_id(i);
+    }
+
+    /// Kills node `i` (SIGKILL: as a crash or a pulled cable looks to the others).
+    pub fn stop_node(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Node `i`'s id with its RPC address, waiting up to 30 s for the node to answer.
+    fn node_id(&self, i: usize) -> String {
+        let started = Instant::now();
+        loop {
+            let out = Command::new(&self.binary)
+                .arg("-c")
+                .arg(&self.nodes[i].config)
+                .args(["node", "id", "-q"])
+                .output()
+                .expect("run garage");
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "garage node {i} did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `garage` against node `i` with `args`; returns its standard output.
+    fn cli(&self, i: usize, args: &[&str]) -> String {
+        let out = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&self.nodes[i].config)
+            .args(args)
+            .output()
+            .expect("run garage");
+        assert!(
+            out.status.success(),
+            "garage {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The S3 endpoint of node `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.nodes[i].s3_port)
+    }
+
+    /// The options that make [`crate::Remote::open`] talk to node `i` with the cluster's key.
+    pub fn options(&self, i: usize) -> Vec<(&'static str, String)> {
+        vec![
+            ("aws_endpoint", self.endpoint(i)),
+            ("aws_access_key_id", self.key_id.clone()),
+            ("aws_secret_access_key", self.secret.clone()),
+            ("aws_region", "garage".to_owned()),
+        ]
+    }
+
+    /// A [`crate::Remote`] on `s3://agentkv/<prefix>` through node `i`.
+    pub fn remote(&self, i: usize, prefix: &str) -> crate::Remote {
+        let options = self.options(i);
+        let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        crate::Remote::open(&format!("s3://{BUCKET}/{prefix}"), &options).expect("open remote")
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop_node(i);
+        }
+    }
+}
