@@ -84,6 +84,9 @@ pub(crate) const MODELS: [&ModelSource; 2] = [&SMOLLM2, &GEMMA3_270M];
 /// The openai package `tests/openai/client_test.py` runs with (pinned, so that a new release
 /// changes what CI checks only through a commit here).
 const OPENAI_PACKAGE: &str = "openai==1.109.1";
+/// The Garage release the remote tier's tests run as their object store (`cargo install`ed once
+/// per machine, into cargo's own bin directory, outside the clone).
+const GARAGE_VERSION: &str = "2.5.0";
 /// What tests/format/python_store.py needs to write and check kv-store files from the format's
 /// description alone.
 const FORMAT_PACKAGES: [&str; 3] = ["safetensors==0.8.0", "numpy==2.4.6", "xxhash==4.1.0"];
@@ -113,7 +116,9 @@ commands:
                 with --model PATH without fetching
   ci            everything CI checks: both models, fmt, clippy -D warnings, tests (with
                 Python's safetensors, numpy and xxhash in target/format-venv for the format's
-                interoperability test), the openai client test, docs, and the layering check
+                interoperability test, and Garage 2.5.0 for the remote tier's, installed
+                with cargo install once per machine: ~17 minutes the first time), the
+                openai client test, docs, and the layering check
   openai-test   the official openai Python package (pinned, installed into target/openai-venv
                 on first use) drives `agentkv serve`: chat and responses across a kill -9 and
                 restart, checked bit for bit against an uninterrupted server
@@ -381,11 +386,13 @@ fn ci() -> Result<()> {
         ]),
     )?;
     let format_python = format_python()?;
+    let garage = garage()?;
     run_step(
         "test",
         cargo_test()
             .arg("--workspace")
-            .env("AGENTKV_FORMAT_PYTHON", format_python),
+            .env("AGENTKV_FORMAT_PYTHON", format_python)
+            .env("AGENTKV_GARAGE", garage),
     )?;
     // Once more with the portable kernels forced: the code a machine without AVX2 (or another
     // architecture) runs, which the default run above does not reach on an x86 CI machine.
@@ -404,6 +411,60 @@ fn ci() -> Result<()> {
     )?;
     eprintln!("ci: all checks passed");
     Ok(())
+}
+
+/// The `garage` binary for the remote tier's tests: `AGENTKV_GARAGE` if set, else
+/// `$CARGO_HOME/bin/garage`, installed there with `cargo install` when it is missing or not
+/// [`GARAGE_VERSION`] (once per machine: about 17 minutes on 2 cores).
+fn garage() -> Result<PathBuf> {
+    let path = match std::env::var_os("AGENTKV_GARAGE") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let cargo_home = std::env::var_os("CARGO_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+                .context(
+                    "neither CARGO_HOME nor HOME is set: set AGENTKV_GARAGE to a garage binary",
+                )?;
+            cargo_home.join("bin/garage")
+        }
+    };
+    let version = |path: &Path| {
+        Command::new(path)
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let wanted = |v: &str| v.split([' ', ':']).any(|w| w == GARAGE_VERSION);
+    if version(&path).is_some_and(|v| wanted(&v)) {
+        return Ok(path);
+    }
+    if std::env::var_os("AGENTKV_GARAGE").is_some() {
+        bail!(
+            "AGENTKV_GARAGE names {}, which is not Garage {GARAGE_VERSION}: unset it to let \
+             xtask install that version",
+            path.display()
+        );
+    }
+    eprintln!(
+        "Garage {GARAGE_VERSION} (the object store of the remote tier's tests) is not installed: \
+         building it with cargo install, once per machine (about 17 minutes on 2 cores)"
+    );
+    run_step(
+        &format!("cargo install garage {GARAGE_VERSION}"),
+        cargo().args(["install", "garage", "--locked", "--version", GARAGE_VERSION]),
+    )
+    .context("installing Garage: check that crates.io is reachable")?;
+    match version(&path) {
+        Some(v) if wanted(&v) => Ok(path),
+        other => bail!(
+            "cargo install garage finished but {} says {other:?}; is another cargo bin directory \
+             first? set AGENTKV_GARAGE to the installed binary",
+            path.display()
+        ),
+    }
 }
 
 /// The Python of target/format-venv, with [`FORMAT_PACKAGES`]: tests/kv_store_python.rs runs
