@@ -235,3 +235,96 @@ fn bad_urls_are_clear_errors() {
     let err = kv_remote::Remote::open("s3://b", &[("no_such_option", "1")]).unwrap_err();
     assert!(err.to_string().contains("no_such_option"), "{err}");
 }
+
+fn value(host: &str, n: u64) -> String {
+    format!(r#"{{"host":"{host}","nonce":{n},"turn":"the turn {host} added at {n}"}}"#)
+}
+
+#[test]
+fn two_hosts_advancing_one_agent_at_once_never_both_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(garage) = cluster(dir.path()) else {
+        return;
+    };
+    let (a, b) = (garage.remote(0, "shared"), garage.remote(2, "shared"));
+    let reader = garage.remote(1, "shared");
+    let mut wins = [0, 0];
+    for generation in 1..=20u64 {
+        // Both start the same generation at the same moment, through different nodes.
+        let barrier = std::sync::Barrier::new(2);
+        let (da, db) = std::thread::scope(|s| {
+            let ta = s.spawn(|| {
+                barrier.wait();
+                a.propose("agent", generation, "host-a", &value("a", generation))
+            });
+            let tb = s.spawn(|| {
+                barrier.wait();
+                b.propose("agent", generation, "host-b", &value("b", generation))
+            });
+            (ta.join().unwrap().unwrap(), tb.join().unwrap().unwrap())
+        });
+        let decided = reader.decided("agent", generation).unwrap().unwrap();
+        match (&da, &db) {
+            (kv_remote::Decision::Won, kv_remote::Decision::Lost { winner }) => {
+                assert_eq!(*winner, value("a", generation));
+                assert_eq!(decided, value("a", generation));
+                wins[0] += 1;
+            }
+            (kv_remote::Decision::Lost { winner }, kv_remote::Decision::Won) => {
+                assert_eq!(*winner, value("b", generation));
+                assert_eq!(decided, value("b", generation));
+                wins[1] += 1;
+            }
+            other => panic!("generation {generation}: {other:?}"),
+        }
+    }
+    eprintln!("wins of host a and host b over 20 races: {wins:?}");
+    assert_eq!(reader.latest("agent", 0).unwrap().map(|(g, _)| g), Some(20));
+    // A host behind the others learns the newer value instead of overwriting it.
+    let late = a.propose("agent", 7, "host-c", &value("c", 7)).unwrap();
+    let seventh = reader.decided("agent", 7).unwrap().unwrap();
+    assert_eq!(late, kv_remote::Decision::Lost { winner: seventh });
+}
+
+#[test]
+fn a_proposer_that_stopped_half_way_is_completed_or_overruled() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(garage) = cluster(dir.path()) else {
+        return;
+    };
+    let a = garage.remote(0, "");
+    let block = |generation: u64, json: &str| {
+        let name = format!("heads/agent/{generation:020}/host-c");
+        a.put_raw(&name, json.as_bytes().to_vec()).unwrap();
+    };
+    // Host c accepted its value and stopped before recording the decision: the value may
+    // have been decided, so a later proposer completes it.
+    let c1 = value("c", 1);
+    block(
+        1,
+        &format!(r#"{{"mbal":[1,"host-c"],"bal":[1,"host-c"],"value":{c1}}}"#),
+    );
+    assert_eq!(a.decided("agent", 1).unwrap(), None);
+    assert_eq!(
+        a.propose("agent", 1, "host-a", &value("a", 1)).unwrap(),
+        kv_remote::Decision::Lost { winner: c1.clone() }
+    );
+    assert_eq!(a.decided("agent", 1).unwrap(), Some(c1));
+    // Host c only announced a ballot (a high one): nothing can have been decided, and a
+    // proposer wins with a higher ballot.
+    block(2, r#"{"mbal":[7,"host-c"],"bal":null,"value":null}"#);
+    assert_eq!(
+        a.propose("agent", 2, "host-a", &value("a", 2)).unwrap(),
+        kv_remote::Decision::Won
+    );
+    assert_eq!(a.latest("agent", 0).unwrap(), Some((2, value("a", 2))));
+    // A block that is not what the protocol writes is an error, not a vote to ignore.
+    block(3, "{not json");
+    let err = a.propose("agent", 3, "host-a", &value("a", 3)).unwrap_err();
+    assert!(matches!(err, Error::Head { .. }), "{err}");
+    // Bad names are refused before anything is written.
+    assert!(a.propose("../x", 1, "host-a", "{}").is_err());
+    assert!(a.propose("agent", 4, "Host A", "{}").is_err());
+    assert!(a.propose("agent", 4, "host-a", "not json").is_err());
+    assert_eq!(a.decided("agent", 4).unwrap(), None);
+}

@@ -25,9 +25,12 @@ use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
+mod heads;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
+
+pub use heads::Decision;
 
 /// Everything that can go wrong in the remote tier. Each message says what happened and what
 /// to do next; the local store is never changed by a failed remote operation.
@@ -71,6 +74,30 @@ pub enum Error {
         /// What the verification found.
         #[source]
         source: kv_store::Error,
+    },
+    /// An object of an agent's head is not what the protocol wrote.
+    #[error(
+        "the remote head object {key} is damaged: {detail}; agentkv wrote no such object; \
+         remove it only if no host is advancing that agent"
+    )]
+    Head {
+        /// The object's key.
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Other hosts kept interrupting a proposal.
+    #[error(
+        "could not commit generation {generation} of agent {name:?}: other hosts kept \
+         advancing it ({attempts} attempts); try the turn again"
+    )]
+    Contended {
+        /// The agent.
+        name: String,
+        /// The generation being decided.
+        generation: u64,
+        /// Attempts made.
+        attempts: u32,
     },
     /// The local store failed.
     #[error(transparent)]
