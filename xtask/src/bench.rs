@@ -21,9 +21,10 @@ use crate::{MODELS, ModelSource, SMOLLM2, cargo, fetch, project_root, run_step};
 mod engine;
 mod kv_quality;
 mod serve;
+mod store;
 
 const USAGE: &str = "\
-usage: cargo xtask bench [--only criterion|engine|resume|kv-quality[,...]|serve] [--no-criterion]
+usage: cargo xtask bench [--only criterion|engine|resume|kv-quality|store[,...]|serve] [--no-criterion]
                          [--no-engine] [--no-resume] [--model NAME] [--requantize TYPE]
                          [--peer llama.cpp]
                          [--histories 512,2048,4096]
@@ -34,7 +35,8 @@ usage: cargo xtask bench [--only criterion|engine|resume|kv-quality[,...]|serve]
              the default, or gemma3-270m), fetched first if need be
   --requantize  run on the model requantized to TYPE (q4_k_m, q6_k, q8_0, ...) by llama.cpp's
              own quantizer in target/peer-venv (made once, in target/bench/models)
-  criterion  kv-store vs plain file I/O (cargo bench -p agentkv-benches)
+  criterion  kv-store vs plain file I/O, and each GGUF block type's matmul against Q4_1
+             (cargo bench -p agentkv-benches --bench kv_store --bench quant)
   engine     prefill / decode tok/s, resume and re-prefill TTFT at --histories (bench_speed),
              --repeats runs (at least 3; median, min, max); with --peer, llama.cpp's runs
              (flash attention off and on, the faster kept per figure) alternate with ours;
@@ -49,6 +51,11 @@ usage: cargo xtask bench [--only criterion|engine|resume|kv-quality[,...]|serve]
              /usr/share/common-licenses/GPL-3): KL of the next-token distributions,
              top-1 agreement, greedy agreement after a save and load at 4 cuts; table in
              target/bench/kv-quality.md. About 5 minutes on two cores for llama.cpp alone
+  store      only when --only names it: the remote tier on a 3-node Garage cluster (installed
+             as for `cargo xtask ci`) against plain object_store PUT and GET of the same
+             bytes, segments of a SmolLM2-shaped f16 cache at --histories (default here
+             1024,4096,16384), --repeats alternated runs; and the bytes 20 agents sharing a
+             system prompt store against the ideal; table in target/bench/store.md
   serve      multi-round conversations against agentkv serve and llama.cpp's server, both
              restarted mid-way; runs alone (`cargo xtask bench --only serve --help`)
   Everything that ran is summarized in target/bench/report.md.";
@@ -73,6 +80,11 @@ struct Options {
     kv_quality: bool,
     /// kv-quality's held-out text.
     text: Option<PathBuf>,
+    /// The remote tier against plain object_store: never part of the default set, it needs
+    /// Garage (a ~17-minute build on first use).
+    store: bool,
+    /// Whether --histories was given (the store bench has its own default).
+    histories_given: bool,
     resume_histories: String,
     resume_repeats: String,
     criterion_args: Vec<String>,
@@ -91,6 +103,8 @@ fn parse(args: &[String]) -> Result<Options> {
         resume: true,
         kv_quality: false,
         text: None,
+        store: false,
+        histories_given: false,
         resume_histories: "256,1024,2048,4096".into(),
         resume_repeats: "3".into(),
         criterion_args: Vec::new(),
@@ -124,7 +138,10 @@ fn parse(args: &[String]) -> Result<Options> {
                     })?;
             }
             "--requantize" => o.requantize = Some(value("--requantize")?),
-            "--histories" => o.histories = value("--histories")?,
+            "--histories" => {
+                o.histories = value("--histories")?;
+                o.histories_given = true;
+            }
             "--decode" => o.decode = value("--decode")?,
             "--repeats" => {
                 let v = value("--repeats")?;
@@ -141,15 +158,17 @@ fn parse(args: &[String]) -> Result<Options> {
             "--no-resume" => o.resume = false,
             "--only" => {
                 let only = value("--only")?;
-                (o.criterion, o.engine, o.resume, o.kv_quality) = (false, false, false, false);
+                (o.criterion, o.engine, o.resume, o.kv_quality, o.store) =
+                    (false, false, false, false, false);
                 for part in only.split(',') {
                     match part.trim() {
                         "criterion" => o.criterion = true,
                         "engine" => o.engine = true,
                         "resume" => o.resume = true,
                         "kv-quality" => o.kv_quality = true,
+                        "store" => o.store = true,
                         other => bail!(
-                            "--only takes criterion, engine, resume or kv-quality (comma-separated), not {other:?}\n{USAGE}"
+                            "--only takes criterion, engine, resume, kv-quality or store (comma-separated), not {other:?}\n{USAGE}"
                         ),
                     }
                 }
@@ -179,7 +198,7 @@ fn parse(args: &[String]) -> Result<Options> {
         );
         o.resume = false;
     }
-    if !(o.criterion || o.engine || o.resume || o.kv_quality) {
+    if !(o.criterion || o.engine || o.resume || o.kv_quality || o.store) {
         bail!("nothing to run\n{USAGE}");
     }
     Ok(o)
@@ -218,7 +237,8 @@ pub fn bench(args: &[String]) -> Result<()> {
         run_step(
             "criterion benches",
             cargo()
-                .args(["bench", "-p", "agentkv-benches", "--"])
+                .args(["bench", "-p", "agentkv-benches"])
+                .args(["--bench", "kv_store", "--bench", "quant", "--"])
                 .args(&opts.criterion_args),
         )?;
     }
@@ -261,6 +281,16 @@ pub fn bench(args: &[String]) -> Result<()> {
     } else {
         None
     };
+    let store_table = if opts.store {
+        let histories = if opts.histories_given {
+            opts.histories.as_str()
+        } else {
+            "1024,4096,16384"
+        };
+        Some(store::run(histories, opts.repeats.max(3), &dir)?)
+    } else {
+        None
+    };
     let load_after = loadavg();
     let engine_threads = resume
         .as_ref()
@@ -279,10 +309,14 @@ pub fn bench(args: &[String]) -> Result<()> {
         None => Ok("resume.png"),
         Some(e) => Err(e.as_str()),
     };
-    let sections: Vec<&str> = [engine_table.as_deref(), kv_quality_table.as_deref()]
-        .into_iter()
-        .flatten()
-        .collect();
+    let sections: Vec<&str> = [
+        engine_table.as_deref(),
+        kv_quality_table.as_deref(),
+        store_table.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let text = report::report(&machine, resume.as_deref(), chart_link, &sections);
     print!("{text}");
     let path = dir.join("report.md");
@@ -498,6 +532,16 @@ fn parse_flat_json(s: &str) -> Result<Row> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_runs_only_when_named() {
+        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert!(!parse(&args("")).expect("valid").store);
+        let o = parse(&args("--only store")).expect("valid");
+        assert!(o.store && !o.criterion && !o.engine && !o.resume && !o.histories_given);
+        let o = parse(&args("--only store --histories 1024")).expect("valid");
+        assert!(o.store && o.histories_given);
+    }
 
     #[test]
     fn flat_json_lines_parse() {

@@ -342,7 +342,7 @@ fn extract(wheel: &Path, in_wheel: &str, out: &mut std::fs::File) -> Result<()> 
     Ok(())
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(project_root());
     cmd
@@ -416,7 +416,7 @@ fn ci() -> Result<()> {
 /// The `garage` binary for the remote tier's tests: `AGENTKV_GARAGE` if set, else
 /// `$CARGO_HOME/bin/garage`, installed there with `cargo install` when it is missing or not
 /// [`GARAGE_VERSION`] (once per machine: about 17 minutes on 2 cores).
-fn garage() -> Result<PathBuf> {
+pub(crate) fn garage() -> Result<PathBuf> {
     let path = match std::env::var_os("AGENTKV_GARAGE") {
         Some(p) => PathBuf::from(p),
         None => {

@@ -297,7 +297,7 @@ impl Remote {
             })
             .map_err(|e| self.failed("read", &key, e))?;
         let n = bytes.len() as u64;
-        match local.import_segment(id, bytes.to_vec()) {
+        match local.import_segment(id, bytes.into()) {
             Ok(written) => Ok(Transfer {
                 bytes: n,
                 already_there: !written,
@@ -324,6 +324,27 @@ impl Remote {
         self.run(self.store.put(&key, PutPayload::from(bytes)))
             .map(drop)
             .map_err(|e| self.failed("write", &key, e))
+    }
+
+    /// Reads the object `name` (relative to the prefix) as it is: the plain GET the
+    /// benchmark compares fetches with.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn get_raw(&self, name: &str) -> Result<Vec<u8>> {
+        let key = self.key(name);
+        self.run(async { self.store.get(&key).await?.bytes().await })
+            .map(|b| b.to_vec())
+            .map_err(|e| self.failed("read", &key, e))
+    }
+
+    /// Bytes of all the objects under `dir` (relative to the prefix), as the store reports
+    /// their sizes.
+    pub fn stored_bytes(&self, dir: &str) -> Result<u64> {
+        let dir = self.key(dir);
+        let metas: Vec<object_store::ObjectMeta> = self
+            .run(self.store.list(Some(&dir)).try_collect())
+            .map_err(|e| self.failed("list", &dir, e))?;
+        Ok(metas.iter().map(|m| m.size).sum())
     }
 
     /// Every segment id the store holds, in no particular order. Objects under `segments/`

@@ -1,0 +1,220 @@
+//! The remote tier against plain object_store calls of the same bytes, side by side in one run,
+//! on a real 3-node Garage cluster (loopback, replication factor 3) this program starts.
+//!
+//! For a cache shaped like SmolLM2-135M (30 layers, 3 KV heads, head dim 64, f16) of each
+//! history length, alternating `--repeats` times:
+//! - save: `Remote::push_segment` of a new segment (a HEAD, reading and verifying the local
+//!   file, the PUT) against a plain PUT of the same bytes under a new key;
+//! - load: `Remote::fetch_segment` into an empty local store (GET, verifying every checksum
+//!   and the id, temp file, fsync, rename) against a plain GET of the same object.
+//!
+//! Then 20 agents sharing one system prompt are pushed, and the bytes the bucket holds are
+//! compared with the ideal (the prompt's segment once, plus each agent's own).
+//!
+//! Prints `REMOTE {...}` and `SHARED {...}` lines for `cargo xtask bench --only store`.
+//! `cargo bench -p agentkv-benches --bench remote -- --histories 1024 --repeats 3` runs it
+//! alone (Garage from AGENTKV_GARAGE or cargo's bin directory).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::Instant;
+
+use kv_remote::testing::{Garage, garage_binary};
+use kv_store::{CacheMeta, KvDtype, KvKind, KvSource, ModelFingerprint, Store};
+
+const LAYERS: usize = 30;
+const KV_HEADS: usize = 3;
+const HEAD_DIM: usize = 64;
+
+fn meta() -> CacheMeta {
+    CacheMeta {
+        model: ModelFingerprint {
+            architecture: "llama".into(),
+            n_layers: LAYERS as u32,
+            n_heads: 9,
+            n_kv_heads: KV_HEADS as u32,
+            head_dim: HEAD_DIM as u32,
+            rope_theta: 100_000.0,
+            rope_dim: HEAD_DIM as u32,
+            weights_hash: "bench".into(),
+            extra: BTreeMap::new(),
+        },
+        tokenizer: "bench".into(),
+        chat_template: "bench".into(),
+        dtype: KvDtype::F16,
+    }
+}
+
+/// A cache whose bytes follow from (layer, kind, head, position, salt).
+struct Blob {
+    tokens: Vec<u32>,
+    salt: u32,
+}
+
+impl Blob {
+    fn new(tokens: Vec<u32>, salt: u32) -> Blob {
+        Blob { tokens, salt }
+    }
+}
+
+impl KvSource for Blob {
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    fn write_kv(&self, layer: usize, kind: KvKind, range: Range<usize>, out: &mut Vec<u8>) {
+        let lk = (layer * 2 + usize::from(kind == KvKind::V)) as u32;
+        for h in 0..KV_HEADS as u32 {
+            for p in range.clone() {
+                let seed = (p as u32).wrapping_mul(2_654_435_761) ^ (lk * 7919) ^ (h * 104_729);
+                let seed = seed ^ self.salt;
+                out.extend((0..HEAD_DIM as u32 * 2).map(|i| (seed ^ i.wrapping_mul(31)) as u8));
+            }
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn args() -> (Vec<usize>, usize) {
+    let mut histories = vec![1024, 4096, 16384];
+    let mut repeats = 5;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--histories" => {
+                histories = it
+                    .next()
+                    .expect("--histories takes a list")
+                    .split(',')
+                    .map(|h| h.trim().parse().expect("a history length"))
+                    .collect();
+            }
+            "--repeats" => {
+                repeats = it
+                    .next()
+                    .and_then(|r| r.parse().ok())
+                    .expect("--repeats takes a count");
+            }
+            // `cargo bench` passes `--bench`; nothing else is ours.
+            _ => {}
+        }
+    }
+    (histories, repeats.max(1))
+}
+
+fn main() {
+    let (histories, repeats) = args();
+    let Some(binary) = garage_binary() else {
+        std::process::exit(1);
+    };
+    // Under target/, on the project's disk: /tmp may be a RAM disk, which would flatter fsync.
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-tmp");
+    std::fs::create_dir_all(&base).expect("create the bench directory");
+    let dir = tempfile::tempdir_in(base).expect("tempdir");
+    let garage = Garage::start(&binary, &dir.path().join("garage"), 3);
+    let (writer, reader) = (garage.remote(0, "bench"), garage.remote(2, "bench"));
+    let meta = meta();
+    let local = Store::open(&dir.path().join("local")).expect("local store");
+    let mut salt = 0;
+    for &n in &histories {
+        let (mut ours_save, mut base_save, mut ours_load, mut base_load) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut bytes = 0u64;
+        for r in 0..repeats {
+            salt += 1;
+            let tokens: Vec<u32> = (0..n as u32).map(|t| (t + salt) % 49_152).collect();
+            let name = format!("c{salt}");
+            local
+                .save(&name, &meta, &Blob::new(tokens, salt))
+                .expect("local save");
+            let id = local
+                .manifest(&name)
+                .expect("manifest")
+                .expect("saved")
+                .segments[0]
+                .id
+                .clone();
+            let file = std::fs::read(local.segment_path(&id)).expect("segment");
+            bytes = file.len() as u64;
+            let key = format!("plain/{salt}");
+            let mut one = |ours: bool| {
+                if ours {
+                    let t = Instant::now();
+                    let pushed = writer.push_segment(&local, &id).expect("push");
+                    assert!(!pushed.already_there);
+                    ours_save.push(t.elapsed().as_secs_f64() * 1e3);
+                } else {
+                    let t = Instant::now();
+                    writer.put_raw(&key, file.clone()).expect("put");
+                    base_save.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            };
+            // Alternate which goes first.
+            one(r % 2 == 0);
+            one(r % 2 == 1);
+            let fresh = tempfile::tempdir_in(dir.path()).expect("tempdir");
+            let other = Store::open(fresh.path()).expect("fresh store");
+            let mut one = |ours: bool| {
+                if ours {
+                    let t = Instant::now();
+                    let got = reader.fetch_segment(&other, &id).expect("fetch");
+                    assert_eq!(got.bytes, bytes);
+                    ours_load.push(t.elapsed().as_secs_f64() * 1e3);
+                } else {
+                    let t = Instant::now();
+                    let got = reader.get_raw(&key).expect("get");
+                    assert_eq!(got.len() as u64, bytes);
+                    base_load.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            };
+            one(r % 2 == 1);
+            one(r % 2 == 0);
+            local.delete(&name).expect("delete");
+            local.gc().expect("gc");
+        }
+        println!(
+            "REMOTE {{\"history\":{n},\"bytes\":{bytes},\"ours_save_ms\":{:.2},\"base_save_ms\":{:.2},\
+             \"ours_load_ms\":{:.2},\"base_load_ms\":{:.2},\"repeats\":{repeats}}}",
+            median(&mut ours_save),
+            median(&mut base_save),
+            median(&mut ours_load),
+            median(&mut base_load)
+        );
+    }
+
+    // 20 agents, one system prompt of 512 tokens, each with 256 tokens of its own.
+    let shared = garage.remote(1, "shared");
+    let system: Vec<u32> = (0..512).map(|t| t % 49_152 + 7).collect();
+    let mut ideal = 0u64;
+    for agent in 0..20u32 {
+        let name = format!("agent{agent}");
+        local
+            .save(&name, &meta, &Blob::new(system.clone(), 0))
+            .expect("save");
+        let mut tokens = system.clone();
+        tokens.extend((0..256).map(|t| 1000 + agent * 256 + t));
+        local
+            .save(&name, &meta, &Blob::new(tokens, 0))
+            .expect("save");
+        let chain = local
+            .manifest(&name)
+            .expect("manifest")
+            .expect("saved")
+            .segments;
+        for (i, s) in chain.iter().enumerate() {
+            let size = std::fs::metadata(local.segment_path(&s.id))
+                .expect("size")
+                .len();
+            if i > 0 || agent == 0 {
+                ideal += size;
+            }
+            shared.push_segment(&local, &s.id).expect("push");
+        }
+    }
+    let stored = shared.stored_bytes("segments").expect("list");
+    println!("SHARED {{\"agents\":20,\"stored_bytes\":{stored},\"ideal_bytes\":{ideal}}}");
+}

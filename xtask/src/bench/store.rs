@@ -1,0 +1,109 @@
+//! `--only store`: the remote tier against plain object_store calls on a real Garage cluster
+//! (the `remote` bench of agentkv-benches prints `REMOTE` and `SHARED` lines).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::{Row, rows, run_for_output};
+use crate::cargo;
+
+/// Runs the remote bench at `histories` with `repeats` alternated runs per figure; returns
+/// the report's section and writes it to `dir/store.md`.
+pub fn run(histories: &str, repeats: usize, dir: &Path) -> Result<String> {
+    eprintln!("==> remote store vs plain object_store (Garage, 3 nodes)");
+    let garage = crate::garage()?;
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "agentkv-benches", "--bench", "remote", "--"])
+        .args(["--histories", histories, "--repeats", &repeats.to_string()])
+        .env("AGENTKV_GARAGE", garage);
+    let out = run_for_output(&mut cmd, "the remote store benchmark")?;
+    let remote = rows(&out, "REMOTE ")?;
+    let shared = rows(&out, "SHARED ")?;
+    let shared = shared.first().map(|r| {
+        let get = |k: &str| r.get(k).copied().unwrap_or(f64::NAN);
+        (get("stored_bytes"), get("ideal_bytes"))
+    });
+    let text = table(&remote, shared);
+    let path = dir.join("store.md");
+    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(text)
+}
+
+/// The section: one row per history, speed ratios (plain time / ours) against the 0.8x target.
+pub fn table(rows: &[Row], shared: Option<(f64, f64)>) -> String {
+    let mut s =
+        String::from("## Remote store (Garage, 3 nodes, replication 3) vs plain object_store\n\n");
+    s.push_str(
+        "| history | segment MB | push ms | plain PUT ms | save ratio | fetch ms | plain GET ms | load ratio |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    let get = |r: &Row, k: &str| r.get(k).copied().unwrap_or(f64::NAN);
+    for r in rows {
+        let (os, bs, ol, bl) = (
+            get(r, "ours_save_ms"),
+            get(r, "base_save_ms"),
+            get(r, "ours_load_ms"),
+            get(r, "base_load_ms"),
+        );
+        let verdict = |ratio: f64| if ratio >= 0.8 { "met" } else { "not met" };
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {os:.1} | {bs:.1} | {:.2}x ({}) | {ol:.1} | {bl:.1} | {:.2}x ({}) |",
+            get(r, "history"),
+            get(r, "bytes") / 1e6,
+            bs / os,
+            verdict(bs / os),
+            bl / ol,
+            verdict(bl / ol),
+        );
+    }
+    s.push_str(
+        "\nMedians of alternated runs. push: HEAD, read and verify the local segment, PUT; \
+         fetch: GET, verify every checksum and the id, temp file, fsync, rename into an empty \
+         local store. Ratio: plain time / ours (speed relative to plain object_store; target \
+         >= 0.8x).\n",
+    );
+    if let Some((stored, ideal)) = shared {
+        let _ = writeln!(
+            s,
+            "\n20 agents sharing a 512-token system prompt (256 tokens each of their own): the \
+             bucket holds {:.1} MB for an ideal {:.1} MB, {:.3}x (target <= 1.1x).",
+            stored / 1e6,
+            ideal / 1e6,
+            stored / ideal
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_gives_speed_ratios_and_verdicts() {
+        let row: Row = [
+            ("history", 1024.0),
+            ("bytes", 23_600_000.0),
+            ("ours_save_ms", 100.0),
+            ("base_save_ms", 90.0),
+            ("ours_load_ms", 100.0),
+            ("base_load_ms", 50.0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let text = table(&[row], Some((105.0e6, 100.0e6)));
+        assert!(
+            text.contains("| 1024 | 23.6 | 100.0 | 90.0 | 0.90x (met) |"),
+            "{text}"
+        );
+        assert!(text.contains("| 0.50x (not met) |"), "{text}");
+        assert!(
+            text.contains("105.0 MB for an ideal 100.0 MB, 1.050x"),
+            "{text}"
+        );
+    }
+}
