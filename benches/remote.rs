@@ -176,14 +176,23 @@ fn main() {
             local.delete(&name).expect("delete");
             local.gc().expect("gc");
         }
-        println!(
-            "REMOTE {{\"history\":{n},\"bytes\":{bytes},\"ours_save_ms\":{:.2},\"base_save_ms\":{:.2},\
-             \"ours_load_ms\":{:.2},\"base_load_ms\":{:.2},\"repeats\":{repeats}}}",
-            median(&mut ours_save),
-            median(&mut base_save),
-            median(&mut ours_load),
-            median(&mut base_load)
-        );
+        let mut line = format!("REMOTE {{\"history\":{n},\"bytes\":{bytes},\"repeats\":{repeats}");
+        for (name, v) in [
+            ("ours_save", &mut ours_save),
+            ("base_save", &mut base_save),
+            ("ours_load", &mut ours_load),
+            ("base_load", &mut base_load),
+        ] {
+            let (min, max) = (
+                v.iter().copied().fold(f64::INFINITY, f64::min),
+                v.iter().copied().fold(0.0, f64::max),
+            );
+            line += &format!(
+                ",\"{name}_ms\":{:.2},\"{name}_min_ms\":{min:.2},\"{name}_max_ms\":{max:.2}",
+                median(v)
+            );
+        }
+        println!("{line}}}");
     }
 
     // 20 agents, one system prompt of 512 tokens, each with 256 tokens of its own.

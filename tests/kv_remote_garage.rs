@@ -202,6 +202,7 @@ fn damaged_objects_and_unreachable_nodes_are_errors_that_change_nothing_locally(
     }
     assert!(host_b.adopt("alice", &small_meta(), &chain).is_ok());
     garage.start_node(2);
+    garage.wait_until_serving(2);
 
     // The whole cluster down: pushes and fetches are errors; local stores work as before.
     for i in 0..3 {

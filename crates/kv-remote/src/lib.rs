@@ -16,6 +16,7 @@
 #![deny(unsafe_code)]
 
 use std::future::Future;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -290,16 +291,41 @@ impl Remote {
             });
         }
         let key = self.key(&format!("segments/{id}.safetensors"));
-        let bytes = self
-            .run(async {
-                let got = self.store.get(&key).await?;
-                got.bytes().await
-            })
-            .map_err(|e| self.failed("read", &key, e))?;
-        let n = bytes.len() as u64;
-        match local.import_segment(id, bytes.into()) {
+        // Streamed into the local store's temporary file as it arrives, so the disk writes
+        // overlap the download; what the store failed with is kept apart from the checks.
+        let mut remote_error = None;
+        let mut received = 0u64;
+        let imported = local.import_segment_from(id, &mut |file| {
+            enum Failed {
+                Remote(object_store::Error),
+                Local(std::io::Error),
+            }
+            let result = self.run(async {
+                let got = self.store.get(&key).await.map_err(Failed::Remote)?;
+                let mut stream = got.into_stream();
+                while let Some(chunk) = stream.try_next().await.map_err(Failed::Remote)? {
+                    received += chunk.len() as u64;
+                    file.write_all(&chunk).map_err(Failed::Local)?;
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) => Ok(()),
+                // The local store reports its own write errors (a full disk as such).
+                Err(Failed::Local(e)) => Err(e),
+                Err(Failed::Remote(e)) => {
+                    let message = e.to_string();
+                    remote_error = Some(e);
+                    Err(std::io::Error::other(message))
+                }
+            }
+        });
+        if let Some(e) = remote_error {
+            return Err(self.failed("read", &key, e));
+        }
+        match imported {
             Ok(written) => Ok(Transfer {
-                bytes: n,
+                bytes: received,
                 already_there: !written,
             }),
             Err(

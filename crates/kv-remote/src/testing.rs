@@ -150,10 +150,36 @@ impl Garage {
                 "agentkv-test",
             ],
         );
+        for i in 0..n {
+            garage.wait_until_serving(i);
+        }
         garage
     }
 
-    /// Starts node `i` again (or for the first time) and waits until it answers.
+    /// Waits (up to 60 s) until node `i` answers a write and a read of a probe object: right
+    /// after the layout is applied, a node may not be connected to the others yet, and its
+    /// requests fail to reach a quorum.
+    pub fn wait_until_serving(&self, i: usize) {
+        let remote = self.remote(i, "probe");
+        let started = Instant::now();
+        loop {
+            let probe = format!("node{i}");
+            let ok = remote.put_raw(&probe, vec![i as u8; 16]).is_ok()
+                && remote.get_raw(&probe).is_ok_and(|b| b == vec![i as u8; 16]);
+            if ok {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "garage node {i} does not serve S3 requests"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Starts node `i` again (or for the first time) and waits until it answers RPC (a
+    /// restarted node's S3 requests may still fail for a moment: see
+    /// [`Garage::wait_until_serving`]).
     pub fn start_node(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         assert!(node.child.is_none(), "node {i} is running");

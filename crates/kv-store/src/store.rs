@@ -530,6 +530,41 @@ impl Store {
         Ok(true)
     }
 
+    /// Stores segment `id` from the bytes `fill` writes into a temporary file in the
+    /// segments directory (a download streamed to disk as it arrives), verified from that
+    /// file as a load verifies a segment before it is fsynced and renamed into place. Returns
+    /// whether a file was written (`false`: the segment was already here, and `fill` did not
+    /// run). An error from `fill`, or bytes that fail, leave nothing behind.
+    pub fn import_segment_from(
+        &self,
+        id: &SegmentId,
+        fill: &mut dyn FnMut(&mut File) -> std::io::Result<()>,
+    ) -> Result<bool> {
+        let path = self.segment_path(id);
+        let _lock = self.lock(true)?;
+        if path.exists() {
+            return Ok(false);
+        }
+        let steps = [
+            Step::SegmentWritten,
+            Step::SegmentSynced,
+            Step::SegmentRenamed,
+        ];
+        commit_file(&path, steps, |file, tmp| {
+            fill(file).map_err(|e| Error::io("write", tmp, e))?;
+            file.flush().map_err(|e| Error::io("write", tmp, e))?;
+            let seg = Segment::open(tmp, ReadMode::Mmap)?;
+            if seg.id() != id {
+                return Err(Error::bad_metadata(
+                    tmp,
+                    format!("its content is segment {}, not {id}", seg.id()),
+                ));
+            }
+            Ok(())
+        })?;
+        Ok(true)
+    }
+
     /// Removes the cache `name` (its manifest). Its segments stay until [`Store::gc`], since
     /// other caches may share them. Returns whether the cache existed.
     pub fn delete(&self, name: &str) -> Result<bool> {

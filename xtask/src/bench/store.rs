@@ -41,16 +41,22 @@ pub fn table(rows: &[Row], shared: Option<(f64, f64)>) -> String {
     );
     let get = |r: &Row, k: &str| r.get(k).copied().unwrap_or(f64::NAN);
     for r in rows {
-        let (os, bs, ol, bl) = (
-            get(r, "ours_save_ms"),
-            get(r, "base_save_ms"),
-            get(r, "ours_load_ms"),
-            get(r, "base_load_ms"),
-        );
+        let figure = |name: &str| {
+            let (m, lo, hi) = (
+                get(r, &format!("{name}_ms")),
+                get(r, &format!("{name}_min_ms")),
+                get(r, &format!("{name}_max_ms")),
+            );
+            (m, format!("{m:.1} ({lo:.0}-{hi:.0})"))
+        };
+        let (os, os_text) = figure("ours_save");
+        let (bs, bs_text) = figure("base_save");
+        let (ol, ol_text) = figure("ours_load");
+        let (bl, bl_text) = figure("base_load");
         let verdict = |ratio: f64| if ratio >= 0.8 { "met" } else { "not met" };
         let _ = writeln!(
             s,
-            "| {} | {:.1} | {os:.1} | {bs:.1} | {:.2}x ({}) | {ol:.1} | {bl:.1} | {:.2}x ({}) |",
+            "| {} | {:.1} | {os_text} | {bs_text} | {:.2}x ({}) | {ol_text} | {bl_text} | {:.2}x ({}) |",
             get(r, "history"),
             get(r, "bytes") / 1e6,
             bs / os,
@@ -60,7 +66,7 @@ pub fn table(rows: &[Row], shared: Option<(f64, f64)>) -> String {
         );
     }
     s.push_str(
-        "\nMedians of alternated runs. push: HEAD, read and verify the local segment, PUT; \
+        "\nMedians (min-max) of alternated runs. push: HEAD, read and verify the local segment, PUT; \
          fetch: GET, verify every checksum and the id, temp file, fsync, rename into an empty \
          local store. Ratio: plain time / ours (speed relative to plain object_store; target \
          >= 0.8x).\n",
@@ -88,7 +94,11 @@ mod tests {
             ("history", 1024.0),
             ("bytes", 23_600_000.0),
             ("ours_save_ms", 100.0),
+            ("ours_save_min_ms", 95.0),
+            ("ours_save_max_ms", 120.0),
             ("base_save_ms", 90.0),
+            ("base_save_min_ms", 80.0),
+            ("base_save_max_ms", 99.0),
             ("ours_load_ms", 100.0),
             ("base_load_ms", 50.0),
         ]
@@ -97,7 +107,7 @@ mod tests {
         .collect();
         let text = table(&[row], Some((105.0e6, 100.0e6)));
         assert!(
-            text.contains("| 1024 | 23.6 | 100.0 | 90.0 | 0.90x (met) |"),
+            text.contains("| 1024 | 23.6 | 100.0 (95-120) | 90.0 (80-99) | 0.90x (met) |"),
             "{text}"
         );
         assert!(text.contains("| 0.50x (not met) |"), "{text}");
