@@ -6,37 +6,18 @@
 //! - `load/agentkv` (map, validate, checksum, K/V ready) vs `load/fs::read`;
 //! - `incremental/64-token turn on 4K` vs `incremental/full rewrite of 4K+64`.
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::io::Write;
 use std::ops::Range;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use kv_store::{CacheMeta, KvDtype, KvKind, KvSource, ModelFingerprint, Store};
+use kv_store::{KvKind, KvSource, Store};
 
-const LAYERS: usize = 30;
-const KV_HEADS: usize = 3;
-const HEAD_DIM: usize = 64;
+#[path = "smollm2_shape.rs"]
+mod shape;
 
-fn meta() -> CacheMeta {
-    CacheMeta {
-        model: ModelFingerprint {
-            architecture: "llama".into(),
-            n_layers: LAYERS as u32,
-            n_heads: 9,
-            n_kv_heads: KV_HEADS as u32,
-            head_dim: HEAD_DIM as u32,
-            rope_theta: 100_000.0,
-            rope_dim: HEAD_DIM as u32,
-            weights_hash: "bench".into(),
-            extra: BTreeMap::new(),
-        },
-        tokenizer: "bench".into(),
-        chat_template: "bench".into(),
-        dtype: KvDtype::F16,
-    }
-}
+use shape::{HEAD_DIM, KV_HEADS, LAYERS, meta};
 
 /// A cache held as one f16 byte buffer per layer and kind, `[KV_HEADS, capacity, HEAD_DIM]`.
 struct Blob {

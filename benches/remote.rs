@@ -15,35 +15,16 @@
 //! `cargo bench -p agentkv-benches --bench remote -- --histories 1024 --repeats 3` runs it
 //! alone (Garage from AGENTKV_GARAGE or cargo's bin directory).
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Instant;
 
 use kv_remote::testing::{Garage, garage_binary};
-use kv_store::{CacheMeta, KvDtype, KvKind, KvSource, ModelFingerprint, Store};
+use kv_store::{KvKind, KvSource, Store};
 
-const LAYERS: usize = 30;
-const KV_HEADS: usize = 3;
-const HEAD_DIM: usize = 64;
+#[path = "smollm2_shape.rs"]
+mod shape;
 
-fn meta() -> CacheMeta {
-    CacheMeta {
-        model: ModelFingerprint {
-            architecture: "llama".into(),
-            n_layers: LAYERS as u32,
-            n_heads: 9,
-            n_kv_heads: KV_HEADS as u32,
-            head_dim: HEAD_DIM as u32,
-            rope_theta: 100_000.0,
-            rope_dim: HEAD_DIM as u32,
-            weights_hash: "bench".into(),
-            extra: BTreeMap::new(),
-        },
-        tokenizer: "bench".into(),
-        chat_template: "bench".into(),
-        dtype: KvDtype::F16,
-    }
-}
+use shape::{HEAD_DIM, KV_HEADS, meta};
 
 /// A cache whose bytes follow from (layer, kind, head, position, salt).
 struct Blob {

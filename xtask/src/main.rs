@@ -481,15 +481,7 @@ fn format_python() -> Result<PathBuf> {
     venv.python(|python| {
         run_step(
             &format!("pip install {stamp}"),
-            Command::new(python)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .args(FORMAT_PACKAGES),
+            venv::pip_install(python).args(FORMAT_PACKAGES),
         )
         .with_context(|| {
             format!(
@@ -513,14 +505,7 @@ fn openai_test(model: &Path) -> Result<()> {
     let python = venv.python(|python| {
         run_step(
             &format!("pip install {OPENAI_PACKAGE}"),
-            Command::new(python).args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                OPENAI_PACKAGE,
-            ]),
+            venv::pip_install(python).arg(OPENAI_PACKAGE),
         )
         .with_context(|| {
             format!(

@@ -79,6 +79,19 @@ impl Venv<'_> {
     }
 }
 
+/// `python -m pip install --quiet --disable-pip-version-check`, for the packages to be added.
+pub fn pip_install(python: &Path) -> Command {
+    let mut cmd = Command::new(python);
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ]);
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -182,23 +182,29 @@ impl Remote {
                 value: None,
             },
         };
+        // Writes this host's block, then reads the others': `Err(round)` when one of them
+        // started a higher ballot, and this attempt must give way.
+        let exchange = |own: &Block| -> Result<std::result::Result<Vec<Block>, u64>> {
+            self.put_json(&mine, encode(own)?)?;
+            let others = self.other_blocks(&dir, host)?;
+            Ok(match highest_above(&others, &own.mbal) {
+                Some(round) => Err(round),
+                None => Ok(others),
+            })
+        };
         let mut round = own.mbal.0 + 1;
         for attempt in 0..MAX_ATTEMPTS {
             let ballot = Ballot(round, host.to_owned());
             // Phase 1: announce the ballot, learn what others accepted.
             own.mbal = ballot.clone();
-            self.put_json(&mine, encode(&own)?)?;
-            let others = self.other_blocks(&dir, host)?;
-            if let Some(higher) = others
-                .iter()
-                .map(|b| &b.mbal)
-                .filter(|m| **m > ballot)
-                .max()
-            {
-                round = higher.0 + 1;
-                backoff(attempt);
-                continue;
-            }
+            let others = match exchange(&own)? {
+                Ok(others) => others,
+                Err(higher) => {
+                    round = higher + 1;
+                    backoff(attempt);
+                    continue;
+                }
+            };
             let adopted = std::iter::once(&own)
                 .chain(&others)
                 .filter_map(|b| Some((b.bal.as_ref()?, b.value.as_ref()?)))
@@ -206,17 +212,10 @@ impl Remote {
                 .map(|(_, v)| v.clone())
                 .unwrap_or_else(|| value.clone());
             // Phase 2: accept it, and check that no higher ballot started meanwhile.
-            own.bal = Some(ballot.clone());
+            own.bal = Some(ballot);
             own.value = Some(adopted.clone());
-            self.put_json(&mine, encode(&own)?)?;
-            let others = self.other_blocks(&dir, host)?;
-            if let Some(higher) = others
-                .iter()
-                .map(|b| &b.mbal)
-                .filter(|m| **m > ballot)
-                .max()
-            {
-                round = higher.0 + 1;
+            if let Err(higher) = exchange(&own)? {
+                round = higher + 1;
                 backoff(attempt);
                 continue;
             }
@@ -230,6 +229,17 @@ impl Remote {
             attempts: MAX_ATTEMPTS,
         })
     }
+}
+
+/// The round of the highest ballot in `blocks` above `ballot`, if any: another host started a
+/// later ballot, and this one must give way.
+fn highest_above(blocks: &[Block], ballot: &Ballot) -> Option<u64> {
+    blocks
+        .iter()
+        .map(|b| &b.mbal)
+        .filter(|m| *m > ballot)
+        .max()
+        .map(|m| m.0)
 }
 
 fn encode(block: &Block) -> Result<Vec<u8>> {

@@ -262,14 +262,7 @@ fn server_python() -> Result<PathBuf> {
     venv.python(|python| {
         run_step(
             &format!("pip install {server} {OPENAI_PACKAGE}"),
-            Command::new(python)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
+            crate::venv::pip_install(python)
                 .args([&server, OPENAI_PACKAGE])
                 // Were pip to build llama.cpp after all, the same build as the peer's.
                 .env("CMAKE_ARGS", PEER_CMAKE_ARGS),
