@@ -202,7 +202,6 @@ fn damaged_objects_and_unreachable_nodes_are_errors_that_change_nothing_locally(
     }
     assert!(host_b.adopt("alice", &small_meta(), &chain).is_ok());
     garage.start_node(2);
-    garage.wait_until_serving(2);
 
     // The whole cluster down: pushes and fetches are errors; local stores work as before.
     for i in 0..3 {
@@ -328,4 +327,78 @@ fn a_proposer_that_stopped_half_way_is_completed_or_overruled() {
     assert!(a.propose("agent", 4, "Host A", "{}").is_err());
     assert!(a.propose("agent", 4, "host-a", "not json").is_err());
     assert_eq!(a.decided("agent", 4).unwrap(), None);
+}
+
+#[test]
+fn a_node_stopped_mid_upload_leaves_no_object_a_fetch_would_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut garage) = cluster(dir.path()) else {
+        return;
+    };
+    // A segment large enough that its upload takes most of a second here: 8 layers of 8 KV
+    // heads of 128, 3,072 tokens, f16: 100 MB.
+    let meta = meta(8, 8, 128, KvDtype::F16);
+    let host_a = Store::open(&dir.path().join("a")).unwrap();
+    let save = |tokens: Vec<u32>| {
+        let source = Source {
+            meta: meta.clone(),
+            tokens,
+        };
+        host_a.save("big", &meta, &source).unwrap();
+        host_a.manifest("big").unwrap().unwrap().segments[0]
+            .id
+            .clone()
+    };
+    let big = save((0..3072).collect());
+
+    // The node serving the upload dies half-way: the push fails clearly.
+    let through_0 = garage.remote(0, "");
+    let (result, was_running) = std::thread::scope(|s| {
+        let push = s.spawn(|| through_0.push_segment(&host_a, &big));
+        std::thread::sleep(Duration::from_millis(150));
+        let was_running = !push.is_finished();
+        garage.stop_node(0);
+        (push.join().unwrap(), was_running)
+    });
+    assert!(was_running, "the upload ended before the node was stopped");
+    let err = result.unwrap_err();
+    assert!(matches!(err, Error::Remote { .. }), "{err}");
+    // Whatever the other nodes hold under that key, a fetch accepts only the whole segment.
+    let through_1 = garage.remote(1, "");
+    let host_b = Store::open(&dir.path().join("b")).unwrap();
+    match through_1.fetch_segment(&host_b, &big) {
+        Ok(t) => assert_eq!(
+            std::fs::read(host_b.segment_path(&big)).unwrap().len() as u64,
+            t.bytes
+        ),
+        Err(e) => {
+            assert!(
+                matches!(e, Error::Remote { .. } | Error::Damaged { .. }),
+                "{e}"
+            );
+            assert!(files_in(&host_b.root().join("segments")).is_empty());
+        }
+    }
+    // Pushed again through a live node, it is there for everyone.
+    through_1.push_segment(&host_a, &big).unwrap();
+    garage.start_node(0);
+    let host_c = Store::open(&dir.path().join("c")).unwrap();
+    garage.remote(0, "").fetch_segment(&host_c, &big).unwrap();
+    assert_eq!(
+        std::fs::read(host_c.segment_path(&big)).unwrap(),
+        std::fs::read(host_a.segment_path(&big)).unwrap()
+    );
+
+    // Another node dies during an upload it does not serve: two of three replicas remain, a
+    // quorum, and the upload completes.
+    let other = save((10_000..13_072).collect());
+    let result = std::thread::scope(|s| {
+        let push = s.spawn(|| through_1.push_segment(&host_a, &other));
+        std::thread::sleep(Duration::from_millis(150));
+        garage.stop_node(2);
+        push.join().unwrap()
+    });
+    assert!(!result.unwrap().already_there);
+    let host_d = Store::open(&dir.path().join("d")).unwrap();
+    garage.remote(0, "").fetch_segment(&host_d, &other).unwrap();
 }

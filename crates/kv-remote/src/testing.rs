@@ -46,6 +46,8 @@ struct Node {
     config: PathBuf,
     s3_port: u16,
     child: Option<Child>,
+    /// `<node id>@<rpc address>`, once known.
+    id: Option<String>,
 }
 
 /// A Garage cluster of a few nodes on loopback ports, replication factor 3 (or the node
@@ -107,6 +109,7 @@ impl Garage {
                 config,
                 s3_port: s3,
                 child: None,
+                id: None,
             });
         }
         let mut garage = Garage {
@@ -119,8 +122,16 @@ impl Garage {
             garage.start_node(i);
         }
         let ids: Vec<String> = (0..n).map(|i| garage.node_id(i)).collect();
-        for id in &ids[1..] {
-            garage.cli(0, &["node", "connect", id]);
+        for (node, id) in garage.nodes.iter_mut().zip(&ids) {
+            node.id = Some(id.clone());
+        }
+        // Both ways: a node dials the peers it needs for its own quorums.
+        for i in 0..n {
+            for (j, id) in ids.iter().enumerate() {
+                if i != j {
+                    garage.cli(i, &["node", "connect", id]);
+                }
+            }
         }
         for id in &ids {
             let short = &id[..16];
@@ -160,7 +171,13 @@ impl Garage {
     /// after the layout is applied, a node may not be connected to the others yet, and its
     /// requests fail to reach a quorum.
     pub fn wait_until_serving(&self, i: usize) {
-        let remote = self.remote(i, "probe");
+        // Short requests: a request to a node that is not connected yet waits for Garage's
+        // RPC timeout (30 s) before it fails.
+        let mut options = self.options(i);
+        options.push(("timeout", "2s".to_owned()));
+        let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let remote =
+            crate::Remote::open(&format!("s3://{BUCKET}/probe"), &options).expect("open remote");
         let started = Instant::now();
         loop {
             let probe = format!("node{i}");
@@ -177,9 +194,9 @@ impl Garage {
         }
     }
 
-    /// Starts node `i` again (or for the first time) and waits until it answers RPC (a
-    /// restarted node's S3 requests may still fail for a moment: see
-    /// [`Garage::wait_until_serving`]).
+    /// Starts node `i` again (or for the first time) and waits until it answers RPC; a
+    /// restarted node is connected to the running ones both ways, and waited for until it
+    /// and they serve requests again.
     pub fn start_node(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         assert!(node.child.is_none(), "node {i} is running");
@@ -195,6 +212,25 @@ impl Garage {
             .expect("start garage");
         node.child = Some(child);
         self.node_id(i);
+        let peers: Vec<(usize, String)> = (0..self.nodes.len())
+            .filter(|&j| j != i && self.nodes[j].child.is_some())
+            .filter_map(|j| Some((j, self.nodes[j].id.clone()?)))
+            .collect();
+        // A restarted node would find its peers again by itself, after up to half a minute:
+        // connect it now, both ways.
+        let restarted = !peers.is_empty();
+        for (j, peer) in &peers {
+            self.cli(i, &["node", "connect", peer]);
+            if let Some(own) = &self.nodes[i].id {
+                self.cli(*j, &["node", "connect", own]);
+            }
+        }
+        if restarted {
+            for (j, _) in &peers {
+                self.wait_until_serving(*j);
+            }
+            self.wait_until_serving(i);
+        }
     }
 
     /// Kills node `i` (SIGKILL: as a crash or a pulled cable looks to the others).
@@ -205,23 +241,29 @@ impl Garage {
         }
     }
 
-    /// Node `i`'s id with its RPC address, waiting up to 30 s for the node to answer.
+    /// Node `i`'s id with its RPC address, once the node answers RPC (`garage status`
+    /// goes through it; `node id` alone may read the key from disk), waiting up to 30 s.
     fn node_id(&self, i: usize) -> String {
         let started = Instant::now();
-        loop {
-            let out = Command::new(&self.binary)
+        let garage = |args: &[&str]| {
+            Command::new(&self.binary)
                 .arg("-c")
                 .arg(&self.nodes[i].config)
-                .args(["node", "id", "-q"])
+                .args(args)
                 .output()
-                .expect("run garage");
-            if out.status.success() {
+                .expect("run garage")
+        };
+        loop {
+            let status = garage(&["status"]);
+            if status.status.success() {
+                let out = garage(&["node", "id", "-q"]);
+                assert!(out.status.success(), "garage node id failed");
                 return String::from_utf8_lossy(&out.stdout).trim().to_owned();
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
                 "garage node {i} did not start: {}",
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&status.stderr)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
