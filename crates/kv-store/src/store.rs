@@ -485,7 +485,7 @@ impl Store {
     }
 
     /// The bytes of segment `id`'s file, verified as a load verifies them (structure,
-    /// checksums, id): what another store can [`Store::import_segment`].
+    /// checksums, id): what another store can [`Store::import_segment_from`].
     pub fn segment_bytes(&self, id: &SegmentId) -> Result<Vec<u8>> {
         let path = self.segment_path(id);
         let _lock = self.lock(false)?;
@@ -498,36 +498,6 @@ impl Store {
             ));
         }
         Ok(seg.into_bytes())
-    }
-
-    /// Stores the segment file `bytes` (from another store) as segment `id`, after verifying
-    /// them as a load does: structure, checksums, and that their content is segment `id`.
-    /// Returns whether a file was written (`false`: the segment was already here). Bytes
-    /// that fail are an error and leave nothing behind.
-    pub fn import_segment(&self, id: &SegmentId, bytes: Vec<u8>) -> Result<bool> {
-        let path = self.segment_path(id);
-        let seg = Segment::from_bytes(&path, bytes)?;
-        if seg.id() != id {
-            return Err(Error::bad_metadata(
-                &path,
-                format!("its content is segment {}, not {id}", seg.id()),
-            ));
-        }
-        let _lock = self.lock(true)?;
-        if path.exists() {
-            return Ok(false);
-        }
-        let bytes = seg.into_bytes();
-        let steps = [
-            Step::SegmentWritten,
-            Step::SegmentSynced,
-            Step::SegmentRenamed,
-        ];
-        commit_file(&path, steps, |file, tmp| {
-            file.write_all(&bytes)
-                .map_err(|e| Error::io("write", tmp, e))
-        })?;
-        Ok(true)
     }
 
     /// Stores segment `id` from the bytes `fill` writes into a temporary file in the
