@@ -33,6 +33,7 @@ fn hot_under(dtype: KvDtype, budget: usize, agents: usize) -> (usize, usize) {
         kv_budget_bytes: budget,
         kv_dtype: dtype,
         save_every_turn: false,
+        shared: None,
     };
     let pool = AgentPool::open(dir.path(), backend, config).expect("open");
     for i in 0..agents {

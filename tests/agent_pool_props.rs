@@ -94,6 +94,7 @@ fn config() -> impl Strategy<Value = PoolConfig> {
                 kv_budget_bytes,
                 kv_dtype,
                 save_every_turn,
+                shared: None,
             },
         )
 }

@@ -167,6 +167,50 @@ pub enum PoolError {
         /// The agent.
         id: String,
     },
+    /// The shared store could not be used, so a change to a shared agent was not committed
+    /// (a turn's reply, streamed or not, belongs to no turn). Nothing acknowledged is lost:
+    /// the local copy holds every change committed before.
+    #[error("agent {id:?}: {what} was not committed, because the shared store failed")]
+    Shared {
+        /// The agent.
+        id: String,
+        /// What was not committed ("the turn", "the deletion"...).
+        what: &'static str,
+        /// What kv-remote said.
+        #[source]
+        source: Box<kv_remote::Error>,
+    },
+    /// Another host committed a change to a shared agent first: this host's change was not
+    /// committed, and the agent here now holds the other host's.
+    #[error(
+        "agent {id:?} was changed by host {host:?} first (its change number {generation}), so \
+         {what} was not committed; this host now has that change: read the agent again and \
+         retry on top of it"
+    )]
+    Conflict {
+        /// The agent.
+        id: String,
+        /// What was not committed ("the turn", "the deletion"...).
+        what: &'static str,
+        /// The change number both hosts proposed.
+        generation: u64,
+        /// The host whose change won.
+        host: String,
+    },
+    /// A change recorded on the shared store does not parse or does not follow the agent's
+    /// history: the agent cannot be brought up to date from it.
+    #[error(
+        "agent {id:?}: change {generation} on the shared store is damaged ({detail}); the \
+         local copy is left as it was; a host that holds the change can publish it again"
+    )]
+    SharedRecord {
+        /// The agent.
+        id: String,
+        /// The change number.
+        generation: u64,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 /// agent-pool's result type.

@@ -30,6 +30,11 @@ pub struct AgentInfo {
     pub system_prompt: String,
     /// When it was created, in milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
+    /// For an agent created on a shared store, the change number of its creation there
+    /// (its head's generation): each transcript line after it is the next one. Absent for an
+    /// agent that lives in one pool's directory alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_generation: Option<u64>,
 }
 
 /// `agent.json`: `agent` is checksummed over its bytes exactly as they are stored, so a field
@@ -160,6 +165,7 @@ mod tests {
             agent_type: "t".into(),
             system_prompt: "be brief\n\"quoted\" ünïcode".into(),
             created_unix_ms: 17,
+            shared_generation: None,
         }
     }
 

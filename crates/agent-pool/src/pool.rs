@@ -10,7 +10,8 @@
 //! This file holds the state every operation shares, `open`, and the lookups and conversation
 //! rendering they all use. The operations live in submodules, each using only those listed
 //! before it: `config` and `report` (the public types), `cache` (an agent's cache against the
-//! store), `memory` (the hot set and its budget), `agents` (create, delete, list), `turns`
+//! store), `memory` (the hot set and its budget), `shared` (agents on a store
+//! shared with other hosts), `agents` (create, delete, list), `turns`
 //! (answering and reading turns), `detached` (answering without an agent).
 
 // Leaves first; each module uses only the ones above it (kept in separate groups so that
@@ -22,13 +23,15 @@ mod cache;
 
 mod memory;
 
+mod shared;
+
 mod agents;
 
 mod turns;
 
 mod detached;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -36,7 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use engine::Message;
 use kv_extract::{KvCache, KvShape};
 use kv_store::durable_fs::{self, TMP_PREFIX};
-use kv_store::{CacheMeta, Store};
+use kv_store::{CacheMeta, SegmentId, Store};
 use lru::LruCache;
 
 use crate::backend::Backend;
@@ -44,7 +47,7 @@ use crate::error::{PoolError, Result, validate_id};
 use crate::files::{self, AgentInfo};
 use crate::transcript::{Parent, TRANSCRIPT_FILE, Transcript, TranscriptRepair};
 
-pub use config::{Continue, PoolConfig};
+pub use config::{Continue, PoolConfig, SharedStore};
 pub use report::{
     AgentSummary, Counters, CreateReport, HotAgent, LoadReport, PoolStats, Rebuild, RebuildEvent,
     RebuildReason, Reply, Reused, Timings,
@@ -109,6 +112,8 @@ pub struct AgentPool<B: Backend + ?Sized> {
     store: Store,
     registry: Mutex<Registry>,
     state: Mutex<PoolState>,
+    /// Segments the shared store is known to hold (pushed or fetched by this pool).
+    pushed: Mutex<HashSet<SegmentId>>,
     /// Held (flock) for the pool's lifetime: one pool per directory.
     _lock: File,
     /// Cleared by [`AgentPool::abandon`].
@@ -242,6 +247,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             config,
             store,
             registry: Mutex::new(registry),
+            pushed: Mutex::new(HashSet::new()),
             state: Mutex::new(PoolState {
                 hot: LruCache::unbounded(),
                 kv_bytes: 0,
@@ -284,19 +290,21 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         }
     }
 
+    /// Agent `id`: one this pool knows, or one another host created on the shared store.
     fn slot(&self, id: &str) -> Result<Arc<Slot>> {
         validate_id(id)?;
-        lock(&self.registry)
-            .agents
-            .get(id)
-            .cloned()
-            .ok_or_else(|| self.unknown(id))
+        let known = lock(&self.registry).agents.get(id).cloned();
+        match known {
+            Some(slot) => Ok(slot),
+            None => self.fetch_agent(id),
+        }
     }
 
     /// Locks an agent, refusing one deleted while we waited and one whose `agent.json` is
-    /// damaged.
+    /// damaged. A shared agent is first brought up to date with the changes other hosts
+    /// committed (refused as unknown if one of them deleted it).
     fn lock_agent<'s>(&self, slot: &'s Slot) -> Result<(MutexGuard<'s, Agent>, &'s AgentInfo)> {
-        let guard = lock(&slot.state);
+        let mut guard = lock(&slot.state);
         if guard.deleted {
             return Err(self.unknown(&slot.id));
         }
@@ -307,6 +315,10 @@ impl<B: Backend + ?Sized> AgentPool<B> {
                 path: self.agent_dir(&slot.id).join(files::AGENT_FILE),
                 detail: detail.clone(),
             })?;
+        if info.shared_generation.is_some() && !self.pull_locked(&slot.id, info, &mut guard)? {
+            self.remove_local(&slot.id, &mut guard)?;
+            return Err(self.unknown(&slot.id));
+        }
         Ok((guard, info))
     }
 

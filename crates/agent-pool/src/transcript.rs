@@ -183,7 +183,12 @@ pub(crate) fn encode_line(entry: &Entry) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn decode_line(path: &Path, number: usize, bytes: &[u8], next_index: u64) -> Result<Entry> {
+pub(crate) fn decode_line(
+    path: &Path,
+    number: usize,
+    bytes: &[u8],
+    next_index: u64,
+) -> Result<Entry> {
     let bad = |detail: String| PoolError::CorruptTranscript {
         path: path.to_owned(),
         line: number,
@@ -434,8 +439,13 @@ impl Transcript {
 }
 
 /// Creates an empty transcript file (fsynced; the caller fsyncs the directory).
-pub(crate) fn create(path: &Path) -> Result<()> {
-    kv_store::durable_fs::write_new(path, b"").map_err(PoolError::fs)
+pub(crate) fn create(path: &Path, lines: &[&str]) -> Result<()> {
+    let mut bytes = Vec::new();
+    for line in lines {
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+    }
+    kv_store::durable_fs::write_new(path, &bytes).map_err(PoolError::fs)
 }
 
 #[cfg(test)]
@@ -464,7 +474,7 @@ mod tests {
     fn with_turns(n: u64) -> (tempfile::TempDir, PathBuf, Transcript) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(TRANSCRIPT_FILE);
-        create(&path).unwrap();
+        create(&path, &[]).unwrap();
         let mut t = Transcript::default();
         for i in 0..n {
             t.append(&path, Entry::Turn(turn(i))).unwrap();

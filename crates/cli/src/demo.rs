@@ -115,7 +115,7 @@ pub fn run(env: &Env, args: &DemoArgs) -> Result<()> {
             std::fs::remove_dir_all(&root)
                 .with_context(|| format!("resetting the demo directory {}", root.display()))?;
         }
-        let pool = env.pool(&root, engine)?;
+        let pool = env.local_pool(&root, engine)?;
         session1(env, &pool, &options)
     } else {
         if !root.join("agents").exists() {
@@ -126,7 +126,7 @@ pub fn run(env: &Env, args: &DemoArgs) -> Result<()> {
             );
         }
         let engine = env.engine()?;
-        let pool = env.pool(&root, std::sync::Arc::clone(&engine))?;
+        let pool = env.local_pool(&root, std::sync::Arc::clone(&engine))?;
         session2(env, &engine, &pool, &options)
     }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use agent_pool::{AgentPool, PoolConfig};
+use agent_pool::{AgentPool, PoolConfig, SharedStore};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use engine::Engine;
@@ -43,6 +43,17 @@ struct Cli {
     /// saved in another dtype are rebuilt from their transcripts, with a note.
     #[arg(long, global = true, default_value = "f16", value_name = "DTYPE", value_parser = parse_kv_dtype)]
     kv_dtype: KvDtype,
+    /// Share agents with other hosts through an S3-compatible object store
+    /// (`s3://bucket/prefix`; endpoint and credentials from AWS_ENDPOINT_URL,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION). Each change to an agent is
+    /// committed there before it is acknowledged; the local directory is a cache in front of
+    /// it. Default: agents live in the local directory alone.
+    #[arg(long, global = true, value_name = "URL")]
+    store: Option<String>,
+    /// This process's name among the hosts sharing `--store` (default: the machine's host
+    /// name and the process id); 1 to 64 characters of [a-z0-9_-].
+    #[arg(long, global = true, value_name = "NAME", requires = "store")]
+    host: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,6 +87,8 @@ pub struct Env {
     pub quiet: bool,
     /// The dtype agents' caches are held in.
     pub kv_dtype: KvDtype,
+    /// The store shared with other hosts (`--store`), if any.
+    pub shared: Option<SharedStore>,
 }
 
 impl Env {
@@ -100,10 +113,23 @@ impl Env {
             .with_context(|| format!("opening the agent pool in {}", root.display()))
     }
 
-    /// The pool configuration every command but `serve` uses: defaults, and `--kv-dtype`.
+    /// Opens the pool at `root` on `engine`, local whatever `--store` says (the demo's own
+    /// agents are not shared).
+    pub fn local_pool(&self, root: &Path, engine: Arc<Engine>) -> Result<AgentPool<Engine>> {
+        let config = PoolConfig {
+            shared: None,
+            ..self.pool_config()
+        };
+        AgentPool::open(root, engine, config)
+            .with_context(|| format!("opening the agent pool in {}", root.display()))
+    }
+
+    /// The pool configuration every command but `serve` uses: defaults, `--kv-dtype` and
+    /// `--store`.
     pub fn pool_config(&self) -> PoolConfig {
         PoolConfig {
             kv_dtype: self.kv_dtype,
+            shared: self.shared.clone(),
             ..PoolConfig::default()
         }
     }
@@ -126,11 +152,25 @@ fn run() -> Result<()> {
         Some(m) => m,
         None => home.join("models").join(engine::DEFAULT_MODEL_FILE),
     };
+    let shared = match &cli.store {
+        None => None,
+        Some(url) => {
+            let remote = kv_remote::Remote::open(url, &[])?;
+            let host = cli.host.unwrap_or_else(SharedStore::default_host);
+            kv_store::validate_name(&host)
+                .with_context(|| format!("--host {host:?} cannot name this host"))?;
+            Some(SharedStore {
+                remote: Arc::new(remote),
+                host,
+            })
+        }
+    };
     let cx = Env {
         home,
         model,
         quiet: cli.quiet,
         kv_dtype: cli.kv_dtype,
+        shared,
     };
     match cli.command {
         Command::Demo(args) => demo::run(&cx, &args),

@@ -81,6 +81,7 @@ pub fn run(env: &Env, args: &ServeArgs) -> Result<()> {
         // A reply is acknowledged with its cache on disk, so that after a crash or kill -9
         // every acknowledged conversation resumes from disk rather than by re-prefill.
         save_every_turn: true,
+        shared: env.shared.clone(),
     };
     let pool = match AgentPool::open(&root, backend, config) {
         Ok(p) => Arc::new(p),

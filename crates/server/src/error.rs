@@ -140,6 +140,16 @@ impl From<PoolError> for ApiError {
             PoolError::DiskFull { .. } => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "server_error", message)
             }
+            // Another host advanced the conversation first: the client rereads and retries.
+            PoolError::Conflict { .. } => ApiError {
+                code: Some("conflict"),
+                ..ApiError::new(StatusCode::CONFLICT, "invalid_request_error", message)
+            },
+            // The shared store is down: nothing was committed, and a retry may succeed.
+            PoolError::Shared { .. } => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            },
             _ => ApiError::internal(message),
         }
     }

@@ -60,29 +60,57 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         agent_type: &str,
         system_prompt: &str,
     ) -> Result<(Arc<Slot>, CreateReport)> {
-        let info = AgentInfo {
+        let mut info = AgentInfo {
             id: id.to_owned(),
             agent_type: agent_type.to_owned(),
             system_prompt: system_prompt.to_owned(),
             created_unix_ms: files::now_unix_ms(),
+            shared_generation: None,
         };
+        if self.config.shared.is_some() {
+            // The id must be free on the shared store too; the creation is its next change.
+            let walked = self.walk_shared(id)?;
+            if walked.agent.is_some() {
+                return Err(PoolError::AlreadyExists {
+                    id: id.to_owned(),
+                    root: self.root.clone(),
+                });
+            }
+            info.shared_generation = Some(walked.last + 1);
+        }
         // Compute first: an engine failure must not leave a half-made agent behind.
         let (cache, system_tokens, adopted) = self.start_cache(id, &info)?;
-        if let Err(e) = self.write_agent_dir(&info) {
-            if adopted {
-                // The adoption wrote a manifest for an agent that does not exist.
-                let _ = self.store.delete(id);
-            }
-            return Err(e);
-        }
         let mut cache_saved = adopted;
-        if !adopted && !cache.is_empty() {
-            // Memory holds the bits the file holds: agents that adopt this system prompt
-            // start from the same values as this one.
-            match cache.save(&self.store, id, &self.meta) {
-                Ok(_) => cache_saved = true,
-                Err(_) => lock(&self.state).counters.save_errors += 1,
+        let save = |cache_saved: &mut bool| {
+            if !adopted && !cache.is_empty() {
+                // Memory holds the bits the file holds: agents that adopt this system prompt
+                // start from the same values as this one.
+                match cache.save(&self.store, id, &self.meta) {
+                    Ok(_) => *cache_saved = true,
+                    Err(_) => lock(&self.state).counters.save_errors += 1,
+                }
             }
+        };
+        if let Some(generation) = info.shared_generation {
+            // Shared: the cache is saved (so its segments can be pushed) and the creation
+            // committed on the store before the agent exists here.
+            save(&mut cache_saved);
+            let committed = self
+                .commit_create(&info, generation)
+                .and_then(|()| self.write_agent_dir(&info, &[]));
+            if let Err(e) = committed {
+                let _ = self.store.delete(id);
+                return Err(e);
+            }
+        } else {
+            if let Err(e) = self.write_agent_dir(&info, &[]) {
+                if adopted {
+                    // The adoption wrote a manifest for an agent that does not exist.
+                    let _ = self.store.delete(id);
+                }
+                return Err(e);
+            }
+            save(&mut cache_saved);
         }
         {
             let mut st = lock(&self.state);
@@ -115,8 +143,9 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         ))
     }
 
-    /// Writes `agents/<id>/` under a temporary name and renames it into place.
-    fn write_agent_dir(&self, info: &AgentInfo) -> Result<()> {
+    /// Writes `agents/<id>/` (its transcript holding `lines`) under a temporary name and
+    /// renames it into place.
+    pub(super) fn write_agent_dir(&self, info: &AgentInfo, lines: &[&str]) -> Result<()> {
         let agents = self.root.join("agents");
         let tmp = durable_fs::temp_path(&agents, &format!("create-{}", info.id));
         let result = (|| {
@@ -124,7 +153,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             let agent_file = tmp.join(files::AGENT_FILE);
             durable_fs::write_new(&agent_file, &files::encode_agent(info)?)
                 .map_err(PoolError::fs)?;
-            transcript::create(&tmp.join(TRANSCRIPT_FILE))?;
+            transcript::create(&tmp.join(TRANSCRIPT_FILE), lines)?;
             durable_fs::sync_dir(&tmp).map_err(PoolError::fs)?;
             let dest = self.agent_dir(&info.id);
             fs::rename(&tmp, &dest).map_err(|e| PoolError::io("rename into place", &dest, e))?;
@@ -145,7 +174,24 @@ impl<B: Backend + ?Sized> AgentPool<B> {
     /// segments no other agent shares. Waits for a generation in progress on it to finish.
     pub fn delete(&self, id: &str) -> Result<()> {
         let slot = self.slot(id)?;
-        let mut agent = lock(&slot.state);
+        let (mut agent, info) = match self.lock_agent(&slot) {
+            Ok(locked) => locked,
+            // A damaged agent.json: the agent can still be deleted here.
+            Err(PoolError::CorruptAgentFile { .. }) => {
+                let mut agent = lock(&slot.state);
+                return self.remove_local(id, &mut agent);
+            }
+            Err(e) => return Err(e),
+        };
+        // Shared: committed on the store first (lock_agent read the transcript); every host
+        // then deletes its copy.
+        self.commit_delete(id, info, &agent)?;
+        self.remove_local(id, &mut agent)
+    }
+
+    /// Deletes agent `id`'s local copy: directory, manifest, and the segments no other agent
+    /// shares.
+    pub(super) fn remove_local(&self, id: &str, agent: &mut Agent) -> Result<()> {
         if agent.deleted {
             return Err(self.unknown(id));
         }
@@ -160,7 +206,6 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         agent.transcript = None;
         self.unrecord(id);
         lock(&self.registry).agents.remove(id);
-        drop(agent);
         let _ = fs::remove_dir_all(&doomed);
         // Best effort: a leftover manifest or segment is only disk space (gc reclaims it), and
         // an agent created later under this id overwrites the manifest.

@@ -84,6 +84,15 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             return Ok((cache, 0, false));
         };
         let seg = SegmentId::compute(&self.meta, None, &sys);
+        if let Some(shared) = &self.config.shared
+            && !self.store.segment_path(&seg).exists()
+        {
+            // Another host may have computed it. Best effort: absent or unreachable, it is
+            // computed here.
+            if shared.remote.fetch_segment(&self.store, &seg).is_ok() {
+                lock(&self.pushed).insert(seg.clone());
+            }
+        }
         if self.store.segment_path(&seg).exists() {
             let adopted = self
                 .store

@@ -1,5 +1,8 @@
 //! What a caller chooses: the pool's limits, and where a turn continues a conversation.
 
+use std::sync::Arc;
+
+use kv_remote::Remote;
 use kv_store::KvDtype;
 
 use crate::transcript::Parent;
@@ -22,6 +25,50 @@ pub struct PoolConfig {
     /// Save the cache after every turn instead of at eviction, `save_agent`, `flush` and drop
     /// (default false: the transcript makes turns durable either way).
     pub save_every_turn: bool,
+    /// A store shared with other hosts (default none: agents live in the pool's directory
+    /// alone). With one, every agent created here is shared: each change to it (creation, a
+    /// turn, a deleted turn, deletion) is committed to the shared store before it is
+    /// acknowledged, with the cache segments that hold its K/V, and a host opening an agent
+    /// first applies the changes other hosts committed, adopting their cache instead of
+    /// computing it again. The pool's directory becomes a cache in front of the store.
+    pub shared: Option<SharedStore>,
+}
+
+/// A remote store shared by several hosts' pools, and this host's name among them.
+#[derive(Clone, Debug)]
+pub struct SharedStore {
+    /// The store.
+    pub remote: Arc<Remote>,
+    /// This host's name in the agents' heads: 1 to 64 characters of `[a-z0-9_-]`, different
+    /// for every pool sharing the store at once ([`SharedStore::default_host`] makes one).
+    pub host: String,
+}
+
+impl SharedStore {
+    /// A host name unique to this process: the machine's host name (reduced to
+    /// `[a-z0-9_-]`) and the process id.
+    pub fn default_host() -> String {
+        let machine = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_default();
+        let mut name: String = machine
+            .trim()
+            .chars()
+            .map(|c| c.to_ascii_lowercase())
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(48)
+            .collect();
+        if name.is_empty() {
+            name.push_str("host");
+        }
+        format!("{name}-{}", std::process::id())
+    }
 }
 
 impl Default for PoolConfig {
@@ -31,6 +78,7 @@ impl Default for PoolConfig {
             kv_budget_bytes: 1 << 30,
             kv_dtype: KvDtype::F16,
             save_every_turn: false,
+            shared: None,
         }
     }
 }

@@ -173,6 +173,12 @@ pub struct Counters {
     pub transcript_repairs: u64,
     /// Turns committed.
     pub turns: u64,
+    /// Changes other hosts committed to shared agents, applied here.
+    pub shared_changes: u64,
+    /// Caches adopted from segments on the shared store (another host's K/V, not computed).
+    pub shared_adoptions: u64,
+    /// Times the shared store could not be read and the local copy was used as it was.
+    pub shared_unreachable: u64,
 }
 
 /// A rebuild, for [`PoolStats::recent_rebuilds`].

@@ -146,7 +146,13 @@ impl<B: Backend + ?Sized> AgentPool<B> {
                 output_tokens: generation.tokens.len(),
             }),
         };
-        transcript.append(&path, Entry::Turn(turn))?;
+        let entry = Entry::Turn(turn);
+        // Shared: committed on the store first, with the cache holding this turn.
+        self.commit_line(id, info, agent, &entry, "the turn")?;
+        agent
+            .transcript
+            .get_or_insert_with(Transcript::default)
+            .append(&path, entry)?;
         let commit = commit_started.elapsed();
         lock(&self.state).counters.turns += 1;
         if self.config.save_every_turn {
@@ -304,12 +310,20 @@ impl<B: Backend + ?Sized> AgentPool<B> {
     /// deletion is a line of its own).
     pub fn delete_turn(&self, id: &str, index: u64) -> Result<()> {
         let slot = self.slot(id)?;
-        let (mut agent, _) = self.lock_agent(&slot)?;
+        let (mut agent, info) = self.lock_agent(&slot)?;
         self.ensure_transcript(id, &mut agent)?;
         let path = self.agent_dir(id).join(TRANSCRIPT_FILE);
-        let transcript = agent.transcript.get_or_insert_with(Transcript::default);
-        live_turn(transcript, id, index)?;
-        transcript.append(&path, Entry::Deleted(index))
+        live_turn(
+            agent.transcript.get_or_insert_with(Transcript::default),
+            id,
+            index,
+        )?;
+        let entry = Entry::Deleted(index);
+        self.commit_line(id, info, &mut agent, &entry, "the deletion of the turn")?;
+        agent
+            .transcript
+            .get_or_insert_with(Transcript::default)
+            .append(&path, entry)
     }
 
     /// Agent `id`'s turns, oldest first (reading the transcript if it was not read yet).

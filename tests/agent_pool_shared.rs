@@ -1,0 +1,345 @@
+//! Agents shared by two hosts through a real Garage cluster (three `garage` processes on
+//! loopback, replication factor 3): two pools with their own directories, each talking to a
+//! different node, on the deterministic fake engine (whose oracle panics if a cache holds K/V
+//! that do not belong to its tokens, and whose replies are a function of the whole prompt, so
+//! a wrong history shows as a wrong reply).
+//!
+//! An agent advanced on host A resumes on host B with its history computed nowhere but on A;
+//! both hosts advancing it at once give one winner and a typed conflict, never a mixed
+//! history; a system prompt used on both hosts is stored once; deletion is seen everywhere;
+//! a store that cannot be reached or holds a damaged change refuses the change and loses
+//! nothing acknowledged.
+// Test code: a failed unwrap is a failed test, which is what we want.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use agent_pool::testing::FakeBackend;
+use agent_pool::{AgentPool, PoolConfig, PoolError, Reply, SharedStore};
+use engine::testing::options;
+use kv_remote::testing::{Garage, garage_binary};
+
+const SYSTEM: &str = "You review pull requests. Be precise and brief.";
+const MAX_TOKENS: usize = 12;
+
+fn cluster(dir: &Path) -> Option<Garage> {
+    let binary = garage_binary()?;
+    Some(Garage::start(&binary, &dir.join("garage"), 3))
+}
+
+fn shared(garage: &Garage, node: usize, host: &str) -> SharedStore {
+    SharedStore {
+        remote: Arc::new(garage.remote(node, "fleet")),
+        host: host.to_owned(),
+    }
+}
+
+/// A pool in `dir` sharing the cluster's store through `node` as `host`.
+fn host(
+    dir: &Path,
+    garage: &Garage,
+    node: usize,
+    name: &str,
+    backend: FakeBackend,
+) -> AgentPool<FakeBackend> {
+    let config = PoolConfig {
+        save_every_turn: false,
+        shared: Some(shared(garage, node, name)),
+        ..PoolConfig::default()
+    };
+    AgentPool::open(&dir.join(name), Arc::new(backend), config).unwrap()
+}
+
+/// A pool that shares nothing: what an uninterrupted conversation on one host gives.
+fn alone(dir: &Path) -> AgentPool<FakeBackend> {
+    AgentPool::open(
+        &dir.join("alone"),
+        Arc::new(FakeBackend::default()),
+        PoolConfig::default(),
+    )
+    .unwrap()
+}
+
+fn turn<B: agent_pool::Backend>(pool: &AgentPool<B>, id: &str, text: &str) -> Reply {
+    pool.generate(id, text, &options(MAX_TOKENS), &mut |_| {})
+        .unwrap()
+}
+
+/// The tokens a turn computed rather than reused.
+fn computed(reply: &Reply) -> usize {
+    reply.prompt_tokens - reply.reused_tokens
+}
+
+/// The turns' (user, reply) texts.
+fn history<B: agent_pool::Backend>(pool: &AgentPool<B>, id: &str) -> Vec<(String, String)> {
+    pool.transcript(id)
+        .unwrap()
+        .iter()
+        .map(|t| (t.user().to_owned(), t.reply.clone()))
+        .collect()
+}
+
+#[test]
+fn an_agent_advanced_on_one_host_resumes_on_another_without_recomputing_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(garage) = cluster(dir.path()) else {
+        return;
+    };
+    let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
+    let b = host(dir.path(), &garage, 2, "host-b", FakeBackend::default());
+    let one = alone(dir.path());
+    a.create_agent("reviewer", "review", SYSTEM).unwrap();
+    one.create_agent("reviewer", "review", SYSTEM).unwrap();
+    let questions = [
+        "Is this diff safe?",
+        "What about the lock order?",
+        "And the test?",
+    ];
+    for q in questions {
+        let on_a = turn(&a, "reviewer", q);
+        let on_one = turn(&one, "reviewer", q);
+        assert_eq!(on_a.text, on_one.text);
+    }
+
+    // Host B has never seen the agent: it comes from the store, history and cache.
+    let info = b.info("reviewer").unwrap();
+    assert_eq!(info.system_prompt, SYSTEM);
+    assert_eq!(history(&b, "reviewer"), history(&a, "reviewer"));
+    let on_b = turn(&b, "reviewer", "Ship it?");
+    let on_one = turn(&one, "reviewer", "Ship it?");
+    assert_eq!(on_b.text, on_one.text, "host B answered another history");
+    assert!(on_b.rebuilt.is_none(), "{:?}", on_b.rebuilt);
+    assert!(on_b.resumed_from_disk);
+    // Exactly what a host that kept the agent in memory computes: the new message alone.
+    assert_eq!(computed(&on_b), computed(&on_one));
+    assert!(on_b.reused_tokens > 0);
+    let stats = b.stats().counters;
+    assert_eq!(stats.rebuilds, 0);
+    assert!(stats.shared_adoptions >= 1, "{stats:?}");
+
+    // Host A, whose agent is still hot, takes B's turn and B's cache, and goes on.
+    let on_a = turn(&a, "reviewer", "Merged. Anything else?");
+    let on_one = turn(&one, "reviewer", "Merged. Anything else?");
+    assert_eq!(on_a.text, on_one.text);
+    assert_eq!(computed(&on_a), computed(&on_one));
+    assert_eq!(a.stats().counters.rebuilds, 0);
+    assert_eq!(history(&a, "reviewer"), history(&one, "reviewer"));
+    assert_eq!(history(&b, "reviewer"), history(&one, "reviewer"));
+
+    // A host that restarts keeps its local copy and catches up from the store.
+    drop(b);
+    let b = host(dir.path(), &garage, 1, "host-b", FakeBackend::default());
+    assert_eq!(history(&b, "reviewer"), history(&one, "reviewer"));
+}
+
+#[test]
+fn two_hosts_advancing_one_agent_at_once_give_one_winner_and_a_typed_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(garage) = cluster(dir.path()) else {
+        return;
+    };
+    // Slow tokens, so that both hosts have read the agent's head before either commits.
+    let slow = || FakeBackend::default().with_token_delay(Duration::from_millis(15));
+    let a = host(dir.path(), &garage, 0, "host-a", slow());
+    let b = host(dir.path(), &garage, 1, "host-b", slow());
+    let one = alone(dir.path());
+    a.create_agent("pair", "t", SYSTEM).unwrap();
+    one.create_agent("pair", "t", SYSTEM).unwrap();
+    turn(&a, "pair", "warm up");
+    turn(&one, "pair", "warm up");
+    assert_eq!(history(&b, "pair"), history(&one, "pair"));
+
+    for round in 0..4 {
+        let barrier = Barrier::new(2);
+        let ask_a = format!("round {round} from a");
+        let ask_b = format!("round {round} from b");
+        let (ra, rb) = std::thread::scope(|s| {
+            let ta = s.spawn(|| {
+                barrier.wait();
+                a.generate("pair", &ask_a, &options(MAX_TOKENS), &mut |_| {})
+            });
+            let tb = s.spawn(|| {
+                barrier.wait();
+                b.generate("pair", &ask_b, &options(MAX_TOKENS), &mut |_| {})
+            });
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        let (winner, loser) = match (&ra, &rb) {
+            (Ok(_), Err(e)) => (&ask_a, e),
+            (Err(e), Ok(_)) => (&ask_b, e),
+            other => panic!("round {round}: exactly one host must win: {other:?}"),
+        };
+        assert!(
+            matches!(loser, PoolError::Conflict { id, .. } if id == "pair"),
+            "round {round}: {loser}"
+        );
+        // Both hosts hold the winner's turn and nothing of the loser's.
+        let expected = turn(&one, "pair", winner);
+        let ha = history(&a, "pair");
+        assert_eq!(ha, history(&b, "pair"), "round {round}");
+        assert_eq!(ha, history(&one, "pair"), "round {round}");
+        assert_eq!(ha.last().unwrap().1, expected.text);
+    }
+    // The loser of the last round goes on from the winner's turn, without a rebuild.
+    let next_a = turn(&a, "pair", "after the race");
+    let next_one = turn(&one, "pair", "after the race");
+    assert_eq!(next_a.text, next_one.text);
+    assert_eq!(history(&b, "pair"), history(&one, "pair"));
+    assert_eq!(a.stats().counters.rebuilds + b.stats().counters.rebuilds, 0);
+}
+
+#[test]
+fn a_system_prompt_used_on_both_hosts_is_computed_and_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(garage) = cluster(dir.path()) else {
+        return;
+    };
+    let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
+    let b = host(dir.path(), &garage, 2, "host-b", FakeBackend::default());
+    let made = a.create_agent("first", "t", SYSTEM).unwrap();
+    assert!(!made.adopted);
+    let segments_after_one = garage.remote(1, "fleet").list_segments().unwrap();
+    assert_eq!(segments_after_one.len(), 1);
+    let adopted = b.create_agent("second", "t", SYSTEM).unwrap();
+    assert!(adopted.adopted, "host B computed the system prompt again");
+    assert_eq!(
+        garage.remote(1, "fleet").list_segments().unwrap(),
+        segments_after_one
+    );
+    // Both agents answer as agents of that prompt.
+    let on_b = turn(&b, "second", "hello");
+    let expected = FakeBackend::default().expected_reply(SYSTEM, &[], "hello", MAX_TOKENS);
+    assert_eq!(on_b.text, expected);
+    // An id taken on one host is taken on the other.
+    assert!(matches!(
+        b.create_agent("first", "t", "another prompt"),
+        Err(PoolError::AlreadyExists { .. })
+    ));
+}
+
+#[test]
+fn deleting_on_one_host_deletes_everywhere_and_the_id_can_be_used_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(garage) = cluster(dir.path()) else {
+        return;
+    };
+    let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
+    let b = host(dir.path(), &garage, 1, "host-b", FakeBackend::default());
+    a.create_agent("temp", "t", SYSTEM).unwrap();
+    let first = turn(&a, "temp", "one");
+    let second = turn(&b, "temp", "two");
+    // A deleted turn is deleted on both hosts.
+    b.delete_turn("temp", 0).unwrap();
+    assert!(matches!(
+        a.turn("temp", 0),
+        Err(PoolError::UnknownTurn { .. })
+    ));
+    assert_eq!(a.turn("temp", 1).unwrap().reply, second.text);
+    assert_ne!(first.text, "");
+
+    a.delete("temp").unwrap();
+    assert!(matches!(
+        b.info("temp"),
+        Err(PoolError::UnknownAgent { .. })
+    ));
+    assert!(!dir.path().join("host-b/agents/temp").exists());
+    // Created again on B, under another prompt: A sees the new agent, not the old one.
+    b.create_agent("temp", "t", "A new prompt.").unwrap();
+    assert_eq!(a.info("temp").unwrap().system_prompt, "A new prompt.");
+    assert!(a.transcript("temp").unwrap().is_empty());
+    let on_a = turn(&a, "temp", "hi");
+    let expected = FakeBackend::default().expected_reply("A new prompt.", &[], "hi", MAX_TOKENS);
+    assert_eq!(on_a.text, expected);
+}
+
+#[test]
+fn an_unreachable_store_refuses_changes_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut garage) = cluster(dir.path()) else {
+        return;
+    };
+    let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
+    a.create_agent("steady", "t", SYSTEM).unwrap();
+    let kept = turn(&a, "steady", "before the outage");
+    for i in 0..3 {
+        garage.stop_node(i);
+    }
+    let r = a.generate(
+        "steady",
+        "during the outage",
+        &options(MAX_TOKENS),
+        &mut |_| {},
+    );
+    assert!(matches!(r, Err(PoolError::Shared { .. })), "{r:?}");
+    // Reads fall back to the local copy, which holds every acknowledged turn and nothing else.
+    let local = history(&a, "steady");
+    assert_eq!(
+        local,
+        vec![("before the outage".to_owned(), kept.text.clone())]
+    );
+    assert!(a.stats().counters.shared_unreachable > 0);
+    // A new agent cannot be created without the store either, and leaves nothing behind.
+    assert!(matches!(
+        a.create_agent("later", "t", SYSTEM),
+        Err(PoolError::Shared { .. })
+    ));
+    assert!(!dir.path().join("host-a/agents/later").exists());
+    for i in 0..3 {
+        garage.start_node(i);
+    }
+    let after = turn(&a, "steady", "after the outage");
+    let expected = FakeBackend::default().expected_reply(
+        SYSTEM,
+        &[("before the outage".to_owned(), kept.text)],
+        "after the outage",
+        MAX_TOKENS,
+    );
+    assert_eq!(after.text, expected);
+    let b = host(dir.path(), &garage, 2, "host-b", FakeBackend::default());
+    assert_eq!(history(&b, "steady"), history(&a, "steady"));
+}
+
+#[test]
+fn a_damaged_change_on_the_store_is_an_error_and_the_local_copy_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(garage) = cluster(dir.path()) else {
+        return;
+    };
+    let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
+    let b = host(dir.path(), &garage, 1, "host-b", FakeBackend::default());
+    a.create_agent("fragile", "t", SYSTEM).unwrap();
+    turn(&a, "fragile", "one");
+    let before = history(&b, "fragile");
+    // Generation 3 (creation, one turn, then this) is garbage, decided as far as readers
+    // can tell.
+    let raw = garage.remote(2, "fleet");
+    raw.put_raw(
+        &format!("heads/fragile/{:020}/decided", 3),
+        b"{\"format\":\"agentkv.change\",\"version\":1,\"host\":\"x\",\"nonce\":\"0\",\"change\":{\"line\":\"{not a line\"}}".to_vec(),
+    )
+    .unwrap();
+    for pool in [&a, &b] {
+        let r = pool.transcript("fragile");
+        assert!(
+            matches!(&r, Err(PoolError::SharedRecord { generation: 3, .. })),
+            "{r:?}"
+        );
+    }
+    let path = dir.path().join("host-b/agents/fragile/transcript.jsonl");
+    let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+    assert_eq!(lines, before.len(), "the local copy changed");
+    // A turn on top of the damage is refused too: it cannot be placed after it.
+    assert!(
+        a.generate("fragile", "two", &options(MAX_TOKENS), &mut |_| {})
+            .is_err()
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("host-a/agents/fragile/transcript.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
+}
