@@ -16,7 +16,8 @@ pub use error::{PoolError, Result};
 pub use files::{AGENT_FILE_VERSION, AgentInfo};
 pub use pool::{
     AgentPool, AgentSummary, Continue, Counters, CreateReport, HotAgent, LoadReport, PoolConfig,
-    PoolStats, Rebuild, RebuildEvent, RebuildReason, Reply, Reused, SharedStore, Timings,
+    PoolStats, Rebuild, RebuildEvent, RebuildReason, Reply, Reused, SharedCheck, SharedStore,
+    Timings,
 };
 pub use transcript::{Parent, TRANSCRIPT_VERSION, TranscriptRepair, Turn, Usage};
 pub use view::PoolView;

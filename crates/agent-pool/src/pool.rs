@@ -31,7 +31,7 @@ mod turns;
 
 mod detached;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -52,6 +52,7 @@ pub use report::{
     AgentSummary, Counters, CreateReport, HotAgent, LoadReport, PoolStats, Rebuild, RebuildEvent,
     RebuildReason, Reply, Reused, Timings,
 };
+pub use shared::SharedCheck;
 
 /// One agent: immutable facts plus its mutable state behind its own mutex.
 struct Slot {
@@ -70,6 +71,10 @@ struct Agent {
     dirty: bool,
     /// Deleted while someone waited for this mutex.
     deleted: bool,
+    /// A shared agent's cache chain as its newest change known here records it (`None`: not
+    /// known since the pool opened). The store keeps every segment a live agent's changes
+    /// name, so a commit pushes only the segments not in it.
+    shared_chain: Option<Vec<SegmentId>>,
     /// Tokens of the system prompt [`AgentPool::create_agent`] computed, while the agent has
     /// stayed hot since without a turn: its first turn counts them as computed for it, not as
     /// reused.
@@ -112,8 +117,6 @@ pub struct AgentPool<B: Backend + ?Sized> {
     store: Store,
     registry: Mutex<Registry>,
     state: Mutex<PoolState>,
-    /// Segments the shared store is known to hold (pushed or fetched by this pool).
-    pushed: Mutex<HashSet<SegmentId>>,
     /// Held (flock) for the pool's lifetime: one pool per directory.
     _lock: File,
     /// Cleared by [`AgentPool::abandon`].
@@ -247,7 +250,6 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             config,
             store,
             registry: Mutex::new(registry),
-            pushed: Mutex::new(HashSet::new()),
             state: Mutex::new(PoolState {
                 hot: LruCache::unbounded(),
                 kv_bytes: 0,

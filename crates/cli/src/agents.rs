@@ -25,16 +25,25 @@ pub enum AgentsCommand {
         /// The agent's id.
         agent: String,
     },
-    /// Read every agent's cache and check every segment's checksums and fingerprints.
+    /// Read every agent's cache and check every segment's checksums and fingerprints; with
+    /// --store, also every agent on the shared store (its changes, and each segment of its
+    /// newest cache, downloaded).
     Verify,
-    /// Delete segments no cache references, and leftovers of interrupted saves.
-    Gc,
+    /// Delete segments no cache references, and leftovers of interrupted saves; with --store,
+    /// also the segments on the shared store no existing agent's changes name.
+    Gc {
+        /// With --store: keep unreferenced shared segments younger than this many seconds
+        /// (a change being committed by another host pushes its segments before it is
+        /// decided).
+        #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+        grace_secs: u64,
+    },
 }
 
 /// Runs an `agents` subcommand on the everyday pool.
 pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
     let root = env.pool_root();
-    if let AgentsCommand::Gc = command {
+    if let AgentsCommand::Gc { grace_secs } = command {
         // Straight to the store, without the model or the pool: opening a pool collects
         // garbage itself, which would leave nothing to report.
         let kv = root.join("kv");
@@ -47,6 +56,21 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
             report.segments_removed,
             report.temp_files_removed
         );
+        if env.shared.is_some() {
+            let engine = env.engine()?;
+            let pool = env.pool(&root, engine)?;
+            let report = pool
+                .gc_shared(std::time::Duration::from_secs(*grace_secs))
+                .context("collecting unreferenced segments on the shared store")?;
+            println!(
+                "shared store: freed {} ({} segments; kept {} referenced, {} unreferenced but \
+                 younger than {grace_secs} s)",
+                ui::bytes(report.bytes_freed),
+                report.removed,
+                report.kept,
+                report.recent
+            );
+        }
         return Ok(());
     }
     let engine = env.engine()?;
@@ -192,11 +216,36 @@ pub fn run(env: &Env, command: &AgentsCommand) -> Result<()> {
                 };
                 println!("{}: {verdict}; {transcript}", a.id);
             }
+            if env.shared.is_some() {
+                let Pool::Open(pool) = &pool else {
+                    bail!(
+                        "the pool is in use by another process: stop it to verify the shared store"
+                    );
+                };
+                for check in pool.verify_shared()? {
+                    let verdict = match &check.problem {
+                        Some(problem) => {
+                            bad += 1;
+                            format!("DAMAGED: {problem}")
+                        }
+                        None if check.deleted => format!("deleted ({} changes)", check.changes),
+                        None => format!(
+                            "ok: {} changes, {} transcript lines, {} segments ({}) downloaded and \
+                             verified",
+                            check.changes,
+                            check.turns,
+                            check.segments,
+                            ui::bytes(check.bytes)
+                        ),
+                    };
+                    println!("shared {}: {verdict}", check.id);
+                }
+            }
             if bad > 0 {
                 bail!("{bad} problems found: `agentkv agents rm NAME` removes a damaged agent");
             }
         }
-        AgentsCommand::Gc => {} // handled above
+        AgentsCommand::Gc { .. } => {} // handled above
     }
     Ok(())
 }

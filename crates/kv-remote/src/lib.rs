@@ -117,6 +117,19 @@ pub struct Transfer {
     pub already_there: bool,
 }
 
+/// What [`Remote::remove_segments`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteGc {
+    /// Segments deleted.
+    pub removed: u64,
+    /// Their bytes.
+    pub bytes_freed: u64,
+    /// Segments kept because something references them.
+    pub kept: u64,
+    /// Unreferenced segments kept because they are newer than the grace period.
+    pub recent: u64,
+}
+
 /// An S3 bucket (and a prefix in it) holding segments several hosts share.
 pub struct Remote {
     store: Arc<dyn ObjectStore>,
@@ -371,6 +384,82 @@ impl Remote {
             .run(self.store.list(Some(&dir)).try_collect())
             .map_err(|e| self.failed("list", &dir, e))?;
         Ok(metas.iter().map(|m| m.size).sum())
+    }
+
+    /// Downloads segment `id` and verifies it as a fetch does, keeping nothing: its size, or
+    /// [`Error::Damaged`].
+    pub fn check_segment(&self, id: &SegmentId) -> Result<u64> {
+        let key = self.key(&format!("segments/{id}.safetensors"));
+        let bytes = self
+            .run(async { self.store.get(&key).await?.bytes().await })
+            .map_err(|e| self.failed("read", &key, e))?;
+        let n = bytes.len() as u64;
+        let name = std::path::PathBuf::from(key.to_string());
+        let damaged = |source| Error::Damaged {
+            key: key.to_string(),
+            source,
+        };
+        let seg = kv_store::Segment::from_bytes(&name, bytes.to_vec()).map_err(damaged)?;
+        if seg.id() != id {
+            return Err(damaged(kv_store::Error::InvalidInput {
+                detail: format!("its content is segment {}", seg.id()),
+            }));
+        }
+        Ok(n)
+    }
+
+    /// The names of the agents with heads on the store (created, and possibly deleted since).
+    pub fn list_heads(&self) -> Result<Vec<String>> {
+        let dir = self.key("heads");
+        let listed = self
+            .run(self.store.list_with_delimiter(Some(&dir)))
+            .map_err(|e| self.failed("list", &dir, e))?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename())
+            .filter(|name| kv_store::validate_name(name).is_ok())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Deletes the segments not in `keep` whose objects are older than `grace` (so that the
+    /// segments of a change still being committed, pushed before it is decided, stay).
+    pub fn remove_segments(
+        &self,
+        keep: &std::collections::HashSet<SegmentId>,
+        grace: Duration,
+    ) -> Result<RemoteGc> {
+        let dir = self.key("segments");
+        let metas: Vec<object_store::ObjectMeta> = self
+            .run(self.store.list(Some(&dir)).try_collect())
+            .map_err(|e| self.failed("list", &dir, e))?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let grace_ms = grace.as_millis() as i64;
+        let mut report = RemoteGc::default();
+        for meta in metas {
+            let Some(id) = meta
+                .location
+                .filename()
+                .and_then(|n| n.strip_suffix(".safetensors"))
+                .and_then(SegmentId::parse)
+            else {
+                continue;
+            };
+            if keep.contains(&id) {
+                report.kept += 1;
+            } else if now_ms - meta.last_modified.timestamp_millis() < grace_ms {
+                report.recent += 1;
+            } else {
+                self.run(self.store.delete(&meta.location))
+                    .map_err(|e| self.failed("delete", &meta.location, e))?;
+                report.removed += 1;
+                report.bytes_freed += meta.size;
+            }
+        }
+        Ok(report)
     }
 
     /// Every segment id the store holds, in no particular order. Objects under `segments/`

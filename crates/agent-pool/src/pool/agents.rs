@@ -81,6 +81,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         // Compute first: an engine failure must not leave a half-made agent behind.
         let (cache, system_tokens, adopted) = self.start_cache(id, &info)?;
         let mut cache_saved = adopted;
+        let mut shared_chain = None;
         let save = |cache_saved: &mut bool| {
             if !adopted && !cache.is_empty() {
                 // Memory holds the bits the file holds: agents that adopt this system prompt
@@ -95,12 +96,16 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             // Shared: the cache is saved (so its segments can be pushed) and the creation
             // committed on the store before the agent exists here.
             save(&mut cache_saved);
-            let committed = self
-                .commit_create(&info, generation)
-                .and_then(|()| self.write_agent_dir(&info, &[]));
-            if let Err(e) = committed {
-                let _ = self.store.delete(id);
-                return Err(e);
+            let committed = self.commit_create(&info, generation).and_then(|chain| {
+                self.write_agent_dir(&info, &[])?;
+                Ok(chain)
+            });
+            match committed {
+                Ok(chain) => shared_chain = Some(chain),
+                Err(e) => {
+                    let _ = self.store.delete(id);
+                    return Err(e);
+                }
             }
         } else {
             if let Err(e) = self.write_agent_dir(&info, &[]) {
@@ -126,6 +131,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             dirty: !cache_saved,
             cache: Some(cache),
             deleted: false,
+            shared_chain,
             fresh_system: (!adopted).then_some(system_tokens),
         };
         let slot = Arc::new(Slot {

@@ -89,9 +89,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         {
             // Another host may have computed it. Best effort: absent or unreachable, it is
             // computed here.
-            if shared.remote.fetch_segment(&self.store, &seg).is_ok() {
-                lock(&self.pushed).insert(seg.clone());
-            }
+            let _ = shared.remote.fetch_segment(&self.store, &seg);
         }
         if self.store.segment_path(&seg).exists() {
             let adopted = self

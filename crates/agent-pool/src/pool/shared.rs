@@ -55,6 +55,25 @@ pub(super) enum Change {
     Delete,
 }
 
+/// One agent on the shared store, as [`AgentPool::verify_shared`] found it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SharedCheck {
+    /// The agent.
+    pub id: String,
+    /// Changes committed to it (its head's newest generation).
+    pub changes: u64,
+    /// Its last change deleted it.
+    pub deleted: bool,
+    /// Transcript lines since its creation.
+    pub turns: usize,
+    /// Segments of its newest cache chain, each downloaded and verified.
+    pub segments: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// What is wrong, if anything.
+    pub problem: Option<String>,
+}
+
 /// A shared agent's state on the store, from its last creation on.
 pub(super) struct Walked {
     /// The generation of the last change.
@@ -154,15 +173,17 @@ impl<B: Backend + ?Sized> AgentPool<B> {
     }
 
     /// Commits `change` as generation `generation` of shared agent `id`, with `segments` its
-    /// cache chain after it: pushes the segments the store may lack, then proposes. `what`
-    /// names the change in errors. [`PoolError::Conflict`] when another host's change is the
-    /// generation's.
+    /// cache chain after it: pushes the segments not in `known` (the chain of the agent's
+    /// previous change, which the store keeps), each a no-op where the store has it, then
+    /// proposes. `what` names the change in errors. [`PoolError::Conflict`] when another
+    /// host's change is the generation's.
     fn commit_shared(
         &self,
         id: &str,
         generation: u64,
         change: Change,
-        segments: Vec<SegmentId>,
+        segments: &[SegmentId],
+        known: &[SegmentId],
         what: &'static str,
     ) -> Result<()> {
         let Some(shared) = &self.config.shared else {
@@ -173,15 +194,11 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             what,
             source: Box::new(e),
         };
-        for seg in &segments {
-            if lock(&self.pushed).contains(seg) {
-                continue;
-            }
+        for seg in segments.iter().filter(|s| !known.contains(s)) {
             shared
                 .remote
                 .push_segment(&self.store, seg)
                 .map_err(failed)?;
-            lock(&self.pushed).insert(seg.clone());
         }
         let record = Record {
             format: RECORD_FORMAT.to_owned(),
@@ -189,7 +206,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             host: shared.host.clone(),
             nonce: nonce(),
             change,
-            segments,
+            segments: segments.to_vec(),
         };
         let value = serde_json::to_string(&record).map_err(|e| PoolError::SharedRecord {
             id: id.to_owned(),
@@ -226,16 +243,23 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             .unwrap_or_default())
     }
 
-    /// Commits a new agent's creation (its cache saved as `id`, when it has one).
-    pub(super) fn commit_create(&self, info: &AgentInfo, generation: u64) -> Result<()> {
+    /// Commits a new agent's creation (its cache saved as `id`, when it has one); returns
+    /// the chain committed.
+    pub(super) fn commit_create(
+        &self,
+        info: &AgentInfo,
+        generation: u64,
+    ) -> Result<Vec<SegmentId>> {
         let chain = self.saved_chain(&info.id)?;
         self.commit_shared(
             &info.id,
             generation,
             Change::Create(info.clone()),
-            chain,
+            &chain,
+            &[],
             "the creation",
-        )
+        )?;
+        Ok(chain)
     }
 
     /// Commits a transcript line of a shared agent, saving its cache first so that the record
@@ -265,7 +289,11 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             generation,
             detail: "a transcript line is not UTF-8".into(),
         })?;
-        let result = self.commit_shared(id, generation, Change::Line(line), chain, what);
+        let known = agent.shared_chain.clone().unwrap_or_default();
+        let result = self.commit_shared(id, generation, Change::Line(line), &chain, &known, what);
+        if result.is_ok() {
+            agent.shared_chain = Some(chain);
+        }
         if matches!(result, Err(PoolError::Conflict { .. })) {
             // Bring this host up to date with the change that won, so the caller's next
             // request continues from it. Its own error, if any, is less useful than the
@@ -282,7 +310,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         let Some(generation) = Self::local_generation(info, transcript).map(|g| g + 1) else {
             return Ok(());
         };
-        self.commit_shared(id, generation, Change::Delete, Vec::new(), "the deletion")
+        self.commit_shared(id, generation, Change::Delete, &[], &[], "the deletion")
     }
 
     /// Applies to shared agent `id` the changes other hosts committed after its local copy.
@@ -352,6 +380,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             transcript.append(&path, entry)?;
             lock(&self.state).counters.shared_changes += 1;
             if !record.segments.is_empty() {
+                agent.shared_chain = Some(record.segments.clone());
                 adopt = Some(record.segments);
             }
         }
@@ -374,7 +403,6 @@ impl<B: Backend + ?Sized> AgentPool<B> {
                 lock(&self.state).counters.shared_unreachable += 1;
                 return false;
             }
-            lock(&self.pushed).insert(seg.clone());
         }
         let Ok(loaded) = self.store.adopt(id, &self.meta, chain) else {
             return false;
@@ -394,6 +422,111 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             }
         }
         true
+    }
+
+    /// The transcript lines of `records` (a creation, then lines), each verified as a read of
+    /// the transcript verifies it.
+    fn checked_lines<'r>(
+        &self,
+        id: &str,
+        info: &AgentInfo,
+        records: &'r [Record],
+    ) -> Result<Vec<&'r str>> {
+        let generation = info.shared_generation.unwrap_or(0);
+        let mut lines = Vec::new();
+        let mut transcript = Transcript::default();
+        let path = self.agent_dir(id).join(TRANSCRIPT_FILE);
+        for (n, record) in records.iter().enumerate().skip(1) {
+            let bad = |detail: String| PoolError::SharedRecord {
+                id: id.to_owned(),
+                generation: generation + n as u64,
+                detail,
+            };
+            let Change::Line(line) = &record.change else {
+                return Err(bad("not a transcript line".into()));
+            };
+            let entry =
+                transcript::decode_line(&path, n, line.as_bytes(), transcript.turns.len() as u64)
+                    .map_err(|e| bad(e.with_causes()))?;
+            match entry {
+                Entry::Turn(t) => transcript.turns.push(t),
+                Entry::Deleted(index) => {
+                    if !transcript.deleted.insert(index) {
+                        return Err(bad(format!("it deletes turn {index} again")));
+                    }
+                }
+            }
+            lines.push(line.as_str());
+        }
+        Ok(lines)
+    }
+
+    /// Checks every agent on the shared store: that its changes parse and its transcript
+    /// lines verify, and that each segment of its newest cache chain downloads whole and is
+    /// the segment its name says. Changes nothing; an agent's problem is reported with it.
+    pub fn verify_shared(&self) -> Result<Vec<SharedCheck>> {
+        let Some(shared) = &self.config.shared else {
+            return Ok(Vec::new());
+        };
+        let failed = |id: &str, e| PoolError::Shared {
+            id: id.to_owned(),
+            what: "the verification",
+            source: Box::new(e),
+        };
+        let mut out = Vec::new();
+        for id in shared.remote.list_heads().map_err(|e| failed("", e))? {
+            let mut check = SharedCheck {
+                id: id.clone(),
+                ..SharedCheck::default()
+            };
+            let checked = (|| -> Result<()> {
+                let walked = self.walk_shared(&id)?;
+                check.changes = walked.last;
+                let Some((info, records)) = walked.agent else {
+                    check.deleted = true;
+                    return Ok(());
+                };
+                check.turns = self.checked_lines(&id, &info, &records)?.len();
+                let chain = records
+                    .iter()
+                    .rev()
+                    .map(|r| &r.segments)
+                    .find(|s| !s.is_empty());
+                for seg in chain.into_iter().flatten() {
+                    check.bytes += shared
+                        .remote
+                        .check_segment(seg)
+                        .map_err(|e| failed(&id, e))?;
+                    check.segments += 1;
+                }
+                Ok(())
+            })();
+            check.problem = checked.err().map(|e| e.with_causes());
+            out.push(check);
+        }
+        Ok(out)
+    }
+
+    /// Deletes the segments on the shared store that no change of any existing agent names
+    /// (a deleted agent's, or pushed for a change that lost), once they are older than
+    /// `grace`: a change being committed pushes its segments before it is decided, and they
+    /// must outlive that. Refuses, deleting nothing, when any agent's changes cannot be read.
+    pub fn gc_shared(&self, grace: std::time::Duration) -> Result<kv_remote::RemoteGc> {
+        let Some(shared) = &self.config.shared else {
+            return Ok(kv_remote::RemoteGc::default());
+        };
+        let failed = |e| PoolError::Shared {
+            id: String::new(),
+            what: "the collection",
+            source: Box::new(e),
+        };
+        let mut keep = std::collections::HashSet::new();
+        for id in shared.remote.list_heads().map_err(failed)? {
+            if let Some((_, records)) = self.walk_shared(&id)?.agent {
+                keep.extend(records.into_iter().flat_map(|r| r.segments));
+            }
+        }
+        shared.remote.remove_segments(&keep, grace).map_err(failed)
     }
 
     /// Brings shared agent `id`, unknown here, from the shared store: its directory (its
@@ -431,30 +564,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
                 root: self.root.clone(),
             });
         }
-        let generation = info.shared_generation.unwrap_or(0);
-        // The lines, verified one by one as a read of the transcript verifies them.
-        let mut lines = Vec::new();
-        let mut transcript = Transcript::default();
-        let path = self.agent_dir(id).join(TRANSCRIPT_FILE);
-        for (n, record) in records.iter().enumerate().skip(1) {
-            let Change::Line(line) = &record.change else {
-                continue;
-            };
-            let entry =
-                transcript::decode_line(&path, n, line.as_bytes(), transcript.turns.len() as u64)
-                    .map_err(|e| PoolError::SharedRecord {
-                    id: id.to_owned(),
-                    generation: generation + n as u64,
-                    detail: e.with_causes(),
-                })?;
-            match entry {
-                Entry::Turn(t) => transcript.turns.push(t),
-                Entry::Deleted(index) => {
-                    transcript.deleted.insert(index);
-                }
-            }
-            lines.push(line.as_str());
-        }
+        let lines = self.checked_lines(id, &info, &records)?;
         self.write_agent_dir(&info, &lines)?;
         let mut agent = Agent::default();
         if let Some(chain) = records
@@ -463,6 +573,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             .map(|r| &r.segments)
             .find(|s| !s.is_empty())
         {
+            agent.shared_chain = Some(chain.clone());
             self.adopt_shared(id, &mut agent, chain);
         }
         lock(&self.state).counters.shared_changes += records.len() as u64;
