@@ -11,13 +11,26 @@
 //! Then 20 agents sharing one system prompt are pushed, and the bytes the bucket holds are
 //! compared with the ideal (the prompt's segment once, plus each agent's own).
 //!
-//! Prints `REMOTE {...}` and `SHARED {...}` lines for `cargo xtask bench --only store`.
+//! Then, with the real model (SmolLM2-135M, f16 KV), an agent whose history of each length was
+//! computed on host A (a pool sharing the cluster through node 1) answers its next turn on
+//! host B (a new pool with an empty directory, through node 3): time to the first token,
+//! fetching the changes and the cache included, against host C answering the same turn from
+//! the same transcript by re-prefilling it (a pool without the shared store and without the
+//! cache). Both must give the same token.
+//!
+//! Prints `REMOTE {...}`, `SHARED {...}` and `SECOND {...}` lines for
+//! `cargo xtask bench --only store`.
 //! `cargo bench -p agentkv-benches --bench remote -- --histories 1024 --repeats 3` runs it
 //! alone (Garage from AGENTKV_GARAGE or cargo's bin directory).
 
 use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
+use agent_pool::{AgentPool, PoolConfig, SharedStore};
+use engine::Engine;
+use engine::testing::options;
 use kv_remote::testing::{Garage, garage_binary};
 use kv_store::{KvKind, KvSource, Store};
 
@@ -207,4 +220,111 @@ fn main() {
     }
     let stored = shared.stored_bytes("segments").expect("list");
     println!("SHARED {{\"agents\":20,\"stored_bytes\":{stored},\"ideal_bytes\":{ideal}}}");
+
+    second_host(&garage, dir.path(), &histories, repeats);
+}
+
+/// A user message of about `n` tokens, different for every `salt`.
+fn filler(engine: &Engine, n: usize, salt: usize) -> String {
+    let words = |k: usize| -> String {
+        (0..k)
+            .map(|i| format!("item{} ", (i * 7919 + salt * 104_729) % 100_000))
+            .collect()
+    };
+    let sample = 200;
+    let per_word = engine
+        .tokenizer()
+        .encode_plain(&words(sample))
+        .expect("tokenize")
+        .len() as f64
+        / sample as f64;
+    words((n as f64 / per_word) as usize)
+}
+
+fn second_host(garage: &Garage, dir: &Path, histories: &[usize], repeats: usize) {
+    let Some(model) = engine::testing::real_model_path() else {
+        std::process::exit(1);
+    };
+    let engine = Arc::new(Engine::load(&model).expect("load the model"));
+    let context = engine.context_len();
+    let shared = |node: usize, host: &str| PoolConfig {
+        shared: Some(SharedStore {
+            remote: Arc::new(garage.remote(node, "second")),
+            host: host.to_owned(),
+        }),
+        ..PoolConfig::default()
+    };
+    let system = "You are a careful assistant. Answer in one short sentence.";
+    let a = AgentPool::open(
+        &dir.join("host-a"),
+        Arc::clone(&engine),
+        shared(0, "host-a"),
+    )
+    .expect("host A");
+    let mut salt = 0;
+    for &n in histories {
+        if n + 64 > context {
+            println!("SECOND {{\"history\":{n},\"context\":{context}}}");
+            continue;
+        }
+        let (mut ours, mut base) = (Vec::new(), Vec::new());
+        let mut history = 0;
+        for r in 0..repeats {
+            salt += 1;
+            let id = format!("agent-{salt}");
+            a.create_agent(&id, "bench", system).expect("create");
+            let first = a
+                .generate(&id, &filler(&engine, n, salt), &options(1), &mut |_| {})
+                .expect("first turn on host A");
+            history = first.prompt_tokens + first.tokens.len();
+            // Host C: the same transcript, no cache, no shared store.
+            let c_root = dir.join(format!("host-c-{salt}"));
+            std::fs::create_dir_all(c_root.join("agents/").join(&id)).expect("host C");
+            for file in ["agent.json", "transcript.jsonl"] {
+                std::fs::copy(
+                    dir.join("host-a/agents").join(&id).join(file),
+                    c_root.join("agents").join(&id).join(file),
+                )
+                .expect("copy the transcript");
+            }
+            let c = AgentPool::open(&c_root, Arc::clone(&engine), PoolConfig::default())
+                .expect("host C");
+            let b = AgentPool::open(
+                &dir.join(format!("host-b-{salt}")),
+                Arc::clone(&engine),
+                shared(2, &format!("host-b-{salt}")),
+            )
+            .expect("host B");
+            let question = "Which item came first?";
+            let mut token = [None, None];
+            let mut one = |ours_first: bool| {
+                let pool = if ours_first { &b } else { &c };
+                let t = Instant::now();
+                let reply = pool
+                    .generate(&id, question, &options(1), &mut |_| {})
+                    .expect("next turn");
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                if ours_first {
+                    assert!(
+                        reply.rebuilt.is_none(),
+                        "host B rebuilt: {:?}",
+                        reply.rebuilt
+                    );
+                    ours.push(ms);
+                    token[0] = Some(reply.tokens);
+                } else {
+                    assert!(reply.rebuilt.is_some(), "host C did not re-prefill");
+                    base.push(ms);
+                    token[1] = Some(reply.tokens);
+                }
+            };
+            one(r % 2 == 0);
+            one(r % 2 == 1);
+            assert_eq!(token[0], token[1], "hosts B and C answered differently");
+        }
+        let (o, b) = (median(&mut ours), median(&mut base));
+        println!(
+            "SECOND {{\"history\":{n},\"tokens\":{history},\"repeats\":{repeats},\"ours_ms\":{o:.2},\"base_ms\":{b:.2}}}"
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! `--only store`: the remote tier against plain object_store calls on a real Garage cluster
-//! (the `remote` bench of agentkv-benches prints `REMOTE` and `SHARED` lines).
+//! (the `remote` bench of agentkv-benches prints `REMOTE` and `SHARED` lines), and a turn on a
+//! second host against re-prefill there (`SECOND` lines).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -25,7 +26,9 @@ pub fn run(histories: &str, repeats: usize, dir: &Path) -> Result<String> {
         let get = |k: &str| r.get(k).copied().unwrap_or(f64::NAN);
         (get("stored_bytes"), get("ideal_bytes"))
     });
-    let text = table(&remote, shared);
+    let second = rows(&out, "SECOND ")?;
+    let mut text = table(&remote, shared);
+    text.push_str(&second_host_table(&second));
     let path = dir.join("store.md");
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
     Ok(text)
@@ -84,6 +87,41 @@ pub fn table(rows: &[Row], shared: Option<(f64, f64)>) -> String {
     s
 }
 
+/// The second host's turn against re-prefill there, one row per history.
+pub fn second_host_table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "\n## An agent's next turn on a second host vs re-prefill there (SmolLM2-135M, f16 KV)\n\n\
+         | history | tokens | second host: time to first token ms | re-prefill ms | time ratio |\n\
+         |---|---|---|---|---|\n",
+    );
+    let get = |r: &Row, k: &str| r.get(k).copied().unwrap_or(f64::NAN);
+    for r in rows {
+        if let Some(context) = r.get("context") {
+            let _ = writeln!(
+                s,
+                "| {} | - | - | - | longer than the model's context ({context}) |",
+                get(r, "history")
+            );
+            continue;
+        }
+        let (ours, base) = (get(r, "ours_ms"), get(r, "base_ms"));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {ours:.1} | {base:.1} | {:.2}x |",
+            get(r, "history"),
+            get(r, "tokens"),
+            ours / base
+        );
+    }
+    s.push_str(
+        "\nMedians of alternated runs. Second host: a new pool with an empty directory answers \
+         the turn, fetching the agent's changes and cache from the cluster (through another \
+         node than the host that computed it). Re-prefill: a pool with the same transcript and \
+         no cache. Both give the same token. Time ratio: second host / re-prefill.\n",
+    );
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +151,27 @@ mod tests {
         assert!(text.contains("| 0.50x (not met) |"), "{text}");
         assert!(
             text.contains("105.0 MB for an ideal 100.0 MB, 1.050x"),
+            "{text}"
+        );
+        let rows: Vec<Row> = [
+            vec![
+                ("history", 1024.0),
+                ("tokens", 1050.0),
+                ("ours_ms", 150.0),
+                ("base_ms", 1500.0),
+            ],
+            vec![("history", 16384.0), ("context", 8192.0)],
+        ]
+        .into_iter()
+        .map(|r| r.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+        .collect();
+        let text = second_host_table(&rows);
+        assert!(
+            text.contains("| 1024 | 1050 | 150.0 | 1500.0 | 0.10x |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| 16384 | - | - | - | longer than the model's context (8192) |"),
             "{text}"
         );
     }
