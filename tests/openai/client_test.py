@@ -5,15 +5,19 @@ Server A is killed with SIGKILL twice (between two chat turns, and between a res
 follow-up) and restarted on the same home; server B runs the same conversations without
 interruption. With `--kv-dtype f32` and greedy sampling, A's replies after each restart must be
 B's, bit for bit, resumed from disk with the same number of cached tokens. A third server shows
-that `--api-key` is enforced.
+that `--api-key` is enforced. With `--garage`, two more servers, D and E, share their agents
+through a Garage cluster (`--store`): a conversation goes back and forth between them, each
+turn answered bit for bit as uninterrupted B answers it, from the cache the other computed.
 
-    python client_test.py --agentkv target/debug/agentkv --model path/to/MODEL.gguf
+    python client_test.py --agentkv target/debug/agentkv --model path/to/MODEL.gguf \
+        [--garage "$(JSON line printed by kv-remote's garage_cluster example)"]
 
 Prints `N passed, 0 failed` (N checks) and exits 0; on the first failure prints its traceback
 and `N passed, 1 failed` and exits 1. Servers it started are stopped either way.
 """
 
 import argparse
+import json
 import os
 import queue
 import re
@@ -85,16 +89,21 @@ STARTED = []
 class Server:
     """One `agentkv serve` process on a free port of 127.0.0.1."""
 
-    def __init__(self, name, agentkv, model, home, api_key=None):
+    def __init__(self, name, agentkv, model, home, api_key=None, store=None):
+        """`store`: (url, host, environment) to share agents through."""
         self.name = name
         # Kept for a restart on the same home.
         self.agentkv, self.model, self.home, self.api_key = agentkv, model, home, api_key
-        args = [agentkv, "--home", home, "--model", model, "--quiet", "serve"]
-        args += ["--port", "0", "--kv-dtype", "f32"]
+        args = [agentkv, "--home", home, "--model", model, "--quiet"]
+        env = None
+        if store is not None:
+            url, host, env = store
+            args += ["--store", url, "--store-host", host]
+        args += ["serve", "--port", "0", "--kv-dtype", "f32"]
         if api_key is not None:
             args += ["--api-key", api_key]
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+            args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env
         )
         STARTED.append(self)
         self.url = None
@@ -169,10 +178,10 @@ def check_timings(timings, prompt_tokens, cached_tokens, completion_tokens, wher
     )
 
 
-def chat_once(server, messages, where):
-    """A non-streaming turn of agent alice: (text, usage, x-agentkv-cache)."""
+def chat_once(server, messages, where, agent="alice"):
+    """A non-streaming turn of an agent: (text, usage, x-agentkv-cache)."""
     raw = server.client().chat.completions.with_raw_response.create(
-        model="alice", messages=messages, max_tokens=MAX_TOKENS, temperature=0, seed=7
+        model=agent, messages=messages, max_tokens=MAX_TOKENS, temperature=0, seed=7
     )
     completion = raw.parse()
     check.equal(len(completion.choices), 1, f"{where}: number of choices")
@@ -402,6 +411,73 @@ def responses_across_a_restart(a, b):
     return a
 
 
+def shared_across_servers(agentkv, model, homes, garage, b):
+    """Servers D and E share agent carol through the Garage cluster: its turns alternate
+    between them, each compared with uninterrupted B answering the same conversation; then a
+    response made on E is continued on D."""
+    cluster = json.loads(garage)
+    url = f"s3://{cluster['bucket']}/openai"
+
+    def store(node, host):
+        env = dict(os.environ)
+        env.update(
+            AWS_ENDPOINT_URL=cluster["endpoints"][node],
+            AWS_REGION=cluster["region"],
+            AWS_ACCESS_KEY_ID=cluster["key_id"],
+            AWS_SECRET_ACCESS_KEY=cluster["secret"],
+        )
+        return (url, host, env)
+
+    d = Server("D (--store, node 1)", agentkv, model, homes[0], store=store(0, "server-d"))
+    e = Server("E (--store, node 3)", agentkv, model, homes[1], store=store(2, "server-e"))
+    for s in (d, e):
+        s.wait_ready()
+
+    history = [{"role": "system", "content": SYSTEM}]
+    cached_before = 0
+    for i, (server, question) in enumerate(zip((d, e, d), TURNS)):
+        history.append({"role": "user", "content": question})
+        where = f"carol turn {i + 1} on {server.name}"
+        text, usage, cache = chat_once(server, history, where, agent="carol")
+        text_b, usage_b, _ = chat_once(b, history, f"carol turn {i + 1} on B", agent="carol")
+        log(f"{where}: {text!r} ({cache})")
+        check.equal(text, text_b, f"{where} vs uninterrupted B")
+        check.equal(usage.prompt_tokens, usage_b.prompt_tokens, f"{where}: prompt_tokens vs B")
+        cached = usage.prompt_tokens_details.cached_tokens
+        if i > 0:
+            # (Not turn 1: B adopts the system prompt its agent alice saved, D computes it.)
+            check.equal(
+                cached,
+                usage_b.prompt_tokens_details.cached_tokens,
+                f"{where}: cached_tokens vs B (whose agent stayed in memory)",
+            )
+        # Turn 1 makes the agent; turn 2 is E's first sight of it, loaded from the cache D
+        # pushed; turn 3 finds it in D's memory, which first takes in E's turn and cache.
+        expected_cache = ["miss", "disk", "hot"][i]
+        check.equal(cache, expected_cache, f"{where}: x-agentkv-cache")
+        if i > 0:
+            check(
+                cached > cached_before,
+                f"{where} reused the other server's history: cached_tokens {cached} <= "
+                f"{cached_before}",
+            )
+        cached_before = usage.prompt_tokens
+        history.append({"role": "assistant", "content": text})
+
+    r1, _ = respond(e, "response 1 on E", input=FIRST_INPUT, instructions=INSTRUCTIONS)
+    r2, cache = respond(d, "response 2 on D", input=FOLLOW_UP, previous_response_id=r1.id)
+    check.equal(r2.previous_response_id, r1.id, "response 2 on D continues E's response")
+    check(
+        r2.usage.input_tokens_details.cached_tokens > r1.usage.input_tokens,
+        f"response 2 on D reused E's conversation: cached_tokens "
+        f"{r2.usage.input_tokens_details.cached_tokens} <= {r1.usage.input_tokens}",
+    )
+    got = e.client().responses.retrieve(r2.id)
+    check.equal(got.output_text, r2.output_text, "D's response retrieved on E")
+    for s in (d, e):
+        s.stop()
+
+
 def models_and_errors(server):
     client = server.client()
     ids = [m.id for m in client.models.list()]
@@ -434,7 +510,7 @@ def api_key(server, key):
     )
 
 
-def scenario(agentkv, model, homes):
+def scenario(agentkv, model, homes, garage):
     expected_id = os.path.basename(model).removesuffix(".gguf")
     key = "test-key-0123"
     a = Server("A", agentkv, model, homes[0])
@@ -450,20 +526,25 @@ def scenario(agentkv, model, homes):
     a = chat_across_a_restart(a, b)
     a = responses_across_a_restart(a, b)
     models_and_errors(a)
-    for s in (a, b):
-        s.stop()
+    a.stop()
+    if garage is not None:
+        shared_across_servers(agentkv, model, homes[3:], garage, b)
+    b.stop()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agentkv", required=True, help="the agentkv binary")
     parser.add_argument("--model", required=True, help="the GGUF file the servers load")
+    parser.add_argument(
+        "--garage", help="the JSON line kv-remote's garage_cluster example printed"
+    )
     args = parser.parse_args()
     log(f"openai {openai.__version__}, {args.agentkv}, {args.model}")
     with tempfile.TemporaryDirectory(prefix="agentkv-openai-") as tmp:
-        homes = [os.path.join(tmp, name) for name in ("a", "b", "c")]
+        homes = [os.path.join(tmp, name) for name in ("a", "b", "c", "d", "e")]
         try:
-            scenario(args.agentkv, args.model, homes)
+            scenario(args.agentkv, args.model, homes, args.garage)
         except BaseException:
             traceback.print_exc()
             for s in STARTED:

@@ -3,7 +3,7 @@
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -121,7 +121,8 @@ commands:
                 openai client test, docs, and the layering check
   openai-test   the official openai Python package (pinned, installed into target/openai-venv
                 on first use) drives `agentkv serve`: chat and responses across a kill -9 and
-                restart, checked bit for bit against an uninterrupted server
+                restart, and between two servers sharing agents through a Garage cluster,
+                checked bit for bit against an uninterrupted server
   bench         criterion benchmarks (kv-store vs plain file I/O); engine speed at
                 512/2048/4096-token histories (`--peer llama.cpp` runs llama.cpp side by
                 side, installed into target/peer-venv on first use, ~15 minutes); and time
@@ -523,16 +524,61 @@ fn openai_test(model: &Path) -> Result<()> {
     )?;
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
+    // The servers that share agents need a store: a Garage cluster, from kv-remote's example,
+    // up until its standard input closes.
+    let garage = garage()?;
     run_step(
-        "openai client",
-        Command::new(python)
-            .arg(root.join("tests/openai/client_test.py"))
-            .arg("--agentkv")
-            .arg(target.join("debug/agentkv"))
-            .arg("--model")
-            .arg(model)
-            .current_dir(&root),
-    )
+        "build garage_cluster",
+        cargo().args([
+            "build",
+            "-p",
+            "kv-remote",
+            "--features",
+            "testing",
+            "--example",
+            "garage_cluster",
+        ]),
+    )?;
+    let cluster_dir = target.join("openai-garage");
+    if cluster_dir.exists() {
+        std::fs::remove_dir_all(&cluster_dir)
+            .with_context(|| format!("removing {}", cluster_dir.display()))?;
+    }
+    let mut cluster = Command::new(target.join("debug/examples/garage_cluster"))
+        .arg(&cluster_dir)
+        .env("AGENTKV_GARAGE", &garage)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the Garage cluster for the openai client test")?;
+    let mut line = String::new();
+    if let Some(out) = cluster.stdout.take() {
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+            .context("reading the Garage cluster's endpoints")?;
+    }
+    let result = if line.trim().is_empty() {
+        Err(anyhow::anyhow!(
+            "the Garage cluster for the openai client test did not start (its errors are above)"
+        ))
+    } else {
+        run_step(
+            "openai client",
+            Command::new(python)
+                .arg(root.join("tests/openai/client_test.py"))
+                .arg("--agentkv")
+                .arg(target.join("debug/agentkv"))
+                .arg("--model")
+                .arg(model)
+                .arg("--garage")
+                .arg(line.trim())
+                .current_dir(&root),
+        )
+    };
+    // Closing its input stops the cluster.
+    drop(cluster.stdin.take());
+    let _ = cluster.wait();
+    let _ = std::fs::remove_dir_all(&cluster_dir);
+    result
 }
 
 /// kv-store is reused alone by other projects: it must not pull in any tensor framework.

@@ -53,7 +53,7 @@ struct Cli {
     /// This process's name among the hosts sharing `--store` (default: the machine's host
     /// name and the process id); 1 to 64 characters of [a-z0-9_-].
     #[arg(long, global = true, value_name = "NAME", requires = "store")]
-    host: Option<String>,
+    store_host: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -156,9 +156,9 @@ fn run() -> Result<()> {
         None => None,
         Some(url) => {
             let remote = kv_remote::Remote::open(url, &[])?;
-            let host = cli.host.unwrap_or_else(SharedStore::default_host);
+            let host = cli.store_host.unwrap_or_else(SharedStore::default_host);
             kv_store::validate_name(&host)
-                .with_context(|| format!("--host {host:?} cannot name this host"))?;
+                .with_context(|| format!("--store-host {host:?} cannot name this host"))?;
             Some(SharedStore {
                 remote: Arc::new(remote),
                 host,
