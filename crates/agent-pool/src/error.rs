@@ -170,11 +170,11 @@ pub enum PoolError {
     /// The shared store could not be used, so a change to a shared agent was not committed
     /// (a turn's reply, streamed or not, belongs to no turn). Nothing acknowledged is lost:
     /// the local copy holds every change committed before.
-    #[error("agent {id:?}: {what} was not committed, because the shared store failed")]
+    #[error("agent {id:?}: the shared store failed while {what}")]
     Shared {
-        /// The agent.
+        /// The agent ("" for the whole store).
         id: String,
-        /// What was not committed ("the turn", "the deletion"...).
+        /// What was being done ("committing the turn", "reading the agent"...).
         what: &'static str,
         /// What kv-remote said.
         #[source]
@@ -184,13 +184,13 @@ pub enum PoolError {
     /// committed, and the agent here now holds the other host's.
     #[error(
         "agent {id:?} was changed by host {host:?} first (its change number {generation}), so \
-         {what} was not committed; this host now has that change: read the agent again and \
-         retry on top of it"
+         {what} failed and nothing of it was committed; this host now has that change: read \
+         the agent again and retry on top of it"
     )]
     Conflict {
         /// The agent.
         id: String,
-        /// What was not committed ("the turn", "the deletion"...).
+        /// What failed ("committing the turn"...).
         what: &'static str,
         /// The change number both hosts proposed.
         generation: u64,

@@ -48,9 +48,9 @@ pub enum Error {
     },
     /// The object store failed or could not be reached.
     #[error(
-        "the remote store {url} failed to {op} {key}: {source}; check that it is running and \
-         reachable and that its endpoint and credentials are right (AWS_ENDPOINT_URL, \
-         AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); the local copies are unaffected"
+        "the remote store {url} failed to {op} {key} (check that it is running and reachable \
+         and that its endpoint and credentials are right: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, \
+         AWS_SECRET_ACCESS_KEY; the local copies are unaffected)"
     )]
     Remote {
         /// The store's URL.

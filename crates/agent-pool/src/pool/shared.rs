@@ -257,7 +257,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             Change::Create(info.clone()),
             &chain,
             &[],
-            "the creation",
+            "committing the creation",
         )?;
         Ok(chain)
     }
@@ -310,7 +310,14 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         let Some(generation) = Self::local_generation(info, transcript).map(|g| g + 1) else {
             return Ok(());
         };
-        self.commit_shared(id, generation, Change::Delete, &[], &[], "the deletion")
+        self.commit_shared(
+            id,
+            generation,
+            Change::Delete,
+            &[],
+            &[],
+            "committing the deletion",
+        )
     }
 
     /// Applies to shared agent `id` the changes other hosts committed after its local copy.
@@ -470,7 +477,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         };
         let failed = |id: &str, e| PoolError::Shared {
             id: id.to_owned(),
-            what: "the verification",
+            what: "verifying the store",
             source: Box::new(e),
         };
         let mut out = Vec::new();
@@ -517,7 +524,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         };
         let failed = |e| PoolError::Shared {
             id: String::new(),
-            what: "the collection",
+            what: "collecting the store's segments",
             source: Box::new(e),
         };
         let mut keep = std::collections::HashSet::new();

@@ -148,7 +148,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         };
         let entry = Entry::Turn(turn);
         // Shared: committed on the store first, with the cache holding this turn.
-        self.commit_line(id, info, agent, &entry, "the turn")?;
+        self.commit_line(id, info, agent, &entry, "committing the turn")?;
         agent
             .transcript
             .get_or_insert_with(Transcript::default)
@@ -319,7 +319,13 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             index,
         )?;
         let entry = Entry::Deleted(index);
-        self.commit_line(id, info, &mut agent, &entry, "the deletion of the turn")?;
+        self.commit_line(
+            id,
+            info,
+            &mut agent,
+            &entry,
+            "committing the deletion of the turn",
+        )?;
         agent
             .transcript
             .get_or_insert_with(Transcript::default)
