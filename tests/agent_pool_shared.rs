@@ -8,7 +8,8 @@
 //! both hosts advancing it at once give one winner and a typed conflict, never a mixed
 //! history; a system prompt used on both hosts is stored once; deletion is seen everywhere;
 //! a store that cannot be reached or holds a damaged change refuses the change and loses
-//! nothing acknowledged. With the real model, the second host continues bit for bit.
+//! nothing acknowledged; a host killed while uploading a turn leaves the agent as it was.
+//! With the real model, the second host continues bit for bit.
 // Test code: a failed unwrap is a failed test, which is what we want.
 #![allow(clippy::unwrap_used)]
 
@@ -481,4 +482,158 @@ fn verify_and_gc_cover_the_shared_store_and_gc_keeps_what_any_host_still_names()
             .is_some_and(|p| p.contains("damaged")),
         "{keep:?}"
     );
+}
+
+const UPLOAD_CHILD_ENV: &str = "AGENT_POOL_SHARED_UPLOAD_CHILD";
+
+/// SmolLM2's cache shape: a 4,000-token turn makes a segment of about 90 MB (f16), whose upload
+/// takes long enough to be killed in the middle of.
+fn big_backend() -> FakeBackend {
+    FakeBackend::new("upload").with_shape(kv_extract::KvShape {
+        n_layers: 30,
+        n_kv_heads: 3,
+        head_dim: 64,
+        window: None,
+    })
+}
+
+fn long_message() -> String {
+    (0..4000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect()
+}
+
+/// Child mode: host A answers one long turn of agent "victim" (the parent kills it while the
+/// turn's segment is being uploaded). Does nothing when the test runs normally.
+#[test]
+fn upload_child() {
+    let Some(spec) = std::env::var(UPLOAD_CHILD_ENV).ok() else {
+        return;
+    };
+    // dir \t endpoint \t key id \t secret
+    let parts: Vec<&str> = spec.split('\t').collect();
+    let settings = [
+        ("aws_endpoint", parts[1]),
+        ("aws_access_key_id", parts[2]),
+        ("aws_secret_access_key", parts[3]),
+        ("aws_region", "garage"),
+    ];
+    let remote = kv_remote::Remote::open("s3://agentkv/fleet", &settings).unwrap();
+    let config = PoolConfig {
+        shared: Some(SharedStore {
+            remote: Arc::new(remote),
+            host: "host-a".to_owned(),
+        }),
+        ..PoolConfig::default()
+    };
+    let a = AgentPool::open(Path::new(parts[0]), Arc::new(big_backend()), config).unwrap();
+    println!("READY");
+    a.generate("victim", &long_message(), &options(MAX_TOKENS), &mut |_| {})
+        .unwrap();
+    println!("DONE");
+}
+
+/// Segment files in `dir`, temporary files of saves in progress left out.
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| {
+        d.filter_map(|e| e.ok())
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.ends_with(".safetensors") && !name.starts_with('.')
+            })
+            .count()
+    })
+}
+
+#[test]
+fn a_host_killed_while_uploading_a_turn_leaves_the_agent_as_it_was() {
+    if std::env::var_os(UPLOAD_CHILD_ENV).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(garage) = cluster(dir.path()) else {
+        return;
+    };
+    let a_dir = dir.path().join("host-a");
+    let before = {
+        let a = host(dir.path(), &garage, 0, "host-a", big_backend());
+        a.create_agent("victim", "t", SYSTEM).unwrap();
+        turn(&a, "victim", "a short first turn");
+        history(&a, "victim")
+    };
+    let segments = a_dir.join("kv/segments");
+    let segments_before = count_files(&segments);
+
+    let options = garage.options(0);
+    let spec = format!(
+        "{}\t{}\t{}\t{}",
+        a_dir.display(),
+        options[0].1,
+        options[1].1,
+        options[2].1
+    );
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["upload_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(UPLOAD_CHILD_ENV, spec)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed as soon as the turn's segment is saved locally: its upload (about 90 MB) has
+    // just started.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while count_files(&segments) <= segments_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child saved nothing"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child exited by itself"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    child.kill().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.contains("DONE"),
+        "the turn finished before the kill: {out}"
+    );
+
+    // The segment being uploaded is not on the store, whole or in part.
+    let restarted = host(dir.path(), &garage, 0, "host-a", big_backend());
+    let chain = restarted
+        .store()
+        .manifest("victim")
+        .unwrap()
+        .unwrap()
+        .segments;
+    let last = &chain.last().unwrap().id;
+    let store = garage.remote(1, "fleet");
+    assert!(
+        !store.has_segment(last).unwrap(),
+        "the killed upload was not mid-way"
+    );
+    // Another host sees the agent as it was, and the store verifies.
+    let b = host(dir.path(), &garage, 2, "host-b", big_backend());
+    assert_eq!(history(&b, "victim"), before);
+    assert!(
+        b.verify_shared()
+            .unwrap()
+            .iter()
+            .all(|c| c.problem.is_none())
+    );
+    // The restarted host agrees and goes on; the other host continues from its turn.
+    assert_eq!(history(&restarted, "victim"), before);
+    let next = turn(&restarted, "victim", "after the kill");
+    let expected =
+        big_backend().expected_reply(SYSTEM, &[before[0].clone()], "after the kill", MAX_TOKENS);
+    assert_eq!(next.text, expected);
+    let on_b = turn(&b, "victim", "and on b");
+    assert!(on_b.rebuilt.is_none());
+    assert_eq!(history(&b, "victim"), history(&restarted, "victim"));
 }
