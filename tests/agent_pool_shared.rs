@@ -637,3 +637,31 @@ fn a_host_killed_while_uploading_a_turn_leaves_the_agent_as_it_was() {
     assert!(on_b.rebuilt.is_none());
     assert_eq!(history(&b, "victim"), history(&restarted, "victim"));
 }
+
+#[test]
+fn calls_racing_to_bring_an_agent_from_the_store_all_find_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(garage) = cluster(dir.path()) else {
+        return;
+    };
+    let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
+    a.create_agent("popular", "t", SYSTEM).unwrap();
+    let first = turn(&a, "popular", "one");
+    let b = host(dir.path(), &garage, 1, "host-b", FakeBackend::default());
+    let barrier = Barrier::new(4);
+    let replies: Vec<String> = std::thread::scope(|s| {
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    b.turn("popular", 0).map(|t| t.reply)
+                })
+            })
+            .collect();
+        readers
+            .into_iter()
+            .map(|r| r.join().unwrap().unwrap())
+            .collect()
+    });
+    assert!(replies.iter().all(|r| *r == first.text), "{replies:?}");
+}

@@ -542,14 +542,22 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         if self.config.shared.is_none() {
             return Err(self.unknown(id));
         }
-        {
+        // Another call may be creating or fetching this id: wait for it to finish, then use
+        // what it made (a bounded wait: a fetch is a few requests).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
             let mut reg = lock(&self.registry);
             if let Some(slot) = reg.agents.get(id) {
                 return Ok(Arc::clone(slot));
             }
-            if !reg.creating.insert(id.to_owned()) {
+            if reg.creating.insert(id.to_owned()) {
+                break;
+            }
+            drop(reg);
+            if std::time::Instant::now() > deadline {
                 return Err(self.unknown(id));
             }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let result = self.fetch_reserved(id);
         let mut reg = lock(&self.registry);
