@@ -16,7 +16,9 @@
 //! host B (a new pool with an empty directory, through node 3): time to the first token,
 //! fetching the changes and the cache included, against host C answering the same turn from
 //! the same transcript by re-prefilling it (a pool without the shared store and without the
-//! cache). Both must give the same token.
+//! cache). Both must give the same token. Also reported: the commit of host B's turn (its
+//! cache saved, the new segment pushed, the agent's head decided), which a turn on a pool
+//! without a shared store does not pay.
 //!
 //! Prints `REMOTE {...}`, `SHARED {...}` and `SECOND {...}` lines for
 //! `cargo xtask bench --only store`.
@@ -267,7 +269,7 @@ fn second_host(garage: &Garage, dir: &Path, histories: &[usize], repeats: usize)
             println!("SECOND {{\"history\":{n},\"context\":{context}}}");
             continue;
         }
-        let (mut ours, mut base) = (Vec::new(), Vec::new());
+        let (mut ours, mut base, mut commit) = (Vec::new(), Vec::new(), Vec::new());
         let mut history = 0;
         for r in 0..repeats {
             salt += 1;
@@ -311,6 +313,7 @@ fn second_host(garage: &Garage, dir: &Path, histories: &[usize], repeats: usize)
                         reply.rebuilt
                     );
                     ours.push(ms);
+                    commit.push(reply.timings.commit.as_secs_f64() * 1e3);
                     token[0] = Some(reply.tokens);
                 } else {
                     assert!(reply.rebuilt.is_some(), "host C did not re-prefill");
@@ -322,9 +325,9 @@ fn second_host(garage: &Garage, dir: &Path, histories: &[usize], repeats: usize)
             one(r % 2 == 1);
             assert_eq!(token[0], token[1], "hosts B and C answered differently");
         }
-        let (o, b) = (median(&mut ours), median(&mut base));
+        let (o, b, c) = (median(&mut ours), median(&mut base), median(&mut commit));
         println!(
-            "SECOND {{\"history\":{n},\"tokens\":{history},\"repeats\":{repeats},\"ours_ms\":{o:.2},\"base_ms\":{b:.2}}}"
+            "SECOND {{\"history\":{n},\"tokens\":{history},\"repeats\":{repeats},\"ours_ms\":{o:.2},\"base_ms\":{b:.2},\"commit_ms\":{c:.2}}}"
         );
     }
 }

@@ -665,3 +665,26 @@ fn calls_racing_to_bring_an_agent_from_the_store_all_find_it() {
     });
     assert!(replies.iter().all(|r| *r == first.text), "{replies:?}");
 }
+
+#[test]
+fn a_long_history_comes_from_the_store_whole_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(garage) = cluster(dir.path()) else {
+        return;
+    };
+    let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
+    a.create_agent("chatty", "t", SYSTEM).unwrap();
+    // More changes than one batch of reads (64), so the walk crosses batches.
+    for i in 0..70 {
+        turn(&a, "chatty", &format!("message {i}"));
+    }
+    a.delete_turn("chatty", 3).unwrap();
+    let b = host(dir.path(), &garage, 1, "host-b", FakeBackend::default());
+    assert_eq!(history(&b, "chatty"), history(&a, "chatty"));
+    assert!(matches!(
+        b.turn("chatty", 3),
+        Err(PoolError::UnknownTurn { .. })
+    ));
+    let checks = b.verify_shared().unwrap();
+    assert_eq!((checks[0].changes, checks[0].turns), (72, 71));
+}

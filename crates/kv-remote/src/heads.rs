@@ -119,6 +119,43 @@ impl Remote {
         }
     }
 
+    /// The decided values of generations `from`, `from + 1`, ... of agent `name`, up to the
+    /// first without a recorded decision and at most `max` of them, read up to 16 at a time
+    /// concurrently (an agent's history is one object per change).
+    pub fn decided_from(&self, name: &str, from: u64, max: usize) -> Result<Vec<String>> {
+        kv_store::validate_name(name)?;
+        let mut out = Vec::new();
+        let mut next = from.max(1);
+        while out.len() < max {
+            let batch = (max - out.len()).min(16) as u64;
+            let keys: Vec<ObjectPath> = (next..next + batch)
+                .map(|g| self.generation_dir(name, g).join("decided"))
+                .collect();
+            let values = self.run(futures_util::future::join_all(keys.iter().map(
+                |key| async {
+                    match self.store.get(key).await {
+                        Ok(r) => r.bytes().await.map(Some),
+                        Err(object_store::Error::NotFound { .. }) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                },
+            )));
+            for (key, value) in keys.iter().zip(values) {
+                let value = value.map_err(|e| self.failed("read", key, e))?;
+                let Some(bytes) = value else {
+                    return Ok(out);
+                };
+                let text = String::from_utf8(bytes.to_vec()).map_err(|_| Error::Head {
+                    key: key.to_string(),
+                    detail: "the decided value is not UTF-8 text".into(),
+                })?;
+                out.push(text);
+            }
+            next += batch;
+        }
+        Ok(out)
+    }
+
     /// The newest generation of agent `name` whose decision is recorded, with its value,
     /// starting the search at `from` (a generation known to be decided, or 0): the first
     /// generation after it without a recorded decision ends the search.

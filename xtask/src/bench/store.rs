@@ -91,15 +91,15 @@ pub fn table(rows: &[Row], shared: Option<(f64, f64)>) -> String {
 pub fn second_host_table(rows: &[Row]) -> String {
     let mut s = String::from(
         "\n## An agent's next turn on a second host vs re-prefill there (SmolLM2-135M, f16 KV)\n\n\
-         | history | tokens | second host: time to first token ms | re-prefill ms | time ratio |\n\
-         |---|---|---|---|---|\n",
+         | history | tokens | second host: time to first token ms | re-prefill ms | time ratio | commit of the turn ms |\n\
+         |---|---|---|---|---|---|\n",
     );
     let get = |r: &Row, k: &str| r.get(k).copied().unwrap_or(f64::NAN);
     for r in rows {
         if let Some(context) = r.get("context") {
             let _ = writeln!(
                 s,
-                "| {} | - | - | - | longer than the model's context ({context}) |",
+                "| {} | - | - | - | longer than the model's context ({context}) | - |",
                 get(r, "history")
             );
             continue;
@@ -107,17 +107,20 @@ pub fn second_host_table(rows: &[Row]) -> String {
         let (ours, base) = (get(r, "ours_ms"), get(r, "base_ms"));
         let _ = writeln!(
             s,
-            "| {} | {} | {ours:.1} | {base:.1} | {:.2}x |",
+            "| {} | {} | {ours:.1} | {base:.1} | {:.2}x | {:.1} |",
             get(r, "history"),
             get(r, "tokens"),
-            ours / base
+            ours / base,
+            get(r, "commit_ms")
         );
     }
     s.push_str(
         "\nMedians of alternated runs. Second host: a new pool with an empty directory answers \
          the turn, fetching the agent's changes and cache from the cluster (through another \
          node than the host that computed it). Re-prefill: a pool with the same transcript and \
-         no cache. Both give the same token. Time ratio: second host / re-prefill.\n",
+         no cache. Both give the same token. Time ratio: second host / re-prefill. Commit: the \
+         second host's turn made durable on the store (its cache saved, the new segment \
+         pushed, the agent's head decided), after the reply.\n",
     );
     s
 }
@@ -159,6 +162,7 @@ mod tests {
                 ("tokens", 1050.0),
                 ("ours_ms", 150.0),
                 ("base_ms", 1500.0),
+                ("commit_ms", 42.0),
             ],
             vec![("history", 16384.0), ("context", 8192.0)],
         ]
@@ -167,11 +171,11 @@ mod tests {
         .collect();
         let text = second_host_table(&rows);
         assert!(
-            text.contains("| 1024 | 1050 | 150.0 | 1500.0 | 0.10x |"),
+            text.contains("| 1024 | 1050 | 150.0 | 1500.0 | 0.10x | 42.0 |"),
             "{text}"
         );
         assert!(
-            text.contains("| 16384 | - | - | - | longer than the model's context (8192) |"),
+            text.contains("| 16384 | - | - | - | longer than the model's context (8192) | - |"),
             "{text}"
         );
     }

@@ -131,17 +131,26 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             last: 0,
             agent: None,
         };
+        // Read in batches (concurrently inside each): an agent's history is one object per
+        // change.
+        const BATCH: usize = 64;
+        let mut pending = std::collections::VecDeque::new();
+        let mut ended = false;
         loop {
             let generation = walked.last + 1;
-            let value = shared
-                .remote
-                .decided(id, generation)
-                .map_err(|e| PoolError::Shared {
-                    id: id.to_owned(),
-                    what: "reading the agent",
-                    source: Box::new(e),
-                })?;
-            let Some(value) = value else {
+            if pending.is_empty() && !ended {
+                let batch = shared
+                    .remote
+                    .decided_from(id, generation, BATCH)
+                    .map_err(|e| PoolError::Shared {
+                        id: id.to_owned(),
+                        what: "reading the agent",
+                        source: Box::new(e),
+                    })?;
+                ended = batch.len() < BATCH;
+                pending.extend(batch);
+            }
+            let Some(value) = pending.pop_front() else {
                 return Ok(walked);
             };
             let record = Self::decode_record(id, generation, &value)?;
