@@ -20,6 +20,9 @@
 //! cache saved, the new segment pushed, the agent's head decided), which a turn on a pool
 //! without a shared store does not pay.
 //!
+//! A history longer than SmolLM2's context runs on Gemma 3 270M instead (when fetched): a base
+//! model, so raw text through the engine and the stores, without a pool.
+//!
 //! Prints `REMOTE {...}`, `SHARED {...}` and `SECOND {...}` lines for
 //! `cargo xtask bench --only store`.
 //! `cargo bench -p agentkv-benches --bench remote -- --histories 1024 --repeats 3` runs it
@@ -34,7 +37,7 @@ use agent_pool::{AgentPool, PoolConfig, SharedStore};
 use engine::Engine;
 use engine::testing::options;
 use kv_remote::testing::{Garage, garage_binary};
-use kv_store::{KvKind, KvSource, Store};
+use kv_store::{KvDtype, KvKind, KvSource, Store};
 
 #[path = "smollm2_shape.rs"]
 mod shape;
@@ -226,6 +229,89 @@ fn main() {
     second_host(&garage, dir.path(), &histories, repeats);
 }
 
+/// For a history longer than SmolLM2's context: Gemma 3 270M (a base model, so raw text and no
+/// pool, which needs a chat template), f16 KV. Host A prefills `n` tokens, saves the cache and
+/// pushes its segments; host B (an empty local store, another node) fetches them, loads the
+/// cache and answers the next 8 tokens of text with one generated token; host C prefills
+/// history and question from scratch. Both must give the same token.
+fn second_host_raw(garage: &Garage, dir: &Path, model: &Path, n: usize, repeats: usize) {
+    let engine = Engine::load(model).expect("load Gemma 3");
+    let meta = engine.cache_meta(KvDtype::F16);
+    let tok = engine.tokenizer();
+    let mut history: Vec<u32> = tok
+        .bos_id()
+        .filter(|_| tok.add_bos_token())
+        .into_iter()
+        .collect();
+    let text = filler(&engine, n + n / 20, 7);
+    history.extend(tok.encode_plain(&text).expect("tokenize"));
+    history.truncate(n);
+    let mut prompt = history.clone();
+    prompt.extend(
+        tok.encode_plain(" item1 item2 item3 item4")
+            .expect("tokenize"),
+    );
+    let a_store = Store::open(&dir.join("raw-a")).expect("host A's store");
+    let remote_a = garage.remote(0, "raw");
+    let mut cache = engine.new_cache(KvDtype::F16).expect("cache");
+    engine.sync(&mut cache, &history).expect("host A prefills");
+    cache.save(&a_store, "long", &meta).expect("host A saves");
+    let chain: Vec<_> = a_store
+        .manifest("long")
+        .expect("manifest")
+        .expect("saved")
+        .segments
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    for id in &chain {
+        remote_a.push_segment(&a_store, id).expect("host A pushes");
+    }
+    drop(cache);
+    let remote_b = garage.remote(2, "raw");
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for r in 0..repeats {
+        let mut token = [None, None];
+        let mut one = |ours_first: bool| {
+            let t = Instant::now();
+            let mut cache = if ours_first {
+                let fresh = tempfile::tempdir_in(dir).expect("tempdir");
+                let b_store = Store::open(fresh.path()).expect("host B's store");
+                for id in &chain {
+                    remote_b
+                        .fetch_segment(&b_store, id)
+                        .expect("host B fetches");
+                }
+                let loaded = b_store.adopt("long", &meta, &chain).expect("host B adopts");
+                let shape = engine.model().kv_shape();
+                kv_extract::KvCache::import(&loaded, &meta, shape).expect("host B loads")
+            } else {
+                engine.new_cache(KvDtype::F16).expect("cache")
+            };
+            let reply = engine
+                .generate(&mut cache, &prompt, &options(1), &mut |_| {})
+                .expect("the next token");
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if ours_first {
+                assert_eq!(reply.reused_tokens, history.len());
+                ours.push(ms);
+                token[0] = Some(reply.tokens);
+            } else {
+                base.push(ms);
+                token[1] = Some(reply.tokens);
+            }
+        };
+        one(r % 2 == 0);
+        one(r % 2 == 1);
+        assert_eq!(token[0], token[1], "hosts B and C answered differently");
+    }
+    let (o, b) = (median(&mut ours), median(&mut base));
+    println!(
+        "SECOND {{\"history\":{n},\"tokens\":{},\"raw_gemma\":1,\"repeats\":{repeats},\"ours_ms\":{o:.2},\"base_ms\":{b:.2}}}",
+        history.len()
+    );
+}
+
 /// A user message of about `n` tokens, different for every `salt`.
 fn filler(engine: &Engine, n: usize, salt: usize) -> String {
     let words = |k: usize| -> String {
@@ -266,7 +352,11 @@ fn second_host(garage: &Garage, dir: &Path, histories: &[usize], repeats: usize)
     let mut salt = 0;
     for &n in histories {
         if n + 64 > context {
-            println!("SECOND {{\"history\":{n},\"context\":{context}}}");
+            // Longer than SmolLM2's context: the base Gemma 3 model, raw text, if fetched.
+            match engine::testing::real_gemma_path() {
+                Some(gemma) => second_host_raw(garage, dir, &gemma, n, repeats),
+                None => println!("SECOND {{\"history\":{n},\"context\":{context}}}"),
+            }
             continue;
         }
         let (mut ours, mut base, mut commit) = (Vec::new(), Vec::new(), Vec::new());

@@ -105,13 +105,21 @@ pub fn second_host_table(rows: &[Row]) -> String {
             continue;
         }
         let (ours, base) = (get(r, "ours_ms"), get(r, "base_ms"));
+        let commit = match r.get("commit_ms") {
+            Some(c) => format!("{c:.1}"),
+            None => "-".to_owned(),
+        };
+        let raw = if r.contains_key("raw_gemma") {
+            " (Gemma 3 270M, raw text, engine and stores without a pool)"
+        } else {
+            ""
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {ours:.1} | {base:.1} | {:.2}x | {:.1} |",
+            "| {}{raw} | {} | {ours:.1} | {base:.1} | {:.2}x | {commit} |",
             get(r, "history"),
             get(r, "tokens"),
             ours / base,
-            get(r, "commit_ms")
         );
     }
     s.push_str(
@@ -165,6 +173,13 @@ mod tests {
                 ("commit_ms", 42.0),
             ],
             vec![("history", 16384.0), ("context", 8192.0)],
+            vec![
+                ("history", 16384.0),
+                ("tokens", 16384.0),
+                ("raw_gemma", 1.0),
+                ("ours_ms", 1000.0),
+                ("base_ms", 50000.0),
+            ],
         ]
         .into_iter()
         .map(|r| r.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
@@ -176,6 +191,13 @@ mod tests {
         );
         assert!(
             text.contains("| 16384 | - | - | - | longer than the model's context (8192) | - |"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| 16384 (Gemma 3 270M, raw text, engine and stores without a pool) | 16384 | \
+                 1000.0 | 50000.0 | 0.02x | - |"
+            ),
             "{text}"
         );
     }
