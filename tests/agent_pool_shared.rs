@@ -27,9 +27,14 @@ use kv_store::KvDtype;
 const SYSTEM: &str = "You review pull requests. Be precise and brief.";
 const MAX_TOKENS: usize = 12;
 
-fn cluster(dir: &Path) -> Option<Garage> {
+/// A temporary directory and a 3-node cluster with its data in it (`None` after
+/// `garage_binary`'s warning; under `AGENTKV_REQUIRE_MODEL` a missing Garage panics). Bind them
+/// in this order, so that the cluster stops before its directory is removed.
+fn setup() -> Option<(tempfile::TempDir, Garage)> {
     let binary = garage_binary()?;
-    Some(Garage::start(&binary, &dir.join("garage"), 3))
+    let dir = tempfile::tempdir().unwrap();
+    let garage = Garage::start(&binary, &dir.path().join("garage"), 3);
+    Some((dir, garage))
 }
 
 fn shared(garage: &Garage, node: usize, host: &str) -> SharedStore {
@@ -86,8 +91,7 @@ fn history<B: agent_pool::Backend>(pool: &AgentPool<B>, id: &str) -> Vec<(String
 
 #[test]
 fn an_agent_advanced_on_one_host_resumes_on_another_without_recomputing_its_history() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(garage) = cluster(dir.path()) else {
+    let Some((dir, garage)) = setup() else {
         return;
     };
     let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
@@ -139,8 +143,7 @@ fn an_agent_advanced_on_one_host_resumes_on_another_without_recomputing_its_hist
 
 #[test]
 fn two_hosts_advancing_one_agent_at_once_give_one_winner_and_a_typed_conflict() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(garage) = cluster(dir.path()) else {
+    let Some((dir, garage)) = setup() else {
         return;
     };
     // Slow tokens, so that both hosts have read the agent's head before either commits.
@@ -195,8 +198,7 @@ fn two_hosts_advancing_one_agent_at_once_give_one_winner_and_a_typed_conflict() 
 
 #[test]
 fn a_system_prompt_used_on_both_hosts_is_computed_and_stored_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(garage) = cluster(dir.path()) else {
+    let Some((dir, garage)) = setup() else {
         return;
     };
     let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
@@ -224,8 +226,7 @@ fn a_system_prompt_used_on_both_hosts_is_computed_and_stored_once() {
 
 #[test]
 fn deleting_on_one_host_deletes_everywhere_and_the_id_can_be_used_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(garage) = cluster(dir.path()) else {
+    let Some((dir, garage)) = setup() else {
         return;
     };
     let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
@@ -259,8 +260,7 @@ fn deleting_on_one_host_deletes_everywhere_and_the_id_can_be_used_again() {
 
 #[test]
 fn an_unreachable_store_refuses_changes_and_loses_nothing_acknowledged() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(mut garage) = cluster(dir.path()) else {
+    let Some((dir, mut garage)) = setup() else {
         return;
     };
     let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
@@ -306,8 +306,7 @@ fn an_unreachable_store_refuses_changes_and_loses_nothing_acknowledged() {
 
 #[test]
 fn a_damaged_change_on_the_store_is_an_error_and_the_local_copy_stays() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(garage) = cluster(dir.path()) else {
+    let Some((dir, garage)) = setup() else {
         return;
     };
     let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
@@ -388,8 +387,7 @@ fn third_turn(
 /// host's shared cache is, bit for bit, the turn a host that kept the agent in memory gives.
 #[test]
 fn with_the_real_model_the_second_host_continues_bit_for_bit() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(garage) = cluster(dir.path()) else {
+    let Some((dir, garage)) = setup() else {
         return;
     };
     let Some(engine) = real_engine() else { return };
@@ -412,8 +410,7 @@ fn with_the_real_model_the_second_host_continues_bit_for_bit() {
 
 #[test]
 fn verify_and_gc_cover_the_shared_store_and_gc_keeps_what_any_host_still_names() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(garage) = cluster(dir.path()) else {
+    let Some((dir, garage)) = setup() else {
         return;
     };
     let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
@@ -551,8 +548,7 @@ fn a_host_killed_while_uploading_a_turn_leaves_the_agent_as_it_was() {
     if std::env::var_os(UPLOAD_CHILD_ENV).is_some() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let Some(garage) = cluster(dir.path()) else {
+    let Some((dir, garage)) = setup() else {
         return;
     };
     let a_dir = dir.path().join("host-a");
@@ -640,8 +636,7 @@ fn a_host_killed_while_uploading_a_turn_leaves_the_agent_as_it_was() {
 
 #[test]
 fn calls_racing_to_bring_an_agent_from_the_store_all_find_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(garage) = cluster(dir.path()) else {
+    let Some((dir, garage)) = setup() else {
         return;
     };
     let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
@@ -668,8 +663,7 @@ fn calls_racing_to_bring_an_agent_from_the_store_all_find_it() {
 
 #[test]
 fn a_long_history_comes_from_the_store_whole_and_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(garage) = cluster(dir.path()) else {
+    let Some((dir, garage)) = setup() else {
         return;
     };
     let a = host(dir.path(), &garage, 0, "host-a", FakeBackend::default());
