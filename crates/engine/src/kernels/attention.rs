@@ -144,12 +144,12 @@ fn attend_portable(
     }
     // Weighted V sums: V rows a chunk at a time, up to six queries at a time sharing each
     // row's loads. Rows and scores are indexed from the chunk's start.
-    let pv6 = d == 64 && pv6_available(isa);
+    let pv6 = d.is_multiple_of(64) && pv6_available(isa);
     // At AVX2 one query at a time, with the x86 kernel: a 64-wide query's sums are 8
     // registers, already enough chains to keep both FMA pipes busy, and two or four queries'
     // do not fit in the 16 registers (the portable loop's output kept even one query's sums
     // on the stack: a quarter of a 16-token turn after 2,048 tokens went to the V sums).
-    let one_at_a_time = d == 64 && isa.level() == Level::Avx2;
+    let one_at_a_time = d.is_multiple_of(64) && isa.level() == Level::Avx2;
     out.fill(0.0);
     for j0 in (0..len).step_by(CHUNK) {
         let vc = rows_f32(isa, v, j0, (j0 + CHUNK).min(len), &mut rows[..]);
@@ -316,7 +316,8 @@ fn gram_simd(
 }
 
 /// For each of `Q` queries `q`, `o[q] = fma(p, v[j], o[q])` for the V rows `j` in `rows`, in
-/// order, where `p = scores[q * len + j]` and `o[q]` is `o[q * D..][..D]`.
+/// order, where `p = scores[q * len + j]`, `o[q]` is `o[q * D..][..D]` and `v[j]` is
+/// `v[j * stride..][..D]` (`D` columns of rows `stride` wide).
 ///
 /// Each query's sums are the same operations whatever `Q` is: queries share only the loads
 /// of V rows. Four queries keep 16 independent fused chains in flight (with one query, each
@@ -328,13 +329,16 @@ fn accumulate<const D: usize, const Q: usize>(
     len: usize,
     rows: Range<usize>,
     v: &[f32],
+    stride: usize,
 ) {
     let mut acc = [[0.0f32; D]; Q];
     for (q, a) in acc.iter_mut().enumerate() {
         a.copy_from_slice(&o[q * D..(q + 1) * D]);
     }
     for j in rows {
-        let vrow: &[f32; D] = v[j * D..(j + 1) * D].try_into().expect("head width");
+        let vrow: &[f32; D] = v[j * stride..j * stride + D]
+            .try_into()
+            .expect("head width");
         for (q, a) in acc.iter_mut().enumerate() {
             let p = scores[q * len + j];
             for l in 0..D {
@@ -347,13 +351,16 @@ fn accumulate<const D: usize, const Q: usize>(
     }
 }
 
+/// Most queries [`accumulate_group`] is given at once.
+const MAX_GROUP: usize = 6;
+
 /// [`accumulate`] for the `group` queries whose outputs start `o` (`d` values each) and whose
-/// scores start `scores` (`len` apart): the 64-wide kernels for SmolLM2's heads (six queries
-/// only when [`pv6_available`], one with the x86 kernel at any SIMD level), [`accumulate_any`]
-/// for other widths.
+/// scores start `scores` (`len` apart). Heads a multiple of 64 wide run 64 columns at a time
+/// through [`accumulate64`] (a lane's sums are the same fused multiply-adds in the same order
+/// whichever columns run beside it); other widths through [`accumulate_any`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn accumulate_group(
+pub(super) fn accumulate_group(
     isa: Isa,
     o: &mut [f32],
     scores: &[f32],
@@ -364,14 +371,49 @@ fn accumulate_group(
     group: usize,
 ) {
     let o = &mut o[..group * d];
-    match (d, group) {
+    if d == 64 {
+        return accumulate64(isa, o, scores, len, rows, v, d, group);
+    }
+    if !d.is_multiple_of(64) || group > MAX_GROUP {
+        return accumulate_any(o, scores, len, rows, v, d);
+    }
+    // Gemma 3's 256-wide heads: each 64-column slice of the queries' outputs gathered into
+    // a contiguous block, summed, and put back.
+    let mut slice = [0.0f32; MAX_GROUP * 64];
+    let slice = &mut slice[..group * 64];
+    for c in (0..d).step_by(64) {
+        for (q, s) in slice.chunks_exact_mut(64).enumerate() {
+            s.copy_from_slice(&o[q * d + c..][..64]);
+        }
+        accumulate64(isa, slice, scores, len, rows.clone(), &v[c..], d, group);
+        for (q, s) in slice.chunks_exact(64).enumerate() {
+            o[q * d + c..][..64].copy_from_slice(s);
+        }
+    }
+}
+
+/// [`accumulate`]`::<64, group>` over V rows `stride` wide: six queries only when
+/// [`pv6_available`], one with the x86 kernel at any SIMD level.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn accumulate64(
+    isa: Isa,
+    o: &mut [f32],
+    scores: &[f32],
+    len: usize,
+    rows: Range<usize>,
+    v: &[f32],
+    stride: usize,
+    group: usize,
+) {
+    match group {
         #[cfg(target_arch = "x86_64")]
-        (64, 1) if isa.is_simd() => x86::pv_1x64(isa, o, scores, rows, v),
-        (64, 6) => accumulate6(isa, o, scores, len, rows, v),
-        (64, 4) => accumulate::<64, 4>(o, scores, len, rows, v),
-        (64, 2) => accumulate::<64, 2>(o, scores, len, rows, v),
-        (64, 1) => accumulate::<64, 1>(o, scores, len, rows, v),
-        _ => accumulate_any(o, scores, len, rows, v, d),
+        1 if isa.is_simd() => x86::pv_1x64(isa, o, scores, rows, v, stride),
+        6 => accumulate6(isa, o, scores, len, rows, v, stride),
+        4 => accumulate::<64, 4>(o, scores, len, rows, v, stride),
+        2 => accumulate::<64, 2>(o, scores, len, rows, v, stride),
+        1 => accumulate::<64, 1>(o, scores, len, rows, v, stride),
+        _ => unreachable!("attend_portable groups 1, 2, 4 or 6 queries, not {group}"),
     }
 }
 
@@ -385,16 +427,24 @@ fn pv6_available(isa: Isa) -> bool {
 /// [`pv6_available`].
 #[inline(always)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn accumulate6(isa: Isa, o: &mut [f32], scores: &[f32], len: usize, rows: Range<usize>, v: &[f32]) {
+fn accumulate6(
+    isa: Isa,
+    o: &mut [f32],
+    scores: &[f32],
+    len: usize,
+    rows: Range<usize>,
+    v: &[f32],
+    stride: usize,
+) {
     #[cfg(target_arch = "x86_64")]
-    x86::pv_6x64(isa, o, scores, len, rows, v);
+    x86::pv_6x64(isa, o, scores, len, rows, v, stride);
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("accumulate6 is only called with AVX-512");
 }
 
 /// [`accumulate`] for any head width `d`, one query after another.
 #[inline(always)]
-fn accumulate_any(
+pub(super) fn accumulate_any(
     o: &mut [f32],
     scores: &[f32],
     len: usize,

@@ -3,7 +3,9 @@
 
 use kv_extract::{KvCache, KvDtype, KvShape};
 
-use super::attention::{Task, attention_tasks, exp_and_sum, scale_and_max};
+use super::attention::{
+    Task, accumulate_any, accumulate_group, attention_tasks, exp_and_sum, scale_and_max,
+};
 use super::dot::{LANES, dot, reduce};
 use super::elementwise::exp;
 use super::isa::{Isa, for_each_isa};
@@ -153,55 +155,96 @@ fn gram_is_dot_bitwise_at_every_simd_level() {
 #[test]
 fn pv_6x64_is_the_portable_accumulation_bitwise() {
     // Six queries' weights 70 apart over V rows 3..61 (not a whole number of anything), on
-    // top of outputs that already hold sums.
+    // top of outputs that already hold sums; V rows 64 wide (SmolLM2's heads) and 64 columns
+    // of 256-wide rows (Gemma 3's), the second of the four.
     let (len, rows) = (70, 3..61);
     let scores = values(6 * len, 71);
-    let v = values(len * 64, 72);
     let start = values(6 * 64, 73);
-    let mut want = start.clone();
-    for q in 0..6 {
-        for j in rows.clone() {
-            let p = scores[q * len + j];
-            for l in 0..64 {
-                want[q * 64 + l] = p.mul_add(v[j * 64 + l], want[q * 64 + l]);
+    for (stride, col) in [(64, 0), (256, 64)] {
+        let v = values(len * stride, 72);
+        let mut want = start.clone();
+        for q in 0..6 {
+            for j in rows.clone() {
+                let p = scores[q * len + j];
+                for l in 0..64 {
+                    want[q * 64 + l] = p.mul_add(v[j * stride + col + l], want[q * 64 + l]);
+                }
             }
         }
+        for_each_isa(|isa| {
+            if isa.name() != "avx512" {
+                return;
+            }
+            let mut got = start.clone();
+            let v = &v[col..];
+            super::x86::pv_6x64(isa, &mut got, &scores, len, rows.clone(), v, stride);
+            assert_eq!(bits(&got), bits(&want), "stride {stride}");
+            super::x86::pv_6x64(isa, &mut got, &scores, len, 70..70, v, stride);
+            assert_eq!(bits(&got), bits(&want), "stride {stride}: an empty run");
+        });
     }
-    for_each_isa(|isa| {
-        if isa.name() != "avx512" {
-            return;
-        }
-        let mut got = start.clone();
-        super::x86::pv_6x64(isa, &mut got, &scores, len, rows.clone(), &v);
-        assert_eq!(bits(&got), bits(&want));
-    });
 }
 
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn pv_1x64_is_the_portable_accumulation_bitwise() {
-    // One query's weights over V rows 5..83, on top of an output that already holds sums; and
-    // an empty run, which must leave the output alone.
+    // One query's weights over V rows 5..83, on top of an output that already holds sums, 64
+    // wide and the last 64 columns of 256-wide rows; and an empty run past the end, which
+    // must leave the output alone.
     let (len, rows) = (90, 5..83);
     let scores = values(len, 81);
-    let v = values(len * 64, 82);
     let start = values(64, 83);
-    let mut want = start.clone();
-    for j in rows.clone() {
-        for l in 0..64 {
-            want[l] = scores[j].mul_add(v[j * 64 + l], want[l]);
+    for (stride, col) in [(64, 0), (256, 192)] {
+        let v = values(len * stride, 82);
+        let mut want = start.clone();
+        for j in rows.clone() {
+            for l in 0..64 {
+                want[l] = scores[j].mul_add(v[j * stride + col + l], want[l]);
+            }
+        }
+        for_each_isa(|isa| {
+            if !isa.is_simd() {
+                return;
+            }
+            let mut got = start.clone();
+            let v = &v[col..];
+            super::x86::pv_1x64(isa, &mut got, &scores, rows.clone(), v, stride);
+            assert_eq!(bits(&got), bits(&want), "{isa:?}, stride {stride}");
+            super::x86::pv_1x64(isa, &mut got, &scores, 90..90, v, stride);
+            assert_eq!(bits(&got), bits(&want), "{isa:?}: an empty run");
+        });
+    }
+}
+
+#[test]
+fn grouped_v_sums_are_the_one_query_definition_bitwise_at_every_level() {
+    // Every group size the attention uses, on SmolLM2's 64-wide heads, Gemma 3's 256-wide
+    // ones (64 columns at a time) and a width that is neither; runs that start and end
+    // mid-chunk, and an empty one.
+    let len = 64;
+    for d in [64, 256, 48] {
+        let v = values(len * d, 91);
+        let scores = values(6 * len, 92);
+        let start = values(6 * d, 93);
+        for group in [1, 2, 4, 6] {
+            for rows in [0..64, 3..61, 17..17] {
+                let mut want = start[..group * d].to_vec();
+                accumulate_any(&mut want, &scores, len, rows.clone(), &v, d);
+                for_each_isa(|isa| {
+                    if group == 6 && isa.name() != "avx512" {
+                        return;
+                    }
+                    let mut got = start[..group * d].to_vec();
+                    accumulate_group(isa, &mut got, &scores, len, rows.clone(), &v, d, group);
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "d {d}, {group} queries, {rows:?}, {isa:?}"
+                    );
+                });
+            }
         }
     }
-    for_each_isa(|isa| {
-        if !isa.is_simd() {
-            return;
-        }
-        let mut got = start.clone();
-        super::x86::pv_1x64(isa, &mut got, &scores, rows.clone(), &v);
-        assert_eq!(bits(&got), bits(&want), "{isa:?}");
-        super::x86::pv_1x64(isa, &mut got, &scores, 7..7, &v);
-        assert_eq!(bits(&got), bits(&want), "{isa:?}: an empty run");
-    });
 }
 
 #[test]
@@ -672,6 +715,8 @@ fn attention_is_the_same_bits_in_prefill_tiles_and_decode_tasks_at_every_level()
         (64, 150, Some(70)),
         (48, 40, Some(16)),
         (256, 45, Some(11)),
+        (256, 150, None),
+        (256, 150, Some(100)),
     ];
     for (d, n, window, dtype) in cases
         .into_iter()

@@ -1,14 +1,16 @@
-//! The weighted V sums of six queries at once, for 64-wide heads, in AVX-512 assembly.
+//! The weighted V sums of six queries at once (AVX-512) or of one (AVX2), 64 columns of the
+//! V rows at a time, in assembly.
 
 use std::ops::Range;
 
 use crate::kernels::isa::{Isa, Level};
 
 /// For each of six queries `q` (outputs `o[q * 64..][..64]`, weights `scores[q * len..]`),
-/// `o[q] = fma(scores[q * len + j], v[j], o[q])` for the V rows `j` in `rows`, in order.
+/// `o[q] = fma(scores[q * len + j], v[j], o[q])` for the V rows `j` in `rows`, in order, where
+/// `v[j]` is `v[j * stride..][..64]`.
 ///
 /// # Panics
-/// If `isa` is not AVX-512 or a length is short.
+/// If `isa` is not AVX-512, `stride < 64` or a length is short.
 pub(crate) fn pv_6x64(
     isa: Isa,
     o: &mut [f32],
@@ -16,6 +18,7 @@ pub(crate) fn pv_6x64(
     len: usize,
     rows: Range<usize>,
     v: &[f32],
+    stride: usize,
 ) {
     assert!(
         isa.level() == Level::Avx512,
@@ -24,27 +27,32 @@ pub(crate) fn pv_6x64(
     );
     assert!(o.len() == 6 * 64 && rows.start <= rows.end, "pv_6x64 rows");
     assert!(
-        scores.len() >= 5 * len + rows.end && v.len() >= rows.end * 64,
+        scores.len() >= 5 * len + rows.end && v_in_bounds(v, &rows, stride),
         "pv_6x64 bounds"
     );
+    if rows.is_empty() {
+        return;
+    }
     // SAFETY: the CPU has AVX-512F (an `Isa` of that level exists only then); `o` has six
-    // 64-wide rows, query q's weights scores[q * len + j] and the V rows j * 64.. for j in
-    // `rows` are in bounds (checked above: q * len + j < 5 * len + rows.end for q < 6 and j
-    // in `rows`).
+    // 64-wide rows, query q's weights scores[q * len + j] and the V rows j * stride..+64 for j
+    // in `rows` are in bounds (checked above: q * len + j < 5 * len + rows.end for q < 6 and
+    // j in `rows`).
     unsafe {
         pv512_6x64(
             o.as_mut_ptr(),
             scores.as_ptr().add(rows.start),
             len,
-            v.as_ptr().add(rows.start * 64),
+            v.as_ptr().add(rows.start * stride),
+            stride * size_of::<f32>(),
             rows.len(),
         )
     }
 }
 
-/// Weighted V sums of six queries over a run of V rows, for 64-wide heads: for each
+/// Weighted V sums of six queries over a run of V rows, 64 columns of them: for each
 /// query `q` and row `j` of `0..n`, in order, `o[q] = fma(p[q][j], v[j], o[q])`, where
-/// `o[q]` is `o[q * 64..][..64]` and `p[q]` is `p.add(q * stride)`.
+/// `o[q]` is `o[q * 64..][..64]`, `p[q]` is `p.add(q * stride)` and `v[j]` the 64 values at
+/// `v` plus `j * v_bytes` bytes.
 ///
 /// In assembly so that each V row is loaded once into registers for the six queries (the
 /// compiler's output of the portable loop loads it again for every query, and the loads,
@@ -53,9 +61,17 @@ pub(crate) fn pv_6x64(
 /// the portable `accumulate`, so the same bits.
 ///
 /// # Safety
-/// AVX-512F is available; `o` has `6 * 64` values, each `p[q]` has `n` and `v` has `n * 64`.
+/// AVX-512F is available; `o` has `6 * 64` values, each `p[q]` has `n` and every `v[j]` is
+/// readable.
 #[target_feature(enable = "avx512f")]
-unsafe fn pv512_6x64(o: *mut f32, p: *const f32, stride: usize, v: *const f32, n: usize) {
+unsafe fn pv512_6x64(
+    o: *mut f32,
+    p: *const f32,
+    stride: usize,
+    v: *const f32,
+    v_bytes: usize,
+    n: usize,
+) {
     // SAFETY: the caller's contract. The loop body runs n times (n > 0 is checked first, as
     // the loop tests its bound at the end); every access is within the rows.
     unsafe {
@@ -122,7 +138,7 @@ unsafe fn pv512_6x64(o: *mut f32, p: *const f32, stride: usize, v: *const f32, n
             "vfmadd231ps zmm21, zmm28, zmm25",
             "vfmadd231ps zmm22, zmm28, zmm26",
             "vfmadd231ps zmm23, zmm28, zmm27",
-            "add {v}, 256",
+            "add {v}, {v_bytes}",
             "add {off}, 4",
             "cmp {off}, {end}",
             "jb 2b",
@@ -158,6 +174,7 @@ unsafe fn pv512_6x64(o: *mut f32, p: *const f32, stride: usize, v: *const f32, n
             p4 = in(reg) p.add(4 * stride),
             p5 = in(reg) p.add(5 * stride),
             v = inout(reg) v => _,
+            v_bytes = in(reg) v_bytes,
             off = inout(reg) 0usize => _,
             end = in(reg) n * size_of::<f32>(),
             out("zmm0") _,
@@ -195,32 +212,50 @@ unsafe fn pv512_6x64(o: *mut f32, p: *const f32, stride: usize, v: *const f32, n
 }
 
 /// For one query (output `o[..64]`, weights `scores`), `o = fma(scores[j], v[j], o)` for the
-/// V rows `j` in `rows`, in order: [`pv_6x64`] for a lone query, at AVX2 (or above).
+/// V rows `j` in `rows`, in order, where `v[j]` is `v[j * stride..][..64]`: [`pv_6x64`] for a
+/// lone query, at AVX2 (or above).
 ///
 /// # Panics
-/// If `isa` is the portable level or a length is short.
-pub(crate) fn pv_1x64(isa: Isa, o: &mut [f32], scores: &[f32], rows: Range<usize>, v: &[f32]) {
+/// If `isa` is the portable level, `stride < 64` or a length is short.
+pub(crate) fn pv_1x64(
+    isa: Isa,
+    o: &mut [f32],
+    scores: &[f32],
+    rows: Range<usize>,
+    v: &[f32],
+    stride: usize,
+) {
     assert!(isa.is_simd(), "x86::pv_1x64 needs AVX2");
     assert!(o.len() == 64 && rows.start <= rows.end, "pv_1x64 rows");
     assert!(
-        scores.len() >= rows.end && v.len() >= rows.end * 64,
+        scores.len() >= rows.end && v_in_bounds(v, &rows, stride),
         "pv_1x64 bounds"
     );
+    if rows.is_empty() {
+        return;
+    }
     // SAFETY: the CPU has AVX2 and FMA (every level above the portable one does); `o` has 64
-    // values, and the weights scores[j] and V rows j * 64.. for j in `rows` are in bounds
-    // (checked above).
+    // values, and the weights scores[j] and V rows j * stride..+64 for j in `rows` are in
+    // bounds (checked above).
     unsafe {
         pv256_1x64(
             o.as_mut_ptr(),
             scores.as_ptr().add(rows.start),
-            v.as_ptr().add(rows.start * 64),
+            v.as_ptr().add(rows.start * stride),
+            stride * size_of::<f32>(),
             rows.len(),
         )
     }
 }
 
-/// Weighted V sums of one query over a run of V rows, for 64-wide heads: for each row `j` of
-/// `0..n`, in order, `o = fma(p[j], v[j], o)`.
+/// Whether `v` holds the 64 values at `j * stride` for every `j` in `rows`.
+fn v_in_bounds(v: &[f32], rows: &Range<usize>, stride: usize) -> bool {
+    stride >= 64 && (rows.is_empty() || (rows.end - 1) * stride + 64 <= v.len())
+}
+
+/// Weighted V sums of one query over a run of V rows, 64 columns of them: for each row `j`
+/// of `0..n`, in order, `o = fma(p[j], v[j], o)`, where `v[j]` is the 64 values at `v` plus
+/// `j * v_bytes` bytes.
 ///
 /// In assembly so that the eight accumulators stay in registers (`ymm0..=7`, one broadcast
 /// weight in `ymm8`, V rows as memory operands): eight independent chains keep both FMA
@@ -228,9 +263,9 @@ pub(crate) fn pv_1x64(isa: Isa, o: &mut [f32], scores: &[f32], rows: Range<usize
 /// multiply-adds in the same order as the portable `accumulate`, so the same bits.
 ///
 /// # Safety
-/// AVX2 and FMA are available; `o` has 64 values, `p` has `n` and `v` has `n * 64`.
+/// AVX2 and FMA are available; `o` has 64 values, `p` has `n` and every `v[j]` is readable.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pv256_1x64(o: *mut f32, p: *const f32, v: *const f32, n: usize) {
+unsafe fn pv256_1x64(o: *mut f32, p: *const f32, v: *const f32, v_bytes: usize, n: usize) {
     // SAFETY: the caller's contract. The loop body runs n times (n > 0 is checked first, as
     // the loop tests its bound at the end); every access is within the rows.
     unsafe {
@@ -257,7 +292,7 @@ unsafe fn pv256_1x64(o: *mut f32, p: *const f32, v: *const f32, n: usize) {
             "vfmadd231ps ymm6, ymm8, [{v} + 192]",
             "vfmadd231ps ymm7, ymm8, [{v} + 224]",
             "add {p}, 4",
-            "add {v}, 256",
+            "add {v}, {v_bytes}",
             "dec {n}",
             "jnz 2b",
             "vmovups [{o} + 0], ymm0",
@@ -271,6 +306,7 @@ unsafe fn pv256_1x64(o: *mut f32, p: *const f32, v: *const f32, n: usize) {
             o = in(reg) o,
             p = inout(reg) p => _,
             v = inout(reg) v => _,
+            v_bytes = in(reg) v_bytes,
             n = inout(reg) n => _,
             out("ymm0") _,
             out("ymm1") _,
