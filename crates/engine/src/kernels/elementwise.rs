@@ -4,6 +4,7 @@
 use super::dot::dot;
 use super::isa::{Isa, Recompile};
 use super::vectorized;
+use rayon::prelude::*;
 
 /// RMSNorm of each row of `x` (rows of `w.len()`) at `isa`: `x / sqrt(mean(x²) + eps) * w`,
 /// the sum of squares being [`dot`]`(row, row)`.
@@ -60,23 +61,18 @@ pub fn add_bias_rows(rows: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// SiLU-gated product over rows laid out `[gate (f) | up (f)]`: returns `silu(gate) * up`,
-/// `[rows, f]`.
-pub fn silu_mul_rows(gate_up: &[f32], f: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(gate_up.len() / 2);
-    for row in gate_up.chunks_exact(2 * f) {
-        let (g, u) = row.split_at(f);
-        out.extend(g.iter().zip(u).map(|(&g, &u)| (g / (1.0 + exp(-g))) * u));
-    }
-    out
+/// SiLU-gated product over rows laid out `[gate (f) | up (f)]`: `silu(gate) * up` into `out`
+/// (made `[rows, f]`).
+pub fn silu_mul_rows(gate_up: &[f32], f: usize, out: &mut Vec<f32>) {
+    gated_rows(gate_up, f, out, |g, u| (g / (1.0 + exp(-g))) * u);
 }
 
-/// GELU-gated product over rows laid out `[gate (f) | up (f)]`: returns `gelu(gate) * up`,
-/// `[rows, f]`, with GELU's tanh form (Gemma's `gelu_pytorch_tanh`; llama.cpp's `ggml_gelu`):
-/// `0.5 x (1 + tanh(sqrt(2 / pi) x (1 + 0.044715 x²)))`, `tanh` from [`exp`], so every build
-/// gives the same bits. (llama.cpp's CPU backend rounds the input to f16 and looks the result
-/// up in a table; this computes it in f32.)
-pub fn gelu_mul_rows(gate_up: &[f32], f: usize) -> Vec<f32> {
+/// GELU-gated product over rows laid out `[gate (f) | up (f)]`: `gelu(gate) * up` into `out`
+/// (made `[rows, f]`), with GELU's tanh form (Gemma's `gelu_pytorch_tanh`; llama.cpp's
+/// `ggml_gelu`): `0.5 x (1 + tanh(sqrt(2 / pi) x (1 + 0.044715 x²)))`, `tanh` from [`exp`], so
+/// every build gives the same bits. (llama.cpp's CPU backend rounds the input to f16 and looks
+/// the result up in a table; this computes it in f32.)
+pub fn gelu_mul_rows(gate_up: &[f32], f: usize, out: &mut Vec<f32>) {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const COEF_A: f32 = 0.044_715;
     let gelu = |x: f32| {
@@ -85,12 +81,33 @@ pub fn gelu_mul_rows(gate_up: &[f32], f: usize) -> Vec<f32> {
         let t = 1.0 - 2.0 / (exp(2.0 * u.abs()) + 1.0);
         0.5 * x * (1.0 + t.copysign(u))
     };
-    let mut out = Vec::with_capacity(gate_up.len() / 2);
-    for row in gate_up.chunks_exact(2 * f) {
+    gated_rows(gate_up, f, out, move |g, u| gelu(g) * u);
+}
+
+/// `op(gate, up)` of every row laid out `[gate (f) | up (f)]`, into `out` (`[rows, f]`, its
+/// memory reused). A prefill's rows are split over threads; each value is the same whichever
+/// thread computes it.
+fn gated_rows(gate_up: &[f32], f: usize, out: &mut Vec<f32>, op: impl Fn(f32, f32) -> f32 + Sync) {
+    let rows = gate_up.len() / (2 * f);
+    let run = |(row, o): (&[f32], &mut [f32])| {
         let (g, u) = row.split_at(f);
-        out.extend(g.iter().zip(u).map(|(&g, &u)| gelu(g) * u));
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = op(g, u);
+        }
+    };
+    let out = super::resized(out, rows * f);
+    if out.len() < 1 << 16 {
+        // A few tokens' worth: not worth waking the other thread.
+        gate_up
+            .chunks_exact(2 * f)
+            .zip(out.chunks_exact_mut(f))
+            .for_each(run);
+    } else {
+        gate_up
+            .par_chunks_exact(2 * f)
+            .zip(out.par_chunks_exact_mut(f))
+            .for_each(run);
     }
-    out
 }
 
 /// Which values of a head RoPE rotates together.

@@ -9,10 +9,10 @@ use super::dequant;
 use super::dot::{LANES, MB, MR, NR, dot_1x1, dot_1x3, dot_1x4, dot_2x3};
 use super::isa::{Isa, Recompile};
 use super::quant::QMatrix;
-use super::vectorized;
 use super::weight::{Weight, WeightData};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
+use super::{resized, vectorized};
 
 /// One weight panel against all rows of `x`: `out[i * ld + j] = dot(x[i], w[j])` for the
 /// `rows` rows of `w` (`ld >= rows`: the panel may be a column block of a wider output).
@@ -121,15 +121,45 @@ pub(super) fn panel(
 }
 
 /// `y = x · Wᵀ` for `m` rows of `x` (`[m, w.cols()]`, row-major) at `isa`: returns
-/// `[m, w.rows()]`.
-///
-/// For f32 weights each output element is [`dot`](super::dot)`(x[i], W[j])` bit for bit, whatever `m`
-/// and the number of threads; work is split over the rows of `W`. Quantized weights give
-/// bitwise the results of their dequantized f32 values (see `matmul_dequant`).
+/// `[m, w.rows()]`. [`matmul_into`] into new buffers.
 ///
 /// # Panics
 /// If `x.len() != m * w.cols()`.
 pub fn matmul(isa: Isa, x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
+    let mut y = Vec::new();
+    matmul_into(isa, x, m, w, &mut y, &mut MatmulScratch::default());
+    y
+}
+
+/// Memory a matmul works in besides its output, kept by a caller that runs many (a forward
+/// pass) so that each one reuses it instead of faulting in fresh pages: for a 512-token
+/// prefill, new outputs and task buffers on every matmul cost about a tenth of the pass in
+/// page faults and zeroing.
+#[derive(Default)]
+pub(crate) struct MatmulScratch {
+    /// The tasks' column blocks, laid end to end (see [`join_columns`]).
+    chunks: Vec<f32>,
+    /// A part's output in a stack of weights.
+    part: Vec<f32>,
+}
+
+/// `y = x · Wᵀ` for `m` rows of `x` (`[m, w.cols()]`, row-major) at `isa`, into `y` (made
+/// `[m, w.rows()]`, its memory reused), working in `scratch`.
+///
+/// For f32 weights each output element is [`dot`](super::dot)`(x[i], W[j])` bit for bit,
+/// whatever `m` and the number of threads; work is split over the rows of `W`. Quantized
+/// weights give bitwise the results of their dequantized f32 values (see `matmul_dequant`).
+///
+/// # Panics
+/// If `x.len() != m * w.cols()`.
+pub(crate) fn matmul_into(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &Weight,
+    y: &mut Vec<f32>,
+    scratch: &mut MatmulScratch,
+) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(
         x.len(),
@@ -137,7 +167,8 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
         "matmul input is not m rows of the weight's width"
     );
     if m == 0 || n == 0 {
-        return Vec::new();
+        y.clear();
+        return;
     }
     // The kernels load 16-lane chunks from the start of each row; with rows a whole number of
     // cache lines wide, an aligned start means that no 32-byte load straddles two lines (each
@@ -151,37 +182,55 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
     };
     let wd = match &w.data {
         WeightData::F32(wd) => wd,
-        WeightData::Quant(q) => return matmul_dequant(isa, x, m, q),
-        WeightData::Stack(parts) => return matmul_stack(isa, x, m, parts, n),
+        WeightData::Quant(q) => return matmul_dequant(isa, x, m, q, y, &mut scratch.chunks),
+        WeightData::Stack(parts) => return matmul_stack(isa, x, m, parts, n, y, scratch),
     };
     // Each task owns a block of weight rows: its columns of y, as a [m, rows] chunk.
     let tasks = rayon::current_num_threads() * 4;
     let rows_per_task = n.div_ceil(tasks).next_multiple_of(NR);
-    let mut chunks = vec![0.0f32; m * n];
+    let task = |(c, out): (usize, &mut [f32])| {
+        let j0 = c * rows_per_task;
+        let rows = out.len() / m;
+        panel(isa, x, m, k, &wd[j0 * k..(j0 + rows) * k], rows, out, rows);
+    };
+    if m == 1 {
+        // One row: the column blocks are y's own runs.
+        resized(y, n)
+            .par_chunks_mut(rows_per_task)
+            .enumerate()
+            .for_each(task);
+        return;
+    }
+    let chunks = resized(&mut scratch.chunks, m * n);
     chunks
         .par_chunks_mut(rows_per_task * m)
         .enumerate()
-        .for_each(|(c, out)| {
-            let j0 = c * rows_per_task;
-            let rows = out.len() / m;
-            panel(isa, x, m, k, &wd[j0 * k..(j0 + rows) * k], rows, out, rows);
-        });
-    join_columns(chunks, m, n, rows_per_task)
+        .for_each(task);
+    join_columns(chunks, m, n, rows_per_task, resized(y, m * n));
 }
 
-/// [`matmul`] of a stack of weights (`n` rows in all): each part's outputs, computed in its
-/// own form, are its block of `y`'s columns.
-fn matmul_stack(isa: Isa, x: &[f32], m: usize, parts: &[Weight], n: usize) -> Vec<f32> {
-    let mut y = vec![0.0f32; m * n];
+/// [`matmul_into`] of a stack of weights (`n` rows in all): each part's outputs, computed in
+/// its own form, are its block of `y`'s columns.
+fn matmul_stack(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    parts: &[Weight],
+    n: usize,
+    y: &mut Vec<f32>,
+    scratch: &mut MatmulScratch,
+) {
+    let y = resized(y, m * n);
+    let mut part = std::mem::take(&mut scratch.part);
     let mut col = 0;
     for p in parts.iter().filter(|p| p.rows > 0) {
-        let yp = matmul(isa, x, m, p);
-        for (dst, src) in y.chunks_exact_mut(n).zip(yp.chunks_exact(p.rows)) {
+        matmul_into(isa, x, m, p, &mut part, scratch);
+        for (dst, src) in y.chunks_exact_mut(n).zip(part.chunks_exact(p.rows)) {
             dst[col..col + p.rows].copy_from_slice(src);
         }
         col += p.rows;
     }
-    y
+    scratch.part = part;
 }
 
 /// `y` (`[m, n]`, row-major) from the column blocks tasks computed: block `c` holds columns
@@ -189,11 +238,7 @@ fn matmul_stack(isa: Isa, x: &[f32], m: usize, parts: &[Weight], n: usize) -> Ve
 ///
 /// Every copy is a run of a chunk's row: the transposed layout this replaced needed one
 /// strided store per value, 7% of a 2048-token prefill.
-fn join_columns(chunks: Vec<f32>, m: usize, n: usize, width: usize) -> Vec<f32> {
-    if m == 1 {
-        return chunks;
-    }
-    let mut y = vec![0.0f32; m * n];
+fn join_columns(chunks: &[f32], m: usize, n: usize, width: usize, y: &mut [f32]) {
     let fill = |(i, row): (usize, &mut [f32])| {
         for (c, dst) in row.chunks_mut(width).enumerate() {
             let w = dst.len();
@@ -206,7 +251,6 @@ fn join_columns(chunks: Vec<f32>, m: usize, n: usize, width: usize) -> Vec<f32> 
     } else {
         y.par_chunks_mut(n).enumerate().for_each(fill);
     }
-    y
 }
 
 /// Weight rows dequantized at a time by [`matmul_dequant`]: a multiple of the micro-kernels'
@@ -242,24 +286,28 @@ fn dequant_panel(
 /// `quant::matmul`, since removed)? With SmolLM2-135M that quantization changes greedy
 /// answers (llama.cpp itself answers "La femme de France, ..." to the capital-of-France
 /// prompt); f32 activations keep "The capital of France is Paris.".
-fn matmul_dequant(isa: Isa, x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
+fn matmul_dequant(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    q: &QMatrix,
+    y: &mut Vec<f32>,
+    chunks: &mut Vec<f32>,
+) {
     let (n, k) = (q.rows(), q.cols());
-    if m == 0 || n == 0 {
-        return Vec::new();
-    }
     debug_assert_eq!(x.len(), m * k);
     let tasks = rayon::current_num_threads() * 4;
     if m == 1 {
         // Decode: blocks are widened in registers, never written out.
-        let mut y = vec![0.0f32; n];
         let rows_per_task = n.div_ceil(tasks);
-        y.par_chunks_mut(rows_per_task)
+        resized(y, n)
+            .par_chunks_mut(rows_per_task)
             .enumerate()
             .for_each(|(c, out)| dequant::gemv(isa, q, c * rows_per_task, x, out));
-        return y;
+        return;
     }
     let rows_per_task = n.div_ceil(tasks).next_multiple_of(DEQUANT_ROWS);
-    let mut chunks = vec![0.0f32; m * n];
+    let chunks = resized(chunks, m * n);
     chunks
         .par_chunks_mut(rows_per_task * m)
         .enumerate()
@@ -273,7 +321,7 @@ fn matmul_dequant(isa: Isa, x: &[f32], m: usize, q: &QMatrix) -> Vec<f32> {
                 }
             },
         );
-    join_columns(chunks, m, n, rows_per_task)
+    join_columns(chunks, m, n, rows_per_task, resized(y, m * n));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ pub(crate) use elementwise::{
     RopeStyle, RopeTable, add_bias_rows, add_in_place, gelu_mul_rows, rms_norm, silu_mul_rows,
 };
 pub use isa::Isa;
-pub(crate) use matmul::matmul;
+pub(crate) use matmul::{MatmulScratch, matmul, matmul_into};
 pub(crate) use weight::Weight;
 
 use isa::Recompile;
@@ -69,4 +69,15 @@ fn vectorized<K: Recompile>(isa: Isa, kernel: K) -> K::Output {
     return x86::recompiled(isa, kernel);
     #[cfg(not(target_arch = "x86_64"))]
     return kernel.run();
+}
+
+/// `buf` as exactly `len` values, keeping its memory: what it held stays (callers overwrite
+/// every value), only values it never had are zeroed. Buffers a forward pass reuses layer
+/// after layer go through this instead of fresh allocations, whose first touch is page faults.
+pub(crate) fn resized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    buf.truncate(len);
+    buf
 }

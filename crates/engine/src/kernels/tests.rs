@@ -476,7 +476,8 @@ fn gelu_matches_the_tanh_formula() {
     let up = values(f, 3);
     let mut gate_up = gate.clone();
     gate_up.extend_from_slice(&up);
-    let got = gelu_mul_rows(&gate_up, f);
+    let mut got = Vec::new();
+    gelu_mul_rows(&gate_up, f, &mut got);
     for ((&g, &u), &y) in gate.iter().zip(&up).zip(&got) {
         let x = g as f64;
         let want = 0.5
@@ -565,8 +566,28 @@ fn softmax_helpers_match_their_definitions_bitwise() {
 }
 
 #[test]
+fn gated_rows_of_a_prefill_split_over_threads_are_each_rows_own_bits() {
+    // 40 rows of 2,048 (past the size where rows go to both threads), against each row
+    // alone; into a buffer that held more, and other values.
+    let (rows, f) = (40, 2048);
+    let gate_up = values(rows * 2 * f, 95);
+    for gated in [silu_mul_rows, gelu_mul_rows] {
+        let mut all = vec![1.0; rows * f + 100];
+        gated(&gate_up, f, &mut all);
+        assert_eq!(all.len(), rows * f);
+        let mut one = Vec::new();
+        for (r, row) in gate_up.chunks_exact(2 * f).enumerate() {
+            gated(row, f, &mut one);
+            assert_eq!(bits(&all[r * f..][..f]), bits(&one), "row {r}");
+        }
+    }
+}
+
+#[test]
 fn silu_mul_known_values() {
-    let out = silu_mul_rows(&[0.0, 1.0, 2.0, 3.0], 2);
+    let mut out = vec![f32::NAN; 7];
+    silu_mul_rows(&[0.0, 1.0, 2.0, 3.0], 2, &mut out);
+    assert_eq!(out.len(), 2);
     let silu1 = 1.0 / (1.0 + (-1.0f32).exp());
     assert_eq!(out[0], 0.0);
     assert!((out[1] - silu1 * 3.0).abs() < 1e-6);

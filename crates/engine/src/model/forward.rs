@@ -6,7 +6,7 @@ use kv_extract::KvCache;
 use super::config::Architecture;
 use super::{Logits, Model};
 use crate::error::{EngineError, Result};
-use crate::kernels::{self, AttentionSpec, RopeStyle, RopeTable};
+use crate::kernels::{self, AttentionSpec, MatmulScratch, RopeStyle, RopeTable};
 
 impl Model {
     /// Runs `tokens` at positions `cache.len()..`, appends their K/V (and ids) to `cache`, and
@@ -116,17 +116,26 @@ impl Model {
             x.iter_mut().for_each(|v| *v *= s);
         }
         let mut h = vec![0.0f32; n * dim];
+        // Buffers every layer reuses (a new allocation per matmul output faults in its pages
+        // every time: about a tenth of a 512-token prefill).
+        let mut scratch = MatmulScratch::default();
+        let (mut qkv, mut o, mut gate_up, mut act, mut down) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut q = Vec::with_capacity(n * q_w);
+        let mut k = Vec::with_capacity(n * kv_w);
+        let mut v = Vec::with_capacity(n * kv_w);
+        let mut unnormed = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
             kernels::rms_norm(isa, &x, &layer.attn_norm, c.rms_eps, &mut h);
-            let mut qkv = kernels::matmul(isa, &h, n, &layer.qkv);
+            kernels::matmul_into(isa, &h, n, &layer.qkv, &mut qkv, &mut scratch);
             if let Some(bias) = &layer.qkv_bias {
                 // After the matmul, in f32, as llama.cpp's `ggml_add` (one rounding per
                 // element, so still batch-invariant).
                 kernels::add_bias_rows(&mut qkv, bias);
             }
-            let mut q = Vec::with_capacity(n * q_w);
-            let mut k = Vec::with_capacity(n * kv_w);
-            let mut v = Vec::with_capacity(n * kv_w);
+            q.clear();
+            k.clear();
+            v.clear();
             for row in qkv.chunks_exact(q_w + 2 * kv_w) {
                 q.extend_from_slice(&row[..q_w]);
                 k.extend_from_slice(&row[q_w..q_w + kv_w]);
@@ -134,9 +143,10 @@ impl Model {
             }
             if let Some(g) = &layer.gemma {
                 // Each head's query and key RMS-normed on its own, before RoPE.
-                let (q_in, k_in) = (q.clone(), k.clone());
-                kernels::rms_norm(isa, &q_in, &g.q_norm, c.rms_eps, &mut q);
-                kernels::rms_norm(isa, &k_in, &g.k_norm, c.rms_eps, &mut k);
+                for (rows, norm) in [(&mut q, &g.q_norm), (&mut k, &g.k_norm)] {
+                    unnormed.clone_from(rows);
+                    kernels::rms_norm(isa, &unnormed, norm, c.rms_eps, rows);
+                }
             }
             let table = match (layer.window, &rope_swa) {
                 (Some(_), Some(swa)) => swa,
@@ -151,7 +161,7 @@ impl Model {
                 window: layer.window,
             };
             let attn = kernels::attention(isa, &q, n, start, spec, cache, li);
-            let o = kernels::matmul(isa, &attn, n, &layer.attn_output);
+            kernels::matmul_into(isa, &attn, n, &layer.attn_output, &mut o, &mut scratch);
             match &layer.gemma {
                 // Normed into `h`, free until the MLP's norm overwrites it.
                 Some(g) => {
@@ -162,12 +172,12 @@ impl Model {
             }
 
             kernels::rms_norm(isa, &x, &layer.ffn_norm, c.rms_eps, &mut h);
-            let gate_up = kernels::matmul(isa, &h, n, &layer.gate_up);
-            let act = match gemma {
-                true => kernels::gelu_mul_rows(&gate_up, c.ffn_dim),
-                false => kernels::silu_mul_rows(&gate_up, c.ffn_dim),
-            };
-            let down = kernels::matmul(isa, &act, n, &layer.ffn_down);
+            kernels::matmul_into(isa, &h, n, &layer.gate_up, &mut gate_up, &mut scratch);
+            match gemma {
+                true => kernels::gelu_mul_rows(&gate_up, c.ffn_dim, &mut act),
+                false => kernels::silu_mul_rows(&gate_up, c.ffn_dim, &mut act),
+            }
+            kernels::matmul_into(isa, &act, n, &layer.ffn_down, &mut down, &mut scratch);
             match &layer.gemma {
                 Some(g) => {
                     kernels::rms_norm(isa, &down, &g.post_ffn_norm, c.rms_eps, &mut h);
