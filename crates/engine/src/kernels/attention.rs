@@ -409,7 +409,9 @@ fn accumulate64(
     match group {
         #[cfg(target_arch = "x86_64")]
         1 if isa.is_simd() => x86::pv_1x64(isa, o, scores, rows, v, stride),
-        6 => accumulate6(isa, o, scores, len, rows, v, stride),
+        // Only when `pv6_available`.
+        #[cfg(target_arch = "x86_64")]
+        6 => x86::pv_6x64(isa, o, scores, len, rows, v, stride),
         4 => accumulate::<64, 4>(o, scores, len, rows, v, stride),
         2 => accumulate::<64, 2>(o, scores, len, rows, v, stride),
         1 => accumulate::<64, 1>(o, scores, len, rows, v, stride),
@@ -417,29 +419,10 @@ fn accumulate64(
     }
 }
 
-/// Whether [`accumulate6`] has its AVX-512 kernel at `isa`.
+/// Whether six queries at a time have their AVX-512 kernel (`x86::pv_6x64`) at `isa`.
 #[inline(always)]
 fn pv6_available(isa: Isa) -> bool {
     isa.level() == Level::Avx512
-}
-
-/// [`accumulate`]`::<64, 6>` with the x86 `pv_6x64` kernel; only called when
-/// [`pv6_available`].
-#[inline(always)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn accumulate6(
-    isa: Isa,
-    o: &mut [f32],
-    scores: &[f32],
-    len: usize,
-    rows: Range<usize>,
-    v: &[f32],
-    stride: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    x86::pv_6x64(isa, o, scores, len, rows, v, stride);
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("accumulate6 is only called with AVX-512");
 }
 
 /// [`accumulate`] for any head width `d`, one query after another.
