@@ -317,6 +317,14 @@ fn matmul_dequant(
                 let (j0, width) = (c * rows_per_task, out.len() / m);
                 for s in (0..width).step_by(DEQUANT_ROWS) {
                     let rows = DEQUANT_ROWS.min(width - s);
+                    // The next panel's blocks start coming in while this one is multiplied:
+                    // with few tokens (a turn) the multiplying is short, and dequantizing
+                    // waited on memory for them (a turn after 2,048 tokens: 6-8% faster).
+                    #[cfg(target_arch = "x86_64")]
+                    if isa.is_simd() {
+                        let next = DEQUANT_ROWS.min(width - s - rows);
+                        x86::prefetch_rows(isa, q, j0 + s + rows, next);
+                    }
                     dequant_panel(isa, q, j0 + s, rows, x, m, buf, &mut out[s..], width);
                 }
             },

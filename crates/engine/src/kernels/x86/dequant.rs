@@ -125,6 +125,29 @@ pub(crate) fn dequantize_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize, ou
     }
 }
 
+/// Asks the CPU to bring rows `r0..r0 + count` of `q` into its caches (their quantized
+/// values; the split kinds' scales are small and follow on demand), so that loading them
+/// overlaps the work done before they are dequantized. Rows past the end are ignored.
+pub(crate) fn prefetch_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize) {
+    assert!(isa.is_simd(), "x86::prefetch_rows needs AVX2");
+    let end = r0.saturating_add(count).min(q.rows());
+    if r0 >= end {
+        return;
+    }
+    let bytes = match q.kind().split() {
+        true => {
+            let per_row = q.raw_parts().0.len() / q.rows();
+            &q.raw_parts().0[r0 * per_row..end * per_row]
+        }
+        false => &q.gguf_blocks()[r0 * q.row_bytes()..end * q.row_bytes()],
+    };
+    for line in bytes.chunks(64) {
+        // SAFETY: SSE is part of every x86-64 CPU; a prefetch reads nothing and cannot fault,
+        // and the address is inside `bytes` anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) }
+    }
+}
+
 /// [`gemv`](crate::kernels::dequant::gemv) at `isa` (AVX2 and FMA, or AVX-512).
 ///
 /// # Panics
