@@ -324,9 +324,19 @@ impl QMatrix {
         (&self.qs, &self.d, &self.m)
     }
 
-    /// The other kinds' GGUF blocks, row-major (empty for the split kinds).
-    pub(crate) fn gguf_blocks(&self) -> &[u8] {
-        &self.blocks
+    /// The quantized bytes of `rows` as held in memory: the other kinds' GGUF blocks, the
+    /// split kinds' quantized values without their scales.
+    ///
+    /// # Panics
+    /// If the rows are out of range.
+    pub(crate) fn row_blocks(&self, rows: std::ops::Range<usize>) -> &[u8] {
+        let per_row = self.nb() * self.kind.qs_bytes();
+        let all = if self.kind.split() {
+            &self.qs
+        } else {
+            &self.blocks
+        };
+        &all[rows.start * per_row..rows.end * per_row]
     }
 
     /// Every value as f32, row-major.

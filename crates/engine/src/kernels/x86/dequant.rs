@@ -107,7 +107,7 @@ pub(crate) fn dequantize_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize, ou
     assert!(rows_end <= q.rows(), "dequantize_rows out of range");
     assert_eq!(out.len(), count * q.cols(), "dequantize_rows output length");
     if !q.kind().split() {
-        let raw = &q.gguf_blocks()[r0 * q.row_bytes()..rows_end * q.row_bytes()];
+        let raw = q.row_blocks(r0..rows_end);
         blocks::dequantize_blocks(isa, q.kind(), raw, out);
         return;
     }
@@ -134,16 +134,9 @@ pub(crate) fn prefetch_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize) {
     if r0 >= end {
         return;
     }
-    let bytes = match q.kind().split() {
-        true => {
-            let per_row = q.raw_parts().0.len() / q.rows();
-            &q.raw_parts().0[r0 * per_row..end * per_row]
-        }
-        false => &q.gguf_blocks()[r0 * q.row_bytes()..end * q.row_bytes()],
-    };
-    for line in bytes.chunks(64) {
+    for line in q.row_blocks(r0..end).chunks(64) {
         // SAFETY: SSE is part of every x86-64 CPU; a prefetch reads nothing and cannot fault,
-        // and the address is inside `bytes` anyway.
+        // and the address is inside the rows anyway.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) }
     }
 }
@@ -157,7 +150,7 @@ pub(crate) fn gemv(isa: Isa, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32])
     let rows_end = r0.checked_add(out.len()).expect("row range overflows");
     assert!(rows_end <= q.rows(), "gemv rows out of range");
     if !q.kind().split() {
-        let raw = &q.gguf_blocks()[r0 * q.row_bytes()..rows_end * q.row_bytes()];
+        let raw = q.row_blocks(r0..rows_end);
         blocks::gemv(isa, q.kind(), raw, x, out);
         return;
     }
