@@ -396,6 +396,7 @@ pub(super) fn accumulate_group(
 /// [`pv6_available`], one with the x86 kernel at any SIMD level.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn accumulate64(
     isa: Isa,
     o: &mut [f32],
