@@ -34,7 +34,7 @@ mod detached;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 
 use engine::Message;
 use kv_extract::{KvCache, KvShape};
@@ -116,6 +116,8 @@ pub struct AgentPool<B: Backend + ?Sized> {
     shape: KvShape,
     store: Store,
     registry: Mutex<Registry>,
+    /// Signalled whenever an id leaves [`Registry::creating`], for calls waiting to use it.
+    created: Condvar,
     state: Mutex<PoolState>,
     /// Held (flock) for the pool's lifetime: one pool per directory.
     _lock: File,
@@ -250,6 +252,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
             config,
             store,
             registry: Mutex::new(registry),
+            created: Condvar::new(),
             state: Mutex::new(PoolState {
                 hot: LruCache::unbounded(),
                 kv_bytes: 0,

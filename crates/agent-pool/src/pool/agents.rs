@@ -43,6 +43,7 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         let result = self.create_reserved(id, agent_type, system_prompt);
         let mut reg = lock(&self.registry);
         reg.creating.remove(id);
+        self.created.notify_all();
         let (slot, report) = result?;
         reg.agents.insert(id.to_owned(), Arc::clone(&slot));
         drop(reg);

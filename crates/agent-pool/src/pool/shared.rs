@@ -554,23 +554,29 @@ impl<B: Backend + ?Sized> AgentPool<B> {
         // Another call may be creating or fetching this id: wait for it to finish, then use
         // what it made (a bounded wait: a fetch is a few requests).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut reg = lock(&self.registry);
         loop {
-            let mut reg = lock(&self.registry);
             if let Some(slot) = reg.agents.get(id) {
                 return Ok(Arc::clone(slot));
             }
             if reg.creating.insert(id.to_owned()) {
                 break;
             }
-            drop(reg);
-            if std::time::Instant::now() > deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
                 return Err(self.unknown(id));
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            reg = self
+                .created
+                .wait_timeout(reg, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
+        drop(reg);
         let result = self.fetch_reserved(id);
         let mut reg = lock(&self.registry);
         reg.creating.remove(id);
+        self.created.notify_all();
         let slot = result?;
         reg.agents.insert(id.to_owned(), Arc::clone(&slot));
         Ok(slot)
