@@ -69,15 +69,25 @@ impl Remote {
     }
 
     fn get_opt(&self, key: &ObjectPath) -> Result<Option<Vec<u8>>> {
-        let got = self.run(async {
-            match self.store.get(key).await {
-                Ok(r) => r.bytes().await.map(Some),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        });
-        got.map(|b| b.map(|b| b.to_vec()))
+        self.run(self.fetch_opt(key))
             .map_err(|e| self.failed("read", key, e))
+    }
+
+    /// The object at `key`, or `None` if there is none.
+    async fn fetch_opt(&self, key: &ObjectPath) -> object_store::Result<Option<Vec<u8>>> {
+        match self.store.get(key).await {
+            Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A decided value read from `key`, as text.
+    fn decided_text(key: &ObjectPath, bytes: Vec<u8>) -> Result<String> {
+        String::from_utf8(bytes).map_err(|_| Error::Head {
+            key: key.to_string(),
+            detail: "the decided value is not UTF-8 text".into(),
+        })
     }
 
     /// Every block of (name, generation) but `host`'s.
@@ -110,13 +120,9 @@ impl Remote {
     pub fn decided(&self, name: &str, generation: u64) -> Result<Option<String>> {
         kv_store::validate_name(name)?;
         let key = self.generation_dir(name, generation).join("decided");
-        match self.get_opt(&key)? {
-            None => Ok(None),
-            Some(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| Error::Head {
-                key: key.to_string(),
-                detail: "the decided value is not UTF-8 text".into(),
-            }),
-        }
+        self.get_opt(&key)?
+            .map(|bytes| Self::decided_text(&key, bytes))
+            .transpose()
     }
 
     /// The decided values of generations `from`, `from + 1`, ... of agent `name`, up to the
@@ -131,25 +137,15 @@ impl Remote {
             let keys: Vec<ObjectPath> = (next..next + batch)
                 .map(|g| self.generation_dir(name, g).join("decided"))
                 .collect();
-            let values = self.run(futures_util::future::join_all(keys.iter().map(
-                |key| async {
-                    match self.store.get(key).await {
-                        Ok(r) => r.bytes().await.map(Some),
-                        Err(object_store::Error::NotFound { .. }) => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                },
-            )));
+            let values = self.run(futures_util::future::join_all(
+                keys.iter().map(|key| self.fetch_opt(key)),
+            ));
             for (key, value) in keys.iter().zip(values) {
                 let value = value.map_err(|e| self.failed("read", key, e))?;
                 let Some(bytes) = value else {
                     return Ok(out);
                 };
-                let text = String::from_utf8(bytes.to_vec()).map_err(|_| Error::Head {
-                    key: key.to_string(),
-                    detail: "the decided value is not UTF-8 text".into(),
-                })?;
-                out.push(text);
+                out.push(Self::decided_text(key, bytes)?);
             }
             next += batch;
         }
