@@ -125,6 +125,13 @@ impl Model {
         let mut k = Vec::with_capacity(n * kv_w);
         let mut v = Vec::with_capacity(n * kv_w);
         let mut unnormed = Vec::new();
+        // Rows still computed: all of them until the last layer, whose outputs only feed the
+        // logits. There the rows whose logits are not wanted stop once their K and V are
+        // written (llama.cpp's `inp_out_ids`): a turn or a prompt chunk skips most of a layer.
+        // Every row's values are its own whatever the batch, so the rows kept are the same
+        // bits.
+        let mut m = n;
+        let last_layer = self.layers.len().saturating_sub(1);
         for (li, layer) in self.layers.iter().enumerate() {
             kernels::rms_norm(isa, &x, &layer.attn_norm, c.rms_eps, &mut h);
             kernels::matmul_into(isa, &h, n, &layer.qkv, &mut qkv, &mut scratch);
@@ -155,13 +162,23 @@ impl Model {
             table.apply(style, &mut q, c.n_heads, hd);
             table.apply(style, &mut k, c.n_kv_heads, hd);
             cache.write_rows(li, start, &k, &v);
+            if li == last_layer {
+                m = match want {
+                    Logits::None => break,
+                    Logits::Last => 1,
+                    Logits::All => n,
+                };
+                x.drain(..(n - m) * dim);
+                h.truncate(m * dim);
+            }
             let spec = AttentionSpec {
                 n_heads: c.n_heads,
                 scale: c.attn_scale,
                 window: layer.window,
             };
-            let attn = kernels::attention(isa, &q, n, start, spec, cache, li);
-            kernels::matmul_into(isa, &attn, n, &layer.attn_output, &mut o, &mut scratch);
+            let (q, first) = (&q[(n - m) * q_w..], start + n - m);
+            let attn = kernels::attention(isa, q, m, first, spec, cache, li);
+            kernels::matmul_into(isa, &attn, m, &layer.attn_output, &mut o, &mut scratch);
             match &layer.gemma {
                 // Normed into `h`, free until the MLP's norm overwrites it.
                 Some(g) => {
@@ -172,12 +189,12 @@ impl Model {
             }
 
             kernels::rms_norm(isa, &x, &layer.ffn_norm, c.rms_eps, &mut h);
-            kernels::matmul_into(isa, &h, n, &layer.gate_up, &mut gate_up, &mut scratch);
+            kernels::matmul_into(isa, &h, m, &layer.gate_up, &mut gate_up, &mut scratch);
             match gemma {
                 true => kernels::gelu_mul_rows(&gate_up, c.ffn_dim, &mut act),
                 false => kernels::silu_mul_rows(&gate_up, c.ffn_dim, &mut act),
             }
-            kernels::matmul_into(isa, &act, n, &layer.ffn_down, &mut down, &mut scratch);
+            kernels::matmul_into(isa, &act, m, &layer.ffn_down, &mut down, &mut scratch);
             match &layer.gemma {
                 Some(g) => {
                     kernels::rms_norm(isa, &down, &g.post_ffn_norm, c.rms_eps, &mut h);
@@ -190,7 +207,7 @@ impl Model {
 
         let rows = match want {
             Logits::None => return Vec::new(),
-            Logits::Last => &x[(n - 1) * dim..],
+            Logits::Last => &x[(m - 1) * dim..],
             Logits::All => &x[..],
         };
         let m = rows.len() / dim;
