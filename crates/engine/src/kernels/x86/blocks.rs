@@ -6,10 +6,9 @@
 //! into one FMA rounds once, as the reference's addition after its exact product does.
 //!
 //! Each kind is a visitor over one block: it hands out the block's values sixteen at a time,
-//! in order, as one AVX-512 register (`*_512`: Q5_0, Q4_K and Q6_K, what Gemma 3 270M's
-//! Q4_K_M file holds besides Q8_0) or two AVX2 registers (`*_256`: every kind; the AVX-512
-//! level runs these for the other kinds). Storing them dequantizes; multiplying them into
-//! sixteen lanes of accumulators as they come is [`dot`](crate::kernels::dot::dot)'s order.
+//! in order, as one AVX-512 register (`*_512`) or two AVX2 registers (`*_256`), every kind in
+//! both forms. Storing them dequantizes; multiplying them into sixteen lanes of accumulators
+//! as they come is [`dot`](crate::kernels::dot::dot)'s order.
 
 use std::arch::x86_64::*;
 
@@ -83,25 +82,32 @@ pub(crate) fn gemv(isa: Isa, kind: QKind, raw: &[u8], x: &[f32], out: &mut [f32]
 /// `$level` (`avx512` or `avx2`), `lanes` the type of the sixteen values it hands out: macros,
 /// because each visitor is generic over the closure it is handed.
 macro_rules! each_kind {
-    ($kind:expr, $level:ident, $then:ident!($($args:tt)*)) => {
+    ($kind:expr, avx512, $then:ident!($($args:tt)*)) => {
         match $kind {
-            QKind::Q4_0 => $then!(q4_0_256, V256, 18, 32, $($args)*),
-            QKind::Q5_0 => each_kind!(@q5_0 $level, $then, ($($args)*)),
-            QKind::Q5_1 => $then!(q5_1_256, V256, 24, 32, $($args)*),
-            QKind::Q2K => $then!(q2_k_256, V256, 84, 256, $($args)*),
-            QKind::Q3K => $then!(q3_k_256, V256, 110, 256, $($args)*),
-            QKind::Q4K => each_kind!(@q4_k $level, $then, ($($args)*)),
-            QKind::Q5K => $then!(q5_k_256, V256, 176, 256, $($args)*),
-            QKind::Q6K => each_kind!(@q6_k $level, $then, ($($args)*)),
+            QKind::Q4_0 => $then!(q4_0_512, __m512, 18, 32, $($args)*),
+            QKind::Q5_0 => $then!(q5_0_512, __m512, 22, 32, $($args)*),
+            QKind::Q5_1 => $then!(q5_1_512, __m512, 24, 32, $($args)*),
+            QKind::Q2K => $then!(q2_k_512, __m512, 84, 256, $($args)*),
+            QKind::Q3K => $then!(q3_k_512, __m512, 110, 256, $($args)*),
+            QKind::Q4K => $then!(q4_k_512, __m512, 144, 256, $($args)*),
+            QKind::Q5K => $then!(q5_k_512, __m512, 176, 256, $($args)*),
+            QKind::Q6K => $then!(q6_k_512, __m512, 210, 256, $($args)*),
             QKind::Q4_1 | QKind::Q8_0 => unreachable!("held split: checked by the wrappers"),
         }
     };
-    (@q5_0 avx512, $then:ident, ($($a:tt)*)) => { $then!(q5_0_512, __m512, 22, 32, $($a)*) };
-    (@q5_0 avx2, $then:ident, ($($a:tt)*)) => { $then!(q5_0_256, V256, 22, 32, $($a)*) };
-    (@q4_k avx512, $then:ident, ($($a:tt)*)) => { $then!(q4_k_512, __m512, 144, 256, $($a)*) };
-    (@q4_k avx2, $then:ident, ($($a:tt)*)) => { $then!(q4_k_256, V256, 144, 256, $($a)*) };
-    (@q6_k avx512, $then:ident, ($($a:tt)*)) => { $then!(q6_k_512, __m512, 210, 256, $($a)*) };
-    (@q6_k avx2, $then:ident, ($($a:tt)*)) => { $then!(q6_k_256, V256, 210, 256, $($a)*) };
+    ($kind:expr, avx2, $then:ident!($($args:tt)*)) => {
+        match $kind {
+            QKind::Q4_0 => $then!(q4_0_256, V256, 18, 32, $($args)*),
+            QKind::Q5_0 => $then!(q5_0_256, V256, 22, 32, $($args)*),
+            QKind::Q5_1 => $then!(q5_1_256, V256, 24, 32, $($args)*),
+            QKind::Q2K => $then!(q2_k_256, V256, 84, 256, $($args)*),
+            QKind::Q3K => $then!(q3_k_256, V256, 110, 256, $($args)*),
+            QKind::Q4K => $then!(q4_k_256, V256, 144, 256, $($args)*),
+            QKind::Q5K => $then!(q5_k_256, V256, 176, 256, $($args)*),
+            QKind::Q6K => $then!(q6_k_256, V256, 210, 256, $($args)*),
+            QKind::Q4_1 | QKind::Q8_0 => unreachable!("held split: checked by the wrappers"),
+        }
+    };
 }
 
 /// Stores the values of the `$n` blocks at `$src` to `$dst`.
@@ -317,6 +323,22 @@ unsafe fn widen16(v: __m256i, i: usize) -> __m512i {
     }
 }
 
+/// Bytes `16 * i .. 16 * i + 16` of `v` (signed) as sixteen i32 lanes.
+///
+/// # Safety
+/// AVX-512F is available.
+#[inline(always)]
+unsafe fn widen16_signed(v: __m256i, i: usize) -> __m512i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let half = match i {
+            0 => _mm256_castsi256_si128(v),
+            _ => _mm256_extracti128_si256::<1>(v),
+        };
+        _mm512_cvtepi8_epi32(half)
+    }
+}
+
 /// The low and high nibbles of the 16 bytes at `p`.
 ///
 /// # Safety
@@ -386,6 +408,22 @@ unsafe fn q4_0_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     }
 }
 
+/// # Safety
+/// AVX-512F and F16C are available and the 18-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q4_0_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
+    // SAFETY: the caller's contract: bytes 0..18 of the block.
+    unsafe {
+        let d = _mm512_set1_ps(f16_at(p));
+        let eight = _mm512_set1_epi32(8);
+        let (lo, hi) = nibbles16(p.add(2));
+        for (h, nib) in [lo, hi].into_iter().enumerate() {
+            let q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nib), eight);
+            emit(16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Q5_0: x = (q - 16) * d, and Q5_1: x = q * d + m; q's fifth bit in qh (bit e for element e).
 // ---------------------------------------------------------------------------------------------
@@ -400,17 +438,24 @@ unsafe fn q5_octets(qs: *const u8, qh: u32) -> [__m256i; 4] {
     // SAFETY: the caller's contract.
     unsafe {
         let (lo, hi) = nibbles16(qs);
-        let bytes = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
-        let (sixteen, lane) = (
-            _mm256_set1_epi32(16),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        // Byte e of `bytes` is value e's low four bits; of `high`, 0x10 where bit e of qh is
+        // set (ggml's `bytes_from_bits_32`: each byte of qh copied to eight bytes, all bits
+        // but the byte's own then set, and compared with all ones).
+        let bytes = _mm256_set_m128i(hi, lo);
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(qh as i32),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
         );
-        std::array::from_fn(|g| {
-            // ggml's `((qh >> j) << 4) & 0x10` for the octet's eight elements j.
-            let bits = _mm256_set1_epi32(((qh >> (8 * g)) << 4) as i32);
-            let high = _mm256_and_si256(_mm256_srlv_epi32(bits, lane), sixteen);
-            _mm256_or_si256(_mm256_cvtepu8_epi32(bytes[g]), high)
-        })
+        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
+        let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+        let q = _mm256_or_si256(bytes, high);
+        std::array::from_fn(|g| widen8(q, g))
     }
 }
 
@@ -466,6 +511,25 @@ unsafe fn q5_1_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     }
 }
 
+/// # Safety
+/// AVX-512F and F16C are available and the 24-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q5_1_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
+    // SAFETY: the caller's contract: bytes 0..24 of the block.
+    unsafe {
+        let (d, m) = (_mm512_set1_ps(f16_at(p)), _mm512_set1_ps(f16_at(p.add(2))));
+        let qh = p.add(4).cast::<u32>().read_unaligned();
+        let sixteen = _mm512_set1_epi32(16);
+        let (lo, hi) = nibbles16(p.add(8));
+        for (h, nib) in [lo, hi].into_iter().enumerate() {
+            let q = _mm512_cvtepu8_epi32(nib);
+            // The fifth bits as in `q5_0_512`; `q * d` is exact: one rounding, the addition's.
+            let q = _mm512_mask_or_epi32(q, (qh >> (16 * h)) as u16, q, sixteen);
+            emit(16 * h, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Q2_K: x = d * sc * q - dmin * m per 16 values.
 // ---------------------------------------------------------------------------------------------
@@ -516,6 +580,31 @@ unsafe fn q2_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     }
 }
 
+/// # Safety
+/// AVX-512F and F16C are available and the 84-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q2_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
+    // SAFETY: the caller's contract, as for `q2_k_256`.
+    unsafe {
+        let (d, min) = (f16_at(p.add(80)), f16_at(p.add(82)));
+        let three = _mm256_set1_epi8(3);
+        for n in 0..2 {
+            let q = _mm256_loadu_si256(p.add(16 + 32 * n).cast());
+            for j in 0..4 {
+                let v = _mm256_and_si256(shift_pairs(q, j), three);
+                for half in 0..2 {
+                    let sc = *p.add(8 * n + 2 * j + half);
+                    let dl = _mm512_set1_ps(d * (sc & 0xF) as f32);
+                    let ml = _mm512_set1_ps(min * (sc >> 4) as f32);
+                    let x = _mm512_cvtepi32_ps(widen16(v, half));
+                    // Exact to fuse, as at AVX2.
+                    emit(128 * n + 32 * j + 16 * half, _mm512_fmsub_ps(dl, x, ml));
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Q3_K: x = d * (sc - 32) * (q - 4 * !high) per 16 values.
 // ---------------------------------------------------------------------------------------------
@@ -546,6 +635,34 @@ unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
                         _mm256_mul_ps(dl, _mm256_cvtepi32_ps(widen8_signed(v, 2 * half + i)))
                     };
                     emit(128 * n + 32 * j + 16 * half, [f(0), f(1)]);
+                }
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512F and F16C are available and the 110-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q3_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
+    // SAFETY: the caller's contract, as for `q3_k_256`.
+    unsafe {
+        let d_all = f16_at(p.add(108));
+        let scales = q3_k_scales(std::slice::from_raw_parts(p.add(96), 12));
+        let hm = _mm256_loadu_si256(p.cast());
+        let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+        for n in 0..2 {
+            let q = _mm256_loadu_si256(p.add(32 + 32 * n).cast());
+            for j in 0..4 {
+                let low = _mm256_and_si256(shift_pairs(q, j), three);
+                let m = _mm256_set1_epi8((1u8 << (4 * n + j)) as i8);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
+                let v = _mm256_sub_epi8(low, _mm256_andnot_si256(set, four));
+                for half in 0..2 {
+                    let sc = scales[8 * n + 2 * j + half];
+                    let dl = _mm512_set1_ps(d_all * (sc as i32 - 32) as f32);
+                    let x = _mm512_cvtepi32_ps(widen16_signed(v, half));
+                    emit(128 * n + 32 * j + 16 * half, _mm512_mul_ps(dl, x));
                 }
             }
         }
@@ -640,15 +757,31 @@ unsafe fn q4_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
         let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
         let scales = std::slice::from_raw_parts(p.add(4), 12);
         for j in 0..4 {
-            let [d1, m1, d2, m2] = k4_scales(d, dmin, scales, j);
-            let (lo, hi) = nibbles32(p.add(16 + 32 * j));
-            for (s, (q, dl, ml)) in [(lo, d1, m1), (hi, d2, m2)].into_iter().enumerate() {
-                let (dl, ml) = (_mm512_set1_ps(dl), _mm512_set1_ps(ml));
-                for i in 0..2 {
-                    let x = _mm512_cvtepi32_ps(widen16(q, i));
-                    // Exact to fuse, as at AVX2.
-                    emit(64 * j + 32 * s + 16 * i, _mm512_fmsub_ps(dl, x, ml));
-                }
+            let q = nibbles32(p.add(16 + 32 * j));
+            k4_quarter_512(64 * j, q, k4_scales(d, dmin, scales, j), emit);
+        }
+    }
+}
+
+/// [`k4_quarter_256`] in AVX-512 registers.
+///
+/// # Safety
+/// AVX-512F is available.
+#[inline(always)]
+unsafe fn k4_quarter_512(
+    at: usize,
+    (lo, hi): (__m256i, __m256i),
+    [d1, m1, d2, m2]: [f32; 4],
+    emit: &mut impl FnMut(usize, __m512),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for (s, (q, dl, ml)) in [(lo, d1, m1), (hi, d2, m2)].into_iter().enumerate() {
+            let (dl, ml) = (_mm512_set1_ps(dl), _mm512_set1_ps(ml));
+            for i in 0..2 {
+                let x = _mm512_cvtepi32_ps(widen16(q, i));
+                // Exact to fuse, as at AVX2.
+                emit(at + 32 * s + 16 * i, _mm512_fmsub_ps(dl, x, ml));
             }
         }
     }
@@ -669,6 +802,24 @@ unsafe fn q5_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
             let lo = _mm256_or_si256(lo, fifth_bits(qh, 1 << (2 * j)));
             let hi = _mm256_or_si256(hi, fifth_bits(qh, 2 << (2 * j)));
             k4_quarter_256(64 * j, (lo, hi), k4_scales(d, dmin, scales, j), emit);
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512F and F16C are available and the 176-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q5_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
+    // SAFETY: the caller's contract, as for `q5_k_256`.
+    unsafe {
+        let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        let qh = _mm256_loadu_si256(p.add(16).cast());
+        for j in 0..4 {
+            let (lo, hi) = nibbles32(p.add(48 + 32 * j));
+            let lo = _mm256_or_si256(lo, fifth_bits(qh, 1 << (2 * j)));
+            let hi = _mm256_or_si256(hi, fifth_bits(qh, 2 << (2 * j)));
+            k4_quarter_512(64 * j, (lo, hi), k4_scales(d, dmin, scales, j), emit);
         }
     }
 }
