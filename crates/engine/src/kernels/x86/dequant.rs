@@ -134,9 +134,15 @@ pub(crate) fn prefetch_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize) {
     if r0 >= end {
         return;
     }
-    for line in q.row_blocks(r0..end).chunks(64) {
+    prefetch(q.row_blocks(r0..end));
+}
+
+/// Asks the CPU to bring every cache line of `bytes` into its caches: a hint, which changes
+/// no result.
+pub(crate) fn prefetch(bytes: &[u8]) {
+    for line in bytes.chunks(64) {
         // SAFETY: SSE is part of every x86-64 CPU; a prefetch reads nothing and cannot fault,
-        // and the address is inside the rows anyway.
+        // and the address is inside `bytes` anyway.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) }
     }
 }
