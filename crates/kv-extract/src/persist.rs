@@ -70,7 +70,7 @@ impl KvCache {
     pub fn import(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> Result<KvCache> {
         check_loaded(loaded, expected, shape)?;
         let mut cache = KvCache::new(shape, loaded.meta().dtype);
-        cache.fill(loaded);
+        cache.fill(loaded)?;
         Ok(cache)
     }
 
@@ -86,8 +86,7 @@ impl KvCache {
         if dtype != self.dtype() {
             *self = KvCache::new(self.shape(), dtype);
         }
-        self.fill(loaded);
-        Ok(())
+        self.fill(loaded).inspect_err(|_| self.clear())
     }
 
     /// [`KvCache::load`] into this cache's buffers; see [`KvCache::import_into`].
@@ -100,8 +99,10 @@ impl KvCache {
     /// Copies every segment of `loaded` into the cache, which has its dtype: into buffers with
     /// room for it (reused when large enough), each layer from the first position a
     /// continuation attends to. kv-store checked each tensor's length against the metadata
-    /// and that every segment holds those positions.
-    fn fill(&mut self, loaded: &LoadedCache) {
+    /// and that every segment holds those positions. Each head's rows are read straight into
+    /// place ([`Segment::read_kv`](kv_store::Segment::read_kv): from the file, for a mapped
+    /// segment, so its pages are neither mapped in nor unmapped again).
+    fn fill(&mut self, loaded: &LoadedCache) -> Result<()> {
         let n = loaded.len();
         self.prepare_import(n, IMPORT_HEADROOM);
         let shape = self.shape();
@@ -120,28 +121,28 @@ impl KvCache {
                 })
                 .collect();
             // Layers copy in parallel: one core copies at well under the speed memory allows.
+            let held = |layer: usize| (end - seg.kv_from(layer)) * row;
             self.layers_mut()
                 .par_iter_mut()
                 .zip(&plans)
                 .enumerate()
-                .for_each(|(layer, (l, (positions, heads)))| {
+                .try_for_each(|(layer, (l, (positions, heads)))| {
                     let skip = (positions.start - seg.kv_from(layer)) * row;
                     for kind in [KvKind::K, KvKind::V] {
-                        let src = seg.kv(layer, kind);
                         let dst = match kind {
                             KvKind::K => l.k_mut(),
                             KvKind::V => l.v_mut(),
                         };
-                        let per_head = src.len() / shape.n_kv_heads;
                         for (h, to) in heads.iter().enumerate() {
-                            let at = h * per_head + skip;
-                            dst[to.clone()].copy_from_slice(&src[at..at + to.len()]);
+                            let at = h * held(layer) + skip;
+                            seg.read_kv(layer, kind, at..at + to.len(), &mut dst[to.clone()])?;
                         }
-                        seg.release_kv(layer, kind);
                     }
-                });
+                    Ok::<(), kv_store::Error>(())
+                })?;
         }
         self.set_imported_tokens(loaded.tokens());
+        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Metadata, TensorInfo};
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{CacheMeta, SegmentId, checksum, kept_from};
+use crate::meta::{CacheMeta, SegmentId, checksum, checksum_file, kept_from};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -303,6 +303,8 @@ impl Bytes {
 pub struct Segment {
     path: PathBuf,
     bytes: Bytes,
+    /// The file a mapped segment maps, for [`Segment::read_kv`].
+    file: Option<File>,
     header: SegmentHeader,
     /// Byte ranges into `bytes` of tokens, then K and V of each layer.
     ranges: Vec<Range<usize>>,
@@ -322,27 +324,33 @@ impl Segment {
     /// tensor names, dtypes and shapes, checksums, and that its id matches its content.
     pub fn open(path: &Path, mode: ReadMode) -> Result<Segment> {
         let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-        let bytes = match mode {
-            ReadMode::Mmap => Bytes::Mapped(
-                crate::map::map_segment(&file).map_err(|e| Error::io("map", path, e))?,
-            ),
+        match mode {
+            ReadMode::Mmap => {
+                let map = crate::map::map_segment(&file).map_err(|e| Error::io("map", path, e))?;
+                // Tensors are hashed from the file, not through the mapping (see
+                // `checksum_file`).
+                let mut segment = Segment::validate(path, Bytes::Mapped(map), Some(&file))?;
+                segment.file = Some(file);
+                Ok(segment)
+            }
             ReadMode::Buffered => {
                 let mut v = Vec::new();
                 file.read_to_end(&mut v)
                     .map_err(|e| Error::io("read", path, e))?;
-                Bytes::Owned(v)
+                Segment::validate(path, Bytes::Owned(v), None)
             }
-        };
-        Segment::validate(path, bytes)
+        }
     }
 
     /// Validates a segment held in memory, exactly as [`Segment::open`] validates a file
     /// (`path` only names it in errors). This is the entry point of the fuzz target.
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Segment> {
-        Segment::validate(path, Bytes::Owned(bytes))
+        Segment::validate(path, Bytes::Owned(bytes), None)
     }
 
-    fn validate(path: &Path, bytes: Bytes) -> Result<Segment> {
+    /// Validates `bytes`, hashing each tensor from `file` when given (the file `bytes` maps),
+    /// else from `bytes`.
+    fn validate(path: &Path, bytes: Bytes, file: Option<&File>) -> Result<Segment> {
         let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes.as_slice())
             .map_err(|source| Error::BadSafetensors {
                 path: path.to_owned(),
@@ -402,24 +410,30 @@ impl Segment {
             sums.push((name, recorded));
         }
         // Hashing every byte is most of a load; tensors hash in parallel (the first damaged
-        // one in file order is reported).
-        let damaged = ranges
+        // one in file order is reported, as is the first that could not be read).
+        let hashed: Vec<std::io::Result<bool>> = ranges
             .par_iter()
             .zip(&sums)
-            .find_first(|(r, (_, recorded))| {
-                let sum = checksum(&bytes.as_slice()[(*r).clone()]);
-                bytes.release((*r).clone());
-                **recorded != sum
-            });
-        if let Some((_, (name, _))) = damaged {
-            return Err(Error::ChecksumMismatch {
-                path: path.to_owned(),
-                tensor: name.to_string(),
-            });
+            .map(|(r, (_, recorded))| {
+                let sum = match file {
+                    Some(f) => checksum_file(f, r.start as u64..r.end as u64)?,
+                    None => checksum(&bytes.as_slice()[r.clone()]),
+                };
+                Ok(**recorded == sum)
+            })
+            .collect();
+        for (ok, (name, _)) in hashed.into_iter().zip(&sums) {
+            if !ok.map_err(|e| Error::io("read", path, e))? {
+                return Err(Error::ChecksumMismatch {
+                    path: path.to_owned(),
+                    tensor: name.to_string(),
+                });
+            }
         }
         let segment = Segment {
             path: path.to_owned(),
             bytes,
+            file: None,
             header,
             ranges,
         };
@@ -501,6 +515,41 @@ impl Segment {
     pub fn kv(&self, layer: usize, kind: KvKind) -> &[u8] {
         let i = 1 + 2 * layer + usize::from(kind == KvKind::V);
         &self.bytes.as_slice()[self.ranges[i].clone()]
+    }
+
+    /// Copies bytes `range` of [`Segment::kv`]`(layer, kind)` into `out` (as long as the
+    /// range). A mapped segment reads them from its file (`pread`: the kernel copies from the
+    /// page cache into `out`), so the mapping's pages are never faulted in, nor unmapped
+    /// afterwards; a buffered one copies from memory.
+    ///
+    /// # Panics
+    /// If `layer` is not below the model's layer count, `range` is not within the tensor or
+    /// `out` is not as long as `range`.
+    pub fn read_kv(
+        &self,
+        layer: usize,
+        kind: KvKind,
+        range: Range<usize>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let i = 1 + 2 * layer + usize::from(kind == KvKind::V);
+        let tensor = self.ranges[i].clone();
+        assert!(
+            range.end <= tensor.len(),
+            "bytes {range:?} of a tensor of {}",
+            tensor.len()
+        );
+        match &self.file {
+            Some(file) => {
+                use std::os::unix::fs::FileExt;
+                file.read_exact_at(out, (tensor.start + range.start) as u64)
+                    .map_err(|e| Error::io("read", &self.path, e))
+            }
+            None => {
+                out.copy_from_slice(&self.bytes.as_slice()[tensor][range]);
+                Ok(())
+            }
+        }
     }
 
     /// Lets the pages of [`Segment::kv`]`(layer, kind)` go from memory once they have been

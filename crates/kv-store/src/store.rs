@@ -1024,6 +1024,37 @@ mod tests {
         assert_eq!(tensor[tensor.len() - 1], (n - 1) as u8);
     }
 
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn read_kv_copies_the_tensor_bytes_without_mapping_them_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = meta(KvDtype::F16);
+        // Four tensors of 800 KB: pieces cross what `checksum_file` reads at a time.
+        let n = 50_000;
+        store.save("a", &m, &Toy((0..n).collect())).unwrap();
+        let loaded = store.load("a", &m).unwrap();
+        let mapped = &loaded.segments()[0];
+        let buffered = Segment::open(mapped.path(), ReadMode::Buffered).unwrap();
+        let len = mapped.kv(1, KvKind::V).len();
+        let at = mapped.kv(1, KvKind::V).as_ptr();
+        for range in [0..0, 0..len, 3..4, 1000..300_000, len - 7..len] {
+            let want = buffered.kv(1, KvKind::V)[range.clone()].to_vec();
+            for seg in [mapped, &buffered] {
+                let mut got = vec![0xAA; range.len()];
+                seg.read_kv(1, KvKind::V, range.clone(), &mut got).unwrap();
+                assert_eq!(got, want, "{range:?}");
+            }
+        }
+        // Neither the checksums at load nor the reads touched the mapping.
+        let tokens = 4 * n as usize;
+        assert!(
+            resident(at) <= tokens + (1 << 20),
+            "{} resident",
+            resident(at)
+        );
+    }
+
     #[test]
     fn damaged_segments_are_removed_and_written_again() {
         let dir = tempfile::tempdir().unwrap();
