@@ -3,7 +3,10 @@
 
 use std::ops::Range;
 
-use kv_store::{CacheMeta, KvKind, KvSource, LoadedCache, SaveReport, Store};
+use kv_store::{
+    CacheMeta, CacheReader, KvKind, KvSource, LoadedCache, Part, SaveReport, Segment,
+    SegmentReader, Store,
+};
 use rayon::prelude::*;
 
 use crate::cache::SlidingWindow;
@@ -56,8 +59,11 @@ impl KvCache {
         expected: &CacheMeta,
         shape: KvShape,
     ) -> Result<KvCache> {
-        let loaded = store.load(name, expected)?;
-        KvCache::import(&loaded, expected, shape)
+        let reader = store.open_reader(name, expected)?;
+        check_shape_and_dtype(shape, reader.meta())?;
+        let mut cache = KvCache::new(shape, reader.meta().dtype);
+        cache.fill(reader.tokens(), reader.segments(), |l| reader.kv_from(l))?;
+        Ok(cache)
     }
 
     /// Builds a cache from one loaded from disk, copying each segment's bytes straight into
@@ -70,7 +76,7 @@ impl KvCache {
     pub fn import(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> Result<KvCache> {
         check_loaded(loaded, expected, shape)?;
         let mut cache = KvCache::new(shape, loaded.meta().dtype);
-        cache.fill(loaded)?;
+        cache.fill(loaded.tokens(), loaded.segments(), |l| loaded.kv_from(l))?;
         Ok(cache)
     }
 
@@ -82,32 +88,58 @@ impl KvCache {
     pub fn import_into(&mut self, loaded: &LoadedCache, expected: &CacheMeta) -> Result<()> {
         self.clear();
         check_loaded(loaded, expected, self.shape())?;
-        let dtype = loaded.meta().dtype;
-        if dtype != self.dtype() {
-            *self = KvCache::new(self.shape(), dtype);
-        }
-        self.fill(loaded).inspect_err(|_| self.clear())
+        self.fill_into(loaded.meta(), loaded.tokens(), loaded.segments(), |l| {
+            loaded.kv_from(l)
+        })
     }
 
     /// [`KvCache::load`] into this cache's buffers; see [`KvCache::import_into`].
+    ///
+    /// On error the cache is left empty, its buffers kept.
     pub fn load_into(&mut self, store: &Store, name: &str, expected: &CacheMeta) -> Result<()> {
         self.clear();
-        let loaded = store.load(name, expected)?;
-        self.import_into(&loaded, expected)
+        let reader: CacheReader = store.open_reader(name, expected)?;
+        check_shape_and_dtype(self.shape(), reader.meta())?;
+        self.fill_into(reader.meta(), reader.tokens(), reader.segments(), |l| {
+            reader.kv_from(l)
+        })
     }
 
-    /// Copies every segment of `loaded` into the cache, which has its dtype: into buffers with
-    /// room for it (reused when large enough), each layer from the first position a
-    /// continuation attends to. kv-store checked each tensor's length against the metadata
-    /// and that every segment holds those positions. Each head's rows are read straight into
-    /// place ([`Segment::read_kv`](kv_store::Segment::read_kv): from the file, for a mapped
-    /// segment, so its pages are neither mapped in nor unmapped again).
-    fn fill(&mut self, loaded: &LoadedCache) -> Result<()> {
-        let n = loaded.len();
+    /// [`KvCache::fill`] into this cache's buffers, which take the cache's dtype (new ones if
+    /// it differs); on error the cache is left empty.
+    fn fill_into<S: KvSegment>(
+        &mut self,
+        meta: &CacheMeta,
+        tokens: &[u32],
+        segments: &[S],
+        kv_from: impl Fn(usize) -> usize,
+    ) -> Result<()> {
+        if meta.dtype != self.dtype() {
+            *self = KvCache::new(self.shape(), meta.dtype);
+        }
+        self.fill(tokens, segments, kv_from)
+            .inspect_err(|_| self.clear())
+    }
+
+    /// Copies every segment of a loaded cache (`tokens`, `segments`, each layer's first
+    /// position a continuation attends to by `kv_from`) into the cache, which has its dtype:
+    /// into buffers with room for it (reused when large enough), each layer from `kv_from`.
+    /// kv-store checked each tensor's length against the metadata and that every segment
+    /// holds those positions. Each head's rows are read straight into place (`pread`, for a
+    /// mapped segment: its pages are never mapped in), and a reader's segment verifies each
+    /// tensor's checksum over the bytes as they arrive.
+    fn fill<S: KvSegment>(
+        &mut self,
+        tokens: &[u32],
+        segments: &[S],
+        kv_from: impl Fn(usize) -> usize,
+    ) -> Result<()> {
+        let n = tokens.len();
+        debug_assert!((0..self.shape().n_layers).all(|l| kv_from(l) <= n));
         self.prepare_import(n, IMPORT_HEADROOM);
         let shape = self.shape();
         let row = self.dtype().row_bytes(shape.head_dim).unwrap_or(0);
-        for seg in loaded.segments() {
+        for seg in segments {
             let end = seg.start() + seg.len();
             // Per layer: the positions copied, and where each head's go.
             let plans: Vec<(Range<usize>, Vec<Range<usize>>)> = (0..shape.n_layers)
@@ -121,27 +153,39 @@ impl KvCache {
                 })
                 .collect();
             // Layers copy in parallel: one core copies at well under the speed memory allows.
-            let held = |layer: usize| (end - seg.kv_from(layer)) * row;
             self.layers_mut()
                 .par_iter_mut()
                 .zip(&plans)
                 .enumerate()
                 .try_for_each(|(layer, (l, (positions, heads)))| {
+                    if heads.is_empty() {
+                        // Nothing of this layer is read (nor, from a reader, verified: none of
+                        // its bytes enter the cache).
+                        return Ok(());
+                    }
                     let skip = (positions.start - seg.kv_from(layer)) * row;
                     for kind in [KvKind::K, KvKind::V] {
                         let dst = match kind {
                             KvKind::K => l.k_mut(),
                             KvKind::V => l.v_mut(),
                         };
-                        for (h, to) in heads.iter().enumerate() {
-                            let at = h * held(layer) + skip;
-                            seg.read_kv(layer, kind, at..at + to.len(), &mut dst[to.clone()])?;
+                        // Each head: the rows before `positions` (read only to be verified),
+                        // then its rows into place. Heads lie in order in the buffer.
+                        let mut parts = Vec::with_capacity(2 * heads.len());
+                        let (mut rest, mut at) = (dst, 0);
+                        for to in heads {
+                            let (_, tail) = std::mem::take(&mut rest).split_at_mut(to.start - at);
+                            let (mine, tail) = tail.split_at_mut(to.len());
+                            parts.push(Part::Skip(skip));
+                            parts.push(Part::Into(mine));
+                            (rest, at) = (tail, to.end);
                         }
+                        seg.read(layer, kind, &mut parts)?;
                     }
                     Ok::<(), kv_store::Error>(())
                 })?;
         }
-        self.set_imported_tokens(loaded.tokens());
+        self.set_imported_tokens(tokens);
         Ok(())
     }
 }
@@ -168,6 +212,56 @@ fn sliding_window(meta: &CacheMeta) -> Result<Option<SlidingWindow>> {
     Ok(found)
 }
 
+/// A segment as [`KvCache::fill`] reads it: one of a [`LoadedCache`] (verified when it was
+/// loaded) or of a [`CacheReader`] (verified as it is read).
+trait KvSegment: Sync {
+    fn start(&self) -> usize;
+    fn len(&self) -> usize;
+    fn kv_from(&self, layer: usize) -> usize;
+    /// Reads the whole of K or V of `layer` into `parts`, in order.
+    fn read(&self, layer: usize, kind: KvKind, parts: &mut [Part<'_>]) -> kv_store::Result<()>;
+}
+
+impl KvSegment for Segment {
+    fn start(&self) -> usize {
+        Segment::start(self)
+    }
+    fn len(&self) -> usize {
+        Segment::len(self)
+    }
+    fn kv_from(&self, layer: usize) -> usize {
+        Segment::kv_from(self, layer)
+    }
+    fn read(&self, layer: usize, kind: KvKind, parts: &mut [Part<'_>]) -> kv_store::Result<()> {
+        let mut at = 0;
+        for part in parts {
+            match part {
+                Part::Into(buf) => {
+                    self.read_kv(layer, kind, at..at + buf.len(), buf)?;
+                    at += buf.len();
+                }
+                Part::Skip(n) => at += *n,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KvSegment for SegmentReader {
+    fn start(&self) -> usize {
+        SegmentReader::start(self)
+    }
+    fn len(&self) -> usize {
+        SegmentReader::len(self)
+    }
+    fn kv_from(&self, layer: usize) -> usize {
+        SegmentReader::kv_from(self, layer)
+    }
+    fn read(&self, layer: usize, kind: KvKind, parts: &mut [Part<'_>]) -> kv_store::Result<()> {
+        self.read_kv(layer, kind, parts)
+    }
+}
+
 /// Checks that `loaded` was made under `expected` and has `shape`.
 fn check_loaded(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> Result<()> {
     if let Some((field, expected, found)) = expected.first_difference(loaded.meta()) {
@@ -180,8 +274,13 @@ fn check_loaded(loaded: &LoadedCache, expected: &CacheMeta, shape: KvShape) -> R
         }
         .into());
     }
-    check_shape(shape, loaded.meta())?;
-    let dtype = loaded.meta().dtype;
+    check_shape_and_dtype(shape, loaded.meta())
+}
+
+/// Checks that a cache saved under `meta` has `shape` and a dtype this shape can hold.
+fn check_shape_and_dtype(shape: KvShape, meta: &CacheMeta) -> Result<()> {
+    check_shape(shape, meta)?;
+    let dtype = meta.dtype;
     if !shape.supports(dtype) {
         return Err(Error::UnsupportedDtype {
             dtype: format!("{dtype} with heads of width {}", shape.head_dim),
@@ -340,6 +439,46 @@ mod tests {
             m
         });
         assert!(matches!(err, Err(Error::ShapeMismatch { .. })));
+    }
+
+    #[test]
+    fn a_damaged_tensor_fails_the_load_and_leaves_the_cache_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let meta = meta(KvDtype::F16);
+        let mut cache = KvCache::new(shape(), KvDtype::F16);
+        append(&mut cache, &(0..40).collect::<Vec<u32>>(), 0.5);
+        cache.save(&store, "a", &meta).unwrap();
+        let loaded = store.load("a", &meta).unwrap();
+        let seg = &loaded.segments()[0];
+        let tensor = seg.kv(2, KvKind::V).to_vec();
+        let path = seg.path().to_owned();
+        drop(loaded);
+        // One byte in the middle of layer 2's V, found by its bytes in the file.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes
+            .windows(tensor.len())
+            .position(|w| w == tensor)
+            .expect("the tensor's bytes are in its file");
+        bytes[at + tensor.len() / 2] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let mut reused = KvCache::new(shape(), KvDtype::F16);
+        append(&mut reused, &[7, 8, 9], 1.0);
+        for err in [
+            reused.load_into(&store, "a", &meta).unwrap_err(),
+            KvCache::load(&store, "a", &meta, shape()).unwrap_err(),
+        ] {
+            assert!(
+                matches!(
+                    &err,
+                    Error::Store(kv_store::Error::ChecksumMismatch { tensor, .. })
+                        if tensor == "layers.2.v"
+                ),
+                "{err}"
+            );
+        }
+        assert_eq!(reused.len(), 0, "a failed load leaves the cache empty");
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod loaded;
 mod manifest;
 mod map;
 mod meta;
+mod reader;
 mod segment;
 mod store;
 #[cfg(any(test, feature = "testing"))]
@@ -25,5 +26,6 @@ pub use meta::{
     CacheMeta, EXTRA_SLIDING_LAYERS, EXTRA_SLIDING_WINDOW, KvDtype, ModelFingerprint, Q8_0_BLOCK,
     Q8_0_BLOCK_BYTES, SegmentId, kept_from, validate_name,
 };
+pub use reader::{CacheReader, Part, SegmentReader};
 pub use segment::{KvKind, KvSource, ReadMode, SEGMENT_VERSION, Segment};
 pub use store::{GcReport, SaveReport, Store};

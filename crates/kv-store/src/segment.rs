@@ -308,6 +308,11 @@ pub struct Segment {
     header: SegmentHeader,
     /// Byte ranges into `bytes` of tokens, then K and V of each layer.
     ranges: Vec<Range<usize>>,
+    /// The checksum the header records for each of `ranges`.
+    sums: Vec<String>,
+    /// Whether every tensor's checksum was verified when the segment was opened (else each is
+    /// verified as it is read: see [`SegmentReader`]).
+    hashed: bool,
 }
 
 impl std::fmt::Debug for Segment {
@@ -323,13 +328,20 @@ impl Segment {
     /// Opens and fully validates a segment file: safetensors structure, agentkv header and version,
     /// tensor names, dtypes and shapes, checksums, and that its id matches its content.
     pub fn open(path: &Path, mode: ReadMode) -> Result<Segment> {
+        Segment::open_hashing(path, mode, true)
+    }
+
+    /// [`Segment::open`], hashing the tensors now or (`hash == false`, mapped segments only)
+    /// leaving each to be verified as a [`SegmentReader`] reads it.
+    pub(crate) fn open_hashing(path: &Path, mode: ReadMode, hash: bool) -> Result<Segment> {
         let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
         match mode {
             ReadMode::Mmap => {
                 let map = crate::map::map_segment(&file).map_err(|e| Error::io("map", path, e))?;
                 // Tensors are hashed from the file, not through the mapping (see
                 // `checksum_file`).
-                let mut segment = Segment::validate(path, Bytes::Mapped(map), Some(&file))?;
+                let hash_from = hash.then_some(&file);
+                let mut segment = Segment::validate(path, Bytes::Mapped(map), hash_from)?;
                 segment.file = Some(file);
                 Ok(segment)
             }
@@ -348,8 +360,9 @@ impl Segment {
         Segment::validate(path, Bytes::Owned(bytes), None)
     }
 
-    /// Validates `bytes`, hashing each tensor from `file` when given (the file `bytes` maps),
-    /// else from `bytes`.
+    /// Validates `bytes`. A mapped segment's tensors are hashed from `file` (the file the
+    /// mapping maps) when it is given and left unhashed when not; owned bytes are always
+    /// hashed.
     fn validate(path: &Path, bytes: Bytes, file: Option<&File>) -> Result<Segment> {
         let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes.as_slice())
             .map_err(|source| Error::BadSafetensors {
@@ -411,17 +424,21 @@ impl Segment {
         }
         // Hashing every byte is most of a load; tensors hash in parallel (the first damaged
         // one in file order is reported, as is the first that could not be read).
-        let hashed: Vec<std::io::Result<bool>> = ranges
-            .par_iter()
-            .zip(&sums)
-            .map(|(r, (_, recorded))| {
-                let sum = match file {
-                    Some(f) => checksum_file(f, r.start as u64..r.end as u64)?,
-                    None => checksum(&bytes.as_slice()[r.clone()]),
-                };
-                Ok(**recorded == sum)
-            })
-            .collect();
+        let hash = file.is_some() || matches!(bytes, Bytes::Owned(_));
+        let hashed: Vec<std::io::Result<bool>> = match hash {
+            false => Vec::new(),
+            true => ranges
+                .par_iter()
+                .zip(&sums)
+                .map(|(r, (_, recorded))| {
+                    let sum = match file {
+                        Some(f) => checksum_file(f, r.start as u64..r.end as u64)?,
+                        None => checksum(&bytes.as_slice()[r.clone()]),
+                    };
+                    Ok(**recorded == sum)
+                })
+                .collect(),
+        };
         for (ok, (name, _)) in hashed.into_iter().zip(&sums) {
             if !ok.map_err(|e| Error::io("read", path, e))? {
                 return Err(Error::ChecksumMismatch {
@@ -430,12 +447,15 @@ impl Segment {
                 });
             }
         }
+        let sums = sums.into_iter().map(|(_, sum)| sum.clone()).collect();
         let segment = Segment {
             path: path.to_owned(),
             bytes,
             file: None,
             header,
             ranges,
+            sums,
+            hashed: hash,
         };
         let h = &segment.header;
         let compute = match h.version {
@@ -550,6 +570,21 @@ impl Segment {
                 Ok(())
             }
         }
+    }
+
+    /// The length in bytes of [`Segment::kv`]`(layer, kind)`.
+    pub(crate) fn kv_len(&self, layer: usize, kind: KvKind) -> usize {
+        self.ranges[1 + 2 * layer + usize::from(kind == KvKind::V)].len()
+    }
+
+    /// The checksum the header records for [`Segment::kv`]`(layer, kind)`.
+    pub(crate) fn recorded_sum(&self, layer: usize, kind: KvKind) -> &str {
+        &self.sums[1 + 2 * layer + usize::from(kind == KvKind::V)]
+    }
+
+    /// Whether every tensor was verified when the segment was opened.
+    pub(crate) fn is_hashed(&self) -> bool {
+        self.hashed
     }
 
     /// Lets the pages of [`Segment::kv`]`(layer, kind)` go from memory once they have been

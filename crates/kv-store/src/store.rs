@@ -11,6 +11,7 @@ use crate::durable_fs::{self, TMP_PREFIX};
 use crate::loaded::LoadedCache;
 use crate::manifest::{Manifest, SegmentRef};
 use crate::meta::{CacheMeta, SegmentId, validate_name};
+use crate::reader::CacheReader;
 use crate::segment::{KvSource, ReadMode, Segment, write_segment};
 use crate::{Error, Result};
 
@@ -272,7 +273,29 @@ impl Store {
                 found,
             });
         }
-        self.load_chain(manifest)
+        self.load_chain(manifest, true)
+    }
+
+    /// Opens the cache `name`, made under `expected`, to be read into the caller's buffers:
+    /// every check [`Store::load`] makes, except that each tensor's checksum is verified as
+    /// [`SegmentReader::read_kv`](crate::SegmentReader::read_kv) reads it (with
+    /// [`ReadMode::Buffered`], when it is opened). The bytes are then read from the page
+    /// cache once, not once to hash and once to copy.
+    pub fn open_reader(&self, name: &str, expected: &CacheMeta) -> Result<CacheReader> {
+        validate_name(name)?;
+        let _lock = self.lock(false)?;
+        let manifest = self.manifest(name)?.ok_or_else(|| self.not_found(name))?;
+        if let Some((field, expected, found)) = expected.first_difference(&manifest.meta) {
+            return Err(Error::FingerprintMismatch {
+                name: name.to_owned(),
+                field,
+                expected,
+                found,
+            });
+        }
+        // The segments stay open (mapped, with their files): a collection that unlinks them
+        // after the lock is released leaves them readable.
+        self.load_chain(manifest, false).map(CacheReader::new)
     }
 
     /// Loads and fully verifies the cache `name` under whatever model made it (for
@@ -281,7 +304,7 @@ impl Store {
         validate_name(name)?;
         let _lock = self.lock(false)?;
         let manifest = self.manifest(name)?.ok_or_else(|| self.not_found(name))?;
-        self.load_chain(manifest)
+        self.load_chain(manifest, true)
     }
 
     fn not_found(&self, name: &str) -> Error {
@@ -291,7 +314,8 @@ impl Store {
         }
     }
 
-    fn load_chain(&self, manifest: Manifest) -> Result<LoadedCache> {
+    /// The chain of `manifest`, each segment validated, its tensors hashed only if `hash`.
+    fn load_chain(&self, manifest: Manifest, hash: bool) -> Result<LoadedCache> {
         let name = &manifest.name;
         let mut segments = Vec::with_capacity(manifest.segments.len());
         let mut tokens = Vec::with_capacity(manifest.n_tokens as usize);
@@ -305,7 +329,7 @@ impl Store {
                     dir: self.segments_dir(),
                 });
             }
-            let seg = Segment::open(&path, self.read_mode)?;
+            let seg = Segment::open_hashing(&path, self.read_mode, hash)?;
             let h = seg.header();
             let broken = |detail: String| Error::BrokenChain {
                 name: name.clone(),
@@ -567,7 +591,7 @@ impl Store {
             });
         }
         let meta = manifest.meta.clone();
-        let loaded = self.load_chain(manifest)?;
+        let loaded = self.load_chain(manifest, true)?;
         // The old manifest stays in force until the single segment is durable.
         self.save_locked(name, &meta, &loaded, false)
     }
@@ -1053,6 +1077,71 @@ mod tests {
             "{} resident",
             resident(at)
         );
+    }
+
+    #[test]
+    fn a_reader_reads_what_load_holds_and_refuses_a_damaged_tensor() {
+        use crate::reader::Part;
+        for mode in [ReadMode::Mmap, ReadMode::Buffered] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap().with_read_mode(mode);
+            let m = meta(KvDtype::F16);
+            // Tensors of 800 KB: several pieces each.
+            let n = 50_000;
+            store.save("a", &m, &Toy((0..n).collect())).unwrap();
+            let reader = store.open_reader("a", &m).unwrap();
+            let loaded = store.load("a", &m).unwrap();
+            assert_eq!(reader.tokens(), loaded.tokens());
+            assert_eq!(reader.meta(), loaded.meta());
+            let (seg, full) = (&reader.segments()[0], &loaded.segments()[0]);
+            let len = full.kv(1, KvKind::K).len();
+            for range in [0..len, 0..5, 7..len, 300_000..300_001] {
+                let got = seg.read_all(1, KvKind::K, range.clone()).unwrap();
+                assert_eq!(
+                    got,
+                    full.kv(1, KvKind::K)[range.clone()],
+                    "{mode:?} {range:?}"
+                );
+            }
+            // Parts that do not add up to the tensor are a caller's bug.
+            let short = std::panic::catch_unwind(|| {
+                let mut buf = [0u8; 3];
+                let _ = seg.read_kv(1, KvKind::K, &mut [Part::Into(&mut buf)]);
+            });
+            assert!(short.is_err());
+
+            // One byte of layer 1's V changed on disk after the reader opened the file.
+            let bytes = fs::read(full.path()).unwrap();
+            let (header_len, tensors) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            let start = 8 + header_len + tensors.info("layers.1.v").unwrap().data_offsets.0;
+            let mut damaged = bytes.clone();
+            damaged[start + 12_345] ^= 0xFF;
+            fs::write(full.path(), &damaged).unwrap();
+            if mode == ReadMode::Mmap {
+                // That tensor's read fails, naming it, even when the damaged byte is only
+                // skipped; the other tensors still read.
+                for range in [0..len, 0..10] {
+                    let err = seg.read_all(1, KvKind::V, range).unwrap_err();
+                    assert!(
+                        matches!(&err, Error::ChecksumMismatch { tensor, .. } if tensor == "layers.1.v"),
+                        "{err}"
+                    );
+                }
+                assert!(seg.read_all(1, KvKind::K, 0..len).is_ok());
+                // A reader opened now opens (it has not read the tensor yet).
+                assert!(store.open_reader("a", &m).is_ok());
+            } else {
+                // A buffered reader hashes every tensor when it opens.
+                assert!(matches!(
+                    store.open_reader("a", &m).unwrap_err(),
+                    Error::ChecksumMismatch { .. }
+                ));
+            }
+            assert!(matches!(
+                store.load("a", &m).unwrap_err(),
+                Error::ChecksumMismatch { .. }
+            ));
+        }
     }
 
     #[test]
