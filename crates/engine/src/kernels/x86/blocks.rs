@@ -551,10 +551,14 @@ unsafe fn shift_pairs(v: __m256i, j: usize) -> __m256i {
     }
 }
 
+/// Hands each run of 32 values of the Q2_K super-block at `p` to `visit(at, q, halves)`:
+/// their offset, their quants as 32 bytes (0..4), and each 16-value half's `(d * sc, dmin *
+/// m)`.
+///
 /// # Safety
-/// AVX2, FMA and F16C are available and the 84-byte block at `p` is readable.
+/// AVX2 and F16C are available and the 84-byte block at `p` is readable.
 #[inline(always)]
-unsafe fn q2_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+unsafe fn q2_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [(f32, f32); 2])) {
     // SAFETY: the caller's contract: scales at 0..16, quants at 16..80, d and dmin at 80..84.
     unsafe {
         let (d, min) = (f16_at(p.add(80)), f16_at(p.add(82)));
@@ -565,43 +569,50 @@ unsafe fn q2_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
                 // Each byte's bits 2j..2j + 2 (16-bit shifts bring in the next byte's bits,
                 // above the mask).
                 let v = _mm256_and_si256(shift_pairs(q, j), three);
-                for half in 0..2 {
+                let halves = std::array::from_fn(|half| {
                     let sc = *p.add(8 * n + 2 * j + half);
-                    let dl = _mm256_set1_ps(d * (sc & 0xF) as f32);
-                    let ml = _mm256_set1_ps(min * (sc >> 4) as f32);
-                    // `dl * q` is exact: one rounding, the subtraction's.
-                    let f = |i: usize| {
-                        _mm256_fmsub_ps(dl, _mm256_cvtepi32_ps(widen8(v, 2 * half + i)), ml)
-                    };
-                    emit(128 * n + 32 * j + 16 * half, [f(0), f(1)]);
-                }
+                    (d * (sc & 0xF) as f32, min * (sc >> 4) as f32)
+                });
+                visit(128 * n + 32 * j, v, halves);
             }
         }
     }
 }
 
 /// # Safety
-/// AVX-512F and F16C are available and the 84-byte block at `p` is readable.
+/// AVX2, FMA and F16C are available and the 84-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q2_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        q2_k_runs(p, |at, v, halves| {
+            for (half, (dl, ml)) in halves.into_iter().enumerate() {
+                let (dl, ml) = (_mm256_set1_ps(dl), _mm256_set1_ps(ml));
+                // `dl * q` is exact: one rounding, the subtraction's.
+                let f =
+                    |i: usize| _mm256_fmsub_ps(dl, _mm256_cvtepi32_ps(widen8(v, 2 * half + i)), ml);
+                emit(at + 16 * half, [f(0), f(1)]);
+            }
+        })
+    }
+}
+
+/// # Safety
+/// AVX-512F, FMA and F16C are available and the 84-byte block at `p` is readable.
 #[inline(always)]
 unsafe fn q2_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
-    // SAFETY: the caller's contract, as for `q2_k_256`.
+    // SAFETY: the caller's contract.
     unsafe {
-        let (d, min) = (f16_at(p.add(80)), f16_at(p.add(82)));
-        let three = _mm256_set1_epi8(3);
-        for n in 0..2 {
-            let q = _mm256_loadu_si256(p.add(16 + 32 * n).cast());
-            for j in 0..4 {
-                let v = _mm256_and_si256(shift_pairs(q, j), three);
-                for half in 0..2 {
-                    let sc = *p.add(8 * n + 2 * j + half);
-                    let dl = _mm512_set1_ps(d * (sc & 0xF) as f32);
-                    let ml = _mm512_set1_ps(min * (sc >> 4) as f32);
-                    let x = _mm512_cvtepi32_ps(widen16(v, half));
-                    // Exact to fuse, as at AVX2.
-                    emit(128 * n + 32 * j + 16 * half, _mm512_fmsub_ps(dl, x, ml));
-                }
+        q2_k_runs(p, |at, v, halves| {
+            for (half, (dl, ml)) in halves.into_iter().enumerate() {
+                let x = _mm512_cvtepi32_ps(widen16(v, half));
+                // Exact to fuse, as at AVX2.
+                emit(
+                    at + 16 * half,
+                    _mm512_fmsub_ps(_mm512_set1_ps(dl), x, _mm512_set1_ps(ml)),
+                );
             }
-        }
+        })
     }
 }
 
@@ -609,10 +620,14 @@ unsafe fn q2_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
 // Q3_K: x = d * (sc - 32) * (q - 4 * !high) per 16 values.
 // ---------------------------------------------------------------------------------------------
 
+/// Hands each run of 32 values of the Q3_K super-block at `p` to `visit(at, q, halves)`:
+/// their offset, their quants as 32 signed bytes (-4..4, the high bit applied), and each
+/// 16-value half's `d * (sc - 32)`.
+///
 /// # Safety
 /// AVX2 and F16C are available and the 110-byte block at `p` is readable.
 #[inline(always)]
-unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+unsafe fn q3_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [f32; 2])) {
     // SAFETY: the caller's contract: high bits at 0..32, quants at 32..96, scales at
     // 96..108, d at 108..110.
     unsafe {
@@ -628,16 +643,30 @@ unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
                 let m = _mm256_set1_epi8((1u8 << (4 * n + j)) as i8);
                 let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
                 let v = _mm256_sub_epi8(low, _mm256_andnot_si256(set, four));
-                for half in 0..2 {
-                    let sc = scales[8 * n + 2 * j + half];
-                    let dl = _mm256_set1_ps(d_all * (sc as i32 - 32) as f32);
-                    let f = |i: usize| {
-                        _mm256_mul_ps(dl, _mm256_cvtepi32_ps(widen8_signed(v, 2 * half + i)))
-                    };
-                    emit(128 * n + 32 * j + 16 * half, [f(0), f(1)]);
-                }
+                let dl = std::array::from_fn(|half| {
+                    d_all * (scales[8 * n + 2 * j + half] as i32 - 32) as f32
+                });
+                visit(128 * n + 32 * j, v, dl);
             }
         }
+    }
+}
+
+/// # Safety
+/// AVX2 and F16C are available and the 110-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        q3_k_runs(p, |at, v, dl| {
+            for (half, dl) in dl.into_iter().enumerate() {
+                let dl = _mm256_set1_ps(dl);
+                let f = |i: usize| {
+                    _mm256_mul_ps(dl, _mm256_cvtepi32_ps(widen8_signed(v, 2 * half + i)))
+                };
+                emit(at + 16 * half, [f(0), f(1)]);
+            }
+        })
     }
 }
 
@@ -645,27 +674,14 @@ unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 /// AVX-512F and F16C are available and the 110-byte block at `p` is readable.
 #[inline(always)]
 unsafe fn q3_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
-    // SAFETY: the caller's contract, as for `q3_k_256`.
+    // SAFETY: the caller's contract.
     unsafe {
-        let d_all = f16_at(p.add(108));
-        let scales = q3_k_scales(std::slice::from_raw_parts(p.add(96), 12));
-        let hm = _mm256_loadu_si256(p.cast());
-        let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
-        for n in 0..2 {
-            let q = _mm256_loadu_si256(p.add(32 + 32 * n).cast());
-            for j in 0..4 {
-                let low = _mm256_and_si256(shift_pairs(q, j), three);
-                let m = _mm256_set1_epi8((1u8 << (4 * n + j)) as i8);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
-                let v = _mm256_sub_epi8(low, _mm256_andnot_si256(set, four));
-                for half in 0..2 {
-                    let sc = scales[8 * n + 2 * j + half];
-                    let dl = _mm512_set1_ps(d_all * (sc as i32 - 32) as f32);
-                    let x = _mm512_cvtepi32_ps(widen16_signed(v, half));
-                    emit(128 * n + 32 * j + 16 * half, _mm512_mul_ps(dl, x));
-                }
+        q3_k_runs(p, |at, v, dl| {
+            for (half, dl) in dl.into_iter().enumerate() {
+                let x = _mm512_cvtepi32_ps(widen16_signed(v, half));
+                emit(at + 16 * half, _mm512_mul_ps(_mm512_set1_ps(dl), x));
             }
-        }
+        })
     }
 }
 
