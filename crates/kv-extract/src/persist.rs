@@ -233,17 +233,7 @@ impl KvSegment for Segment {
         Segment::kv_from(self, layer)
     }
     fn read(&self, layer: usize, kind: KvKind, parts: &mut [Part<'_>]) -> kv_store::Result<()> {
-        let mut at = 0;
-        for part in parts {
-            match part {
-                Part::Into(buf) => {
-                    self.read_kv(layer, kind, at..at + buf.len(), buf)?;
-                    at += buf.len();
-                }
-                Part::Skip(n) => at += *n,
-            }
-        }
-        Ok(())
+        self.read_parts(layer, kind, parts)
     }
 }
 

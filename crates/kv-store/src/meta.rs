@@ -413,6 +413,9 @@ pub(crate) fn checksum(bytes: &[u8]) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
 }
 
+/// Bytes read from a file and hashed at a time: small enough to still be in L2 when hashed.
+pub(crate) const PIECE: usize = 256 << 10;
+
 /// [`checksum`] of the bytes at `range` of `file`, read with `pread` a piece at a time into a
 /// buffer the thread keeps (the same digest: xxh3's streaming form equals its one-shot one).
 ///
@@ -426,7 +429,6 @@ pub(crate) fn checksum_file(
 ) -> std::io::Result<String> {
     use std::cell::RefCell;
     use std::os::unix::fs::FileExt;
-    const PIECE: usize = 256 << 10;
     thread_local! {
         static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }

@@ -8,12 +8,9 @@
 use std::cell::RefCell;
 
 use crate::loaded::LoadedCache;
-use crate::meta::{CacheMeta, kept_from};
+use crate::meta::{CacheMeta, PIECE, kept_from};
 use crate::segment::{KvKind, Segment, tensor_name};
 use crate::{Error, Result};
-
-/// Bytes read and hashed at a time: small enough to still be in L2 when hashed.
-const PIECE: usize = 256 << 10;
 
 /// A cache whose segments are validated (structure, ids, chain, fingerprint, held positions)
 /// but whose tensors are verified only as [`SegmentReader::read_kv`] reads them. Nothing here
@@ -79,7 +76,7 @@ pub enum Part<'a> {
 }
 
 impl Part<'_> {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Part::Into(b) => b.len(),
             Part::Skip(n) => *n,
@@ -127,14 +124,7 @@ impl SegmentReader {
         assert_eq!(total, len, "parts of {total} bytes for a tensor of {len}");
         if seg.is_hashed() {
             // Verified when opened (a buffered segment): only copy.
-            let mut at = 0;
-            for part in parts.iter_mut() {
-                if let Part::Into(buf) = part {
-                    seg.read_kv(layer, kind, at..at + buf.len(), buf)?;
-                }
-                at += part.len();
-            }
-            return Ok(());
+            return seg.read_parts(layer, kind, parts);
         }
         thread_local! {
             static SKIPPED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };

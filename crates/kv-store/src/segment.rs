@@ -11,6 +11,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{CacheMeta, SegmentId, checksum, checksum_file, kept_from};
+use crate::reader::Part;
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -99,6 +100,12 @@ fn stored_from(meta: &CacheMeta, range: &Range<usize>) -> Result<Vec<u64>> {
 /// start, or the first one a continuation from its end attends to when that is later.
 fn first_needed(window: Option<usize>, start: u64, end: u64) -> u64 {
     start.max(kept_from(window, end as usize) as u64)
+}
+
+/// Where K or V of `layer` is among a segment's tensors (token ids first, then K and V of each
+/// layer).
+fn tensor_index(layer: usize, kind: KvKind) -> usize {
+    1 + 2 * layer + usize::from(kind == KvKind::V)
 }
 
 pub(crate) fn tensor_name(layer: usize, kind: KvKind) -> String {
@@ -533,7 +540,7 @@ impl Segment {
     /// # Panics
     /// If `layer` is not below the model's layer count.
     pub fn kv(&self, layer: usize, kind: KvKind) -> &[u8] {
-        let i = 1 + 2 * layer + usize::from(kind == KvKind::V);
+        let i = tensor_index(layer, kind);
         &self.bytes.as_slice()[self.ranges[i].clone()]
     }
 
@@ -552,7 +559,7 @@ impl Segment {
         range: Range<usize>,
         out: &mut [u8],
     ) -> Result<()> {
-        let i = 1 + 2 * layer + usize::from(kind == KvKind::V);
+        let i = tensor_index(layer, kind);
         let tensor = self.ranges[i].clone();
         assert!(
             range.end <= tensor.len(),
@@ -572,14 +579,30 @@ impl Segment {
         }
     }
 
+    /// Reads the whole of [`Segment::kv`]`(layer, kind)` into `parts`, in order, as
+    /// [`Segment::read_kv`] reads a range (the segment was verified when it was opened).
+    ///
+    /// # Panics
+    /// As [`Segment::read_kv`], and if the parts run past the tensor.
+    pub fn read_parts(&self, layer: usize, kind: KvKind, parts: &mut [Part<'_>]) -> Result<()> {
+        let mut at = 0;
+        for part in parts.iter_mut() {
+            if let Part::Into(buf) = part {
+                self.read_kv(layer, kind, at..at + buf.len(), buf)?;
+            }
+            at += part.len();
+        }
+        Ok(())
+    }
+
     /// The length in bytes of [`Segment::kv`]`(layer, kind)`.
     pub(crate) fn kv_len(&self, layer: usize, kind: KvKind) -> usize {
-        self.ranges[1 + 2 * layer + usize::from(kind == KvKind::V)].len()
+        self.ranges[tensor_index(layer, kind)].len()
     }
 
     /// The checksum the header records for [`Segment::kv`]`(layer, kind)`.
     pub(crate) fn recorded_sum(&self, layer: usize, kind: KvKind) -> &str {
-        &self.sums[1 + 2 * layer + usize::from(kind == KvKind::V)]
+        &self.sums[tensor_index(layer, kind)]
     }
 
     /// Whether every tensor was verified when the segment was opened.
@@ -596,7 +619,7 @@ impl Segment {
     /// # Panics
     /// If `layer` is not below the model's layer count.
     pub fn release_kv(&self, layer: usize, kind: KvKind) {
-        let i = 1 + 2 * layer + usize::from(kind == KvKind::V);
+        let i = tensor_index(layer, kind);
         self.bytes.release(self.ranges[i].clone());
     }
 }

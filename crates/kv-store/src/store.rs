@@ -299,7 +299,7 @@ impl Store {
     }
 
     /// Loads and fully verifies the cache `name` under whatever model made it (for
-    /// inspection and `verify`; a resume should use [`Store::load`]).
+    /// inspection and `verify`; a resume should use [`Store::load`] or [`Store::open_reader`]).
     pub fn load_any(&self, name: &str) -> Result<LoadedCache> {
         validate_name(name)?;
         let _lock = self.lock(false)?;
