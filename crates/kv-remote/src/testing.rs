@@ -44,6 +44,7 @@ pub fn garage_binary() -> Option<PathBuf> {
 
 struct Node {
     config: PathBuf,
+    rpc_port: u16,
     s3_port: u16,
     child: Option<Child>,
     /// `<node id>@<rpc address>`, once known.
@@ -55,17 +56,35 @@ struct Node {
 pub struct Garage {
     binary: PathBuf,
     nodes: Vec<Node>,
+    /// The secret the nodes share for RPC.
+    rpc_secret: String,
     /// The key's id.
     pub key_id: String,
     /// The key's secret.
     pub secret: String,
 }
 
+/// A loopback port nothing listens on, below Linux's ephemeral range (32768 and up), so
+/// that the outgoing connections of the many nodes the tests run cannot take it between
+/// here and the node's bind; each call of a process hands out a different one.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        u32::from_str_radix(&random_hex(4), 16).expect("hex") % COUNT,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -81,50 +100,34 @@ impl Garage {
     /// creates the bucket and key. Panics (it is test support) with Garage's output when a
     /// step fails.
     pub fn start(binary: &Path, dir: &Path, n: usize) -> Garage {
-        let secret = random_hex(32);
-        let mut nodes = Vec::new();
-        for i in 0..n {
-            let node_dir = dir.join(format!("node{i}"));
-            std::fs::create_dir_all(&node_dir).expect("node dir");
-            let (rpc, s3) = (free_port(), free_port());
-            let config = node_dir.join("garage.toml");
-            let text = format!(
-                "metadata_dir = \"{meta}\"\n\
-                 data_dir = \"{data}\"\n\
-                 db_engine = \"sqlite\"\n\
-                 replication_factor = {rf}\n\
-                 rpc_secret = \"{secret}\"\n\
-                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
-                 rpc_public_addr = \"127.0.0.1:{rpc}\"\n\
-                 allow_world_readable_secrets = true\n\
-                 [s3_api]\n\
-                 s3_region = \"garage\"\n\
-                 api_bind_addr = \"127.0.0.1:{s3}\"\n",
-                meta = node_dir.join("meta").display(),
-                data = node_dir.join("data").display(),
-                rf = n.min(3),
-            );
-            std::fs::write(&config, text).expect("write the node's config");
-            nodes.push(Node {
-                config,
-                s3_port: s3,
-                child: None,
-                id: None,
-            });
-        }
+        let nodes = (0..n)
+            .map(|i| {
+                let node_dir = dir.join(format!("node{i}"));
+                std::fs::create_dir_all(&node_dir).expect("node dir");
+                Node {
+                    config: node_dir.join("garage.toml"),
+                    rpc_port: free_port(),
+                    s3_port: free_port(),
+                    child: None,
+                    id: None,
+                }
+            })
+            .collect();
         let mut garage = Garage {
             binary: binary.to_owned(),
             nodes,
+            rpc_secret: random_hex(32),
             key_id: String::new(),
             secret: String::new(),
         };
         for i in 0..n {
             garage.start_node(i);
         }
-        let ids: Vec<String> = (0..n).map(|i| garage.node_id(i)).collect();
-        for (node, id) in garage.nodes.iter_mut().zip(&ids) {
-            node.id = Some(id.clone());
-        }
+        let ids: Vec<String> = garage
+            .nodes
+            .iter()
+            .map(|node| node.id.clone().expect("a started node's id"))
+            .collect();
         // Both ways: a node dials the peers it needs for its own quorums.
         for i in 0..n {
             for (j, id) in ids.iter().enumerate() {
@@ -194,43 +197,92 @@ impl Garage {
         }
     }
 
+    /// Writes node `i`'s configuration with its current ports.
+    fn write_config(&self, i: usize) {
+        let node = &self.nodes[i];
+        let dir = node.config.parent().expect("the node's directory");
+        let text = format!(
+            "metadata_dir = \"{meta}\"\n\
+             data_dir = \"{data}\"\n\
+             db_engine = \"sqlite\"\n\
+             replication_factor = {rf}\n\
+             rpc_secret = \"{secret}\"\n\
+             rpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+             rpc_public_addr = \"127.0.0.1:{rpc}\"\n\
+             allow_world_readable_secrets = true\n\
+             [s3_api]\n\
+             s3_region = \"garage\"\n\
+             api_bind_addr = \"127.0.0.1:{s3}\"\n",
+            meta = dir.join("meta").display(),
+            data = dir.join("data").display(),
+            rf = self.nodes.len().min(3),
+            secret = self.rpc_secret,
+            rpc = node.rpc_port,
+            s3 = node.s3_port,
+        );
+        std::fs::write(&node.config, text).expect("write the node's config");
+    }
+
     /// Starts node `i` again (or for the first time) and waits until it answers RPC; a
     /// restarted node is connected to the running ones both ways, and waited for until it
-    /// and they serve requests again.
+    /// and they serve requests again. A node that exits before it answers (a port was
+    /// taken after all) is started again on new ports the first time; a restarted node keeps
+    /// its ports, which the others and the tests' clients know.
     pub fn start_node(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        assert!(node.child.is_none(), "node {i} is running");
-        let log = std::fs::File::create(node.config.with_file_name("log")).expect("log file");
-        let child = Command::new(&self.binary)
-            .arg("-c")
-            .arg(&node.config)
-            .arg("server")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("start garage");
-        node.child = Some(child);
-        self.node_id(i);
+        assert!(self.nodes[i].child.is_none(), "node {i} is running");
+        let first = self.nodes[i].id.is_none();
+        let mut attempts = 0;
+        let id = loop {
+            if first {
+                self.write_config(i);
+            }
+            let node = &mut self.nodes[i];
+            let log_path = node.config.with_file_name("log");
+            let log = std::fs::File::create(&log_path).expect("log file");
+            let child = Command::new(&self.binary)
+                .arg("-c")
+                .arg(&node.config)
+                .arg("server")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log file"))
+                .stderr(log)
+                .spawn()
+                .expect("start garage");
+            node.child = Some(child);
+            match self.node_id(i) {
+                Ok(id) => break id,
+                Err(why) => {
+                    self.stop_node(i);
+                    attempts += 1;
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    assert!(
+                        first && attempts < 3,
+                        "garage node {i} did not start: {why}\nits log:\n{log}"
+                    );
+                    self.nodes[i].rpc_port = free_port();
+                    self.nodes[i].s3_port = free_port();
+                }
+            }
+        };
+        self.nodes[i].id = Some(id);
         let peers: Vec<(usize, String)> = (0..self.nodes.len())
             .filter(|&j| j != i && self.nodes[j].child.is_some())
             .filter_map(|j| Some((j, self.nodes[j].id.clone()?)))
             .collect();
         // A restarted node would find its peers again by itself, after up to half a minute:
-        // connect it now, both ways.
-        let restarted = !peers.is_empty();
+        // connect it now, both ways. (A first start is connected by `start`.)
+        if first {
+            return;
+        }
+        let own = self.nodes[i].id.clone().expect("just set");
         for (j, peer) in &peers {
             self.cli(i, &["node", "connect", peer]);
-            if let Some(own) = &self.nodes[i].id {
-                self.cli(*j, &["node", "connect", own]);
-            }
+            self.cli(*j, &["node", "connect", &own]);
         }
-        if restarted {
-            for (j, _) in &peers {
-                self.wait_until_serving(*j);
-            }
-            self.wait_until_serving(i);
+        for (j, _) in &peers {
+            self.wait_until_serving(*j);
         }
+        self.wait_until_serving(i);
     }
 
     /// Kills node `i` (SIGKILL: as a crash or a pulled cable looks to the others).
@@ -242,13 +294,15 @@ impl Garage {
     }
 
     /// Node `i`'s id with its RPC address, once the node answers RPC (`garage status`
-    /// goes through it; `node id` alone may read the key from disk), waiting up to 30 s.
-    fn node_id(&self, i: usize) -> String {
+    /// goes through it; `node id` alone may read the key from disk), waiting up to 30 s;
+    /// an error when the node exits, cannot bind a port or does not answer in that time.
+    fn node_id(&mut self, i: usize) -> Result<String, String> {
         let started = Instant::now();
+        let (binary, config) = (self.binary.clone(), self.nodes[i].config.clone());
         let garage = |args: &[&str]| {
-            Command::new(&self.binary)
+            Command::new(&binary)
                 .arg("-c")
-                .arg(&self.nodes[i].config)
+                .arg(&config)
                 .args(args)
                 .output()
                 .expect("run garage")
@@ -258,13 +312,24 @@ impl Garage {
             if status.status.success() {
                 let out = garage(&["node", "id", "-q"]);
                 assert!(out.status.success(), "garage node id failed");
-                return String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                return Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned());
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "garage node {i} did not start: {}",
-                String::from_utf8_lossy(&status.stderr)
-            );
+            let child = self.nodes[i].child.as_mut().expect("a started node");
+            if let Ok(Some(exit)) = child.try_wait() {
+                return Err(format!("it exited ({exit})"));
+            }
+            // A server that cannot bind its S3 port does not exit: it stays "shutting down"
+            // and its RPC answers every request with "No handler".
+            let log = std::fs::read_to_string(config.with_file_name("log")).unwrap_or_default();
+            if log.contains("Address already in use") {
+                return Err("a port of its was taken".to_owned());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!(
+                    "no answer in 30 s: {}",
+                    String::from_utf8_lossy(&status.stderr)
+                ));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
