@@ -270,8 +270,10 @@ impl Garage {
             .filter_map(|j| Some((j, self.nodes[j].id.clone()?)))
             .collect();
         // A restarted node would find its peers again by itself, after up to half a minute:
-        // connect it now, both ways. (A first start is connected by `start`.)
-        if first {
+        // connect it now, both ways. (A first start is connected by `start`; a node
+        // restarted while the others are down has no one to connect to, and cannot serve
+        // without a quorum until they are back.)
+        if first || peers.is_empty() {
             return;
         }
         let own = self.nodes[i].id.clone().expect("just set");
