@@ -264,7 +264,7 @@ impl Garage {
                 }
             }
         };
-        self.nodes[i].id = Some(id);
+        self.nodes[i].id = Some(id.clone());
         let peers: Vec<(usize, String)> = (0..self.nodes.len())
             .filter(|&j| j != i && self.nodes[j].child.is_some())
             .filter_map(|j| Some((j, self.nodes[j].id.clone()?)))
@@ -276,10 +276,9 @@ impl Garage {
         if first || peers.is_empty() {
             return;
         }
-        let own = self.nodes[i].id.clone().expect("just set");
         for (j, peer) in &peers {
             self.cli(i, &["node", "connect", peer]);
-            self.cli(*j, &["node", "connect", &own]);
+            self.cli(*j, &["node", "connect", &id]);
         }
         for (j, _) in &peers {
             self.wait_until_serving(*j);
