@@ -40,7 +40,9 @@ usage: cargo xtask bench [--only criterion|engine|resume|kv-quality|store[,...]|
   engine     prefill / decode tok/s, resume and re-prefill TTFT at --histories (bench_speed),
              --repeats runs (at least 3; median, min, max); with --peer, llama.cpp's runs
              (flash attention off and on, the faster kept per figure) alternate with ours;
-             table in target/bench/engine.md
+             table in target/bench/engine.md. llama.cpp is built for this CPU
+             (target/peer-venv), or with AGENTKV_SIMD=avx2 for an AVX2-only CPU
+             (target/peer-venv-avx2), as the engine then runs
   resume     time to first token of a 16-token turn at --resume-histories: re-prefill vs
              resume from the saved cache, page cache warm and cold; save ms, bytes/token;
              chart in target/bench/resume.png. Several minutes on two cores: each history
@@ -410,23 +412,84 @@ fn requantize(model: &Path, kind: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// How llama.cpp is built for the peer: native code for this CPU, but without AMX.
-///
-/// llama.cpp's AMX matmul (ggml-cpu/amx, llama-cpp-python 0.3.36) dies of SIGILL at its first
-/// `tileloadd` on a Xeon with amx_int8, even with the tile state granted by arch_prctl: its tile
-/// configuration is built on the stack and optimized away (llama.cpp PR #26954, open). So the peer
-/// gets everything `-march=native` gives (AVX-512, VNNI, ...) except the AMX instructions.
-const PEER_CMAKE_ARGS: &str = "-DGGML_NATIVE=ON \
-    -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
-    -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'";
+/// How llama.cpp is built for the peer: native code for this CPU, or code for a CPU with AVX2
+/// and FMA only (the engine bench's build when the engine is forced to AVX2 on a CPU that has
+/// more: llama.cpp on an AVX2-only CPU runs its AVX2 code, not AVX-512 and VNNI).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PeerBuild {
+    Native,
+    Avx2,
+}
 
-/// The Python of `target/peer-venv`, installing llama-cpp-python there first if needed: when it
-/// is missing, or was built with other flags than [`PEER_CMAKE_ARGS`] (recorded beside it).
+impl PeerBuild {
+    /// The build the engine bench compares with: [`PeerBuild::Avx2`] when `AGENTKV_SIMD`
+    /// (`simd`) forces the engine to AVX2, so both sides run what an AVX2-only CPU would.
+    fn for_engine(simd: Option<&str>) -> PeerBuild {
+        match simd {
+            Some("avx2") => PeerBuild::Avx2,
+            _ => PeerBuild::Native,
+        }
+    }
+
+    /// The `CMAKE_ARGS` llama-cpp-python is built with.
+    ///
+    /// Native: everything `-march=native` gives (AVX-512, VNNI, ...) except the AMX
+    /// instructions. llama.cpp's AMX matmul (ggml-cpu/amx, llama-cpp-python 0.3.36) dies of
+    /// SIGILL at its first `tileloadd` on a Xeon with amx_int8, even with the tile state
+    /// granted by arch_prctl: its tile configuration is built on the stack and optimized away
+    /// (llama.cpp PR #26954, open).
+    ///
+    /// AVX2: what an AMD EPYC of the Zen 2 and Zen 3 generations has (SSE4.2, AVX, AVX2, FMA,
+    /// F16C, BMI2), and nothing newer: no AVX-VNNI, no AVX-512.
+    pub(crate) fn cmake_args(self) -> &'static str {
+        match self {
+            PeerBuild::Native => {
+                "-DGGML_NATIVE=ON \
+                 -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+                 -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"
+            }
+            PeerBuild::Avx2 => {
+                "-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON \
+                 -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=OFF \
+                 -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF \
+                 -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+                 -DGGML_AMX_BF16=OFF"
+            }
+        }
+    }
+
+    /// Its virtualenv, under `target/`.
+    fn venv(self) -> &'static str {
+        match self {
+            PeerBuild::Native => "target/peer-venv",
+            PeerBuild::Avx2 => "target/peer-venv-avx2",
+        }
+    }
+
+    /// How the report names it.
+    fn describe(self) -> &'static str {
+        match self {
+            PeerBuild::Native => "built for this CPU (GGML_NATIVE, without AMX)",
+            PeerBuild::Avx2 => {
+                "built for an AVX2-only CPU (SSE4.2, AVX, AVX2, FMA, F16C, BMI2; no AVX-512, no VNNI)"
+            }
+        }
+    }
+}
+
+/// The Python of `target/peer-venv` (llama.cpp built for this CPU), installing it first if
+/// needed; see [`peer_python_for`].
 fn peer_python() -> Result<PathBuf> {
+    peer_python_for(PeerBuild::Native)
+}
+
+/// The Python of `build`'s virtualenv, installing llama-cpp-python there first if needed: when
+/// it is missing, or was built with other flags than `build`'s (recorded beside it).
+fn peer_python_for(build: PeerBuild) -> Result<PathBuf> {
     let venv = Venv {
-        dir: project_root().join("target/peer-venv"),
+        dir: project_root().join(build.venv()),
         module: "llama_cpp",
-        stamp: PEER_CMAKE_ARGS,
+        stamp: build.cmake_args(),
         stamp_file: "agentkv-cmake-args",
     };
     venv.python(|python| {
@@ -440,7 +503,7 @@ fn peer_python() -> Result<PathBuf> {
             Command::new(python)
                 .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-cache-dir"])
                 .args(["--force-reinstall", "--no-deps", "llama-cpp-python"])
-                .env("CMAKE_ARGS", PEER_CMAKE_ARGS),
+                .env("CMAKE_ARGS", build.cmake_args()),
         )
         .context("installing the llama.cpp peer: check that PyPI is reachable and a C++ compiler and cmake are installed")?;
         // --no-deps above keeps an installed numpy; a new venv still needs llama_cpp's
@@ -532,6 +595,24 @@ fn parse_flat_json(s: &str) -> Result<Row> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peer_runs_avx2_code_when_the_engine_is_forced_to_avx2() {
+        assert_eq!(PeerBuild::for_engine(Some("avx2")), PeerBuild::Avx2);
+        for simd in [None, Some(""), Some("avx512"), Some("portable")] {
+            assert_eq!(PeerBuild::for_engine(simd), PeerBuild::Native, "{simd:?}");
+        }
+        let avx2 = PeerBuild::Avx2.cmake_args();
+        assert!(avx2.contains("-DGGML_NATIVE=OFF") && avx2.contains("-DGGML_AVX2=ON"));
+        assert!(avx2.contains("-DGGML_AVX512=OFF") && avx2.contains("-DGGML_AVX_VNNI=OFF"));
+        // The stamp of an existing native build stays valid (no 15-minute rebuild).
+        assert_eq!(
+            PeerBuild::Native.cmake_args(),
+            "-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+             -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"
+        );
+        assert_ne!(PeerBuild::Native.venv(), PeerBuild::Avx2.venv());
+    }
 
     #[test]
     fn store_runs_only_when_named() {

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Options, Row, loadavg, peer_python, run_for_output};
+use super::{Options, PeerBuild, Row, loadavg, peer_python_for, run_for_output};
 use crate::project_root;
 use crate::report::Machine;
 
@@ -61,6 +61,8 @@ pub(super) struct Runs {
     pub ours: Side,
     pub peer_off: Side,
     pub peer_on: Side,
+    /// How the peer's llama.cpp was built, when there is a peer.
+    pub peer_build: Option<PeerBuild>,
     pub limits: Option<Limits>,
 }
 
@@ -133,11 +135,11 @@ pub(super) fn run(
         limits: Some(Limits::measure(threads)?),
         ..Runs::default()
     };
-    let python = if opts.peer {
-        Some(peer_python()?)
-    } else {
-        None
-    };
+    if opts.peer {
+        let simd = std::env::var("AGENTKV_SIMD").ok();
+        runs.peer_build = Some(PeerBuild::for_engine(simd.as_deref()));
+    }
+    let python = runs.peer_build.map(peer_python_for).transpose()?;
     for i in 0..opts.repeats {
         eprintln!("==> engine speed, run {} of {}", i + 1, opts.repeats);
         let mut cmd = super::cargo_run_release("engine", "--example", "bench_speed");
@@ -375,8 +377,9 @@ pub(super) fn report(machine: &Machine, runs: &Runs, peer: bool) -> String {
     if peer {
         let _ = writeln!(
             s,
-            "llama.cpp: {}; {}; flags {} (and the same with flash_attn=on).\n",
+            "llama.cpp: {}, {}; {}; flags {} (and the same with flash_attn=on).\n",
             info(&runs.peer_off, "version"),
+            runs.peer_build.map_or("?", PeerBuild::describe),
             info(&runs.peer_off, "system"),
             info(&runs.peer_off, "flags"),
         );
@@ -633,6 +636,7 @@ mod tests {
                 ],
             ),
             peer_on: side(to_runs(&on), &[("flags", "n_threads=2 flash_attn=on")]),
+            peer_build: Some(PeerBuild::Avx2),
             limits: Some(Limits {
                 bandwidth: 36.8e9,
                 fma_peak: 454e9,
@@ -674,7 +678,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(
-            "llama.cpp: llama-cpp-python 0.3.36; CPU : AVX2 = 1; flags n_threads=2 flash_attn=off"
+            "llama.cpp: llama-cpp-python 0.3.36, built for an AVX2-only CPU (SSE4.2, AVX, AVX2, \
+             FMA, F16C, BMI2; no AVX-512, no VNNI); CPU : AVX2 = 1; flags n_threads=2 \
+             flash_attn=off"
         ));
         // Prefill: flash attention on is faster (median 210 against 190); 330 / 210 = 1.57x,
         // range 300/220 = 1.36 to 360/205 = 1.76: crosses the 1.5x target.

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{PEER_CMAKE_ARGS, loadavg, peer_python, rows};
+use super::{PeerBuild, loadavg, peer_python, rows};
 use crate::report::{cpu_model, logical_cpus, utc_date};
 use crate::venv::Venv;
 use crate::{OPENAI_PACKAGE, cargo, fetch_model, project_root, run_step};
@@ -265,7 +265,7 @@ fn server_python() -> Result<PathBuf> {
             crate::venv::pip_install(python)
                 .args([&server, OPENAI_PACKAGE])
                 // Were pip to build llama.cpp after all, the same build as the peer's.
-                .env("CMAKE_ARGS", PEER_CMAKE_ARGS),
+                .env("CMAKE_ARGS", PeerBuild::Native.cmake_args()),
         )
         .with_context(|| {
             format!(

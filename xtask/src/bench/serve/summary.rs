@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::{Options, RESTART_AFTER, Run};
-use crate::bench::{PEER_CMAKE_ARGS, Row};
+use crate::bench::{PeerBuild, Row};
 
 /// RSS allowed beyond the KV budget and the weights: the runtime and HTTP server, the
 /// tokenizer and template, a prefill's activations, the segments mapped while a cache loads.
@@ -279,13 +279,14 @@ pub(super) fn report(run: &Run, opts: &Options, rounds: &[Row], memory: &Row) ->
     let _ = writeln!(
         s,
         "- agentkv: `{}`, RAYON_NUM_THREADS={}.\n\
-         - llama.cpp: llama-cpp-python {} (built with `CMAKE_ARGS=\"{PEER_CMAKE_ARGS}\"`), \
+         - llama.cpp: llama-cpp-python {} (built with `CMAKE_ARGS=\"{}\"`), \
          `{} --host 127.0.0.1 --port P`, requests naming its own model id (from /v1/models); \
          system info: {}.\n\
          - Client: the openai package {}, one request at a time.\n",
         run.info("agentkv command"),
         run.threads,
         run.info("llama-cpp-python"),
+        PeerBuild::Native.cmake_args(),
         run.info("llama.cpp command"),
         run.info("llama.cpp system info"),
         run.info("openai"),
