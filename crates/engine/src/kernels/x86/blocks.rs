@@ -397,12 +397,11 @@ unsafe fn q4_0_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // SAFETY: the caller's contract: bytes 0..18 of the block.
     unsafe {
         let d = _mm256_set1_ps(f16_at(p));
-        let eight = _mm256_set1_epi32(8);
         let (lo, hi) = nibbles16(p.add(2));
-        let f = |bytes: __m128i| {
-            let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), eight);
-            _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
-        };
+        // `q - 8` on 16 bytes at once (it fits a signed byte), then widened.
+        let eight = _mm_set1_epi8(8);
+        let (lo, hi) = (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight));
+        let f = |bytes: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), d);
         emit(0, [f(lo), f(_mm_srli_si128::<8>(lo))]);
         emit(16, [f(hi), f(_mm_srli_si128::<8>(hi))]);
     }
@@ -437,6 +436,19 @@ unsafe fn q4_0_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
 unsafe fn q5_octets(qs: *const u8, qh: u32) -> [__m256i; 4] {
     // SAFETY: the caller's contract.
     unsafe {
+        let q = q5_bytes(qs, qh);
+        std::array::from_fn(|g| widen8(q, g))
+    }
+}
+
+/// A 5-bit block's 32 quants as bytes, in element order (see [`q5_octets`]).
+///
+/// # Safety
+/// AVX2 is available and `qs..qs + 16` is readable.
+#[inline(always)]
+unsafe fn q5_bytes(qs: *const u8, qh: u32) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe {
         let (lo, hi) = nibbles16(qs);
         // Byte e of `bytes` is value e's low four bits; of `high`, 0x10 where bit e of qh is
         // set (ggml's `bytes_from_bits_32`: each byte of qh copied to eight bytes, all bits
@@ -454,8 +466,7 @@ unsafe fn q5_octets(qs: *const u8, qh: u32) -> [__m256i; 4] {
         let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
         let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
         let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
-        let q = _mm256_or_si256(bytes, high);
-        std::array::from_fn(|g| widen8(q, g))
+        _mm256_or_si256(bytes, high)
     }
 }
 
@@ -467,11 +478,11 @@ unsafe fn q5_0_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     unsafe {
         let d = _mm256_set1_ps(f16_at(p));
         let qh = p.add(2).cast::<u32>().read_unaligned();
-        let sixteen = _mm256_set1_epi32(16);
-        let q = q5_octets(p.add(6), qh);
-        let f = |q: __m256i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, sixteen)), d);
-        emit(0, [f(q[0]), f(q[1])]);
-        emit(16, [f(q[2]), f(q[3])]);
+        // `q - 16` on the 32 bytes at once (it fits a signed byte), then widened.
+        let q = _mm256_sub_epi8(q5_bytes(p.add(6), qh), _mm256_set1_epi8(16));
+        let f = |g: usize| _mm256_mul_ps(_mm256_cvtepi32_ps(widen8_signed(q, g)), d);
+        emit(0, [f(0), f(1)]);
+        emit(16, [f(2), f(3)]);
     }
 }
 
