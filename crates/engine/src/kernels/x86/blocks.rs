@@ -903,14 +903,16 @@ unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // `q6_k_scales` read it.
     unsafe {
         let d = f16_at(p.add(208));
-        let offset = _mm256_set1_epi32(32);
+        let offset = _mm256_set1_epi8(32);
         for h in 0..2 {
             let dsc = q6_k_scales(p, d, h);
             for (k, q) in q6_k_quants(p, h).into_iter().enumerate() {
+                // `q - 32` on the 32 bytes at once (it fits a signed byte), then widened.
+                let q = _mm256_sub_epi8(q, offset);
                 for half in 0..2 {
                     let s = _mm256_set1_ps(dsc[2 * k + half]);
                     let f = |i: usize| {
-                        let q = _mm256_sub_epi32(widen8(q, 2 * half + i), offset);
+                        let q = widen8_signed(q, 2 * half + i);
                         _mm256_mul_ps(s, _mm256_cvtepi32_ps(q))
                     };
                     emit(128 * h + 32 * k + 16 * half, [f(0), f(1)]);
@@ -927,12 +929,14 @@ unsafe fn q6_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract, as for `q6_k_256`.
     unsafe {
         let d = f16_at(p.add(208));
-        let offset = _mm512_set1_epi32(32);
+        let offset = _mm256_set1_epi8(32);
         for h in 0..2 {
             let dsc = q6_k_scales(p, d, h);
             for (k, q) in q6_k_quants(p, h).into_iter().enumerate() {
+                // As in `q6_k_256`.
+                let q = _mm256_sub_epi8(q, offset);
                 for half in 0..2 {
-                    let q = _mm512_sub_epi32(widen16(q, half), offset);
+                    let q = widen16_signed(q, half);
                     let v = _mm512_mul_ps(_mm512_set1_ps(dsc[2 * k + half]), _mm512_cvtepi32_ps(q));
                     emit(128 * h + 32 * k + 16 * half, v);
                 }
