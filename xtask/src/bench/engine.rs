@@ -183,7 +183,7 @@ pub(super) fn run(
         }
     }
     let machine = Machine::current(threads, load_before.to_owned(), loadavg());
-    let table = report(&machine, &runs, opts.peer);
+    let table = report(&machine, &runs);
     let path = dir.join("engine.md");
     std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
@@ -348,8 +348,10 @@ fn best_peer(runs: &Runs, history: f64, figure: &Figure) -> Option<(Spread, &'st
     }
 }
 
-/// `engine.md`: the conditions, then one row per history and figure.
-pub(super) fn report(machine: &Machine, runs: &Runs, peer: bool) -> String {
+/// `engine.md`: the conditions, then one row per history and figure (with llama.cpp's beside
+/// ours when the runs had a peer).
+pub(super) fn report(machine: &Machine, runs: &Runs) -> String {
+    let peer = runs.peer_build.is_some();
     let mut s = String::from("# Engine speed\n\n");
     let info = |side: &Side, key: &str| side.info.get(key).cloned().unwrap_or_else(|| "?".into());
     let weights = runs
@@ -374,12 +376,12 @@ pub(super) fn report(machine: &Machine, runs: &Runs, peer: bool) -> String {
         machine.load_after,
     );
     let n = runs.ours.runs.len();
-    if peer {
+    if let Some(build) = runs.peer_build {
         let _ = writeln!(
             s,
             "llama.cpp: {}, {}; {}; flags {} (and the same with flash_attn=on).\n",
             info(&runs.peer_off, "version"),
-            runs.peer_build.map_or("?", PeerBuild::describe),
+            build.describe(),
             info(&runs.peer_off, "system"),
             info(&runs.peer_off, "flags"),
         );
@@ -647,7 +649,7 @@ mod tests {
 
     #[test]
     fn report_gives_the_resume_floor_and_how_far_above_it_the_resume_is() {
-        let text = report(&machine(), &runs(), true);
+        let text = report(&machine(), &runs());
         // 2048 * 23040 bytes copied at 36.8 GB/s: 2 * 47.19 MB / 36.8 GB/s = 2.56 ms; 5.73
         // GFLOP at AVX2's 227 GFLOP/s (the engine ran at avx2; the machine's best is twice
         // that) = 25.24 ms; 27.81 ms in all. Resume 100 (90-110) ms: 3.60x (3.24-3.96), over
@@ -667,12 +669,12 @@ mod tests {
         );
         let mut r = runs();
         r.limits = None;
-        assert!(!report(&machine(), &r, true).contains("Resume floor"));
+        assert!(!report(&machine(), &r).contains("Resume floor"));
     }
 
     #[test]
     fn report_keeps_llama_cpps_better_setting_and_marks_what_is_unsettled() {
-        let text = report(&machine(), &runs(), true);
+        let text = report(&machine(), &runs());
         assert!(
             text.contains("2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; model SmolLM2-135M-Instruct.Q4_1.gguf; engine kernels: avx2, 2 threads, 94.0 MiB of weights, KV cache in f16; load average before 0.10 0.20 0.30, after 1.00 0.50 0.40."),
             "{text}"
@@ -710,13 +712,14 @@ mod tests {
         for run in &mut r.ours.runs {
             run[0].insert("prefill_tok_s".into(), 400.0);
         }
-        let text = report(&machine(), &r, true);
+        let text = report(&machine(), &r);
         // 400 / 220 = 1.82 at worst: met.
         assert!(
             text.contains("| 2048 | prefill tok/s | 400.0 (400.0-400.0) | 210.0 (205.0-220.0) | on | 1.90x (1.82-1.95) | >= 1.5x | met |"),
             "{text}"
         );
-        let alone = report(&machine(), &r, false);
+        r.peer_build = None;
+        let alone = report(&machine(), &r);
         assert!(
             alone.contains("| 2048 | decode tok/s | 55.0 (50.0-60.0) |"),
             "{alone}"
