@@ -60,6 +60,13 @@ impl AlignedBuf {
     }
 }
 
+impl Default for AlignedBuf {
+    /// An empty buffer.
+    fn default() -> AlignedBuf {
+        AlignedBuf::zeros(0)
+    }
+}
+
 impl Deref for AlignedBuf {
     type Target = [f32];
 

@@ -118,12 +118,19 @@ fn attend_portable(
         block,
         rows,
     } = scratch;
-    scores.clear();
-    scores.resize(nq * len, 0.0);
+    // Every score is written below before it is read (each query's row in full, the rows
+    // past its own length included), so the buffer only grows: zeroing it for every task was
+    // a pass over it (48 queries by 2,064 positions in a layer's task of a turn) for nothing.
+    if scores.len() < nq * len {
+        scores.resize(nq * len, 0.0);
+    }
+    let scores = &mut scores[..nq * len];
     match k.as_f32() {
         Some(k) => score_block(isa, qs.q, nq, k, len, d, scores),
         None => {
-            block.resize(nq * CHUNK, 0.0);
+            if block.len() < nq * CHUNK {
+                block.resize(nq * CHUNK, 0.0);
+            }
             for j0 in (0..len).step_by(CHUNK) {
                 let c = CHUNK.min(len - j0);
                 prefetch_chunk(isa, k, j0 + CHUNK, j0 + 2 * CHUNK);

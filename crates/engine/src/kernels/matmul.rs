@@ -141,6 +141,8 @@ pub(crate) struct MatmulScratch {
     chunks: Vec<f32>,
     /// A part's output in a stack of weights.
     part: Vec<f32>,
+    /// Each task's dequantized weight rows (see [`matmul_dequant`]), one block per task.
+    dequant: AlignedBuf,
 }
 
 /// `y = x · Wᵀ` for `m` rows of `x` (`[m, w.cols()]`, row-major) at `isa`, into `y` (made
@@ -182,7 +184,7 @@ pub(crate) fn matmul_into(
     };
     let wd = match &w.data {
         WeightData::F32(wd) => wd,
-        WeightData::Quant(q) => return matmul_dequant(isa, x, m, q, y, &mut scratch.chunks),
+        WeightData::Quant(q) => return matmul_dequant(isa, x, m, q, y, scratch),
         WeightData::Stack(parts) => return matmul_stack(isa, x, m, parts, n, y, scratch),
     };
     // Each task owns a block of weight rows: its columns of y, as a [m, rows] chunk.
@@ -292,7 +294,7 @@ fn matmul_dequant(
     m: usize,
     q: &QMatrix,
     y: &mut Vec<f32>,
-    chunks: &mut Vec<f32>,
+    scratch: &mut MatmulScratch,
 ) {
     let (n, k) = (q.rows(), q.cols());
     debug_assert_eq!(x.len(), m * k);
@@ -307,28 +309,33 @@ fn matmul_dequant(
         return;
     }
     let rows_per_task = n.div_ceil(tasks).next_multiple_of(DEQUANT_ROWS);
-    let chunks = resized(chunks, m * n);
+    // Each task's block for its dequantized rows, kept across calls: a new one per task was
+    // zeroed every time (a turn's 150 matmuls), and its first use faulted pages in.
+    let block = DEQUANT_ROWS * k;
+    let blocks = n.div_ceil(rows_per_task) * block;
+    if scratch.dequant.len() < blocks {
+        scratch.dequant = AlignedBuf::zeros(blocks);
+    }
+    let chunks = resized(&mut scratch.chunks, m * n);
     chunks
         .par_chunks_mut(rows_per_task * m)
+        .zip(scratch.dequant[..blocks].par_chunks_mut(block))
         .enumerate()
-        .for_each_init(
-            || AlignedBuf::zeros(DEQUANT_ROWS * k),
-            |buf, (c, out)| {
-                let (j0, width) = (c * rows_per_task, out.len() / m);
-                for s in (0..width).step_by(DEQUANT_ROWS) {
-                    let rows = DEQUANT_ROWS.min(width - s);
-                    // The next panel's blocks start coming in while this one is multiplied:
-                    // with few tokens (a turn) the multiplying is short, and dequantizing
-                    // waited on memory for them (a turn after 2,048 tokens: 6-8% faster).
-                    #[cfg(target_arch = "x86_64")]
-                    if isa.is_simd() {
-                        let next = DEQUANT_ROWS.min(width - s - rows);
-                        x86::prefetch_rows(isa, q, j0 + s + rows, next);
-                    }
-                    dequant_panel(isa, q, j0 + s, rows, x, m, buf, &mut out[s..], width);
+        .for_each(|(c, (out, buf))| {
+            let (j0, width) = (c * rows_per_task, out.len() / m);
+            for s in (0..width).step_by(DEQUANT_ROWS) {
+                let rows = DEQUANT_ROWS.min(width - s);
+                // The next panel's blocks start coming in while this one is multiplied:
+                // with few tokens (a turn) the multiplying is short, and dequantizing
+                // waited on memory for them (a turn after 2,048 tokens: 6-8% faster).
+                #[cfg(target_arch = "x86_64")]
+                if isa.is_simd() {
+                    let next = DEQUANT_ROWS.min(width - s - rows);
+                    x86::prefetch_rows(isa, q, j0 + s + rows, next);
                 }
-            },
-        );
+                dequant_panel(isa, q, j0 + s, rows, x, m, buf, &mut out[s..], width);
+            }
+        });
     join_columns(chunks, m, n, rows_per_task, resized(y, m * n));
 }
 
