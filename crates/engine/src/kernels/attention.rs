@@ -10,9 +10,9 @@ use rayon::prelude::*;
 use super::dot::{LANES, MR, NR, dot_1x1, dot_1x3, dot_2x3, reduce};
 use super::elementwise::exp;
 use super::isa::{Isa, Level, Recompile};
-use super::vectorized;
 #[cfg(target_arch = "x86_64")]
 use super::x86;
+use super::{grown, vectorized};
 
 /// Queries of one attention task: query row `q[i]` sees the rows `firsts[i]..lens[i]` of the
 /// K and V it is given.
@@ -121,16 +121,11 @@ fn attend_portable(
     // Every score is written below before it is read (each query's row in full, the rows
     // past its own length included), so the buffer only grows: zeroing it for every task was
     // a pass over it (48 queries by 2,064 positions in a layer's task of a turn) for nothing.
-    if scores.len() < nq * len {
-        scores.resize(nq * len, 0.0);
-    }
-    let scores = &mut scores[..nq * len];
+    let scores = grown(scores, nq * len);
     match k.as_f32() {
         Some(k) => score_block(isa, qs.q, nq, k, len, d, scores),
         None => {
-            if block.len() < nq * CHUNK {
-                block.resize(nq * CHUNK, 0.0);
-            }
+            let block = grown(block, nq * CHUNK);
             for j0 in (0..len).step_by(CHUNK) {
                 let c = CHUNK.min(len - j0);
                 prefetch_chunk(isa, k, j0 + CHUNK, j0 + 2 * CHUNK);

@@ -75,9 +75,16 @@ fn vectorized<K: Recompile>(isa: Isa, kernel: K) -> K::Output {
 /// every value), only values it never had are zeroed. Buffers a forward pass reuses layer
 /// after layer go through this instead of fresh allocations, whose first touch is page faults.
 pub(crate) fn resized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    grown(buf, len);
+    buf.truncate(len);
+    buf
+}
+
+/// The first `len` values of `buf`, growing it (zero-filled) only if it is shorter: like
+/// [`resized`], but the values past `len` stay for a later, longer use.
+pub(crate) fn grown(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len {
         buf.resize(len, 0.0);
     }
-    buf.truncate(len);
-    buf
+    &mut buf[..len]
 }
