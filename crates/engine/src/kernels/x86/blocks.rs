@@ -15,7 +15,6 @@ use std::arch::x86_64::*;
 use super::{reduce, reduce512};
 use crate::kernels::isa::{Isa, Level};
 use crate::kernels::quant::QKind;
-use crate::kernels::quant::blocks::scale_min_k4;
 
 /// Bytes ahead of the current block that [`gemv`] asks the CPU to prefetch.
 const PREFETCH: usize = 512;
@@ -266,6 +265,60 @@ unsafe fn f16_at(p: *const u8) -> f32 {
         let bits = p.cast::<u16>().read_unaligned();
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
     }
+}
+
+/// `d` times each of the eight unsigned bytes in the low half of `bytes`, as eight lanes.
+///
+/// Every super-block scale is such a product, a 6-bit integer times an f16 (at most 17
+/// significant bits): exact, so computing them eight at a time gives the reference's values.
+/// (One at a time, a conversion, a multiply and a broadcast each, they took about a fifth of
+/// a K-quant gemv.)
+///
+/// # Safety
+/// AVX2 is available.
+#[inline(always)]
+unsafe fn times_u8(d: f32, bytes: __m128i) -> __m256 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        _mm256_mul_ps(
+            _mm256_set1_ps(d),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)),
+        )
+    }
+}
+
+/// [`times_u8`] of signed bytes (exact likewise: at most 8 bits times an f16).
+///
+/// # Safety
+/// AVX2 is available.
+#[inline(always)]
+unsafe fn times_i8(d: f32, bytes: __m128i) -> __m256 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        _mm256_mul_ps(
+            _mm256_set1_ps(d),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
+        )
+    }
+}
+
+/// Sixteen scales from two [`times_u8`]-like halves, as an array in memory the visitors
+/// index: `black_box` keeps it there, so that each use is one broadcast load. (Left to
+/// itself, the compiler kept the scales in registers and took each out with two or three
+/// shuffles, which compete with the widening for the shuffle unit: Q3_K's and Q6_K's
+/// AVX-512 gemv were 15-20% slower than with scalar scales.)
+///
+/// # Safety
+/// AVX is available.
+#[inline(always)]
+unsafe fn table16(lo: __m256, hi: __m256) -> [f32; 16] {
+    let mut t = [0.0f32; 16];
+    // SAFETY: the caller's contract; `t` holds sixteen values.
+    unsafe {
+        _mm256_storeu_ps(t.as_mut_ptr(), lo);
+        _mm256_storeu_ps(t.as_mut_ptr().add(8), hi);
+    }
+    std::hint::black_box(t)
 }
 
 /// Bytes `8 * i .. 8 * i + 8` of `v` (unsigned) as eight i32 lanes.
@@ -573,6 +626,15 @@ unsafe fn q2_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [(f32, f
     // SAFETY: the caller's contract: scales at 0..16, quants at 16..80, d and dmin at 80..84.
     unsafe {
         let (d, min) = (f16_at(p.add(80)), f16_at(p.add(82)));
+        // Each scale byte is `m << 4 | sc`: `d * sc` of all sixteen, then `dmin * m`.
+        let packed = _mm_loadu_si128(p.cast());
+        let mask = _mm_set1_epi8(0x0F);
+        let (sc, m) = (
+            _mm_and_si128(packed, mask),
+            _mm_and_si128(_mm_srli_epi16::<4>(packed), mask),
+        );
+        let dl = table16(times_u8(d, sc), times_u8(d, _mm_srli_si128::<8>(sc)));
+        let ml = table16(times_u8(min, m), times_u8(min, _mm_srli_si128::<8>(m)));
         let three = _mm256_set1_epi8(3);
         for n in 0..2 {
             let q = _mm256_loadu_si256(p.add(16 + 32 * n).cast());
@@ -581,8 +643,8 @@ unsafe fn q2_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [(f32, f
                 // above the mask).
                 let v = _mm256_and_si256(shift_pairs(q, j), three);
                 let halves = std::array::from_fn(|half| {
-                    let sc = *p.add(8 * n + 2 * j + half);
-                    (d * (sc & 0xF) as f32, min * (sc >> 4) as f32)
+                    let i = 8 * n + 2 * j + half;
+                    (dl[i], ml[i])
                 });
                 visit(128 * n + 32 * j, v, halves);
             }
@@ -643,7 +705,13 @@ unsafe fn q3_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [f32; 2]
     // 96..108, d at 108..110.
     unsafe {
         let d_all = f16_at(p.add(108));
+        // `d * (sc - 32)` of all sixteen (sc - 32 fits a signed byte).
         let scales = q3_k_scales(std::slice::from_raw_parts(p.add(96), 12));
+        let sc = _mm_sub_epi8(scales, _mm_set1_epi8(32));
+        let dl = table16(
+            times_i8(d_all, sc),
+            times_i8(d_all, _mm_srli_si128::<8>(sc)),
+        );
         let hm = _mm256_loadu_si256(p.cast());
         let (three, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
         for n in 0..2 {
@@ -654,10 +722,8 @@ unsafe fn q3_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [f32; 2]
                 let m = _mm256_set1_epi8((1u8 << (4 * n + j)) as i8);
                 let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
                 let v = _mm256_sub_epi8(low, _mm256_andnot_si256(set, four));
-                let dl = std::array::from_fn(|half| {
-                    d_all * (scales[8 * n + 2 * j + half] as i32 - 32) as f32
-                });
-                visit(128 * n + 32 * j, v, dl);
+                let i = 8 * n + 2 * j;
+                visit(128 * n + 32 * j, v, [dl[i], dl[i + 1]]);
             }
         }
     }
@@ -697,9 +763,13 @@ unsafe fn q3_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
 }
 
 /// A Q3_K super-block's sixteen 6-bit scales (still offset by 32) from their 12 packed bytes,
-/// as the reference unpacks them.
+/// as the reference unpacks them, in the bytes of a register built from four words (as an
+/// array of bytes, they went into the register one byte at a time).
+///
+/// # Safety
+/// SSE2 is available.
 #[inline(always)]
-fn q3_k_scales(packed: &[u8]) -> [i8; 16] {
+unsafe fn q3_k_scales(packed: &[u8]) -> __m128i {
     const KMASK1: u32 = 0x0303_0303;
     const KMASK2: u32 = 0x0f0f_0f0f;
     let word =
@@ -711,29 +781,45 @@ fn q3_k_scales(packed: &[u8]) -> [i8; 16] {
         ((a0 >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4),
         ((a1 >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4),
     ];
-    let mut out = [0i8; 16];
-    for (o, b) in out.iter_mut().zip(aux.iter().flat_map(|w| w.to_le_bytes())) {
-        *o = b as i8;
-    }
-    out
+    let [a, b, c, d] = aux.map(|w| w as i32);
+    // SAFETY: the caller's contract.
+    unsafe { _mm_set_epi32(d, c, b, a) }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Q4_K and Q5_K: x = d * sc * q - dmin * m per 32 values.
 // ---------------------------------------------------------------------------------------------
 
-/// `[d1, m1, d2, m2]` of quarter `j` of a Q4_K or Q5_K super-block: `d * sc` and `dmin * m`
-/// of sub-blocks `2j` and `2j + 1`, as the reference computes them.
+/// `d * sc` of the eight sub-blocks of a Q4_K or Q5_K super-block at `p`, then `dmin * m`:
+/// the reference's values (`scale_min_k4`'s unpacking, done four bytes at a time as ggml's
+/// `utmp` does it).
+///
+/// # Safety
+/// AVX2 and F16C are available and bytes 0..16 of the block at `p` are readable.
 #[inline(always)]
-fn k4_scales(d: f32, dmin: f32, scales: &[u8], j: usize) -> [f32; 4] {
-    let (sc1, m1) = scale_min_k4(2 * j, scales);
-    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
-    [
-        d * sc1 as f32,
-        dmin * m1 as f32,
-        d * sc2 as f32,
-        dmin * m2 as f32,
-    ]
+unsafe fn k4_table(p: *const u8) -> [f32; 16] {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    // SAFETY: the caller's contract: d and dmin at 0..4, the packed scales at 4..16.
+    unsafe {
+        let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+        let word = |i: usize| p.add(4 + 4 * i).cast::<u32>().read_unaligned();
+        let (a, b, c) = (word(0), word(1), word(2));
+        // Sub-blocks 0..4 keep their six bits in bytes 0..4 (scales) and 4..8 (minimums);
+        // 4..8 have their low four in the nibbles of bytes 8..12 and their top two in the
+        // top bits of bytes 0..8.
+        let sc = [a & LOW6, (c & LOW4) | (((a >> 6) & LOW2) << 4)];
+        let m = [b & LOW6, ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4)];
+        let bytes = |w: [u32; 2]| _mm_cvtsi64_si128(i64::from(w[0]) | i64::from(w[1]) << 32);
+        table16(times_u8(d, bytes(sc)), times_u8(dmin, bytes(m)))
+    }
+}
+
+/// `[d1, m1, d2, m2]` of quarter `j` (sub-blocks `2j` and `2j + 1`) from [`k4_table`].
+#[inline(always)]
+fn k4_quarter_scales(t: &[f32; 16], j: usize) -> [f32; 4] {
+    [t[2 * j], t[8 + 2 * j], t[2 * j + 1], t[9 + 2 * j]]
 }
 
 /// Emits the 64 values of one quarter: `lo` (32 quants of scale `d1`, minimum `m1`) then `hi`
@@ -766,11 +852,10 @@ unsafe fn k4_quarter_256(
 unsafe fn q4_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // SAFETY: the caller's contract: d and dmin at 0..4, scales at 4..16, quants at 16..144.
     unsafe {
-        let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
-        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        let t = k4_table(p);
         for j in 0..4 {
             let q = nibbles32(p.add(16 + 32 * j));
-            k4_quarter_256(64 * j, q, k4_scales(d, dmin, scales, j), emit);
+            k4_quarter_256(64 * j, q, k4_quarter_scales(&t, j), emit);
         }
     }
 }
@@ -781,11 +866,10 @@ unsafe fn q4_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 unsafe fn q4_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract, as for `q4_k_256`.
     unsafe {
-        let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
-        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        let t = k4_table(p);
         for j in 0..4 {
             let q = nibbles32(p.add(16 + 32 * j));
-            k4_quarter_512(64 * j, q, k4_scales(d, dmin, scales, j), emit);
+            k4_quarter_512(64 * j, q, k4_quarter_scales(&t, j), emit);
         }
     }
 }
@@ -821,14 +905,13 @@ unsafe fn q5_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // SAFETY: the caller's contract: d and dmin at 0..4, scales at 4..16, high bits at
     // 16..48, quants at 48..176.
     unsafe {
-        let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
-        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        let t = k4_table(p);
         let qh = _mm256_loadu_si256(p.add(16).cast());
         for j in 0..4 {
             let (lo, hi) = nibbles32(p.add(48 + 32 * j));
             let lo = _mm256_or_si256(lo, fifth_bits(qh, 1 << (2 * j)));
             let hi = _mm256_or_si256(hi, fifth_bits(qh, 2 << (2 * j)));
-            k4_quarter_256(64 * j, (lo, hi), k4_scales(d, dmin, scales, j), emit);
+            k4_quarter_256(64 * j, (lo, hi), k4_quarter_scales(&t, j), emit);
         }
     }
 }
@@ -839,14 +922,13 @@ unsafe fn q5_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 unsafe fn q5_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract, as for `q5_k_256`.
     unsafe {
-        let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
-        let scales = std::slice::from_raw_parts(p.add(4), 12);
+        let t = k4_table(p);
         let qh = _mm256_loadu_si256(p.add(16).cast());
         for j in 0..4 {
             let (lo, hi) = nibbles32(p.add(48 + 32 * j));
             let lo = _mm256_or_si256(lo, fifth_bits(qh, 1 << (2 * j)));
             let hi = _mm256_or_si256(hi, fifth_bits(qh, 2 << (2 * j)));
-            k4_quarter_512(64 * j, (lo, hi), k4_scales(d, dmin, scales, j), emit);
+            k4_quarter_512(64 * j, (lo, hi), k4_quarter_scales(&t, j), emit);
         }
     }
 }
@@ -884,15 +966,19 @@ unsafe fn q6_k_quants(p: *const u8, h: usize) -> [__m256i; 4] {
     }
 }
 
-/// `d * sc` of the eight sub-blocks of half `h` of a Q6_K super-block, as the reference
-/// computes them (exact).
+/// `d * sc` of the sixteen sub-blocks of a Q6_K super-block, as the reference computes them
+/// (exact).
 ///
 /// # Safety
-/// The block at `p` is readable.
+/// AVX2 and F16C are available and the 210-byte block at `p` is readable.
 #[inline(always)]
-unsafe fn q6_k_scales(p: *const u8, d: f32, h: usize) -> [f32; 8] {
-    // SAFETY: the caller's contract: bytes 192 + 8h .. 200 + 8h of the block.
-    std::array::from_fn(|i| d * (unsafe { *p.add(192 + 8 * h + i) } as i8) as f32)
+unsafe fn q6_k_scales(p: *const u8) -> [f32; 16] {
+    // SAFETY: the caller's contract: the signed scales at 192..208, d at 208..210.
+    unsafe {
+        let d = f16_at(p.add(208));
+        let sc = _mm_loadu_si128(p.add(192).cast());
+        table16(times_i8(d, sc), times_i8(d, _mm_srli_si128::<8>(sc)))
+    }
 }
 
 /// # Safety
@@ -902,15 +988,14 @@ unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // SAFETY: the caller's contract: d at 208..210, the rest as `q6_k_quants` and
     // `q6_k_scales` read it.
     unsafe {
-        let d = f16_at(p.add(208));
+        let dsc = q6_k_scales(p);
         let offset = _mm256_set1_epi8(32);
         for h in 0..2 {
-            let dsc = q6_k_scales(p, d, h);
             for (k, q) in q6_k_quants(p, h).into_iter().enumerate() {
                 // `q - 32` on the 32 bytes at once (it fits a signed byte), then widened.
                 let q = _mm256_sub_epi8(q, offset);
                 for half in 0..2 {
-                    let s = _mm256_set1_ps(dsc[2 * k + half]);
+                    let s = _mm256_set1_ps(dsc[8 * h + 2 * k + half]);
                     let f = |i: usize| {
                         let q = widen8_signed(q, 2 * half + i);
                         _mm256_mul_ps(s, _mm256_cvtepi32_ps(q))
@@ -928,16 +1013,18 @@ unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 unsafe fn q6_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract, as for `q6_k_256`.
     unsafe {
-        let d = f16_at(p.add(208));
+        let dsc = q6_k_scales(p);
         let offset = _mm256_set1_epi8(32);
         for h in 0..2 {
-            let dsc = q6_k_scales(p, d, h);
             for (k, q) in q6_k_quants(p, h).into_iter().enumerate() {
                 // As in `q6_k_256`.
                 let q = _mm256_sub_epi8(q, offset);
                 for half in 0..2 {
                     let q = widen16_signed(q, half);
-                    let v = _mm512_mul_ps(_mm512_set1_ps(dsc[2 * k + half]), _mm512_cvtepi32_ps(q));
+                    let v = _mm512_mul_ps(
+                        _mm512_set1_ps(dsc[8 * h + 2 * k + half]),
+                        _mm512_cvtepi32_ps(q),
+                    );
                     emit(128 * h + 32 * k + 16 * half, v);
                 }
             }
