@@ -2,6 +2,7 @@
 //! task, scores by [`dot`](super::dot), a sequential softmax, and V sums in position order, so
 //! a query's result never depends on the batch or the task it is in.
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use kv_extract::{AlignedBuf, KvCache, KvDtype, KvRows};
@@ -27,7 +28,13 @@ struct Queries<'a> {
 /// into a buffer of that size.
 const CHUNK: usize = 64;
 
-/// A task's working memory, kept across the tasks a worker runs.
+/// A task's working memory. Each thread keeps one (see [`TASK_SCRATCH`]) across tasks, layers
+/// and forward passes, so that it is allocated and zeroed once, not for every layer: the
+/// scores of a turn after 2,048 tokens take 400 KB a task, and zeroing new ones every layer
+/// was 1.8% of a resume's time under `perf` (0.5% left to other buffers). The cost: each
+/// thread holds the scores of the longest history it has attended to (4 bytes for each of
+/// up to 48 queries, SmolLM2's tile, and each position).
+#[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
     /// Scores of one chunk, `[queries, CHUNK]`, for caches not held in f32.
@@ -36,26 +43,46 @@ struct Scratch {
     rows: AlignedBuf,
 }
 
-impl Scratch {
-    fn new(d: usize) -> Scratch {
-        Scratch {
-            scores: Vec::new(),
-            block: Vec::new(),
-            rows: AlignedBuf::zeros(CHUNK * d),
-        }
+/// Everything an attention task works in besides its output: its queries, copied to a
+/// line-aligned buffer, their lengths and first positions, and [`Scratch`].
+#[derive(Default)]
+struct TaskScratch {
+    queries: AlignedBuf,
+    lens: Vec<usize>,
+    firsts: Vec<usize>,
+    scratch: Scratch,
+}
+
+thread_local! {
+    /// The [`TaskScratch`] of the tasks this thread runs. Every value a task reads from it,
+    /// it has written first, so what an earlier task left there changes no result.
+    static TASK_SCRATCH: RefCell<TaskScratch> = RefCell::new(TaskScratch::default());
+}
+
+/// `buf` holding at least `len` values, reallocated (zeroed) only when it is shorter.
+fn aligned_at_least(buf: &mut AlignedBuf, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        *buf = AlignedBuf::zeros(len);
     }
+    &mut buf[..len]
 }
 
 /// Rows `j0..j1` of `rows` as f32: the cache's own slice when it holds f32, else converted
 /// into `buf` (exactly, as [`KvRows::to_f32`] defines it; at the x86 levels, F16C for f16 and
 /// AVX2 widening for `q8_0`: the same bits).
 #[inline(always)]
-fn rows_f32<'b>(isa: Isa, rows: KvRows<'b>, j0: usize, j1: usize, buf: &'b mut [f32]) -> &'b [f32] {
+fn rows_f32<'b>(
+    isa: Isa,
+    rows: KvRows<'b>,
+    j0: usize,
+    j1: usize,
+    buf: &'b mut AlignedBuf,
+) -> &'b [f32] {
     let d = rows.width();
     if let Some(all) = rows.as_f32() {
         return &all[j0 * d..j1 * d];
     }
-    let out = &mut buf[..(j1 - j0) * d];
+    let out = aligned_at_least(buf, (j1 - j0) * d);
     #[cfg(target_arch = "x86_64")]
     if isa.is_simd() {
         match (rows.dtype(), rows.as_u16()) {
@@ -129,7 +156,7 @@ fn attend_portable(
             for j0 in (0..len).step_by(CHUNK) {
                 let c = CHUNK.min(len - j0);
                 prefetch_chunk(isa, k, j0 + CHUNK, j0 + 2 * CHUNK);
-                let kc = rows_f32(isa, k, j0, j0 + c, &mut rows[..]);
+                let kc = rows_f32(isa, k, j0, j0 + c, rows);
                 score_block(isa, qs.q, nq, kc, c, d, &mut block[..nq * c]);
                 for (i, b) in block[..nq * c].chunks_exact(c).enumerate() {
                     scores[i * len + j0..][..c].copy_from_slice(b);
@@ -172,7 +199,7 @@ fn attend_portable(
     out.fill(0.0);
     for j0 in (0..len).step_by(CHUNK) {
         prefetch_chunk(isa, v, j0 + CHUNK, j0 + 2 * CHUNK);
-        let vc = rows_f32(isa, v, j0, (j0 + CHUNK).min(len), &mut rows[..]);
+        let vc = rows_f32(isa, v, j0, (j0 + CHUNK).min(len), rows);
         let end = |i: usize| qs.lens[i].clamp(j0, j0 + CHUNK) - j0;
         let begin = |i: usize| qs.firsts[i].clamp(j0, j0 + CHUNK) - j0;
         let mut i = 0;
@@ -624,45 +651,41 @@ pub fn attention(
     // The first position the query at `p` sees.
     let first = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
     let tasks = attention_tasks(n, n_heads, group, rayon::current_num_threads());
-    let most = tasks
-        .iter()
-        .map(|t| (t.t1 - t.t0) * t.nh)
-        .max()
-        .unwrap_or(0);
+    let task = |&Task { t0, t1, h0, nh }: &Task, ts: &mut TaskScratch| {
+        let TaskScratch {
+            queries,
+            lens,
+            firsts,
+            scratch,
+        } = ts;
+        // Queries are copied to a line-aligned buffer: with 64-wide heads, the score kernel's
+        // loads of them and of the (aligned) K rows then never straddle lines.
+        let qbuf = aligned_at_least(queries, (t1 - t0) * nh * d);
+        // The rows read start on a multiple of 16 positions, so that a softmax sum's lanes
+        // are the same whichever task a query is in.
+        let lo = first(start + t0) / LANES * LANES;
+        lens.clear();
+        firsts.clear();
+        for (t, rows) in (t0..t1).zip(qbuf.chunks_exact_mut(nh * d)) {
+            rows.copy_from_slice(&q[(t * n_heads + h0) * d..][..nh * d]);
+            lens.extend(std::iter::repeat_n(start + t + 1 - lo, nh));
+            firsts.extend(std::iter::repeat_n(first(start + t) - lo, nh));
+        }
+        let kv = h0 / group;
+        let k = cache.k_head(layer, kv, lo..start + t1);
+        let v = cache.v_head(layer, kv, lo..start + t1);
+        let mut out = vec![0.0f32; qbuf.len()];
+        let queries = Queries {
+            q: qbuf,
+            lens,
+            firsts,
+        };
+        attend(isa, queries, k, v, d, scale, scratch, &mut out);
+        out
+    };
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map_init(
-            // Queries are copied to a line-aligned buffer: with 64-wide heads, the score
-            // kernel's loads of them and of the (aligned) K rows then never straddle lines.
-            || {
-                let bufs = (Vec::new(), Vec::new());
-                (Scratch::new(d), AlignedBuf::zeros(most * d), bufs)
-            },
-            |(scratch, qs, (lens, firsts)), &Task { t0, t1, h0, nh }| {
-                let qbuf = &mut qs[..(t1 - t0) * nh * d];
-                // The rows read start on a multiple of 16 positions, so that a softmax sum's
-                // lanes are the same whichever task a query is in.
-                let lo = first(start + t0) / LANES * LANES;
-                lens.clear();
-                firsts.clear();
-                for (t, rows) in (t0..t1).zip(qbuf.chunks_exact_mut(nh * d)) {
-                    rows.copy_from_slice(&q[(t * n_heads + h0) * d..][..nh * d]);
-                    lens.extend(std::iter::repeat_n(start + t + 1 - lo, nh));
-                    firsts.extend(std::iter::repeat_n(first(start + t) - lo, nh));
-                }
-                let kv = h0 / group;
-                let k = cache.k_head(layer, kv, lo..start + t1);
-                let v = cache.v_head(layer, kv, lo..start + t1);
-                let mut out = vec![0.0f32; qbuf.len()];
-                let queries = Queries {
-                    q: qbuf,
-                    lens,
-                    firsts,
-                };
-                attend(isa, queries, k, v, d, scale, scratch, &mut out);
-                out
-            },
-        )
+        .map(|t| TASK_SCRATCH.with_borrow_mut(|ts| task(t, ts)))
         .collect();
     let mut out = vec![0.0f32; n * n_heads * d];
     for (&Task { t0, h0, nh, .. }, res) in tasks.iter().zip(&results) {
