@@ -2,10 +2,11 @@
 """Ratios of the `quant` criterion bench: each type's median time over Q4_1's in the same group
 (level, m, shape), from criterion's estimates under target/criterion.
 
-With --fastest, each type's fastest sample (its time per iteration) over Q4_1's instead: on a
-shared host, whose other tenants slow a whole spell of samples down, the fastest sample of
-each is the steadier figure (criterion measures one type after another, so a slow spell lands
-on one type's median and not on Q4_1's).
+With --fastest, each type's fastest sample (its time per iteration) over Q4_1's instead. On a
+shared host, whose other tenants slow spells of samples down, a spell that covers part of one
+type's measurement moves its median and not its fastest sample (criterion measures one type
+after another, so the spell lands on that type and not on Q4_1); a spell covering all of it
+moves both.
 
 Usage: python3 benches/quant_ratios.py [--fastest] [target/criterion]
 """
