@@ -13,7 +13,7 @@ use super::elementwise::exp;
 use super::isa::{Isa, Level, Recompile};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{grown, vectorized};
+use super::{grown, grown_aligned, vectorized};
 
 /// Queries of one attention task: query row `q[i]` sees the rows `firsts[i]..lens[i]` of the
 /// K and V it is given.
@@ -59,14 +59,6 @@ thread_local! {
     static TASK_SCRATCH: RefCell<TaskScratch> = RefCell::new(TaskScratch::default());
 }
 
-/// `buf` holding at least `len` values, reallocated (zeroed) only when it is shorter.
-fn aligned_at_least(buf: &mut AlignedBuf, len: usize) -> &mut [f32] {
-    if buf.len() < len {
-        *buf = AlignedBuf::zeros(len);
-    }
-    &mut buf[..len]
-}
-
 /// Rows `j0..j1` of `rows` as f32: the cache's own slice when it holds f32, else converted
 /// into `buf` (exactly, as [`KvRows::to_f32`] defines it; at the x86 levels, F16C for f16 and
 /// AVX2 widening for `q8_0`: the same bits).
@@ -82,7 +74,7 @@ fn rows_f32<'b>(
     if let Some(all) = rows.as_f32() {
         return &all[j0 * d..j1 * d];
     }
-    let out = aligned_at_least(buf, (j1 - j0) * d);
+    let out = grown_aligned(buf, (j1 - j0) * d);
     #[cfg(target_arch = "x86_64")]
     if isa.is_simd() {
         match (rows.dtype(), rows.as_u16()) {
@@ -660,7 +652,7 @@ pub fn attention(
         } = ts;
         // Queries are copied to a line-aligned buffer: with 64-wide heads, the score kernel's
         // loads of them and of the (aligned) K rows then never straddle lines.
-        let qbuf = aligned_at_least(queries, (t1 - t0) * nh * d);
+        let qbuf = grown_aligned(queries, (t1 - t0) * nh * d);
         // The rows read start on a multiple of 16 positions, so that a softmax sum's lanes
         // are the same whichever task a query is in.
         let lo = first(start + t0) / LANES * LANES;

@@ -12,7 +12,7 @@ use super::quant::QMatrix;
 use super::weight::{Weight, WeightData};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{resized, vectorized};
+use super::{grown_aligned, resized, vectorized};
 
 /// One weight panel against all rows of `x`: `out[i * ld + j] = dot(x[i], w[j])` for the
 /// `rows` rows of `w` (`ld >= rows`: the panel may be a column block of a wider output).
@@ -313,13 +313,11 @@ fn matmul_dequant(
     // zeroed every time (a turn's 150 matmuls), and its first use faulted pages in.
     let block = DEQUANT_ROWS * k;
     let blocks = n.div_ceil(rows_per_task) * block;
-    if scratch.dequant.len() < blocks {
-        scratch.dequant = AlignedBuf::zeros(blocks);
-    }
+    let dequant = grown_aligned(&mut scratch.dequant, blocks);
     let chunks = resized(&mut scratch.chunks, m * n);
     chunks
         .par_chunks_mut(rows_per_task * m)
-        .zip(scratch.dequant[..blocks].par_chunks_mut(block))
+        .zip(dequant.par_chunks_mut(block))
         .enumerate()
         .for_each(|(c, (out, buf))| {
             let (j0, width) = (c * rows_per_task, out.len() / m);

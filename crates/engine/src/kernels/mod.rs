@@ -60,6 +60,7 @@ pub(crate) use matmul::{MatmulScratch, matmul, matmul_into};
 pub(crate) use weight::Weight;
 
 use isa::Recompile;
+use kv_extract::AlignedBuf;
 
 /// Runs `kernel` compiled for `isa`: the portable build, or its `#[target_feature]` copy for
 /// AVX2 or AVX-512 (same source, same bits).
@@ -85,6 +86,15 @@ pub(crate) fn resized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 pub(crate) fn grown(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len {
         buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+/// [`grown`] for a line-aligned buffer: the first `len` values of `buf`, reallocated (zeroed)
+/// only if it is shorter. What it held is lost then; callers overwrite every value they read.
+pub(crate) fn grown_aligned(buf: &mut AlignedBuf, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        *buf = AlignedBuf::zeros(len);
     }
     &mut buf[..len]
 }
