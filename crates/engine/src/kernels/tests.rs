@@ -135,16 +135,25 @@ fn gram_is_dot_bitwise_at_every_simd_level() {
         ] {
             let a = values(na * k, 31);
             let b = values(nb * k, 32);
-            let mut out = vec![f32::NAN; na * nb];
-            super::x86::gram(isa, &a, na, &b, nb, k, &mut out);
-            for i in 0..na {
-                for j in 0..nb {
-                    let want = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
-                    assert_eq!(
-                        out[i * nb + j].to_bits(),
-                        want.to_bits(),
-                        "{isa:?} {na}x{nb} ({i}, {j})"
-                    );
+            // Rows of scores packed, and apart in a wider buffer (a chunk of K rows scored
+            // into each query's row of a longer history), whose gaps stay untouched.
+            for ld in [nb, nb + 5] {
+                let mut out = vec![f32::NAN; na * ld];
+                super::x86::gram(isa, &a, na, &b, nb, k, &mut out, ld);
+                for i in 0..na {
+                    for j in 0..ld {
+                        let got = out[i * ld + j];
+                        if j >= nb {
+                            assert!(got.is_nan(), "{isa:?} {na}x{nb} ld {ld} wrote ({i}, {j})");
+                            continue;
+                        }
+                        let want = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{isa:?} {na}x{nb} ld {ld} ({i}, {j})"
+                        );
+                    }
                 }
             }
         }

@@ -6,11 +6,13 @@ use super::{KEYS512, kernel, kernel512, reduce16};
 use crate::kernels::dot::LANES;
 use crate::kernels::isa::{Isa, Level};
 
-/// `out[i * nb + j] = dot(a[i], b[j])` for `na` rows of `a` and `nb` rows of `b`, all `k`
-/// long (a multiple of [`LANES`]): the attention scores of several queries.
+/// `out[i * ld + j] = dot(a[i], b[j])` for `na` rows of `a` and `nb` rows of `b`, all `k`
+/// long (a multiple of [`LANES`]): the attention scores of several queries, each query's in
+/// its row of `out` (`ld` apart, at least `nb`).
 ///
 /// # Panics
 /// If `isa` is the portable level or a length is short.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gram(
     isa: Isa,
     a: &[f32],
@@ -19,33 +21,45 @@ pub(crate) fn gram(
     nb: usize,
     k: usize,
     out: &mut [f32],
+    ld: usize,
 ) {
     assert!(
         k.is_multiple_of(LANES),
         "x86::gram needs whole 16-lane chunks"
     );
     assert!(a.len() >= na * k && b.len() >= nb * k, "x86::gram rows");
-    assert!(out.len() >= na * nb, "x86::gram output");
+    assert!(
+        ld >= nb && (na == 0 || out.len() >= (na - 1) * ld + nb),
+        "x86::gram output"
+    );
     // SAFETY: the CPU has `isa` (an `Isa` exists only for levels it has) and the lengths are
     // checked above: every micro-kernel call reads rows i < na of a and j < nb of b, k values
-    // each, and writes out[i * nb + j].
+    // each, and writes out[i * ld + j].
     unsafe {
         match isa.level() {
-            Level::Avx2 => gram_avx2(a.as_ptr(), na, b.as_ptr(), nb, k, out),
-            Level::Avx512 => gram_avx512(a.as_ptr(), na, b.as_ptr(), nb, k, out),
+            Level::Avx2 => gram_avx2(a.as_ptr(), na, b.as_ptr(), nb, k, out, ld),
+            Level::Avx512 => gram_avx512(a.as_ptr(), na, b.as_ptr(), nb, k, out, ld),
             Level::Portable => panic!("x86::gram needs AVX2 or AVX-512"),
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gram_avx2(a: *const f32, na: usize, b: *const f32, nb: usize, k: usize, out: &mut [f32]) {
+unsafe fn gram_avx2(
+    a: *const f32,
+    na: usize,
+    b: *const f32,
+    nb: usize,
+    k: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     macro_rules! tile {
         ($r:literal, $c:literal, $i:expr, $j:expr) => {{
             let (i, j) = ($i, $j);
             let t = kernel::<$r, $c>(a.add(i * k), b.add(j * k), k);
             for (di, row) in t.iter().enumerate() {
-                out[(i + di) * nb + j..][..$c].copy_from_slice(row);
+                out[(i + di) * ld + j..][..$c].copy_from_slice(row);
             }
         }};
     }
@@ -90,6 +104,7 @@ unsafe fn gram_avx512(
     nb: usize,
     k: usize,
     out: &mut [f32],
+    ld: usize,
 ) {
     // SAFETY: the caller's bounds (see `gram`).
     unsafe {
@@ -110,14 +125,14 @@ unsafe fn gram_avx512(
                         }
                     }
                     let scores = kernel512_1x16_k64(a.add(i * k), b.add(j * k));
-                    out[i * nb + j..][..KEYS512].copy_from_slice(&scores);
+                    out[i * ld + j..][..KEYS512].copy_from_slice(&scores);
                 }
             }
         } else {
             for j in (0..full).step_by(KEYS512) {
                 for i in 0..na {
                     let scores = kernel512_1x16(a.add(i * k), b.add(j * k), k);
-                    out[i * nb + j..][..KEYS512].copy_from_slice(&scores);
+                    out[i * ld + j..][..KEYS512].copy_from_slice(&scores);
                 }
             }
         }
@@ -125,11 +140,11 @@ unsafe fn gram_avx512(
             let mut j = full;
             while j + 4 <= nb {
                 let t = kernel512::<1, 4>(a.add(i * k), b.add(j * k), k);
-                out[i * nb + j..][..4].copy_from_slice(&t[0]);
+                out[i * ld + j..][..4].copy_from_slice(&t[0]);
                 j += 4;
             }
             for j in j..nb {
-                out[i * nb + j] = kernel512::<1, 1>(a.add(i * k), b.add(j * k), k)[0][0];
+                out[i * ld + j] = kernel512::<1, 1>(a.add(i * k), b.add(j * k), k)[0][0];
             }
         }
     }
