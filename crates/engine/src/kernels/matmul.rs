@@ -2,6 +2,8 @@
 //! [`dot`](super::dot) bit for bit whatever the batch; quantized weights dequantized a few rows
 //! at a time.
 
+use std::ops::Range;
+
 use kv_extract::AlignedBuf;
 use rayon::prelude::*;
 
@@ -260,13 +262,18 @@ fn join_columns(chunks: &[f32], m: usize, n: usize, width: usize, y: &mut [f32])
 const DEQUANT_ROWS: usize = 12;
 
 /// Dequantizes weight rows `r0..r0 + rows` into `buf` (at least `rows * cols` long) and
-/// multiplies them with every row of `x` into `out[i * ld + j]` (see [`panel`]).
+/// multiplies them with every row of `x` into `out[i * ld + j]` (see [`panel`]), asking the
+/// CPU for rows `next` (the next panel's) on the way: one of them before each row is
+/// dequantized. (All of them at once, a burst of up to 150 cache lines, the prefetches
+/// themselves waited on memory: 2.6% of a turn's samples after 2,048 tokens, 1.5% spread.)
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn dequant_panel(
     isa: Isa,
     q: &QMatrix,
     r0: usize,
     rows: usize,
+    next: Range<usize>,
     x: &[f32],
     m: usize,
     buf: &mut [f32],
@@ -275,7 +282,13 @@ fn dequant_panel(
 ) {
     let k = q.cols();
     let buf = &mut buf[..rows * k];
-    dequant::dequantize_rows(isa, q, r0, rows, buf);
+    for (i, row) in buf.chunks_exact_mut(k).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        if isa.is_simd() && next.start + i < next.end {
+            x86::prefetch_rows(isa, q, next.start + i, 1);
+        }
+        dequant::dequantize_rows(isa, q, r0 + i, 1, row);
+    }
     panel(isa, x, m, k, buf, rows, out, ld);
 }
 
@@ -323,15 +336,11 @@ fn matmul_dequant(
             let (j0, width) = (c * rows_per_task, out.len() / m);
             for s in (0..width).step_by(DEQUANT_ROWS) {
                 let rows = DEQUANT_ROWS.min(width - s);
-                // The next panel's blocks start coming in while this one is multiplied:
+                // The next panel's blocks start coming in while this one is worked on:
                 // with few tokens (a turn) the multiplying is short, and dequantizing
                 // waited on memory for them (a turn after 2,048 tokens: 6-8% faster).
-                #[cfg(target_arch = "x86_64")]
-                if isa.is_simd() {
-                    let next = DEQUANT_ROWS.min(width - s - rows);
-                    x86::prefetch_rows(isa, q, j0 + s + rows, next);
-                }
-                dequant_panel(isa, q, j0 + s, rows, x, m, buf, &mut out[s..], width);
+                let next = j0 + s + rows..j0 + s + rows + DEQUANT_ROWS.min(width - s - rows);
+                dequant_panel(isa, q, j0 + s, rows, next, x, m, buf, &mut out[s..], width);
             }
         });
     join_columns(chunks, m, n, rows_per_task, resized(y, m * n));
