@@ -59,13 +59,17 @@ thread_local! {
 
 /// Rows `j0..j1` of `rows` as f32: the cache's own slice when it holds f32, else converted
 /// into `buf` (exactly, as [`KvRows::to_f32`] defines it; at the x86 levels, F16C for f16 and
-/// AVX2 widening for `q8_0`: the same bits).
+/// AVX2 widening for `q8_0`: the same bits), asking the CPU on the way for the bytes of rows
+/// `next` (clamped to the rows there are), which a later call converts: with them on their
+/// way, its loads do not wait on memory. A hint: no result changes.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn rows_f32<'b>(
     isa: Isa,
     rows: KvRows<'b>,
     j0: usize,
     j1: usize,
+    next: Range<usize>,
     buf: &'b mut AlignedBuf,
 ) -> &'b [f32] {
     let d = rows.width();
@@ -75,14 +79,16 @@ fn rows_f32<'b>(
     let out = grown_aligned(buf, (j1 - j0) * d);
     #[cfg(target_arch = "x86_64")]
     if isa.is_simd() {
+        let (rb, bytes) = (rows.row_bytes(), rows.bytes());
+        let end = (next.end * rb).min(bytes.len());
+        let ahead = &bytes[(next.start * rb).min(end)..end];
         match (rows.dtype(), rows.as_u16()) {
             (KvDtype::F16, Some(halves)) => {
-                x86::f16_to_f32(isa, &halves[j0 * d..j1 * d], out);
+                x86::f16_to_f32(isa, &halves[j0 * d..j1 * d], out, ahead);
                 return out;
             }
             (KvDtype::Q8_0, _) => {
-                let rb = rows.row_bytes();
-                x86::q8_0_to_f32(isa, &rows.bytes()[j0 * rb..j1 * rb], out);
+                x86::q8_0_to_f32(isa, &bytes[j0 * rb..j1 * rb], out, ahead);
                 return out;
             }
             _ => {}
@@ -90,22 +96,6 @@ fn rows_f32<'b>(
     }
     rows.to_f32(j0..j1, out);
     out
-}
-
-/// Asks the CPU for the bytes of rows `j0..j1` of `rows` (clamped to the rows there are) when
-/// the cache is not f32: [`rows_f32`] converts a chunk as soon as it is asked for, and with
-/// the next chunk already on its way its loads do not wait on memory while the current one is
-/// used. A hint: no result changes.
-#[inline(always)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn prefetch_chunk(isa: Isa, rows: KvRows<'_>, j0: usize, j1: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if isa.is_simd() && rows.as_f32().is_none() {
-        let rb = rows.row_bytes();
-        let bytes = rows.bytes();
-        let end = (j1 * rb).min(bytes.len());
-        x86::prefetch(&bytes[(j0 * rb).min(end)..end]);
-    }
 }
 
 /// Attention of a set of queries sharing one KV head: scores against every K row any of them
@@ -140,8 +130,8 @@ fn attend_portable(
         None => {
             for j0 in (0..len).step_by(CHUNK) {
                 let c = CHUNK.min(len - j0);
-                prefetch_chunk(isa, k, j0 + CHUNK, j0 + 2 * CHUNK);
-                let kc = rows_f32(isa, k, j0, j0 + c, rows);
+                let next = j0 + CHUNK..j0 + 2 * CHUNK;
+                let kc = rows_f32(isa, k, j0, j0 + c, next, rows);
                 // Straight into each query's row of scores (copied there from a block of the
                 // chunk's scores before: 1.5% of a turn after 2,048 tokens).
                 score_block(isa, qs.q, nq, kc, c, d, &mut scores[j0..], len);
@@ -182,8 +172,8 @@ fn attend_portable(
     let one_at_a_time = d.is_multiple_of(64) && isa.level() == Level::Avx2;
     out.fill(0.0);
     for j0 in (0..len).step_by(CHUNK) {
-        prefetch_chunk(isa, v, j0 + CHUNK, j0 + 2 * CHUNK);
-        let vc = rows_f32(isa, v, j0, (j0 + CHUNK).min(len), rows);
+        let next = j0 + CHUNK..j0 + 2 * CHUNK;
+        let vc = rows_f32(isa, v, j0, (j0 + CHUNK).min(len), next, rows);
         let end = |i: usize| qs.lens[i].clamp(j0, j0 + CHUNK) - j0;
         let begin = |i: usize| qs.firsts[i].clamp(j0, j0 + CHUNK) - j0;
         let mut i = 0;

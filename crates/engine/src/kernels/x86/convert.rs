@@ -7,11 +7,14 @@ use kv_store::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
 use super::{Isa, Level};
 
 /// Half-precision values (their bits) as f32, exactly as [`kv_extract::f16_to_f32`] defines
-/// them, eight at a time with `vcvtph2ps`.
+/// them, eight at a time with `vcvtph2ps`, asking the CPU for the bytes of `ahead` (the next
+/// rows to be converted) on the way: a cache line of them per line converted. (The whole next
+/// chunk asked for at once, 128 lines, the prefetches waited on memory themselves.) A hint:
+/// no value depends on `ahead`.
 ///
 /// # Panics
 /// If `isa` is the portable level or the lengths differ.
-pub(crate) fn f16_to_f32(isa: Isa, src: &[u16], dst: &mut [f32]) {
+pub(crate) fn f16_to_f32(isa: Isa, src: &[u16], dst: &mut [f32], ahead: &[u8]) {
     assert!(
         isa.level() != Level::Portable,
         "x86::f16_to_f32 needs F16C, which the portable level does not promise"
@@ -19,15 +22,24 @@ pub(crate) fn f16_to_f32(isa: Isa, src: &[u16], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "f16_to_f32 lengths");
     // SAFETY: an `Isa` above the portable level exists only when the CPU has AVX2, FMA and
     // F16C (see `Isa::available`); the lengths are equal (checked above).
-    unsafe { widen(src, dst) }
+    unsafe { widen(src, dst, ahead) }
 }
+
+/// f16 values per cache line.
+const LINE_HALVES: usize = 32;
 
 /// # Safety
 /// The CPU has F16C and AVX; `src` and `dst` have the same length.
 #[target_feature(enable = "avx,f16c")]
-unsafe fn widen(src: &[u16], dst: &mut [f32]) {
+unsafe fn widen(src: &[u16], dst: &mut [f32], ahead: &[u8]) {
+    let mut asked = 0;
     let n = src.len() / 8 * 8;
     for i in (0..n).step_by(8) {
+        if i % LINE_HALVES == 0 && asked < ahead.len() {
+            // SAFETY: SSE is part of every x86-64 CPU; the address is inside `ahead`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(asked).cast()) }
+            asked += 64;
+        }
         // SAFETY: `i + 8 <= n <= src.len() == dst.len()`: eight values in bounds of each;
         // unaligned loads and stores.
         unsafe {
@@ -38,14 +50,16 @@ unsafe fn widen(src: &[u16], dst: &mut [f32]) {
     for (d, &h) in dst[n..].iter_mut().zip(&src[n..]) {
         *d = kv_extract::f16_to_f32(h);
     }
+    super::prefetch(&ahead[asked.min(ahead.len())..]);
 }
 
 /// `q8_0` blocks (34 bytes: an f16 scale, 32 signed bytes) as f32, exactly as
-/// [`kv_extract::dequantize_q8_0`] defines them (`d * q`, exact in f32), eight values per step.
+/// [`kv_extract::dequantize_q8_0`] defines them (`d * q`, exact in f32), eight values per step,
+/// asking for the bytes of `ahead` on the way as [`f16_to_f32`] does.
 ///
 /// # Panics
 /// If `isa` is the portable level or `dst` does not hold 32 values per block of `src`.
-pub(crate) fn q8_0_to_f32(isa: Isa, src: &[u8], dst: &mut [f32]) {
+pub(crate) fn q8_0_to_f32(isa: Isa, src: &[u8], dst: &mut [f32], ahead: &[u8]) {
     assert!(
         isa.level() != Level::Portable,
         "x86::q8_0_to_f32 needs AVX2 and F16C, which the portable level does not promise"
@@ -57,17 +71,25 @@ pub(crate) fn q8_0_to_f32(isa: Isa, src: &[u8], dst: &mut [f32]) {
     );
     // SAFETY: an `Isa` above the portable level exists only when the CPU has AVX2, FMA and
     // F16C (see `Isa::available`); `dst` holds 32 values per 34-byte block of `src` (checked).
-    unsafe { widen_q8_0(src, dst) }
+    unsafe { widen_q8_0(src, dst, ahead) }
 }
 
 /// # Safety
 /// The CPU has AVX2 and F16C; `src` is whole 34-byte blocks and `dst` 32 values per block.
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn widen_q8_0(src: &[u8], dst: &mut [f32]) {
-    for (block, out) in src
+unsafe fn widen_q8_0(src: &[u8], dst: &mut [f32], ahead: &[u8]) {
+    let mut asked = 0;
+    for (b, (block, out)) in src
         .chunks_exact(Q8_0_BLOCK_BYTES)
         .zip(dst.chunks_exact_mut(Q8_0_BLOCK))
+        .enumerate()
     {
+        // A line of `ahead` per 64 bytes of blocks converted.
+        if (b * Q8_0_BLOCK_BYTES) % 64 < Q8_0_BLOCK_BYTES && asked < ahead.len() {
+            // SAFETY: SSE is part of every x86-64 CPU; the address is inside `ahead`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(asked).cast()) }
+            asked += 64;
+        }
         let bits = i16::from_le_bytes([block[0], block[1]]);
         // SAFETY: each step reads bytes 2 + 8i .. 10 + 8i < 34 of the block and writes values
         // 8i .. 8i + 8 <= 32 of `out`; unaligned loads and stores.
@@ -80,4 +102,5 @@ unsafe fn widen_q8_0(src: &[u8], dst: &mut [f32]) {
             }
         }
     }
+    super::prefetch(&ahead[asked.min(ahead.len())..]);
 }
