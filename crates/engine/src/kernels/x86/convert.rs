@@ -4,7 +4,7 @@ use std::arch::x86_64::*;
 
 use kv_store::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
 
-use super::{Isa, Level};
+use super::{Isa, Level, LineByLine};
 
 /// Half-precision values (their bits) as f32, exactly as [`kv_extract::f16_to_f32`] defines
 /// them, eight at a time with `vcvtph2ps`, asking the CPU for the bytes of `ahead` (the next
@@ -32,13 +32,11 @@ const LINE_HALVES: usize = 32;
 /// The CPU has F16C and AVX; `src` and `dst` have the same length.
 #[target_feature(enable = "avx,f16c")]
 unsafe fn widen(src: &[u16], dst: &mut [f32], ahead: &[u8]) {
-    let mut asked = 0;
+    let mut ahead = LineByLine::new(ahead);
     let n = src.len() / 8 * 8;
     for i in (0..n).step_by(8) {
-        if i % LINE_HALVES == 0 && asked < ahead.len() {
-            // SAFETY: SSE is part of every x86-64 CPU; the address is inside `ahead`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(asked).cast()) }
-            asked += 64;
+        if i % LINE_HALVES == 0 {
+            ahead.one();
         }
         // SAFETY: `i + 8 <= n <= src.len() == dst.len()`: eight values in bounds of each;
         // unaligned loads and stores.
@@ -50,7 +48,7 @@ unsafe fn widen(src: &[u16], dst: &mut [f32], ahead: &[u8]) {
     for (d, &h) in dst[n..].iter_mut().zip(&src[n..]) {
         *d = kv_extract::f16_to_f32(h);
     }
-    super::prefetch(&ahead[asked.min(ahead.len())..]);
+    ahead.rest();
 }
 
 /// `q8_0` blocks (34 bytes: an f16 scale, 32 signed bytes) as f32, exactly as
@@ -78,17 +76,15 @@ pub(crate) fn q8_0_to_f32(isa: Isa, src: &[u8], dst: &mut [f32], ahead: &[u8]) {
 /// The CPU has AVX2 and F16C; `src` is whole 34-byte blocks and `dst` 32 values per block.
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn widen_q8_0(src: &[u8], dst: &mut [f32], ahead: &[u8]) {
-    let mut asked = 0;
+    let mut ahead = LineByLine::new(ahead);
     for (b, (block, out)) in src
         .chunks_exact(Q8_0_BLOCK_BYTES)
         .zip(dst.chunks_exact_mut(Q8_0_BLOCK))
         .enumerate()
     {
         // A line of `ahead` per 64 bytes of blocks converted.
-        if (b * Q8_0_BLOCK_BYTES) % 64 < Q8_0_BLOCK_BYTES && asked < ahead.len() {
-            // SAFETY: SSE is part of every x86-64 CPU; the address is inside `ahead`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(asked).cast()) }
-            asked += 64;
+        if (b * Q8_0_BLOCK_BYTES) % 64 < Q8_0_BLOCK_BYTES {
+            ahead.one();
         }
         let bits = i16::from_le_bytes([block[0], block[1]]);
         // SAFETY: each step reads bytes 2 + 8i .. 10 + 8i < 34 of the block and writes values
@@ -102,5 +98,5 @@ unsafe fn widen_q8_0(src: &[u8], dst: &mut [f32], ahead: &[u8]) {
             }
         }
     }
-    super::prefetch(&ahead[asked.min(ahead.len())..]);
+    ahead.rest();
 }

@@ -139,11 +139,37 @@ pub(crate) fn prefetch_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize) {
 
 /// Asks the CPU to bring every cache line of `bytes` into its caches: a hint, which changes
 /// no result.
-pub(crate) fn prefetch(bytes: &[u8]) {
+#[inline]
+fn prefetch(bytes: &[u8]) {
     for line in bytes.chunks(64) {
         // SAFETY: SSE is part of every x86-64 CPU; a prefetch reads nothing and cannot fault,
         // and the address is inside `bytes` anyway.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) }
+    }
+}
+
+/// [`prefetch`] spread over other work: the cache lines of some bytes asked for one at a
+/// time ([`LineByLine::one`]), then whatever is left at once ([`LineByLine::rest`]). A burst of
+/// a hundred lines or more fills the core's queue of misses, and the prefetches then wait on
+/// memory themselves.
+pub(crate) struct LineByLine<'a>(std::slice::Chunks<'a, u8>);
+
+impl<'a> LineByLine<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> LineByLine<'a> {
+        LineByLine(bytes.chunks(64))
+    }
+
+    /// Asks for the next line, if there is one.
+    #[inline(always)]
+    pub(crate) fn one(&mut self) {
+        if let Some(line) = self.0.next() {
+            prefetch(line);
+        }
+    }
+
+    /// Asks for every line not asked for yet.
+    pub(crate) fn rest(self) {
+        self.0.for_each(prefetch);
     }
 }
 

@@ -30,7 +30,7 @@ mod panel;
 mod pv;
 
 pub(crate) use convert::{f16_to_f32, q8_0_to_f32};
-pub(crate) use dequant::{dequantize_rows, gemv, prefetch, prefetch_rows};
+pub(crate) use dequant::{LineByLine, dequantize_rows, gemv, prefetch_rows};
 pub(crate) use gram::gram;
 pub(crate) use panel::panel;
 pub(crate) use pv::{pv_1x64, pv_6x64};
