@@ -531,7 +531,7 @@ fn attend(
     vectorized(isa, kernel);
 }
 
-/// Below this many new tokens (decode), attention tasks split a group's query heads.
+/// Below this many new tokens (decode), attention tasks split the query heads, not the tokens.
 const FEW_TOKENS: usize = 8;
 /// Tokens per attention tile in a prefill or a turn: their queries share each K/V row load.
 const TOKEN_TILE: usize = 16;
@@ -547,44 +547,45 @@ pub(super) struct Task {
 
 /// Splits the attention of `n` new tokens into tasks for `threads` workers.
 ///
-/// Few tokens (decode): each group's query heads split in two tasks (one for a group of one),
-/// so both cores have work while K/V are read twice per step, not once per query head.
+/// In both cases the work laid end to end is cut into `threads` equal runs, and each run at
+/// group boundaries. Reading a KV head costs more than its arithmetic when the history is
+/// long, so most tasks take a whole group (whose K/V rows are then read once) and the threads
+/// still get equal shares.
 ///
-/// Many tokens: tiles of [`TOKEN_TILE`] tokens. Within a tile, the groups' work laid end to end
-/// is cut into `threads` equal runs, and each run at group boundaries: with SmolLM2's three
-/// groups on two threads, one whole group, half the next, then the other half and the last.
-/// Reading a KV head costs more than its arithmetic when the history is long, so most tasks
-/// take a whole group (whose K/V rows are then read once per tile) and the threads still get
-/// equal shares.
+/// Few tokens (decode): the work is the query heads, all tokens in each task. With SmolLM2's
+/// nine heads in three groups on two threads: the first group and one head of the second, then
+/// the second's other two and the last group, so each thread reads two KV heads (splitting
+/// every group in two, as before, had each read three).
+///
+/// Many tokens: tiles of [`TOKEN_TILE`] tokens, and within a tile the work is each group's
+/// tokens: one whole group, half the next, then the other half and the last.
 pub(super) fn attention_tasks(n: usize, n_heads: usize, group: usize, threads: usize) -> Vec<Task> {
     let groups = n_heads / group;
-    if n < FEW_TOKENS {
-        let per = group.div_ceil(2);
-        return (0..groups)
-            .flat_map(|g| {
-                (g * group..(g + 1) * group)
-                    .step_by(per)
-                    .map(move |h0| Task {
-                        t0: 0,
-                        t1: n,
-                        h0,
-                        nh: per.min((g + 1) * group - h0),
-                    })
-            })
-            .collect();
-    }
-    let threads = threads.max(1);
-    let mut tasks = Vec::new();
-    for a0 in (0..n).step_by(TOKEN_TILE) {
-        let m = TOKEN_TILE.min(n - a0);
-        let total = groups * m;
-        let mut cuts: Vec<usize> = (0..=threads)
-            .map(|i| i * total / threads)
-            .chain((0..=groups).map(|g| g * m))
+    // `0..total` cut at every multiple of `unit` and into `threads` equal runs.
+    let cuts = |total: usize, unit: usize| {
+        let mut cuts: Vec<usize> = (0..=threads.max(1))
+            .map(|i| i * total / threads.max(1))
+            .chain((0..=groups).map(|g| g * unit))
             .collect();
         cuts.sort_unstable();
         cuts.dedup();
-        for w in cuts.windows(2) {
+        cuts
+    };
+    if n < FEW_TOKENS {
+        return cuts(n_heads, group)
+            .windows(2)
+            .map(|w| Task {
+                t0: 0,
+                t1: n,
+                h0: w[0],
+                nh: w[1] - w[0],
+            })
+            .collect();
+    }
+    let mut tasks = Vec::new();
+    for a0 in (0..n).step_by(TOKEN_TILE) {
+        let m = TOKEN_TILE.min(n - a0);
+        for w in cuts(groups * m, m).windows(2) {
             let g = w[0] / m;
             tasks.push(Task {
                 t0: a0 + w[0] - g * m,

@@ -724,6 +724,18 @@ fn attention_tasks_cover_each_query_once_in_even_shares() {
         attention_tasks(16, 9, 3, 2),
         [t(0, 16, 0), t(0, 8, 3), t(8, 16, 3), t(0, 16, 6)]
     );
+    // A decode step: the first group and one head of the second, the second's other two and
+    // the last; each half of the list reads two KV heads.
+    let h = |h0, nh| Task {
+        t0: 0,
+        t1: 1,
+        h0,
+        nh,
+    };
+    assert_eq!(
+        attention_tasks(1, 9, 3, 2),
+        [h(0, 3), h(3, 1), h(4, 2), h(6, 3)]
+    );
 }
 
 #[test]
