@@ -99,13 +99,18 @@ mod tests {
 
     #[test]
     fn gemv_matches_dequantize_then_dot_bitwise() {
-        for kind in QKind::ALL {
-            // 11 rows of 7 blocks of 32 (or 2 super-blocks), from row 1.
-            let rows = 11;
-            let cols = match kind.block_values() {
-                QK => 7 * QK,
-                k => 2 * k,
+        // 11 rows of 7 or 70 blocks of 32 (the x86 kernels widen scales 64 blocks at a
+        // time), or of 2 super-blocks; from row 1, 10 rows and 9 (the x86 kernels take rows
+        // in pairs, one from each half, and an odd one alone).
+        let shapes = QKind::ALL.into_iter().flat_map(|kind| {
+            let widths = match kind.block_values() {
+                QK => vec![7 * QK, 70 * QK],
+                k => vec![2 * k],
             };
+            widths.into_iter().map(move |cols| (kind, cols))
+        });
+        for (kind, cols) in shapes {
+            let rows = 11;
             let q = matrix(kind, rows, cols, 5);
             let x = values(cols, 9);
             let mut reference = vec![f32::NAN; rows - 1];
@@ -116,9 +121,15 @@ mod tests {
                 assert_eq!(r.to_bits(), dot(&x, &row).to_bits(), "{kind:?} row {j}");
             }
             for_each_isa(|isa| {
-                let mut got = vec![f32::NAN; rows - 1];
-                gemv(isa, &q, 1, &x, &mut got);
-                assert_eq!(bits(&got), bits(&reference), "{kind:?} {isa:?}");
+                for count in [rows - 1, rows - 2] {
+                    let mut got = vec![f32::NAN; count];
+                    gemv(isa, &q, 1, &x, &mut got);
+                    assert_eq!(
+                        bits(&got),
+                        bits(&reference[..count]),
+                        "{kind:?} {cols} wide, {count} rows, {isa:?}"
+                    );
+                }
             });
         }
     }

@@ -291,10 +291,52 @@ unsafe fn dequantize_rows_avx512(b: &Blocks, r0: usize, count: usize, out: *mut 
 unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
     unsafe {
-        let mut s = Scales::new();
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = gemv_row(b, &mut s, r0 + j, x);
+        let mut s = [Scales::new(), Scales::new()];
+        let half = out.len() / 2;
+        let (first, second) = out.split_at_mut(half);
+        for (j, (a, b2)) in first.iter_mut().zip(second.iter_mut()).enumerate() {
+            [*a, *b2] = gemv_pair(b, &mut s, [r0 + j, r0 + half + j], x);
         }
+        if out.len() % 2 == 1 {
+            let last = out.len() - 1;
+            out[last] = gemv_row(b, &mut s[0], r0 + last, x);
+        }
+    }
+}
+
+/// [`gemv_row`] of two rows at once, each its own chains of multiply-adds in the same order
+/// (so each result is that function's, bit for bit), sharing the loads of `x`.
+///
+/// # Safety
+/// As for [`gemv_row`], for both rows.
+#[inline(always)]
+unsafe fn gemv_pair(b: &Blocks, s: &mut [Scales; 2], rows: [usize; 2], x: *const f32) -> [f32; 2] {
+    let block_bytes = b.kind.qs_bytes();
+    // SAFETY: as in `gemv_row`.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 2];
+        for c0 in (0..b.nb).step_by(SCALES) {
+            let n = SCALES.min(b.nb - c0);
+            s[0].load(b, rows[0] * b.nb + c0, n);
+            s[1].load(b, rows[1] * b.nb + c0, n);
+            for i in 0..n {
+                let blk = c0 + i;
+                for row in rows {
+                    let ahead =
+                        b.qs.wrapping_add((row * b.nb + blk) * block_bytes + PREFETCH);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                }
+                let xp = std::hint::black_box(x.add(blk * QK));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let w = block(b, &s[r], i, rows[r], blk);
+                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp), w[0], acc[0]);
+                    acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(8)), w[1], acc[1]);
+                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(16)), w[2], acc[0]);
+                    acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(24)), w[3], acc[1]);
+                }
+            }
+        }
+        [reduce(acc[0]), reduce(acc[1])]
     }
 }
 
@@ -302,10 +344,57 @@ unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
 unsafe fn gemv_avx512(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
     unsafe {
-        let mut s = Scales::new();
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = gemv_row512(b, &mut s, r0 + j, x);
+        let mut s = [Scales::new(), Scales::new()];
+        let half = out.len() / 2;
+        let (first, second) = out.split_at_mut(half);
+        for (j, (a, b2)) in first.iter_mut().zip(second.iter_mut()).enumerate() {
+            [*a, *b2] = gemv_pair512(b, &mut s, [r0 + j, r0 + half + j], x);
         }
+        if out.len() % 2 == 1 {
+            let last = out.len() - 1;
+            out[last] = gemv_row512(b, &mut s[0], r0 + last, x);
+        }
+    }
+}
+
+/// [`gemv_row512`] of two rows at once, each its own chain of multiply-adds in the same order
+/// (so each result is that function's, bit for bit), sharing the loads of `x`.
+///
+/// # Safety
+/// As for [`gemv_row512`], for both rows.
+#[inline(always)]
+unsafe fn gemv_pair512(
+    b: &Blocks,
+    s: &mut [Scales; 2],
+    rows: [usize; 2],
+    x: *const f32,
+) -> [f32; 2] {
+    let block_bytes = b.kind.qs_bytes();
+    // SAFETY: as in `gemv_row`.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for c0 in (0..b.nb).step_by(SCALES) {
+            let n = SCALES.min(b.nb - c0);
+            s[0].load(b, rows[0] * b.nb + c0, n);
+            s[1].load(b, rows[1] * b.nb + c0, n);
+            for i in 0..n {
+                let blk = c0 + i;
+                for row in rows {
+                    let ahead =
+                        b.qs.wrapping_add((row * b.nb + blk) * block_bytes + PREFETCH);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                }
+                let xp = x.add(blk * QK);
+                let w0 = block512(b, &s[0], i, rows[0], blk);
+                let w1 = block512(b, &s[1], i, rows[1], blk);
+                let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+                acc[0] = _mm512_fmadd_ps(x0, w0[0], acc[0]);
+                acc[1] = _mm512_fmadd_ps(x0, w1[0], acc[1]);
+                acc[0] = _mm512_fmadd_ps(x1, w0[1], acc[0]);
+                acc[1] = _mm512_fmadd_ps(x1, w1[1], acc[1]);
+            }
+        }
+        [reduce512(acc[0]), reduce512(acc[1])]
     }
 }
 
@@ -384,13 +473,14 @@ const PREFETCH: usize = 512;
 /// 0..8 and 8..16 are two registers, a block's first 16 values are one chunk and its last
 /// 16 the next.
 ///
-/// One row at a time, one sequential stream: a kernel that interleaved four rows (sharing
-/// the `x` loads) was as fast on matrices in cache but about 2x slower on the model's,
-/// which stream from memory (the 49152-row output head: 12.8 against 4.4 ns per block).
-/// The software prefetch made decode about 10% faster again. Two rows interleaved (each
-/// row's chain of FMAs as alone, the two overlapping) on a Zen 5: Q4_1 at AVX-512 took
-/// 0.85x the time on the quant bench's 262,144-row matrix but left SmolLM2's decode
-/// unchanged; Q8_0 took 2x at both levels, and Gemma 3's decode was 20-35% slower.
+/// A call's rows go two at a time ([`gemv_pair`]), one from each half of them: two streams
+/// a half apart, each with its own prefetch. One row's lanes are chains of FMAs, each
+/// waiting on the last, which held one row to about 16 values per FMA latency; two
+/// independent rows overlap. Measured on a Zen 4 (2 threads, Gemma 3's output matrix of
+/// 262,144 rows of 640, streamed): Q8_0 5.3-5.8 ms against 7.1-7.3 one row at a time at
+/// AVX-512, 5.8 against 7.5 at AVX2. Rows side by side did worse before: four adjacent rows
+/// (sharing the `x` loads) took 2x as long on the 49,152-row output head, and two adjacent
+/// ones (on a Zen 5) made Q8_0 2x slower, their streams one row apart.
 ///
 /// # Safety
 /// AVX2 and FMA are available, row `row` exists and `x` has `nb * QK` values.
