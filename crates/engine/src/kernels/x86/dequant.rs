@@ -411,16 +411,16 @@ unsafe fn block512(b: &Blocks, s: &Scales, i: usize, row: usize, blk_in_row: usi
         match b.kind {
             QKind::Q4_1 => {
                 let m = _mm512_set1_ps(s.m[i]);
-                let v = _mm_loadu_si128(b.qs.add(blk * QK / 2).cast());
-                let mask = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(v, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-                // Exact to fuse, as in `block`.
-                let f = |bytes: __m128i| {
-                    let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
-                    _mm512_fmadd_ps(d, q, m)
-                };
-                [f(lo), f(hi)]
+                // The block's sixteen possible values, `d * q + m` for q = 0..16 (exact to
+                // fuse, as in `block`), each value then picked by its nibble: byte `j`
+                // widened is value `j`'s index and, shifted right by four, value `16 + j`'s.
+                let table = _mm512_fmadd_ps(d, blocks::iota16(), m);
+                let bytes = _mm_loadu_si128(b.qs.add(blk * QK / 2).cast());
+                let idx = _mm512_cvtepu8_epi32(bytes);
+                [
+                    blocks::pick16(idx, table),
+                    blocks::pick16(_mm512_srli_epi32::<4>(idx), table),
+                ]
             }
             // Q8_0, as in `block`.
             _ => {
