@@ -287,20 +287,33 @@ unsafe fn dequantize_rows_avx512(b: &Blocks, r0: usize, count: usize, out: *mut 
     }
 }
 
+/// `$out[j]` for rows `$r0 + j`: `$pair` of rows `[$r0 + j, $r0 + half + j]` into `$out[j]`
+/// and `$out[half + j]` (one row from each half), then `$one` of the odd last row if any.
+/// A macro, so that the kernels it is given are compiled with the caller's target features.
+macro_rules! in_pairs {
+    ($out:ident, $r0:ident, |$rows:ident| $pair:expr, |$row:ident| $one:expr) => {{
+        let half = $out.len() / 2;
+        let (first, second) = $out.split_at_mut(half);
+        for (j, (a, b)) in first.iter_mut().zip(second.iter_mut()).enumerate() {
+            let $rows = [$r0 + j, $r0 + half + j];
+            [*a, *b] = $pair;
+        }
+        if $out.len() % 2 == 1 {
+            let last = $out.len() - 1;
+            let $row = $r0 + last;
+            $out[last] = $one;
+        }
+    }};
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
     unsafe {
         let mut s = [Scales::new(), Scales::new()];
-        let half = out.len() / 2;
-        let (first, second) = out.split_at_mut(half);
-        for (j, (a, b2)) in first.iter_mut().zip(second.iter_mut()).enumerate() {
-            [*a, *b2] = gemv_pair(b, &mut s, [r0 + j, r0 + half + j], x);
-        }
-        if out.len() % 2 == 1 {
-            let last = out.len() - 1;
-            out[last] = gemv_row(b, &mut s[0], r0 + last, x);
-        }
+        in_pairs!(out, r0, |rows| gemv_pair(b, &mut s, rows, x), |row| {
+            gemv_row(b, &mut s[0], row, x)
+        });
     }
 }
 
@@ -345,15 +358,9 @@ unsafe fn gemv_avx512(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
     unsafe {
         let mut s = [Scales::new(), Scales::new()];
-        let half = out.len() / 2;
-        let (first, second) = out.split_at_mut(half);
-        for (j, (a, b2)) in first.iter_mut().zip(second.iter_mut()).enumerate() {
-            [*a, *b2] = gemv_pair512(b, &mut s, [r0 + j, r0 + half + j], x);
-        }
-        if out.len() % 2 == 1 {
-            let last = out.len() - 1;
-            out[last] = gemv_row512(b, &mut s[0], r0 + last, x);
-        }
+        in_pairs!(out, r0, |rows| gemv_pair512(b, &mut s, rows, x), |row| {
+            gemv_row512(b, &mut s[0], row, x)
+        });
     }
 }
 
