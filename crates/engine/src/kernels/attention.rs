@@ -560,11 +560,11 @@ pub(super) struct Task {
 /// Many tokens: tiles of [`TOKEN_TILE`] tokens, and within a tile the work is each group's
 /// tokens: one whole group, half the next, then the other half and the last.
 pub(super) fn attention_tasks(n: usize, n_heads: usize, group: usize, threads: usize) -> Vec<Task> {
-    let groups = n_heads / group;
+    let (groups, threads) = (n_heads / group, threads.max(1));
     // `0..total` cut at every multiple of `unit` and into `threads` equal runs.
     let cuts = |total: usize, unit: usize| {
-        let mut cuts: Vec<usize> = (0..=threads.max(1))
-            .map(|i| i * total / threads.max(1))
+        let mut cuts: Vec<usize> = (0..=threads)
+            .map(|i| i * total / threads)
             .chain((0..=groups).map(|g| g * unit))
             .collect();
         cuts.sort_unstable();

@@ -82,6 +82,18 @@ unsafe fn widen(src: *const u16, n: usize, out: &mut [f32; SCALES]) {
 }
 
 impl Blocks {
+    /// Asks the CPU for the quants [`PREFETCH`] bytes ahead of block `blk` of row `row`, for
+    /// the gemv. The address may point past the matrix; it is never dereferenced (a prefetch
+    /// does not fault), hence `wrapping_add`.
+    #[inline(always)]
+    fn ask_ahead(&self, row: usize, blk: usize) {
+        let ahead = self
+            .qs
+            .wrapping_add((row * self.nb + blk) * self.kind.qs_bytes() + PREFETCH);
+        // SAFETY: SSE is part of every x86-64 CPU; a prefetch reads nothing and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.cast()) }
+    }
+
     /// # Panics
     /// If `q` is not of a widened kind (the kernels below read its buffers as such).
     fn new(q: &QMatrix) -> Blocks {
@@ -324,7 +336,6 @@ unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
 /// As for [`gemv_row`], for both rows.
 #[inline(always)]
 unsafe fn gemv_pair(b: &Blocks, s: &mut [Scales; 2], rows: [usize; 2], x: *const f32) -> [f32; 2] {
-    let block_bytes = b.kind.qs_bytes();
     // SAFETY: as in `gemv_row`.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; 2];
@@ -335,9 +346,7 @@ unsafe fn gemv_pair(b: &Blocks, s: &mut [Scales; 2], rows: [usize; 2], x: *const
             for i in 0..n {
                 let blk = c0 + i;
                 for row in rows {
-                    let ahead =
-                        b.qs.wrapping_add((row * b.nb + blk) * block_bytes + PREFETCH);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    b.ask_ahead(row, blk);
                 }
                 let xp = std::hint::black_box(x.add(blk * QK));
                 for (r, acc) in acc.iter_mut().enumerate() {
@@ -376,7 +385,6 @@ unsafe fn gemv_pair512(
     rows: [usize; 2],
     x: *const f32,
 ) -> [f32; 2] {
-    let block_bytes = b.kind.qs_bytes();
     // SAFETY: as in `gemv_row`.
     unsafe {
         let mut acc = [_mm512_setzero_ps(); 2];
@@ -387,9 +395,7 @@ unsafe fn gemv_pair512(
             for i in 0..n {
                 let blk = c0 + i;
                 for row in rows {
-                    let ahead =
-                        b.qs.wrapping_add((row * b.nb + blk) * block_bytes + PREFETCH);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    b.ask_ahead(row, blk);
                 }
                 let xp = x.add(blk * QK);
                 let w0 = block512(b, &s[0], i, rows[0], blk);
@@ -451,7 +457,6 @@ unsafe fn block512(b: &Blocks, s: &Scales, i: usize, row: usize, blk_in_row: usi
 /// AVX-512F is available, row `row` exists and `x` has `nb * QK` values.
 #[inline(always)]
 unsafe fn gemv_row512(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> f32 {
-    let block_bytes = b.kind.qs_bytes();
     // SAFETY: as in `gemv_row`.
     unsafe {
         let mut acc = _mm512_setzero_ps();
@@ -460,9 +465,7 @@ unsafe fn gemv_row512(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> 
             s.load(b, row * b.nb + c0, n);
             for i in 0..n {
                 let blk = c0 + i;
-                let ahead =
-                    b.qs.wrapping_add((row * b.nb + blk) * block_bytes + PREFETCH);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                b.ask_ahead(row, blk);
                 let xp = x.add(blk * QK);
                 let w = block512(b, s, i, row, blk);
                 acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp), w[0], acc);
@@ -493,9 +496,7 @@ const PREFETCH: usize = 512;
 /// AVX2 and FMA are available, row `row` exists and `x` has `nb * QK` values.
 #[inline(always)]
 unsafe fn gemv_row(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> f32 {
-    let block_bytes = b.kind.qs_bytes();
-    // SAFETY: the caller's contract. The prefetch address may point past the matrix; it
-    // is never dereferenced (a prefetch does not fault), hence `wrapping_add`.
+    // SAFETY: the caller's contract.
     unsafe {
         let mut acc = [_mm256_setzero_ps(); 2];
         for c0 in (0..b.nb).step_by(SCALES) {
@@ -503,9 +504,7 @@ unsafe fn gemv_row(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> f32
             s.load(b, row * b.nb + c0, n);
             for i in 0..n {
                 let blk = c0 + i;
-                let ahead =
-                    b.qs.wrapping_add((row * b.nb + blk) * block_bytes + PREFETCH);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                b.ask_ahead(row, blk);
                 // Opaque to the optimizer so the x loads stay memory operands of the
                 // multiplies (hoisted into registers, they made a multi-row kernel spill).
                 let xp = std::hint::black_box(x.add(blk * QK));
