@@ -6,14 +6,13 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use kv_extract::{AlignedBuf, KvCache, KvDtype, KvRows};
-use rayon::prelude::*;
 
 use super::dot::{LANES, MR, NR, dot_1x1, dot_1x3, dot_2x3, reduce};
 use super::elementwise::exp;
 use super::isa::{Isa, Level, Recompile};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{grown, grown_aligned, vectorized};
+use super::{grown, grown_aligned, team, vectorized};
 
 /// Queries of one attention task: query row `q[i]` sees the rows `firsts[i]..lens[i]` of the
 /// K and V it is given.
@@ -670,10 +669,10 @@ pub fn attention(
         attend(isa, queries, k, v, d, scale, scratch, &mut out);
         out
     };
-    let results: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|t| TASK_SCRATCH.with_borrow_mut(|ts| task(t, ts)))
-        .collect();
+    let mut results: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
+    team::for_each_chunk(&mut results, 1, |i, r| {
+        r[0] = TASK_SCRATCH.with_borrow_mut(|ts| task(&tasks[i], ts));
+    });
     let mut out = vec![0.0f32; n * n_heads * d];
     for (&Task { t0, h0, nh, .. }, res) in tasks.iter().zip(&results) {
         for (r, t) in res.chunks_exact(nh * d).zip(t0..) {

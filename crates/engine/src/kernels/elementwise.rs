@@ -4,7 +4,6 @@
 use super::dot::dot;
 use super::isa::{Isa, Recompile};
 use super::vectorized;
-use rayon::prelude::*;
 
 /// RMSNorm of each row of `x` (rows of `w.len()`) at `isa`: `x / sqrt(mean(x²) + eps) * w`,
 /// the sum of squares being [`dot`]`(row, row)`.
@@ -103,10 +102,7 @@ fn gated_rows(gate_up: &[f32], f: usize, out: &mut Vec<f32>, op: impl Fn(f32, f3
             .zip(out.chunks_exact_mut(f))
             .for_each(run);
     } else {
-        gate_up
-            .par_chunks_exact(2 * f)
-            .zip(out.par_chunks_exact_mut(f))
-            .for_each(run);
+        super::team::for_each_chunk(out, f, |i, o| run((&gate_up[i * 2 * f..][..2 * f], o)));
     }
 }
 

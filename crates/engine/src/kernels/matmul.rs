@@ -5,7 +5,6 @@
 use std::ops::Range;
 
 use kv_extract::AlignedBuf;
-use rayon::prelude::*;
 
 use super::dequant;
 use super::dot::{LANES, MB, MR, NR, dot_1x1, dot_1x3, dot_1x4, dot_2x3};
@@ -14,7 +13,7 @@ use super::quant::QMatrix;
 use super::weight::{Weight, WeightData};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{grown_aligned, resized, vectorized};
+use super::{grown_aligned, resized, team, vectorized};
 
 /// One weight panel against all rows of `x`: `out[i * ld + j] = dot(x[i], w[j])` for the
 /// `rows` rows of `w` (`ld >= rows`: the panel may be a column block of a wider output).
@@ -192,24 +191,18 @@ pub(crate) fn matmul_into(
     // Each task owns a block of weight rows: its columns of y, as a [m, rows] chunk.
     let tasks = rayon::current_num_threads() * 4;
     let rows_per_task = n.div_ceil(tasks).next_multiple_of(NR);
-    let task = |(c, out): (usize, &mut [f32])| {
+    let task = |c: usize, out: &mut [f32]| {
         let j0 = c * rows_per_task;
         let rows = out.len() / m;
         panel(isa, x, m, k, &wd[j0 * k..(j0 + rows) * k], rows, out, rows);
     };
     if m == 1 {
         // One row: the column blocks are y's own runs.
-        resized(y, n)
-            .par_chunks_mut(rows_per_task)
-            .enumerate()
-            .for_each(task);
+        team::for_each_chunk(resized(y, n), rows_per_task, task);
         return;
     }
     let chunks = resized(&mut scratch.chunks, m * n);
-    chunks
-        .par_chunks_mut(rows_per_task * m)
-        .enumerate()
-        .for_each(task);
+    team::for_each_chunk(chunks, rows_per_task * m, task);
     join_columns(chunks, m, n, rows_per_task, resized(y, m * n));
 }
 
@@ -243,7 +236,7 @@ fn matmul_stack(
 /// Every copy is a run of a chunk's row: the transposed layout this replaced needed one
 /// strided store per value, 7% of a 2048-token prefill.
 fn join_columns(chunks: &[f32], m: usize, n: usize, width: usize, y: &mut [f32]) {
-    let fill = |(i, row): (usize, &mut [f32])| {
+    let fill = |i: usize, row: &mut [f32]| {
         for (c, dst) in row.chunks_mut(width).enumerate() {
             let w = dst.len();
             dst.copy_from_slice(&chunks[c * width * m + i * w..][..w]);
@@ -251,9 +244,11 @@ fn join_columns(chunks: &[f32], m: usize, n: usize, width: usize, y: &mut [f32])
     };
     if y.len() < 1 << 16 {
         // A few tokens' worth: not worth waking the other thread.
-        y.chunks_mut(n).enumerate().for_each(fill);
+        y.chunks_mut(n)
+            .enumerate()
+            .for_each(|(i, row)| fill(i, row));
     } else {
-        y.par_chunks_mut(n).enumerate().for_each(fill);
+        team::for_each_chunk(y, n, fill);
     }
 }
 
@@ -315,10 +310,9 @@ fn matmul_dequant(
     if m == 1 {
         // Decode: blocks are widened in registers, never written out.
         let rows_per_task = n.div_ceil(tasks);
-        resized(y, n)
-            .par_chunks_mut(rows_per_task)
-            .enumerate()
-            .for_each(|(c, out)| dequant::gemv(isa, q, c * rows_per_task, x, out));
+        team::for_each_chunk(resized(y, n), rows_per_task, |c, out| {
+            dequant::gemv(isa, q, c * rows_per_task, x, out)
+        });
         return;
     }
     let rows_per_task = n.div_ceil(tasks).next_multiple_of(DEQUANT_ROWS);
@@ -328,11 +322,12 @@ fn matmul_dequant(
     let blocks = n.div_ceil(rows_per_task) * block;
     let dequant = grown_aligned(&mut scratch.dequant, blocks);
     let chunks = resized(&mut scratch.chunks, m * n);
-    chunks
-        .par_chunks_mut(rows_per_task * m)
-        .zip(dequant.par_chunks_mut(block))
-        .enumerate()
-        .for_each(|(c, (out, buf))| {
+    team::for_each_chunk2(
+        chunks,
+        rows_per_task * m,
+        dequant,
+        block,
+        |c, out: &mut [f32], buf: &mut [f32]| {
             let (j0, width) = (c * rows_per_task, out.len() / m);
             for s in (0..width).step_by(DEQUANT_ROWS) {
                 let rows = DEQUANT_ROWS.min(width - s);
@@ -342,7 +337,8 @@ fn matmul_dequant(
                 let next = j0 + s + rows..j0 + s + rows + DEQUANT_ROWS.min(width - s - rows);
                 dequant_panel(isa, q, j0 + s, rows, next, x, m, buf, &mut out[s..], width);
             }
-        });
+        },
+    );
     join_columns(chunks, m, n, rows_per_task, resized(y, m * n));
 }
 

@@ -32,9 +32,10 @@
 //! bit. The portable build uses no SIMD code at all.
 //!
 //! Modules in dependency order: `dot` (the definition) and `quant` (GGUF blocks) are
-//! leaves beside `isa`; `x86` (the only `unsafe` code: `#[target_feature]` copies of the
-//! portable kernels, and hand-written ones, each behind a safe wrapper) uses them; then
-//! `weight` and `dequant`; then `matmul`, `elementwise` and `attention`.
+//! leaves beside `isa`; `x86` (`unsafe`: `#[target_feature]` copies of the portable kernels,
+//! and hand-written ones, each behind a safe wrapper) uses them; `team` (the threads of a
+//! forward pass, the only other `unsafe`) is a leaf; then `weight` and `dequant`; then
+//! `matmul`, `elementwise` and `attention`.
 
 pub(crate) mod attention;
 pub(crate) mod dequant;
@@ -43,6 +44,8 @@ pub(crate) mod elementwise;
 pub(crate) mod isa;
 pub(crate) mod matmul;
 pub(crate) mod quant;
+#[allow(unsafe_code)]
+pub(crate) mod team;
 pub(crate) mod weight;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]

@@ -1,4 +1,4 @@
-//! The x86-64 code: the one place in the engine with `unsafe`. It holds
+//! The x86-64 code: with `kernels::team`, the one place in the engine with `unsafe`. It holds
 //!
 //! * [`recompiled`]: the portable kernels compiled again for AVX2 and FMA or for AVX-512
 //!   (`#[target_feature]` copies of one source, so the same operations and the same bits);
