@@ -3,17 +3,19 @@
 //!
 //! A decode step has about 150 parallel regions (five a layer) and a turn as many, most of them
 //! a few tens of microseconds of work. Through rayon each region is a hand-off to the other
-//! workers, which have often gone to sleep since the last one: waking one (a futex, and in a
-//! virtual machine an interrupt to a halted vCPU) costs about as much as a small region's work.
+//! workers (jobs pushed, stolen and joined), which may have gone to sleep since the last one:
+//! waking one (a futex, and in a virtual machine an interrupt to a halted vCPU) costs about as
+//! much as a small region's work.
 //! [`with_team`] runs a forward pass with the pool's other workers spinning between its regions
 //! instead, and [`for_each`] hands a region's items to them: the items cut in order into one
 //! run per thread (as rayon's halving split them; attention's tasks are cut so that such runs
 //! are equal work), each thread claims the next unclaimed run, and a helper that is late (its
 //! core busy elsewhere) finds its run taken by a thread that was there.
 //!
-//! Measured on Zen 4, 2 threads, against the same kernels through rayon, alternated, quiet
-//! host: a 16-token turn after 2,048 tokens (load included) 46.6 -> 44.8 ms median at
-//! AVX-512 and 53.0 -> 51.8 at AVX2; decode after 2,048 tokens 9.1 -> 8.6 ms a token.
+//! Measured on Zen 4, 2 threads, against the same kernels through rayon (a loop of loads and
+//! 16-token turns after 2,048 tokens of SmolLM2, and one of decode steps, the two builds
+//! alternated five and three times on a quiet host): the turn 46.6 -> 44.8 ms median at
+//! AVX-512 and 53.0 -> 51.8 at AVX2, a decode step after 2,048 tokens 9.1 -> 8.6 ms.
 //!
 //! Which thread computes an item never changes its result (every kernel's result is its own
 //! item's, in a fixed order), so a team changes no bit.
