@@ -96,7 +96,7 @@ fn gated_rows(gate_up: &[f32], f: usize, out: &mut Vec<f32>, op: impl Fn(f32, f3
     };
     let out = super::resized(out, rows * f);
     if out.len() < 1 << 16 {
-        // A few tokens' worth: not worth waking the other thread.
+        // A few tokens' worth: not worth handing to the other thread.
         gate_up
             .chunks_exact(2 * f)
             .zip(out.chunks_exact_mut(f))

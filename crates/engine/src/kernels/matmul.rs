@@ -243,7 +243,7 @@ fn join_columns(chunks: &[f32], m: usize, n: usize, width: usize, y: &mut [f32])
         }
     };
     if y.len() < 1 << 16 {
-        // A few tokens' worth: not worth waking the other thread.
+        // A few tokens' worth: not worth handing to the other thread.
         y.chunks_mut(n)
             .enumerate()
             .for_each(|(i, row)| fill(i, row));

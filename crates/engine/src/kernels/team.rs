@@ -33,13 +33,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use rayon::prelude::*;
 
 /// A region's items as the helpers see them: the function with its lifetime erased (valid
-/// while the region is unfinished, see [`Team::run`]), the number of items and of runs, and
-/// the region's number.
+/// while the region is unfinished, see [`Team::run`]), the number of items, and the region's
+/// number.
 #[derive(Clone, Copy)]
 struct Region {
     epoch: u32,
     items: usize,
-    runs: usize,
     f: *const (dyn Fn(usize) + Sync + 'static),
 }
 
@@ -171,11 +170,10 @@ impl Team {
         // frame; after that no claim of this region can succeed (its next run is `runs`), and
         // the next region has another number.
         let f_static: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f) };
-        let runs = self.threads.min(items);
+        let runs = self.runs(items);
         *lock(&self.region) = Some(Region {
             epoch,
             items,
-            runs,
             f: f_static,
         });
         self.done.store(0, Ordering::Relaxed);
@@ -196,6 +194,11 @@ impl Team {
         if let Some(p) = panicked.or(helper_panic) {
             panic::resume_unwind(p);
         }
+    }
+
+    /// Runs `items` are cut into: one a thread, fewer if there are fewer items.
+    fn runs(&self, items: usize) -> usize {
+        self.threads.min(items)
     }
 
     /// Claims the next run of region `epoch`, if that is still the region and a run is left.
@@ -230,11 +233,12 @@ impl Team {
                 continue;
             };
             if region.epoch == epoch {
-                while let Some(r) = self.claim(epoch, region.runs) {
+                let runs = self.runs(region.items);
+                while let Some(r) = self.claim(epoch, runs) {
                     // SAFETY: claimed in its region, which is unfinished until this call
                     // returns and `done` counts it (see `run`).
                     let f = unsafe { &*region.f };
-                    let items = run_of(r, region.items, region.runs);
+                    let items = run_of(r, region.items, runs);
                     if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| items.for_each(f))) {
                         lock(&self.panic).get_or_insert(p);
                     }
