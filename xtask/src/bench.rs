@@ -4,7 +4,8 @@
 //! (`resume` binary of agentkv-benches: time to first token resumed from the saved cache, page
 //! cache warm and cold, against re-prefilling the history), with a chart; and, when asked for,
 //! what a lower-precision KV cache costs in quality, against llama.cpp's. Everything measured
-//! goes to `target/bench/report.md`.
+//! goes to `target/bench/report.md`, which names the commit the programs were built from: each
+//! is built once before anything runs, and run from a copy of its executable.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -247,16 +248,39 @@ pub fn bench(args: &[String]) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let dir = project_root().join("target/bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Every program is built before anything runs, so the whole report measures one build.
+    let built_from = report::commit(&project_root());
+    let build_if = |wanted: bool, package: &str, kind: &str, name: &str| {
+        wanted
+            .then(|| Program::build(package, kind, name))
+            .transpose()
+    };
+    let engine_programs = match opts.engine {
+        true => Some((
+            Program::build("engine", "--example", "machine")?,
+            Program::build("engine", "--example", "bench_speed")?,
+        )),
+        false => None,
+    };
+    let resume_program = build_if(opts.resume, "agentkv-benches", "--bin", "resume")?;
+    let kv_quality_program = build_if(opts.kv_quality, "engine", "--example", "kv_quality")?;
 
-    let engine_table = if opts.engine {
-        Some(engine::run(&opts, &model, threads, &load_before, &dir)?)
-    } else {
-        None
+    let engine_table = match &engine_programs {
+        Some(programs) => Some(engine::run(
+            &opts,
+            &model,
+            threads,
+            programs,
+            &load_before,
+            &built_from,
+            &dir,
+        )?),
+        None => None,
     };
 
-    let resume = if opts.resume {
+    let resume = if let Some(program) = &resume_program {
         eprintln!("==> resume vs re-prefill");
-        let mut cmd = cargo_run_release("agentkv-benches", "--bin", "resume");
+        let mut cmd = program.command();
         cmd.args([
             "--histories",
             &opts.resume_histories,
@@ -272,16 +296,17 @@ pub fn bench(args: &[String]) -> Result<()> {
     } else {
         None
     };
-    let kv_quality_table = if opts.kv_quality {
-        Some(kv_quality::run(
+    let kv_quality_table = match &kv_quality_program {
+        Some(program) => Some(kv_quality::run(
             &held_out,
             &model,
             threads,
+            program,
             &load_before,
+            &built_from,
             &dir,
-        )?)
-    } else {
-        None
+        )?),
+        None => None,
     };
     let store_table = if opts.store {
         let histories = if opts.histories_given {
@@ -299,7 +324,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         .and_then(|r| r.first())
         .and_then(|r| r.get("threads"))
         .map_or(threads, |&t| t as usize);
-    let machine = Machine::current(engine_threads, load_before, load_after);
+    let machine = Machine::current(engine_threads, load_before, load_after, &built_from);
 
     let chart_path = dir.join("resume.png");
     let chart = match &resume {
@@ -540,21 +565,56 @@ fn run_for_output(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `cargo run --release --quiet -p {package} {kind} {name} --` (`kind`: `--bin` or
-/// `--example`), to which the program's arguments are added.
-fn cargo_run_release(package: &str, kind: &str, name: &str) -> Command {
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "--quiet",
-        "-p",
-        package,
-        kind,
-        name,
-        "--",
-    ]);
-    cmd
+/// A bench program built once before a benchmark's runs, and run from a copy of its
+/// executable: every run of a report measures the same build, however the tree or
+/// `target/release` change while it runs (an edit there would otherwise be rebuilt into the
+/// next `cargo run`, and a report would silently mix two versions).
+pub(crate) struct Program {
+    exe: PathBuf,
+}
+
+impl Program {
+    /// Builds `name` (`kind`: `--bin` or `--example`) of `package` in release mode and copies
+    /// its executable to `target/bench/bin/`.
+    pub(crate) fn build(package: &str, kind: &str, name: &str) -> Result<Program> {
+        let out = cargo()
+            .args(["build", "--release", "--quiet", "-p", package, kind, name])
+            .arg("--message-format=json-render-diagnostics")
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("building {name}"))?;
+        if !out.status.success() {
+            bail!(
+                "building {name} failed ({}): cargo says why above",
+                out.status
+            );
+        }
+        let built = executable(&String::from_utf8_lossy(&out.stdout), name)
+            .with_context(|| format!("cargo built {name} but named no executable for it"))?;
+        let dir = project_root().join("target/bench/bin");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let exe = dir.join(name);
+        // Removed first: a copy onto a running executable fails, a new file does not.
+        let _ = std::fs::remove_file(&exe);
+        std::fs::copy(&built, &exe)
+            .with_context(|| format!("copying {} to {}", built.display(), exe.display()))?;
+        Ok(Program { exe })
+    }
+
+    /// A command running the program.
+    pub(crate) fn command(&self) -> Command {
+        Command::new(&self.exe)
+    }
+}
+
+/// The executable cargo's JSON messages (`--message-format=json`) name for the target `name`.
+fn executable(messages: &str, name: &str) -> Option<PathBuf> {
+    messages.lines().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        (v["reason"] == "compiler-artifact" && v["target"]["name"] == name)
+            .then(|| v["executable"].as_str().map(PathBuf::from))
+            .flatten()
+    })
 }
 
 /// The `INFO key: value` lines of a bench's stdout.
@@ -622,6 +682,24 @@ mod tests {
         assert!(o.store && !o.criterion && !o.engine && !o.resume && !o.histories_given);
         let o = parse(&args("--only store --histories 1024")).expect("valid");
         assert!(o.store && o.histories_given);
+    }
+
+    #[test]
+    fn the_built_executable_is_read_from_cargos_messages() {
+        let messages = concat!(
+            r#"{"reason":"compiler-artifact","target":{"name":"engine"},"executable":null}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"name":"machine"},"#,
+            r#""executable":"/t/release/examples/machine"}"#,
+            "\n",
+            r#"{"reason":"build-finished","success":true}"#,
+        );
+        assert_eq!(
+            executable(messages, "machine"),
+            Some(PathBuf::from("/t/release/examples/machine"))
+        );
+        assert_eq!(executable(messages, "engine"), None);
+        assert_eq!(executable(messages, "bench_speed"), None);
     }
 
     #[test]

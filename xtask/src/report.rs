@@ -2,6 +2,8 @@
 //! first token resumed from the saved cache against re-prefilling the history).
 
 use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::bench::Row;
@@ -20,6 +22,8 @@ pub struct Machine {
     pub load_after: String,
     /// When the run ended, UTC, `YYYY-MM-DD HH:MM`.
     pub date: String,
+    /// The commit the measured programs were built from ([`commit`]).
+    pub built_from: String,
 }
 
 #[cfg(test)]
@@ -33,13 +37,20 @@ impl Machine {
             load_before: "0.10 0.20 0.30".into(),
             load_after: "1.00 0.50 0.40".into(),
             date: "2026-12-02 03:04 UTC".into(),
+            built_from: "0123abc".into(),
         }
     }
 }
 
 impl Machine {
-    /// The current machine, `threads` engine threads, the given load averages, now.
-    pub fn current(threads: usize, load_before: String, load_after: String) -> Machine {
+    /// The current machine, `threads` engine threads, the given load averages, now; the
+    /// programs built from `built_from`.
+    pub fn current(
+        threads: usize,
+        load_before: String,
+        load_after: String,
+        built_from: &str,
+    ) -> Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let available = std::thread::available_parallelism().map_or(1, |n| n.get());
         let secs = SystemTime::now()
@@ -52,6 +63,7 @@ impl Machine {
             load_before,
             load_after,
             date: utc_date(secs),
+            built_from: built_from.to_owned(),
         }
     }
 }
@@ -97,6 +109,27 @@ pub fn utc_date(unix_secs: u64) -> String {
         rem / 3600,
         rem % 3600 / 60
     )
+}
+
+/// `git rev-parse --short HEAD`, noting uncommitted changes to tracked files (the binary
+/// measured was built from the working tree).
+pub fn commit(root: &Path) -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        None => "unknown commit".into(),
+        Some(hash) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(changes) if changes.is_empty() => hash,
+            _ => format!("{hash} with uncommitted changes"),
+        },
+    }
 }
 
 fn get(r: &Row, key: &str) -> f64 {
@@ -222,10 +255,12 @@ pub fn report(
     let mut s = String::from("# agentkv benchmarks\n\n");
     let _ = writeln!(
         s,
-        "{}; {}, {} logical CPUs; engine threads {}; load average before {}, after {}.\n",
+        "{}; {}, {} logical CPUs; built from {}; engine threads {}; load average before {}, \
+         after {}.\n",
         machine.date,
         machine.cpu,
         machine.cpus,
+        machine.built_from,
         machine.threads,
         machine.load_before,
         machine.load_after
@@ -350,7 +385,9 @@ mod tests {
                 "# KV cache precision and quality\n\ny\n",
             ],
         );
-        assert!(r.contains("2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; engine threads 2"));
+        assert!(r.contains(
+            "2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; built from 0123abc; engine threads 2"
+        ));
         assert!(r.contains("before 0.10 0.20 0.30, after 1.00 0.50 0.40"));
         assert!(r.contains("| 256 | 3000.0 |"));
         assert!(r.contains("![TTFT against history length](resume.png)"));

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Options, PeerBuild, Row, loadavg, peer_python_for, run_for_output};
+use super::{Options, PeerBuild, Program, Row, loadavg, peer_python_for, run_for_output};
 use crate::project_root;
 use crate::report::Machine;
 
@@ -79,9 +79,9 @@ pub(super) struct Limits {
 
 impl Limits {
     /// Runs the `machine` example on `threads` threads.
-    fn measure(threads: usize) -> Result<Limits> {
+    fn measure(machine: &Program, threads: usize) -> Result<Limits> {
         eprintln!("==> the machine's memory bandwidth and FMA peak");
-        let mut cmd = super::cargo_run_release("engine", "--example", "machine");
+        let mut cmd = machine.command();
         cmd.env("RAYON_NUM_THREADS", threads.to_string());
         let out = run_for_output(&mut cmd, "the machine example")?;
         let row = super::rows(&out, "MACHINE ")?.remove(0);
@@ -124,15 +124,18 @@ const FLOOR_TARGET: (f64, &[f64]) = (1.5, &[2048.0]);
 
 /// Runs the engine (and the peer) `opts.repeats` times each, alternately, and writes
 /// `engine.md`; returns its text.
+/// `programs`: the `machine` and `bench_speed` examples.
 pub(super) fn run(
     opts: &Options,
     model: &Path,
     threads: usize,
+    (machine, bench_speed): &(Program, Program),
     load_before: &str,
+    built_from: &str,
     dir: &Path,
 ) -> Result<String> {
     let mut runs = Runs {
-        limits: Some(Limits::measure(threads)?),
+        limits: Some(Limits::measure(machine, threads)?),
         ..Runs::default()
     };
     if opts.peer {
@@ -142,7 +145,7 @@ pub(super) fn run(
     let python = runs.peer_build.map(peer_python_for).transpose()?;
     for i in 0..opts.repeats {
         eprintln!("==> engine speed, run {} of {}", i + 1, opts.repeats);
-        let mut cmd = super::cargo_run_release("engine", "--example", "bench_speed");
+        let mut cmd = bench_speed.command();
         cmd.args(["--histories", &opts.histories, "--decode", &opts.decode])
             .arg("--model")
             .arg(model)
@@ -182,7 +185,7 @@ pub(super) fn run(
             side.push(&run_for_output(&mut cmd, &what)?, "PEER ")?;
         }
     }
-    let machine = Machine::current(threads, load_before.to_owned(), loadavg());
+    let machine = Machine::current(threads, load_before.to_owned(), loadavg(), built_from);
     let table = report(&machine, &runs);
     let path = dir.join("engine.md");
     std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
@@ -363,11 +366,12 @@ pub(super) fn report(machine: &Machine, runs: &Runs) -> String {
         .map_or(f64::NAN, |b| b / (1 << 20) as f64);
     let _ = writeln!(
         s,
-        "{}; {}, {} logical CPUs; model {}; engine kernels: {}, {} threads, {weights:.1} MiB of \
-         weights, KV cache in {}; load average before {}, after {}.\n",
+        "{}; {}, {} logical CPUs; built from {}; model {}; engine kernels: {}, {} threads, \
+         {weights:.1} MiB of weights, KV cache in {}; load average before {}, after {}.\n",
         machine.date,
         machine.cpu,
         machine.cpus,
+        machine.built_from,
         info(&runs.ours, "model"),
         info(&runs.ours, "isa"),
         machine.threads,
@@ -676,7 +680,7 @@ mod tests {
     fn report_keeps_llama_cpps_better_setting_and_marks_what_is_unsettled() {
         let text = report(&machine(), &runs());
         assert!(
-            text.contains("2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; model SmolLM2-135M-Instruct.Q4_1.gguf; engine kernels: avx2, 2 threads, 94.0 MiB of weights, KV cache in f16; load average before 0.10 0.20 0.30, after 1.00 0.50 0.40."),
+            text.contains("2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; built from 0123abc; model SmolLM2-135M-Instruct.Q4_1.gguf; engine kernels: avx2, 2 threads, 94.0 MiB of weights, KV cache in f16; load average before 0.10 0.20 0.30, after 1.00 0.50 0.40."),
             "{text}"
         );
         assert!(text.contains(

@@ -20,7 +20,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{loadavg, peer_python, run_for_output};
+use super::{Program, loadavg, peer_python, run_for_output};
 use crate::project_root;
 use crate::report::Machine;
 
@@ -149,7 +149,9 @@ pub(super) fn run(
     text: &Path,
     model: &Path,
     threads: usize,
+    kv_quality: &Program,
     load_before: &str,
+    built_from: &str,
     dir: &Path,
 ) -> Result<String> {
     check_text(text)?;
@@ -157,7 +159,7 @@ pub(super) fn run(
     let python = peer_python()?;
 
     eprintln!("==> KV cache quality, agentkv (f16 and q8_0 against f32)");
-    let mut cmd = super::cargo_run_release("engine", "--example", "kv_quality");
+    let mut cmd = kv_quality.command();
     cmd.arg("--model")
         .arg(model)
         .arg("--text")
@@ -199,7 +201,7 @@ pub(super) fn run(
         info: super::infos(&stdout),
     };
 
-    let machine = Machine::current(threads, load_before.to_owned(), loadavg());
+    let machine = Machine::current(threads, load_before.to_owned(), loadavg(), built_from);
     let table = report(&machine, text, &ours, &peer);
     let path = dir.join("kv-quality.md");
     std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
@@ -268,11 +270,12 @@ pub(super) fn report(machine: &Machine, text: &Path, ours: &Sides, peer: &Peer) 
     };
     let _ = writeln!(
         s,
-        "{}; {}, {} logical CPUs; engine kernels: {}, {} threads; load average before {}, \
-         after {}.\n",
+        "{}; {}, {} logical CPUs; built from {}; engine kernels: {}, {} threads; load average \
+         before {}, after {}.\n",
         machine.date,
         machine.cpu,
         machine.cpus,
+        machine.built_from,
         info(&ours.info, "isa"),
         machine.threads,
         machine.load_before,
@@ -471,7 +474,8 @@ mod tests {
         let r = report(&machine, Path::new("/texts/GPL-3"), &ours, &peer);
         assert!(
             r.contains(
-                "2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; engine kernels: avx2, 2 threads"
+                "2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; built from 0123abc; engine kernels: avx2, \
+                 2 threads"
             ),
             "{r}"
         );

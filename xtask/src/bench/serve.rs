@@ -12,7 +12,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::{PeerBuild, loadavg, peer_python, rows};
-use crate::report::{cpu_model, logical_cpus, utc_date};
+use crate::report::{commit, cpu_model, logical_cpus, utc_date};
 use crate::venv::Venv;
 use crate::{OPENAI_PACKAGE, cargo, fetch_model, project_root, run_step};
 
@@ -302,27 +302,6 @@ fn instruction_set(cpuinfo: &str) -> String {
     match std::env::var("AGENTKV_SIMD") {
         Ok(cap) if !cap.is_empty() => format!("{isa} (agentkv kernels at AGENTKV_SIMD={cap})"),
         _ => isa.to_owned(),
-    }
-}
-
-/// `git rev-parse --short HEAD`, noting uncommitted changes to tracked files (the binary
-/// measured was built from the working tree).
-fn commit(root: &Path) -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(root)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-    };
-    match git(&["rev-parse", "--short", "HEAD"]) {
-        None => "unknown commit".into(),
-        Some(hash) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
-            Some(changes) if changes.is_empty() => hash,
-            _ => format!("{hash} with uncommitted changes"),
-        },
     }
 }
 
