@@ -605,6 +605,11 @@ impl Program {
     pub(crate) fn command(&self) -> Command {
         Command::new(&self.exe)
     }
+
+    /// The copy of its executable that runs.
+    pub(crate) fn path(&self) -> &Path {
+        &self.exe
+    }
 }
 
 /// The executable cargo's JSON messages (`--message-format=json`) name for the target `name`.

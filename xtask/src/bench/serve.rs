@@ -11,10 +11,10 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{PeerBuild, loadavg, peer_python, rows};
+use super::{PeerBuild, Program, loadavg, peer_python, rows};
 use crate::report::{commit, cpu_model, logical_cpus, utc_date};
 use crate::venv::Venv;
-use crate::{OPENAI_PACKAGE, cargo, fetch_model, project_root, run_step};
+use crate::{OPENAI_PACKAGE, fetch_model, project_root, run_step};
 
 mod summary;
 
@@ -148,15 +148,10 @@ pub fn bench(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
     let model = fetch_model()?;
     let python = server_python()?;
-    run_step(
-        "build agentkv (release)",
-        cargo().args(["build", "--release", "-p", "cli"]),
-    )?;
     let root = project_root();
-    // What the binary was built from: others may commit while the benchmark runs.
+    // What the binary is built from: others may commit while the benchmark runs.
     let built_from = commit(&root);
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
+    let agentkv = Program::build("cli", "--bin", "agentkv")?;
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -166,7 +161,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     let mut cmd = Command::new(&python);
     cmd.arg(&script)
         .arg("--agentkv")
-        .arg(target.join("release/agentkv"))
+        .arg(agentkv.path())
         .arg("--model")
         .arg(&model)
         .arg("--workdir")
