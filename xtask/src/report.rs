@@ -210,8 +210,8 @@ fn resume_notes(rows: &[Row]) -> String {
          the agent pool; medians of {} runs.\n\n\
          - (a) re-prefill: render the conversation and prefill all of it on an empty cache.\n\
          - (b) warm resume: `AgentPool::generate` on an agent whose cache is on disk, files in the \
-         page cache: read the transcript, load the f16 cache through kv-store (mmap, checksums, \
-         convert), prefill the {} new tokens.\n\
+         page cache: read the transcript, load the f16 cache through kv-store (read into the \
+         cache's buffers, each tensor checksummed as it arrives), prefill the {} new tokens.\n\
          - (c) cold resume: (b) after `posix_fadvise(POSIX_FADV_DONTNEED)` on every file of the \
          pool, so the cache is read from the disk.\n\
          - speedup: (a) / (b) and (a) / (c), measured side by side in the same run.\n\
