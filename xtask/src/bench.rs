@@ -250,20 +250,24 @@ pub fn bench(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     // Every program is built before anything runs, so the whole report measures one build.
     let built_from = report::commit(&project_root());
-    let build_if = |wanted: bool, package: &str, kind: &str, name: &str| {
-        wanted
-            .then(|| Program::build(package, kind, name))
-            .transpose()
-    };
-    let engine_programs = match opts.engine {
-        true => Some((
+    let engine_programs = if opts.engine {
+        Some((
             Program::build("engine", "--example", "machine")?,
             Program::build("engine", "--example", "bench_speed")?,
-        )),
-        false => None,
+        ))
+    } else {
+        None
     };
-    let resume_program = build_if(opts.resume, "agentkv-benches", "--bin", "resume")?;
-    let kv_quality_program = build_if(opts.kv_quality, "engine", "--example", "kv_quality")?;
+    let resume_program = if opts.resume {
+        Some(Program::build("agentkv-benches", "--bin", "resume")?)
+    } else {
+        None
+    };
+    let kv_quality_program = if opts.kv_quality {
+        Some(Program::build("engine", "--example", "kv_quality")?)
+    } else {
+        None
+    };
 
     let engine_table = match &engine_programs {
         Some(programs) => Some(engine::run(

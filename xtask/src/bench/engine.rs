@@ -122,9 +122,9 @@ impl Limits {
 /// How close a resume should come to its floor, and at which histories.
 const FLOOR_TARGET: (f64, &[f64]) = (1.5, &[2048.0]);
 
-/// Runs the engine (and the peer) `opts.repeats` times each, alternately, and writes
-/// `engine.md`; returns its text.
-/// `programs`: the `machine` and `bench_speed` examples.
+/// Runs the engine's `bench_speed` (and the peer) `opts.repeats` times each, alternately,
+/// after the `machine` example has measured the floor's limits, and writes `engine.md`;
+/// returns its text.
 pub(super) fn run(
     opts: &Options,
     model: &Path,
