@@ -304,23 +304,42 @@ unsafe fn times_i8(d: f32, bytes: __m128i) -> __m256 {
     }
 }
 
-/// Sixteen scales from two [`times_u8`]-like halves, as an array in memory the visitors
-/// index: `black_box` keeps it there, so that each use is one broadcast load. (Left to
-/// itself, the compiler kept the scales in registers and took each out with two or three
-/// shuffles, which compete with the widening for the shuffle unit: Q3_K's and Q6_K's
-/// AVX-512 gemv were 15-20% slower than with scalar scales.)
+/// Sixteen scales from two [`times_u8`]-like halves, kept in memory: each use is one
+/// broadcast load. (Left to itself, the compiler kept the scales in registers and took each
+/// out with two or three shuffles, which compete with the widening for the shuffle unit:
+/// Q3_K's and Q6_K's AVX-512 gemv were 15-20% slower than with scalar scales.)
 ///
 /// # Safety
 /// AVX is available.
 #[inline(always)]
-unsafe fn table16(lo: __m256, hi: __m256) -> [f32; 16] {
+unsafe fn table16(lo: __m256, hi: __m256) -> Table16 {
     let mut t = [0.0f32; 16];
     // SAFETY: the caller's contract; `t` holds sixteen values.
     unsafe {
         _mm256_storeu_ps(t.as_mut_ptr(), lo);
         _mm256_storeu_ps(t.as_mut_ptr().add(8), hi);
     }
-    std::hint::black_box(t)
+    Table16(t)
+}
+
+/// A super-block's sixteen scales in memory, each read by a load of its own four bytes.
+///
+/// Read as an array, the compiler merged two neighbouring scales into one 8-byte load at
+/// offset 4 of the 32-byte store that had just written them. On an Intel Xeon (family 6
+/// model 167 as its VM reports it) that load waited each super-block: a fifth of Q4_K's
+/// AVX-512 gemv samples sat on the instruction after it, and Q3_K, Q4_K and Q6_K took 1.8-2.8x
+/// Q4_1's time there against 1.0-1.2x on AMD's Zen 4 and 5. With a volatile read per scale
+/// (which cannot be merged) the K-quants' gemv took 0.55-0.8x its time on that Xeon at both
+/// levels, their dequantization the same.
+struct Table16([f32; 16]);
+
+impl Table16 {
+    /// Scale `i`.
+    #[inline(always)]
+    fn get(&self, i: usize) -> f32 {
+        // SAFETY: `i < 16` (the index is checked), and the array is initialised and aligned.
+        unsafe { std::ptr::read_volatile(&raw const self.0[i]) }
+    }
 }
 
 /// Bytes `8 * i .. 8 * i + 8` of `v` (unsigned) as eight i32 lanes.
@@ -702,7 +721,7 @@ unsafe fn q2_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [(f32, f
                 let v = _mm256_and_si256(shift_pairs(q, j), three);
                 let halves = std::array::from_fn(|half| {
                     let i = 8 * n + 2 * j + half;
-                    (dl[i], ml[i])
+                    (dl.get(i), ml.get(i))
                 });
                 visit(128 * n + 32 * j, v, halves);
             }
@@ -781,7 +800,7 @@ unsafe fn q3_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [f32; 2]
                 let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
                 let v = _mm256_sub_epi8(low, _mm256_andnot_si256(set, four));
                 let i = 8 * n + 2 * j;
-                visit(128 * n + 32 * j, v, [dl[i], dl[i + 1]]);
+                visit(128 * n + 32 * j, v, [dl.get(i), dl.get(i + 1)]);
             }
         }
     }
@@ -855,7 +874,7 @@ unsafe fn q3_k_scales(packed: &[u8]) -> __m128i {
 /// # Safety
 /// AVX2 and F16C are available and bytes 0..16 of the block at `p` are readable.
 #[inline(always)]
-unsafe fn k4_table(p: *const u8) -> [f32; 16] {
+unsafe fn k4_table(p: *const u8) -> Table16 {
     const LOW6: u32 = 0x3f3f_3f3f;
     const LOW4: u32 = 0x0f0f_0f0f;
     const LOW2: u32 = 0x0303_0303;
@@ -876,8 +895,13 @@ unsafe fn k4_table(p: *const u8) -> [f32; 16] {
 
 /// `[d1, m1, d2, m2]` of quarter `j` (sub-blocks `2j` and `2j + 1`) from [`k4_table`].
 #[inline(always)]
-fn k4_quarter_scales(t: &[f32; 16], j: usize) -> [f32; 4] {
-    [t[2 * j], t[8 + 2 * j], t[2 * j + 1], t[9 + 2 * j]]
+fn k4_quarter_scales(t: &Table16, j: usize) -> [f32; 4] {
+    [
+        t.get(2 * j),
+        t.get(8 + 2 * j),
+        t.get(2 * j + 1),
+        t.get(9 + 2 * j),
+    ]
 }
 
 /// Emits the 64 values of one quarter: `lo` (32 quants of scale `d1`, minimum `m1`) then `hi`
@@ -1030,7 +1054,7 @@ unsafe fn q6_k_quants(p: *const u8, h: usize) -> [__m256i; 4] {
 /// # Safety
 /// AVX2 and F16C are available and the 210-byte block at `p` is readable.
 #[inline(always)]
-unsafe fn q6_k_scales(p: *const u8) -> [f32; 16] {
+unsafe fn q6_k_scales(p: *const u8) -> Table16 {
     // SAFETY: the caller's contract: the signed scales at 192..208, d at 208..210.
     unsafe {
         let d = f16_at(p.add(208));
@@ -1053,7 +1077,7 @@ unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
                 // `q - 32` on the 32 bytes at once (it fits a signed byte), then widened.
                 let q = _mm256_sub_epi8(q, offset);
                 for half in 0..2 {
-                    let s = _mm256_set1_ps(dsc[8 * h + 2 * k + half]);
+                    let s = _mm256_set1_ps(dsc.get(8 * h + 2 * k + half));
                     let f = |i: usize| {
                         let q = widen8_signed(q, 2 * half + i);
                         _mm256_mul_ps(s, _mm256_cvtepi32_ps(q))
@@ -1080,7 +1104,7 @@ unsafe fn q6_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
                 for half in 0..2 {
                     let q = widen16_signed(q, half);
                     let v = _mm512_mul_ps(
-                        _mm512_set1_ps(dsc[8 * h + 2 * k + half]),
+                        _mm512_set1_ps(dsc.get(8 * h + 2 * k + half)),
                         _mm512_cvtepi32_ps(q),
                     );
                     emit(128 * h + 32 * k + 16 * half, v);
