@@ -50,10 +50,16 @@ pub(crate) fn dequantize_blocks(isa: Isa, kind: QKind, raw: &[u8], out: &mut [f3
 /// `out[j] = dot(x, row j of raw)` for the rows of GGUF blocks of `kind` in `raw` (each
 /// `x.len()` values), at `isa`: bitwise what dequantizing them and calling `dot` gives.
 ///
-/// One row at a time, one sequential stream, with a software prefetch ahead. Rows in pairs a
-/// half apart, as the split kinds' gemv takes them, were mixed here (Zen 4, 2 threads, 65,536
-/// rows of 2,048 streamed): Q2_K and Q4_0 took 0.75-0.9x the time at AVX-512, Q4_K the same,
-/// Q6_K twice as long; in cache Q4_K took 1.25x at AVX2.
+/// Rows two at a time, one from each half of them (as the split kinds' gemv takes them): two
+/// sequential streams, each with a software prefetch ahead, and two chains of multiply-adds
+/// that overlap. On an Intel Xeon (family 6 model 167 as its VM reports it, 2 threads, 65,536
+/// rows of 2,048 from memory), pairs took 0.84-0.96x a row at a time's time at AVX-512 (Q2_K
+/// the same), and at AVX2 0.8-0.97x for Q4_0, Q4_K, Q5_0, Q5_1 and Q6_K but 1.27x for Q2_K
+/// and the same for Q3_K and Q5_K, which AVX2 takes a row at a time (sixteen registers hold
+/// one row's work, not two). Gemma 3's decode gained 7% at AVX-512 and 9% at AVX2. In cache
+/// (640 rows of 2,048) pairs changed nothing at AVX-512 and cost up to 11% at AVX2. An earlier
+/// form on a Zen 4, before the scales were read one by one ([`Table16`]), was mixed: Q2_K and
+/// Q4_0 0.75-0.9x at AVX-512, Q4_K the same, Q6_K twice as long.
 ///
 /// # Panics
 /// If `isa` is the portable level, `kind` is held split, `x` is not whole blocks or `raw`
@@ -146,6 +152,41 @@ macro_rules! dot_rows {
             *o = <$lanes>::reduce(acc);
         }
     };
+}
+
+/// [`dot_rows`] two rows at a time, one from each half of `$out`: each row's chain of
+/// multiply-adds as alone, so each result is the same bits, the two chains overlapping.
+macro_rules! dot_row_pairs {
+    (
+        $visit:ident, $lanes:ty, $bytes:literal, $values:literal,
+        $src:ident, $nb:ident, $x:ident, $out:ident
+    ) => {{
+        let half = $out.len() / 2;
+        let (first, second) = $out.split_at_mut(half);
+        for (j, (a, b)) in first.iter_mut().zip(second.iter_mut()).enumerate() {
+            let rows = [
+                $src.add(j * $nb * $bytes),
+                $src.add((half + j) * $nb * $bytes),
+            ];
+            let mut acc = [<$lanes>::zero(), <$lanes>::zero()];
+            for blk in 0..$nb {
+                let xb = $x.add($values * blk);
+                for (row, acc) in rows.iter().zip(acc.iter_mut()) {
+                    let p = row.add($bytes * blk);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH).cast());
+                    $visit(p, &mut |off, v: $lanes| v.fmadd(xb.add(off), acc));
+                }
+            }
+            let [r0, r1] = acc;
+            [*a, *b] = [<$lanes>::reduce(r0), <$lanes>::reduce(r1)];
+        }
+        if $out.len() % 2 == 1 {
+            let last = $out.len() - 1;
+            let row = $src.add(last * $nb * $bytes);
+            let odd = &mut $out[last..];
+            dot_rows!($visit, $lanes, $bytes, $values, row, $nb, $x, odd);
+        }
+    }};
 }
 
 /// Sixteen values as two AVX2 registers (lanes 0..8, 8..16).
@@ -247,13 +288,20 @@ unsafe fn dequantize_avx2(kind: QKind, src: *const u8, n: usize, dst: *mut f32) 
 unsafe fn gemv_avx512(kind: QKind, src: *const u8, nb: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: the caller's contract (see `gemv`): row `j` is `nb` blocks from
     // `src[j * nb * bytes..]`, block `b` against `x[b * values..]`.
-    unsafe { each_kind!(kind, avx512, dot_rows!(src, nb, x, out)) }
+    unsafe { each_kind!(kind, avx512, dot_row_pairs!(src, nb, x, out)) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemv_avx2(kind: QKind, src: *const u8, nb: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: as in `gemv_avx512`.
-    unsafe { each_kind!(kind, avx2, dot_rows!(src, nb, x, out)) }
+    unsafe {
+        match kind {
+            QKind::Q2K | QKind::Q3K | QKind::Q5K => {
+                each_kind!(kind, avx2, dot_rows!(src, nb, x, out))
+            }
+            _ => each_kind!(kind, avx2, dot_row_pairs!(src, nb, x, out)),
+        }
+    }
 }
 
 /// The f16 at `p`, widened.
