@@ -16,8 +16,9 @@ use super::{reduce, reduce512};
 use crate::kernels::isa::{Isa, Level};
 use crate::kernels::quant::QKind;
 
-/// Bytes ahead of the current block that [`gemv`] asks the CPU to prefetch.
-const PREFETCH: usize = 512;
+/// Bytes ahead of the current block that [`gemv`] asks the CPU to prefetch (as far as
+/// `x86::dequant`'s gemv asks, and why).
+const PREFETCH: usize = 2048;
 
 /// Widens `raw`, whole GGUF blocks of `kind`, into `out`, bitwise as
 /// `quant::blocks::dequantize`, at `isa`.
