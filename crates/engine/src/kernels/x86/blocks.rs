@@ -991,6 +991,11 @@ unsafe fn q4_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     }
 }
 
+/// Each sub-block's sixteen possible values, `dl * q - ml` for q = 0..16 (exact to fuse, as
+/// at AVX2), then each value picked from them by its nibble, as Q4_0's are: byte `i` of a
+/// quarter widened is value `i`'s index in the first sub-block and, shifted right by four,
+/// in the second.
+///
 /// # Safety
 /// AVX-512F and F16C are available and the 144-byte block at `p` is readable.
 #[inline(always)]
@@ -998,9 +1003,21 @@ unsafe fn q4_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract, as for `q4_k_256`.
     unsafe {
         let t = k4_table(p);
+        let iota = iota16();
         for j in 0..4 {
-            let q = nibbles32(p.add(16 + 32 * j));
-            k4_quarter_512(64 * j, q, k4_quarter_scales(&t, j), emit);
+            let [d1, m1, d2, m2] = k4_quarter_scales(&t, j);
+            let table =
+                |d: f32, m: f32| _mm512_fmsub_ps(_mm512_set1_ps(d), iota, _mm512_set1_ps(m));
+            let (lo, hi) = (table(d1, m1), table(d2, m2));
+            let q = p.add(16 + 32 * j);
+            let idx = [
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(q.cast())),
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(q.add(16).cast())),
+            ];
+            emit(64 * j, pick16(idx[0], lo));
+            emit(64 * j + 16, pick16(idx[1], lo));
+            emit(64 * j + 32, pick16(_mm512_srli_epi32::<4>(idx[0]), hi));
+            emit(64 * j + 48, pick16(_mm512_srli_epi32::<4>(idx[1]), hi));
         }
     }
 }
