@@ -12,13 +12,9 @@
 
 use std::arch::x86_64::*;
 
-use super::{reduce, reduce512};
+use super::{PREFETCH, reduce, reduce512};
 use crate::kernels::isa::{Isa, Level};
 use crate::kernels::quant::QKind;
-
-/// Bytes ahead of the current block that [`gemv`] asks the CPU to prefetch (as far as
-/// `x86::dequant`'s gemv asks, and why).
-const PREFETCH: usize = 2048;
 
 /// Widens `raw`, whole GGUF blocks of `kind`, into `out`, bitwise as
 /// `quant::blocks::dequantize`, at `isa`.
@@ -378,8 +374,9 @@ unsafe fn table16(lo: __m256, hi: __m256) -> Table16 {
 /// model 167 as its VM reports it) that load waited each super-block: a fifth of Q4_K's
 /// AVX-512 gemv samples sat on the instruction after it, and Q3_K, Q4_K and Q6_K took 1.8-2.8x
 /// Q4_1's time there against 1.0-1.2x on AMD's Zen 4 and 5. With a volatile read per scale
-/// (which cannot be merged) the K-quants' gemv took 0.55-0.8x its time on that Xeon at both
-/// levels, their dequantization the same.
+/// (which cannot be merged) the K-quants' gemv took 0.5-0.8x its time on that Xeon at
+/// AVX-512, and Q2_K, Q5_K and Q6_K 0.46-0.88x at AVX2 (Q3_K and Q4_K there the same); their
+/// dequantization was unchanged.
 struct Table16([f32; 16]);
 
 impl Table16 {

@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::blocks;
-use super::{reduce, reduce512};
+use super::{PREFETCH, reduce, reduce512};
 use crate::kernels::isa::{Isa, Level};
 use crate::kernels::quant::{QK, QKind, QMatrix};
 
@@ -475,16 +475,6 @@ unsafe fn gemv_row512(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> 
         reduce512(acc)
     }
 }
-
-/// Bytes ahead of the current block that [`gemv_row`] asks the CPU to prefetch.
-///
-/// A stream from memory needs its lines asked for about a memory latency ahead. On an Intel
-/// Xeon (family 6 model 167 as its VM reports it, 2 threads), Gemma 3's output matrix
-/// (262,144 rows of 640) in Q8_0 took 5.4 ms with 2,048 bytes against 6.7 with 512 at AVX-512
-/// (32.8 GB/s against 26.5; plain reads of memory reach 31-32), 7.0 against 8.7 at AVX2; Q4_1
-/// 4.7 against 5.3; in cache nothing changed. `x86::blocks` asks as far ahead (its kinds
-/// gained up to 12% from it).
-const PREFETCH: usize = 2048;
 
 /// The dot product of `x` with row `row`, in the 16-lane order of `kernels::dot`: lanes
 /// 0..8 and 8..16 are two registers, a block's first 16 values are one chunk and its last
