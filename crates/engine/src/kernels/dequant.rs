@@ -14,10 +14,10 @@
 //!   multiplies it at once, one weight row at a time, so nothing is written back to memory.
 //!
 //! Both have a portable form (the reference) and hand-written x86 forms for every kind
-//! (`x86::dequant` for Q4_1 and Q8_0, `x86::blocks` for the kinds held as the file's blocks)
+//! (`x86::dequant` for the split 32-value kinds, `x86::blocks` for the K-quants' blocks)
 //! with the same operations in the same order per lane (the dot products' fused multiply-adds
 //! included); tests check they give the same bits at every level the machine has. Where a
-//! weight is a product plus a minimum (Q4_1's `d * q + m`, the K-quants' `dl * q - ml`) it is
+//! weight is a product plus a minimum (`d * q + m`, the K-quants' `dl * q - ml`) it is
 //! exact to fuse: the product loses nothing, so one rounding remains either way.
 
 use super::dot::dot;

@@ -308,9 +308,9 @@ fn quantized_matmul_equals_dequantized_bitwise() {
 
 #[test]
 fn every_quantized_kind_multiplies_as_its_dequantized_matrix_bitwise() {
-    // Decode (one row: the register gemv of Q4_1 and Q8_0, the 4-row buffer of the others),
-    // a few rows, and more than a 2x3 or 6x4 tile sweep, at every level, against the f32 matmul
-    // of the dequantized matrix at the portable level.
+    // Decode (one row: each kind's register gemv), a few rows, and more than a 2x3 or 6x4 tile
+    // sweep, at every level, against the f32 matmul of the dequantized matrix at the portable
+    // level.
     for kind in QKind::ALL {
         let (n, k) = (29, 3 * kind.block_values());
         let q = crate::kernels::quant::tests::matrix(kind, n, k, 21);
@@ -330,10 +330,10 @@ fn every_quantized_kind_multiplies_as_its_dequantized_matrix_bitwise() {
 
 #[test]
 fn split_kinds_widen_their_scales_right_at_every_row_width() {
-    // Q4_1 and Q8_0 rows widen their scales 64 blocks at a time, 8 per instruction, the last
-    // eight overlapping and fewer than eight one by one: rows of 3, 8, 18 (SmolLM2's 576
+    // The split kinds' rows widen their scales 64 blocks at a time, 8 per instruction, the
+    // last eight overlapping and fewer than eight one by one: rows of 3, 8, 18 (SmolLM2's 576
     // columns) and 150 blocks (two buffers and a tail) cover each path.
-    for kind in [QKind::Q4_1, QKind::Q8_0] {
+    for kind in QKind::ALL.into_iter().filter(|k| k.split()) {
         for blocks in [3, 8, 18, 150] {
             let (n, k) = (5, blocks * kind.block_values());
             let q = crate::kernels::quant::tests::matrix(kind, n, k, 23);

@@ -143,7 +143,7 @@ impl Model {
 
     /// Bytes the tensors the model uses take in its GGUF file: what [`Model::weight_bytes`]
     /// would be if memory held every tensor as the file does. (It holds quantized tensors as
-    /// the file's bytes, Q4_1 and Q8_0 rearranged, and F16 and BF16 tensors as f32.)
+    /// the file's bytes, the 32-value kinds rearranged, and F16 and BF16 tensors as f32.)
     pub fn file_tensor_bytes(&self) -> usize {
         self.file_tensor_bytes
     }

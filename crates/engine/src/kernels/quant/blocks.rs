@@ -1,8 +1,8 @@
 //! The reference dequantization of GGUF blocks: each function is ggml's `dequantize_row_*`
 //! (`ggml/src/ggml-quants.c`) for one block, with the same f32 operations in the same order,
 //! so its values are bitwise llama.cpp's (and candle's, whose `to_float` transliterates the
-//! same code). Q4_1 and Q8_0 are here too, though memory holds those two split (see
-//! [`super::QMatrix`]).
+//! same code). The 32-value kinds are here too, though memory holds them split (see
+//! [`super::QMatrix`]): these are their references on the file's bytes.
 //!
 //! Exactness: an f16 scale has at most 11 significant bits (its subnormals are multiples of
 //! 2^-24, far inside f32's normal range), a sub-block scale at most 7 (`|sc| <= 128`) and a
@@ -36,9 +36,7 @@ pub(crate) fn q4_0(b: &[u8; 18], y: &mut [f32; 32]) {
     }
 }
 
-/// Q4_1, 20 bytes: `d`, `m`, 16 bytes of nibbles. `x = q * d + m`. (In memory this type is
-/// held split, values apart from scales, see [`super::QMatrix`]; this is its reference on the
-/// file's bytes.)
+/// Q4_1, 20 bytes: `d`, `m`, 16 bytes of nibbles. `x = q * d + m`.
 #[inline(always)]
 pub(crate) fn q4_1(b: &[u8; 20], y: &mut [f32; 32]) {
     let d = f16_at(b, 0);
@@ -86,7 +84,7 @@ pub(crate) fn q5_1(b: &[u8; 24], y: &mut [f32; 32]) {
     }
 }
 
-/// Q8_0, 34 bytes: `d`, 32 signed bytes. `x = q * d`. (Held split in memory, as Q4_1.)
+/// Q8_0, 34 bytes: `d`, 32 signed bytes. `x = q * d`.
 #[inline(always)]
 pub(crate) fn q8_0(b: &[u8; 34], y: &mut [f32; 32]) {
     let d = f16_at(b, 0);

@@ -3,14 +3,15 @@
 //!
 //! Two layouts:
 //!
-//! * Q4_1 and Q8_0 (blocks of 32): split, the quantized values apart from their f16 scales
-//!   (and Q4_1's minimums), so that the tuned kernels read the values of consecutive blocks
-//!   as one stream and widen a row's scales to f32 once, into a small buffer, before its
-//!   blocks (`d * q + m` or `d * q`, a multiply then an add). Memory holds the file's bytes,
-//!   rearranged: 20 per Q4_1 block, 34 per Q8_0 block.
-//! * Every other type (Q4_0, Q5_0, Q5_1 and the K-quants Q2_K to Q6_K, super-blocks of 256):
-//!   the GGUF blocks as the file stores them, f16 scales inside, so memory holds the file's
-//!   bytes. [`blocks`] dequantizes them exactly as ggml's reference does.
+//! * Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (blocks of 32): split, the quantized values apart from
+//!   their f16 scales (and minimums), so that the tuned kernels read the values of
+//!   consecutive blocks as one stream and widen a row's scales to f32 once, into a small
+//!   buffer, before its blocks. Memory holds the file's bytes, rearranged: a block's scale
+//!   (and minimum) in one buffer each, its other bytes (a 5-bit kind's 32 high bits, then its
+//!   nibbles) in another.
+//! * The K-quants Q2_K to Q6_K (super-blocks of 256): the GGUF blocks as the file stores
+//!   them, f16 scales inside, so memory holds the file's bytes. [`blocks`] dequantizes them
+//!   exactly as ggml's reference does.
 //!
 //! An earlier path multiplied them against activations quantized per row to 8-bit blocks, with
 //! integer dot products as llama.cpp does (`ggml_vec_dot_q4_1_q8_1`). Unused since that
@@ -105,15 +106,23 @@ impl QKind {
     }
 
     /// Whether memory holds this kind split (f16 scales apart from the quantized values)
-    /// rather than as the file's blocks: Q4_1 and Q8_0, whose kernels are tuned to it.
+    /// rather than as the file's blocks: the kinds of 32 values, whose kernels are tuned to it.
     pub(crate) fn split(self) -> bool {
-        matches!(self, QKind::Q4_1 | QKind::Q8_0)
+        self.block_values() == QK
     }
 
-    /// Bytes of quantized values per block in memory, for the split kinds.
+    /// Whether the kind's blocks carry a minimum beside their scale (`x = d * q + m`).
+    pub(crate) fn has_minimum(self) -> bool {
+        matches!(self, QKind::Q4_1 | QKind::Q5_1)
+    }
+
+    /// Bytes of quantized values per block in memory, for the split kinds: the file's block
+    /// without its scale and minimum (a 5-bit kind's 32 high bits, then its nibbles, as in the
+    /// file).
     pub(crate) fn qs_bytes(self) -> usize {
         match self {
-            QKind::Q4_1 => QK / 2,
+            QKind::Q4_0 | QKind::Q4_1 => QK / 2,
+            QKind::Q5_0 | QKind::Q5_1 => 4 + QK / 2,
             QKind::Q8_0 => QK,
             _ => self.block_bytes(),
         }
@@ -122,8 +131,8 @@ impl QKind {
 
 /// A `[rows, cols]` weight matrix of quantized blocks, one row per output feature.
 ///
-/// Q4_1 and Q8_0 are held split: quantized values apart from their f16 scales (and Q4_1's
-/// minimums); every other kind keeps the file's blocks.
+/// The 32-value kinds are held split: quantized values apart from their f16 scales (and
+/// minimums); the K-quants keep the file's blocks.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     kind: QKind,
@@ -133,7 +142,8 @@ pub struct QMatrix {
     qs: Vec<u8>,
     /// Split kinds: one f16 scale per block (its bits), `rows * nb`; else empty.
     d: Vec<u16>,
-    /// Q4_1: one f16 minimum per block (its bits), `rows * nb`; else empty.
+    /// Split kinds with a minimum: one f16 minimum per block (its bits), `rows * nb`; else
+    /// empty.
     m: Vec<u16>,
     /// Other kinds: the GGUF blocks as stored, row-major; empty for the split kinds.
     blocks: Vec<u8>,
@@ -166,13 +176,13 @@ impl QMatrix {
         }
         out.qs.reserve_exact(blocks * kind.qs_bytes());
         out.d.reserve_exact(blocks);
-        if kind == QKind::Q4_1 {
+        if kind.has_minimum() {
             out.m.reserve_exact(blocks);
         }
         let f16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
         for raw in bytes.chunks_exact(kind.block_bytes()) {
             out.d.push(f16(&raw[0..2]));
-            if kind == QKind::Q4_1 {
+            if kind.has_minimum() {
                 out.m.push(f16(&raw[2..4]));
                 out.qs.extend_from_slice(&raw[4..]);
             } else {
@@ -253,21 +263,16 @@ impl QMatrix {
         let nb = self.nb();
         let qb = self.kind.qs_bytes();
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            let d = f16_bits(self.d[r * nb + b]);
-            let q = &self.qs[(r * nb + b) * qb..][..qb];
-            match self.kind {
-                QKind::Q4_1 => {
-                    let m = f16_bits(self.m[r * nb + b]);
-                    for (e, o) in o.iter_mut().enumerate() {
-                        *o = d * q4(q, e) as f32 + m;
-                    }
-                }
-                _ => {
-                    for (o, &q) in o.iter_mut().zip(q) {
-                        *o = d * (q as i8) as f32;
-                    }
-                }
-            }
+            let blk = r * nb + b;
+            let m = self.m.get(blk).copied().map(f16_bits);
+            let o: &mut [f32; QK] = o.try_into().expect("block size");
+            split_block(
+                self.kind,
+                f16_bits(self.d[blk]),
+                m,
+                &self.qs[blk * qb..][..qb],
+                o,
+            );
         }
     }
 
@@ -309,16 +314,16 @@ impl QMatrix {
                         hi[e] = d * (q[e] >> 4) as f32 + m;
                     }
                 }
-                _ => {
-                    for (o, &q) in o.iter_mut().zip(q) {
-                        *o = d * (q as i8) as f32;
-                    }
+                kind => {
+                    let m = self.m.get(r0 * nb + blk).copied().map(f16_bits);
+                    let o: &mut [f32; QK] = o.try_into().expect("block size");
+                    split_block(kind, d, m, q, o);
                 }
             }
         }
     }
 
-    /// The split kinds' buffers: quantized values, f16 scales and Q4_1 minimums (one per
+    /// The split kinds' buffers: quantized values, f16 scales and minimums (one per
     /// block, row-major, as bits).
     pub(crate) fn raw_parts(&self) -> (&[u8], &[u16], &[u16]) {
         (&self.qs, &self.d, &self.m)
@@ -355,15 +360,41 @@ fn f16_bits(b: u16) -> f32 {
     half::f16::from_bits(b).to_f32()
 }
 
-/// Element `e` (0..32) of a Q4_1 block's 16 packed bytes: low nibbles hold elements 0..16,
+/// A split block's 32 values from its scale `d`, minimum `m` (the kinds that have one) and
+/// quantized bytes `q` (see [`QKind::qs_bytes`]), as `blocks` computes them from the file's
+/// block: the same operations in the same order.
+#[inline(always)]
+fn split_block(kind: QKind, d: f32, m: Option<f32>, q: &[u8], out: &mut [f32; QK]) {
+    let m = m.unwrap_or(0.0);
+    for (e, o) in out.iter_mut().enumerate() {
+        *o = match kind {
+            QKind::Q4_0 => (nibble(q, e) - 8) as f32 * d,
+            QKind::Q4_1 => d * nibble(q, e) as f32 + m,
+            QKind::Q5_0 => (q5(q, e) - 16) as f32 * d,
+            QKind::Q5_1 => q5(q, e) as f32 * d + m,
+            QKind::Q8_0 => d * (q[e] as i8) as f32,
+            _ => unreachable!("{kind:?} is not held split"),
+        };
+    }
+}
+
+/// Element `e` (0..32) of a 4-bit block's 16 packed bytes: low nibbles hold elements 0..16,
 /// high nibbles 16..32.
 #[inline(always)]
-fn q4(q: &[u8], e: usize) -> i32 {
+fn nibble(q: &[u8], e: usize) -> i32 {
     if e < QK / 2 {
         (q[e] & 0x0F) as i32
     } else {
         (q[e - QK / 2] >> 4) as i32
     }
+}
+
+/// Element `e` (0..32) of a 5-bit block's 20 bytes without its scale: 32 high bits (bit `e`
+/// is element `e`'s fifth bit), then the nibbles as [`nibble`] reads them.
+#[inline(always)]
+fn q5(q: &[u8], e: usize) -> i32 {
+    let qh = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
+    nibble(&q[4..], e) | (((qh >> e) & 1) << 4) as i32
 }
 
 #[cfg(test)]
@@ -509,8 +540,8 @@ pub(crate) mod tests {
 
     #[test]
     fn the_split_kinds_dequantize_as_their_gguf_blocks() {
-        // Q4_1 and Q8_0 are held split; their values are ggml's all the same.
-        for kind in [QKind::Q4_1, QKind::Q8_0] {
+        // The 32-value kinds are held split; their values are ggml's all the same.
+        for kind in QKind::ALL.into_iter().filter(|k| k.split()) {
             let (rows, cols) = (5, 96);
             let raw = random_blocks(kind, rows, cols, 12, Scales::Extreme);
             let q = QMatrix::from_gguf_blocks(kind, rows, cols, &raw).expect("blocks");

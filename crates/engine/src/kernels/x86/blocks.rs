@@ -1,4 +1,4 @@
-//! GGUF blocks kept as the file stores them (every kind but the split Q4_1 and Q8_0), widened
+//! GGUF blocks kept as the file stores them (the K-quants' super-blocks), widened
 //! to f32 with AVX2 or AVX-512: into a buffer ([`dequantize_blocks`]) or straight into a dot
 //! product with the activations ([`gemv`], decode). Each value is the one `quant::blocks`
 //! (ggml's reference) computes, bit for bit: its products are exact (see that module), so
@@ -20,7 +20,7 @@ use crate::kernels::quant::QKind;
 /// `quant::blocks::dequantize`, at `isa`.
 ///
 /// # Panics
-/// If `isa` is the portable level, `kind` is held split (Q4_1, Q8_0: see `x86::dequant`) or
+/// If `isa` is the portable level, `kind` is held split (see `x86::dequant`) or
 /// `out` does not hold exactly the blocks' values.
 pub(crate) fn dequantize_blocks(isa: Isa, kind: QKind, raw: &[u8], out: &mut [f32]) {
     assert!(!kind.split(), "{kind:?} is held split");
@@ -51,7 +51,7 @@ pub(crate) fn dequantize_blocks(isa: Isa, kind: QKind, raw: &[u8], out: &mut [f3
 /// sequential streams, each with a software prefetch ahead, and two chains of multiply-adds
 /// that overlap. On an Intel Xeon (family 6 model 167 as its VM reports it, 2 threads, 65,536
 /// rows of 2,048 from memory), pairs took 0.84-0.96x a row at a time's time at AVX-512 (Q2_K
-/// the same), and at AVX2 0.8-0.97x for Q4_0, Q4_K, Q5_0, Q5_1 and Q6_K but 1.27x for Q2_K
+/// the same), and at AVX2 0.8-0.97x for Q4_0, Q4_K, Q5_0, Q5_1 (held here then) and Q6_K but 1.27x for Q2_K
 /// and the same for Q3_K and Q5_K, which AVX2 takes a row at a time (sixteen registers hold
 /// one row's work, not two). Gemma 3's decode gained 7% at AVX-512 and 9% at AVX2. In cache
 /// (640 rows of 2,048) pairs changed nothing at AVX-512 and cost up to 11% at AVX2. An earlier
@@ -88,28 +88,26 @@ pub(crate) fn gemv(isa: Isa, kind: QKind, raw: &[u8], x: &[f32], out: &mut [f32]
 macro_rules! each_kind {
     ($kind:expr, avx512, $then:ident!($($args:tt)*)) => {
         match $kind {
-            QKind::Q4_0 => $then!(q4_0_512, __m512, 18, 32, $($args)*),
-            QKind::Q5_0 => $then!(q5_0_512, __m512, 22, 32, $($args)*),
-            QKind::Q5_1 => $then!(q5_1_512, __m512, 24, 32, $($args)*),
             QKind::Q2K => $then!(q2_k_512, __m512, 84, 256, $($args)*),
             QKind::Q3K => $then!(q3_k_512, __m512, 110, 256, $($args)*),
             QKind::Q4K => $then!(q4_k_512, __m512, 144, 256, $($args)*),
             QKind::Q5K => $then!(q5_k_512, __m512, 176, 256, $($args)*),
             QKind::Q6K => $then!(q6_k_512, __m512, 210, 256, $($args)*),
-            QKind::Q4_1 | QKind::Q8_0 => unreachable!("held split: checked by the wrappers"),
+            QKind::Q4_0 | QKind::Q4_1 | QKind::Q5_0 | QKind::Q5_1 | QKind::Q8_0 => {
+                unreachable!("held split: checked by the wrappers")
+            },
         }
     };
     ($kind:expr, avx2, $then:ident!($($args:tt)*)) => {
         match $kind {
-            QKind::Q4_0 => $then!(q4_0_256, V256, 18, 32, $($args)*),
-            QKind::Q5_0 => $then!(q5_0_256, V256, 22, 32, $($args)*),
-            QKind::Q5_1 => $then!(q5_1_256, V256, 24, 32, $($args)*),
             QKind::Q2K => $then!(q2_k_256, V256, 84, 256, $($args)*),
             QKind::Q3K => $then!(q3_k_256, V256, 110, 256, $($args)*),
             QKind::Q4K => $then!(q4_k_256, V256, 144, 256, $($args)*),
             QKind::Q5K => $then!(q5_k_256, V256, 176, 256, $($args)*),
             QKind::Q6K => $then!(q6_k_256, V256, 210, 256, $($args)*),
-            QKind::Q4_1 | QKind::Q8_0 => unreachable!("held split: checked by the wrappers"),
+            QKind::Q4_0 | QKind::Q4_1 | QKind::Q5_0 | QKind::Q5_1 | QKind::Q8_0 => {
+                unreachable!("held split: checked by the wrappers")
+            },
         }
     };
 }
@@ -393,7 +391,7 @@ impl Table16 {
 /// # Safety
 /// AVX2 is available.
 #[inline(always)]
-unsafe fn widen8(v: __m256i, i: usize) -> __m256i {
+pub(super) unsafe fn widen8(v: __m256i, i: usize) -> __m256i {
     // SAFETY: the caller's contract.
     unsafe { _mm256_cvtepu8_epi32(octet(v, i)) }
 }
@@ -403,7 +401,7 @@ unsafe fn widen8(v: __m256i, i: usize) -> __m256i {
 /// # Safety
 /// AVX2 is available.
 #[inline(always)]
-unsafe fn widen8_signed(v: __m256i, i: usize) -> __m256i {
+pub(super) unsafe fn widen8_signed(v: __m256i, i: usize) -> __m256i {
     // SAFETY: the caller's contract.
     unsafe { _mm256_cvtepi8_epi32(octet(v, i)) }
 }
@@ -489,33 +487,6 @@ pub(super) unsafe fn pick16(idx: __m512i, table: __m512) -> __m512 {
     unsafe { _mm512_permutexvar_ps(idx, table) }
 }
 
-/// [`pick16`] from 32 entries: `lo` for indices 0..16, `hi` for 16..32 (the low five bits of
-/// each lane).
-///
-/// # Safety
-/// AVX-512F is available.
-#[inline(always)]
-unsafe fn pick32(idx: __m512i, lo: __m512, hi: __m512) -> __m512 {
-    // SAFETY: the caller's contract.
-    unsafe { _mm512_permutex2var_ps(lo, idx, hi) }
-}
-
-/// The low and high nibbles of the 16 bytes at `p`.
-///
-/// # Safety
-/// AVX2 is available and `p..p + 16` is readable.
-#[inline(always)]
-unsafe fn nibbles16(p: *const u8) -> (__m128i, __m128i) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        let (q, mask) = (_mm_loadu_si128(p.cast()), _mm_set1_epi8(0x0F));
-        (
-            _mm_and_si128(q, mask),
-            _mm_and_si128(_mm_srli_epi16::<4>(q), mask),
-        )
-    }
-}
-
 /// The low and high nibbles of the 32 bytes at `p`.
 ///
 /// # Safety
@@ -544,176 +515,6 @@ unsafe fn fifth_bits(qh: __m256i, bit: u8) -> __m256i {
         let m = _mm256_set1_epi8(bit as i8);
         let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m);
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Q4_0: x = (q - 8) * d.
-// ---------------------------------------------------------------------------------------------
-
-/// # Safety
-/// AVX2 and F16C are available and the 18-byte block at `p` is readable.
-#[inline(always)]
-unsafe fn q4_0_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
-    // SAFETY: the caller's contract: bytes 0..18 of the block.
-    unsafe {
-        let d = _mm256_set1_ps(f16_at(p));
-        let (lo, hi) = nibbles16(p.add(2));
-        // `q - 8` on 16 bytes at once (it fits a signed byte), then widened.
-        let eight = _mm_set1_epi8(8);
-        let (lo, hi) = (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight));
-        let f = |bytes: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), d);
-        emit(0, [f(lo), f(_mm_srli_si128::<8>(lo))]);
-        emit(16, [f(hi), f(_mm_srli_si128::<8>(hi))]);
-    }
-}
-
-/// # Safety
-/// AVX-512F and F16C are available and the 18-byte block at `p` is readable.
-#[inline(always)]
-unsafe fn q4_0_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
-    // SAFETY: the caller's contract: bytes 0..18 of the block.
-    unsafe {
-        let d = _mm512_set1_ps(f16_at(p));
-        // `(q - 8) * d` for each quant q (`q - 8` is exact in f32), picked by nibble.
-        let table = _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(8.0)), d);
-        let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(2).cast()));
-        emit(0, pick16(idx, table));
-        emit(16, pick16(_mm512_srli_epi32::<4>(idx), table));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Q5_0: x = (q - 16) * d, and Q5_1: x = q * d + m; q's fifth bit in qh (bit e for element e).
-// ---------------------------------------------------------------------------------------------
-
-/// The four octets of a 5-bit block's quants (values `8g .. 8g + 8` in entry `g`), from its
-/// 16 bytes of nibbles at `qs` and its 32 high bits `qh`, as i32 lanes.
-///
-/// # Safety
-/// AVX2 is available and `qs..qs + 16` is readable.
-#[inline(always)]
-unsafe fn q5_octets(qs: *const u8, qh: u32) -> [__m256i; 4] {
-    // SAFETY: the caller's contract.
-    unsafe {
-        let q = q5_bytes(qs, qh);
-        std::array::from_fn(|g| widen8(q, g))
-    }
-}
-
-/// A 5-bit block's 32 quants as bytes, in element order (see [`q5_octets`]).
-///
-/// # Safety
-/// AVX2 is available and `qs..qs + 16` is readable.
-#[inline(always)]
-unsafe fn q5_bytes(qs: *const u8, qh: u32) -> __m256i {
-    // SAFETY: the caller's contract.
-    unsafe {
-        let (lo, hi) = nibbles16(qs);
-        // Byte e of `bytes` is value e's low four bits; of `high`, 0x10 where bit e of qh is
-        // set (ggml's `bytes_from_bits_32`: each byte of qh copied to eight bytes, all bits
-        // but the byte's own then set, and compared with all ones).
-        let bytes = _mm256_set_m128i(hi, lo);
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(qh as i32),
-            _mm256_set_epi64x(
-                0x0303_0303_0303_0303,
-                0x0202_0202_0202_0202,
-                0x0101_0101_0101_0101,
-                0,
-            ),
-        );
-        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
-        let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
-        let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
-        _mm256_or_si256(bytes, high)
-    }
-}
-
-/// A 5-bit block's quants as two vectors of sixteen i32 lanes (values 0..16, 16..32), from
-/// its 16 bytes of nibbles at `qs` and its 32 high bits `qh`.
-///
-/// # Safety
-/// AVX-512F is available and `qs..qs + 16` is readable.
-#[inline(always)]
-unsafe fn q5_quants512(qs: *const u8, qh: u32) -> [__m512i; 2] {
-    // SAFETY: the caller's contract.
-    unsafe {
-        let (lo, hi) = nibbles16(qs);
-        let sixteen = _mm512_set1_epi32(16);
-        // Bit e of qh is element e's fifth bit: lanes whose bit is set get 16 or-ed in.
-        let quants = |h: usize, nibbles: __m128i| {
-            let q = _mm512_cvtepu8_epi32(nibbles);
-            _mm512_mask_or_epi32(q, (qh >> (16 * h)) as u16, q, sixteen)
-        };
-        [quants(0, lo), quants(1, hi)]
-    }
-}
-
-/// # Safety
-/// AVX2 and F16C are available and the 22-byte block at `p` is readable.
-#[inline(always)]
-unsafe fn q5_0_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
-    // SAFETY: the caller's contract: bytes 0..22 of the block.
-    unsafe {
-        let d = _mm256_set1_ps(f16_at(p));
-        let qh = p.add(2).cast::<u32>().read_unaligned();
-        // `q - 16` on the 32 bytes at once (it fits a signed byte), then widened.
-        let q = _mm256_sub_epi8(q5_bytes(p.add(6), qh), _mm256_set1_epi8(16));
-        let f = |g: usize| _mm256_mul_ps(_mm256_cvtepi32_ps(widen8_signed(q, g)), d);
-        emit(0, [f(0), f(1)]);
-        emit(16, [f(2), f(3)]);
-    }
-}
-
-/// # Safety
-/// AVX-512F and F16C are available and the 22-byte block at `p` is readable.
-#[inline(always)]
-unsafe fn q5_0_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
-    // SAFETY: the caller's contract: bytes 0..22 of the block.
-    unsafe {
-        let d = _mm512_set1_ps(f16_at(p));
-        let qh = p.add(2).cast::<u32>().read_unaligned();
-        // `(q - 16) * d` for q = 0..32 (`q - 16` is exact in f32), picked by quant.
-        let (iota, sixteen) = (iota16(), _mm512_set1_ps(16.0));
-        let (lo, hi) = (
-            _mm512_mul_ps(_mm512_sub_ps(iota, sixteen), d),
-            _mm512_mul_ps(iota, d),
-        );
-        for (h, q) in q5_quants512(p.add(6), qh).into_iter().enumerate() {
-            emit(16 * h, pick32(q, lo, hi));
-        }
-    }
-}
-
-/// # Safety
-/// AVX2, FMA and F16C are available and the 24-byte block at `p` is readable.
-#[inline(always)]
-unsafe fn q5_1_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
-    // SAFETY: the caller's contract: bytes 0..24 of the block.
-    unsafe {
-        let (d, m) = (_mm256_set1_ps(f16_at(p)), _mm256_set1_ps(f16_at(p.add(2))));
-        let qh = p.add(4).cast::<u32>().read_unaligned();
-        let q = q5_octets(p.add(8), qh);
-        // `q * d` is exact: one rounding, the addition's.
-        let f = |q: __m256i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m);
-        emit(0, [f(q[0]), f(q[1])]);
-        emit(16, [f(q[2]), f(q[3])]);
-    }
-}
-
-/// # Safety
-/// AVX-512F and F16C are available and the 24-byte block at `p` is readable.
-#[inline(always)]
-unsafe fn q5_1_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
-    // SAFETY: the caller's contract: bytes 0..24 of the block.
-    unsafe {
-        let (d, m) = (_mm512_set1_ps(f16_at(p)), _mm512_set1_ps(f16_at(p.add(2))));
-        let qh = p.add(4).cast::<u32>().read_unaligned();
-        // `q * d` is exact: one rounding, the addition's.
-        for (h, q) in q5_quants512(p.add(8), qh).into_iter().enumerate() {
-            emit(16 * h, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m));
-        }
     }
 }
 

@@ -1,7 +1,14 @@
-//! Quantized weights against f32 activations: Q4_1 and Q8_0 blocks (held split, values apart
-//! from their f16 scales) widened to f32 eight or sixteen values per instruction, exactly as
-//! the portable dequantization computes them, and the dispatch to [`super::blocks`] for the
-//! kinds held as the file stores them.
+//! Quantized weights against f32 activations: the 32-value kinds' blocks (Q4_0, Q4_1, Q5_0,
+//! Q5_1 and Q8_0, held split, values apart from their f16 scales) widened to f32 eight or
+//! sixteen values per instruction, exactly as the portable dequantization computes them, and
+//! the dispatch to [`super::blocks`] for the K-quants, held as the file stores them.
+//!
+//! Held as the file's blocks (scales inside, 18, 22 or 24 bytes apart), Q4_0, Q5_0 and Q5_1
+//! widened each block's scale on its own and read values across cache lines. Split, on an
+//! Intel Xeon (640 rows of 2,048, criterion, best of two alternated runs): dequantizing took
+//! 0.61x (Q4_0), 0.65x (Q5_0) and 0.61x (Q5_1) the time at AVX-512, 0.81-0.91x at AVX2; the
+//! decode gemv 0.74x, 0.66x and 0.61x at AVX-512, 0.89x, 0.90x and 0.99x at AVX2. (With the
+//! kernels compiled once per kind, see [`Split`], Q4_1's and Q8_0's took 0.88-0.95x too.)
 
 use std::arch::x86_64::*;
 
@@ -10,9 +17,71 @@ use super::{PREFETCH, reduce, reduce512};
 use crate::kernels::isa::{Isa, Level};
 use crate::kernels::quant::{QK, QKind, QMatrix};
 
-/// Raw views of a split (Q4_1 or Q8_0) matrix's blocks.
-struct Blocks {
-    kind: QKind,
+/// A split kind as a type: each kernel is compiled for one kind, its per-block `match` on
+/// the kind folded away. (With the kind a value, a third kind's arm in the block loops made
+/// the compiler keep the match in them: Q4_1's dequantization took 1.45x as long.)
+trait Split {
+    const KIND: QKind;
+}
+
+enum Q40 {}
+enum Q41 {}
+enum Q50 {}
+enum Q51 {}
+enum Q80 {}
+
+impl Split for Q40 {
+    const KIND: QKind = QKind::Q4_0;
+}
+
+impl Split for Q41 {
+    const KIND: QKind = QKind::Q4_1;
+}
+
+impl Split for Q50 {
+    const KIND: QKind = QKind::Q5_0;
+}
+
+impl Split for Q51 {
+    const KIND: QKind = QKind::Q5_1;
+}
+
+impl Split for Q80 {
+    const KIND: QKind = QKind::Q8_0;
+}
+
+/// `$body` with `$k` the [`Split`] type of `$kind`, a split kind.
+macro_rules! with_split {
+    ($kind:expr, $k:ident => $body:expr) => {
+        match $kind {
+            QKind::Q4_0 => {
+                type $k = Q40;
+                $body
+            }
+            QKind::Q4_1 => {
+                type $k = Q41;
+                $body
+            }
+            QKind::Q5_0 => {
+                type $k = Q50;
+                $body
+            }
+            QKind::Q5_1 => {
+                type $k = Q51;
+                $body
+            }
+            QKind::Q8_0 => {
+                type $k = Q80;
+                $body
+            }
+            other => unreachable!("{other:?} is not held split: checked by the wrappers"),
+        }
+    };
+}
+
+/// Raw views of a split (Q4_1, Q5_0 or Q8_0) matrix's blocks.
+struct Blocks<K: Split> {
+    kind: std::marker::PhantomData<K>,
     nb: usize,
     qs: *const u8,
     d: *const u16,
@@ -43,11 +112,11 @@ impl Scales {
     /// # Safety
     /// AVX2 and F16C are available and the blocks exist.
     #[inline(always)]
-    unsafe fn load(&mut self, b: &Blocks, first: usize, n: usize) {
+    unsafe fn load<K: Split>(&mut self, b: &Blocks<K>, first: usize, n: usize) {
         // SAFETY: the caller's contract.
         unsafe {
             widen(b.d.add(first), n, &mut self.d);
-            if b.kind == QKind::Q4_1 {
+            if K::KIND.has_minimum() {
                 widen(b.m.add(first), n, &mut self.m);
             }
         }
@@ -81,7 +150,7 @@ unsafe fn widen(src: *const u16, n: usize, out: &mut [f32; SCALES]) {
     }
 }
 
-impl Blocks {
+impl<K: Split> Blocks<K> {
     /// Asks the CPU for the quants [`PREFETCH`] bytes ahead of block `blk` of row `row`, for
     /// the gemv. The address may point past the matrix; it is never dereferenced (a prefetch
     /// does not fault), hence `wrapping_add`.
@@ -89,18 +158,18 @@ impl Blocks {
     fn ask_ahead(&self, row: usize, blk: usize) {
         let ahead = self
             .qs
-            .wrapping_add((row * self.nb + blk) * self.kind.qs_bytes() + PREFETCH);
+            .wrapping_add((row * self.nb + blk) * K::KIND.qs_bytes() + PREFETCH);
         // SAFETY: SSE is part of every x86-64 CPU; a prefetch reads nothing and cannot fault.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.cast()) }
     }
 
     /// # Panics
     /// If `q` is not of a widened kind (the kernels below read its buffers as such).
-    fn new(q: &QMatrix) -> Blocks {
+    fn new(q: &QMatrix) -> Blocks<K> {
         assert!(q.kind().split(), "{:?} is not held split", q.kind());
         let (qs, d, m) = q.raw_parts();
         Blocks {
-            kind: q.kind(),
+            kind: std::marker::PhantomData,
             nb: q.cols() / QK,
             qs: qs.as_ptr(),
             d: d.as_ptr(),
@@ -123,18 +192,18 @@ pub(crate) fn dequantize_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize, ou
         blocks::dequantize_blocks(isa, q.kind(), raw, out);
         return;
     }
-    let (b, out) = (Blocks::new(q), out.as_mut_ptr());
+    let out = out.as_mut_ptr();
     // SAFETY: the CPU has `isa` (an `Isa` exists only for levels it has); rows r0..r0 + count
-    // exist and `out`
-    // holds exactly their values (asserted above), so every block and output offset the
-    // kernel forms is in bounds.
-    unsafe {
+    // exist and `out` holds exactly their values (asserted above), so every block and output
+    // offset the kernel forms is in bounds.
+    with_split!(q.kind(), K => unsafe {
+        let b = Blocks::<K>::new(q);
         match isa.level() {
             Level::Avx2 => dequantize_rows_avx2(&b, r0, count, out),
             Level::Avx512 => dequantize_rows_avx512(&b, r0, count, out),
             Level::Portable => panic!("x86::dequantize_rows needs AVX2 or AVX-512"),
         }
-    }
+    })
 }
 
 /// Asks the CPU to bring rows `r0..r0 + count` of `q` into its caches (their quantized
@@ -201,13 +270,14 @@ pub(crate) fn gemv(isa: Isa, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32])
     // SAFETY: the CPU has `isa` (an `Isa` exists only for levels it has) and rows
     // r0..r0 + out.len() exist (asserted above); `x`
     // holds nb * QK values.
-    unsafe {
+    with_split!(q.kind(), K => unsafe {
+        let b = Blocks::<K>::new(q);
         match isa.level() {
-            Level::Avx2 => gemv_avx2(&Blocks::new(q), r0, x.as_ptr(), out),
-            Level::Avx512 => gemv_avx512(&Blocks::new(q), r0, x.as_ptr(), out),
+            Level::Avx2 => gemv_avx2(&b, r0, x.as_ptr(), out),
+            Level::Avx512 => gemv_avx512(&b, r0, x.as_ptr(), out),
             Level::Portable => panic!("x86::gemv needs AVX2 or AVX-512"),
         }
-    }
+    })
 }
 
 /// The 32 values of block `blk` as four registers of 8, in element order; its scale (and
@@ -216,18 +286,36 @@ pub(crate) fn gemv(isa: Isa, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32])
 /// # Safety
 /// AVX2 and FMA are available and `blk` is a block of the matrix.
 #[inline(always)]
-unsafe fn block(b: &Blocks, s: &Scales, i: usize, row: usize, blk_in_row: usize) -> [__m256; 4] {
+unsafe fn block<K: Split>(
+    b: &Blocks<K>,
+    s: &Scales,
+    i: usize,
+    row: usize,
+    blk_in_row: usize,
+) -> [__m256; 4] {
     // SAFETY: the caller's contract: blk < rows * nb.
     unsafe {
-        let blk = row * b.nb + blk_in_row;
+        let p = b.qs.add((row * b.nb + blk_in_row) * K::KIND.qs_bytes());
         let d = _mm256_set1_ps(s.d[i]);
-        match b.kind {
+        match K::KIND {
+            QKind::Q4_0 => {
+                let (lo, hi) = nibbles16(p);
+                // `q - 8` on 16 bytes at once (it fits a signed byte), then widened.
+                let eight = _mm_set1_epi8(8);
+                let (lo, hi) = (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight));
+                let f = |bytes: __m128i| {
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), d)
+                };
+                [
+                    f(lo),
+                    f(_mm_srli_si128::<8>(lo)),
+                    f(hi),
+                    f(_mm_srli_si128::<8>(hi)),
+                ]
+            }
             QKind::Q4_1 => {
                 let m = _mm256_set1_ps(s.m[i]);
-                let v = _mm_loadu_si128(b.qs.add(blk * QK / 2).cast());
-                let mask = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(v, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                let (lo, hi) = nibbles16(p);
                 // `d * q` is exact (an f16 scale has 11 significant bits, `q < 16` has 4),
                 // so the fused multiply-add rounds once, exactly as the multiply (exact)
                 // then the add of the reference: the same bits in one instruction.
@@ -237,14 +325,28 @@ unsafe fn block(b: &Blocks, s: &Scales, i: usize, row: usize, blk_in_row: usize)
                 };
                 [
                     f(lo),
-                    f(_mm_srli_si128(lo, 8)),
+                    f(_mm_srli_si128::<8>(lo)),
                     f(hi),
-                    f(_mm_srli_si128(hi, 8)),
+                    f(_mm_srli_si128::<8>(hi)),
                 ]
             }
-            // Q8_0, the other widened kind (see `Blocks::new`).
+            QKind::Q5_0 => {
+                // `q - 16` on the 32 bytes at once (it fits a signed byte), then widened;
+                // `(q - 16) * d` as the reference multiplies.
+                let q = _mm256_sub_epi8(q5_bytes(p.add(4), p), _mm256_set1_epi8(16));
+                let f =
+                    |g: usize| _mm256_mul_ps(_mm256_cvtepi32_ps(blocks::widen8_signed(q, g)), d);
+                [f(0), f(1), f(2), f(3)]
+            }
+            QKind::Q5_1 => {
+                let m = _mm256_set1_ps(s.m[i]);
+                let q = q5_bytes(p.add(4), p);
+                // `q * d` is exact: one rounding, the addition's.
+                let f = |g: usize| _mm256_fmadd_ps(_mm256_cvtepi32_ps(blocks::widen8(q, g)), d, m);
+                [f(0), f(1), f(2), f(3)]
+            }
+            // Q8_0, the last split kind (see `Split`).
             _ => {
-                let p = b.qs.add(blk * QK);
                 let a = _mm_loadu_si128(p.cast());
                 let c = _mm_loadu_si128(p.add(16).cast());
                 let f = |bytes: __m128i| {
@@ -257,7 +359,7 @@ unsafe fn block(b: &Blocks, s: &Scales, i: usize, row: usize, blk_in_row: usize)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dequantize_rows_avx2(b: &Blocks, r0: usize, count: usize, out: *mut f32) {
+unsafe fn dequantize_rows_avx2<K: Split>(b: &Blocks<K>, r0: usize, count: usize, out: *mut f32) {
     // SAFETY: the callers' bounds checks: rows r0..r0 + count exist and `out` has
     // count * nb * QK values.
     unsafe {
@@ -279,7 +381,7 @@ unsafe fn dequantize_rows_avx2(b: &Blocks, r0: usize, count: usize, out: *mut f3
 }
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn dequantize_rows_avx512(b: &Blocks, r0: usize, count: usize, out: *mut f32) {
+unsafe fn dequantize_rows_avx512<K: Split>(b: &Blocks<K>, r0: usize, count: usize, out: *mut f32) {
     // SAFETY: the callers' bounds checks, as for `dequantize_rows_avx2`.
     unsafe {
         let mut o = out;
@@ -319,7 +421,7 @@ macro_rules! in_pairs {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
+unsafe fn gemv_avx2<K: Split>(b: &Blocks<K>, r0: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
     unsafe {
         let mut s = [Scales::new(), Scales::new()];
@@ -335,7 +437,12 @@ unsafe fn gemv_avx2(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
 /// # Safety
 /// As for [`gemv_row`], for both rows.
 #[inline(always)]
-unsafe fn gemv_pair(b: &Blocks, s: &mut [Scales; 2], rows: [usize; 2], x: *const f32) -> [f32; 2] {
+unsafe fn gemv_pair<K: Split>(
+    b: &Blocks<K>,
+    s: &mut [Scales; 2],
+    rows: [usize; 2],
+    x: *const f32,
+) -> [f32; 2] {
     // SAFETY: as in `gemv_row`.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; 2];
@@ -363,7 +470,7 @@ unsafe fn gemv_pair(b: &Blocks, s: &mut [Scales; 2], rows: [usize; 2], x: *const
 }
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn gemv_avx512(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
+unsafe fn gemv_avx512<K: Split>(b: &Blocks<K>, r0: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
     unsafe {
         let mut s = [Scales::new(), Scales::new()];
@@ -379,8 +486,8 @@ unsafe fn gemv_avx512(b: &Blocks, r0: usize, x: *const f32, out: &mut [f32]) {
 /// # Safety
 /// As for [`gemv_row512`], for both rows.
 #[inline(always)]
-unsafe fn gemv_pair512(
-    b: &Blocks,
+unsafe fn gemv_pair512<K: Split>(
+    b: &Blocks<K>,
     s: &mut [Scales; 2],
     rows: [usize; 2],
     x: *const f32,
@@ -416,28 +523,56 @@ unsafe fn gemv_pair512(
 /// # Safety
 /// AVX-512F is available and `blk` is a block of the matrix.
 #[inline(always)]
-unsafe fn block512(b: &Blocks, s: &Scales, i: usize, row: usize, blk_in_row: usize) -> [__m512; 2] {
+unsafe fn block512<K: Split>(
+    b: &Blocks<K>,
+    s: &Scales,
+    i: usize,
+    row: usize,
+    blk_in_row: usize,
+) -> [__m512; 2] {
     // SAFETY: the caller's contract, as for `block`.
     unsafe {
-        let blk = row * b.nb + blk_in_row;
+        let p = b.qs.add((row * b.nb + blk_in_row) * K::KIND.qs_bytes());
         let d = _mm512_set1_ps(s.d[i]);
-        match b.kind {
-            QKind::Q4_1 => {
-                let m = _mm512_set1_ps(s.m[i]);
-                // The block's sixteen possible values, `d * q + m` for q = 0..16 (exact to
-                // fuse, as in `block`), each value then picked by its nibble: byte `j`
-                // widened is value `j`'s index and, shifted right by four, value `16 + j`'s.
-                let table = _mm512_fmadd_ps(d, blocks::iota16(), m);
-                let bytes = _mm_loadu_si128(b.qs.add(blk * QK / 2).cast());
-                let idx = _mm512_cvtepu8_epi32(bytes);
+        let iota = blocks::iota16();
+        match K::KIND {
+            QKind::Q4_0 | QKind::Q4_1 => {
+                // The block's sixteen possible values, `(q - 8) * d` for q = 0..16 (`q - 8`
+                // is exact in f32) or `d * q + m` (exact to fuse, as in `block`), each value
+                // then picked by its nibble: byte `j` widened is value `j`'s index and,
+                // shifted right by four, value `16 + j`'s.
+                let table = if K::KIND == QKind::Q4_0 {
+                    _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0)), d)
+                } else {
+                    _mm512_fmadd_ps(d, iota, _mm512_set1_ps(s.m[i]))
+                };
+                let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
                 [
                     blocks::pick16(idx, table),
                     blocks::pick16(_mm512_srli_epi32::<4>(idx), table),
                 ]
             }
+            QKind::Q5_0 | QKind::Q5_1 => {
+                // The 32 possible values, `(q - 16) * d` for q = 0..32 (`q - 16` is exact in
+                // f32) or `q * d + m` (exact to fuse), picked by quant.
+                let sixteen = _mm512_set1_ps(16.0);
+                let (lo, hi) = if K::KIND == QKind::Q5_0 {
+                    (
+                        _mm512_mul_ps(_mm512_sub_ps(iota, sixteen), d),
+                        _mm512_mul_ps(iota, d),
+                    )
+                } else {
+                    let m = _mm512_set1_ps(s.m[i]);
+                    (
+                        _mm512_fmadd_ps(iota, d, m),
+                        _mm512_fmadd_ps(_mm512_add_ps(iota, sixteen), d, m),
+                    )
+                };
+                let [q0, q1] = q5_indices512(p.add(4), p);
+                [pick32(q0, lo, hi), pick32(q1, lo, hi)]
+            }
             // Q8_0, as in `block`.
             _ => {
-                let p = b.qs.add(blk * QK);
                 let f = |bytes: __m128i| {
                     _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
                 };
@@ -456,7 +591,7 @@ unsafe fn block512(b: &Blocks, s: &Scales, i: usize, row: usize, blk_in_row: usi
 /// # Safety
 /// AVX-512F is available, row `row` exists and `x` has `nb * QK` values.
 #[inline(always)]
-unsafe fn gemv_row512(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> f32 {
+unsafe fn gemv_row512<K: Split>(b: &Blocks<K>, s: &mut Scales, row: usize, x: *const f32) -> f32 {
     // SAFETY: as in `gemv_row`.
     unsafe {
         let mut acc = _mm512_setzero_ps();
@@ -492,7 +627,7 @@ unsafe fn gemv_row512(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> 
 /// # Safety
 /// AVX2 and FMA are available, row `row` exists and `x` has `nb * QK` values.
 #[inline(always)]
-unsafe fn gemv_row(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> f32 {
+unsafe fn gemv_row<K: Split>(b: &Blocks<K>, s: &mut Scales, row: usize, x: *const f32) -> f32 {
     // SAFETY: the caller's contract.
     unsafe {
         let mut acc = [_mm256_setzero_ps(); 2];
@@ -519,5 +654,102 @@ unsafe fn gemv_row(b: &Blocks, s: &mut Scales, row: usize, x: *const f32) -> f32
             }
         }
         reduce(acc)
+    }
+}
+
+/// The low and high nibbles of the 16 bytes at `p`.
+///
+/// # Safety
+/// AVX2 is available and `p..p + 16` is readable.
+#[inline(always)]
+unsafe fn nibbles16(p: *const u8) -> (__m128i, __m128i) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let (q, mask) = (_mm_loadu_si128(p.cast()), _mm_set1_epi8(0x0F));
+        (
+            _mm_and_si128(q, mask),
+            _mm_and_si128(_mm_srli_epi16::<4>(q), mask),
+        )
+    }
+}
+
+/// [`blocks::pick16`] from 32 entries: `lo` for indices 0..16, `hi` for 16..32 (the low five bits of
+/// each lane).
+///
+/// # Safety
+/// AVX-512F is available.
+#[inline(always)]
+unsafe fn pick32(idx: __m512i, lo: __m512, hi: __m512) -> __m512 {
+    // SAFETY: the caller's contract.
+    unsafe { _mm512_permutex2var_ps(lo, idx, hi) }
+}
+
+/// A 5-bit block's 32 quants as bytes, in element order, from its 16 bytes of nibbles at `qs` and
+/// its 32 high bits at `qh` (bit e is value e's fifth bit).
+///
+/// # Safety
+/// AVX2 is available, `qs..qs + 16` and `qh..qh + 4` are readable.
+#[inline(always)]
+unsafe fn q5_bytes(qs: *const u8, qh: *const u8) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let (lo, hi) = nibbles16(qs);
+        // Byte e of `bytes` is value e's low four bits; of `high`, 0x10 where bit e of qh is
+        // set (ggml's `bytes_from_bits_32`: each byte of qh copied to eight bytes, all bits
+        // but the byte's own then set, and compared with all ones).
+        let bytes = _mm256_set_m128i(hi, lo);
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(qh.cast::<i32>().read_unaligned()),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
+        let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+        _mm256_or_si256(bytes, high)
+    }
+}
+
+/// A 5-bit block's quants as two vectors of sixteen i32 lanes (values 0..16, 16..32) for
+/// [`pick32`], which reads a lane's low five bits only (the bits above are not zero), from
+/// its 16 bytes of nibbles at `qs` and its 32 high bits at `qh`.
+///
+/// Lane j widens byte j of the nibbles (values j and 16 + j) and takes the high bits rotated
+/// so that value j's lands in bit 4 (value 16 + j's in bit 8): one rotation and one ternary
+/// logic instruction per sixteen values, where setting the bits through a mask took a move to
+/// a mask register and a masked or, and two widenings. Q5_0's dequantization (640 rows of
+/// 2,048, one thread, an Intel Xeon at AVX-512) took 69.5 us against 81.7.
+///
+/// # Safety
+/// AVX-512F is available, `qs..qs + 16` and `qh..qh + 4` are readable.
+#[inline(always)]
+unsafe fn q5_indices512(qs: *const u8, qh: *const u8) -> [__m512i; 2] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.cast()));
+        let qh = _mm512_set1_epi32(qh.cast::<i32>().read_unaligned());
+        let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        // The high bits rotated left so that bit `to - 32 + j`... of lane j lands in `to`.
+        let rot = |by: i32| {
+            let by = _mm512_and_si512(
+                _mm512_sub_epi32(_mm512_set1_epi32(by), lane),
+                _mm512_set1_epi32(31),
+            );
+            _mm512_rolv_epi32(qh, by)
+        };
+        // Where the constant's bits are set, `bytes`' bits; elsewhere the rotation's.
+        let select = |keep: i32, rotated: __m512i| {
+            _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi32(keep), bytes, rotated)
+        };
+        // Value j: bit j to bit 4 (a left rotation by 4 - j); value 16 + j: bit 16 + j to
+        // bit 8 (by -8 - j), then the high nibble and that bit shifted down by four.
+        [
+            select(0x0F, rot(36)),
+            _mm512_srli_epi32::<4>(select(0xF0, rot(24))),
+        ]
     }
 }
