@@ -48,15 +48,15 @@ pub(crate) fn dequantize_blocks(isa: Isa, kind: QKind, raw: &[u8], out: &mut [f3
 /// `x.len()` values), at `isa`: bitwise what dequantizing them and calling `dot` gives.
 ///
 /// Rows two at a time, one from each half of them (as the split kinds' gemv takes them): two
-/// sequential streams, each with a software prefetch ahead, and two chains of multiply-adds
-/// that overlap. On an Intel Xeon (family 6 model 167 as its VM reports it, 2 threads, 65,536
-/// rows of 2,048 from memory), pairs took 0.84-0.96x a row at a time's time at AVX-512 (Q2_K
-/// the same), and at AVX2 0.8-0.97x for Q4_0, Q4_K, Q5_0, Q5_1 (held here then) and Q6_K but 1.27x for Q2_K
-/// and the same for Q3_K and Q5_K, which AVX2 takes a row at a time (sixteen registers hold
-/// one row's work, not two). Gemma 3's decode gained 7% at AVX-512 and 9% at AVX2. In cache
-/// (640 rows of 2,048) pairs changed nothing at AVX-512 and cost up to 11% at AVX2. An earlier
-/// form on a Zen 4, before the scales were read one by one ([`Table16`]), was mixed: Q2_K and
-/// Q4_0 0.75-0.9x at AVX-512, Q4_K the same, Q6_K twice as long.
+/// sequential streams, each with a software prefetch ahead, and two chains of multiply-adds that
+/// overlap. On an Intel Xeon (family 6 model 167 as its VM reports it, 2 threads, 65,536 rows of
+/// 2,048 from memory), pairs took 0.84-0.96x a row at a time's time at AVX-512 (Q2_K the same), and
+/// at AVX2 0.8-0.97x for Q4_0, Q4_K, Q5_0, Q5_1 (held here then) and Q6_K but 1.27x for Q2_K and
+/// the same for Q3_K and Q5_K, which AVX2 takes a row at a time (sixteen registers hold one row's
+/// work, not two). Gemma 3's decode gained 7% at AVX-512 and 9% at AVX2. In cache (640 rows of
+/// 2,048) pairs changed nothing at AVX-512 and cost up to 11% at AVX2. An earlier form on a Zen 4,
+/// before the scales were read one by one ([`Table16`]), was mixed: Q2_K and Q4_0 0.75-0.9x at
+/// AVX-512, Q4_K the same, Q6_K twice as long.
 ///
 /// # Panics
 /// If `isa` is the portable level, `kind` is held split, `x` is not whole blocks or `raw`

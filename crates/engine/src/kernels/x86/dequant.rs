@@ -8,7 +8,7 @@
 //! Intel Xeon (640 rows of 2,048, criterion, best of two alternated runs): dequantizing took
 //! 0.61x (Q4_0), 0.65x (Q5_0) and 0.61x (Q5_1) the time at AVX-512, 0.81-0.91x at AVX2; the
 //! decode gemv 0.74x, 0.66x and 0.61x at AVX-512, 0.89x, 0.90x and 0.99x at AVX2. (With the
-//! kernels compiled once per kind, see [`Split`], Q4_1's and Q8_0's took 0.88-0.95x too.)
+//! kernels compiled once per kind, see [`Split`], Q4_1's and Q8_0's took 0.88-1.00x too.)
 
 use std::arch::x86_64::*;
 
@@ -656,8 +656,8 @@ unsafe fn pick32(idx: __m512i, lo: __m512, hi: __m512) -> __m512 {
     unsafe { _mm512_permutex2var_ps(lo, idx, hi) }
 }
 
-/// A 5-bit block's 32 quants as bytes, in element order, from its 16 bytes of nibbles at `qs` and
-/// its 32 high bits at `qh` (bit e is value e's fifth bit).
+/// A 5-bit block's 32 quants as bytes, in element order, from its 16 bytes of nibbles at `qs`
+/// and its 32 high bits at `qh` (bit e is value e's fifth bit).
 ///
 /// # Safety
 /// AVX2 is available, `qs..qs + 16` and `qh..qh + 4` are readable.
@@ -705,7 +705,7 @@ unsafe fn q5_indices512(qs: *const u8, qh: *const u8) -> [__m512i; 2] {
         let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.cast()));
         let qh = _mm512_set1_epi32(qh.cast::<i32>().read_unaligned());
         let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        // The high bits rotated left so that bit `to - 32 + j`... of lane j lands in `to`.
+        // Lane j's copy of the high bits rotated left by `by - j` (mod 32).
         let rot = |by: i32| {
             let by = _mm512_and_si512(
                 _mm512_sub_epi32(_mm512_set1_epi32(by), lane),
