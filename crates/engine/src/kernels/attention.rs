@@ -38,6 +38,70 @@ struct Scratch {
     scores: Vec<f32>,
     /// One chunk of K or V rows converted to f32, line-aligned like the cache's own rows.
     rows: AlignedBuf,
+    /// One chunk of K rows in the quarter layout of the AVX-512 score kernel.
+    quarters: AlignedBuf,
+}
+
+/// Keys per block of the quarter layout.
+#[cfg(target_arch = "x86_64")]
+const QUARTER_KEYS: usize = x86::QUARTER_KEYS;
+#[cfg(not(target_arch = "x86_64"))]
+const QUARTER_KEYS: usize = 16;
+
+/// Fewest queries sharing a block of keys for which it is laid out in quarters. By count, not
+/// measured: laying out 16 keys of 64 takes 128 shuffles, and each query scored from the
+/// layout saves 24, so a decode step's three queries per task keep the row kernel and a
+/// prompt's or a turn's tiles (up to 48) take the layout.
+const QUARTERS_MIN_QUERIES: usize = 8;
+
+/// Whether `nq` queries of width `d` are scored with the keys in the quarter layout
+/// ([`x86::gram_quarters`], AVX-512 only). The same bits either way.
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn quarters_apply(isa: Isa, d: usize, nq: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa.level() == Level::Avx512 && d.is_multiple_of(LANES) && nq >= QUARTERS_MIN_QUERIES {
+        return true;
+    }
+    false
+}
+
+/// Scores of `nq` queries against K rows `keys` (whole blocks of [`QUARTER_KEYS`]) into
+/// `out[i * ld + j]` (`j` from `keys.start`): the rows laid out in the quarter layout (f16
+/// widened on the way, other dtypes converted to f32 first), asking the CPU for the rows
+/// `next` as [`rows_f32`] does.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn score_quarters(
+    isa: Isa,
+    q: &[f32],
+    nq: usize,
+    k: KvRows<'_>,
+    keys: Range<usize>,
+    next: Range<usize>,
+    (quarters, rows): (&mut AlignedBuf, &mut AlignedBuf),
+    out: &mut [f32],
+    ld: usize,
+) {
+    let d = k.width();
+    let (j0, n) = (keys.start, keys.len());
+    let (rb, bytes) = (k.row_bytes(), k.bytes());
+    let end = (next.end * rb).min(bytes.len());
+    let ahead = &bytes[(next.start * rb).min(end)..end];
+    let (source, ahead) = match (k.as_f32(), k.dtype(), k.as_u16()) {
+        (Some(all), _, _) => (x86::Keys::F32(&all[j0 * d..(j0 + n) * d]), &[][..]),
+        (None, KvDtype::F16, Some(halves)) => {
+            (x86::Keys::F16(&halves[j0 * d..(j0 + n) * d]), ahead)
+        }
+        _ => (
+            x86::Keys::F32(rows_f32(isa, k, j0, j0 + n, next, rows)),
+            &[][..],
+        ),
+    };
+    let kq = grown_aligned(quarters, n * d);
+    x86::quarters(isa, source, n, d, kq, ahead);
+    x86::gram_quarters(isa, q, nq, kq, n, d, out, ld);
 }
 
 /// Everything an attention task works in besides its output: its queries, copied to a
@@ -119,21 +183,48 @@ fn attend_portable(
 ) {
     let nq = qs.lens.len();
     let len = qs.lens.iter().copied().max().unwrap_or(0);
-    let Scratch { scores, rows } = scratch;
+    let Scratch {
+        scores,
+        rows,
+        quarters,
+    } = scratch;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = quarters;
     // Every score is written below before it is read (each query's row in full, the rows
     // past its own length included), so the buffer only grows: zeroing it for every task was
     // a pass over it (48 queries by 2,064 positions in a layer's task of a turn) for nothing.
     let scores = grown(scores, nq * len);
+    let by_quarters = quarters_apply(isa, d, nq);
     match k.as_f32() {
-        Some(k) => score_block(isa, qs.q, nq, k, len, d, scores, len),
-        None => {
+        Some(k) if !by_quarters => score_block(isa, qs.q, nq, k, len, d, scores, len),
+        _ => {
             for j0 in (0..len).step_by(CHUNK) {
                 let c = CHUNK.min(len - j0);
                 let next = j0 + CHUNK..j0 + 2 * CHUNK;
-                let kc = rows_f32(isa, k, j0, j0 + c, next, rows);
-                // Straight into each query's row of scores (copied there from a block of the
-                // chunk's scores before: 1.5% of a turn after 2,048 tokens).
-                score_block(isa, qs.q, nq, kc, c, d, &mut scores[j0..], len);
+                // Whole blocks of 16 keys in the quarter layout, when it applies; the rest
+                // (the last chunk's last keys) as rows.
+                let whole = if by_quarters { c - c % QUARTER_KEYS } else { 0 };
+                if whole > 0 {
+                    #[cfg(target_arch = "x86_64")]
+                    score_quarters(
+                        isa,
+                        qs.q,
+                        nq,
+                        k,
+                        j0..j0 + whole,
+                        next.clone(),
+                        (quarters, rows),
+                        &mut scores[j0..],
+                        len,
+                    );
+                }
+                if whole < c {
+                    let kc = rows_f32(isa, k, j0 + whole, j0 + c, next, rows);
+                    // Straight into each query's row of scores (copied there from a block of
+                    // the chunk's scores before: 1.5% of a turn after 2,048 tokens).
+                    let out = &mut scores[j0 + whole..];
+                    score_block(isa, qs.q, nq, kc, c - whole, d, out, len);
+                }
             }
         }
     }

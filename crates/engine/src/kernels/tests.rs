@@ -116,6 +116,63 @@ fn dot_is_the_fused_16_lane_definition() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
+fn scores_from_the_quarter_layout_are_dot_bitwise() {
+    // The layout is AVX-512's alone.
+    for_each_isa(|isa| {
+        if isa.level() != isa::Level::Avx512 {
+            return;
+        }
+        quarter_scores_are_dot_bitwise(isa);
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+fn quarter_scores_are_dot_bitwise(isa: Isa) {
+    use super::x86::{Keys, gram_quarters, quarters};
+    // SmolLM2's and Gemma 3's head widths and narrower ones; one block of keys and three.
+    for (na, nb, k) in [
+        (9, 16, 64),
+        (1, 48, 64),
+        (5, 32, 256),
+        (3, 16, 16),
+        (8, 48, 48),
+    ] {
+        let a = values(na * k, 33);
+        // Finite halves of both signs (exponents up to 14, subnormals among them), and the
+        // same keys as f32.
+        let halves: Vec<u16> = crate::testing::xorshift(34, 0x9e37_79b9)
+            .take(nb * k)
+            .map(|x| x as u16 & 0xbbff)
+            .collect();
+        let b: Vec<f32> = halves.iter().map(|&h| kv_extract::f16_to_f32(h)).collect();
+        for keys in [Keys::F32(&b), Keys::F16(&halves)] {
+            let mut kq = vec![f32::NAN; nb * k];
+            quarters(isa, keys, nb, k, &mut kq, &[]);
+            for ld in [nb, nb + 5] {
+                let mut out = vec![f32::NAN; na * ld];
+                gram_quarters(isa, &a, na, &kq, nb, k, &mut out, ld);
+                for i in 0..na {
+                    for j in 0..ld {
+                        let got = out[i * ld + j];
+                        if j >= nb {
+                            assert!(got.is_nan(), "{na}x{nb}x{k} ld {ld} wrote ({i}, {j})");
+                            continue;
+                        }
+                        let want = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{na}x{nb}x{k} ld {ld} ({i}, {j})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
 fn gram_is_dot_bitwise_at_every_simd_level() {
     // Odd counts on both sides exercise every edge micro-kernel.
     for_each_isa(|isa| {
