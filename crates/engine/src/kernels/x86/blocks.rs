@@ -365,7 +365,8 @@ unsafe fn table16(lo: __m256, hi: __m256) -> Table16 {
     Table16(t)
 }
 
-/// A super-block's sixteen scales in memory, each read by a load of its own four bytes.
+/// A super-block's sixteen scales in memory, each read by a broadcast load of its own four
+/// bytes, in assembly.
 ///
 /// Read as an array, the compiler merged two neighbouring scales into one 8-byte load at
 /// offset 4 of the 32-byte store that had just written them. On an Intel Xeon (family 6
@@ -374,7 +375,11 @@ unsafe fn table16(lo: __m256, hi: __m256) -> Table16 {
 /// Q4_1's time there against 1.0-1.2x on AMD's Zen 4 and 5. With a volatile read per scale
 /// (which cannot be merged) the K-quants' gemv took 0.5-0.8x its time on that Xeon at
 /// AVX-512, and Q2_K, Q5_K and Q6_K 0.46-0.88x at AVX2 (Q3_K and Q4_K there the same); their
-/// dequantization was unchanged.
+/// dequantization was unchanged. The compiler broadcast each volatile read with the shuffle
+/// unit, which the widening needs; a broadcast from memory is a load alone. On that Xeon
+/// (one thread, 640 rows of 2,048, 16 alternated runs, medians) Q2_K's AVX-512 gemv, two
+/// broadcasts per 16 values, took 0.92x the time (Q4_1's, unchanged code, 0.96x: the builds
+/// differ by that much), Q3_K, Q4_K and Q5_K 0.97-0.99x.
 struct Table16([f32; 16]);
 
 impl Table16 {
@@ -385,9 +390,7 @@ impl Table16 {
         unsafe { std::ptr::read_volatile(&raw const self.0[i]) }
     }
 
-    /// Scale `i` in each of sixteen lanes, by one broadcast load (the compiler's own form of
-    /// `_mm512_set1_ps(self.get(i))` loaded the scale and then broadcast it with the shuffle
-    /// unit, which the widening needs).
+    /// Scale `i` in each of sixteen lanes, by one broadcast load.
     ///
     /// # Safety
     /// AVX-512F is available.
@@ -562,14 +565,17 @@ unsafe fn shift_pairs(v: __m256i, j: usize) -> __m256i {
     }
 }
 
-/// Hands each run of 32 values of the Q2_K super-block at `p` to `visit(at, q, halves)`:
-/// their offset, their quants as 32 bytes (0..4), and each 16-value half's `(d * sc, dmin *
-/// m)`.
+/// Hands each run of 32 values of the Q2_K super-block at `p` to `visit(at, q, i, dl, ml)`:
+/// their offset, their quants as 32 bytes (0..4), and where their two 16-value halves' scales
+/// are: `d * sc` at `dl[i]` and `dl[i + 1]`, `dmin * m` at `ml[i]` and `ml[i + 1]`.
 ///
 /// # Safety
 /// AVX2 and F16C are available and the 84-byte block at `p` is readable.
 #[inline(always)]
-unsafe fn q2_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [(f32, f32); 2])) {
+unsafe fn q2_k_runs(
+    p: *const u8,
+    mut visit: impl FnMut(usize, __m256i, usize, &Table16, &Table16),
+) {
     // SAFETY: the caller's contract: scales at 0..16, quants at 16..80, d and dmin at 80..84.
     unsafe {
         let (d, min) = (f16_at(p.add(80)), f16_at(p.add(82)));
@@ -589,11 +595,7 @@ unsafe fn q2_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [(f32, f
                 // Each byte's bits 2j..2j + 2 (16-bit shifts bring in the next byte's bits,
                 // above the mask).
                 let v = _mm256_and_si256(shift_pairs(q, j), three);
-                let halves = std::array::from_fn(|half| {
-                    let i = 8 * n + 2 * j + half;
-                    (dl.get(i), ml.get(i))
-                });
-                visit(128 * n + 32 * j, v, halves);
+                visit(128 * n + 32 * j, v, 8 * n + 2 * j, &dl, &ml);
             }
         }
     }
@@ -605,9 +607,12 @@ unsafe fn q2_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [(f32, f
 unsafe fn q2_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // SAFETY: the caller's contract.
     unsafe {
-        q2_k_runs(p, |at, v, halves| {
-            for (half, (dl, ml)) in halves.into_iter().enumerate() {
-                let (dl, ml) = (_mm256_set1_ps(dl), _mm256_set1_ps(ml));
+        q2_k_runs(p, |at, v, i, dl, ml| {
+            for half in 0..2 {
+                let (dl, ml) = (
+                    _mm256_set1_ps(dl.get(i + half)),
+                    _mm256_set1_ps(ml.get(i + half)),
+                );
                 // `dl * q` is exact: one rounding, the subtraction's.
                 let f =
                     |i: usize| _mm256_fmsub_ps(dl, _mm256_cvtepi32_ps(widen8(v, 2 * half + i)), ml);
@@ -623,14 +628,12 @@ unsafe fn q2_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 unsafe fn q2_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract.
     unsafe {
-        q2_k_runs(p, |at, v, halves| {
-            for (half, (dl, ml)) in halves.into_iter().enumerate() {
+        q2_k_runs(p, |at, v, i, dl, ml| {
+            for half in 0..2 {
                 let x = _mm512_cvtepi32_ps(widen16(v, half));
                 // Exact to fuse, as at AVX2.
-                emit(
-                    at + 16 * half,
-                    _mm512_fmsub_ps(_mm512_set1_ps(dl), x, _mm512_set1_ps(ml)),
-                );
+                let (dl, ml) = (dl.splat512(i + half), ml.splat512(i + half));
+                emit(at + 16 * half, _mm512_fmsub_ps(dl, x, ml));
             }
         })
     }
@@ -640,14 +643,14 @@ unsafe fn q2_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
 // Q3_K: x = d * (sc - 32) * (q - 4 * !high) per 16 values.
 // ---------------------------------------------------------------------------------------------
 
-/// Hands each run of 32 values of the Q3_K super-block at `p` to `visit(at, q, halves)`:
-/// their offset, their quants as 32 signed bytes (-4..4, the high bit applied), and each
-/// 16-value half's `d * (sc - 32)`.
+/// Hands each run of 32 values of the Q3_K super-block at `p` to `visit(at, q, i, dl)`:
+/// their offset, their quants as 32 signed bytes (-4..4, the high bit applied), and where
+/// their two 16-value halves' `d * (sc - 32)` are: `dl[i]` and `dl[i + 1]`.
 ///
 /// # Safety
 /// AVX2 and F16C are available and the 110-byte block at `p` is readable.
 #[inline(always)]
-unsafe fn q3_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [f32; 2])) {
+unsafe fn q3_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, usize, &Table16)) {
     // SAFETY: the caller's contract: high bits at 0..32, quants at 32..96, scales at
     // 96..108, d at 108..110.
     unsafe {
@@ -669,8 +672,7 @@ unsafe fn q3_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [f32; 2]
                 let m = _mm256_set1_epi8((1u8 << (4 * n + j)) as i8);
                 let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, m), m);
                 let v = _mm256_sub_epi8(low, _mm256_andnot_si256(set, four));
-                let i = 8 * n + 2 * j;
-                visit(128 * n + 32 * j, v, [dl.get(i), dl.get(i + 1)]);
+                visit(128 * n + 32 * j, v, 8 * n + 2 * j, &dl);
             }
         }
     }
@@ -682,9 +684,9 @@ unsafe fn q3_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, [f32; 2]
 unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // SAFETY: the caller's contract.
     unsafe {
-        q3_k_runs(p, |at, v, dl| {
-            for (half, dl) in dl.into_iter().enumerate() {
-                let dl = _mm256_set1_ps(dl);
+        q3_k_runs(p, |at, v, i, dl| {
+            for half in 0..2 {
+                let dl = _mm256_set1_ps(dl.get(i + half));
                 let f = |i: usize| {
                     _mm256_mul_ps(dl, _mm256_cvtepi32_ps(widen8_signed(v, 2 * half + i)))
                 };
@@ -700,10 +702,10 @@ unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 unsafe fn q3_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract.
     unsafe {
-        q3_k_runs(p, |at, v, dl| {
-            for (half, dl) in dl.into_iter().enumerate() {
+        q3_k_runs(p, |at, v, i, dl| {
+            for half in 0..2 {
                 let x = _mm512_cvtepi32_ps(widen16_signed(v, half));
-                emit(at + 16 * half, _mm512_mul_ps(_mm512_set1_ps(dl), x));
+                emit(at + 16 * half, _mm512_mul_ps(dl.splat512(i + half), x));
             }
         })
     }
@@ -833,10 +835,9 @@ unsafe fn q4_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
         let t = k4_table(p);
         let iota = iota16();
         for j in 0..4 {
-            let [d1, m1, d2, m2] = k4_quarter_scales(&t, j);
-            let table =
-                |d: f32, m: f32| _mm512_fmsub_ps(_mm512_set1_ps(d), iota, _mm512_set1_ps(m));
-            let (lo, hi) = (table(d1, m1), table(d2, m2));
+            // Sub-block `i`'s table: its scale at `t[i]`, its minimum at `t[8 + i]`.
+            let table = |i: usize| _mm512_fmsub_ps(t.splat512(i), iota, t.splat512(8 + i));
+            let (lo, hi) = (table(2 * j), table(2 * j + 1));
             let q = p.add(16 + 32 * j);
             let idx = [
                 _mm512_cvtepu8_epi32(_mm_loadu_si128(q.cast())),
@@ -850,7 +851,8 @@ unsafe fn q4_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     }
 }
 
-/// [`k4_quarter_256`] in AVX-512 registers.
+/// [`k4_quarter_256`] in AVX-512 registers, the scales of quarter `j` broadcast from `t`
+/// ([`k4_table`]).
 ///
 /// # Safety
 /// AVX-512F is available.
@@ -858,13 +860,14 @@ unsafe fn q4_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
 unsafe fn k4_quarter_512(
     at: usize,
     (lo, hi): (__m256i, __m256i),
-    [d1, m1, d2, m2]: [f32; 4],
+    t: &Table16,
+    j: usize,
     emit: &mut impl FnMut(usize, __m512),
 ) {
     // SAFETY: the caller's contract.
     unsafe {
-        for (s, (q, dl, ml)) in [(lo, d1, m1), (hi, d2, m2)].into_iter().enumerate() {
-            let (dl, ml) = (_mm512_set1_ps(dl), _mm512_set1_ps(ml));
+        for (s, q) in [lo, hi].into_iter().enumerate() {
+            let (dl, ml) = (t.splat512(2 * j + s), t.splat512(8 + 2 * j + s));
             for i in 0..2 {
                 let x = _mm512_cvtepi32_ps(widen16(q, i));
                 // Exact to fuse, as at AVX2.
@@ -904,7 +907,7 @@ unsafe fn q5_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
             let (lo, hi) = nibbles32(p.add(48 + 32 * j));
             let lo = _mm256_or_si256(lo, fifth_bits(qh, 1 << (2 * j)));
             let hi = _mm256_or_si256(hi, fifth_bits(qh, 2 << (2 * j)));
-            k4_quarter_512(64 * j, (lo, hi), k4_quarter_scales(&t, j), emit);
+            k4_quarter_512(64 * j, (lo, hi), &t, j, emit);
         }
     }
 }
