@@ -114,6 +114,32 @@ fn dot_is_the_fused_16_lane_definition() {
     );
 }
 
+/// `out[i * ld + j]` is `dot(a[i], b[j])` bit for bit for every row of `a` and of `b` (`k`
+/// values each), and the gaps of a row wider than `b` (`ld` apart) still hold the NaN they
+/// were filled with.
+#[cfg(target_arch = "x86_64")]
+fn assert_scores_are_dot(out: &[f32], a: &[f32], b: &[f32], k: usize, ld: usize, what: &str) {
+    let (na, nb) = (a.len() / k, b.len() / k);
+    for i in 0..na {
+        for j in 0..ld {
+            let got = out[i * ld + j];
+            if j >= nb {
+                assert!(
+                    got.is_nan(),
+                    "{what} {na}x{nb}x{k} ld {ld} wrote ({i}, {j})"
+                );
+                continue;
+            }
+            let want = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{what} {na}x{nb}x{k} ld {ld} ({i}, {j})"
+            );
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn scores_from_the_quarter_layout_are_dot_bitwise() {
@@ -151,21 +177,7 @@ fn quarter_scores_are_dot_bitwise(isa: Isa) {
             for ld in [nb, nb + 5] {
                 let mut out = vec![f32::NAN; na * ld];
                 gram_quarters(isa, &a, na, &kq, nb, k, &mut out, ld);
-                for i in 0..na {
-                    for j in 0..ld {
-                        let got = out[i * ld + j];
-                        if j >= nb {
-                            assert!(got.is_nan(), "{na}x{nb}x{k} ld {ld} wrote ({i}, {j})");
-                            continue;
-                        }
-                        let want = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
-                        assert_eq!(
-                            got.to_bits(),
-                            want.to_bits(),
-                            "{na}x{nb}x{k} ld {ld} ({i}, {j})"
-                        );
-                    }
-                }
+                assert_scores_are_dot(&out, &a, &b, k, ld, &format!("{isa:?} quarters"));
             }
         }
     }
@@ -197,21 +209,7 @@ fn gram_is_dot_bitwise_at_every_simd_level() {
             for ld in [nb, nb + 5] {
                 let mut out = vec![f32::NAN; na * ld];
                 super::x86::gram(isa, &a, na, &b, nb, k, &mut out, ld);
-                for i in 0..na {
-                    for j in 0..ld {
-                        let got = out[i * ld + j];
-                        if j >= nb {
-                            assert!(got.is_nan(), "{isa:?} {na}x{nb} ld {ld} wrote ({i}, {j})");
-                            continue;
-                        }
-                        let want = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
-                        assert_eq!(
-                            got.to_bits(),
-                            want.to_bits(),
-                            "{isa:?} {na}x{nb} ld {ld} ({i}, {j})"
-                        );
-                    }
-                }
+                assert_scores_are_dot(&out, &a, &b, k, ld, &format!("{isa:?}"));
             }
         }
     });

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{KEYS512, kernel, kernel512, reduce16};
+use super::{KEYS512, kernel, kernel512, reduce16, within_quarters};
 use crate::kernels::dot::LANES;
 use crate::kernels::isa::{Isa, Level};
 
@@ -497,7 +497,8 @@ unsafe fn gram_quarters_avx512(
 /// sums of key `4c + p`: the same fused multiply-adds from zero, in the same column order, as
 /// [`fmadd`](crate::kernels::dot). Then [`reduce`](crate::kernels::dot::reduce)'s tree:
 /// `s8[l] = acc[l] + acc[l + 8]` adds accumulators `g` and `g + 2`, `s4[l] = s8[l] +
-/// s8[l + 4]` the two results, and the last two steps, within each lane, are [`reduce16`]'s.
+/// s8[l + 4]` the two results, and the last two steps, within each lane, are
+/// [`within_quarters`].
 ///
 /// # Safety
 /// AVX-512F is available; `a` has `k` values and `kq` a block of `16 * k`; `k % 16 == 0`,
@@ -583,17 +584,7 @@ unsafe fn quarters_1x16(a: *const f32, kq: *const f32, k: usize) -> __m512 {
                 _mm512_add_ps(acc[4 + p], acc[12 + p]),
             )
         });
-        // As `reduce16`'s last two steps: lane 4c + p ends with the sum of key 4c + p.
-        let w: [__m512; 2] = std::array::from_fn(|n| {
-            let (p, q) = (u[2 * n], u[2 * n + 1]);
-            _mm512_add_ps(
-                _mm512_shuffle_ps::<0x44>(p, q),
-                _mm512_shuffle_ps::<0xEE>(p, q),
-            )
-        });
-        _mm512_add_ps(
-            _mm512_shuffle_ps::<0x88>(w[0], w[1]),
-            _mm512_shuffle_ps::<0xDD>(w[0], w[1]),
-        )
+        // Lane 4c + p ends with the sum of key 4c + p.
+        within_quarters(&u)
     }
 }

@@ -101,7 +101,20 @@ unsafe fn reduce16(acc: &[__m512; KEYS512]) -> __m512 {
                 _mm512_shuffle_f32x4::<0xDD>(p, q),
             )
         });
-        // (s4[0] + s4[2]) + (s4[1] + s4[3]) within each quarter.
+        within_quarters(&u)
+    }
+}
+
+/// The last two steps of [`reduce`](crate::kernels::dot::reduce)'s tree, `(s4[0] + s4[2]) +
+/// (s4[1] + s4[3])`, for sixteen sums whose `s4` are quarters of `u`: quarter `q` of `u[n]`
+/// holds the `s4` of the sum that ends in lane `4q + n`.
+///
+/// # Safety
+/// AVX-512F is available.
+#[inline(always)]
+unsafe fn within_quarters(u: &[__m512; 4]) -> __m512 {
+    // SAFETY: the caller's contract.
+    unsafe {
         let w: [__m512; 2] = std::array::from_fn(|n| {
             let (p, q) = (u[2 * n], u[2 * n + 1]);
             _mm512_add_ps(
