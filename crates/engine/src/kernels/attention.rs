@@ -86,14 +86,12 @@ fn score_quarters(
 ) {
     let d = k.width();
     let (j0, n) = (keys.start, keys.len());
-    let (rb, bytes) = (k.row_bytes(), k.bytes());
-    let end = (next.end * rb).min(bytes.len());
-    let ahead = &bytes[(next.start * rb).min(end)..end];
     let (source, ahead) = match (k.as_f32(), k.dtype(), k.as_u16()) {
         (Some(all), _, _) => (x86::Keys::F32(&all[j0 * d..(j0 + n) * d]), &[][..]),
-        (None, KvDtype::F16, Some(halves)) => {
-            (x86::Keys::F16(&halves[j0 * d..(j0 + n) * d]), ahead)
-        }
+        (None, KvDtype::F16, Some(halves)) => (
+            x86::Keys::F16(&halves[j0 * d..(j0 + n) * d]),
+            bytes_of(k, next),
+        ),
         _ => (
             x86::Keys::F32(rows_f32(isa, k, j0, j0 + n, next, rows)),
             &[][..],
@@ -143,8 +141,7 @@ fn rows_f32<'b>(
     #[cfg(target_arch = "x86_64")]
     if isa.is_simd() {
         let (rb, bytes) = (rows.row_bytes(), rows.bytes());
-        let end = (next.end * rb).min(bytes.len());
-        let ahead = &bytes[(next.start * rb).min(end)..end];
+        let ahead = bytes_of(rows, next);
         match (rows.dtype(), rows.as_u16()) {
             (KvDtype::F16, Some(halves)) => {
                 x86::f16_to_f32(isa, &halves[j0 * d..j1 * d], out, ahead);
@@ -159,6 +156,16 @@ fn rows_f32<'b>(
     }
     rows.to_f32(j0..j1, out);
     out
+}
+
+/// The bytes of rows `range` of `rows`, clamped to the rows there are: what a conversion asks
+/// the CPU for ahead of converting it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn bytes_of(rows: KvRows<'_>, range: Range<usize>) -> &[u8] {
+    let (rb, bytes) = (rows.row_bytes(), rows.bytes());
+    let end = (range.end * rb).min(bytes.len());
+    &bytes[(range.start * rb).min(end)..end]
 }
 
 /// Attention of a set of queries sharing one KV head: scores against every K row any of them

@@ -565,9 +565,9 @@ unsafe fn shift_pairs(v: __m256i, j: usize) -> __m256i {
     }
 }
 
-/// Hands each run of 32 values of the Q2_K super-block at `p` to `visit(at, q, i, dl, ml)`:
+/// Hands each run of 32 values of the Q2_K super-block at `p` to `visit(at, q, sub, dl, ml)`:
 /// their offset, their quants as 32 bytes (0..4), and where their two 16-value halves' scales
-/// are: `d * sc` at `dl[i]` and `dl[i + 1]`, `dmin * m` at `ml[i]` and `ml[i + 1]`.
+/// are: `d * sc` at `dl[sub]` and `dl[sub + 1]`, `dmin * m` at `ml[sub]` and `ml[sub + 1]`.
 ///
 /// # Safety
 /// AVX2 and F16C are available and the 84-byte block at `p` is readable.
@@ -607,11 +607,11 @@ unsafe fn q2_k_runs(
 unsafe fn q2_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // SAFETY: the caller's contract.
     unsafe {
-        q2_k_runs(p, |at, v, i, dl, ml| {
+        q2_k_runs(p, |at, v, sub, dl, ml| {
             for half in 0..2 {
                 let (dl, ml) = (
-                    _mm256_set1_ps(dl.get(i + half)),
-                    _mm256_set1_ps(ml.get(i + half)),
+                    _mm256_set1_ps(dl.get(sub + half)),
+                    _mm256_set1_ps(ml.get(sub + half)),
                 );
                 // `dl * q` is exact: one rounding, the subtraction's.
                 let f =
@@ -628,11 +628,11 @@ unsafe fn q2_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 unsafe fn q2_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract.
     unsafe {
-        q2_k_runs(p, |at, v, i, dl, ml| {
+        q2_k_runs(p, |at, v, sub, dl, ml| {
             for half in 0..2 {
                 let x = _mm512_cvtepi32_ps(widen16(v, half));
                 // Exact to fuse, as at AVX2.
-                let (dl, ml) = (dl.splat512(i + half), ml.splat512(i + half));
+                let (dl, ml) = (dl.splat512(sub + half), ml.splat512(sub + half));
                 emit(at + 16 * half, _mm512_fmsub_ps(dl, x, ml));
             }
         })
@@ -643,9 +643,9 @@ unsafe fn q2_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
 // Q3_K: x = d * (sc - 32) * (q - 4 * !high) per 16 values.
 // ---------------------------------------------------------------------------------------------
 
-/// Hands each run of 32 values of the Q3_K super-block at `p` to `visit(at, q, i, dl)`:
+/// Hands each run of 32 values of the Q3_K super-block at `p` to `visit(at, q, sub, dl)`:
 /// their offset, their quants as 32 signed bytes (-4..4, the high bit applied), and where
-/// their two 16-value halves' `d * (sc - 32)` are: `dl[i]` and `dl[i + 1]`.
+/// their two 16-value halves' `d * (sc - 32)` are: `dl[sub]` and `dl[sub + 1]`.
 ///
 /// # Safety
 /// AVX2 and F16C are available and the 110-byte block at `p` is readable.
@@ -684,9 +684,9 @@ unsafe fn q3_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, usize, &
 unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // SAFETY: the caller's contract.
     unsafe {
-        q3_k_runs(p, |at, v, i, dl| {
+        q3_k_runs(p, |at, v, sub, dl| {
             for half in 0..2 {
-                let dl = _mm256_set1_ps(dl.get(i + half));
+                let dl = _mm256_set1_ps(dl.get(sub + half));
                 let f = |i: usize| {
                     _mm256_mul_ps(dl, _mm256_cvtepi32_ps(widen8_signed(v, 2 * half + i)))
                 };
@@ -702,10 +702,10 @@ unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 unsafe fn q3_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract.
     unsafe {
-        q3_k_runs(p, |at, v, i, dl| {
+        q3_k_runs(p, |at, v, sub, dl| {
             for half in 0..2 {
                 let x = _mm512_cvtepi32_ps(widen16_signed(v, half));
-                emit(at + 16 * half, _mm512_mul_ps(dl.splat512(i + half), x));
+                emit(at + 16 * half, _mm512_mul_ps(dl.splat512(sub + half), x));
             }
         })
     }

@@ -379,14 +379,13 @@ unsafe fn quarters_avx512(keys: Keys<'_>, nb: usize, k: usize, out: *mut f32, ah
         for j0 in (0..nb).step_by(QUARTER_KEYS) {
             let block = out.add(j0 * k);
             for b in 0..k / LANES {
-                let dst = block.add(b * 16 * LANES);
+                let (dst, col) = (block.add(b * 16 * LANES), b * LANES);
                 for p in 0..4 {
                     // A line of `ahead` per line of f16 rows read (four keys' 16 values).
                     if matches!(keys, Keys::F16(_)) {
                         ahead.one();
                         ahead.one();
                     }
-                    let col = b * LANES;
                     let r = [
                         load!(j0 + p, col),
                         load!(j0 + 4 + p, col),
