@@ -19,8 +19,10 @@
 //! removed.
 
 pub(crate) mod blocks;
+mod pages;
 
 pub(crate) use blocks::QK_K;
+use pages::WeightBytes;
 
 /// Values per quantization block of the 32-value types (GGML's `QK4_0` ... `QK8_0`).
 pub const QK: usize = 32;
@@ -139,14 +141,14 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     /// Split kinds: quantized values, row-major, block-major within a row; else empty.
-    qs: Vec<u8>,
+    qs: WeightBytes,
     /// Split kinds: one f16 scale per block (its bits), `rows * nb`; else empty.
     d: Vec<u16>,
     /// Split kinds with a minimum: one f16 minimum per block (its bits), `rows * nb`; else
     /// empty.
     m: Vec<u16>,
     /// Other kinds: the GGUF blocks as stored, row-major; empty for the split kinds.
-    blocks: Vec<u8>,
+    blocks: WeightBytes,
 }
 
 impl QMatrix {
@@ -165,29 +167,31 @@ impl QMatrix {
             kind,
             rows,
             cols,
-            qs: Vec::new(),
+            qs: WeightBytes::default(),
             d: Vec::new(),
             m: Vec::new(),
-            blocks: Vec::new(),
+            blocks: WeightBytes::default(),
         };
         if !kind.split() {
-            out.blocks = bytes.to_vec();
+            out.blocks = WeightBytes::copy_of(bytes);
             return Some(out);
         }
-        out.qs.reserve_exact(blocks * kind.qs_bytes());
+        let qb = kind.qs_bytes();
+        out.qs = WeightBytes::zeroed(blocks * qb);
         out.d.reserve_exact(blocks);
         if kind.has_minimum() {
             out.m.reserve_exact(blocks);
         }
         let f16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
-        for raw in bytes.chunks_exact(kind.block_bytes()) {
+        for (raw, qs) in bytes
+            .chunks_exact(kind.block_bytes())
+            .zip(out.qs.chunks_exact_mut(qb))
+        {
             out.d.push(f16(&raw[0..2]));
             if kind.has_minimum() {
                 out.m.push(f16(&raw[2..4]));
-                out.qs.extend_from_slice(&raw[4..]);
-            } else {
-                out.qs.extend_from_slice(&raw[2..]);
             }
+            qs.copy_from_slice(&raw[raw.len() - qb..]);
         }
         Some(out)
     }
@@ -230,21 +234,23 @@ impl QMatrix {
         if parts.iter().any(|p| p.kind != kind || p.cols != cols) {
             return None;
         }
+        let total = |f: fn(&QMatrix) -> usize| parts.iter().map(f).sum::<usize>();
         let mut out = QMatrix {
             kind,
-            rows: 0,
+            rows: total(|p| p.rows),
             cols,
-            qs: Vec::new(),
-            d: Vec::new(),
-            m: Vec::new(),
-            blocks: Vec::new(),
+            qs: WeightBytes::zeroed(total(|p| p.qs.len())),
+            d: Vec::with_capacity(total(|p| p.d.len())),
+            m: Vec::with_capacity(total(|p| p.m.len())),
+            blocks: WeightBytes::zeroed(total(|p| p.blocks.len())),
         };
+        let (mut qs, mut blocks) = (0, 0);
         for p in parts {
-            out.rows += p.rows;
-            out.qs.extend_from_slice(&p.qs);
+            out.qs[qs..][..p.qs.len()].copy_from_slice(&p.qs);
+            out.blocks[blocks..][..p.blocks.len()].copy_from_slice(&p.blocks);
+            (qs, blocks) = (qs + p.qs.len(), blocks + p.blocks.len());
             out.d.extend_from_slice(&p.d);
             out.m.extend_from_slice(&p.m);
-            out.blocks.extend_from_slice(&p.blocks);
         }
         Some(out)
     }
