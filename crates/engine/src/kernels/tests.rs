@@ -541,7 +541,7 @@ fn gelu_matches_the_tanh_formula() {
     let mut gate_up = gate.clone();
     gate_up.extend_from_slice(&up);
     let mut got = Vec::new();
-    gelu_mul_rows(&gate_up, f, &mut got);
+    gelu_mul_rows(Isa::PORTABLE, &gate_up, f, &mut got);
     for ((&g, &u), &y) in gate.iter().zip(&up).zip(&got) {
         let x = g as f64;
         let want = 0.5
@@ -632,25 +632,37 @@ fn softmax_helpers_match_their_definitions_bitwise() {
 #[test]
 fn gated_rows_of_a_prefill_split_over_threads_are_each_rows_own_bits() {
     // 40 rows of 2,048 (past the size where rows go to both threads), against each row
-    // alone; into a buffer that held more, and other values.
+    // alone; into a buffer that held more, and other values. At every level, each the
+    // portable level's bits.
     let (rows, f) = (40, 2048);
-    let gate_up = values(rows * 2 * f, 95);
+    // Gates over the range where GELU's tanh and SiLU's exp saturate, both signs.
+    let gate_up: Vec<f32> = values(rows * 2 * f, 95).iter().map(|v| v * 24.0).collect();
     for gated in [silu_mul_rows, gelu_mul_rows] {
-        let mut all = vec![1.0; rows * f + 100];
-        gated(&gate_up, f, &mut all);
-        assert_eq!(all.len(), rows * f);
-        let mut one = Vec::new();
-        for (r, row) in gate_up.chunks_exact(2 * f).enumerate() {
-            gated(row, f, &mut one);
-            assert_eq!(bits(&all[r * f..][..f]), bits(&one), "row {r}");
-        }
+        let mut portable = Vec::new();
+        gated(Isa::PORTABLE, &gate_up, f, &mut portable);
+        for_each_isa(|isa| {
+            let mut all = vec![1.0; rows * f + 100];
+            gated(isa, &gate_up, f, &mut all);
+            assert_eq!(all.len(), rows * f);
+            assert_eq!(bits(&all), bits(&portable), "{}", isa.name());
+            let mut one = Vec::new();
+            for (r, row) in gate_up.chunks_exact(2 * f).enumerate() {
+                gated(isa, row, f, &mut one);
+                assert_eq!(
+                    bits(&all[r * f..][..f]),
+                    bits(&one),
+                    "{} row {r}",
+                    isa.name()
+                );
+            }
+        });
     }
 }
 
 #[test]
 fn silu_mul_known_values() {
     let mut out = vec![f32::NAN; 7];
-    silu_mul_rows(&[0.0, 1.0, 2.0, 3.0], 2, &mut out);
+    silu_mul_rows(Isa::PORTABLE, &[0.0, 1.0, 2.0, 3.0], 2, &mut out);
     assert_eq!(out.len(), 2);
     let silu1 = 1.0 / (1.0 + (-1.0f32).exp());
     assert_eq!(out[0], 0.0);

@@ -190,8 +190,8 @@ impl Model {
             kernels::rms_norm(isa, &x, &layer.ffn_norm, c.rms_eps, &mut h);
             kernels::matmul_into(isa, &h, m, &layer.gate_up, &mut gate_up, &mut scratch);
             match gemma {
-                true => kernels::gelu_mul_rows(&gate_up, c.ffn_dim, &mut act),
-                false => kernels::silu_mul_rows(&gate_up, c.ffn_dim, &mut act),
+                true => kernels::gelu_mul_rows(isa, &gate_up, c.ffn_dim, &mut act),
+                false => kernels::silu_mul_rows(isa, &gate_up, c.ffn_dim, &mut act),
             }
             kernels::matmul_into(isa, &act, m, &layer.ffn_down, &mut down, &mut scratch);
             match &layer.gemma {
