@@ -13,7 +13,7 @@ use super::quant::QMatrix;
 use super::weight::{Weight, WeightData};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{grown_aligned, resized, team, vectorized};
+use super::{grown, grown_aligned, resized, team, vectorized};
 
 /// One weight panel against all rows of `x`: `out[i * ld + j] = dot(x[i], w[j])` for the
 /// `rows` rows of `w` (`ld >= rows`: the panel may be a column block of a wider output).
@@ -138,7 +138,9 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
 /// page faults and zeroing.
 #[derive(Default)]
 pub(crate) struct MatmulScratch {
-    /// The tasks' column blocks, laid end to end (see [`join_columns`]).
+    /// The tasks' column blocks, laid end to end (see [`join_columns`]). Only ever grown: cut
+    /// to each matmul's size, a layer's wider matmuls zero-filled its difference again every
+    /// time (a 16-token turn of Gemma 3 270M: 5 MB of zeros, about 1% of it).
     chunks: Vec<f32>,
     /// A part's output in a stack of weights.
     part: Vec<f32>,
@@ -201,7 +203,7 @@ pub(crate) fn matmul_into(
         team::for_each_chunk(resized(y, n), rows_per_task, task);
         return;
     }
-    let chunks = resized(&mut scratch.chunks, m * n);
+    let chunks = grown(&mut scratch.chunks, m * n);
     team::for_each_chunk(chunks, rows_per_task * m, task);
     join_columns(chunks, m, n, rows_per_task, resized(y, m * n));
 }
@@ -321,7 +323,7 @@ fn matmul_dequant(
     let block = DEQUANT_ROWS * k;
     let blocks = n.div_ceil(rows_per_task) * block;
     let dequant = grown_aligned(&mut scratch.dequant, blocks);
-    let chunks = resized(&mut scratch.chunks, m * n);
+    let chunks = grown(&mut scratch.chunks, m * n);
     team::for_each_chunk2(
         chunks,
         rows_per_task * m,
