@@ -47,10 +47,17 @@ fn dot_matches_f64_reference() {
 
 #[test]
 fn panel_is_the_portable_panel_bitwise_at_every_level() {
-    // Row counts around the 2x3, 1x4, 6x4 and 2x4 tiles and the MB sweep; widths of one chunk
-    // up to the model's 1536, and widths that are not whole chunks (the recompiled portable
-    // panel instead of the hand-written one).
+    // Row counts around the 2x3, 1x4, 4x6, 6x4 and 2x4 tiles and the MB sweep (with 4x6
+    // tiles, the last four or five weight rows in 6x4 ones, the last one to three alone);
+    // widths of one chunk up to the model's 1536, and widths that are not whole chunks (the
+    // recompiled portable panel instead of the hand-written one).
     let shapes = [
+        (16, 12, 640),
+        (8, 17, 64),
+        (9, 15, 32),
+        (4, 6, 16),
+        (3, 6, 48),
+        (38, 11, 16),
         (1, 9, 64),
         (1, 3, 16),
         (2, 3, 16),
