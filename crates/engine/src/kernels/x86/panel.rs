@@ -62,12 +62,40 @@ unsafe fn panel_avx512(
     out: &mut [f32],
     ld: usize,
 ) {
+    // A tile's sums into `out`: its row `di` at row `i + di`, from column `j`.
+    macro_rules! put {
+        ($t:expr, $i:expr, $j:expr) => {{
+            let (i, j) = ($i, $j);
+            for (di, row) in $t.iter().enumerate() {
+                out[(i + di) * ld + j..][..row.len()].copy_from_slice(row);
+            }
+        }};
+    }
     macro_rules! tile {
         ($r:expr, $c:literal, $i:expr, $j:expr) => {{
             let (i, j) = ($i, $j);
-            let t = kernel512::<{ $r }, $c>(x.add(i * k), w.add(j * k), k);
-            for (di, row) in t.iter().enumerate() {
-                out[(i + di) * ld + j..][..$c].copy_from_slice(row);
+            put!(kernel512::<{ $r }, $c>(x.add(i * k), w.add(j * k), k), i, j);
+        }};
+    }
+    // Weight rows `j..j + $c` against rows `i0..i1` of x: `$kernel`'s tiles of `$r` rows, then
+    // the rows left in tiles of four (after a six-row kernel), two and one.
+    macro_rules! columns {
+        ($kernel:ident, $r:literal, $c:literal, $i0:expr, $i1:expr, $j:expr) => {{
+            let (mut i, i1, j) = ($i0, $i1, $j);
+            while i + $r <= i1 {
+                put!($kernel(x.add(i * k), k, w.add(j * k)), i, j);
+                i += $r;
+            }
+            if $r > 4 && i + 4 <= i1 {
+                tile!(4, $c, i, j);
+                i += 4;
+            }
+            if i + 2 <= i1 {
+                tile!(2, $c, i, j);
+                i += 2;
+            }
+            if i < i1 {
+                tile!(1, $c, i, j);
             }
         }};
     }
@@ -76,48 +104,16 @@ unsafe fn panel_avx512(
         for i0 in (0..m).step_by(MB) {
             let i1 = (i0 + MB).min(m);
             let mut j = 0;
-            // With fewer than four rows of x (decode from f32 weights), the 6x4 loop's tiles
-            // as before.
+            // With fewer than four rows of x (decode from f32 weights), the 6x4 tiles as
+            // before.
             while m >= R512 && j + C512 <= rows {
-                let mut i = i0;
-                while i + R512 <= i1 {
-                    let t = kernel512_4x6(x.add(i * k), k, w.add(j * k));
-                    for (di, row) in t.iter().enumerate() {
-                        out[(i + di) * ld + j..][..C512].copy_from_slice(row);
-                    }
-                    i += R512;
-                }
-                if i + 2 <= i1 {
-                    tile!(2, 6, i, j);
-                    i += 2;
-                }
-                if i < i1 {
-                    tile!(1, 6, i, j);
-                }
+                columns!(kernel512_4x6, 4, 6, i0, i1, j);
                 j += C512;
             }
             // The last four or five weight rows (or all of them, with fewer than four rows of
             // x) four at a time.
             while j + 4 <= rows {
-                let mut i = i0;
-                while i + 6 <= i1 {
-                    let t = kernel512_6x4(x.add(i * k), k, w.add(j * k));
-                    for (di, row) in t.iter().enumerate() {
-                        out[(i + di) * ld + j..][..4].copy_from_slice(row);
-                    }
-                    i += 6;
-                }
-                if i + 4 <= i1 {
-                    tile!(4, 4, i, j);
-                    i += 4;
-                }
-                if i + 2 <= i1 {
-                    tile!(2, 4, i, j);
-                    i += 2;
-                }
-                if i < i1 {
-                    tile!(1, 4, i, j);
-                }
+                columns!(kernel512_6x4, 6, 4, i0, i1, j);
                 j += 4;
             }
             for j in j..rows {
