@@ -981,10 +981,14 @@ unsafe fn q6_k_scales(p: *const u8) -> Table16 {
     }
 }
 
+/// Hands each run of 32 values of the Q6_K super-block at `p` to `visit(at, q, sub, dsc)`:
+/// their offset, their quants less 32 as 32 signed bytes (-32..32, `q - 32` on the 32 bytes at
+/// once), and where their two 16-value halves' `d * sc` are: `dsc[sub]` and `dsc[sub + 1]`.
+///
 /// # Safety
 /// AVX2 and F16C are available and the 210-byte block at `p` is readable.
 #[inline(always)]
-unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+unsafe fn q6_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, usize, &Table16)) {
     // SAFETY: the caller's contract: d at 208..210, the rest as `q6_k_quants` and
     // `q6_k_scales` read it.
     unsafe {
@@ -992,23 +996,34 @@ unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
         let offset = _mm256_set1_epi8(32);
         for h in 0..2 {
             for (k, q) in q6_k_quants(p, h).into_iter().enumerate() {
-                // `q - 32` on the 32 bytes at once (it fits a signed byte), then widened.
-                let q = _mm256_sub_epi8(q, offset);
-                for half in 0..2 {
-                    let s = _mm256_set1_ps(dsc.get(8 * h + 2 * k + half));
-                    let f = |i: usize| {
-                        let q = widen8_signed(q, 2 * half + i);
-                        _mm256_mul_ps(s, _mm256_cvtepi32_ps(q))
-                    };
-                    emit(128 * h + 32 * k + 16 * half, [f(0), f(1)]);
-                }
+                let sub = 8 * h + 2 * k;
+                visit(16 * sub, _mm256_sub_epi8(q, offset), sub, &dsc);
             }
         }
     }
 }
 
-/// The quants put together as at AVX2 ([`q6_k_quants`]), `q - 32` on 32 bytes at once, then
-/// sixteen values per 512-bit register, each sub-block's scale broadcast from memory (see
+/// # Safety
+/// AVX2 and F16C are available and the 210-byte block at `p` is readable.
+#[inline(always)]
+unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        q6_k_runs(p, |at, q, sub, dsc| {
+            for half in 0..2 {
+                let s = _mm256_set1_ps(dsc.get(sub + half));
+                let f = |i: usize| {
+                    let q = widen8_signed(q, 2 * half + i);
+                    _mm256_mul_ps(s, _mm256_cvtepi32_ps(q))
+                };
+                emit(at + 16 * half, [f(0), f(1)]);
+            }
+        })
+    }
+}
+
+/// [`q6_k_runs`] (the quants put together in 256-bit registers, as at AVX2), then sixteen
+/// values per 512-bit register, each sub-block's scale broadcast from memory (see
 /// [`Table16::splat512`]). Put together in 512-bit registers, 64 values at a time, each needed
 /// its `- 32` in 32-bit lanes (AVX-512F has no byte arithmetic) and its bytes taken out of the
 /// register before widening, on the two ports that run 512-bit operations, where 256-bit ones
@@ -1022,19 +1037,13 @@ unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 /// AVX-512F and F16C are available and the 210-byte block at `p` is readable.
 #[inline(always)]
 unsafe fn q6_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
-    // SAFETY: the caller's contract, as for `q6_k_256`.
+    // SAFETY: the caller's contract.
     unsafe {
-        let dsc = q6_k_scales(p);
-        let offset = _mm256_set1_epi8(32);
-        for h in 0..2 {
-            for (k, q) in q6_k_quants(p, h).into_iter().enumerate() {
-                let q = _mm256_sub_epi8(q, offset);
-                for half in 0..2 {
-                    let sub = 8 * h + 2 * k + half;
-                    let x = _mm512_cvtepi32_ps(widen16_signed(q, half));
-                    emit(16 * sub, _mm512_mul_ps(dsc.splat512(sub), x));
-                }
+        q6_k_runs(p, |at, q, sub, dsc| {
+            for half in 0..2 {
+                let x = _mm512_cvtepi32_ps(widen16_signed(q, half));
+                emit(at + 16 * half, _mm512_mul_ps(dsc.splat512(sub + half), x));
             }
-        }
+        })
     }
 }
