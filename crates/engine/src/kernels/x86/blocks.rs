@@ -660,6 +660,56 @@ unsafe fn q2_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     }
 }
 
+/// Emits a run of 32 values from offset `at` that are a scale times a signed quant (Q3_K's and
+/// Q6_K's): the 32 quants `q` (signed bytes), the first 16 times `scales[sub]`, the last 16
+/// times `scales[sub + 1]`, as two AVX2 registers each. Both products are exact, as in the
+/// reference.
+///
+/// # Safety
+/// AVX2 is available.
+#[inline(always)]
+unsafe fn scaled_run_256(
+    at: usize,
+    q: __m256i,
+    sub: usize,
+    scales: &Table16,
+    emit: &mut impl FnMut(usize, [__m256; 2]),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for half in 0..2 {
+            let s = _mm256_set1_ps(scales.get(sub + half));
+            let f = |i: usize| _mm256_mul_ps(s, _mm256_cvtepi32_ps(widen8_signed(q, 2 * half + i)));
+            emit(at + 16 * half, [f(0), f(1)]);
+        }
+    }
+}
+
+/// [`scaled_run_256`] as AVX-512 registers, each scale broadcast from memory
+/// ([`Table16::splat512`]).
+///
+/// # Safety
+/// AVX-512F is available.
+#[inline(always)]
+unsafe fn scaled_run_512(
+    at: usize,
+    q: __m256i,
+    sub: usize,
+    scales: &Table16,
+    emit: &mut impl FnMut(usize, __m512),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for half in 0..2 {
+            let x = _mm512_cvtepi32_ps(widen16_signed(q, half));
+            emit(
+                at + 16 * half,
+                _mm512_mul_ps(scales.splat512(sub + half), x),
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Q3_K: x = d * (sc - 32) * (q - 4 * !high) per 16 values.
 // ---------------------------------------------------------------------------------------------
@@ -704,17 +754,7 @@ unsafe fn q3_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, usize, &
 #[inline(always)]
 unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // SAFETY: the caller's contract.
-    unsafe {
-        q3_k_runs(p, |at, v, sub, dl| {
-            for half in 0..2 {
-                let dl = _mm256_set1_ps(dl.get(sub + half));
-                let f = |i: usize| {
-                    _mm256_mul_ps(dl, _mm256_cvtepi32_ps(widen8_signed(v, 2 * half + i)))
-                };
-                emit(at + 16 * half, [f(0), f(1)]);
-            }
-        })
-    }
+    unsafe { q3_k_runs(p, |at, q, sub, dl| scaled_run_256(at, q, sub, dl, emit)) }
 }
 
 /// # Safety
@@ -722,14 +762,7 @@ unsafe fn q3_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 #[inline(always)]
 unsafe fn q3_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract.
-    unsafe {
-        q3_k_runs(p, |at, v, sub, dl| {
-            for half in 0..2 {
-                let x = _mm512_cvtepi32_ps(widen16_signed(v, half));
-                emit(at + 16 * half, _mm512_mul_ps(dl.splat512(sub + half), x));
-            }
-        })
-    }
+    unsafe { q3_k_runs(p, |at, q, sub, dl| scaled_run_512(at, q, sub, dl, emit)) }
 }
 
 /// A Q3_K super-block's sixteen 6-bit scales (still offset by 32) from their 12 packed bytes,
@@ -1008,18 +1041,7 @@ unsafe fn q6_k_runs(p: *const u8, mut visit: impl FnMut(usize, __m256i, usize, &
 #[inline(always)]
 unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
     // SAFETY: the caller's contract.
-    unsafe {
-        q6_k_runs(p, |at, q, sub, dsc| {
-            for half in 0..2 {
-                let s = _mm256_set1_ps(dsc.get(sub + half));
-                let f = |i: usize| {
-                    let q = widen8_signed(q, 2 * half + i);
-                    _mm256_mul_ps(s, _mm256_cvtepi32_ps(q))
-                };
-                emit(at + 16 * half, [f(0), f(1)]);
-            }
-        })
-    }
+    unsafe { q6_k_runs(p, |at, q, sub, dsc| scaled_run_256(at, q, sub, dsc, emit)) }
 }
 
 /// [`q6_k_runs`] (the quants put together in 256-bit registers, as at AVX2), then sixteen
@@ -1038,12 +1060,5 @@ unsafe fn q6_k_256(p: *const u8, emit: &mut impl FnMut(usize, [__m256; 2])) {
 #[inline(always)]
 unsafe fn q6_k_512(p: *const u8, emit: &mut impl FnMut(usize, __m512)) {
     // SAFETY: the caller's contract.
-    unsafe {
-        q6_k_runs(p, |at, q, sub, dsc| {
-            for half in 0..2 {
-                let x = _mm512_cvtepi32_ps(widen16_signed(q, half));
-                emit(at + 16 * half, _mm512_mul_ps(dsc.splat512(sub + half), x));
-            }
-        })
-    }
+    unsafe { q6_k_runs(p, |at, q, sub, dsc| scaled_run_512(at, q, sub, dsc, emit)) }
 }
