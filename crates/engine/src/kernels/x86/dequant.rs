@@ -653,8 +653,8 @@ unsafe fn nibbles(p: *const u8) -> [__m256i; 4] {
     // SAFETY: the caller's contract.
     unsafe {
         let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
-        // Bytes 0..4 of each half into lanes 0..4 (bytes 4..8 of the high half), then bytes
-        // 8..12 (12..16); -1 zeroes the other three bytes of each lane.
+        // `first` puts bytes 0..8 into lanes 0..8 (bytes 0..4 from the low half, 4..8 from
+        // the high), `second` bytes 8..16; -1 zeroes the other three bytes of each lane.
         let z = -1;
         #[rustfmt::skip]
         let first = _mm256_setr_epi8(
