@@ -193,7 +193,8 @@ fn quarter_scores_are_dot_bitwise(isa: Isa) {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn gram_is_dot_bitwise_at_every_simd_level() {
-    // Odd counts on both sides exercise every edge micro-kernel.
+    // Odd counts on both sides exercise every edge micro-kernel, and more keys than an AVX2
+    // pass takes (66) its passes and their tails.
     for_each_isa(|isa| {
         if !isa.is_simd() {
             return;
@@ -208,6 +209,8 @@ fn gram_is_dot_bitwise_at_every_simd_level() {
             (3, 37, 64),
             (20, 50, 64),
             (2, 50, 16),
+            (4, 140, 64),
+            (3, 67, 32),
         ] {
             let a = values(na * k, 31);
             let b = values(nb * k, 32);

@@ -7,7 +7,7 @@
 //!   queries ([`pv_6x64`]) or of one ([`pv_1x64`], AVX2) and quantized weights
 //!   ([`dequantize_rows`], [`gemv`]; the kinds held as GGUF blocks in `blocks`): intrinsics,
 //!   f16 and `q8_0` cache rows widened with F16C and AVX2 ([`f16_to_f32`], [`q8_0_to_f32`]),
-//!   and seven micro-kernels in assembly (`kernel_2x3`, `kernel512_4x6`, `kernel512_6x4`,
+//!   and seven micro-kernels in assembly (`acc_2x3`, `kernel512_4x6`, `kernel512_6x4`,
 //!   `kernel512_1x16_k64`, `quarters_1x16`, `pv512_6x64`, `pv256_1x64`);
 //! * a safe wrapper for each, which checks every length the unsafe code relies on and takes an
 //!   [`Isa`]: a value that exists only for levels this CPU has, so holding one proves the
@@ -181,41 +181,139 @@ unsafe fn kernel<const R: usize, const C: usize>(
     }
 }
 
-/// [`reduce`] of four dot products at once: lane `n` of the result is `reduce(acc[n])`, with
-/// the same additions in the same tree (shuffles first bring the lanes each step adds into
-/// the same lane). 15 instructions for four sums, where four separate reductions take 28.
+/// The accumulators of [`kernel`]`::<2, 3>` for rows `x0`, `x1` against the three rows of `w`
+/// (`k` apart), in assembly: the compiler's register allocation of the intrinsics spills them.
+/// The dot product of `x_i` with row `j` of `w` is in `acc[6i + 2j]` (lanes 0..8) and
+/// `acc[6i + 2j + 1]` (lanes 8..16). The matmul panel's tile and the AVX2 attention scores'.
+/// Twelve accumulators (`ymm0..=11`), the three weight rows' half-chunks (`ymm12..=14`) and
+/// one `x` half-chunk (`ymm15`): ten loads per twelve FMAs. (Weight chunks as memory operands
+/// of every FMA took sixteen, and the loads, not the FMA pipes, were the limit.) Per lane it
+/// is the same fused multiply-add as the portable `fmadd`, so the same bits.
+///
+/// # Safety
+/// AVX2 and FMA are available; `x0` and `x1` point to `k` values, `w` to `3 * k`,
+/// `k % 16 == 0`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn acc_2x3(x0: *const f32, x1: *const f32, w: *const f32, k: usize) -> [__m256; 12] {
+    // SAFETY: the caller's contract. The loop body runs k / 16 times (k > 0 is checked
+    // first, as the loop tests its bound at the end); every load is within the rows.
+    unsafe {
+        if k == 0 {
+            return [_mm256_setzero_ps(); 12];
+        }
+        let (w0, w1, w2) = (w, w.add(k), w.add(2 * k));
+        let mut a = [_mm256_setzero_ps(); 12];
+        std::arch::asm!(
+            "vxorps ymm0, ymm0, ymm0",
+            "vxorps ymm1, ymm1, ymm1",
+            "vxorps ymm2, ymm2, ymm2",
+            "vxorps ymm3, ymm3, ymm3",
+            "vxorps ymm4, ymm4, ymm4",
+            "vxorps ymm5, ymm5, ymm5",
+            "vxorps ymm6, ymm6, ymm6",
+            "vxorps ymm7, ymm7, ymm7",
+            "vxorps ymm8, ymm8, ymm8",
+            "vxorps ymm9, ymm9, ymm9",
+            "vxorps ymm10, ymm10, ymm10",
+            "vxorps ymm11, ymm11, ymm11",
+            "2:",
+            // Lanes 0..8 of the chunk: the three weight rows' halves in ymm12..=14, each
+            // x row's half in ymm15 in turn.
+            "vmovups ymm12, [{w0} + {off}]",
+            "vmovups ymm13, [{w1} + {off}]",
+            "vmovups ymm14, [{w2} + {off}]",
+            "vmovups ymm15, [{x0} + {off}]",
+            "vfmadd231ps ymm0, ymm15, ymm12",
+            "vfmadd231ps ymm2, ymm15, ymm13",
+            "vfmadd231ps ymm4, ymm15, ymm14",
+            "vmovups ymm15, [{x1} + {off}]",
+            "vfmadd231ps ymm6, ymm15, ymm12",
+            "vfmadd231ps ymm8, ymm15, ymm13",
+            "vfmadd231ps ymm10, ymm15, ymm14",
+            // Lanes 8..16.
+            "vmovups ymm12, [{w0} + {off} + 32]",
+            "vmovups ymm13, [{w1} + {off} + 32]",
+            "vmovups ymm14, [{w2} + {off} + 32]",
+            "vmovups ymm15, [{x0} + {off} + 32]",
+            "vfmadd231ps ymm1, ymm15, ymm12",
+            "vfmadd231ps ymm3, ymm15, ymm13",
+            "vfmadd231ps ymm5, ymm15, ymm14",
+            "vmovups ymm15, [{x1} + {off} + 32]",
+            "vfmadd231ps ymm7, ymm15, ymm12",
+            "vfmadd231ps ymm9, ymm15, ymm13",
+            "vfmadd231ps ymm11, ymm15, ymm14",
+            "add {off}, 64",
+            "cmp {off}, {end}",
+            "jb 2b",
+            x0 = in(reg) x0,
+            x1 = in(reg) x1,
+            w0 = in(reg) w0,
+            w1 = in(reg) w1,
+            w2 = in(reg) w2,
+            off = inout(reg) 0usize => _,
+            end = in(reg) k * size_of::<f32>(),
+            out("ymm0") a[0],
+            out("ymm1") a[1],
+            out("ymm2") a[2],
+            out("ymm3") a[3],
+            out("ymm4") a[4],
+            out("ymm5") a[5],
+            out("ymm6") a[6],
+            out("ymm7") a[7],
+            out("ymm8") a[8],
+            out("ymm9") a[9],
+            out("ymm10") a[10],
+            out("ymm11") a[11],
+            out("ymm12") _,
+            out("ymm13") _,
+            out("ymm14") _,
+            out("ymm15") _,
+            options(nostack, readonly, pure),
+        );
+        a
+    }
+}
+
+/// [`reduce`] of four dot products at once: lane `n` of the result is `reduce(acc[n])`.
 ///
 /// # Safety
 /// AVX is available.
 #[inline(always)]
 unsafe fn reduce4(acc: &[[__m256; 2]; 4]) -> __m128 {
     // SAFETY: the caller's contract.
+    unsafe { reduce4_s8(std::array::from_fn(|n| _mm256_add_ps(acc[n][0], acc[n][1]))) }
+}
+
+/// [`reduce`]'s tree after its first step, for four sums at once: `s8[n]` holds sum `n`'s
+/// `s8[l] = x[l] + x[l + 8]`, and lane `n` of the result is its sum, with the same additions
+/// in the same tree (shuffles first bring the lanes each step adds into the same lane). Each
+/// sum's `s4` comes from its own register by an extraction: shuffles across 128-bit halves
+/// are 8 micro-ops each on AMD's Zen 1, and took a tenth of the AVX2 scores' time there.
+///
+/// # Safety
+/// AVX is available.
+#[inline(always)]
+unsafe fn reduce4_s8(s8: [__m256; 4]) -> __m128 {
+    // SAFETY: the caller's contract.
     unsafe {
-        // s8[l] = x[l] + x[l + 8]: one register per sum.
-        let s0 = _mm256_add_ps(acc[0][0], acc[0][1]);
-        let s1 = _mm256_add_ps(acc[1][0], acc[1][1]);
-        let s2 = _mm256_add_ps(acc[2][0], acc[2][1]);
-        let s3 = _mm256_add_ps(acc[3][0], acc[3][1]);
-        // s4[l] = s8[l] + s8[l + 4]: [s4 of sum 0 | s4 of sum 1], and of sums 2 and 3.
-        let p01 = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(s0, s1),
-            _mm256_permute2f128_ps::<0x31>(s0, s1),
-        );
-        let p23 = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(s2, s3),
-            _mm256_permute2f128_ps::<0x31>(s2, s3),
-        );
-        // [s4[0] + s4[2], s4[1] + s4[3]] of sums 0 and 2 in the low half, 1 and 3 in the high.
-        let w = _mm256_add_ps(
-            _mm256_shuffle_ps::<0x44>(p01, p23),
-            _mm256_shuffle_ps::<0xEE>(p01, p23),
-        );
-        // (s4[0] + s4[2]) + (s4[1] + s4[3]): low half [r0, r2, r0, r2], high [r1, r3, r1, r3].
-        let r = _mm256_add_ps(
-            _mm256_shuffle_ps::<0x88>(w, w),
-            _mm256_shuffle_ps::<0xDD>(w, w),
-        );
-        _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps::<1>(r))
+        // s4[l] = s8[l] + s8[l + 4]: one 128-bit register per sum.
+        let s4: [__m128; 4] = std::array::from_fn(|n| {
+            _mm_add_ps(
+                _mm256_castps256_ps128(s8[n]),
+                _mm256_extractf128_ps::<1>(s8[n]),
+            )
+        });
+        // [s4[0] + s4[2], s4[1] + s4[3]] of sums 0 and 1, and of sums 2 and 3.
+        let pair = |p: __m128, q: __m128| {
+            _mm_add_ps(_mm_shuffle_ps::<0x44>(p, q), _mm_shuffle_ps::<0xEE>(p, q))
+        };
+        let (w01, w23) = (pair(s4[0], s4[1]), pair(s4[2], s4[3]));
+        // (s4[0] + s4[2]) + (s4[1] + s4[3]) of the four sums.
+        _mm_add_ps(
+            _mm_shuffle_ps::<0x88>(w01, w23),
+            _mm_shuffle_ps::<0xDD>(w01, w23),
+        )
     }
 }
 
@@ -275,8 +373,17 @@ unsafe fn kernel512<const R: usize, const C: usize>(
 #[inline(always)]
 pub(crate) unsafe fn reduce(acc: [__m256; 2]) -> f32 {
     // SAFETY: the caller's contract.
+    unsafe { reduce_s8(_mm256_add_ps(acc[0], acc[1])) }
+}
+
+/// [`reduce`]'s tree after its first step: `s8[l] = x[l] + x[l + 8]` in one register.
+///
+/// # Safety
+/// AVX is available.
+#[inline(always)]
+unsafe fn reduce_s8(s8: __m256) -> f32 {
+    // SAFETY: the caller's contract.
     unsafe {
-        let s8 = _mm256_add_ps(acc[0], acc[1]);
         let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // [s0 + s2, s1 + s3, ..]
         _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{kernel, kernel512, reduce, reduce16};
+use super::{acc_2x3, kernel, kernel512, reduce, reduce16};
 use crate::kernels::dot::{LANES, MB};
 use crate::kernels::isa::{Isa, Level};
 
@@ -183,94 +183,17 @@ unsafe fn panel_avx2(
     }
 }
 
-/// [`kernel`]`::<2, 3>` for rows `x0`, `x1` against the three rows of `w` (`k` apart), in
-/// assembly: the compiler's register allocation of the intrinsics spills accumulators.
-/// Twelve accumulators (`ymm0..=11`), the three weight rows' half-chunks (`ymm12..=14`) and
-/// one `x` half-chunk (`ymm15`): ten loads per twelve FMAs. (Weight chunks as memory operands
-/// of every FMA took sixteen, and the loads, not the FMA pipes, were the limit.) Per lane it
-/// is the same fused multiply-add as the portable `fmadd`, so the same bits.
+/// [`kernel`]`::<2, 3>` for rows `x0`, `x1` against the three rows of `w` (`k` apart), with
+/// the accumulators of [`acc_2x3`] (assembly).
 ///
 /// # Safety
-/// AVX2 and FMA are available; `x0` and `x1` point to `k` values, `w` to `3 * k`,
-/// `k % 16 == 0`.
+/// As [`acc_2x3`].
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn kernel_2x3(x0: *const f32, x1: *const f32, w: *const f32, k: usize) -> [[f32; 3]; 2] {
-    // SAFETY: the caller's contract. The loop body runs k / 16 times (k > 0 is checked
-    // first, as the loop tests its bound at the end); every load is within the rows.
+    // SAFETY: the caller's contract.
     unsafe {
-        if k == 0 {
-            return [[0.0; 3]; 2];
-        }
-        let (w0, w1, w2) = (w, w.add(k), w.add(2 * k));
-        let mut a = [_mm256_setzero_ps(); 12];
-        std::arch::asm!(
-            "vxorps ymm0, ymm0, ymm0",
-            "vxorps ymm1, ymm1, ymm1",
-            "vxorps ymm2, ymm2, ymm2",
-            "vxorps ymm3, ymm3, ymm3",
-            "vxorps ymm4, ymm4, ymm4",
-            "vxorps ymm5, ymm5, ymm5",
-            "vxorps ymm6, ymm6, ymm6",
-            "vxorps ymm7, ymm7, ymm7",
-            "vxorps ymm8, ymm8, ymm8",
-            "vxorps ymm9, ymm9, ymm9",
-            "vxorps ymm10, ymm10, ymm10",
-            "vxorps ymm11, ymm11, ymm11",
-            "2:",
-            // Lanes 0..8 of the chunk: the three weight rows' halves in ymm12..=14, each
-            // x row's half in ymm15 in turn.
-            "vmovups ymm12, [{w0} + {off}]",
-            "vmovups ymm13, [{w1} + {off}]",
-            "vmovups ymm14, [{w2} + {off}]",
-            "vmovups ymm15, [{x0} + {off}]",
-            "vfmadd231ps ymm0, ymm15, ymm12",
-            "vfmadd231ps ymm2, ymm15, ymm13",
-            "vfmadd231ps ymm4, ymm15, ymm14",
-            "vmovups ymm15, [{x1} + {off}]",
-            "vfmadd231ps ymm6, ymm15, ymm12",
-            "vfmadd231ps ymm8, ymm15, ymm13",
-            "vfmadd231ps ymm10, ymm15, ymm14",
-            // Lanes 8..16.
-            "vmovups ymm12, [{w0} + {off} + 32]",
-            "vmovups ymm13, [{w1} + {off} + 32]",
-            "vmovups ymm14, [{w2} + {off} + 32]",
-            "vmovups ymm15, [{x0} + {off} + 32]",
-            "vfmadd231ps ymm1, ymm15, ymm12",
-            "vfmadd231ps ymm3, ymm15, ymm13",
-            "vfmadd231ps ymm5, ymm15, ymm14",
-            "vmovups ymm15, [{x1} + {off} + 32]",
-            "vfmadd231ps ymm7, ymm15, ymm12",
-            "vfmadd231ps ymm9, ymm15, ymm13",
-            "vfmadd231ps ymm11, ymm15, ymm14",
-            "add {off}, 64",
-            "cmp {off}, {end}",
-            "jb 2b",
-            x0 = in(reg) x0,
-            x1 = in(reg) x1,
-            w0 = in(reg) w0,
-            w1 = in(reg) w1,
-            w2 = in(reg) w2,
-            off = inout(reg) 0usize => _,
-            end = in(reg) k * size_of::<f32>(),
-            out("ymm0") a[0],
-            out("ymm1") a[1],
-            out("ymm2") a[2],
-            out("ymm3") a[3],
-            out("ymm4") a[4],
-            out("ymm5") a[5],
-            out("ymm6") a[6],
-            out("ymm7") a[7],
-            out("ymm8") a[8],
-            out("ymm9") a[9],
-            out("ymm10") a[10],
-            out("ymm11") a[11],
-            out("ymm12") _,
-            out("ymm13") _,
-            out("ymm14") _,
-            out("ymm15") _,
-            options(nostack, readonly, pure),
-        );
+        let a = acc_2x3(x0, x1, w, k);
         let r = |n: usize| reduce([a[n], a[n + 1]]);
         [[r(0), r(2), r(4)], [r(6), r(8), r(10)]]
     }
