@@ -62,10 +62,11 @@ const KEYS256: usize = 66;
 /// Two queries by three keys at a time ([`acc_2x3`], the matmul panel's tile), each sum's
 /// first step of the reduction stored, and the rest of the tree done for each query's keys
 /// four at a time after the pass ([`reduce4_s8`]), where the reductions of many keys overlap
-/// one another and the next multiply-adds. The 2x2 tiles before reduced their four sums
-/// right after their 32 multiply-adds (64-wide heads), and waited for them. On an AMD EPYC
-/// (Zen 1), one thread, in cache, 48 queries against 2,048 keys of 64: 680-685 -> 524-531
-/// us (18.5 -> 24 GFLOP/s); keys of 128: 553 -> 449 us.
+/// one another. The 2x2 tiles before reduced their four sums right after their 32
+/// multiply-adds (64-wide heads), and waited for them. On an AMD EPYC (Zen 1), one thread, in
+/// cache, 48 queries against 2,048 keys of 64: 680-685 -> 524-531 us (18.5 -> 24 GFLOP/s);
+/// keys of 128: 553 -> 449 us. Each tile reduced during the next one's multiply-adds instead
+/// (its sums kept across the assembly, which spills them) took 551-581 us.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gram_avx2(
     a: *const f32,
