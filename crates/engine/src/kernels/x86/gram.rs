@@ -93,11 +93,11 @@ unsafe fn gram_avx2(
             // s8[di][j]: the first step of key j's sum with query i + di.
             let mut s8 = [[_mm256_setzero_ps(); KEYS256]; 2];
             while i + 2 <= na {
+                let (x0, x1) = (a.add(i * k), a.add((i + 1) * k));
                 for j0 in (0..nb).step_by(KEYS256) {
                     let n = KEYS256.min(nb - j0);
                     let whole = n - n % 3;
                     for j in (0..whole).step_by(3) {
-                        let (x0, x1) = (a.add(i * k), a.add((i + 1) * k));
                         let acc = acc_2x3(x0, x1, b.add((j0 + j) * k), k);
                         for (di, s8) in s8.iter_mut().enumerate() {
                             for dj in 0..3 {
