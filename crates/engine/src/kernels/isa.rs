@@ -15,6 +15,9 @@ use crate::error::{EngineError, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Isa {
     level: Level,
+    /// At AVX2: the CPU runs each 256-bit operation as two 128-bit halves, so the kernels that
+    /// are faster in 128-bit registers there take them (see [`Isa::halves`]).
+    halves: bool,
 }
 
 /// The levels, lowest first.
@@ -41,6 +44,7 @@ impl Isa {
     /// The portable build: every CPU has it.
     pub const PORTABLE: Isa = Isa {
         level: Level::Portable,
+        halves: false,
     };
 
     /// Every level this CPU has, lowest (portable) first.
@@ -51,10 +55,14 @@ impl Isa {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
-            all.push(Isa { level: Level::Avx2 });
+            all.push(Isa {
+                level: Level::Avx2,
+                halves: splits_256_bit_operations(),
+            });
             if is_x86_feature_detected!("avx512f") {
                 all.push(Isa {
                     level: Level::Avx512,
+                    halves: false,
                 });
             }
         }
@@ -107,9 +115,63 @@ impl Isa {
         self.level
     }
 
+    /// At AVX2, whether the CPU runs each 256-bit operation as two 128-bit halves (AMD's Zen 1
+    /// and Zen+, and Hygon's Dhyana built on them): a 256-bit instruction is then two
+    /// micro-ops, and a kernel written in 128-bit registers can be faster (the decode gemv of
+    /// Q4_0, Q4_1 and Q8_0 is). Either form computes the same bits.
+    pub(crate) fn halves(self) -> bool {
+        self.halves
+    }
+
+    /// This level with the other form of its 256-bit kernels (see [`Isa::halves`]), so that
+    /// tests run both on any AVX2 machine.
+    #[cfg(test)]
+    pub(crate) fn other_halves(self) -> Isa {
+        assert_eq!(self.level, Level::Avx2, "only AVX2 has two forms");
+        Isa {
+            halves: !self.halves,
+            ..self
+        }
+    }
+
     /// Whether this level has hand-written x86 kernels (AVX2 or AVX-512).
     pub(crate) fn is_simd(self) -> bool {
         self.level != Level::Portable
+    }
+}
+
+/// Whether this CPU executes a 256-bit AVX operation as two 128-bit halves: AMD family 0x17
+/// below model 0x30 (Zen 1 and Zen+; Zen 2 starts at 0x30 with full-width units) and Hygon
+/// family 0x18 (Dhyana, a Zen 1). Other CPUs, and any this does not recognize, are taken to
+/// have full-width units: the 128-bit kernels are then never chosen, only slower there.
+#[cfg(target_arch = "x86_64")]
+fn splits_256_bit_operations() -> bool {
+    use std::arch::x86_64::__cpuid;
+    let vendor = __cpuid(0);
+    let mut name = [0u8; 12];
+    for (chunk, word) in name.chunks_mut(4).zip([vendor.ebx, vendor.edx, vendor.ecx]) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    splits_256_bit(&name, __cpuid(1).eax)
+}
+
+/// [`splits_256_bit_operations`] for the CPUID vendor string `vendor` and the processor
+/// signature `signature` (leaf 1's EAX).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn splits_256_bit(vendor: &[u8; 12], signature: u32) -> bool {
+    let base_family = (signature >> 8) & 0xF;
+    let (family, model) = if base_family == 0xF {
+        (
+            base_family + ((signature >> 20) & 0xFF),
+            ((signature >> 4) & 0xF) | (((signature >> 16) & 0xF) << 4),
+        )
+    } else {
+        (base_family, (signature >> 4) & 0xF)
+    };
+    match (vendor, family) {
+        (b"AuthenticAMD", 0x17) => model < 0x30,
+        (b"HygonGenuine", 0x18) => true,
+        _ => false,
     }
 }
 
@@ -121,7 +183,8 @@ pub(crate) trait Recompile {
     fn run(self) -> Self::Output;
 }
 
-/// Runs `f` once at every level this CPU has, lowest (portable) first: tests compare each
+/// Runs `f` once at every level this CPU has, lowest (portable) first, and AVX2 in both its
+/// forms (see [`Isa::halves`]): tests compare each
 /// level's result with the portable one, in the spirit of candle's `test_device!`. The x86
 /// levels this CPU lacks are named on the terminal, so that a run on an AVX2-only machine
 /// does not pass in silence for code it never reached.
@@ -130,6 +193,9 @@ pub(crate) fn for_each_isa(mut f: impl FnMut(Isa)) {
     let available = Isa::available();
     for &isa in &available {
         f(isa);
+        if isa.level == Level::Avx2 {
+            f(isa.other_halves());
+        }
     }
     #[cfg(target_arch = "x86_64")]
     {
@@ -177,6 +243,23 @@ mod tests {
         assert!(
             message.contains("sse9") && message.contains("portable"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn only_zen_1_and_its_kin_run_256_bit_operations_as_halves() {
+        let (amd, hygon, intel) = (b"AuthenticAMD", b"HygonGenuine", b"GenuineIntel");
+        // EPYC 7551 (Zen 1, family 0x17 model 0x01), Ryzen 7 2700X (Zen+, model 0x08),
+        // EPYC 7742 (Zen 2, model 0x31), EPYC 9654 (Zen 4, family 0x19), Dhyana, a Xeon.
+        assert!(splits_256_bit(amd, 0x0080_0F12));
+        assert!(splits_256_bit(amd, 0x0080_0F82));
+        assert!(!splits_256_bit(amd, 0x0083_0F10));
+        assert!(!splits_256_bit(amd, 0x00A1_0F11));
+        assert!(splits_256_bit(hygon, 0x0090_0F01));
+        assert!(!splits_256_bit(intel, 0x0005_0654));
+        assert!(
+            !splits_256_bit(intel, 0x0080_0F12),
+            "the family is read with the vendor"
         );
     }
 }

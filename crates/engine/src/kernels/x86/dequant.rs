@@ -245,6 +245,9 @@ pub(crate) fn gemv(isa: Isa, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32])
     with_split!(q.kind(), K => unsafe {
         let b = Blocks::<K>::new(q);
         match isa.level() {
+            Level::Avx2 if isa.halves() && has_halves_gemv(K::KIND) => {
+                gemv_halves(&b, r0, x.as_ptr(), out)
+            }
             Level::Avx2 => gemv_avx2(&b, r0, x.as_ptr(), out),
             Level::Avx512 => gemv_avx512(&b, r0, x.as_ptr(), out),
             Level::Portable => panic!("x86::gemv needs AVX2 or AVX-512"),
@@ -429,6 +432,120 @@ unsafe fn gemv_pair<K: Split>(
             }
         }
         [reduce(acc[0]), reduce(acc[1])]
+    }
+}
+
+/// Whether `kind`'s AVX2 gemv has the 128-bit form [`gemv_halves`].
+fn has_halves_gemv(kind: QKind) -> bool {
+    matches!(kind, QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0)
+}
+
+/// [`gemv_avx2`] in 128-bit registers, for a CPU that runs each 256-bit operation as two
+/// halves ([`Isa::halves`]): each 128-bit instruction is one micro-op there, and a quarter of
+/// a block's values is read straight into the lanes it widens (`vpmovsxbd` / `vpmovzxbd` of
+/// four bytes in memory), where the 256-bit form widens eight bytes across halves. On an AMD
+/// EPYC of the Zen 1 generation (family 23 model 1, one thread, a throwaway loop over pairs of
+/// rows of 640 in cache, the same bits) a block of one row took 12.0 cycles against 15.0 for
+/// Q8_0 and 14.7 against 16.2 for Q4_1; streamed from memory (131,072 rows), Q8_0 13.1 against
+/// 15.8.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_halves<K: Split>(b: &Blocks<K>, r0: usize, x: *const f32, out: &mut [f32]) {
+    // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
+    unsafe {
+        let mut s = [Scales::new(), Scales::new()];
+        in_pairs!(out, r0, |rows| gemv_pair128(b, &mut s, rows, x), |row| {
+            gemv_row(b, &mut s[0], row, x)
+        });
+    }
+}
+
+/// [`gemv_pair`] in 128-bit registers: row `r`'s 256-bit accumulator `c` is `acc[r][c]`, its
+/// low and high four lanes. Quarter `g` of a block (its values from `4g` and from `16 + 4g`,
+/// four each) goes to chain `g / 2`, half `g % 2`: each lane takes the same values in the
+/// same order as in [`gemv_row`], so the sums are its sums, bit for bit.
+///
+/// # Safety
+/// As for [`gemv_row`], for both rows; `K` is a kind [`has_halves_gemv`] names.
+#[inline(always)]
+unsafe fn gemv_pair128<K: Split>(
+    b: &Blocks<K>,
+    s: &mut [Scales; 2],
+    rows: [usize; 2],
+    x: *const f32,
+) -> [f32; 2] {
+    // SAFETY: as in `gemv_row`.
+    unsafe {
+        let mut acc = [[[_mm_setzero_ps(); 2]; 2]; 2];
+        for c0 in (0..b.nb).step_by(SCALES) {
+            let n = SCALES.min(b.nb - c0);
+            s[0].load(b, rows[0] * b.nb + c0, n);
+            s[1].load(b, rows[1] * b.nb + c0, n);
+            for i in 0..n {
+                let blk = c0 + i;
+                for row in rows {
+                    b.ask_ahead(row, blk);
+                }
+                // Opaque to the optimizer, as in `gemv_row`.
+                let xp = std::hint::black_box(x.add(blk * QK));
+                let at = |row: usize| (row * b.nb + blk) * K::KIND.qs_bytes();
+                let p = [b.qs.add(at(rows[0])), b.qs.add(at(rows[1]))];
+                let d = [_mm_set1_ps(s[0].d[i]), _mm_set1_ps(s[1].d[i])];
+                let m = [_mm_set1_ps(s[0].m[i]), _mm_set1_ps(s[1].m[i])];
+                for g in 0..4 {
+                    let (low, high) = (
+                        _mm_loadu_ps(xp.add(4 * g)),
+                        _mm_loadu_ps(xp.add(16 + 4 * g)),
+                    );
+                    for r in 0..2 {
+                        let [wl, wh] = quarter::<K>(p[r], g, d[r], m[r]);
+                        let acc = &mut acc[r][g / 2][g % 2];
+                        *acc = _mm_fmadd_ps(low, wl, *acc);
+                        *acc = _mm_fmadd_ps(high, wh, *acc);
+                    }
+                }
+            }
+        }
+        let mut sums = [0.0; 2];
+        for (sum, [c0, c1]) in sums.iter_mut().zip(acc) {
+            *sum = reduce([_mm256_set_m128(c0[1], c0[0]), _mm256_set_m128(c1[1], c1[0])]);
+        }
+        sums
+    }
+}
+
+/// Values `4g..4g + 4` and `16 + 4g..16 + 4g + 4` of the block whose quants are at `p`
+/// (scale `d`, minimum `m`), exactly as [`block`] computes them.
+///
+/// # Safety
+/// AVX2 and FMA are available, `g < 4`, the block's quants are at `p`, and `K` is a kind
+/// [`has_halves_gemv`] names.
+#[inline(always)]
+unsafe fn quarter<K: Split>(p: *const u8, g: usize, d: __m128, m: __m128) -> [__m128; 2] {
+    // SAFETY: the caller's contract: the four bytes read are inside the block.
+    unsafe {
+        let four = |at: usize| _mm_cvtsi32_si128(p.add(at).cast::<i32>().read_unaligned());
+        match K::KIND {
+            QKind::Q8_0 => {
+                let f = |at: usize| _mm_mul_ps(d, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(four(at))));
+                [f(4 * g), f(16 + 4 * g)]
+            }
+            kind => {
+                // Q4_0 or Q4_1: byte j holds value j in its low nibble and 16 + j in its high.
+                let q = _mm_cvtepu8_epi32(four(4 * g));
+                let (low, high) = (
+                    _mm_and_si128(q, _mm_set1_epi32(0x0F)),
+                    _mm_srli_epi32::<4>(q),
+                );
+                if kind == QKind::Q4_1 {
+                    let f = |q: __m128i| _mm_fmadd_ps(d, _mm_cvtepi32_ps(q), m);
+                    [f(low), f(high)]
+                } else {
+                    let eight = _mm_set1_epi32(8);
+                    let f = |q: __m128i| _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(q, eight)), d);
+                    [f(low), f(high)]
+                }
+            }
+        }
     }
 }
 
