@@ -117,8 +117,8 @@ impl Isa {
 
     /// At AVX2, whether the CPU runs each 256-bit operation as two 128-bit halves (AMD's Zen 1
     /// and Zen+, and Hygon's Dhyana built on them): a 256-bit instruction is then two
-    /// micro-ops, and a kernel written in 128-bit registers can be faster (the decode gemv of
-    /// Q4_0, Q4_1 and Q8_0 is). Either form computes the same bits.
+    /// micro-ops, and a kernel written in 128-bit registers can be faster (the gemv and the
+    /// dequantization of Q8_0 and Q4_1 are). Either form computes the same bits.
     pub(crate) fn halves(self) -> bool {
         self.halves
     }
