@@ -768,18 +768,17 @@ pub fn attention(
         out
     };
     let mut results: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
-    let run =
-        |i: usize, r: &mut Vec<f32>| *r = TASK_SCRATCH.with_borrow_mut(|ts| task(&tasks[i], ts));
-    if n <= TOKEN_TILE {
-        // A decode step or a turn: one tile, whose tasks are cut so that one run a thread is
-        // equal work.
-        team::for_each_item_per_thread(&mut results, run);
-    } else {
-        // A prompt: its tiles' tasks claimed a few at a time, as threads come free (in a
-        // causal prompt later tiles see more positions: one run a thread, in order, gave the
-        // second thread about three times the first's work in a prompt's first chunk).
-        team::for_each_chunk(&mut results, 1, |i, r| run(i, &mut r[0]));
-    }
+    // A decode step or a turn is one tile, whose tasks are cut so that one run a thread is
+    // equal work. A prompt's tiles are claimed a few at a time, as threads come free (in a
+    // causal prompt later tiles see more positions: one run a thread, in order, gave the
+    // second thread about three times the first's work in a prompt's first chunk).
+    let cut = match n <= TOKEN_TILE {
+        true => team::Cut::PerThread,
+        false => team::Cut::Equal,
+    };
+    team::for_each_chunk_cut(&mut results, 1, cut, |i, r| {
+        r[0] = TASK_SCRATCH.with_borrow_mut(|ts| task(&tasks[i], ts));
+    });
     let mut out = vec![0.0f32; n * n_heads * d];
     for (&Task { t0, h0, nh, .. }, res) in tasks.iter().zip(&results) {
         for (r, t) in res.chunks_exact(nh * d).zip(t0..) {

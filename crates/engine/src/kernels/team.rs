@@ -12,8 +12,8 @@
 //! busy elsewhere, or its virtual CPU descheduled) takes fewer runs. Items of equal work (a
 //! matmul's blocks of rows, a gated activation's rows) are cut into up to
 //! [`RUNS_PER_THREAD`] runs a thread, so the threads finish a region within a small run of
-//! each other; attention's tasks, cut so that one run per thread is equal work, go through
-//! [`for_each_per_thread`].
+//! each other; attention's tasks, cut so that one run per thread is equal work, are cut
+//! that way ([`Cut::PerThread`]).
 //!
 //! Measured on Zen 1, 2 threads, SmolLM2 Q4_1, against one run per thread for every region
 //! (throwaway loops, the two builds alternated): on an idle machine a decode step after 512
@@ -116,47 +116,55 @@ pub(crate) fn with_team<R: Send>(body: impl FnOnce() -> R + Send) -> R {
 /// nothing measurable against a region's tens of microseconds.
 const RUNS_PER_THREAD: usize = 4;
 
+/// How a region's items are cut into the runs a team's threads claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// Items of about equal work: up to [`RUNS_PER_THREAD`] runs a thread.
+    Equal,
+    /// Items cut so that one run a thread, in order, is equal work (a decode step's or a
+    /// turn's attention tasks): one run a thread.
+    PerThread,
+}
+
 /// Calls `f(i)` for every `i` in `0..items`, in parallel: on the current team when this
 /// thread runs one's pass, else on rayon's pool. Returns when every call has returned; a
-/// panic in one is resumed here. The items should be about equal work: they are cut in order
-/// into up to [`RUNS_PER_THREAD`] runs a thread, claimed as threads come free.
-pub(crate) fn for_each(items: usize, f: impl Fn(usize) + Sync) {
-    for_each_cut(items, RUNS_PER_THREAD, &f);
-}
-
-/// [`for_each`] for items cut so that one run per thread, in order, is equal work (attention's
-/// tasks): the items are cut into that many runs.
-pub(crate) fn for_each_per_thread(items: usize, f: impl Fn(usize) + Sync) {
-    for_each_cut(items, 1, &f);
-}
-
-/// [`for_each`] with the items cut into up to `per_thread` runs a thread.
-fn for_each_cut(items: usize, per_thread: usize, f: &(dyn Fn(usize) + Sync)) {
+/// panic in one is resumed here. The items are cut in order into runs as `cut` says,
+/// claimed as threads come free.
+pub(crate) fn for_each(items: usize, cut: Cut, f: impl Fn(usize) + Sync) {
     let team = CURRENT.get();
     if team.is_null() {
-        (0..items).into_par_iter().for_each(f);
+        (0..items).into_par_iter().for_each(&f);
         return;
     }
     // SAFETY: `CURRENT` holds a team only while `with_team`, which owns it, runs its body on
     // this thread.
     let team = unsafe { &*team };
-    team.run(items, (team.threads * per_thread).min(items), f);
+    let per_thread = match cut {
+        Cut::Equal => RUNS_PER_THREAD,
+        Cut::PerThread => 1,
+    };
+    team.run(items, (team.threads * per_thread).min(items), &f);
 }
 
-/// [`for_each`] over the chunks of `data` (`size` long, the last shorter): `f(c, chunk)`.
+/// [`for_each`] over the chunks of `data` (`size` long, the last shorter), items of about
+/// equal work: `f(c, chunk)`.
 pub(crate) fn for_each_chunk<T: Send>(
     data: &mut [T],
     size: usize,
     f: impl Fn(usize, &mut [T]) + Sync,
 ) {
-    let chunks: Vec<Mutex<&mut [T]>> = data.chunks_mut(size.max(1)).map(Mutex::new).collect();
-    for_each(chunks.len(), |c| f(c, &mut lock(&chunks[c])));
+    for_each_chunk_cut(data, size, Cut::Equal, f);
 }
 
-/// [`for_each_per_thread`] over the items of `data`: `f(i, &mut data[i])`.
-pub(crate) fn for_each_item_per_thread<T: Send>(data: &mut [T], f: impl Fn(usize, &mut T) + Sync) {
-    let items: Vec<Mutex<&mut T>> = data.iter_mut().map(Mutex::new).collect();
-    for_each_per_thread(items.len(), |i| f(i, &mut lock(&items[i])));
+/// [`for_each_chunk`] with the chunks cut into runs as `cut` says.
+pub(crate) fn for_each_chunk_cut<T: Send>(
+    data: &mut [T],
+    size: usize,
+    cut: Cut,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let chunks: Vec<Mutex<&mut [T]>> = data.chunks_mut(size.max(1)).map(Mutex::new).collect();
+    for_each(chunks.len(), cut, |c| f(c, &mut lock(&chunks[c])));
 }
 
 /// [`for_each_chunk`] over two slices cut alike into as many chunks: `f(c, a_chunk,
@@ -173,7 +181,7 @@ pub(crate) fn for_each_chunk2<T: Send, U: Send>(
         .zip(b.chunks_mut(b_size.max(1)))
         .map(Mutex::new)
         .collect();
-    for_each(chunks.len(), |c| {
+    for_each(chunks.len(), Cut::Equal, |c| {
         let mut pair = lock(&chunks[c]);
         let (a, b) = &mut *pair;
         f(c, a, b)
@@ -305,7 +313,7 @@ mod tests {
                     // Many regions of several sizes, as a forward pass runs them.
                     for round in 0..300 {
                         let items = [0, 1, 2, 8, 97][round % 5];
-                        for_each(items, |i| {
+                        for_each(items, Cut::Equal, |i| {
                             counts[i].fetch_add(1, Ordering::Relaxed);
                             lock(&threads_seen).insert(std::thread::current().id());
                         });
@@ -353,7 +361,7 @@ mod tests {
                     let ran = AtomicUsize::new(0);
                     let result = panic::catch_unwind(AssertUnwindSafe(|| {
                         with_team(|| {
-                            for_each(64, |i| {
+                            for_each(64, Cut::Equal, |i| {
                                 ran.fetch_add(1, Ordering::Relaxed);
                                 assert_ne!(i, bad, "item {i} fails");
                             });
@@ -367,7 +375,7 @@ mod tests {
                 }
                 // The pool is free again: a new pass runs.
                 let sum = AtomicUsize::new(0);
-                with_team(|| for_each(10, |i| _ = sum.fetch_add(i, Ordering::Relaxed)));
+                with_team(|| for_each(10, Cut::Equal, |i| _ = sum.fetch_add(i, Ordering::Relaxed)));
                 assert_eq!(sum.load(Ordering::Relaxed), 45);
             });
         }
@@ -379,7 +387,7 @@ mod tests {
             let by_slow = AtomicUsize::new(0);
             with_team(|| {
                 let caller = std::thread::current().id();
-                for_each(8, |_| {
+                for_each(8, Cut::Equal, |_| {
                     if std::thread::current().id() == caller {
                         by_slow.fetch_add(1, Ordering::Relaxed);
                         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -397,8 +405,8 @@ mod tests {
         pool(2).install(|| {
             let mut ran_on = vec![None; 6];
             with_team(|| {
-                for_each_item_per_thread(&mut ran_on, |_, t| {
-                    *t = Some(std::thread::current().id());
+                for_each_chunk_cut(&mut ran_on, 1, Cut::PerThread, |_, t| {
+                    t[0] = Some(std::thread::current().id());
                 });
             });
             // Runs 0..3 and 3..6, each on one thread.
@@ -411,8 +419,10 @@ mod tests {
     fn outside_a_pass_and_inside_a_nested_one_items_still_run() {
         pool(2).install(|| {
             let sum = AtomicUsize::new(0);
-            for_each(10, |i| _ = sum.fetch_add(i, Ordering::Relaxed));
-            with_team(|| with_team(|| for_each(10, |i| _ = sum.fetch_add(i, Ordering::Relaxed))));
+            for_each(10, Cut::Equal, |i| _ = sum.fetch_add(i, Ordering::Relaxed));
+            with_team(|| {
+                with_team(|| for_each(10, Cut::Equal, |i| _ = sum.fetch_add(i, Ordering::Relaxed)))
+            });
             assert_eq!(sum.load(Ordering::Relaxed), 90);
         });
     }
