@@ -55,6 +55,131 @@ pub(crate) fn gram(
     }
 }
 
+/// The head width the AVX2 scores keep one query of in registers ([`s8_1x4_k64`]).
+const HEAD64: usize = 64;
+/// Keys per block of the AVX2 scores of 64-wide heads: the block (16 KB) stays in L1 while
+/// each query is scored against it, as the chunks attention converts are (its `CHUNK`).
+const HEAD64_KEYS: usize = 64;
+
+/// The first step of the sums of one query of [`HEAD64`] values with `n4 * 4` keys (rows of
+/// 64, from `b`), `s8[j][l] = x[l] + x[l + 8]` for key `j` (the rest of the tree is
+/// [`reduce4_s8`]'s, four keys at a time), in assembly: the query's four chunks stay in
+/// `ymm8..=15` for every key, and each key's values are the memory operands of its eight fused
+/// multiply-adds (two chains of four, lanes 0..8 and 8..16; `ymm0..=7` for four keys). Per
+/// lane the same fused multiply-adds from zero in the same order as the portable `dot`, so
+/// the same bits.
+///
+/// The 2x3 tile of [`acc_2x3`] before (two queries by three keys, each call four chunks
+/// deep) did 23 GFLOP/s on an AMD EPYC (Zen 1), one thread, 48 queries against 2,048 keys of
+/// 64 in blocks of 64 keys, and this kernel 28-29: its loads are the keys' (one per
+/// multiply-add, where the tile's were ten per twelve), but nothing is set up, spilled or
+/// reloaded per tile. With the reduction's last steps in the assembly too (straight to the
+/// scores, no `s8` stored), 24-25.
+///
+/// # Safety
+/// AVX2 and FMA are available; `q` points to 64 values, `b` to `n4 * 4` rows of 64 and `s8`
+/// to `n4 * 4` writable registers.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn s8_1x4_k64(q: *const f32, b: *const f32, n4: usize, s8: *mut __m256) {
+    // SAFETY: the caller's contract. The loop body runs n4 times (n4 > 0 is checked first,
+    // as the loop tests its count at the end), each reading four rows of 64 values and
+    // writing four registers' worth of `s8`.
+    unsafe {
+        if n4 == 0 {
+            return;
+        }
+        std::arch::asm!(
+            // The query: chunk c's lanes 0..8 in ymm(8 + 2c), lanes 8..16 in ymm(9 + 2c).
+            "vmovups ymm8, [{q}]",
+            "vmovups ymm9, [{q} + 32]",
+            "vmovups ymm10, [{q} + 64]",
+            "vmovups ymm11, [{q} + 96]",
+            "vmovups ymm12, [{q} + 128]",
+            "vmovups ymm13, [{q} + 160]",
+            "vmovups ymm14, [{q} + 192]",
+            "vmovups ymm15, [{q} + 224]",
+            "2:",
+            // Key t's lanes 0..8 in ymm(2t), 8..16 in ymm(2t + 1); a chunk for all four
+            // keys, then the next.
+            "vxorps ymm0, ymm0, ymm0",
+            "vxorps ymm1, ymm1, ymm1",
+            "vxorps ymm2, ymm2, ymm2",
+            "vxorps ymm3, ymm3, ymm3",
+            "vxorps ymm4, ymm4, ymm4",
+            "vxorps ymm5, ymm5, ymm5",
+            "vxorps ymm6, ymm6, ymm6",
+            "vxorps ymm7, ymm7, ymm7",
+            "vfmadd231ps ymm0, ymm8, [{b}]",
+            "vfmadd231ps ymm1, ymm9, [{b} + 32]",
+            "vfmadd231ps ymm2, ymm8, [{b} + 256]",
+            "vfmadd231ps ymm3, ymm9, [{b} + 288]",
+            "vfmadd231ps ymm4, ymm8, [{b} + 512]",
+            "vfmadd231ps ymm5, ymm9, [{b} + 544]",
+            "vfmadd231ps ymm6, ymm8, [{b} + 768]",
+            "vfmadd231ps ymm7, ymm9, [{b} + 800]",
+            "vfmadd231ps ymm0, ymm10, [{b} + 64]",
+            "vfmadd231ps ymm1, ymm11, [{b} + 96]",
+            "vfmadd231ps ymm2, ymm10, [{b} + 320]",
+            "vfmadd231ps ymm3, ymm11, [{b} + 352]",
+            "vfmadd231ps ymm4, ymm10, [{b} + 576]",
+            "vfmadd231ps ymm5, ymm11, [{b} + 608]",
+            "vfmadd231ps ymm6, ymm10, [{b} + 832]",
+            "vfmadd231ps ymm7, ymm11, [{b} + 864]",
+            "vfmadd231ps ymm0, ymm12, [{b} + 128]",
+            "vfmadd231ps ymm1, ymm13, [{b} + 160]",
+            "vfmadd231ps ymm2, ymm12, [{b} + 384]",
+            "vfmadd231ps ymm3, ymm13, [{b} + 416]",
+            "vfmadd231ps ymm4, ymm12, [{b} + 640]",
+            "vfmadd231ps ymm5, ymm13, [{b} + 672]",
+            "vfmadd231ps ymm6, ymm12, [{b} + 896]",
+            "vfmadd231ps ymm7, ymm13, [{b} + 928]",
+            "vfmadd231ps ymm0, ymm14, [{b} + 192]",
+            "vfmadd231ps ymm1, ymm15, [{b} + 224]",
+            "vfmadd231ps ymm2, ymm14, [{b} + 448]",
+            "vfmadd231ps ymm3, ymm15, [{b} + 480]",
+            "vfmadd231ps ymm4, ymm14, [{b} + 704]",
+            "vfmadd231ps ymm5, ymm15, [{b} + 736]",
+            "vfmadd231ps ymm6, ymm14, [{b} + 960]",
+            "vfmadd231ps ymm7, ymm15, [{b} + 992]",
+            // The first step of each key's reduction, s8[l] = lanes l + l + 8, stored.
+            "vaddps ymm0, ymm0, ymm1",
+            "vaddps ymm2, ymm2, ymm3",
+            "vaddps ymm4, ymm4, ymm5",
+            "vaddps ymm6, ymm6, ymm7",
+            "vmovups [{s8}], ymm0",
+            "vmovups [{s8} + 32], ymm2",
+            "vmovups [{s8} + 64], ymm4",
+            "vmovups [{s8} + 96], ymm6",
+            "add {b}, 1024",
+            "add {s8}, 128",
+            "dec {n}",
+            "jnz 2b",
+            q = in(reg) q,
+            b = inout(reg) b => _,
+            s8 = inout(reg) s8 => _,
+            n = inout(reg) n4 => _,
+            out("ymm0") _,
+            out("ymm1") _,
+            out("ymm2") _,
+            out("ymm3") _,
+            out("ymm4") _,
+            out("ymm5") _,
+            out("ymm6") _,
+            out("ymm7") _,
+            out("ymm8") _,
+            out("ymm9") _,
+            out("ymm10") _,
+            out("ymm11") _,
+            out("ymm12") _,
+            out("ymm13") _,
+            out("ymm14") _,
+            out("ymm15") _,
+            options(nostack),
+        );
+    }
+}
+
 /// Keys per pass of the AVX2 scores over two queries: a chunk of a cache converted to f32 (64
 /// keys) in one pass, with room for its tiles of three.
 const KEYS256: usize = 66;
@@ -88,6 +213,27 @@ unsafe fn gram_avx2(
     }
     // SAFETY: the caller's bounds (see `gram`).
     unsafe {
+        if k == HEAD64 {
+            // Blocks of keys outer, queries inner: a block stays in L1 while every query
+            // is scored against it (the whole history at once when the cache is f32).
+            let mut s8 = [_mm256_setzero_ps(); HEAD64_KEYS];
+            for j0 in (0..nb).step_by(HEAD64_KEYS) {
+                let n = HEAD64_KEYS.min(nb - j0);
+                let whole = n - n % 4;
+                for i in 0..na {
+                    s8_1x4_k64(a.add(i * k), b.add(j0 * k), whole / 4, s8.as_mut_ptr());
+                    let row = &mut out[i * ld + j0..][..n];
+                    for (j, s8) in s8[..whole].chunks_exact(4).enumerate() {
+                        let r = reduce4_s8([s8[0], s8[1], s8[2], s8[3]]);
+                        _mm_storeu_ps(row[4 * j..4 * j + 4].as_mut_ptr(), r);
+                    }
+                    for j in j0 + whole..j0 + n {
+                        tile!(1, 1, i, j);
+                    }
+                }
+            }
+            return;
+        }
         let mut i = 0;
         if na >= 2 {
             // s8[di][j]: the first step of key j's sum with query i + di.
