@@ -262,11 +262,11 @@ fn attend_portable(
     // Weighted V sums: V rows a chunk at a time, up to six queries at a time sharing each
     // row's loads. Rows and scores are indexed from the chunk's start.
     let pv6 = d.is_multiple_of(64) && pv6_available(isa);
-    // At AVX2 one query at a time, with the x86 kernel: a 64-wide query's sums are 8
-    // registers, already enough chains to keep both FMA pipes busy, and two or four queries'
-    // do not fit in the 16 registers (the portable loop's output kept even one query's sums
-    // on the stack: a quarter of a 16-token turn after 2,048 tokens went to the V sums).
-    let one_at_a_time = d.is_multiple_of(64) && isa.level() == Level::Avx2;
+    // At AVX2 two queries at a time, with the x86 kernel, 32 columns at a time (`pv_2x64`):
+    // a 64-wide query's sums are 8 registers, two queries' 32 columns too, and each V row's
+    // loads are then shared (the portable loop's output kept even one query's sums on the
+    // stack: a quarter of a 16-token turn after 2,048 tokens went to the V sums).
+    let pairs = d.is_multiple_of(64) && isa.level() == Level::Avx2;
     out.fill(0.0);
     for j0 in (0..len).step_by(CHUNK) {
         let next = j0 + CHUNK..j0 + 2 * CHUNK;
@@ -276,7 +276,7 @@ fn attend_portable(
         let mut i = 0;
         while i < nq {
             let group = match nq - i {
-                _ if one_at_a_time => 1,
+                r if pairs => r.min(2),
                 r if r >= 6 && pv6 => 6,
                 r if r >= 4 => 4,
                 r => r.min(2),
@@ -540,6 +540,8 @@ fn accumulate64(
     match group {
         #[cfg(target_arch = "x86_64")]
         1 if isa.is_simd() => x86::pv_1x64(isa, o, scores, rows, v, stride),
+        #[cfg(target_arch = "x86_64")]
+        2 if isa.is_simd() => x86::pv_2x64(isa, o, scores, len, rows, v, stride),
         // Only when `pv6_available`.
         #[cfg(target_arch = "x86_64")]
         6 => x86::pv_6x64(isa, o, scores, len, rows, v, stride),

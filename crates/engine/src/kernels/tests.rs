@@ -290,6 +290,40 @@ fn pv_1x64_is_the_portable_accumulation_bitwise() {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn pv_2x64_is_the_portable_accumulation_bitwise() {
+    // Two queries' weights 90 apart over V rows 5..83, on top of outputs that already hold
+    // sums, 64 wide and the last 64 columns of 256-wide rows; and an empty run at the end,
+    // which must leave the outputs alone.
+    let (len, rows) = (90, 5..83);
+    let scores = values(2 * len, 84);
+    let start = values(128, 86);
+    for (stride, col) in [(64, 0), (256, 192)] {
+        let v = values(len * stride, 85);
+        let mut want = start.clone();
+        for q in 0..2 {
+            for j in rows.clone() {
+                let p = scores[q * len + j];
+                for l in 0..64 {
+                    want[q * 64 + l] = p.mul_add(v[j * stride + col + l], want[q * 64 + l]);
+                }
+            }
+        }
+        for_each_isa(|isa| {
+            if !isa.is_simd() {
+                return;
+            }
+            let mut got = start.clone();
+            let v = &v[col..];
+            super::x86::pv_2x64(isa, &mut got, &scores, len, rows.clone(), v, stride);
+            assert_eq!(bits(&got), bits(&want), "{isa:?}, stride {stride}");
+            super::x86::pv_2x64(isa, &mut got, &scores, len, 90..90, v, stride);
+            assert_eq!(bits(&got), bits(&want), "{isa:?}: an empty run");
+        });
+    }
+}
+
 #[test]
 fn grouped_v_sums_are_the_one_query_definition_bitwise_at_every_level() {
     // Every group size the attention uses, on SmolLM2's 64-wide heads, Gemma 3's 256-wide

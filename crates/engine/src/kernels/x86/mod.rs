@@ -4,11 +4,12 @@
 //!   (`#[target_feature]` copies of one source, so the same operations and the same bits);
 //! * hand-written kernels for where the compiler's output of the portable source is slow:
 //!   attention scores ([`gram`]), the matmul panel ([`panel`]), the weighted V sums of six
-//!   queries ([`pv_6x64`]) or of one ([`pv_1x64`], AVX2) and quantized weights ([`dequantize_rows`], [`gemv`]; the kinds held as GGUF blocks in `blocks`):
+//!   queries ([`pv_6x64`]), of two ([`pv_2x64`], AVX2) or of one ([`pv_1x64`]) and quantized
+//!   weights ([`dequantize_rows`], [`gemv`]; the kinds held as GGUF blocks in `blocks`):
 //!   intrinsics, f16 and `q8_0` cache rows widened with F16C and AVX2 ([`f16_to_f32`],
-//!   [`q8_0_to_f32`]), and eight micro-kernels in assembly (`acc_2x3`, `s8_1x4_k64`,
+//!   [`q8_0_to_f32`]), and nine micro-kernels in assembly (`acc_2x3`, `s8_1x4_k64`,
 //!   `kernel512_4x6`, `kernel512_6x4`, `kernel512_1x16_k64`, `quarters_1x16`, `pv512_6x64`,
-//!   `pv256_1x64`);
+//!   `pv256_2x32`, `pv256_1x64`);
 //! * a safe wrapper for each, which checks every length the unsafe code relies on and takes an
 //!   [`Isa`]: a value that exists only for levels this CPU has, so holding one proves the
 //!   instructions are there.
@@ -33,7 +34,7 @@ pub(crate) use convert::{f16_to_f32, q8_0_to_f32};
 pub(crate) use dequant::{LineByLine, dequantize_rows, gemv, prefetch_rows};
 pub(crate) use gram::{Keys, QUARTER_KEYS, gram, gram_quarters, quarters};
 pub(crate) use panel::panel;
-pub(crate) use pv::{pv_1x64, pv_6x64};
+pub(crate) use pv::{pv_1x64, pv_2x64, pv_6x64};
 
 /// Bytes ahead of the current block that the decode gemv of every weight kind asks the CPU
 /// to prefetch, in each of its row streams.
