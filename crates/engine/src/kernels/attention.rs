@@ -8,7 +8,7 @@ use std::ops::Range;
 use kv_extract::{AlignedBuf, KvCache, KvDtype, KvRows};
 
 use super::dot::{LANES, MR, NR, dot_1x1, dot_1x3, dot_2x3, reduce};
-use super::elementwise::exp;
+use super::elementwise::{exp, exp_each};
 use super::isa::{Isa, Level, Recompile};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
@@ -408,7 +408,22 @@ pub(super) fn exp_and_sum_from(s: &mut [f32], max: f32, skip: usize) -> f32 {
             acc[l] += *x;
         }
     }
-    let mut chunks = s.chunks_exact_mut(LANES);
+    // Four chunks of lanes at a time through `exp_each` (the same bits as `exp` one by one),
+    // then the rest one chunk at a time.
+    let mut blocks = s.chunks_exact_mut(EXP_BLOCK);
+    for b in &mut blocks {
+        let b: &mut [f32; EXP_BLOCK] = b.try_into().expect("a whole block");
+        for x in b.iter_mut() {
+            *x -= max;
+        }
+        exp_each(b);
+        for c in b.chunks_exact(LANES) {
+            for l in 0..LANES {
+                acc[l] += c[l];
+            }
+        }
+    }
+    let mut chunks = blocks.into_remainder().chunks_exact_mut(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
             c[l] = exp(c[l] - max);
@@ -421,6 +436,9 @@ pub(super) fn exp_and_sum_from(s: &mut [f32], max: f32, skip: usize) -> f32 {
     }
     reduce(&acc)
 }
+
+/// Scores a softmax exponentiates at once ([`exp_each`]): four chunks of [`LANES`].
+const EXP_BLOCK: usize = 4 * LANES;
 
 /// Every `dot(a[i], b[j])` into `out[i * ld + j]` with the x86 `gram` kernel when `isa` has
 /// one and the rows are whole 16-lane chunks; `false` (nothing written) otherwise.

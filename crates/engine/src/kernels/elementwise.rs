@@ -231,26 +231,59 @@ impl RopeTable {
 /// `exp(x)`, with the Cephes single-precision polynomial (about 1 ulp), in plain multiplies
 /// and adds so that every build (SSE2, AVX2, any vector width) gives the same bits, unlike a
 /// platform libm. Inputs below -87 give a tiny positive number rather than a subnormal.
+/// [`exp_each`] of one value.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    let mut x = [x];
+    exp_each(&mut x);
+    x[0]
+}
+
+/// [`exp`] of each of `N` values in place, each step across all of them before the next: the
+/// same operations on every value, so the same bits, but a vectorizing compiler then
+/// interleaves `N / 8` (AVX2) independent chains. A vector `exp` is a chain of about 25
+/// dependent operations, and with one or two in flight most of the time goes to waiting on
+/// them. On an AMD EPYC (Zen 1), one thread, a softmax of 2,048 scores (scaled, their
+/// maximum, `exp` and sum) took 2.0 ns a score with `exp` 16 values at a time, 1.5 with 64 at
+/// a time step by step (1.5 with 32, 1.6 with 128).
+#[inline(always)]
+pub fn exp_each<const N: usize>(x: &mut [f32; N]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let x = x.clamp(-87.0, 88.0);
-    let t = x * LOG2E + MAGIC;
-    let n = t - MAGIC;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5; // Cephes' 5.0000001201e-1, which rounds to 0.5 in f32
-    let y = (p * (r * r) + r) + 1.0;
-    // `n` as an integer, read from the bits of `t` (in [2^23, 2^24) one unit is one ulp): the
-    // same value as `n as i32`, without the saturating conversion that keeps loops of `exp`
-    // from vectorizing.
-    let n_int = t.to_bits().wrapping_sub(MAGIC.to_bits());
-    y * f32::from_bits(n_int.wrapping_add(127) << 23)
+    // The polynomial's coefficients, highest first. The last is Cephes' 5.0000001201e-1,
+    // which rounds to 0.5 in f32.
+    const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+    let (mut t, mut r, mut p) = ([0.0f32; N], [0.0f32; N], [P[0]; N]);
+    for x in x.iter_mut() {
+        *x = x.clamp(-87.0, 88.0);
+    }
+    for (t, &x) in t.iter_mut().zip(x.iter()) {
+        *t = x * LOG2E + MAGIC;
+    }
+    for ((r, &t), &x) in r.iter_mut().zip(&t).zip(x.iter()) {
+        let n = t - MAGIC;
+        *r = (x - n * LN2_HI) - n * LN2_LO;
+    }
+    for c in &P[1..] {
+        for (p, &r) in p.iter_mut().zip(&r) {
+            *p = *p * r + c;
+        }
+    }
+    for (((x, &p), &r), &t) in x.iter_mut().zip(&p).zip(&r).zip(&t) {
+        let y = (p * (r * r) + r) + 1.0;
+        // `n` as an integer, read from the bits of `t` (in [2^23, 2^24) one unit is one
+        // ulp): the same value as `n as i32`, without the saturating conversion that keeps
+        // loops of `exp` from vectorizing.
+        let n_int = t.to_bits().wrapping_sub(MAGIC.to_bits());
+        *x = y * f32::from_bits(n_int.wrapping_add(127) << 23);
+    }
 }

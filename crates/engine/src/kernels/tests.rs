@@ -649,7 +649,7 @@ fn softmax_helpers_match_their_definitions_bitwise() {
     }
     // exp_and_sum: lane j % 16 sums positions j in order, then the 16 lanes fold as
     // ((l + l8) + (l4 + l12)) pairs: ((s4[0] + s4[2]) + (s4[1] + s4[3])).
-    for n in [0, 1, 15, 16, 17, 203] {
+    for n in [0, 1, 15, 16, 17, 64, 80, 203] {
         let mut row = values(n, 52);
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let e: Vec<f32> = row.iter().map(|&x| exp(x - max)).collect();
