@@ -225,6 +225,30 @@ fn gram_is_dot_bitwise_at_every_simd_level() {
     });
 }
 
+/// The portable accumulation of 64-wide queries (`start.len() / 64` of them), one value at a
+/// time: from `start`, for each query `q` and each V row `j` in `rows` in order,
+/// `o[q][l] = fma(scores[q * len + j], v[j * stride + l], o[q][l])`.
+#[cfg(target_arch = "x86_64")]
+fn v_sums_64(
+    start: &[f32],
+    scores: &[f32],
+    len: usize,
+    rows: std::ops::Range<usize>,
+    v: &[f32],
+    stride: usize,
+) -> Vec<f32> {
+    let mut o = start.to_vec();
+    for (q, o) in o.chunks_exact_mut(64).enumerate() {
+        for j in rows.clone() {
+            let p = scores[q * len + j];
+            for (l, o) in o.iter_mut().enumerate() {
+                *o = p.mul_add(v[j * stride + l], *o);
+            }
+        }
+    }
+    o
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn pv_6x64_is_the_portable_accumulation_bitwise() {
@@ -236,15 +260,7 @@ fn pv_6x64_is_the_portable_accumulation_bitwise() {
     let start = values(6 * 64, 73);
     for (stride, col) in [(64, 0), (256, 64)] {
         let v = values(len * stride, 72);
-        let mut want = start.clone();
-        for q in 0..6 {
-            for j in rows.clone() {
-                let p = scores[q * len + j];
-                for l in 0..64 {
-                    want[q * 64 + l] = p.mul_add(v[j * stride + col + l], want[q * 64 + l]);
-                }
-            }
-        }
+        let want = v_sums_64(&start, &scores, len, rows.clone(), &v[col..], stride);
         for_each_isa(|isa| {
             if isa.name() != "avx512" {
                 return;
@@ -270,12 +286,7 @@ fn pv_1x64_is_the_portable_accumulation_bitwise() {
     let start = values(64, 83);
     for (stride, col) in [(64, 0), (256, 192)] {
         let v = values(len * stride, 82);
-        let mut want = start.clone();
-        for j in rows.clone() {
-            for l in 0..64 {
-                want[l] = scores[j].mul_add(v[j * stride + col + l], want[l]);
-            }
-        }
+        let want = v_sums_64(&start, &scores, len, rows.clone(), &v[col..], stride);
         for_each_isa(|isa| {
             if !isa.is_simd() {
                 return;
@@ -301,15 +312,7 @@ fn pv_2x64_is_the_portable_accumulation_bitwise() {
     let start = values(128, 86);
     for (stride, col) in [(64, 0), (256, 192)] {
         let v = values(len * stride, 85);
-        let mut want = start.clone();
-        for q in 0..2 {
-            for j in rows.clone() {
-                let p = scores[q * len + j];
-                for l in 0..64 {
-                    want[q * 64 + l] = p.mul_add(v[j * stride + col + l], want[q * 64 + l]);
-                }
-            }
-        }
+        let want = v_sums_64(&start, &scores, len, rows.clone(), &v[col..], stride);
         for_each_isa(|isa| {
             if !isa.is_simd() {
                 return;
