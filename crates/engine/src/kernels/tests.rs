@@ -277,53 +277,37 @@ fn pv_6x64_is_the_portable_accumulation_bitwise() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn pv_1x64_is_the_portable_accumulation_bitwise() {
-    // One query's weights over V rows 5..83, on top of an output that already holds sums, 64
-    // wide and the last 64 columns of 256-wide rows; and an empty run past the end, which
-    // must leave the output alone.
+fn pv_1x64_and_2x64_are_the_portable_accumulation_bitwise() {
+    // One query's and two queries' weights (90 apart) over V rows 5..83, on top of outputs
+    // that already hold sums, 64 wide and the last 64 columns of 256-wide rows; and an empty
+    // run at the end, which must leave the outputs alone.
     let (len, rows) = (90, 5..83);
-    let scores = values(len, 81);
-    let start = values(64, 83);
-    for (stride, col) in [(64, 0), (256, 192)] {
-        let v = values(len * stride, 82);
-        let want = v_sums_64(&start, &scores, len, rows.clone(), &v[col..], stride);
-        for_each_isa(|isa| {
-            if !isa.is_simd() {
-                return;
-            }
-            let mut got = start.clone();
-            let v = &v[col..];
-            super::x86::pv_1x64(isa, &mut got, &scores, rows.clone(), v, stride);
-            assert_eq!(bits(&got), bits(&want), "{isa:?}, stride {stride}");
-            super::x86::pv_1x64(isa, &mut got, &scores, 90..90, v, stride);
-            assert_eq!(bits(&got), bits(&want), "{isa:?}: an empty run");
-        });
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[test]
-fn pv_2x64_is_the_portable_accumulation_bitwise() {
-    // Two queries' weights 90 apart over V rows 5..83, on top of outputs that already hold
-    // sums, 64 wide and the last 64 columns of 256-wide rows; and an empty run at the end,
-    // which must leave the outputs alone.
-    let (len, rows) = (90, 5..83);
-    let scores = values(2 * len, 84);
-    let start = values(128, 86);
-    for (stride, col) in [(64, 0), (256, 192)] {
-        let v = values(len * stride, 85);
-        let want = v_sums_64(&start, &scores, len, rows.clone(), &v[col..], stride);
-        for_each_isa(|isa| {
-            if !isa.is_simd() {
-                return;
-            }
-            let mut got = start.clone();
-            let v = &v[col..];
-            super::x86::pv_2x64(isa, &mut got, &scores, len, rows.clone(), v, stride);
-            assert_eq!(bits(&got), bits(&want), "{isa:?}, stride {stride}");
-            super::x86::pv_2x64(isa, &mut got, &scores, len, 90..90, v, stride);
-            assert_eq!(bits(&got), bits(&want), "{isa:?}: an empty run");
-        });
+    for queries in [1, 2] {
+        let scores = values(queries * len, 81);
+        let start = values(queries * 64, 83);
+        for (stride, col) in [(64, 0), (256, 192)] {
+            let v = values(len * stride, 82);
+            let want = v_sums_64(&start, &scores, len, rows.clone(), &v[col..], stride);
+            for_each_isa(|isa| {
+                if !isa.is_simd() {
+                    return;
+                }
+                let v = &v[col..];
+                let run = |got: &mut [f32], rows| match queries {
+                    1 => super::x86::pv_1x64(isa, got, &scores, rows, v, stride),
+                    _ => super::x86::pv_2x64(isa, got, &scores, len, rows, v, stride),
+                };
+                let mut got = start.clone();
+                run(&mut got, rows.clone());
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{isa:?}, {queries}, stride {stride}"
+                );
+                run(&mut got, 90..90);
+                assert_eq!(bits(&got), bits(&want), "{isa:?}, {queries}: an empty run");
+            });
+        }
     }
 }
 
