@@ -191,7 +191,8 @@ const KEYS256: usize = 66;
 /// multiply-adds (64-wide heads), and waited for them. On an AMD EPYC (Zen 1), one thread, in
 /// cache, 48 queries against 2,048 keys of 64: 680-685 -> 524-531 us (18.5 -> 24 GFLOP/s);
 /// keys of 128: 553 -> 449 us. Each tile reduced during the next one's multiply-adds instead
-/// (its sums kept across the assembly, which spills them) took 551-581 us.
+/// (its sums kept across the assembly, which spills them) took 551-581 us. Rows 64 wide go to
+/// [`gram_avx2_k64`].
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gram_avx2(
     a: *const f32,
@@ -214,25 +215,7 @@ unsafe fn gram_avx2(
     // SAFETY: the caller's bounds (see `gram`).
     unsafe {
         if k == HEAD64 {
-            // Blocks of keys outer, queries inner: a block stays in L1 while every query
-            // is scored against it (the whole history at once when the cache is f32).
-            let mut s8 = [_mm256_setzero_ps(); HEAD64_KEYS];
-            for j0 in (0..nb).step_by(HEAD64_KEYS) {
-                let n = HEAD64_KEYS.min(nb - j0);
-                let whole = n - n % 4;
-                for i in 0..na {
-                    s8_1x4_k64(a.add(i * k), b.add(j0 * k), whole / 4, s8.as_mut_ptr());
-                    let row = &mut out[i * ld + j0..][..n];
-                    for (j, s8) in s8[..whole].chunks_exact(4).enumerate() {
-                        let r = reduce4_s8([s8[0], s8[1], s8[2], s8[3]]);
-                        _mm_storeu_ps(row[4 * j..4 * j + 4].as_mut_ptr(), r);
-                    }
-                    for j in j0 + whole..j0 + n {
-                        tile!(1, 1, i, j);
-                    }
-                }
-            }
-            return;
+            return gram_avx2_k64(a, na, b, nb, out, ld);
         }
         let mut i = 0;
         if na >= 2 {
@@ -253,16 +236,7 @@ unsafe fn gram_avx2(
                         }
                     }
                     for (di, s8) in s8.iter().enumerate() {
-                        let row = &mut out[(i + di) * ld + j0..][..whole];
-                        let mut j = 0;
-                        while j + 4 <= whole {
-                            let r = reduce4_s8([s8[j], s8[j + 1], s8[j + 2], s8[j + 3]]);
-                            _mm_storeu_ps(row[j..j + 4].as_mut_ptr(), r);
-                            j += 4;
-                        }
-                        for j in j..whole {
-                            row[j] = reduce_s8(s8[j]);
-                        }
+                        reduce_s8_into(&s8[..whole], &mut out[(i + di) * ld + j0..][..whole]);
                     }
                     for j in j0 + whole..j0 + n {
                         tile!(2, 1, i, j);
@@ -281,6 +255,62 @@ unsafe fn gram_avx2(
             for j in j..nb {
                 tile!(1, 1, i, j);
             }
+        }
+    }
+}
+
+/// [`gram_avx2`] for 64-wide rows: each query kept in registers ([`s8_1x4_k64`]) against
+/// blocks of [`HEAD64_KEYS`] keys, blocks outer and queries inner, so that a block stays in L1
+/// while every query is scored against it (the whole history comes at once when the cache is
+/// f32); the rest of each sum's tree four keys at a time after the block.
+///
+/// # Safety
+/// As [`gram_avx2`] with `k == 64`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gram_avx2_k64(
+    a: *const f32,
+    na: usize,
+    b: *const f32,
+    nb: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    const K: usize = HEAD64;
+    // SAFETY: the caller's bounds (see `gram`), for rows of 64.
+    unsafe {
+        let mut s8 = [_mm256_setzero_ps(); HEAD64_KEYS];
+        for j0 in (0..nb).step_by(HEAD64_KEYS) {
+            let n = HEAD64_KEYS.min(nb - j0);
+            let whole = n - n % 4;
+            for i in 0..na {
+                s8_1x4_k64(a.add(i * K), b.add(j0 * K), whole / 4, s8.as_mut_ptr());
+                let row = &mut out[i * ld + j0..][..n];
+                reduce_s8_into(&s8[..whole], &mut row[..whole]);
+                for (j, o) in row.iter_mut().enumerate().skip(whole) {
+                    *o = kernel::<1, 1>(a.add(i * K), b.add((j0 + j) * K), K)[0][0];
+                }
+            }
+        }
+    }
+}
+
+/// `row[j] = reduce_s8(s8[j])` for every `j` (`row` as long as `s8`): four sums at a time
+/// ([`reduce4_s8`], the same tree), the last one to three alone.
+///
+/// # Safety
+/// AVX is available.
+#[inline(always)]
+unsafe fn reduce_s8_into(s8: &[__m256], row: &mut [f32]) {
+    debug_assert_eq!(s8.len(), row.len());
+    // SAFETY: the caller's contract; each store writes one chunk of four values of `row`.
+    unsafe {
+        let mut quads = s8.chunks_exact(4);
+        let mut out = row.chunks_exact_mut(4);
+        for (s, o) in (&mut quads).zip(&mut out) {
+            _mm_storeu_ps(o.as_mut_ptr(), reduce4_s8([s[0], s[1], s[2], s[3]]));
+        }
+        for (&s, o) in quads.remainder().iter().zip(out.into_remainder()) {
+            *o = reduce_s8(s);
         }
     }
 }
