@@ -171,7 +171,7 @@ pub(crate) fn dequantize_rows(isa: Isa, q: &QMatrix, r0: usize, count: usize, ou
     with_split!(q.kind(), K => unsafe {
         let b = Blocks::<K>::new(q);
         match isa.level() {
-            Level::Avx2 if isa.halves() && has_halves_form(K::KIND) => {
+            Level::Avx2 if isa.halves() => {
                 dequantize_rows_halves(&b, r0, count, out)
             }
             Level::Avx2 => dequantize_rows_avx2(&b, r0, count, out),
@@ -248,7 +248,7 @@ pub(crate) fn gemv(isa: Isa, q: &QMatrix, r0: usize, x: &[f32], out: &mut [f32])
     with_split!(q.kind(), K => unsafe {
         let b = Blocks::<K>::new(q);
         match isa.level() {
-            Level::Avx2 if isa.halves() && has_halves_form(K::KIND) => {
+            Level::Avx2 if isa.halves() => {
                 gemv_halves(&b, r0, x.as_ptr(), out)
             }
             Level::Avx2 => gemv_avx2(&b, r0, x.as_ptr(), out),
@@ -342,7 +342,8 @@ unsafe fn dequantize_rows_avx2<K: Split>(b: &Blocks<K>, r0: usize, count: usize,
 /// [`dequantize_rows_avx2`] in 128-bit registers, a quarter of a block at a time (see
 /// [`gemv_halves`]). On the Zen 1 EPYC (quant bench, one thread, 2,048 rows of 640 and 640 of
 /// 2,048, two alternated runs): Q8_0 took 0.84-0.91x the time of the 256-bit form, Q4_1
-/// 0.96-0.98x, Q4_0 0.98-1.01x.
+/// 0.96-0.98x, Q4_0 0.98-1.01x. Q5_0 and Q5_1, their fifth bits added from [`HighLanes`] (three
+/// alternated runs, both shapes): 0.66-0.69x and 0.71-0.82x the time of the 256-bit form.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dequantize_rows_halves<K: Split>(b: &Blocks<K>, r0: usize, count: usize, out: *mut f32) {
     // SAFETY: the callers' bounds checks, as for `dequantize_rows_avx2`.
@@ -356,8 +357,9 @@ unsafe fn dequantize_rows_halves<K: Split>(b: &Blocks<K>, r0: usize, count: usiz
                 for i in 0..n {
                     let p = b.qs.add((row * b.nb + c0 + i) * K::KIND.qs_bytes());
                     let (d, m) = (_mm_set1_ps(s.d[i]), _mm_set1_ps(s.m[i]));
+                    let qh = high_bits::<K>(p);
                     for g in 0..4 {
-                        let [low, high] = quarter::<K>(p, g, d, m);
+                        let [low, high] = quarter::<K>(p, qh, g, d, m);
                         _mm_storeu_ps(o.add(4 * g), low);
                         _mm_storeu_ps(o.add(16 + 4 * g), high);
                     }
@@ -467,11 +469,46 @@ unsafe fn gemv_pair<K: Split>(
     }
 }
 
-/// Whether `kind`'s AVX2 gemv and dequantization have 128-bit forms ([`gemv_halves`],
-/// [`dequantize_rows_halves`]).
-fn has_halves_form(kind: QKind) -> bool {
-    matches!(kind, QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0)
+/// A 5-bit block's 32 high bits (bit `e` is value `e`'s fifth), from its first four bytes
+/// at `p`; 0 for the other kinds, which have none.
+///
+/// # Safety
+/// The block's bytes are at `p`.
+#[inline(always)]
+unsafe fn high_bits<K: Split>(p: *const u8) -> u32 {
+    match K::KIND {
+        // SAFETY: the caller's contract: a 5-bit block starts with its four bytes of high bits.
+        QKind::Q5_0 | QKind::Q5_1 => unsafe { p.cast::<u32>().read_unaligned() },
+        _ => 0,
+    }
 }
+
+/// Four fifth bits made four i32 lanes to add to their values' low four bits: entry `n`'s
+/// lane `i` is bit `i` of `n` times 16, less 16 in [`Q5_0_HIGH`] (Q5_0's values are `q - 16`).
+/// Indexed by four bits of a block's [`high_bits`], an entry is one load that the addition
+/// takes as its operand, where spreading the bits over the lanes in registers took four
+/// instructions or more per four values.
+#[repr(align(64))]
+struct HighLanes([[i32; 4]; 16]);
+
+const fn high_lanes(offset: i32) -> HighLanes {
+    let mut t = [[0; 4]; 16];
+    let mut n = 0;
+    while n < 16 {
+        let mut i = 0;
+        while i < 4 {
+            t[n][i] = ((n as i32 >> i) & 1) * 16 + offset;
+            i += 1;
+        }
+        n += 1;
+    }
+    HighLanes(t)
+}
+
+/// [`HighLanes`] for Q5_1: the fifth bits alone.
+static Q5_1_HIGH: HighLanes = high_lanes(0);
+/// [`HighLanes`] for Q5_0: the fifth bits less 16.
+static Q5_0_HIGH: HighLanes = high_lanes(-16);
 
 /// [`gemv_avx2`] in 128-bit registers, for a CPU that runs each 256-bit operation as two
 /// halves ([`Isa::halves`]): each 128-bit instruction is one micro-op there, and a quarter of
@@ -481,7 +518,9 @@ fn has_halves_form(kind: QKind) -> bool {
 /// rows of 640 in cache, the same bits) a block of one row took 12.0 cycles against 15.0 for
 /// Q8_0 and 14.7 against 16.2 for Q4_1. The quant bench there (two threads, two alternated
 /// runs): Gemma 3's Q8_0 output matrix (262,144 rows of 640, streamed) 14.9-15.0 ms against
-/// 17.9-18.5; in cache, Q8_0 0.82-0.91x the time, Q4_1 0.84-0.94x, Q4_0 0.90-0.97x.
+/// 17.9-18.5; in cache, Q8_0 0.82-0.91x the time, Q4_1 0.84-0.94x, Q4_0 0.90-0.97x; Q5_0
+/// 0.85x and Q5_1 0.83x (three alternated runs, both shapes; 0.91-0.96x with the fifth bits
+/// merged by the 256-bit form's byte shuffle and widened from a copy on the stack).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemv_halves<K: Split>(b: &Blocks<K>, r0: usize, x: *const f32, out: &mut [f32]) {
     // SAFETY: the callers' bounds checks: rows r0..r0 + out.len() exist.
@@ -499,7 +538,7 @@ unsafe fn gemv_halves<K: Split>(b: &Blocks<K>, r0: usize, x: *const f32, out: &m
 /// same order as in [`gemv_row`], so the sums are its sums, bit for bit.
 ///
 /// # Safety
-/// As for [`gemv_row`], for both rows; `K` is a kind [`has_halves_form`] names.
+/// As for [`gemv_row`], for both rows.
 #[inline(always)]
 unsafe fn gemv_pair128<K: Split>(
     b: &Blocks<K>,
@@ -523,6 +562,7 @@ unsafe fn gemv_pair128<K: Split>(
                 let xp = std::hint::black_box(x.add(blk * QK));
                 let at = |row: usize| (row * b.nb + blk) * K::KIND.qs_bytes();
                 let p = [b.qs.add(at(rows[0])), b.qs.add(at(rows[1]))];
+                let qh = [high_bits::<K>(p[0]), high_bits::<K>(p[1])];
                 let d = [_mm_set1_ps(s[0].d[i]), _mm_set1_ps(s[1].d[i])];
                 let m = [_mm_set1_ps(s[0].m[i]), _mm_set1_ps(s[1].m[i])];
                 for g in 0..4 {
@@ -531,7 +571,7 @@ unsafe fn gemv_pair128<K: Split>(
                         _mm_loadu_ps(xp.add(16 + 4 * g)),
                     );
                     for r in 0..2 {
-                        let [wl, wh] = quarter::<K>(p[r], g, d[r], m[r]);
+                        let [wl, wh] = quarter::<K>(p[r], qh[r], g, d[r], m[r]);
                         let acc = &mut acc[r][g / 2][g % 2];
                         *acc = _mm_fmadd_ps(low, wl, *acc);
                         *acc = _mm_fmadd_ps(high, wh, *acc);
@@ -547,18 +587,46 @@ unsafe fn gemv_pair128<K: Split>(
     }
 }
 
-/// Values `4g..4g + 4` and `16 + 4g..16 + 4g + 4` of the block whose quants are at `p`
-/// (scale `d`, minimum `m`), exactly as [`block`] computes them.
+/// Values `4g..4g + 4` and `16 + 4g..16 + 4g + 4` of the block whose bytes are at `p` (its
+/// [`high_bits`] `qh`, scale `d`, minimum `m`), exactly as [`block`] computes them.
 ///
 /// # Safety
-/// AVX2 and FMA are available, `g < 4`, the block's quants are at `p`, and `K` is a kind
-/// [`has_halves_form`] names.
+/// AVX2 and FMA are available, `g < 4` and the block's bytes are at `p`.
 #[inline(always)]
-unsafe fn quarter<K: Split>(p: *const u8, g: usize, d: __m128, m: __m128) -> [__m128; 2] {
+unsafe fn quarter<K: Split>(p: *const u8, qh: u32, g: usize, d: __m128, m: __m128) -> [__m128; 2] {
     // SAFETY: the caller's contract: the four bytes read are inside the block.
     unsafe {
         let four = |at: usize| _mm_cvtsi32_si128(p.add(at).cast::<i32>().read_unaligned());
         match K::KIND {
+            QKind::Q5_0 | QKind::Q5_1 => {
+                // Byte j of the nibbles (after the four bytes of high bits) holds value j in
+                // its low nibble and 16 + j in its high; each gets its fifth bit (and Q5_0 its
+                // - 16) from its four bits of `qh`, exactly, in i32 lanes.
+                let table = if K::KIND == QKind::Q5_0 {
+                    &Q5_0_HIGH
+                } else {
+                    &Q5_1_HIGH
+                };
+                let lanes = |shift: usize| {
+                    let n = (qh >> shift) as usize & 15;
+                    _mm_load_si128(table.0[n].as_ptr().cast())
+                };
+                let q = _mm_cvtepu8_epi32(four(4 + 4 * g));
+                let (low, high) = (
+                    _mm_add_epi32(_mm_and_si128(q, _mm_set1_epi32(0x0F)), lanes(4 * g)),
+                    _mm_add_epi32(_mm_srli_epi32::<4>(q), lanes(16 + 4 * g)),
+                );
+                let f = |q: __m128i| {
+                    if K::KIND == QKind::Q5_0 {
+                        // `(q - 16) * d` as the reference multiplies.
+                        _mm_mul_ps(_mm_cvtepi32_ps(q), d)
+                    } else {
+                        // `q * d` is exact: one rounding, the addition's.
+                        _mm_fmadd_ps(_mm_cvtepi32_ps(q), d, m)
+                    }
+                };
+                [f(low), f(high)]
+            }
             QKind::Q8_0 => {
                 let f = |at: usize| _mm_mul_ps(d, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(four(at))));
                 [f(4 * g), f(16 + 4 * g)]
