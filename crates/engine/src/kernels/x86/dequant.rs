@@ -598,54 +598,49 @@ unsafe fn quarter<K: Split>(p: *const u8, qh: u32, g: usize, d: __m128, m: __m12
     unsafe {
         let four = |at: usize| _mm_cvtsi32_si128(p.add(at).cast::<i32>().read_unaligned());
         match K::KIND {
-            QKind::Q5_0 | QKind::Q5_1 => {
-                // Byte j of the nibbles (after the four bytes of high bits) holds value j in
-                // its low nibble and 16 + j in its high; each gets its fifth bit (and Q5_0 its
-                // - 16) from its four bits of `qh`, exactly, in i32 lanes.
-                let table = if K::KIND == QKind::Q5_0 {
-                    &Q5_0_HIGH
-                } else {
-                    &Q5_1_HIGH
-                };
-                let lanes = |shift: usize| {
-                    let n = (qh >> shift) as usize & 15;
-                    _mm_load_si128(table.0[n].as_ptr().cast())
-                };
-                let q = _mm_cvtepu8_epi32(four(4 + 4 * g));
-                let (low, high) = (
-                    _mm_add_epi32(_mm_and_si128(q, _mm_set1_epi32(0x0F)), lanes(4 * g)),
-                    _mm_add_epi32(_mm_srli_epi32::<4>(q), lanes(16 + 4 * g)),
-                );
-                let f = |q: __m128i| {
-                    if K::KIND == QKind::Q5_0 {
-                        // `(q - 16) * d` as the reference multiplies.
-                        _mm_mul_ps(_mm_cvtepi32_ps(q), d)
-                    } else {
-                        // `q * d` is exact: one rounding, the addition's.
-                        _mm_fmadd_ps(_mm_cvtepi32_ps(q), d, m)
-                    }
-                };
-                [f(low), f(high)]
-            }
             QKind::Q8_0 => {
                 let f = |at: usize| _mm_mul_ps(d, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(four(at))));
                 [f(4 * g), f(16 + 4 * g)]
             }
             kind => {
-                // Q4_0 or Q4_1: byte j holds value j in its low nibble and 16 + j in its high.
-                let q = _mm_cvtepu8_epi32(four(4 * g));
+                // Q4_0, Q4_1, Q5_0 or Q5_1: byte j of the nibbles (after a 5-bit block's four
+                // bytes of high bits) holds value j in its low nibble and 16 + j in its high.
+                let five = matches!(kind, QKind::Q5_0 | QKind::Q5_1);
+                let q = _mm_cvtepu8_epi32(four(if five { 4 } else { 0 } + 4 * g));
                 let (low, high) = (
                     _mm_and_si128(q, _mm_set1_epi32(0x0F)),
                     _mm_srli_epi32::<4>(q),
                 );
-                if kind == QKind::Q4_1 {
-                    let f = |q: __m128i| _mm_fmadd_ps(d, _mm_cvtepi32_ps(q), m);
-                    [f(low), f(high)]
-                } else {
-                    let eight = _mm_set1_epi32(8);
-                    let f = |q: __m128i| _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(q, eight)), d);
-                    [f(low), f(high)]
-                }
+                // Each value's offset, exactly, in i32 lanes: Q4_0's - 8; a 5-bit value's
+                // fifth bit (and Q5_0's - 16) from its four bits of `qh`.
+                let [low, high] = match kind {
+                    QKind::Q4_0 => [low, high].map(|q| _mm_sub_epi32(q, _mm_set1_epi32(8))),
+                    QKind::Q5_0 | QKind::Q5_1 => {
+                        let table = if kind == QKind::Q5_0 {
+                            &Q5_0_HIGH
+                        } else {
+                            &Q5_1_HIGH
+                        };
+                        let lanes = |shift: usize| {
+                            let n = (qh >> shift) as usize & 15;
+                            _mm_load_si128(table.0[n].as_ptr().cast())
+                        };
+                        [
+                            _mm_add_epi32(low, lanes(4 * g)),
+                            _mm_add_epi32(high, lanes(16 + 4 * g)),
+                        ]
+                    }
+                    _ => [low, high],
+                };
+                [low, high].map(|q| {
+                    if kind.has_minimum() {
+                        // `d * q` is exact: one rounding, the addition's.
+                        _mm_fmadd_ps(d, _mm_cvtepi32_ps(q), m)
+                    } else {
+                        // `(q - 8) * d` or `(q - 16) * d`, as the reference multiplies.
+                        _mm_mul_ps(_mm_cvtepi32_ps(q), d)
+                    }
+                })
             }
         }
     }
