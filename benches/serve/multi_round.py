@@ -197,10 +197,10 @@ class Process:
 
 
 class Agentkv(Process):
-    def __init__(self, name, opts, home):
+    def __init__(self, name, opts, home, kv_dtype="f32"):
         args = [opts.agentkv, "--home", home, "--model", opts.model, "--quiet", "serve",
                 "--port", "0", "--max-hot", str(opts.max_hot), "--max-kv-bytes",
-                opts.max_kv_bytes, "--kv-dtype", "f32"]
+                str(opts.max_kv_bytes), "--kv-dtype", kv_dtype]
         # As the report shows it: placeholders for the paths.
         shown = ["agentkv", "--home", "HOME", "--model", "MODEL"] + args[5:]
         self.command = " ".join(shown)

@@ -25,9 +25,9 @@ mod serve;
 mod store;
 
 const USAGE: &str = "\
-usage: cargo xtask bench [--only criterion|engine|resume|kv-quality|store[,...]|serve] [--no-criterion]
-                         [--no-engine] [--no-resume] [--model NAME] [--requantize TYPE]
-                         [--peer llama.cpp]
+usage: cargo xtask bench [--only criterion|engine|resume|kv-quality|store[,...]|serve|hot-agents]
+                         [--no-criterion] [--no-engine] [--no-resume] [--model NAME]
+                         [--requantize TYPE] [--peer llama.cpp]
                          [--histories 512,2048,4096]
                          [--decode 32] [--repeats 3] [--resume-histories 256,1024,2048,4096]
                          [--resume-repeats 3] [--text PATH] [-- <criterion args>]
@@ -61,6 +61,8 @@ usage: cargo xtask bench [--only criterion|engine|resume|kv-quality|store[,...]|
              system prompt store against the ideal; table in target/bench/store.md
   serve      multi-round conversations against agentkv serve and llama.cpp's server, both
              restarted mid-way; runs alone (`cargo xtask bench --only serve --help`)
+  hot-agents how many agents agentkv serve keeps hot under one --max-kv-bytes in each KV
+             dtype; runs alone (`cargo xtask bench --only hot-agents --help`)
   Everything that ran is summarized in target/bench/report.md.";
 
 /// The figures one bench reports for one history length.
@@ -214,8 +216,11 @@ fn only_resume(args: &[String]) -> bool {
 }
 
 pub fn bench(args: &[String]) -> Result<()> {
-    if let Some(rest) = serve::selected(args)? {
+    if let Some(rest) = serve::selected(args, "serve")? {
         return serve::bench(&rest);
+    }
+    if let Some(rest) = serve::selected(args, "hot-agents")? {
+        return serve::hot_agents(&rest);
     }
     let ours = args.iter().take_while(|a| *a != "--");
     if ours.into_iter().any(|a| a == "--help" || a == "-h") {

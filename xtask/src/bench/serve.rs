@@ -16,7 +16,10 @@ use crate::report::{commit, cpu_model, logical_cpus, utc_date};
 use crate::venv::Venv;
 use crate::{OPENAI_PACKAGE, fetch_model, project_root, run_step};
 
+mod hot;
 mod summary;
+
+pub use hot::bench as hot_agents;
 
 const USAGE: &str = "\
 usage: cargo xtask bench --only serve [--users 4] [--rounds 4] [--system-tokens 1000]
@@ -46,20 +49,22 @@ struct Options {
     max_kv_bytes: u64,
 }
 
-/// The arguments of a `cargo xtask bench` that runs the serve part, without `--only serve`;
-/// `None` when it does not.
-pub fn selected(args: &[String]) -> Result<Option<Vec<String>>> {
+/// The arguments of a `cargo xtask bench` that runs `part` (`serve` or `hot-agents`, the
+/// parts with a server of their own), without `--only PART`; `None` when it does not.
+pub fn selected(args: &[String], part: &str) -> Result<Option<Vec<String>>> {
     let Some(at) = args.iter().position(|a| a == "--only") else {
         return Ok(None);
     };
     let Some(only) = args.get(at + 1) else {
         return Ok(None);
     };
-    if !only.split(',').any(|p| p.trim() == "serve") {
+    if !only.split(',').any(|p| p.trim() == part) {
         return Ok(None);
     }
-    if only.trim() != "serve" {
-        bail!("serve runs alone (it needs the machine to itself): cargo xtask bench --only serve");
+    if only.trim() != part {
+        bail!(
+            "{part} runs alone (it needs the machine to itself): cargo xtask bench --only {part}"
+        );
     }
     let mut rest = args.to_vec();
     rest.drain(at..at + 2);
@@ -217,7 +222,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     eprintln!("wrote {}", path.display());
     let path = dir.join("report.md");
     let old = std::fs::read_to_string(&path).unwrap_or_default();
-    std::fs::write(&path, summary::with_section(&old, &text))
+    std::fs::write(&path, summary::with_section(&old, summary::TITLE, &text))
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
@@ -334,13 +339,26 @@ mod tests {
 
     #[test]
     fn only_serve_is_taken_out_and_runs_alone() {
-        assert!(selected(&args("--only resume")).expect("valid").is_none());
-        assert!(selected(&[]).expect("valid").is_none());
-        let rest = selected(&args("--users 2 --only serve --rounds 3"))
+        assert!(
+            selected(&args("--only resume"), "serve")
+                .expect("valid")
+                .is_none()
+        );
+        assert!(selected(&[], "serve").expect("valid").is_none());
+        let rest = selected(&args("--users 2 --only serve --rounds 3"), "serve")
             .expect("valid")
             .expect("serve selected");
         assert_eq!(rest, args("--users 2 --rounds 3"));
-        assert!(selected(&args("--only serve,engine")).is_err());
+        assert!(selected(&args("--only serve,engine"), "serve").is_err());
+        assert!(
+            selected(&args("--only serve"), "hot-agents")
+                .expect("valid")
+                .is_none()
+        );
+        let rest = selected(&args("--only hot-agents --agents 4"), "hot-agents")
+            .expect("valid")
+            .expect("hot-agents selected");
+        assert_eq!(rest, args("--agents 4"));
     }
 
     #[test]

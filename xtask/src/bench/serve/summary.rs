@@ -15,7 +15,7 @@ const RSS_OVERHEAD: u64 = 256 << 20;
 const NOISE: f64 = 0.2;
 
 /// The section's title in `report.md` (a run replaces the section an earlier one wrote).
-const TITLE: &str = "Multi-round conversations: agentkv serve and llama.cpp's server";
+pub(super) const TITLE: &str = "Multi-round conversations: agentkv serve and llama.cpp's server";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -329,10 +329,11 @@ pub(super) fn report(run: &Run, opts: &Options, rounds: &[Row], memory: &Row) ->
     s
 }
 
-/// `report.md` with `section` (a document of its own, headings demoted one level) in place of
-/// the one an earlier run wrote, or appended; a missing report gets the benchmarks' title.
-pub(super) fn with_section(report: &str, section: &str) -> String {
-    let heading = format!("## {TITLE}");
+/// `report.md` with `section` (a document of its own titled `title`, headings demoted one
+/// level) in place of the one an earlier run wrote, or appended; a missing report gets the
+/// benchmarks' title.
+pub(super) fn with_section(report: &str, title: &str, section: &str) -> String {
+    let heading = format!("## {title}");
     let mut kept = String::new();
     let mut skipping = false;
     for line in report.lines() {
@@ -455,18 +456,18 @@ mod tests {
     #[test]
     fn the_section_replaces_an_earlier_one() {
         let section = format!("# {TITLE}\n\nfirst\n");
-        let fresh = with_section("", &section);
+        let fresh = with_section("", TITLE, &section);
         assert!(
             fresh.starts_with("# agentkv benchmarks\n\n## Multi-round"),
             "{fresh}"
         );
         let other = "# agentkv benchmarks\n\nmachine\n\n## Engine speed\n\nx\n";
-        let once = with_section(other, &section);
+        let once = with_section(other, TITLE, &section);
         assert!(
             once.contains("## Engine speed\n\nx\n\n## Multi-round"),
             "{once}"
         );
-        let twice = with_section(&once, &format!("# {TITLE}\n\nsecond\n"));
+        let twice = with_section(&once, TITLE, &format!("# {TITLE}\n\nsecond\n"));
         assert!(
             !twice.contains("first") && twice.contains("second"),
             "{twice}"
@@ -474,7 +475,7 @@ mod tests {
         assert_eq!(twice.matches("## Multi-round").count(), 1);
         // A section after ours survives.
         let after = format!("{once}\n## Later\n\ny\n");
-        let replaced = with_section(&after, &section);
+        let replaced = with_section(&after, TITLE, &section);
         assert!(replaced.contains("## Later\n\ny\n"), "{replaced}");
     }
 }
