@@ -121,7 +121,8 @@ def main():
             "f32_agent_bytes": one, "f32_agent_tokens": listing[0]["cached_tokens"],
             "budget_bytes": budget, "budget_agents": BUDGET_AGENTS,
         }), flush=True)
-        info("agentkv command", server.command.replace(str(1 << 40), "BUDGET"))
+        shown = server.command.replace(str(1 << 40), "BUDGET")
+        info("agentkv command", shown.replace("--kv-dtype f32", "--kv-dtype DTYPE"))
 
         for dtype in DTYPES:
             server = serve(args, os.path.join(homes, dtype), dtype, budget)
