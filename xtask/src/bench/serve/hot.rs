@@ -247,7 +247,9 @@ fn report(run: &Run, budget: &crate::bench::Row, hot: &[Hot]) -> Result<String> 
     s.push_str("\nTargets:\n");
     for (dtype, times) in TARGETS {
         let h = of(dtype)?;
-        let verdict = if h.hot == h.agents {
+        let verdict = if !h.listing_confirmed() || !of("f32")?.listing_confirmed() {
+            "unsettled (the next turns contradict a listing, below)"
+        } else if h.hot == h.agents {
             // Every agent made fits: the count says only that the budget holds at least
             // this many.
             "unsettled (every agent made is hot: make more with --agents)"
@@ -341,19 +343,30 @@ mod tests {
     #[test]
     fn targets_are_judged_on_the_counts_against_f32() {
         let budget = crate::bench::Row::from([("budget_agents".to_owned(), 2.5)]);
-        let hot: Vec<Hot> = [
-            line("f32", 2, 10, ("hot", "disk")),
-            line("f16", 4, 10, ("hot", "disk")),
-            line("q8_0", 6, 10, ("hot", "hot")),
-        ]
-        .iter()
-        .map(|l| Hot::parse(l).expect("valid"))
-        .collect();
-        let text = report(&run(), &budget, &hot).expect("report");
+        let report_of = |q8_next: (&str, &str)| {
+            let hot: Vec<Hot> = [
+                line("f32", 2, 10, ("hot", "disk")),
+                line("f16", 4, 10, ("hot", "disk")),
+                line("q8_0", 6, 10, q8_next),
+            ]
+            .iter()
+            .map(|l| Hot::parse(l).expect("valid"))
+            .collect();
+            report(&run(), &budget, &hot).expect("report")
+        };
+        let text = report_of(("hot", "disk"));
         assert!(text.contains("| f16 | 10 | 4 | 2.0x |"), "{text}");
         assert!(text.contains("f16 keeps >= 2x as many agents hot as f32: 4 against 2, met"));
         assert!(
-            text.contains("q8_0 keeps >= 3.5x as many agents hot as f32: 6 against 2, not met")
+            text.contains("q8_0 keeps >= 3.5x as many agents hot as f32: 6 against 2, not met"),
+            "{text}"
+        );
+        assert!(!text.contains("contradict"), "{text}");
+        // An evicted agent whose next turn found its cache in memory: the count is not trusted.
+        let text = report_of(("hot", "hot"));
+        assert!(
+            text.contains("6 against 2, unsettled (the next turns contradict"),
+            "{text}"
         );
         assert!(
             text.contains("q8_0: the next turns contradict the listing"),
