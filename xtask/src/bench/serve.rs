@@ -151,6 +151,35 @@ pub fn bench(args: &[String]) -> Result<()> {
         return Ok(());
     }
     let opts = parse(args)?;
+    let flags = [
+        ("--restart-after", RESTART_AFTER),
+        ("--users", opts.users),
+        ("--rounds", opts.rounds),
+        ("--system-tokens", opts.system_tokens),
+        ("--history-tokens", opts.history_tokens),
+        ("--answer-tokens", opts.answer_tokens),
+        ("--max-hot", opts.max_hot),
+    ]
+    .iter()
+    .flat_map(|(flag, n)| [flag.to_string(), n.to_string()])
+    .chain(["--max-kv-bytes".into(), opts.max_kv_bytes.to_string()])
+    .collect::<Vec<_>>();
+    let (stdout, run) = drive("multi_round.py", "multi-round conversations", &flags)?;
+    let rounds = rows(&stdout, "ROUND ")?;
+    let memory = rows(&stdout, "MEMORY ")?.remove(0);
+    let run = Run {
+        max_kv_bytes: opts.max_kv_bytes,
+        ..run
+    };
+    let text = summary::report(&run, &opts, &rounds, &memory);
+    print!("{text}");
+    write_report("serve.md", summary::TITLE, &text)
+}
+
+/// Runs the driver `benches/serve/SCRIPT` in the peer's virtualenv (with llama.cpp's server
+/// and the openai package) against a fresh build of `agentkv`, on the default model and this
+/// machine's threads, with `args` after the common flags; returns its stdout and the [`Run`].
+fn drive(script: &str, what: &str, args: &[String]) -> Result<(String, Run)> {
     let model = fetch_model()?;
     let python = server_python()?;
     let root = project_root();
@@ -162,67 +191,50 @@ pub fn bench(args: &[String]) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let load_before = loadavg();
-    let script = root.join("benches/serve/multi_round.py");
-    let mut cmd = Command::new(&python);
-    cmd.arg(&script)
+    let work = dir.join(format!("{}-work", script.trim_end_matches(".py")));
+    let script = root.join("benches/serve").join(script);
+    eprintln!("==> {what} ({})", script.display());
+    let out = Command::new(&python)
+        .arg(&script)
         .arg("--agentkv")
         .arg(agentkv.path())
         .arg("--model")
         .arg(&model)
         .arg("--workdir")
-        .arg(dir.join("serve-work"))
+        .arg(work)
         .args(["--threads", &threads.to_string()])
-        .args(["--restart-after", &RESTART_AFTER.to_string()])
-        .args(["--users", &opts.users.to_string()])
-        .args(["--rounds", &opts.rounds.to_string()])
-        .args(["--system-tokens", &opts.system_tokens.to_string()])
-        .args(["--history-tokens", &opts.history_tokens.to_string()])
-        .args(["--answer-tokens", &opts.answer_tokens.to_string()])
-        .args(["--max-hot", &opts.max_hot.to_string()])
-        .args(["--max-kv-bytes", &opts.max_kv_bytes.to_string()]);
-    eprintln!("==> multi-round conversations ({})", script.display());
-    let out = cmd
+        .args(args)
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
         bail!("{} failed ({})", script.display(), out.status);
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let rounds = rows(&stdout, "ROUND ")?;
-    let memory = rows(&stdout, "MEMORY ")?.remove(0);
-    let info: Vec<(String, String)> = stdout
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let run = Run::now(threads, built_from, load_before, info_lines(&stdout));
+    Ok((stdout, run))
+}
+
+/// A driver's `INFO key: value` lines.
+fn info_lines(stdout: &str) -> Vec<(String, String)> {
+    stdout
         .lines()
         .filter_map(|l| l.strip_prefix("INFO "))
         .filter_map(|l| l.split_once(": "))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+        .collect()
+}
 
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let run = Run {
-        date: utc_date(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        ),
-        cpu: cpu_model(&cpuinfo).unwrap_or_else(|| "unknown CPU".into()),
-        cpus: logical_cpus(&cpuinfo).unwrap_or(threads),
-        isa: instruction_set(&cpuinfo),
-        commit: built_from,
-        threads,
-        load_before,
-        load_after: loadavg(),
-        max_kv_bytes: opts.max_kv_bytes,
-        info,
-    };
-    let text = summary::report(&run, &opts, &rounds, &memory);
-    print!("{text}");
-    let path = dir.join("serve.md");
-    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+/// Writes `text` (a section titled `title`) to `target/bench/FILE` and into
+/// `target/bench/report.md`.
+fn write_report(file: &str, title: &str, text: &str) -> Result<()> {
+    let dir = project_root().join("target/bench");
+    let path = dir.join(file);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     let path = dir.join("report.md");
     let old = std::fs::read_to_string(&path).unwrap_or_default();
-    std::fs::write(&path, summary::with_section(&old, summary::TITLE, &text))
+    std::fs::write(&path, summary::with_section(&old, title, text))
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
@@ -321,6 +333,33 @@ struct Run {
 }
 
 impl Run {
+    /// This machine, now, for a run of `threads` threads of programs built from `commit`;
+    /// `max_kv_bytes` is 0 until the caller sets the budget its servers ran under.
+    fn now(
+        threads: usize,
+        commit: String,
+        load_before: String,
+        info: Vec<(String, String)>,
+    ) -> Run {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Run {
+            date: utc_date(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            ),
+            cpu: cpu_model(&cpuinfo).unwrap_or_else(|| "unknown CPU".into()),
+            cpus: logical_cpus(&cpuinfo).unwrap_or(threads),
+            isa: instruction_set(&cpuinfo),
+            commit,
+            threads,
+            load_before,
+            load_after: loadavg(),
+            max_kv_bytes: 0,
+            info,
+        }
+    }
+
     fn info(&self, key: &str) -> &str {
         self.info
             .iter()

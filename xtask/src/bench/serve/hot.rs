@@ -10,10 +10,8 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{Run, instruction_set, server_python, summary};
-use crate::bench::{Program, loadavg, rows};
-use crate::report::{commit, cpu_model, logical_cpus, utc_date};
-use crate::{fetch_model, project_root};
+use super::{Run, drive, write_report};
+use crate::bench::rows;
 
 const USAGE: &str = "\
 usage: cargo xtask bench --only hot-agents [--agents 10] [--history-tokens 1750]
@@ -118,76 +116,26 @@ pub fn bench(args: &[String]) -> Result<()> {
         return Ok(());
     }
     let opts = parse(args)?;
-    let model = fetch_model()?;
-    let python = server_python()?;
-    let root = project_root();
-    let built_from = commit(&root);
-    let agentkv = Program::build("cli", "--bin", "agentkv")?;
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-
-    let load_before = loadavg();
-    let script = root.join("benches/serve/hot_agents.py");
-    eprintln!("==> agents hot under one budget ({})", script.display());
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg("--agentkv")
-        .arg(agentkv.path())
-        .arg("--model")
-        .arg(&model)
-        .arg("--workdir")
-        .arg(dir.join("hot-agents-work"))
-        .args(["--threads", &threads.to_string()])
-        .args(["--agents", &opts.agents.to_string()])
-        .args(["--history-tokens", &opts.history_tokens.to_string()])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!("{} failed ({})", script.display(), out.status);
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let flags = [
+        "--agents".to_owned(),
+        opts.agents.to_string(),
+        "--history-tokens".to_owned(),
+        opts.history_tokens.to_string(),
+    ];
+    let (stdout, run) = drive("hot_agents.py", "agents hot under one budget", &flags)?;
     let budget = rows(&stdout, "BUDGET ")?.remove(0);
     let hot: Vec<Hot> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("HOT "))
         .map(Hot::parse)
         .collect::<Result<_>>()?;
-    let info: Vec<(String, String)> = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("INFO "))
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let run = Run {
-        date: utc_date(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        ),
-        cpu: cpu_model(&cpuinfo).unwrap_or_else(|| "unknown CPU".into()),
-        cpus: logical_cpus(&cpuinfo).unwrap_or(threads),
-        isa: instruction_set(&cpuinfo),
-        commit: built_from,
-        threads,
-        load_before,
-        load_after: loadavg(),
         max_kv_bytes: budget.get("budget_bytes").copied().unwrap_or(0.0) as u64,
-        info,
+        ..run
     };
     let text = report(&run, &budget, &hot)?;
     print!("{text}");
-    let path = dir.join("hot-agents.md");
-    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("wrote {}", path.display());
-    let path = dir.join("report.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_default();
-    std::fs::write(&path, summary::with_section(&old, TITLE, &text))
-        .with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
+    write_report("hot-agents.md", TITLE, &text)
 }
 
 /// The table and each target's verdict; an error when a dtype's line is missing.
