@@ -17,14 +17,15 @@ const USAGE: &str = "\
 usage: cargo xtask bench --only hot-agents [--agents 10] [--history-tokens 1750]
 
   The budget is two and a half f32 agents' caches, measured on one agent of about
-  --history-tokens tokens of messages (about 2,050 with the chat template and the question). For each of f32, f16 and q8_0, agentkv serve (--kv-dtype DTYPE,
-  --max-kv-bytes that budget) on an empty home takes --agents agents one after the other, each
-  one turn of its own conversation of about --history-tokens tokens; then its /agentkv/agents
-  says which are hot, and the next turn of the least recently used hot agent and of the last
-  one evicted say where their caches were (x-agentkv-cache: hot, disk). The openai package is
-  the client (target/peer-venv, as for --only serve). Targets: f16 keeps at least twice as
-  many agents hot as f32, q8_0 three and a half times. About 4 minutes on two cores of an
-  AVX-512 CPU (31 prefills of about 2,050 tokens), longer on an AVX2-only one. Writes target/bench/hot-agents.md and puts it into
+  --history-tokens tokens of messages (about 2,050 with the chat template and the question).
+  For each of f32, f16 and q8_0, agentkv serve (--kv-dtype DTYPE, --max-kv-bytes that budget)
+  on an empty home takes --agents agents one after the other, each one turn of its own
+  conversation of that size; then its /agentkv/agents says which are hot, and the next turn of
+  the least recently used hot agent and of the last one evicted say where their caches were
+  (x-agentkv-cache: hot, disk). The openai package is the client (target/peer-venv, as for
+  --only serve). Targets: f16 keeps at least twice as many agents hot as f32, q8_0 three and a
+  half times. About 4 minutes on two cores of an AVX-512 CPU (31 prefills of about 2,050
+  tokens), longer on an AVX2-only one. Writes target/bench/hot-agents.md and puts it into
   target/bench/report.md.";
 
 /// The section's title in `report.md`.
@@ -145,7 +146,7 @@ fn report(run: &Run, budget: &crate::bench::Row, hot: &[Hot]) -> Result<String> 
             .find(|h| h.dtype == dtype)
             .with_context(|| format!("the driver gave no {dtype} figures"))
     };
-    let f32_hot = of("f32")?.hot;
+    let (f32_hot, f32_confirmed) = (of("f32")?.hot, of("f32")?.listing_confirmed());
     let mut s = format!("# {TITLE}\n\n");
     let _ = writeln!(
         s,
@@ -195,7 +196,7 @@ fn report(run: &Run, budget: &crate::bench::Row, hot: &[Hot]) -> Result<String> 
     s.push_str("\nTargets:\n");
     for (dtype, times) in TARGETS {
         let h = of(dtype)?;
-        let verdict = if !h.listing_confirmed() || !of("f32")?.listing_confirmed() {
+        let verdict = if !h.listing_confirmed() || !f32_confirmed {
             "unsettled (the next turns contradict a listing, below)"
         } else if h.hot == h.agents {
             // Every agent made fits: the count says only that the budget holds at least
