@@ -8,6 +8,7 @@ use agent_pool::{AgentPool, RebuildReason};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use engine::{Engine, GenerateOptions, Message};
+use serde::Deserialize;
 
 use crate::Env;
 use crate::ui::{self, Table};
@@ -23,88 +24,55 @@ pub struct DemoArgs {
     max_tokens: usize,
 }
 
-/// The bug all three agents look at.
-const BUG: &str = "Bug report #4821: `GET /v2/orders?cursor=…` returns the same page twice \
-when an order is created while a client is paginating. Clients that page through all orders \
-(the nightly export, the mobile app's order history) show duplicates, and one customer \
-reports a missing order. Endpoint: orders-service 2.14, PostgreSQL 15, cursor = \
-base64(created_at). Started after the 2.14 release, which switched the sort key from id to \
-created_at.";
+/// The demo's conversations, shared with `cargo xtask bench --only kv-quality`, which measures
+/// the KV dtypes on them (the file's `about` says how its fields make the conversations).
+const CONVERSATIONS: &str = include_str!("demo_conversations.json");
 
-struct Role {
-    id: &'static str,
-    agent_type: &'static str,
-    system: &'static str,
-    task: &'static str,
-    follow_up: &'static str,
+/// The conversations file: one bug report given to every agent, two user turns each.
+#[derive(Deserialize)]
+struct Conversations {
+    /// The bug report: the start of each agent's first message.
+    shared_context: String,
+    conversations: Vec<Role>,
 }
 
-const ROLES: [Role; 3] = [
-    Role {
-        id: "specialist",
-        agent_type: "engineer",
-        system: "You are a senior backend engineer on the orders service of an e-commerce \
-company. You know HTTP APIs, PostgreSQL, and pagination schemes well: offset pagination, \
-keyset (cursor) pagination, and their failure modes under concurrent writes. When you look at \
-a bug you first state the most likely root cause in one sentence, then the evidence that \
-would confirm it, then the smallest safe fix. You prefer keyset pagination on a unique, \
-immutable, indexed sort key; you know that timestamps are not unique and that a cursor must \
-encode a total order, for example (created_at, id). You care about backwards compatibility: \
-existing cursors held by clients must keep working or fail clearly with a 400 and a message, \
-never silently return wrong data. You write SQL and Rust or Go snippets when they make the \
-point faster than prose. You never guess about production data: you say which query or log \
-line would settle a question. Keep answers short and concrete, in plain sentences, without \
-headings. If the report lacks something you need, say exactly what.",
-        task: "Here is the bug. What is the most likely root cause, and what is the fix?",
-        follow_up: "The product manager asks whether old cursors can keep working after the \
-fix. Can they, and how?",
-    },
-    Role {
-        id: "product",
-        agent_type: "product-manager",
-        system: "You are the product manager for the public orders API of an e-commerce \
-platform used by about four hundred merchant integrations, a mobile app and an internal \
-nightly export to the finance data warehouse. You own the API's roadmap, its changelog and \
-its deprecation policy: breaking changes need ninety days' notice, a migration guide and a \
-versioned endpoint. You think about who is affected by a bug, how badly, and how to \
-communicate it: which customers to contact, what the status page says, what goes in the \
-changelog. You weigh the cost of a quick patch against a proper fix and you ask engineering \
-for an estimate and a risk assessment before committing to a date. You do not write code, \
-but you understand enough about cursors, pagination and database ordering to ask the right \
-questions. You answer in short paragraphs with a clear decision or recommendation first, \
-then the reasons, then the open questions and who should answer them. You are careful not \
-to promise dates you do not control, and you always consider the finance export, because \
-missing orders there become accounting errors.",
-        task: "Here is the bug. Who is affected, how urgent is it, and what do we tell \
-customers today?",
-        follow_up: "Engineering says the fix changes the cursor format. Does that count as a \
-breaking change under our policy?",
-    },
-    Role {
-        id: "qa",
-        agent_type: "qa-reviewer",
-        system: "You are a QA engineer who reviews fixes to the public orders API before they \
-ship. You design tests that would have caught the bug and that prove the fix, with a bias \
-towards tests that are deterministic and fast: no sleeps, no reliance on wall-clock \
-ordering, explicit fixtures with rows that share the same timestamp. You know pagination \
-bugs well: duplicates and gaps when rows are inserted or deleted between page requests, \
-unstable sort orders, cursors that do not encode a tie-breaker, and off-by-one errors at page \
-boundaries. For every fix you ask for a regression test at the API level and a property test \
-where it fits, for example: paging through all rows while concurrent inserts happen must \
-return every row that existed at the start exactly once. You also check the unhappy paths: \
-malformed cursors, cursors from the old format, and empty pages. You answer with a short \
-numbered list of test cases, each one line, most important first, and you say which of them \
-must block the release.",
-        task: "Here is the bug. Which tests would have caught it, and which must pass before \
-the fix ships?",
-        follow_up: "The fix adds the order id to the cursor. What exactly do you test for old \
-cursors?",
-    },
-];
+/// One agent of the demo.
+#[derive(Deserialize)]
+struct Role {
+    /// The agent's id.
+    name: String,
+    agent_type: String,
+    system: String,
+    /// The task (after the bug report) in session 1, the follow-up in session 2.
+    turns: [String; 2],
+}
+
+impl Role {
+    fn task(&self) -> &str {
+        &self.turns[0]
+    }
+
+    fn follow_up(&self) -> &str {
+        &self.turns[1]
+    }
+}
+
+impl Conversations {
+    /// The built-in file, parsed (a unit test checks that it parses).
+    fn demo() -> Result<Conversations> {
+        serde_json::from_str(CONVERSATIONS).context("internal: the demo's conversations file")
+    }
+
+    /// The first message of `role`: the bug report, a blank line, then the task.
+    fn task_message(&self, role: &Role) -> String {
+        format!("{}\n\n{}", self.shared_context, role.task())
+    }
+}
 
 /// Runs session 1 or 2.
 pub fn run(env: &Env, args: &DemoArgs) -> Result<()> {
     let root = env.home.join("demo");
+    let demo = Conversations::demo()?;
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
         ..GenerateOptions::default()
@@ -116,7 +84,7 @@ pub fn run(env: &Env, args: &DemoArgs) -> Result<()> {
                 .with_context(|| format!("resetting the demo directory {}", root.display()))?;
         }
         let pool = env.local_pool(&root, engine)?;
-        session1(env, &pool, &options)
+        session1(env, &demo, &pool, &options)
     } else {
         if !root.join("agents").exists() {
             bail!(
@@ -127,15 +95,16 @@ pub fn run(env: &Env, args: &DemoArgs) -> Result<()> {
         }
         let engine = env.engine()?;
         let pool = env.local_pool(&root, std::sync::Arc::clone(&engine))?;
-        session2(env, &engine, &pool, &options)
+        session2(env, &demo, &engine, &pool, &options)
     }
 }
 
-fn task_message(role: &Role) -> String {
-    format!("{BUG}\n\n{}", role.task)
-}
-
-fn session1(env: &Env, pool: &AgentPool<Engine>, options: &GenerateOptions) -> Result<()> {
+fn session1(
+    env: &Env,
+    demo: &Conversations,
+    pool: &AgentPool<Engine>,
+    options: &GenerateOptions,
+) -> Result<()> {
     let mut table = Table::new(
         &[
             "agent",
@@ -152,37 +121,42 @@ fn session1(env: &Env, pool: &AgentPool<Engine>, options: &GenerateOptions) -> R
         1,
     );
     if !env.quiet {
-        println!("The bug all three agents are given:\n\n{BUG}");
+        println!(
+            "The bug all three agents are given:\n\n{}",
+            demo.shared_context
+        );
     }
-    for role in &ROLES {
+    for role in &demo.conversations {
         let started = Instant::now();
         let spinner = ui::spinner(
             env.quiet,
-            format!("{}: prefilling the system prompt", role.id),
+            format!("{}: prefilling the system prompt", role.name),
         );
         let created = pool
-            .create_agent(role.id, role.agent_type, role.system)
-            .with_context(|| format!("creating agent {}", role.id))?;
+            .create_agent(&role.name, &role.agent_type, &role.system)
+            .with_context(|| format!("creating agent {}", role.name))?;
         spinner.finish_and_clear();
         let create = started.elapsed();
 
         if !env.quiet {
             println!(
                 "\n== {} ({}) ==\nuser: [the bug report] {}\n",
-                role.id, role.agent_type, role.task
+                role.name,
+                role.agent_type,
+                role.task()
             );
         }
-        let reply = turn(env, pool, role.id, &task_message(role), options)?;
+        let reply = turn(env, pool, &role.name, &demo.task_message(role), options)?;
 
         let started = Instant::now();
-        pool.save_agent(role.id)
-            .with_context(|| format!("saving agent {}", role.id))?;
+        pool.save_agent(&role.name)
+            .with_context(|| format!("saving agent {}", role.name))?;
         let save = started.elapsed();
-        let manifest = pool.store().manifest(role.id)?;
+        let manifest = pool.store().manifest(&role.name)?;
         let cache_tokens = manifest.as_ref().map_or(0, |m| m.n_tokens);
-        let on_disk = pool.store().disk_bytes(role.id)?;
+        let on_disk = pool.store().disk_bytes(&role.name)?;
         table.row(vec![
-            role.id.to_owned(),
+            role.name.clone(),
             created.system_tokens.to_string(),
             ui::ms(create),
             reply.prompt_tokens.to_string(),
@@ -214,14 +188,16 @@ fn session1(env: &Env, pool: &AgentPool<Engine>, options: &GenerateOptions) -> R
 
 fn session2(
     env: &Env,
+    demo: &Conversations,
     engine: &Engine,
     pool: &AgentPool<Engine>,
     options: &GenerateOptions,
 ) -> Result<()> {
     let known: Vec<String> = pool.list().into_iter().map(|a| a.id).collect();
-    let missing: Vec<&str> = ROLES
+    let missing: Vec<&str> = demo
+        .conversations
         .iter()
-        .map(|r| r.id)
+        .map(|r| r.name.as_str())
         .filter(|id| !known.iter().any(|k| k == id))
         .collect();
     if !missing.is_empty() {
@@ -244,11 +220,11 @@ fn session2(
         1,
     );
     let mut rebuilt_any = false;
-    for role in &ROLES {
-        let spinner = ui::spinner(env.quiet, format!("{}: loading its cache", role.id));
+    for role in &demo.conversations {
+        let spinner = ui::spinner(env.quiet, format!("{}: loading its cache", role.name));
         let load = pool
-            .load_agent(role.id)
-            .with_context(|| format!("loading agent {}", role.id))?;
+            .load_agent(&role.name)
+            .with_context(|| format!("loading agent {}", role.name))?;
         spinner.finish_and_clear();
         if let Some(rebuild) = &load.rebuilt {
             rebuilt_any = true;
@@ -266,7 +242,7 @@ fn session2(
                 "note: {}: {why} ({}); its {} tokens were prefilled again from the transcript in {} ms, \
                  so its load ms below is a rebuild, not a resume. Run `agentkv demo --session 1` \
                  then `--session 2` again to measure a resume.",
-                role.id,
+                role.name,
                 rebuild.detail,
                 rebuild.tokens,
                 ui::ms(load.elapsed)
@@ -276,30 +252,32 @@ fn session2(
         if !env.quiet {
             println!(
                 "\n== {} ({}) ==\nuser: {}\n",
-                role.id, role.agent_type, role.follow_up
+                role.name,
+                role.agent_type,
+                role.follow_up()
             );
         }
-        let reply = turn(env, pool, role.id, role.follow_up, options)?;
+        let reply = turn(env, pool, &role.name, role.follow_up(), options)?;
         // Time to first token from a cold agent: reading its cache plus prefilling the new
         // turn (the rest of the prompt was reused).
         let resume = load.elapsed + reply.timings.prefill;
 
         // The same prompt, prefilled from nothing: the history as the pool rendered it (the
         // transcript now ends with this turn, which the prompt does not include).
-        let info = pool.info(role.id)?;
-        let turns = pool.transcript(role.id)?;
+        let info = pool.info(&role.name)?;
+        let turns = pool.transcript(&role.name)?;
         let history = turns.get(..turns.len().saturating_sub(1)).unwrap_or(&[]);
         let mut messages = vec![Message::system(info.system_prompt)];
         for t in history {
             messages.extend(t.input.iter().cloned());
             messages.push(t.reply_message());
         }
-        messages.push(Message::user(role.follow_up));
+        messages.push(Message::user(role.follow_up()));
         let prompt = engine.chat_tokens(&messages, true)?;
         if prompt.len() != reply.prompt_tokens {
             bail!(
                 "internal: the re-rendered prompt of {} has {} tokens, the pool's had {}",
-                role.id,
+                role.name,
                 prompt.len(),
                 reply.prompt_tokens
             );
@@ -308,7 +286,7 @@ fn session2(
             env.quiet,
             format!(
                 "{}: re-prefilling {} tokens from scratch",
-                role.id,
+                role.name,
                 prompt.len()
             ),
         );
@@ -319,7 +297,7 @@ fn session2(
         spinner.finish_and_clear();
 
         table.row(vec![
-            role.id.to_owned(),
+            role.name.clone(),
             prompt.len().to_string(),
             ui::ms(load.elapsed),
             ui::ms(resume),
@@ -336,7 +314,7 @@ fn session2(
         let stats = pool.stats();
         println!(
             "\nsession 2: resumed {} agents from {} (at most {} hot; {} in memory now, {} of KV)\n",
-            ROLES.len(),
+            demo.conversations.len(),
             pool.root().display(),
             stats.max_hot,
             stats.hot.len(),
@@ -373,4 +351,26 @@ fn tok_per_s(tokens: usize, d: Duration) -> String {
         return "-".to_owned();
     }
     format!("{:.1}", tokens as f64 / d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_conversations_file_gives_three_agents_their_first_message() {
+        let demo = Conversations::demo().expect("the built-in file parses");
+        let names: Vec<&str> = demo.conversations.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["specialist", "product", "qa"]);
+        let first = demo.task_message(&demo.conversations[0]);
+        assert!(first.starts_with("Bug report #4821: `GET /v2/orders?cursor=…`"));
+        assert!(first.ends_with(
+            "created_at.\n\nHere is the bug. What is the most likely root cause, and what is the fix?"
+        ));
+        assert!(
+            demo.conversations[2]
+                .follow_up()
+                .starts_with("The fix adds the order id")
+        );
+    }
 }
