@@ -1,37 +1,41 @@
 """llama.cpp side of `cargo xtask bench --only kv-quality`: what a q8_0 KV cache costs against
-llama.cpp's default f16 one, on the same GGUF, text and thread count as the engine's side.
+llama.cpp's default f16 one, on the same GGUF, input and thread count as the engine's side.
 
-The first --tokens tokens of TEXT (tokenized by the model's tokenizer, BOS as its metadata
-asks) are run through two contexts that differ only in the KV cache type, f16 and q8_0, in
-batches of 512 with the logits of every position. Both run with flash attention on: llama.cpp
-refuses a quantized V cache without it. Figures, for q8_0 against f16:
+Two kinds of input:
+
+- TEXT: the first --tokens tokens of a text (tokenized by the model's tokenizer, BOS as its
+  metadata asks), cut k of --cuts N at floor(tokens * k / N);
+- --ids FILE: the token ids the engine's example wrote with --ids-out (the demo's
+  conversations rendered through the chat template with the model's replies), `{"inputs":
+  [{"name": ..., "ids": [...], "cuts": [...]}]}`, each run from an empty cache.
+
+Each input runs through two contexts that differ only in the KV cache type, f16 and q8_0, in
+batches of at most 512 that also end at each cut, with the logits of every position. Both run
+with flash attention on: llama.cpp refuses a quantized V cache without it. Figures, for q8_0
+against f16:
 
 - mean_kl, max_kl: over positions, KL(p_f16 || p_q8_0) of the next-token distributions
   (softmax of the logits in float64);
 - top1_agree: the share of positions whose argmax agrees;
-- greedy_agree, greedy_first_diff: at each of --cuts cut points c (cut k of N at
-  floor(tokens * k / N)), the f16 context greedy-decodes --continuation tokens after the first
-  c tokens, uninterrupted; the q8_0 context saves its first c tokens' sequence
-  (llama_state_seq_save_file), clears its memory, loads the file back and greedy-decodes as
-  many. The first continuation token comes from the logits at c - 1 (a saved sequence holds
-  K/V and tokens, not logits); every later one is decoded on the loaded cache.
-  greedy_agree is the share of continuation tokens equal position by position over all cuts;
-  greedy_first_diff the index of the first difference per cut (--continuation when none).
+- greedy_agree, greedy_first_diff: at each cut c the f16 context greedy-decodes
+  --continuation tokens after the first c tokens, uninterrupted; the q8_0 context saves its
+  first c tokens' sequence (llama_state_seq_save_file), clears its memory, loads the file back
+  and greedy-decodes as many. The first continuation token comes from the logits at c - 1 (a
+  saved sequence holds K/V and tokens, not logits); every later one is decoded on the loaded
+  cache. greedy_agree is the share of continuation tokens equal position by position over all
+  cuts; greedy_first_diff the index of the first difference per cut (--continuation when
+  none).
 
-The first c tokens are not prefilled again for each cut: the pass over the text already
-computed them, and attention is causal, so dropping the positions from c on
-(llama_memory_seq_rm) leaves in the cache what a prefill of just those c tokens computes (bit
-for bit when c is a multiple of the batch of 512, as the default cuts are). Cuts run from the
-last back, each continuation written over positions the next cut drops. Prefilling q8_0 again
-would take minutes: llama.cpp's CPU flash attention reads a q8_0 cache row by row, several
-times slower than f16. That the loaded cache decodes exactly as the one saved is checked too
-(stderr).
+After a cut's continuations both contexts drop the positions from c on
+(llama_memory_seq_rm), which leaves the K/V of the first c tokens as they were, and the pass
+over the input goes on. That the loaded q8_0 cache decodes exactly as the one saved is checked
+too (stderr, and an INFO line).
 
-Prints one JSON object on stdout prefixed by `PEERQ `, and the build, flags and text as
+Prints one JSON object on stdout prefixed by `PEERQ `, and the build, flags and input as
 `INFO key: value` lines; everything else (per-cut detail, timings) goes to stderr.
 
-usage: python llama_kv_quality.py MODEL.gguf TEXT [--tokens 4096] [--threads 2]
-       [--continuation 64] [--cuts 4] [--workdir DIR]
+usage: python llama_kv_quality.py MODEL.gguf (TEXT | --ids FILE) [--tokens 4096]
+       [--threads 2] [--continuation 64] [--cuts 4] [--workdir DIR]
 """
 
 import argparse
@@ -140,32 +144,123 @@ def kl_rows(p_logits, q_logits):
     return (np.exp(lp) * (lp - lq)).sum(axis=1)
 
 
+class Tally:
+    """What the q8_0 context's runs add up, over every input."""
+
+    def __init__(self):
+        self.kls = []
+        self.top1_same = 0
+        self.greedy_same = 0
+        self.greedy_total = 0
+        self.first_diffs = []
+        self.cuts = []
+        self.changed = []
+        self.identical_rows = 0
+
+
+def measure(name, tokens, cuts, f16, q8, continuation, work, tally):
+    """Runs `tokens` from empty caches on both contexts, comparing every position and
+    continuing greedily at each cut."""
+    f16.clear()
+    q8.clear()
+    ends = sorted(set(list(range(BATCH, len(tokens), BATCH)) + list(cuts) + [len(tokens)]))
+    start = 0
+    for end in ends:
+        chunk = tokens[start:end]
+        p = f16.decode(chunk, "all")
+        q = q8.decode(chunk, "all")
+        tally.kls.append(kl_rows(p, q))
+        tally.top1_same += int((p.argmax(axis=1) == q.argmax(axis=1)).sum())
+        tally.identical_rows += int((p == q).all(axis=1).sum())
+        if end in cuts:
+            t = time.perf_counter()
+            c = end
+            baseline = f16.greedy(p[-1], continuation)
+            f16.truncate(c)
+
+            uninterrupted = q8.greedy(q[-1], continuation)
+            q8.truncate(c)
+            path = os.path.join(work, f"q8_0-{c}.bin")
+            size = q8.save(path, tokens[:c])
+            q8.clear()
+            q8.load(path, tokens[:c])
+            resumed = q8.greedy(q[-1], continuation)
+            q8.truncate(c)
+            os.remove(path)
+
+            equal = [a == b for a, b in zip(baseline, resumed)]
+            tally.greedy_same += sum(equal)
+            tally.greedy_total += continuation
+            first = equal.index(False) if False in equal else continuation
+            tally.first_diffs.append(first)
+            tally.cuts.append(c)
+            print(
+                f"{name}, cut {c}: {sum(equal)}/{continuation} continuation tokens equal, first "
+                f"difference at {first}; q8_0 state file {size} bytes, its continuation "
+                f"{'the same as' if resumed == uninterrupted else 'NOT the same as'} without the "
+                f"save and load; {time.perf_counter() - t:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            if resumed != uninterrupted:
+                tally.changed.append(f"{name}@{c}")
+        start = end
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("text")
+    ap.add_argument("text", nargs="?")
+    ap.add_argument("--ids", default=None)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--continuation", type=int, default=64)
     ap.add_argument("--cuts", type=int, default=4)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
+    if (args.text is None) == (args.ids is None):
+        raise SystemExit("pass a TEXT or --ids FILE (one of them)")
     if args.tokens < 2 or args.continuation < 1 or not 1 <= args.cuts <= args.tokens:
         raise SystemExit("--tokens must be at least 2, --continuation at least 1, --cuts in 1..tokens")
 
     started = time.perf_counter()
-    n_ctx = args.tokens + args.continuation
+    if args.ids is not None:
+        with open(args.ids) as f:
+            inputs = [
+                (i["name"], [int(t) for t in i["ids"]], [int(c) for c in i["cuts"]])
+                for i in json.load(f)["inputs"]
+            ]
+        for name, tokens, cuts in inputs:
+            if not tokens or any(not 1 <= c <= len(tokens) for c in cuts):
+                raise SystemExit(
+                    f"{args.ids}: input {name!r} has cuts outside its {len(tokens)} tokens"
+                )
+        n_ctx = max(len(t) for _, t, _ in inputs) + args.continuation
+    else:
+        n_ctx = args.tokens + args.continuation
     f16 = Context(args.model, llama_cpp.GGML_TYPE_F16, n_ctx, args.threads)
     q8 = Context(args.model, llama_cpp.GGML_TYPE_Q8_0, n_ctx, args.threads)
 
-    vocab = llama_cpp.llama_model_get_vocab(f16.llm.model)
-    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-    with open(args.text, "rb") as f:
-        text = f.read()
-    all_tokens = f16.llm.tokenize(text, add_bos=add_bos, special=False)
-    if len(all_tokens) < args.tokens:
-        raise SystemExit(f"{args.text} has {len(all_tokens)} tokens, fewer than --tokens {args.tokens}")
-    tokens = all_tokens[: args.tokens]
+    if args.ids is None:
+        vocab = llama_cpp.llama_model_get_vocab(f16.llm.model)
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        with open(args.text, "rb") as f:
+            text = f.read()
+        all_tokens = f16.llm.tokenize(text, add_bos=add_bos, special=False)
+        if len(all_tokens) < args.tokens:
+            raise SystemExit(f"{args.text} has {len(all_tokens)} tokens, fewer than --tokens {args.tokens}")
+        tokens = all_tokens[: args.tokens]
+        cuts = [args.tokens * k // args.cuts for k in range(1, args.cuts + 1)]
+        inputs = [(args.text, tokens, cuts)]
+        described = (
+            f"{args.text}, {len(all_tokens)} tokens (BOS {'added' if add_bos else 'not added'}, "
+            f"as the model's metadata asks); the first {args.tokens} used"
+        )
+    else:
+        described = (
+            f"{args.ids}, {len(inputs)} inputs, {sum(len(t) for _, t, _ in inputs)} tokens, "
+            f"{sum(len(c) for _, _, c in inputs)} cuts"
+        )
 
     system = llama_cpp.llama_print_system_info().decode().strip()
     print(f"INFO version: llama-cpp-python {getattr(llama_cpp, '__version__', '?')}", flush=True)
@@ -176,81 +271,29 @@ def main():
         "a quantized V cache without it)",
         flush=True,
     )
-    print(
-        f"INFO text: {args.text}, {len(all_tokens)} tokens (BOS {'added' if add_bos else 'not added'}, "
-        "as the model's metadata asks); the first "
-        f"{args.tokens} used",
-        flush=True,
-    )
+    print(f"INFO input: {described}", flush=True)
 
-    cuts = [args.tokens * k // args.cuts for k in range(1, args.cuts + 1)]
-    # Every position's next-token distribution, batch by batch on both contexts; the rows at
-    # c - 1 start the continuations.
-    f16.clear()
-    q8.clear()
-    kls = []
-    agree = 0
-    identical_rows = 0
-    at_cut = {}
-    t = time.perf_counter()
-    for i in range(0, len(tokens), BATCH):
-        chunk = tokens[i : i + BATCH]
-        p = f16.decode(chunk, "all")
-        q = q8.decode(chunk, "all")
-        kls.append(kl_rows(p, q))
-        agree += int((p.argmax(axis=1) == q.argmax(axis=1)).sum())
-        identical_rows += int((p == q).all(axis=1).sum())
-        for c in cuts:
-            if i < c <= i + len(chunk):
-                at_cut[c] = (p[c - 1 - i].copy(), q[c - 1 - i].copy())
-    kl = np.concatenate(kls)
-    print(
-        f"logits of {len(tokens)} positions on both contexts: {time.perf_counter() - t:.1f} s; "
-        f"{identical_rows} positions with bitwise identical logits",
-        file=sys.stderr,
-        flush=True,
-    )
-
-    first_diffs = {}
-    same = 0
-    changed = []
+    tally = Tally()
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
-        for c in reversed(cuts):
+        for name, tokens, cuts in inputs:
             t = time.perf_counter()
-            history = tokens[:c]
-            p, q = at_cut[c]
-            f16.truncate(c)
-            baseline = f16.greedy(p, args.continuation)
-
-            q8.truncate(c)
-            uninterrupted = q8.greedy(q, args.continuation)
-            q8.truncate(c)
-            path = os.path.join(work, f"q8_0-{c}.bin")
-            size = q8.save(path, history)
-            q8.clear()
-            q8.load(path, history)
-            resumed = q8.greedy(q, args.continuation)
-            os.remove(path)
-
-            equal = [a == b for a, b in zip(baseline, resumed)]
-            same += sum(equal)
-            first_diffs[c] = equal.index(False) if False in equal else args.continuation
+            measure(name, tokens, cuts, f16, q8, args.continuation, work, tally)
             print(
-                f"cut {c}: {sum(equal)}/{args.continuation} continuation tokens equal, first "
-                f"difference at {first_diffs[c]}; q8_0 state file {size} bytes, its continuation "
-                f"{'the same as' if resumed == uninterrupted else 'NOT the same as'} without the "
-                f"save and load; {time.perf_counter() - t:.1f} s",
+                f"{name}: {len(tokens)} positions, {time.perf_counter() - t:.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
-            if resumed != uninterrupted:
-                changed.append(c)
-
+    kl = np.concatenate(tally.kls)
+    print(
+        f"{len(kl)} positions, {tally.identical_rows} with bitwise identical logits",
+        file=sys.stderr,
+        flush=True,
+    )
     print(
         "INFO resume: the q8_0 continuations after the save and load "
         + (
-            f"differ from those without at cuts {sorted(changed)}"
-            if changed
+            f"differ from those without at cuts {tally.changed}"
+            if tally.changed
             else "equal those without at every cut"
         ),
         flush=True,
@@ -261,13 +304,13 @@ def main():
             {
                 "kv": "q8_0",
                 "baseline": "f16",
-                "tokens": len(tokens),
+                "tokens": len(kl),
                 "mean_kl": float(kl.mean()),
                 "max_kl": float(kl.max()),
-                "top1_agree": agree / len(tokens),
-                "greedy_agree": same / (len(cuts) * args.continuation),
-                "greedy_first_diff": [first_diffs[c] for c in cuts],
-                "cuts": cuts,
+                "top1_agree": tally.top1_same / len(kl),
+                "greedy_agree": tally.greedy_same / tally.greedy_total,
+                "greedy_first_diff": tally.first_diffs,
+                "cuts": tally.cuts,
             },
             allow_nan=False,
         ),

@@ -51,9 +51,10 @@ usage: cargo xtask bench [--only criterion|engine|resume|kv-quality|store[,...]|
   kv-quality only when --only names it: what an f16 or q8_0 KV cache costs against f32 (the
              engine's kv_quality example) and llama.cpp's q8_0 against its f16 (peer
              script, target/peer-venv) on the first 4096 tokens of --text (default
-             /usr/share/common-licenses/GPL-3): KL of the next-token distributions,
-             top-1 agreement, greedy agreement after a save and load at 4 cuts; table in
-             target/bench/kv-quality.md. About 5 minutes on two cores for llama.cpp alone
+             /usr/share/common-licenses/GPL-3) and on the demo's conversations (the
+             same token ids on both sides): KL of the next-token distributions, top-1
+             agreement, greedy agreement after a save and load at each cut; tables in
+             target/bench/kv-quality.md. About 8 minutes on two cores
   store      only when --only names it: the remote tier on a 3-node Garage cluster (installed
              as for `cargo xtask ci`) against plain object_store PUT and GET of the same
              bytes, segments of a SmolLM2-shaped f16 cache at --histories (default here

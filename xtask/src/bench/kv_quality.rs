@@ -1,16 +1,18 @@
 //! `cargo xtask bench --only kv-quality`: what storing the attention KV cache at a lower
 //! precision costs a conversation's quality. The engine's `kv_quality` example measures f16 and
 //! q8_0 caches against f32, the peer script `benches/peer/llama_kv_quality.py` llama.cpp's q8_0
-//! against its default f16, on the same GGUF, held-out text and thread count; both print KL
-//! divergence and top-1 agreement of every position's next-token distribution, and greedy
-//! agreement of continuations decoded from a cache saved and loaded back. This module runs
-//! both, writes the table to `target/bench/kv-quality.md` with the target's verdict, and
-//! returns it for `report.md`.
+//! against its default f16, on the same GGUF, input and thread count; both print KL divergence
+//! and top-1 agreement of every position's next-token distribution, and greedy agreement of
+//! continuations decoded from a cache saved and loaded back. They run on two inputs: a held-out
+//! text, and the demo's conversations (`crates/cli/src/demo_conversations.json`), which the
+//! example renders with the model's replies and writes out as token ids for the peer. This
+//! module runs both sides on both, writes the tables to `target/bench/kv-quality.md` with the
+//! target's verdicts, and returns it for `report.md`.
 //!
-//! The example is given `--model --text --tokens --continuation --cuts` and prints an
-//! `INFO isa: LEVEL` line and one `KVQ {...}` line per precision, with the fields of
-//! [`Quality`]; its cuts must be the peer's (cut k of N at floor(tokens * k / N)), or the
-//! verdict says the two are not comparable.
+//! The example is given `--model`, `--text` or `--chat`, `--tokens --continuation --cuts` and
+//! `--ids-out`, and prints an `INFO isa: LEVEL` line and one `KVQ {...}` line per precision,
+//! with the fields of [`Quality`]; its cuts must be the peer's, or the verdict says the two are
+//! not comparable.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -32,6 +34,8 @@ const TOKENS: usize = 4096;
 const CONTINUATION: usize = 64;
 /// Cut points, spread over the text.
 const CUTS: usize = 4;
+/// The demo's conversations, from the project root.
+const DEMO_CONVERSATIONS: &str = "crates/cli/src/demo_conversations.json";
 
 /// One `KVQ {...}` / `PEERQ {...}` line: a cache precision against a baseline.
 #[derive(Clone, Debug, PartialEq)]
@@ -144,7 +148,8 @@ pub(super) fn check_text(text: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs the engine's example and the peer script, writes `kv-quality.md`; returns its text.
+/// Runs the engine's example and the peer script on the text and on the demo's
+/// conversations, writes `kv-quality.md`; returns its text.
 pub(super) fn run(
     text: &Path,
     model: &Path,
@@ -157,56 +162,99 @@ pub(super) fn run(
     check_text(text)?;
     // First, so that a missing llama.cpp build is installed (or fails) before the engine runs.
     let python = peer_python()?;
-
-    eprintln!("==> KV cache quality, agentkv (f16 and q8_0 against f32)");
-    let mut cmd = kv_quality.command();
-    cmd.arg("--model")
-        .arg(model)
-        .arg("--text")
-        .arg(text)
-        .args(["--tokens", &TOKENS.to_string()])
-        .args(["--continuation", &CONTINUATION.to_string()])
-        .args(["--cuts", &CUTS.to_string()])
-        .env("RAYON_NUM_THREADS", threads.to_string());
-    let program = "the engine's kv_quality example (cargo run -p engine --example kv_quality)";
-    let stdout = run_for_output(&mut cmd, program)?;
-    let found = qualities(&stdout, "KVQ ", program)?;
-    let ours = Sides {
-        f16: pick(&found, "f16", "f32", program)?,
-        q8_0: pick(&found, "q8_0", "f32", program)?,
-        info: super::infos(&stdout),
-    };
-
-    eprintln!("==> KV cache quality, llama.cpp (q8_0 against f16)");
     let script = project_root().join("benches/peer/llama_kv_quality.py");
-    let mut cmd = Command::new(python);
-    cmd.arg(&script)
-        .arg(model)
-        .arg(text)
-        .args(["--tokens", &TOKENS.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .args(["--continuation", &CONTINUATION.to_string()])
-        .args(["--cuts", &CUTS.to_string()])
-        .arg("--workdir")
-        .arg(dir);
-    let program = format!("the llama.cpp peer ({})", script.display());
-    let stdout = run_for_output(&mut cmd, &program)?;
-    let peer = Peer {
-        q8_0: pick(
-            &qualities(&stdout, "PEERQ ", &program)?,
-            "q8_0",
-            "f16",
-            &program,
-        )?,
-        info: super::infos(&stdout),
-    };
+    let peer_program = format!("the llama.cpp peer ({})", script.display());
+    let program = "the engine's kv_quality example (cargo run -p engine --example kv_quality)";
+    let common = [
+        "--tokens".to_owned(),
+        TOKENS.to_string(),
+        "--continuation".to_owned(),
+        CONTINUATION.to_string(),
+        "--cuts".to_owned(),
+        CUTS.to_string(),
+    ];
+    let ids = dir.join("kv-quality-conversations.json");
+    let chat = project_root().join(DEMO_CONVERSATIONS);
+    let mut inputs = Vec::new();
+    for input in [Input::Text, Input::Conversations] {
+        eprintln!(
+            "==> KV cache quality on {}, agentkv (f16 and q8_0 against f32)",
+            input.name()
+        );
+        let mut cmd = kv_quality.command();
+        cmd.arg("--model").arg(model);
+        match input {
+            Input::Text => cmd.arg("--text").arg(text),
+            Input::Conversations => cmd.arg("--chat").arg(&chat).arg("--ids-out").arg(&ids),
+        };
+        cmd.args(&common)
+            .env("RAYON_NUM_THREADS", threads.to_string());
+        let stdout = run_for_output(&mut cmd, program)?;
+        let found = qualities(&stdout, "KVQ ", program)?;
+        let ours = Sides {
+            f16: pick(&found, "f16", "f32", program)?,
+            q8_0: pick(&found, "q8_0", "f32", program)?,
+            info: super::infos(&stdout),
+        };
+
+        eprintln!(
+            "==> KV cache quality on {}, llama.cpp (q8_0 against f16)",
+            input.name()
+        );
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script).arg(model);
+        match input {
+            Input::Text => cmd.arg(text),
+            Input::Conversations => cmd.arg("--ids").arg(&ids),
+        };
+        cmd.args(&common)
+            .args(["--threads", &threads.to_string()])
+            .arg("--workdir")
+            .arg(dir);
+        let stdout = run_for_output(&mut cmd, &peer_program)?;
+        let peer = Peer {
+            q8_0: pick(
+                &qualities(&stdout, "PEERQ ", &peer_program)?,
+                "q8_0",
+                "f16",
+                &peer_program,
+            )?,
+            info: super::infos(&stdout),
+        };
+        inputs.push(Measured { input, ours, peer });
+    }
 
     let machine = Machine::current(threads, load_before.to_owned(), loadavg(), built_from);
-    let table = report(&machine, text, &ours, &peer);
+    let table = report(&machine, text, &inputs);
     let path = dir.join("kv-quality.md");
     std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(table)
+}
+
+/// What the two sides read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Input {
+    /// The first [`TOKENS`] tokens of the held-out text.
+    Text,
+    /// The demo's conversations with the model's replies.
+    Conversations,
+}
+
+impl Input {
+    fn name(self) -> &'static str {
+        match self {
+            Input::Text => "the held-out text",
+            Input::Conversations => "the demo's conversations",
+        }
+    }
+}
+
+/// Both sides on one input.
+pub(super) struct Measured {
+    pub input: Input,
+    pub ours: Sides,
+    pub peer: Peer,
 }
 
 /// What the engine's example printed.
@@ -262,11 +310,16 @@ fn percent(share: f64) -> String {
     format!("{:.2}%", share * 100.0)
 }
 
-/// `kv-quality.md`: the conditions, one row per comparison, the target and its verdict.
-pub(super) fn report(machine: &Machine, text: &Path, ours: &Sides, peer: &Peer) -> String {
+/// `kv-quality.md`: the conditions, then per input one row per comparison, the target and its
+/// verdict.
+pub(super) fn report(machine: &Machine, text: &Path, inputs: &[Measured]) -> String {
     let mut s = String::from("# KV cache precision and quality\n\n");
     let info = |map: &BTreeMap<String, String>, key: &str| {
         map.get(key).cloned().unwrap_or_else(|| "?".into())
+    };
+    let Some(first) = inputs.first() else {
+        s.push_str("Nothing was measured.\n");
+        return s;
     };
     let _ = writeln!(
         s,
@@ -276,7 +329,7 @@ pub(super) fn report(machine: &Machine, text: &Path, ours: &Sides, peer: &Peer) 
         machine.cpu,
         machine.cpus,
         machine.built_from,
-        info(&ours.info, "isa"),
+        info(&first.ours.info, "isa"),
         machine.threads,
         machine.load_before,
         machine.load_after,
@@ -284,63 +337,83 @@ pub(super) fn report(machine: &Machine, text: &Path, ours: &Sides, peer: &Peer) 
     let _ = writeln!(
         s,
         "llama.cpp: {}; {}; flags {}.\n",
-        info(&peer.info, "version"),
-        info(&peer.info, "system"),
-        info(&peer.info, "flags"),
+        info(&first.peer.info, "version"),
+        info(&first.peer.info, "system"),
+        info(&first.peer.info, "flags"),
     );
-    let cuts = ours
-        .q8_0
-        .cuts
+    let _ = writeln!(
+        s,
+        "Each row runs an input with the KV cache stored at a lower precision and at a baseline \
+         one, and compares the next-token distributions at every position: KL(baseline || \
+         lower) in nats, mean and max over positions; top-1 agreement = share of positions \
+         whose most likely token is the same. Greedy: at each cut c the baseline decodes \
+         {CONTINUATION} tokens greedily after the first c tokens, uninterrupted, and the lower \
+         precision does the same from its cache saved and loaded back; agreement = share of \
+         those tokens equal position by position, first difference = per cut, the index of the \
+         first that differs ({CONTINUATION} = none). llama.cpp's baseline is its default f16 \
+         cache.\n",
+    );
+    for m in inputs {
+        let cuts = join(&m.ours.q8_0.cuts);
+        match m.input {
+            Input::Text => {
+                let _ = writeln!(
+                    s,
+                    "## A held-out text\n\nThe first {} tokens of {}; cuts at {cuts} \
+                     tokens.\n",
+                    m.ours.q8_0.tokens,
+                    text.display(),
+                );
+            }
+            Input::Conversations => {
+                let _ = writeln!(
+                    s,
+                    "## The demo's conversations\n\nThe three conversations of `agentkv demo` \
+                     ({DEMO_CONVERSATIONS}), each user turn rendered through the model's chat \
+                     template and answered by the f32 cache's greedy reply of at most \
+                     {CONTINUATION} tokens, {} tokens in all, each conversation from an empty \
+                     cache; a cut where each reply starts ({cuts} tokens into its \
+                     conversation). Both sides read the same token ids.\n",
+                    m.ours.q8_0.tokens,
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "| KV cache | mean KL | max KL | top-1 agreement | greedy agreement | first difference per cut |\n\
+             |---|---:|---:|---:|---:|---|"
+        );
+        for (label, q) in [
+            ("agentkv f16 vs f32", &m.ours.f16),
+            ("agentkv q8_0 vs f32", &m.ours.q8_0),
+            ("llama.cpp q8_0 vs f16", &m.peer.q8_0),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} | {} | {} |",
+                kl(q.mean_kl),
+                kl(q.max_kl),
+                percent(q.top1_agree),
+                percent(q.greedy_agree),
+                join(&q.greedy_first_diff),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nTarget: agentkv q8_0's mean KL and top-1 disagreement against f32 are no worse \
+             than llama.cpp's q8_0 against its f16: {}.\n",
+            verdict(&m.ours.q8_0, &m.peer.q8_0)
+        );
+    }
+    s
+}
+
+fn join(counts: &[u64]) -> String {
+    counts
         .iter()
         .map(u64::to_string)
         .collect::<Vec<_>>()
-        .join(", ");
-    let _ = writeln!(
-        s,
-        "Held-out text: the first {} tokens of {}. Each row runs them with the KV cache stored \
-         at a lower precision and at a baseline one, and compares the next-token distributions \
-         at every position: KL(baseline || lower) in nats, mean and max over positions; top-1 \
-         agreement = share of positions whose most likely token is the same. Greedy: at each \
-         cut c ({cuts} tokens) the baseline decodes {CONTINUATION} tokens greedily after the \
-         first c tokens, uninterrupted, and the lower precision does the same from its cache \
-         saved and loaded back; agreement = share of those tokens equal position by position, \
-         first difference = per cut, the index of the first that differs ({CONTINUATION} = \
-         none). llama.cpp's baseline is its default f16 cache.\n",
-        ours.q8_0.tokens,
-        text.display(),
-    );
-    let _ = writeln!(
-        s,
-        "| KV cache | mean KL | max KL | top-1 agreement | greedy agreement | first difference per cut |\n\
-         |---|---:|---:|---:|---:|---|"
-    );
-    for (label, q) in [
-        ("agentkv f16 vs f32", &ours.f16),
-        ("agentkv q8_0 vs f32", &ours.q8_0),
-        ("llama.cpp q8_0 vs f16", &peer.q8_0),
-    ] {
-        let firsts = q
-            .greedy_first_diff
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let _ = writeln!(
-            s,
-            "| {label} | {} | {} | {} | {} | {firsts} |",
-            kl(q.mean_kl),
-            kl(q.max_kl),
-            percent(q.top1_agree),
-            percent(q.greedy_agree),
-        );
-    }
-    let _ = writeln!(
-        s,
-        "\nTarget: agentkv q8_0's mean KL and top-1 disagreement against f32 are no worse than \
-         llama.cpp's q8_0 against its f16: {}.",
-        verdict(&ours.q8_0, &peer.q8_0)
-    );
-    s
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -451,7 +524,7 @@ mod tests {
     }
 
     #[test]
-    fn report_has_machine_rows_and_verdict() {
+    fn report_has_machine_rows_and_verdicts_per_input() {
         let machine = Machine::example();
         let info = |pairs: &[(&str, &str)]| {
             pairs
@@ -459,19 +532,32 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect()
         };
-        let ours = Sides {
-            f16: parse_quality(KVQ_F16).expect("valid"),
-            q8_0: parse_quality(KVQ_Q8).expect("valid"),
-            info: info(&[("isa", "avx2")]),
+        let measured = |input, ours_q8: &str, peer_q8: &str| Measured {
+            input,
+            ours: Sides {
+                f16: parse_quality(KVQ_F16).expect("valid"),
+                q8_0: parse_quality(ours_q8).expect("valid"),
+                info: info(&[("isa", "avx2")]),
+            },
+            peer: Peer {
+                q8_0: parse_quality(peer_q8).expect("valid"),
+                info: info(&[
+                    ("version", "llama-cpp-python 0.3.36"),
+                    ("flags", "flash_attn=on"),
+                ]),
+            },
         };
-        let peer = Peer {
-            q8_0: parse_quality(PEERQ).expect("valid"),
-            info: info(&[
-                ("version", "llama-cpp-python 0.3.36"),
-                ("flags", "flash_attn=on"),
-            ]),
-        };
-        let r = report(&machine, Path::new("/texts/GPL-3"), &ours, &peer);
+        // The conversations: agentkv's q8_0 worse than llama.cpp's in mean KL.
+        let chat_ours = r#"{"kv":"q8_0","baseline":"f32","tokens":1609,"mean_kl":0.005,"max_kl":0.01,"top1_agree":0.98,"greedy_agree":0.7,"greedy_first_diff":[64,64,16,64,26,32],"cuts":[377,473,380,475,368,463]}"#;
+        let chat_peer = r#"{"kv":"q8_0","baseline":"f16","tokens":1609,"mean_kl":0.0043,"max_kl":0.16,"top1_agree":0.9577,"greedy_agree":0.7057,"greedy_first_diff":[51,64,38,35,50,33],"cuts":[377,473,380,475,368,463]}"#;
+        let r = report(
+            &machine,
+            Path::new("/texts/GPL-3"),
+            &[
+                measured(Input::Text, KVQ_Q8, PEERQ),
+                measured(Input::Conversations, chat_ours, chat_peer),
+            ],
+        );
         assert!(
             r.contains(
                 "2026-12-02 03:04 UTC; AMD EPYC, 2 logical CPUs; built from 0123abc; engine kernels: avx2, \
@@ -480,22 +566,39 @@ mod tests {
             "{r}"
         );
         assert!(r.contains("llama.cpp: llama-cpp-python 0.3.36; ?; flags flash_attn=on."));
-        assert!(r.contains("the first 4096 tokens of /texts/GPL-3"));
-        assert!(r.contains("cut c (1024, 2048, 3072, 4096 tokens)"));
+        let (text, chat) = r
+            .split_once("## The demo's conversations")
+            .expect("both inputs");
+        assert!(text.contains(
+            "## A held-out text\n\nThe first 4096 tokens of /texts/GPL-3; cuts at 1024, 2048, \
+             3072, 4096 tokens."
+        ));
         assert!(
-            r.contains(
+            text.contains(
                 "| agentkv f16 vs f32 | 1.50e-6 | 3.00e-4 | 99.95% | 100.00% | 64, 64, 64, 64 |"
             ),
             "{r}"
         );
-        assert!(r.contains(
+        assert!(text.contains(
             "| agentkv q8_0 vs f32 | 2.10e-3 | 5.00e-2 | 97.00% | 75.00% | 12, 64, 30, 64 |"
         ));
-        assert!(r.contains(
+        assert!(text.contains(
             "| llama.cpp q8_0 vs f16 | 4.45e-3 | 1.02e-1 | 95.46% | 64.06% | 8, 45, 18, 64 |"
         ));
-        assert!(r.contains(
+        assert!(text.contains(
             "against its f16: holds (mean KL 2.10e-3 <= 4.45e-3, top-1 disagreement 3.00% <= 4.54%)."
+        ));
+        assert!(chat.contains("1609 tokens in all"), "{chat}");
+        assert!(chat.contains("(377, 473, 380, 475, 368, 463 tokens into its conversation)"));
+        assert!(chat.contains(
+            "| agentkv q8_0 vs f32 | 5.00e-3 | 1.00e-2 | 98.00% | 70.00% | 64, 64, 16, 64, 26, 32 |"
+        ));
+        assert!(chat.contains(
+            "| llama.cpp q8_0 vs f16 | 4.30e-3 | 1.60e-1 | 95.77% | 70.57% | 51, 64, 38, 35, 50, 33 |"
+        ));
+        assert!(chat.contains(
+            "against its f16: does not hold (mean KL 5.00e-3 > 4.30e-3, top-1 disagreement 2.00% \
+             <= 4.23%)."
         ));
     }
 
