@@ -30,7 +30,8 @@ usage: cargo xtask bench [--only criterion|engine|resume|kv-quality|store[,...]|
                          [--requantize TYPE] [--peer llama.cpp]
                          [--histories 512,2048,4096]
                          [--decode 32] [--repeats 3] [--resume-histories 256,1024,2048,4096]
-                         [--resume-repeats 3] [--text PATH] [-- <criterion args>]
+                         [--resume-repeats 3] [--text PATH] [--chat PATH]
+                         [-- <criterion args>]
 
   --model    the model every part runs: a name `cargo xtask fetch-model` knows (smollm2,
              the default, or gemma3-270m), fetched first if need be
@@ -51,10 +52,12 @@ usage: cargo xtask bench [--only criterion|engine|resume|kv-quality|store[,...]|
   kv-quality only when --only names it: what an f16 or q8_0 KV cache costs against f32 (the
              engine's kv_quality example) and llama.cpp's q8_0 against its f16 (peer
              script, target/peer-venv) on the first 4096 tokens of --text (default
-             /usr/share/common-licenses/GPL-3) and on the demo's conversations (the
-             same token ids on both sides): KL of the next-token distributions, top-1
-             agreement, greedy agreement after a save and load at each cut; tables in
-             target/bench/kv-quality.md. About 8 minutes on two cores
+             /usr/share/common-licenses/GPL-3) and on the conversations of --chat
+             (default the demo's, crates/cli/src/demo_conversations.json; not with a
+             model without a chat template), the same token ids on both sides: KL of the
+             next-token distributions, top-1 agreement, greedy agreement after a save and
+             load at each cut; tables in target/bench/kv-quality.md. About 8 minutes on
+             two cores
   store      only when --only names it: the remote tier on a 3-node Garage cluster (installed
              as for `cargo xtask ci`) against plain object_store PUT and GET of the same
              bytes, segments of a SmolLM2-shaped f16 cache at --histories (default here
@@ -86,6 +89,8 @@ struct Options {
     kv_quality: bool,
     /// kv-quality's held-out text.
     text: Option<PathBuf>,
+    /// kv-quality's conversations.
+    chat: Option<PathBuf>,
     /// The remote tier against plain object_store: never part of the default set, it needs
     /// Garage (a ~17-minute build on first use).
     store: bool,
@@ -109,6 +114,7 @@ fn parse(args: &[String]) -> Result<Options> {
         resume: true,
         kv_quality: false,
         text: None,
+        chat: None,
         store: false,
         histories_given: false,
         resume_histories: "256,1024,2048,4096".into(),
@@ -159,6 +165,7 @@ fn parse(args: &[String]) -> Result<Options> {
             "--resume-histories" => o.resume_histories = value("--resume-histories")?,
             "--resume-repeats" => o.resume_repeats = value("--resume-repeats")?,
             "--text" => o.text = Some(PathBuf::from(value("--text")?)),
+            "--chat" => o.chat = Some(PathBuf::from(value("--chat")?)),
             "--no-criterion" => o.criterion = false,
             "--no-engine" => o.engine = false,
             "--no-resume" => o.resume = false,
@@ -188,6 +195,16 @@ fn parse(args: &[String]) -> Result<Options> {
     }
     if o.text.is_some() && !o.kv_quality {
         bail!("--text is kv-quality's held-out text: it needs --only kv-quality\n{USAGE}");
+    }
+    if o.chat.is_some() && !o.kv_quality {
+        bail!("--chat is kv-quality's conversations: it needs --only kv-quality\n{USAGE}");
+    }
+    if o.chat.is_some() && !o.model.chat {
+        bail!(
+            "--chat renders conversations through the chat template, and {} is a base model \
+             without one: leave --chat out (kv-quality then measures the text alone)\n{USAGE}",
+            o.model.name
+        );
     }
     if !o.model.chat && o.resume {
         // The resume benchmark runs agents' conversations through the chat template.
@@ -233,9 +250,23 @@ pub fn bench(args: &[String]) -> Result<()> {
         .text
         .clone()
         .unwrap_or_else(|| PathBuf::from(kv_quality::DEFAULT_TEXT));
+    // A base model has no chat template to render conversations with.
+    let conversations = opts.model.chat.then(|| {
+        opts.chat
+            .clone()
+            .unwrap_or_else(|| project_root().join(kv_quality::DEMO_CONVERSATIONS))
+    });
     if opts.kv_quality {
         // Before the other parts run for minutes.
         kv_quality::check_text(&held_out)?;
+        if let Some(chat) = &conversations {
+            kv_quality::check_chat(chat)?;
+        } else {
+            eprintln!(
+                "note: {} has no chat template: kv-quality measures the held-out text alone",
+                opts.model.name
+            );
+        }
     }
     let mut model = fetch(opts.model)?;
     if let Some(kind) = &opts.requantize {
@@ -309,6 +340,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     let kv_quality_table = match &kv_quality_program {
         Some(program) => Some(kv_quality::run(
             &held_out,
+            conversations.as_deref(),
             &model,
             threads,
             program,
@@ -786,6 +818,23 @@ mod tests {
         assert!(parse(&args("--text /tmp/held-out.txt")).is_err());
         assert!(parse(&args("--only resume --text /tmp/held-out.txt")).is_err());
         assert!(parse(&args("--only kv-quality --text")).is_err());
+        // --chat too, and only with a model that has a chat template.
+        let o = parse(&args("--only kv-quality --chat /tmp/chats.json")).expect("valid");
+        assert_eq!(o.chat.as_deref(), Some(Path::new("/tmp/chats.json")));
+        assert!(
+            parse(&args("--only kv-quality"))
+                .expect("valid")
+                .chat
+                .is_none()
+        );
+        assert!(parse(&args("--chat /tmp/chats.json")).is_err());
+        match parse(&args(
+            "--only kv-quality --model gemma3-270m --chat /tmp/c.json",
+        )) {
+            Err(err) => assert!(format!("{err:#}").contains("leave --chat out"), "{err:#}"),
+            Ok(_) => panic!("--chat with a base model was accepted"),
+        }
+        assert!(parse(&args("--only kv-quality --model gemma3-270m")).is_ok());
         assert!(parse(&args("--only kv-quality --peer llama.cpp")).is_err());
         assert!(parse(&args("--only kv_quality")).is_err());
     }

@@ -34,8 +34,9 @@ const TOKENS: usize = 4096;
 const CONTINUATION: usize = 64;
 /// Cut points, spread over the text.
 const CUTS: usize = 4;
-/// The demo's conversations, from the project root.
-const DEMO_CONVERSATIONS: &str = "crates/cli/src/demo_conversations.json";
+/// The demo's conversations, from the project root: the conversations measured when
+/// `--chat` is not given.
+pub(super) const DEMO_CONVERSATIONS: &str = "crates/cli/src/demo_conversations.json";
 
 /// One `KVQ {...}` / `PEERQ {...}` line: a cache precision against a baseline.
 #[derive(Clone, Debug, PartialEq)]
@@ -148,10 +149,25 @@ pub(super) fn check_text(text: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs the engine's example and the peer script on the text and on the demo's
-/// conversations, writes `kv-quality.md`; returns its text.
+/// Checks the conversations file before anything runs.
+pub(super) fn check_chat(chat: &Path) -> Result<()> {
+    if !chat.is_file() {
+        bail!(
+            "the conversations {} are not a file: pass a JSON file of the form of {} with \
+             --chat PATH",
+            chat.display(),
+            DEMO_CONVERSATIONS
+        );
+    }
+    Ok(())
+}
+
+/// Runs the engine's example and the peer script on the text and on the conversations (none
+/// for a model without a chat template), writes `kv-quality.md`; returns its text.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     text: &Path,
+    chat: Option<&Path>,
     model: &Path,
     threads: usize,
     kv_quality: &Program,
@@ -160,6 +176,9 @@ pub(super) fn run(
     dir: &Path,
 ) -> Result<String> {
     check_text(text)?;
+    if let Some(chat) = chat {
+        check_chat(chat)?;
+    }
     // First, so that a missing llama.cpp build is installed (or fails) before the engine runs.
     let python = peer_python()?;
     let script = project_root().join("benches/peer/llama_kv_quality.py");
@@ -174,9 +193,9 @@ pub(super) fn run(
         CUTS.to_string(),
     ];
     let ids = dir.join("kv-quality-conversations.json");
-    let chat = project_root().join(DEMO_CONVERSATIONS);
     let mut inputs = Vec::new();
-    for input in [Input::Text, Input::Conversations] {
+    let runs = std::iter::once(Input::Text).chain(chat.map(|_| Input::Conversations));
+    for input in runs {
         eprintln!(
             "==> KV cache quality on {}, agentkv (f16 and q8_0 against f32)",
             input.name()
@@ -185,7 +204,7 @@ pub(super) fn run(
         cmd.arg("--model").arg(model);
         match input {
             Input::Text => cmd.arg("--text").arg(text),
-            Input::Conversations => cmd.arg("--chat").arg(&chat).arg("--ids-out").arg(&ids),
+            Input::Conversations => cmd.arg("--chat").args(chat).arg("--ids-out").arg(&ids),
         };
         cmd.args(&common)
             .env("RAYON_NUM_THREADS", threads.to_string());
@@ -225,7 +244,7 @@ pub(super) fn run(
     }
 
     let machine = Machine::current(threads, load_before.to_owned(), loadavg(), built_from);
-    let table = report(&machine, text, &inputs);
+    let table = report(&machine, text, chat, &inputs);
     let path = dir.join("kv-quality.md");
     std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
@@ -312,7 +331,12 @@ fn percent(share: f64) -> String {
 
 /// `kv-quality.md`: the conditions, then per input one row per comparison, the target and its
 /// verdict.
-pub(super) fn report(machine: &Machine, text: &Path, inputs: &[Measured]) -> String {
+pub(super) fn report(
+    machine: &Machine,
+    text: &Path,
+    chat: Option<&Path>,
+    inputs: &[Measured],
+) -> String {
     let mut s = String::from("# KV cache precision and quality\n\n");
     let info = |map: &BTreeMap<String, String>, key: &str| {
         map.get(key).cloned().unwrap_or_else(|| "?".into())
@@ -366,10 +390,18 @@ pub(super) fn report(machine: &Machine, text: &Path, inputs: &[Measured]) -> Str
                 );
             }
             Input::Conversations => {
+                let path = chat.map_or_else(|| "?".to_owned(), |p| p.display().to_string());
+                let (title, what) = if path.ends_with(DEMO_CONVERSATIONS) {
+                    (
+                        "The demo's conversations",
+                        format!("The conversations of `agentkv demo` ({DEMO_CONVERSATIONS})"),
+                    )
+                } else {
+                    ("Conversations", format!("The conversations of {path}"))
+                };
                 let _ = writeln!(
                     s,
-                    "## The demo's conversations\n\nThe three conversations of `agentkv demo` \
-                     ({DEMO_CONVERSATIONS}), each user turn rendered through the model's chat \
+                    "## {title}\n\n{what}, each user turn rendered through the model's chat \
                      template and answered by the f32 cache's greedy reply of at most \
                      {CONTINUATION} tokens, {} tokens in all, each conversation from an empty \
                      cache; a cut where each reply starts ({cuts} tokens into its \
@@ -403,6 +435,12 @@ pub(super) fn report(machine: &Machine, text: &Path, inputs: &[Measured]) -> Str
             "\nTarget: agentkv q8_0's mean KL and top-1 disagreement against f32 are no worse \
              than llama.cpp's q8_0 against its f16: {}.\n",
             verdict(&m.ours.q8_0, &m.peer.q8_0)
+        );
+    }
+    if chat.is_none() {
+        s.push_str(
+            "No conversations: the model has no chat template to render them with (a base \
+             model).\n",
         );
     }
     s
@@ -550,9 +588,11 @@ mod tests {
         // The conversations: agentkv's q8_0 worse than llama.cpp's in mean KL.
         let chat_ours = r#"{"kv":"q8_0","baseline":"f32","tokens":1609,"mean_kl":0.005,"max_kl":0.01,"top1_agree":0.98,"greedy_agree":0.7,"greedy_first_diff":[64,64,16,64,26,32],"cuts":[377,473,380,475,368,463]}"#;
         let chat_peer = r#"{"kv":"q8_0","baseline":"f16","tokens":1609,"mean_kl":0.0043,"max_kl":0.16,"top1_agree":0.9577,"greedy_agree":0.7057,"greedy_first_diff":[51,64,38,35,50,33],"cuts":[377,473,380,475,368,463]}"#;
+        let demo = Path::new("/work/crates/cli/src/demo_conversations.json");
         let r = report(
             &machine,
             Path::new("/texts/GPL-3"),
+            Some(demo),
             &[
                 measured(Input::Text, KVQ_Q8, PEERQ),
                 measured(Input::Conversations, chat_ours, chat_peer),
@@ -589,6 +629,10 @@ mod tests {
             "against its f16: holds (mean KL 2.10e-3 <= 4.45e-3, top-1 disagreement 3.00% <= 4.54%)."
         ));
         assert!(chat.contains("1609 tokens in all"), "{chat}");
+        assert!(chat.contains(
+            "The conversations of `agentkv demo` (crates/cli/src/demo_conversations.json), each"
+        ));
+        assert!(!r.contains("No conversations"));
         assert!(chat.contains("(377, 473, 380, 475, 368, 463 tokens into its conversation)"));
         assert!(chat.contains(
             "| agentkv q8_0 vs f32 | 5.00e-3 | 1.00e-2 | 98.00% | 70.00% | 64, 64, 16, 64, 26, 32 |"
@@ -600,6 +644,55 @@ mod tests {
             "against its f16: does not hold (mean KL 5.00e-3 > 4.30e-3, top-1 disagreement 2.00% \
              <= 4.23%)."
         ));
+    }
+
+    #[test]
+    fn report_names_other_conversations_and_says_when_there_are_none() {
+        let machine = Machine::example();
+        let sides = || Sides {
+            f16: parse_quality(KVQ_F16).expect("valid"),
+            q8_0: parse_quality(KVQ_Q8).expect("valid"),
+            info: BTreeMap::new(),
+        };
+        let peer = || Peer {
+            q8_0: parse_quality(PEERQ).expect("valid"),
+            info: BTreeMap::new(),
+        };
+        let measured = |input| Measured {
+            input,
+            ours: sides(),
+            peer: peer(),
+        };
+        let text = Path::new("/texts/GPL-3");
+        let mine = Path::new("/home/me/chats.json");
+        let r = report(
+            &machine,
+            text,
+            Some(mine),
+            &[measured(Input::Text), measured(Input::Conversations)],
+        );
+        assert!(
+            r.contains("## Conversations\n\nThe conversations of /home/me/chats.json, each"),
+            "{r}"
+        );
+        assert!(!r.contains("agentkv demo"));
+
+        // A base model: the text alone, and the report says why.
+        let r = report(&machine, text, None, &[measured(Input::Text)]);
+        assert!(r.contains("## A held-out text"));
+        assert!(!r.contains("## Conversations") && !r.contains("conversations of"));
+        assert!(r.contains("No conversations: the model has no chat template"));
+    }
+
+    #[test]
+    fn a_missing_conversations_file_says_what_to_pass() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = check_chat(&dir.path().join("nope.json")).expect_err("missing");
+        assert!(format!("{err:#}").contains("--chat PATH"), "{err:#}");
+        assert!(check_chat(dir.path()).is_err());
+        let file = dir.path().join("chats.json");
+        std::fs::write(&file, "{}").expect("write");
+        check_chat(&file).expect("a file");
     }
 
     #[test]
