@@ -258,10 +258,8 @@ pub fn bench(args: &[String]) -> Result<()> {
     });
     if opts.kv_quality {
         // Before the other parts run for minutes.
-        kv_quality::check_text(&held_out)?;
-        if let Some(chat) = &conversations {
-            kv_quality::check_chat(chat)?;
-        } else {
+        kv_quality::check_inputs(&held_out, conversations.as_deref())?;
+        if conversations.is_none() {
             eprintln!(
                 "note: {} has no chat template: kv-quality measures the held-out text alone",
                 opts.model.name

@@ -137,8 +137,9 @@ fn pick(found: &[Quality], kv: &str, baseline: &str, program: &str) -> Result<Qu
         .with_context(|| format!("{program} printed no line for {kv} against {baseline}"))
 }
 
-/// Checks the held-out text before anything runs.
-pub(super) fn check_text(text: &Path) -> Result<()> {
+/// Checks kv-quality's inputs before anything runs: the held-out text, and the conversations
+/// when the model can render them.
+pub(super) fn check_inputs(text: &Path, chat: Option<&Path>) -> Result<()> {
     if !text.is_file() {
         bail!(
             "the held-out text {} is not a file: pass a plain-text file of at least {TOKENS} \
@@ -146,12 +147,7 @@ pub(super) fn check_text(text: &Path) -> Result<()> {
             text.display()
         );
     }
-    Ok(())
-}
-
-/// Checks the conversations file before anything runs.
-pub(super) fn check_chat(chat: &Path) -> Result<()> {
-    if !chat.is_file() {
+    if let Some(chat) = chat.filter(|c| !c.is_file()) {
         bail!(
             "the conversations {} are not a file: pass a JSON file of the form of {} with \
              --chat PATH",
@@ -175,10 +171,7 @@ pub(super) fn run(
     built_from: &str,
     dir: &Path,
 ) -> Result<String> {
-    check_text(text)?;
-    if let Some(chat) = chat {
-        check_chat(chat)?;
-    }
+    check_inputs(text, chat)?;
     // First, so that a missing llama.cpp build is installed (or fails) before the engine runs.
     let python = peer_python()?;
     let script = project_root().join("benches/peer/llama_kv_quality.py");
@@ -685,25 +678,22 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_conversations_file_says_what_to_pass() {
+    fn a_missing_input_says_what_to_pass() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let err = check_chat(&dir.path().join("nope.json")).expect_err("missing");
-        assert!(format!("{err:#}").contains("--chat PATH"), "{err:#}");
-        assert!(check_chat(dir.path()).is_err());
-        let file = dir.path().join("chats.json");
-        std::fs::write(&file, "{}").expect("write");
-        check_chat(&file).expect("a file");
-    }
-
-    #[test]
-    fn a_missing_text_says_what_to_pass() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let err = check_text(&dir.path().join("nope.txt")).expect_err("missing");
-        assert!(format!("{err:#}").contains("--text PATH"), "{err:#}");
-        // A directory is not a text either.
-        assert!(check_text(dir.path()).is_err());
         let file = dir.path().join("text.txt");
         std::fs::write(&file, "some text").expect("write");
-        check_text(&file).expect("a file");
+        let chats = dir.path().join("chats.json");
+        std::fs::write(&chats, "{}").expect("write");
+
+        let err = check_inputs(&dir.path().join("nope.txt"), None).expect_err("missing");
+        assert!(format!("{err:#}").contains("--text PATH"), "{err:#}");
+        // A directory is not a text either.
+        assert!(check_inputs(dir.path(), None).is_err());
+        check_inputs(&file, None).expect("a file");
+
+        let err = check_inputs(&file, Some(&dir.path().join("nope.json"))).expect_err("missing");
+        assert!(format!("{err:#}").contains("--chat PATH"), "{err:#}");
+        assert!(check_inputs(&file, Some(dir.path())).is_err());
+        check_inputs(&file, Some(&chats)).expect("both files");
     }
 }
