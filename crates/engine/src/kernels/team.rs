@@ -10,10 +10,11 @@
 //! instead, and [`for_each`] hands a region's items to them: the items cut in order into runs,
 //! each thread claims the next unclaimed run, and a thread that is late or slowed (its core
 //! busy elsewhere, or its virtual CPU descheduled) takes fewer runs. Items of equal work (a
-//! matmul's blocks of rows, a gated activation's rows) are cut into up to
+//! prompt's matmul blocks of rows, a gated activation's rows) are cut into up to
 //! [`RUNS_PER_THREAD`] runs a thread, so the threads finish a region within a small run of
-//! each other; attention's tasks, cut so that one run per thread is equal work, are cut
-//! that way ([`Cut::PerThread`]).
+//! each other; many small ones (a turn's matmul panels) into runs that shrink as the region
+//! goes on ([`Cut::Guided`]); attention's tasks, cut so that one run per thread is equal
+//! work, are cut that way ([`Cut::PerThread`]).
 //!
 //! Measured on Zen 1, 2 threads, SmolLM2 Q4_1, against one run per thread for every region
 //! (throwaway loops, the two builds alternated): on an idle machine a decode step after 512
@@ -43,13 +44,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use rayon::prelude::*;
 
 /// A region's items as the helpers see them: the function with its lifetime erased (valid
-/// while the region is unfinished, see [`Team::run`]), the number of items, and the region's
-/// number.
+/// while the region is unfinished, see [`Team::run`]), how the items are cut into runs, and
+/// the region's number.
 #[derive(Clone, Copy)]
 struct Region {
     epoch: u32,
-    items: usize,
-    runs: usize,
+    runs: Runs,
     f: *const (dyn Fn(usize) + Sync + 'static),
 }
 
@@ -124,6 +124,73 @@ pub(crate) enum Cut {
     /// Items cut so that one run a thread, in order, is equal work (a decode step's or a
     /// turn's attention tasks): one run a thread.
     PerThread,
+    /// Many small items of about equal work (a quantized matmul's panels of a few weight
+    /// rows): runs that shrink as the region goes on, each a `2 * threads`-th of the items
+    /// left, so that the threads finish within about one item of each other after a few
+    /// claims each (see `matmul::dequant_parts`, which uses them).
+    Guided,
+}
+
+/// How a region's items `0..items` are cut, in order, into the runs threads claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Runs {
+    /// `count` runs of equal length (to within one item).
+    Equal { items: usize, count: usize },
+    /// Each run a `parts`-th of the items not in an earlier run (at least one).
+    Guided { items: usize, parts: usize },
+}
+
+impl Runs {
+    fn new(items: usize, threads: usize, cut: Cut) -> Runs {
+        match cut {
+            Cut::Equal => Runs::Equal {
+                items,
+                count: (threads * RUNS_PER_THREAD).min(items),
+            },
+            Cut::PerThread => Runs::Equal {
+                items,
+                count: threads.min(items),
+            },
+            Cut::Guided => Runs::Guided {
+                items,
+                parts: 2 * threads,
+            },
+        }
+    }
+
+    /// The number of runs.
+    fn count(self) -> usize {
+        match self {
+            Runs::Equal { count, .. } => count,
+            Runs::Guided { items, .. } => {
+                let (mut start, mut runs) = (0, 0);
+                while start < items {
+                    start = self.next_start(start);
+                    runs += 1;
+                }
+                runs
+            }
+        }
+    }
+
+    /// The start of the run after the guided run that starts at `start`.
+    fn next_start(self, start: usize) -> usize {
+        match self {
+            Runs::Equal { .. } => unreachable!("only guided runs are found by walking"),
+            Runs::Guided { items, parts } => start + (items - start).div_ceil(parts).max(1),
+        }
+    }
+
+    /// The items of run `r`.
+    fn run(self, r: usize) -> std::ops::Range<usize> {
+        match self {
+            Runs::Equal { items, count } => r * items / count..(r + 1) * items / count,
+            Runs::Guided { .. } => {
+                let start = (0..r).fold(0, |s, _| self.next_start(s));
+                start..self.next_start(start)
+            }
+        }
+    }
 }
 
 /// Calls `f(i)` for every `i` in `0..items`, in parallel: on the current team when this
@@ -139,11 +206,7 @@ pub(crate) fn for_each(items: usize, cut: Cut, f: impl Fn(usize) + Sync) {
     // SAFETY: `CURRENT` holds a team only while `with_team`, which owns it, runs its body on
     // this thread.
     let team = unsafe { &*team };
-    let per_thread = match cut {
-        Cut::Equal => RUNS_PER_THREAD,
-        Cut::PerThread => 1,
-    };
-    team.run(items, (team.threads * per_thread).min(items), &f);
+    team.run(Runs::new(items, team.threads, cut), &f);
 }
 
 /// [`for_each`] over the chunks of `data` (`size` long, the last shorter), items of about
@@ -188,23 +251,114 @@ pub(crate) fn for_each_chunk2<T: Send, U: Send>(
     });
 }
 
+/// [`for_each`] over blocks of columns of `y`, a row-major matrix `n` wide, cut as
+/// [`Cut::Guided`]: `f(c, columns)` for each block `c` of `blocks` (in order, none
+/// overlapping), whose columns only that call writes. For outputs whose items are column
+/// blocks of every row (a matmul's panels of weight rows), which chunks of `y` cannot hand
+/// out.
+///
+/// # Panics
+/// If `y` is not a whole number of rows, or the blocks are out of order, overlap or reach
+/// past `n`.
+pub(crate) fn for_each_columns(
+    y: &mut [f32],
+    n: usize,
+    blocks: &[std::ops::Range<usize>],
+    f: impl Fn(usize, Columns<'_>) + Sync,
+) {
+    let m = y.len().checked_div(n).unwrap_or(0);
+    assert_eq!(y.len(), m * n, "column blocks of a matrix {n} wide");
+    let mut end = 0;
+    for b in blocks {
+        assert!(
+            end <= b.start && b.start <= b.end,
+            "column blocks in order, apart"
+        );
+        end = b.end;
+    }
+    assert!(end <= n, "column blocks inside the matrix");
+    let base = SharedRows(y.as_mut_ptr());
+    let base = &base;
+    for_each(blocks.len(), Cut::Guided, move |c| {
+        f(
+            c,
+            Columns {
+                base: base.0,
+                m,
+                n,
+                start: blocks[c].start,
+                width: blocks[c].len(),
+                _rows: std::marker::PhantomData,
+            },
+        )
+    });
+}
+
+/// The start of a matrix whose column blocks are written by several threads (see
+/// [`for_each_columns`]).
+struct SharedRows(*mut f32);
+
+// SAFETY: the threads that share it write disjoint column blocks (see `Columns::write`).
+unsafe impl Sync for SharedRows {}
+
+/// Columns `start..start + width` of every row of an `[m, n]` row-major matrix, which only the
+/// holder of this value writes while [`for_each_columns`] runs.
+pub(crate) struct Columns<'a> {
+    base: *mut f32,
+    m: usize,
+    n: usize,
+    start: usize,
+    width: usize,
+    _rows: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl Columns<'_> {
+    /// The first column.
+    pub(crate) fn start(&self) -> usize {
+        self.start
+    }
+
+    /// The number of columns.
+    pub(crate) fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Writes `block`, `[rows, width]` row-major, into the columns.
+    ///
+    /// # Panics
+    /// If `block` is not `rows * width` long.
+    pub(crate) fn write(&mut self, block: &[f32]) {
+        assert_eq!(block.len(), self.m * self.width, "a column block's values");
+        for (i, row) in block.chunks_exact(self.width).enumerate() {
+            // SAFETY: `i < m` and `start + width <= n`, so the run is inside the `[m, n]`
+            // matrix `for_each_columns` borrows mutably until every block is written; the
+            // blocks do not overlap (checked there) and each is written through its own
+            // `Columns` only (one per item, and each item is called once), so no two threads
+            // write the same values and nothing reads them meanwhile; `row` is in another
+            // buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    row.as_ptr(),
+                    self.base.add(i * self.n + self.start),
+                    self.width,
+                );
+            }
+        }
+    }
+}
+
 /// A chunk's lock: each is taken once, by the item that owns it, so it is never contended;
 /// poisoned only if that item panicked, whose panic is resumed anyway.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Run `r` of `runs`: the items a claim takes, `items` cut into `runs` equal runs in order.
-fn run_of(r: usize, items: usize, runs: usize) -> std::ops::Range<usize> {
-    r * items / runs..(r + 1) * items / runs
-}
-
 impl Team {
-    /// Runs the items `0..items` of `f` on the team, this thread included, cut into `runs`
-    /// runs (at most `items`).
-    fn run(&self, items: usize, runs: usize, f: &(dyn Fn(usize) + Sync)) {
-        if items <= 1 {
-            (0..items).for_each(f);
+    /// Runs the items of `f` on the team, this thread included, cut into `runs`.
+    fn run(&self, schedule: Runs, f: &(dyn Fn(usize) + Sync)) {
+        let runs = schedule.count();
+        if runs <= 1 {
+            (0..runs).flat_map(|r| schedule.run(r)).for_each(f);
             return;
         }
         let epoch = (self.state.load(Ordering::Relaxed) >> 32) as u32 + 1;
@@ -217,17 +371,14 @@ impl Team {
         let f_static: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f) };
         *lock(&self.region) = Some(Region {
             epoch,
-            items,
-            runs,
+            runs: schedule,
             f: f_static,
         });
         self.done.store(0, Ordering::Relaxed);
         self.state.store(u64::from(epoch) << 32, Ordering::Release);
         let mut panicked = None;
         while let Some(r) = self.claim(epoch, runs) {
-            if let Err(p) =
-                panic::catch_unwind(AssertUnwindSafe(|| run_of(r, items, runs).for_each(f)))
-            {
+            if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| schedule.run(r).for_each(f))) {
                 panicked.get_or_insert(p);
             }
             self.done.fetch_add(1, Ordering::AcqRel);
@@ -273,12 +424,12 @@ impl Team {
                 continue;
             };
             if region.epoch == epoch {
-                let runs = region.runs;
+                let runs = region.runs.count();
                 while let Some(r) = self.claim(epoch, runs) {
                     // SAFETY: claimed in its region, which is unfinished until this call
                     // returns and `done` counts it (see `run`).
                     let f = unsafe { &*region.f };
-                    let items = run_of(r, region.items, runs);
+                    let items = region.runs.run(r);
                     if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| items.for_each(f))) {
                         lock(&self.panic).get_or_insert(p);
                     }
@@ -413,6 +564,93 @@ mod tests {
             assert!(ran_on[..3].iter().all(|t| *t == ran_on[0]), "{ran_on:?}");
             assert!(ran_on[3..].iter().all(|t| *t == ran_on[3]), "{ran_on:?}");
         });
+    }
+
+    #[test]
+    fn guided_runs_shrink_and_cover_every_item_once() {
+        for (items, threads) in [(0, 2), (1, 2), (7, 2), (171, 2), (1000, 4), (5, 8)] {
+            let runs = Runs::new(items, threads, Cut::Guided);
+            let ranges: Vec<_> = (0..runs.count()).map(|r| runs.run(r)).collect();
+            let mut next = 0;
+            for r in &ranges {
+                assert_eq!(
+                    r.start, next,
+                    "{items} items, {threads} threads: {ranges:?}"
+                );
+                assert!(
+                    !r.is_empty(),
+                    "{items} items, {threads} threads: {ranges:?}"
+                );
+                next = r.end;
+            }
+            assert_eq!(next, items, "{items} items, {threads} threads: {ranges:?}");
+            // Each run a `2 * threads`-th of what is left: never longer than the one before.
+            assert!(
+                ranges.windows(2).all(|w| w[0].len() >= w[1].len()),
+                "{ranges:?}"
+            );
+            if items >= 4 * threads {
+                assert_eq!(ranges[0].len(), items.div_ceil(2 * threads), "{ranges:?}");
+                assert_eq!(ranges.last().map(|r| r.len()), Some(1), "{ranges:?}");
+            }
+        }
+        pool(2).install(|| {
+            let counts: Vec<AtomicUsize> = (0..171).map(|_| AtomicUsize::new(0)).collect();
+            with_team(|| {
+                for _ in 0..50 {
+                    for_each(171, Cut::Guided, |i| {
+                        _ = counts[i].fetch_add(1, Ordering::Relaxed)
+                    });
+                }
+            });
+            assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 50));
+        });
+    }
+
+    #[test]
+    fn column_blocks_are_written_whole_and_alone() {
+        pool(3).install(|| {
+            let (m, n) = (5, 40);
+            let mut y = vec![-1.0f32; m * n];
+            // Blocks of 12 with a gap at columns 24..26, and a narrower last one.
+            let blocks = [0..12, 12..24, 26..38, 38..40];
+            with_team(|| {
+                for_each_columns(&mut y, n, &blocks, |c, mut cols| {
+                    assert_eq!(
+                        (cols.start(), cols.width()),
+                        (blocks[c].start, blocks[c].len())
+                    );
+                    let block: Vec<f32> = (0..m * cols.width())
+                        .map(|v| (v / cols.width() * 100 + cols.start() + v % cols.width()) as f32)
+                        .collect();
+                    cols.write(&block);
+                });
+            });
+            for i in 0..m {
+                for j in 0..n {
+                    let want = if (24..26).contains(&j) {
+                        -1.0
+                    } else {
+                        (i * 100 + j) as f32
+                    };
+                    assert_eq!(y[i * n + j], want, "row {i} column {j}");
+                }
+            }
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "column blocks in order, apart")]
+    fn overlapping_column_blocks_are_refused() {
+        let mut y = vec![0.0f32; 2 * 10];
+        for_each_columns(&mut y, 10, &[0..6, 5..10], |_, _| {});
+    }
+
+    #[test]
+    #[should_panic(expected = "column blocks inside the matrix")]
+    fn column_blocks_past_the_matrix_are_refused() {
+        let mut y = vec![0.0f32; 2 * 10];
+        for_each_columns(&mut y, 10, &[0..6, 6..11], |_, _| {});
     }
 
     #[test]

@@ -403,7 +403,9 @@ fn every_quantized_kind_multiplies_as_its_dequantized_matrix_bitwise() {
         let wf = Weight::from_f32(n, k, q.to_f32()).expect("sizes");
         let wq = Weight::from_quant(q);
         assert!(wq.bytes() < wf.bytes() / 3, "{kind:?} is held quantized");
-        for m in [1, 3, 17] {
+        // 1: the gemv; 3 and 17: a turn's panels, each writing its columns; 40: a prompt's
+        // tasks, each a chunk of its own.
+        for m in [1, 3, 17, 40] {
             let x = values(m * k, 30 + m as u64);
             let want = matmul(Isa::PORTABLE, &x, m, &wf);
             for_each_isa(|isa| {
@@ -472,6 +474,28 @@ fn weights_of_different_kinds_stack_without_dequantizing() {
                 bits(&matmul(isa, &x, m, &stack)),
                 bits(&want),
                 "m={m} {isa:?}"
+            );
+        });
+    }
+    // Quantized parts alone multiply in one region, their panels written straight to their
+    // columns (a turn's rows), or part by part (decode, a prompt's rows).
+    let parts = vec![
+        Weight::from_quant(matrix(QKind::Q5_0, 29, k, 7)),
+        Weight::from_quant(matrix(QKind::Q5_0, 13, k, 8)),
+        Weight::from_quant(matrix(QKind::Q8_0, 7, k, 9)),
+        Weight::from_quant(matrix(QKind::Q6K, 24, k, 10)),
+    ];
+    let flat: Vec<f32> = parts.iter().flat_map(|p| p.clone().into_f32()).collect();
+    let stack = Weight::concat_rows(parts).expect("same width");
+    let wf = Weight::from_f32(73, k, flat).expect("sizes");
+    for m in [1, 2, 16, 32, 33] {
+        let x = values(m * k, 60 + m as u64);
+        let want = matmul(Isa::PORTABLE, &x, m, &wf);
+        for_each_isa(|isa| {
+            assert_eq!(
+                bits(&matmul(isa, &x, m, &stack)),
+                bits(&want),
+                "quantized parts, m={m} {isa:?}"
             );
         });
     }
