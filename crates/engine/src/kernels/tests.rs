@@ -466,16 +466,21 @@ fn weights_of_different_kinds_stack_without_dequantizing() {
         stack.row_into(r, &mut row);
         assert_eq!(bits(&row), bits(&flat[r * k..(r + 1) * k]), "row {r}");
     }
-    for m in [1, 3, 17] {
-        let x = values(m * k, 40 + m as u64);
-        let want = matmul(Isa::PORTABLE, &x, m, &wf);
+    // The stack against its rows as one f32 matrix, at every level, for `m` rows of x.
+    let multiplies_as = |stack: &Weight, wf: &Weight, m: usize, seed: u64| {
+        let x = values(m * k, seed);
+        let want = matmul(Isa::PORTABLE, &x, m, wf);
         for_each_isa(|isa| {
             assert_eq!(
-                bits(&matmul(isa, &x, m, &stack)),
+                bits(&matmul(isa, &x, m, stack)),
                 bits(&want),
-                "m={m} {isa:?}"
+                "{} rows, m={m} {isa:?}",
+                wf.rows
             );
         });
+    };
+    for m in [1, 3, 17] {
+        multiplies_as(&stack, &wf, m, 40 + m as u64);
     }
     // Quantized parts alone multiply in one region, their panels written straight to their
     // columns (a turn's rows), or part by part (decode, a prompt's rows).
@@ -489,15 +494,7 @@ fn weights_of_different_kinds_stack_without_dequantizing() {
     let stack = Weight::concat_rows(parts).expect("same width");
     let wf = Weight::from_f32(73, k, flat).expect("sizes");
     for m in [1, 2, 16, 32, 33] {
-        let x = values(m * k, 60 + m as u64);
-        let want = matmul(Isa::PORTABLE, &x, m, &wf);
-        for_each_isa(|isa| {
-            assert_eq!(
-                bits(&matmul(isa, &x, m, &stack)),
-                bits(&want),
-                "quantized parts, m={m} {isa:?}"
-            );
-        });
+        multiplies_as(&stack, &wf, m, 60 + m as u64);
     }
     // One kind stays one matrix.
     let same = Weight::concat_rows(vec![
