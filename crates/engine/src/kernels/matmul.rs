@@ -372,10 +372,11 @@ fn matmul_dequant(
 /// region (a layer's q, k and v, its gate and up) wait at one end instead of several, and
 /// are not copied from a part's buffer into their columns afterwards.
 ///
-/// Measured on an Intel Xeon (AVX-512, 2 threads), against eight tasks a matmul and a region
-/// a part (one process switching between the two every ten loads and 16-token turns after
-/// 2,048 tokens, 40 switches, three runs): Gemma 3 270M's mean 1.3-2.7% shorter, SmolLM2's
-/// 0.1-1.2%; the threads' waiting went from 8.7% to 5.8% of Gemma's `perf` samples.
+/// Measured on an Intel Xeon (2 threads), against eight tasks a matmul and a region a part
+/// (one process switching between the two every ten loads and 16-token turns after 2,048
+/// tokens, 40 switches): at AVX-512 Gemma 3 270M's mean 2.1-2.6% shorter (three runs),
+/// SmolLM2's 0.0-1.0%; at AVX2 1.9-3.7% and 0.5-0.9% (two runs). The threads' waiting went
+/// from 9.0% to 6.1% of Gemma's `perf` samples at AVX-512.
 fn dequant_parts(isa: Isa, x: &[f32], m: usize, parts: &[&QMatrix], y: &mut [f32]) {
     let n = y.len() / m;
     // Each panel's columns, and its part with the part's first column.
