@@ -140,7 +140,8 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: &Weight) -> Vec<f32> {
 pub(crate) struct MatmulScratch {
     /// The tasks' column blocks, laid end to end (see [`join_columns`]). Only ever grown: cut
     /// to each matmul's size, a layer's wider matmuls zero-filled its difference again every
-    /// time (a 16-token turn of Gemma 3 270M: 5 MB of zeros, about 1% of it).
+    /// time (a 16-token turn of Gemma 3 270M, when its matmuls still went through here: 5 MB
+    /// of zeros, about 1% of it).
     chunks: Vec<f32>,
     /// A part's output in a stack of weights.
     part: Vec<f32>,
