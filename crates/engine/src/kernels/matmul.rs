@@ -2,8 +2,6 @@
 //! [`dot`](super::dot) bit for bit whatever the batch; quantized weights dequantized a few rows
 //! at a time.
 
-use std::ops::Range;
-
 use kv_extract::AlignedBuf;
 
 use super::dequant;
@@ -221,16 +219,18 @@ fn matmul_stack(
     scratch: &mut MatmulScratch,
 ) {
     let y = resized(y, m * n);
-    let quantized: Option<Vec<&QMatrix>> = parts
-        .iter()
-        .map(|p| match &p.data {
-            WeightData::Quant(q) => Some(q),
-            _ => None,
-        })
-        .collect();
-    if let Some(quantized) = quantized.filter(|_| m > 1 && m <= MB) {
-        dequant_parts(isa, x, m, &quantized, y);
-        return;
+    if m > 1 && m <= MB {
+        let quantized: Option<Vec<&QMatrix>> = parts
+            .iter()
+            .map(|p| match &p.data {
+                WeightData::Quant(q) => Some(q),
+                _ => None,
+            })
+            .collect();
+        if let Some(quantized) = quantized {
+            dequant_parts(isa, x, m, &quantized, y);
+            return;
+        }
     }
     let mut part = std::mem::take(&mut scratch.part);
     let mut col = 0;
@@ -272,9 +272,13 @@ const DEQUANT_ROWS: usize = 12;
 
 /// Dequantizes weight rows `r0..r0 + rows` into `buf` (at least `rows * cols` long) and
 /// multiplies them with every row of `x` into `out[i * ld + j]` (see [`panel`]), asking the
-/// CPU for rows `next` (the next panel's) on the way: one of them before each row is
-/// dequantized. (All of them at once, a burst of up to 150 cache lines, the prefetches
-/// themselves waited on memory: 2.6% of a turn's samples after 2,048 tokens, 1.5% spread.)
+/// CPU on the way for the next panel's rows, those of the next [`DEQUANT_ROWS`] below `limit`
+/// (the end of the caller's rows): one of them before each row is dequantized.
+///
+/// The next panel's blocks start coming in while this one is worked on: with few tokens (a
+/// turn) the multiplying is short, and dequantizing waited on memory for them (a turn after
+/// 2,048 tokens: 6-8% faster). All of them at once, a burst of up to 150 cache lines, the
+/// prefetches themselves waited on memory: 2.6% of a turn's samples, 1.5% spread.
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn dequant_panel(
@@ -282,7 +286,7 @@ fn dequant_panel(
     q: &QMatrix,
     r0: usize,
     rows: usize,
-    next: Range<usize>,
+    limit: usize,
     x: &[f32],
     m: usize,
     buf: &mut [f32],
@@ -290,6 +294,7 @@ fn dequant_panel(
     ld: usize,
 ) {
     let k = q.cols();
+    let next = r0 + rows..(r0 + rows + DEQUANT_ROWS).min(limit);
     let buf = &mut buf[..rows * k];
     for (i, row) in buf.chunks_exact_mut(k).enumerate() {
         #[cfg(target_arch = "x86_64")]
@@ -352,13 +357,11 @@ fn matmul_dequant(
         block,
         |c, out: &mut [f32], buf: &mut [f32]| {
             let (j0, width) = (c * rows_per_task, out.len() / m);
+            // Prefetching stops at the task's last row.
+            let end = j0 + width;
             for s in (0..width).step_by(DEQUANT_ROWS) {
                 let rows = DEQUANT_ROWS.min(width - s);
-                // The next panel's blocks start coming in while this one is worked on:
-                // with few tokens (a turn) the multiplying is short, and dequantizing
-                // waited on memory for them (a turn after 2,048 tokens: 6-8% faster).
-                let next = j0 + s + rows..j0 + s + rows + DEQUANT_ROWS.min(width - s - rows);
-                dequant_panel(isa, q, j0 + s, rows, next, x, m, buf, &mut out[s..], width);
+                dequant_panel(isa, q, j0 + s, rows, end, x, m, buf, &mut out[s..], width);
             }
         },
     );
@@ -399,12 +402,8 @@ fn dequant_parts(isa: Isa, x: &[f32], m: usize, parts: &[&QMatrix], y: &mut [f32
             let (j0, width) = (cols.start() - col, cols.width());
             let buf = grown_aligned(rows, DEQUANT_ROWS * k);
             let out = grown(out, m * width);
-            // The next panel's blocks start coming in while this one is worked on: with few
-            // tokens (a turn) the multiplying is short, and dequantizing waited on memory for
-            // them (a turn after 2,048 tokens: 6-8% faster). The next panel is most often this
-            // thread's own (a run is consecutive panels).
-            let next = j0 + width..(j0 + width + DEQUANT_ROWS).min(q.rows());
-            dequant_panel(isa, q, j0, width, next, x, m, buf, out, width);
+            // The next panel is most often this thread's own (a run is consecutive panels).
+            dequant_panel(isa, q, j0, width, q.rows(), x, m, buf, out, width);
             cols.write(out);
         })
     });

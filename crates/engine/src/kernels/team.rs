@@ -162,10 +162,10 @@ impl Runs {
     fn count(self) -> usize {
         match self {
             Runs::Equal { count, .. } => count,
-            Runs::Guided { items, .. } => {
+            Runs::Guided { items, parts } => {
                 let (mut start, mut runs) = (0, 0);
                 while start < items {
-                    start = self.next_start(start);
+                    start = guided_end(start, items, parts);
                     runs += 1;
                 }
                 runs
@@ -173,24 +173,21 @@ impl Runs {
         }
     }
 
-    /// The start of the run after the guided run that starts at `start`.
-    fn next_start(self, start: usize) -> usize {
-        match self {
-            Runs::Equal { .. } => unreachable!("only guided runs are found by walking"),
-            Runs::Guided { items, parts } => start + (items - start).div_ceil(parts).max(1),
-        }
-    }
-
     /// The items of run `r`.
     fn run(self, r: usize) -> std::ops::Range<usize> {
         match self {
             Runs::Equal { items, count } => r * items / count..(r + 1) * items / count,
-            Runs::Guided { .. } => {
-                let start = (0..r).fold(0, |s, _| self.next_start(s));
-                start..self.next_start(start)
+            Runs::Guided { items, parts } => {
+                let start = (0..r).fold(0, |s, _| guided_end(s, items, parts));
+                start..guided_end(start, items, parts)
             }
         }
     }
+}
+
+/// The end of the guided run that starts at `start` (see [`Runs::Guided`]).
+fn guided_end(start: usize, items: usize, parts: usize) -> usize {
+    start + (items - start).div_ceil(parts).max(1)
 }
 
 /// Calls `f(i)` for every `i` in `0..items`, in parallel: on the current team when this
