@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::hash::Hasher as _;
 
 use serde::{Deserialize, Serialize};
+use twox_hash::XxHash3_128 as Xxh3_128;
 
 /// Element type of the K and V tensors, on disk and in memory alike.
 ///
@@ -295,11 +297,11 @@ impl SegmentId {
     /// xxh3-128 of their canonical encoding (docs/format.md, "Segment ids"), which any
     /// language can reproduce from the fields alone.
     pub fn compute(meta: &CacheMeta, parent: Option<&SegmentId>, tokens: &[u32]) -> SegmentId {
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        hasher.update(b"agentkv.segment.v3\0");
+        let mut hasher = Xxh3_128::new();
+        hasher.write(b"agentkv.segment.v3\0");
         let mut buf = Vec::with_capacity(512);
         canonical_meta(meta, &mut buf);
-        hasher.update(&buf);
+        hasher.write(&buf);
         SegmentId::finish(hasher, parent, tokens)
     }
 
@@ -310,31 +312,27 @@ impl SegmentId {
         parent: Option<&SegmentId>,
         tokens: &[u32],
     ) -> SegmentId {
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut hasher = Xxh3_128::new();
         let meta_json = serde_json::to_vec(meta).unwrap_or_default();
-        hasher.update(b"agentkv.segment.v1\0");
-        hasher.update(&(meta_json.len() as u64).to_le_bytes());
-        hasher.update(&meta_json);
+        hasher.write(b"agentkv.segment.v1\0");
+        hasher.write(&(meta_json.len() as u64).to_le_bytes());
+        hasher.write(&meta_json);
         SegmentId::finish(hasher, parent, tokens)
     }
 
-    fn finish(
-        mut hasher: xxhash_rust::xxh3::Xxh3,
-        parent: Option<&SegmentId>,
-        tokens: &[u32],
-    ) -> SegmentId {
+    fn finish(mut hasher: Xxh3_128, parent: Option<&SegmentId>, tokens: &[u32]) -> SegmentId {
         match parent {
             Some(p) => {
-                hasher.update(&[1]);
-                hasher.update(p.0.as_bytes());
+                hasher.write(&[1]);
+                hasher.write(p.0.as_bytes());
             }
-            None => hasher.update(&[0]),
+            None => hasher.write(&[0]),
         }
-        hasher.update(&(tokens.len() as u64).to_le_bytes());
+        hasher.write(&(tokens.len() as u64).to_le_bytes());
         for t in tokens {
-            hasher.update(&t.to_le_bytes());
+            hasher.write(&t.to_le_bytes());
         }
-        SegmentId(format!("{:032x}", hasher.digest128()))
+        SegmentId(format!("{:032x}", hasher.finish_128()))
     }
 
     /// Parses an id read from a file, accepting only 32 lower-case hex digits (so an id can
@@ -410,7 +408,7 @@ fn canonical_meta(meta: &CacheMeta, out: &mut Vec<u8>) {
 }
 
 pub(crate) fn checksum(bytes: &[u8]) -> String {
-    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+    format!("{:016x}", twox_hash::XxHash3_64::oneshot(bytes))
 }
 
 /// Bytes read from a file and hashed at a time: small enough to still be in L2 when hashed.
@@ -434,15 +432,15 @@ pub(crate) fn checksum_file(
     }
     BUF.with_borrow_mut(|buf| {
         buf.resize(PIECE, 0);
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut hasher = twox_hash::XxHash3_64::new();
         let mut at = range.start;
         while at < range.end {
             let n = PIECE.min(usize::try_from(range.end - at).unwrap_or(PIECE));
             file.read_exact_at(&mut buf[..n], at)?;
-            hasher.update(&buf[..n]);
+            hasher.write(&buf[..n]);
             at += n as u64;
         }
-        Ok(format!("{:016x}", hasher.digest()))
+        Ok(format!("{:016x}", hasher.finish()))
     })
 }
 
@@ -468,6 +466,34 @@ pub(crate) mod tests {
         }
         // Past the end of the file is an error, not a short hash.
         assert!(checksum_file(&file, 699_999..700_001).is_err());
+    }
+
+    #[test]
+    fn hashes_are_xxh3s() {
+        // Against xxhash-rust, the implementation files were written with before: every
+        // length class of xxh3 (up to 16, 128 and 240 bytes, then stripes, blocks and a
+        // partial last stripe), whole and fed in pieces.
+        let bytes: Vec<u8> = (0..40_000u32).map(|i| (i * 31 + i / 97) as u8).collect();
+        for len in [
+            0, 1, 3, 4, 8, 9, 16, 17, 128, 129, 240, 241, 1024, 1025, 16_411, 40_000,
+        ] {
+            let b = &bytes[..len];
+            let want = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(b));
+            assert_eq!(checksum(b), want, "len {len}");
+            for piece in [1, 63, 64, 1000] {
+                let mut h = twox_hash::XxHash3_64::new();
+                b.chunks(piece).for_each(|p| h.write(p));
+                assert_eq!(
+                    format!("{:016x}", h.finish()),
+                    want,
+                    "len {len} in {piece}s"
+                );
+                let mut h = Xxh3_128::new();
+                b.chunks(piece).for_each(|p| h.write(p));
+                let want = xxhash_rust::xxh3::xxh3_128(b);
+                assert_eq!(h.finish_128(), want, "len {len} in {piece}s");
+            }
+        }
     }
 
     #[test]

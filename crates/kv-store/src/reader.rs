@@ -6,6 +6,7 @@
 //! [`Store::load`]: crate::Store::load
 
 use std::cell::RefCell;
+use std::hash::Hasher as _;
 
 use crate::loaded::LoadedCache;
 use crate::meta::{CacheMeta, PIECE, kept_from};
@@ -129,7 +130,7 @@ impl SegmentReader {
         thread_local! {
             static SKIPPED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut hasher = twox_hash::XxHash3_64::new();
         let mut at = 0;
         for part in parts.iter_mut() {
             let n = part.len();
@@ -140,20 +141,20 @@ impl SegmentReader {
                     Part::Into(buf) => {
                         let buf = &mut buf[range];
                         seg.read_kv(layer, kind, from, buf)?;
-                        hasher.update(buf);
+                        hasher.write(buf);
                     }
                     Part::Skip(_) => SKIPPED.with_borrow_mut(|scratch| {
                         scratch.resize(PIECE, 0);
                         let buf = &mut scratch[..range.len()];
                         seg.read_kv(layer, kind, from, buf)?;
-                        hasher.update(buf);
+                        hasher.write(buf);
                         Ok::<(), Error>(())
                     })?,
                 }
             }
             at += n;
         }
-        match seg.recorded_sum(layer, kind) == format!("{:016x}", hasher.digest()) {
+        match seg.recorded_sum(layer, kind) == format!("{:016x}", hasher.finish()) {
             true => Ok(()),
             false => Err(Error::ChecksumMismatch {
                 path: seg.path().to_owned(),
