@@ -51,6 +51,7 @@ impl Bpe {
         // vocabulary is dropped, which is what llama.cpp does too.
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            .ignore_merges(pre.ignores_merges())
             .build()
             .map_err(|source| TokenizerError::Build { source })?;
         let mut inner = tokenizers::Tokenizer::new(bpe);

@@ -25,7 +25,7 @@ pub use stream::TokenStream;
 use crate::gguf::GgufFile;
 use crate::gguf::meta::{self as gguf_meta, Metadata, MetadataError};
 use bpe::Bpe;
-use pre::{DIGITS_GPT2_FAMILY, GPT2_FAMILY, PreSplit};
+use pre::{DIGITS_GPT2_FAMILY, GPT2_FAMILY, LLAMA3_FAMILY, PreSplit, QWEN2_FAMILY};
 use spm::Spm;
 
 pub(super) const KEY_MODEL: &str = "tokenizer.ggml.model";
@@ -116,7 +116,10 @@ impl Tokenizer {
             });
         }
 
-        let (model, fingerprint) = match family {
+        // llama.cpp's defaults for a file that names no BOS / EOS: none for BPE (we insist on
+        // an EOS there), 1 and 2 for SentencePiece when the vocabulary reaches them; BOS added
+        // for SentencePiece and the Llama 3 family of BPE, unless the file says.
+        let (model, fingerprint, default_add_bos) = match family {
             Family::Bpe => {
                 let pre = PreSplit::from_name(pre_name).ok_or_else(|| {
                     TokenizerError::UnsupportedPreTokenizer {
@@ -127,7 +130,7 @@ impl Tokenizer {
                 let bpe = Bpe::new(pre, &tokens, &token_types, &merges)?;
                 let fingerprint =
                     bpe::fingerprint_of(model_name, pre_name, &tokens, &token_types, &merges);
-                (Model::Bpe(Box::new(bpe)), fingerprint)
+                (Model::Bpe(Box::new(bpe)), fingerprint, pre.adds_bos())
             }
             Family::Spm => {
                 let scores = if md.contains_key(KEY_SCORES) {
@@ -139,7 +142,7 @@ impl Tokenizer {
                     gguf_meta::opt_bool(md, KEY_ADD_SPACE_PREFIX)?.unwrap_or(true);
                 let spm = Spm::new(md, &tokens, &token_types, &scores, add_space_prefix)?;
                 let fingerprint = spm.fingerprint(model_name);
-                (Model::Spm(Box::new(spm)), fingerprint)
+                (Model::Spm(Box::new(spm)), fingerprint, true)
             }
         };
 
@@ -155,11 +158,9 @@ impl Tokenizer {
                 })
             }
         };
-        // llama.cpp's defaults for a file that names no BOS / EOS: none for BPE (we insist on
-        // an EOS there), 1 and 2 for SentencePiece when the vocabulary reaches them.
-        let (default_bos, default_eos, default_add_bos) = match family {
-            Family::Bpe => (None, None, false),
-            Family::Spm => (Some(1).filter(|&id| in_vocab(id)), Some(2), true),
+        let (default_bos, default_eos) = match family {
+            Family::Bpe => (None, None),
+            Family::Spm => (Some(1).filter(|&id| in_vocab(id)), Some(2)),
         };
         let bos = match gguf_meta::opt_u32(md, KEY_BOS)? {
             Some(id) => Some(check(KEY_BOS, id)?),
@@ -289,8 +290,8 @@ impl Tokenizer {
     }
 
     /// Whether the model expects a BOS token in front of a prompt
-    /// (`tokenizer.ggml.add_bos_token`; when absent, false for BPE and true for
-    /// SentencePiece, as in llama.cpp).
+    /// (`tokenizer.ggml.add_bos_token`; when absent, true for SentencePiece and the Llama 3
+    /// family of BPE, false for other BPE, as in llama.cpp).
     pub fn add_bos_token(&self) -> bool {
         self.add_bos
     }
@@ -399,9 +400,12 @@ pub enum TokenizerError {
     /// `tokenizer.ggml.pre` names a pre-tokenizer this crate does not implement.
     #[error(
         "unsupported pre-tokenizer `{name}` in tokenizer.ggml.pre: supported are \
-         `default`, the gpt-2 family ({gpt2}) and the digits-then-gpt-2 family ({digits})",
+         `default`, the gpt-2 family ({gpt2}), the digits-then-gpt-2 family ({digits}), the \
+         llama3 family ({llama3}) and the qwen2 family ({qwen2})",
         gpt2 = GPT2_FAMILY.join(", "),
-        digits = DIGITS_GPT2_FAMILY.join(", ")
+        digits = DIGITS_GPT2_FAMILY.join(", "),
+        llama3 = LLAMA3_FAMILY.join(", "),
+        qwen2 = QWEN2_FAMILY.join(", ")
     )]
     UnsupportedPreTokenizer {
         /// The pre-tokenizer name found in the file.

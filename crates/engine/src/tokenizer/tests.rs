@@ -193,7 +193,9 @@ fn pre_names_follow_llama_cpp() {
     assert_eq!(PreSplit::from_name("gpt-2"), Some(PreSplit::Gpt2));
     assert_eq!(PreSplit::from_name("default"), Some(PreSplit::LlamaDefault));
     assert_eq!(PreSplit::from_name("gpt2"), None);
-    assert_eq!(PreSplit::from_name("llama-bpe"), None);
+    assert_eq!(PreSplit::from_name("llama-bpe"), Some(PreSplit::Llama3));
+    assert_eq!(PreSplit::from_name("qwen2"), Some(PreSplit::Qwen2));
+    assert_eq!(PreSplit::from_name("deepseek-llm"), None);
 }
 
 #[test]
@@ -237,13 +239,16 @@ fn bad_metadata_gives_typed_errors() {
         })
     ));
 
-    let err = build(tiny_metadata("qwen2"));
+    let err = build(tiny_metadata("deepseek-llm"));
     assert!(
-        matches!(&err, Some(TokenizerError::UnsupportedPreTokenizer { name }) if name == "qwen2")
+        matches!(&err, Some(TokenizerError::UnsupportedPreTokenizer { name }) if name == "deepseek-llm")
     );
     assert!(
         err.map(|e| e.to_string())
-            .is_some_and(|m| m.contains("`qwen2`") && m.contains("smollm"))
+            .is_some_and(|m| m.contains("`deepseek-llm`")
+                && m.contains("smollm")
+                && m.contains("llama-bpe")
+                && m.contains("qwen2"))
     );
 
     let mut md = tiny_metadata("smollm");
