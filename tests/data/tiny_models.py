@@ -75,6 +75,17 @@ def llama3_rope_factors(base, dim, factor=8.0, low=1.0, high=4.0, old_context=64
     return np.array(out, dtype=np.float32)
 
 
+def add_shape(w):
+    """The small model's shape into the header `w` writes."""
+    w.add_context_length(CONTEXT)
+    w.add_embedding_length(DIM)
+    w.add_block_count(N_LAYERS)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(N_HEADS)
+    w.add_head_count_kv(N_KV_HEADS)
+    w.add_rope_dimension_count(HEAD_DIM)
+
+
 def write(name, arch, pre, seed, *, rope_freqs=False, biases=False, untied=False, qtype=Q.F32,
           rms_eps=1e-5, rope_base=10000.0):
     rng = np.random.default_rng(seed)
@@ -83,13 +94,7 @@ def write(name, arch, pre, seed, *, rope_freqs=False, biases=False, untied=False
     w = gguf.GGUFWriter(path, arch)
     w.add_name(f"tiny random {arch}")
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == Q.Q8_0 else gguf.LlamaFileType.ALL_F32)
-    w.add_context_length(CONTEXT)
-    w.add_embedding_length(DIM)
-    w.add_block_count(N_LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(N_HEADS)
-    w.add_head_count_kv(N_KV_HEADS)
-    w.add_rope_dimension_count(HEAD_DIM)
+    add_shape(w)
     w.add_rope_freq_base(rope_base)
     w.add_layer_norm_rms_eps(rms_eps)
     tokens, types = vocab()

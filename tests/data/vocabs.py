@@ -27,8 +27,7 @@ import os
 
 import gguf
 
-from tiny_models import SPECIAL, byte_to_unicode, CONTEXT, DIM, N_LAYERS, FFN, N_HEADS
-from tiny_models import N_KV_HEADS, HEAD_DIM
+from tiny_models import SPECIAL, add_shape, byte_to_unicode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,13 +41,7 @@ def write(pre):
     path = os.path.join(HERE, f"vocab-{pre}.gguf")
     w = gguf.GGUFWriter(path, "llama")
     w.add_name(f"vocabulary only, pre-tokenizer {pre}")
-    w.add_context_length(CONTEXT)
-    w.add_embedding_length(DIM)
-    w.add_block_count(N_LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(N_HEADS)
-    w.add_head_count_kv(N_KV_HEADS)
-    w.add_rope_dimension_count(HEAD_DIM)
+    add_shape(w)
     w.add_layer_norm_rms_eps(1e-5)
     tokens = SPECIAL + byte_to_unicode() + [m.replace(" ", "") for m in MERGES] + WHOLE
     types = [gguf.TokenType.CONTROL] * len(SPECIAL) + [gguf.TokenType.NORMAL] * (
