@@ -40,8 +40,10 @@ pub(super) const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
 pub(super) const KEY_ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
 pub(super) const KEY_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
 
-/// Texts of tokens that end a turn, beside EOS, in the chat formats we know.
-const END_OF_TURN_TEXTS: &[&str] = &["<|im_end|>", "<end_of_turn>"];
+/// Texts of tokens that end a turn, beside EOS, in the chat formats we know: ChatML's, Gemma's,
+/// and Llama 3's end of a turn and of a message that called a tool (llama.cpp ends generation
+/// on each of them too, whatever the file's EOS).
+const END_OF_TURN_TEXTS: &[&str] = &["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>"];
 
 /// A tokenizer loaded from GGUF metadata.
 #[derive(Clone)]
@@ -302,8 +304,8 @@ impl Tokenizer {
         self.add_eos
     }
 
-    /// Ids that end a generated turn: EOS, and `<|im_end|>` (ChatML) and `<end_of_turn>`
-    /// (Gemma) when the vocabulary has them.
+    /// Ids that end a generated turn: EOS, and `<|im_end|>` (ChatML), `<end_of_turn>` (Gemma),
+    /// `<|eot_id|>` and `<|eom_id|>` (Llama 3) when the vocabulary has them.
     pub fn stop_ids(&self) -> Vec<u32> {
         let mut ids = vec![self.eos];
         for text in END_OF_TURN_TEXTS {

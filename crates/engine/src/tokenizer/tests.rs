@@ -96,6 +96,32 @@ fn byte_level_table_is_a_bijection() {
 }
 
 #[test]
+fn llama3_turn_ends_stop_generation() {
+    // A Llama 3 vocabulary whose EOS is `<|end_of_text|>`: its turns end with `<|eot_id|>`,
+    // or `<|eom_id|>` after a tool call.
+    let mut md = tiny_metadata("llama-bpe");
+    let Some(Value::Array(tokens)) = md.get_mut(KEY_TOKENS) else {
+        panic!("tokens")
+    };
+    for (slot, text) in [(0, "<|end_of_text|>"), (1, "<|eot_id|>")] {
+        tokens[slot] = Value::String(text.into());
+    }
+    tokens.push(Value::String("<|eom_id|>".into()));
+    let Some(Value::Array(types)) = md.get_mut(KEY_TOKEN_TYPE) else {
+        panic!("types")
+    };
+    types.push(Value::I32(3));
+    md.insert(KEY_BOS.into(), Value::U32(2));
+    let tok = Tokenizer::from_gguf(&gguf_content(md)).expect("tiny llama 3");
+    assert_eq!(tok.eos_id(), 0);
+    let eom = tok.vocab_size() as u32 - 1;
+    assert_eq!(tok.stop_ids(), vec![0, 1, eom]);
+    // No `tokenizer.ggml.add_bos_token`: Llama 3's family adds BOS, as llama.cpp does.
+    assert!(tok.add_bos_token());
+    assert_eq!(tok.add_special(vec![7]), vec![2, 7]);
+}
+
+#[test]
 fn tiny_vocab_encodes_decodes_and_streams() {
     let tok = Tokenizer::from_gguf(&gguf_content(tiny_metadata("smollm"))).expect("tiny");
     assert_eq!(tok.vocab_size(), 2 + 256 + 7);
