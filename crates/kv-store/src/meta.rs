@@ -408,7 +408,12 @@ fn canonical_meta(meta: &CacheMeta, out: &mut Vec<u8>) {
 }
 
 pub(crate) fn checksum(bytes: &[u8]) -> String {
-    format!("{:016x}", twox_hash::XxHash3_64::oneshot(bytes))
+    checksum_text(twox_hash::XxHash3_64::oneshot(bytes))
+}
+
+/// A tensor's xxh3-64 as the manifest records it: 16 lower-case hex digits.
+pub(crate) fn checksum_text(sum: u64) -> String {
+    format!("{sum:016x}")
 }
 
 /// Bytes read from a file and hashed at a time: small enough to still be in L2 when hashed.
@@ -440,7 +445,7 @@ pub(crate) fn checksum_file(
             hasher.write(&buf[..n]);
             at += n as u64;
         }
-        Ok(format!("{:016x}", hasher.finish()))
+        Ok(checksum_text(hasher.finish()))
     })
 }
 
@@ -479,6 +484,7 @@ pub(crate) mod tests {
         ] {
             let b = &bytes[..len];
             let want = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(b));
+            let want128 = xxhash_rust::xxh3::xxh3_128(b);
             assert_eq!(checksum(b), want, "len {len}");
             for piece in [1, 63, 64, 1000] {
                 let mut h = twox_hash::XxHash3_64::new();
@@ -490,8 +496,7 @@ pub(crate) mod tests {
                 );
                 let mut h = Xxh3_128::new();
                 b.chunks(piece).for_each(|p| h.write(p));
-                let want = xxhash_rust::xxh3::xxh3_128(b);
-                assert_eq!(h.finish_128(), want, "len {len} in {piece}s");
+                assert_eq!(h.finish_128(), want128, "len {len} in {piece}s");
             }
         }
     }

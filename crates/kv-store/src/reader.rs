@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::hash::Hasher as _;
 
 use crate::loaded::LoadedCache;
-use crate::meta::{CacheMeta, PIECE, kept_from};
+use crate::meta::{CacheMeta, PIECE, checksum_text, kept_from};
 use crate::segment::{KvKind, Segment, tensor_name};
 use crate::{Error, Result};
 
@@ -154,7 +154,7 @@ impl SegmentReader {
             }
             at += n;
         }
-        match seg.recorded_sum(layer, kind) == format!("{:016x}", hasher.finish()) {
+        match seg.recorded_sum(layer, kind) == checksum_text(hasher.finish()) {
             true => Ok(()),
             false => Err(Error::ChecksumMismatch {
                 path: seg.path().to_owned(),
