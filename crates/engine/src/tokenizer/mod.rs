@@ -118,9 +118,8 @@ impl Tokenizer {
             });
         }
 
-        // llama.cpp's defaults for a file that names no BOS / EOS: none for BPE (we insist on
-        // an EOS there), 1 and 2 for SentencePiece when the vocabulary reaches them; BOS added
-        // for SentencePiece and the Llama 3 family of BPE, unless the file says.
+        // Whether BOS is added when the file does not say: llama.cpp's default, true for
+        // SentencePiece and the Llama 3 family of BPE.
         let (model, fingerprint, default_add_bos) = match family {
             Family::Bpe => {
                 let pre = PreSplit::from_name(pre_name).ok_or_else(|| {
@@ -160,6 +159,8 @@ impl Tokenizer {
                 })
             }
         };
+        // llama.cpp's defaults for a file that names no BOS / EOS: none for BPE (we insist on
+        // an EOS there), 1 and 2 for SentencePiece when the vocabulary reaches them.
         let (default_bos, default_eos) = match family {
             Family::Bpe => (None, None),
             Family::Spm => (Some(1).filter(|&id| in_vocab(id)), Some(2)),
