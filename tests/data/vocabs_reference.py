@@ -6,10 +6,11 @@ peer environment (`cargo xtask bench --peer llama.cpp` builds it):
 
     target/peer-venv/bin/python tests/data/vocabs_reference.py
 
-For each file: its `tokenizer.ggml.pre`, whether llama.cpp adds BOS by default, and the ids
+For each vocab-*.gguf beside it: its `tokenizer.ggml.pre` (read from the file), whether llama.cpp adds BOS by default, and the ids
 of each text of TEXTS tokenized as data (no BOS, control-token text not parsed).
 """
 
+import glob
 import json
 import os
 
@@ -17,7 +18,6 @@ from llama_cpp import Llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "vocabs_reference.json")
-PRES = ["gpt-2", "smollm", "default", "llama-bpe", "qwen2"]
 TEXTS = [
     "IT'S 12345 $x-the.\n\nend  \n x",
     "I'm 2024's DON'T STOP'LL we'Ve",
@@ -38,12 +38,12 @@ TEXTS = [
 
 def main():
     out = {"texts": TEXTS, "files": {}}
-    for pre in PRES:
-        path = os.path.join(HERE, f"vocab-{pre}.gguf")
+    for path in sorted(glob.glob(os.path.join(HERE, "vocab-*.gguf"))):
         m = Llama(path, vocab_only=True, verbose=False)
+        pre = m.metadata["tokenizer.ggml.pre"]
         ids = [m.tokenize(t.encode(), add_bos=False, special=False) for t in TEXTS]
         bos = m.tokenize(b"", add_bos=True, special=False)
-        out["files"][f"vocab-{pre}.gguf"] = {"pre": pre, "add_bos": bos == [m.token_bos()],
+        out["files"][os.path.basename(path)] = {"pre": pre, "add_bos": bos == [m.token_bos()],
                                              "ids": ids}
     with open(OUT, "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)
