@@ -4,6 +4,13 @@
 //! chat templates (`trim_blocks`, `lstrip_blocks`, a `raise_exception` function), plus the
 //! handful of Python string and dict methods that published templates call.
 //!
+//! A template sees `messages`, `add_generation_prompt`, `bos_token` and `eos_token`, and no
+//! clock: transformers and llama.cpp give templates `strftime_now`, and Llama 3.x's templates
+//! then write the day's date into the system turn. Here those templates take their own
+//! default date instead, so a conversation renders the same on every day and an agent's
+//! saved cache stays a prefix of its next prompt (with the date, the first turn of each day
+//! would recompute the whole history).
+//!
 //! Message content is data: when a conversation becomes tokens, only the template's own text
 //! may make control tokens such as `<|im_end|>`; see [`crate::Engine::chat_tokens`].
 

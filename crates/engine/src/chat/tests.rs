@@ -479,3 +479,16 @@ fn template_sees_only_role_and_content() {
     assert_eq!(t.render(&[m], false).expect("render"), "role,content");
     assert_eq!(Message::user("x").tokens, None);
 }
+
+#[test]
+fn templates_see_no_clock() {
+    // The date idiom of Llama 3.x's templates: without `strftime_now` they take their default,
+    // so a rendering does not change with the day (see the module's docs).
+    let t = tiny(
+        "{%- if not date_string is defined %}{%- if strftime_now is defined %}\
+         {%- set date_string = strftime_now('%d %b %Y') %}{%- else %}\
+         {%- set date_string = '1 Jan 2024' %}{%- endif %}{%- endif %}Today: {{ date_string }}",
+    );
+    let out = t.render(&[Message::user("hi")], false).expect("render");
+    assert_eq!(out, "Today: 1 Jan 2024");
+}
