@@ -29,8 +29,8 @@ struct Cli {
     /// Print only replies and results: no progress, tables or notes.
     #[arg(long, global = true)]
     quiet: bool,
-    /// A GGUF of a llama or Gemma 3 model (default: the model `cargo xtask fetch-model`
-    /// installs).
+    /// A GGUF of a llama (Llama 2 or 3), Gemma 3 or Qwen2 model (default: the model `cargo
+    /// xtask fetch-model` installs).
     #[arg(long, global = true, value_name = "PATH")]
     model: Option<PathBuf>,
     /// Data directory (default: $AGENTKV_HOME, else $XDG_DATA_HOME/agentkv, else

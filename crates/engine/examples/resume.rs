@@ -28,7 +28,7 @@ struct Args {
     /// 1: answer the first question and save; 2: load, continue and compare with re-prefill.
     #[arg(long)]
     session: u8,
-    /// A GGUF of a llama or Gemma 3 model (default: the fetched SmolLM2-135M-Instruct).
+    /// A GGUF of a llama, Gemma 3 or Qwen2 model (default: the fetched SmolLM2-135M-Instruct).
     #[arg(long)]
     model: Option<PathBuf>,
 }
