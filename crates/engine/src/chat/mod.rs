@@ -9,7 +9,7 @@
 //! then write the day's date into the system turn. Here those templates take their own
 //! default date instead, so a conversation renders the same on every day and an agent's
 //! saved cache stays a prefix of its next prompt (with the date, the first turn of each day
-//! would recompute the whole history).
+//! would recompute nearly all of the history).
 //!
 //! Message content is data: when a conversation becomes tokens, only the template's own text
 //! may make control tokens such as `<|im_end|>`; see [`crate::Engine::chat_tokens`].
