@@ -3,33 +3,49 @@
 //! everything a user's file goes through (loading, tokenizing, a forward pass).
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use engine::{Engine, KvDtype, Logits, Tokenizer};
 use proptest::prelude::*;
+use proptest::sample::Index;
 
-/// Model files: two architectures, f32 and Q8_0 weights.
-const MODELS: [&str; 3] = [
-    "tiny-llama-rope-freqs.gguf",
-    "tiny-qwen2.gguf",
-    "tiny-qwen2-q8_0.gguf",
-];
-/// Vocabulary-only files: one per byte-level BPE pre-tokenizer family.
-const VOCABS: [&str; 5] = [
-    "vocab-gpt-2.gguf",
-    "vocab-smollm.gguf",
-    "vocab-default.gguf",
-    "vocab-llama-bpe.gguf",
-    "vocab-qwen2.gguf",
-];
 /// The bytes changed lie in this much of the file's start: the header, the metadata (the
 /// vocabulary's strings included) and the tensor table.
 const HEAD: usize = 8192;
 const TEXT: &str = "Hello world, the cat's 12345 don't <|im_end|> \u{65e5}\u{672c} \u{1F600}";
 
-fn path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("data")
-        .join(name)
+/// Name and bytes of each `tests/data/{prefix}*.gguf`, read once.
+fn files(prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data");
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .expect("tests/data")
+        .map(|e| {
+            e.expect("a directory entry")
+                .file_name()
+                .into_string()
+                .expect("a name")
+        })
+        .filter(|name| name.starts_with(prefix) && name.ends_with(".gguf"))
+        .map(|name| {
+            let bytes = std::fs::read(dir.join(&name)).expect("a test file");
+            (name, bytes)
+        })
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no tests/data/{prefix}*.gguf");
+    files
+}
+
+/// The tiny model files (two architectures, f32 and Q8_0 weights).
+fn models() -> &'static [(String, Vec<u8>)] {
+    static FILES: OnceLock<Vec<(String, Vec<u8>)>> = OnceLock::new();
+    FILES.get_or_init(|| files("tiny-"))
+}
+
+/// The vocabulary-only files (one per byte-level BPE pre-tokenizer family).
+fn vocabs() -> &'static [(String, Vec<u8>)] {
+    static FILES: OnceLock<Vec<(String, Vec<u8>)>> = OnceLock::new();
+    FILES.get_or_init(|| files("vocab-"))
 }
 
 /// What is done to a file.
@@ -114,28 +130,23 @@ fn use_vocab(p: &Path) -> Result<(), String> {
 #[test]
 fn undamaged_files_work() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    for name in MODELS {
-        let bytes = std::fs::read(path(name)).expect("a test model");
-        use_model(&write(dir.path(), &bytes)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (name, bytes) in models() {
+        use_model(&write(dir.path(), bytes)).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
-    for name in VOCABS {
-        let bytes = std::fs::read(path(name)).expect("a test vocabulary");
-        use_vocab(&write(dir.path(), &bytes)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (name, bytes) in vocabs() {
+        use_vocab(&write(dir.path(), bytes)).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
 
 #[test]
 fn files_cut_in_half_are_errors() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    for name in MODELS {
-        let bytes = std::fs::read(path(name)).expect("a test model");
-        let cut = damaged(&bytes, &Damage::Truncate(0.5));
-        use_model(&write(dir.path(), &cut)).expect_err(name);
+    let cut = |bytes: &[u8]| damaged(bytes, &Damage::Truncate(0.5));
+    for (name, bytes) in models() {
+        use_model(&write(dir.path(), &cut(bytes))).expect_err(name);
     }
-    for name in VOCABS {
-        let bytes = std::fs::read(path(name)).expect("a test vocabulary");
-        let cut = damaged(&bytes, &Damage::Truncate(0.5));
-        use_vocab(&write(dir.path(), &cut)).expect_err(name);
+    for (name, bytes) in vocabs() {
+        use_vocab(&write(dir.path(), &cut(bytes))).expect_err(name);
     }
 }
 
@@ -145,10 +156,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
-    fn damaged_model_is_an_error_not_a_panic(file in 0..MODELS.len(), damage in damage()) {
-        let original = std::fs::read(path(MODELS[file])).expect("a test model");
+    fn damaged_model_is_an_error_not_a_panic(file in any::<Index>(), damage in damage()) {
+        let (_, original) = file.get(models());
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let _ = use_model(&write(dir.path(), &damaged(&original, &damage)));
+        let _ = use_model(&write(dir.path(), &damaged(original, &damage)));
     }
 }
 
@@ -159,12 +170,9 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
 
     #[test]
-    fn damaged_vocabulary_is_an_error_not_a_panic(
-        file in 0..VOCABS.len(),
-        damage in damage(),
-    ) {
-        let original = std::fs::read(path(VOCABS[file])).expect("a test vocabulary");
+    fn damaged_vocabulary_is_an_error_not_a_panic(file in any::<Index>(), damage in damage()) {
+        let (_, original) = file.get(vocabs());
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let _ = use_vocab(&write(dir.path(), &damaged(&original, &damage)));
+        let _ = use_vocab(&write(dir.path(), &damaged(original, &damage)));
     }
 }
