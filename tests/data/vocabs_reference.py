@@ -6,8 +6,9 @@ peer environment (`cargo xtask bench --peer llama.cpp` builds it):
 
     target/peer-venv/bin/python tests/data/vocabs_reference.py
 
-For each vocab-*.gguf beside it: its `tokenizer.ggml.pre` (read from the file), whether llama.cpp adds BOS by default, and the ids
-of each text of TEXTS tokenized as data (no BOS, control-token text not parsed).
+For each vocab-*.gguf beside it: its `tokenizer.ggml.pre` (read from the file), whether
+llama.cpp adds BOS by default, and the ids of each text of TEXTS tokenized as data (no BOS,
+control-token text not parsed).
 """
 
 import glob
