@@ -85,23 +85,29 @@ unsafe fn reduce16(acc: &[__m512; KEYS512]) -> __m512 {
     unsafe {
         // Inputs in transposed order: the shuffles below leave A[4p + q]'s sum in lane
         // 4q + p, so A[4p + q] = acc[4q + p] puts acc[j]'s sum in lane j.
-        let a = |i: usize| acc[(i % 4) * 4 + i / 4];
+        // Loops, not closures, here and in `within_quarters`: a closure's intrinsics are
+        // calls wherever the compiler does not inline the closure, and it stopped inlining
+        // these once a third kernel used this reduction (the attention's scores then took
+        // several times as long). `cargo xtask inlining` checks the release build for that.
+        let a = |i: usize| (i % 4) * 4 + i / 4;
         // s8[l] = x[l] + x[l + 8]: quarters (0, 2) and (1, 3) of A[2m] and A[2m + 1].
-        let s: [__m512; 8] = std::array::from_fn(|m| {
-            let (p, q) = (a(2 * m), a(2 * m + 1));
-            _mm512_add_ps(
+        let mut s = [_mm512_setzero_ps(); 8];
+        for (m, s) in s.iter_mut().enumerate() {
+            let (p, q) = (acc[a(2 * m)], acc[a(2 * m + 1)]);
+            *s = _mm512_add_ps(
                 _mm512_shuffle_f32x4::<0x44>(p, q),
                 _mm512_shuffle_f32x4::<0xEE>(p, q),
-            )
-        });
+            );
+        }
         // s4[l] = s8[l] + s8[l + 4]: quarter q of u[n] is A[4n + q]'s s4.
-        let u: [__m512; 4] = std::array::from_fn(|n| {
+        let mut u = [_mm512_setzero_ps(); 4];
+        for (n, u) in u.iter_mut().enumerate() {
             let (p, q) = (s[2 * n], s[2 * n + 1]);
-            _mm512_add_ps(
+            *u = _mm512_add_ps(
                 _mm512_shuffle_f32x4::<0x88>(p, q),
                 _mm512_shuffle_f32x4::<0xDD>(p, q),
-            )
-        });
+            );
+        }
         within_quarters(&u)
     }
 }
@@ -116,13 +122,14 @@ unsafe fn reduce16(acc: &[__m512; KEYS512]) -> __m512 {
 unsafe fn within_quarters(u: &[__m512; 4]) -> __m512 {
     // SAFETY: the caller's contract.
     unsafe {
-        let w: [__m512; 2] = std::array::from_fn(|n| {
+        let mut w = [_mm512_setzero_ps(); 2];
+        for (n, w) in w.iter_mut().enumerate() {
             let (p, q) = (u[2 * n], u[2 * n + 1]);
-            _mm512_add_ps(
+            *w = _mm512_add_ps(
                 _mm512_shuffle_ps::<0x44>(p, q),
                 _mm512_shuffle_ps::<0xEE>(p, q),
-            )
-        });
+            );
+        }
         _mm512_add_ps(
             _mm512_shuffle_ps::<0x88>(w[0], w[1]),
             _mm512_shuffle_ps::<0xDD>(w[0], w[1]),
