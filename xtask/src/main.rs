@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 mod bench;
 mod chart;
+mod inlining;
 mod report;
 mod venv;
 
@@ -118,7 +119,7 @@ commands:
                 Python's safetensors, numpy and xxhash in target/format-venv for the format's
                 interoperability test, and Garage 2.5.0 for the remote tier's, installed
                 with cargo install once per machine: ~17 minutes the first time), the
-                openai client test, docs, and the layering check
+                openai client test, docs, and the layering and inlining checks
   openai-test   the official openai Python package (pinned, installed into target/openai-venv
                 on first use) drives `agentkv serve`: chat and responses across a kill -9 and
                 restart, and between two servers sharing agents through a Garage cluster,
@@ -136,6 +137,8 @@ commands:
                 saved), then `--session 2` in a new process (they resume; resume TTFT is
                 measured against re-prefilling the same history)
   layering      check that kv-store depends on no tensor framework
+  inlining      check that the release build calls no SIMD intrinsic out of line from the
+                engine's kernels (objdump, from binutils, reads the benchmark's binary)
 ";
 
 fn main() -> ExitCode {
@@ -175,6 +178,7 @@ fn run() -> Result<()> {
         Some("bench") => bench::bench(rest),
         Some("demo") => demo(),
         Some("layering") => layering(),
+        Some("inlining") => inlining::inlining(),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(())
@@ -386,6 +390,7 @@ fn ci() -> Result<()> {
             "warnings",
         ]),
     )?;
+    inlining::inlining()?;
     let format_python = format_python()?;
     let garage = garage()?;
     run_step(
