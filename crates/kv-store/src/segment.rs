@@ -549,10 +549,10 @@ impl Segment {
     /// page cache into `out`), so the mapping's pages are never faulted in, nor unmapped
     /// afterwards; a buffered one copies from memory.
     ///
-    /// Copied out of the mapping instead, with non-temporal stores (so that `out`'s lines are
-    /// not read before being written; each 256 KB piece hashed through the mapping first,
-    /// with or without populating it), a resume of SmolLM2 after 2,048 tokens took the same
-    /// time on an Intel Xeon (39.95 against 40.03 ms and 40.97 against 40.94, medians of 200
+    /// Copied out of the mapping instead, with non-temporal stores (so that `out`'s lines are not
+    /// read before being written; each 256 KB piece hashed through the mapping first, with or
+    /// without populating it), a resume of SmolLM2 after 2,048 tokens took the same time on an
+    /// Intel Xeon in December 2026 (39.95 against 40.03 ms and 40.97 against 40.94, medians of 200
     /// each, alternately), though a C test of the copy alone, whose threads had exited before
     /// unmapping, saved 0.6-0.9 ms of 4-6.
     ///

@@ -124,14 +124,14 @@ thread_local! {
 /// `next` (clamped to the rows there are), which a later call converts: with them on their
 /// way, its loads do not wait on memory. A hint: no result changes.
 ///
-/// In a resume the rows come from memory: a turn's matmuls stream the weights through the
-/// caches between the load and each layer's attention. Asked for earlier, during the MLP of
-/// the layer before (each thread half of the next layer's K/V lines, 4 or 16 with each weight
-/// row it dequantizes, `prefetcht1`), SmolLM2 Q4_K_M's resume after 2,048 tokens took 0.7%
-/// and 1.9% longer on an Intel Xeon (medians of 150 each in one process, alternately); with
-/// the lines handed out through one shared counter, 5-8% longer. Read by both threads in a
-/// pass just before attention, the rows convert faster, but the pass costs more than that
-/// saves (7.6-8.0% longer).
+/// In a resume the rows come from memory: a turn's matmuls stream the weights through the caches
+/// between the load and each layer's attention. Asked for earlier, during the MLP of the layer
+/// before (each thread half of the next layer's K/V lines, 4 or 16 with each weight row it
+/// dequantizes, `prefetcht1`), SmolLM2 Q4_K_M's resume after 2,048 tokens took 0.7% and 1.9% longer
+/// on an Intel Xeon in December 2026 (medians of 150 each in one process, alternately); with the
+/// lines handed out through one shared counter, 5-8% longer. Read by both threads in a pass just
+/// before attention, the rows convert faster, but the pass costs more than that saves (7.6-8.0%
+/// longer).
 #[inline(always)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn rows_f32<'b>(

@@ -637,15 +637,15 @@ unsafe fn quarters_avx512(keys: Keys<'_>, nb: usize, k: usize, out: *mut f32, ah
 /// 2,048 tokens 557 -> 570 tok/s; Gemma 3's 256-wide heads, whose longer dot products amortize
 /// the reduction, gained 0.3 ms of 40. Not measured on AMD.
 ///
-/// On that Xeon this kernel is bound by loads, not by its multiply-adds: the core does 213
-/// GFLOP/s with register operands and 144 with a 64-byte memory operand on every multiply-add,
-/// and here every multiply-add loads its key values and every four a query quarter. A form
-/// for 64-wide rows that keeps one query's sixteen quarters in registers over all the blocks
-/// (one load per multiply-add, the same operations, the same bits) ran 1.22x as fast in L1
-/// (one thread, 24 or 48 queries by 64 keys: 129-130 GFLOP/s against 106-109), but only 0-7%
-/// faster as attention runs it (each 64-key chunk laid out, then scored into rows 2,064 apart)
-/// and 0.3% in SmolLM2 Q4_K_M's resume (43.39 against 43.51 ms, medians of 200 each in one
-/// process, alternately). Not kept.
+/// On that Xeon (December 2026) this kernel is bound by loads, not by its multiply-adds: the core
+/// does 213 GFLOP/s with register operands and 144 with a 64-byte memory operand on every
+/// multiply-add, and here every multiply-add loads its key values and every four a query quarter. A
+/// form for 64-wide rows that keeps one query's sixteen quarters in registers over all the blocks
+/// (one load per multiply-add, the same operations, the same bits) ran 1.22x as fast in L1 (one
+/// thread, 24 or 48 queries by 64 keys: 129-130 GFLOP/s against 106-109), but only 0-7% faster as
+/// attention runs it (each 64-key chunk laid out, then scored into rows 2,064 apart) and 0.3% in
+/// SmolLM2 Q4_K_M's resume (43.39 against 43.51 ms, medians of 200 each in one process,
+/// alternately). Not kept.
 ///
 /// # Panics
 /// If `isa` is not AVX-512 or a length is short.
