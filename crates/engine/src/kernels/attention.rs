@@ -266,7 +266,7 @@ fn attend_portable(
         // summed. The sum's lanes stay position % 16 (the K rows start on a multiple of 16).
         let aligned = first - first % LANES;
         s[..aligned].fill(0.0);
-        *sum = exp_and_sum_from(&mut s[aligned..], max, first - aligned);
+        *sum = exp_and_sum_from(isa, &mut s[aligned..], max, first - aligned);
     }
     // Weighted V sums: V rows a chunk at a time, up to six queries at a time sharing each
     // row's loads. Rows and scores are indexed from the chunk's start.
@@ -397,15 +397,16 @@ pub(super) fn scale_and_max(s: &mut [f32], scale: f32) -> f32 {
 /// order), folded by [`reduce`]'s tree: part of the numeric definition, like a dot product's
 /// lanes. The lanes are independent chains, so the loop runs at the speed of `exp`.
 #[cfg(test)]
-pub(super) fn exp_and_sum(s: &mut [f32], max: f32) -> f32 {
-    exp_and_sum_from(s, max, 0)
+pub(super) fn exp_and_sum(isa: Isa, s: &mut [f32], max: f32) -> f32 {
+    exp_and_sum_from(isa, s, max, 0)
 }
 
 /// [`exp_and_sum`] of the scores from `s[skip]` on (`skip < 16`), lanes counted from `s[0]`:
 /// the first `skip` become 0 and are not summed (a sliding window's first visible position
 /// need not start a lane).
 #[inline(always)]
-pub(super) fn exp_and_sum_from(s: &mut [f32], max: f32, skip: usize) -> f32 {
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+pub(super) fn exp_and_sum_from(isa: Isa, s: &mut [f32], max: f32, skip: usize) -> f32 {
     debug_assert!(skip < LANES);
     let mut acc = [0.0f32; LANES];
     let (head, s) = s.split_at_mut(if skip > 0 { LANES.min(s.len()) } else { 0 });
@@ -417,8 +418,17 @@ pub(super) fn exp_and_sum_from(s: &mut [f32], max: f32, skip: usize) -> f32 {
             acc[l] += *x;
         }
     }
-    // Four chunks of lanes at a time through `exp_each` (the same bits as `exp` one by one),
-    // then the rest one chunk at a time.
+    // Whole chunks in registers at x86's levels (the same bits); else four chunks of lanes at
+    // a time through `exp_each` (the same bits as `exp` one by one), then the rest one chunk
+    // at a time.
+    #[cfg(target_arch = "x86_64")]
+    let s = if isa.is_simd() {
+        let (whole, rest) = s.split_at_mut(s.len() / LANES * LANES);
+        x86::exp_and_sum(isa, whole, max, &mut acc);
+        rest
+    } else {
+        s
+    };
     let mut blocks = s.chunks_exact_mut(EXP_BLOCK);
     for b in &mut blocks {
         let b: &mut [f32; EXP_BLOCK] = b.try_into().expect("a whole block");

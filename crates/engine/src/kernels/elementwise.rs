@@ -239,6 +239,30 @@ pub fn exp(x: f32) -> f32 {
     x[0]
 }
 
+/// [`exp`]'s constants, shared with the x86 softmax kernel (`x86::exp_and_sum`), which does the
+/// same operations in registers.
+pub(crate) mod exp_consts {
+    /// Inputs are clamped to `LOW..=HIGH` first.
+    pub(crate) const LOW: f32 = -87.0;
+    pub(crate) const HIGH: f32 = 88.0;
+    pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// ln 2 in two parts, `LN2_HI + LN2_LO`, for the range reduction.
+    pub(crate) const LN2_HI: f32 = 0.693_359_4;
+    pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+    /// 1.5 * 2^23: adding it rounds to an integer.
+    pub(crate) const MAGIC: f32 = 12_582_912.0;
+    /// The polynomial's coefficients, highest first. The last is Cephes' 5.0000001201e-1,
+    /// which rounds to 0.5 in f32.
+    pub(crate) const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+}
+
 /// [`exp`] of each of `N` values in place, each step across all of them before the next: the
 /// same operations on every value, so the same bits, but a vectorizing compiler then
 /// interleaves `N / 8` (AVX2) independent chains. A vector `exp` is a chain of about 25
@@ -248,23 +272,10 @@ pub fn exp(x: f32) -> f32 {
 /// a time step by step (1.5 with 32, 1.6 with 128).
 #[inline(always)]
 pub fn exp_each<const N: usize>(x: &mut [f32; N]) {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    // The polynomial's coefficients, highest first. The last is Cephes' 5.0000001201e-1,
-    // which rounds to 0.5 in f32.
-    const P: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ];
+    use exp_consts::*;
     let (mut t, mut r, mut p) = ([0.0f32; N], [0.0f32; N], [P[0]; N]);
     for x in x.iter_mut() {
-        *x = x.clamp(-87.0, 88.0);
+        *x = x.clamp(LOW, HIGH);
     }
     for (t, &x) in t.iter_mut().zip(x.iter()) {
         *t = x * LOG2E + MAGIC;

@@ -658,7 +658,7 @@ fn softmax_helpers_match_their_definitions_bitwise() {
     // exp_and_sum: lane j % 16 sums positions j in order, then the 16 lanes fold as
     // ((l + l8) + (l4 + l12)) pairs: ((s4[0] + s4[2]) + (s4[1] + s4[3])).
     for n in [0, 1, 15, 16, 17, 64, 80, 203] {
-        let mut row = values(n, 52);
+        let row = values(n, 52);
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let e: Vec<f32> = row.iter().map(|&x| exp(x - max)).collect();
         let mut lanes = [0.0f32; 16];
@@ -669,16 +669,70 @@ fn softmax_helpers_match_their_definitions_bitwise() {
             .map(|l| (lanes[l] + lanes[l + 8]) + (lanes[l + 4] + lanes[l + 12]))
             .collect();
         let want = (s4[0] + s4[2]) + (s4[1] + s4[3]);
-        assert_eq!(
-            exp_and_sum(&mut row, max).to_bits(),
-            want.to_bits(),
-            "n={n}"
-        );
-        assert_eq!(row, e);
+        for_each_isa(|isa| {
+            let mut row = row.clone();
+            assert_eq!(
+                exp_and_sum(isa, &mut row, max).to_bits(),
+                want.to_bits(),
+                "n={n} {}",
+                isa.name()
+            );
+            assert_eq!(bits(&row), bits(&e), "{}", isa.name());
+        });
         let f64_sum: f64 = e.iter().map(|&x| x as f64).sum();
         assert!((want as f64 - f64_sum).abs() <= 1e-6 * f64_sum.max(1.0));
     }
     assert_eq!(scale_and_max(&mut [], 2.0), f32::NEG_INFINITY);
+}
+
+#[test]
+fn softmax_exponentials_are_exps_bits_at_every_level() {
+    // Scores over and past the clamp on both sides, both zeros, infinities, NaN and
+    // subnormals; each less a maximum (a score's own, 0, a large one) and summed in lanes,
+    // against `exp` one value at a time.
+    let mut scores: Vec<f32> = (0..4096)
+        .map(|i| (i as f32 - 2048.0) * 0.061)
+        .chain(values(1000, 53).iter().map(|v| v * 300.0))
+        .collect();
+    scores.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-40,
+        -1e-40,
+        f32::MAX,
+        f32::MIN,
+        -87.0,
+        88.0,
+        -87.000_01,
+        88.000_01,
+    ]);
+    scores.resize(scores.len().next_multiple_of(16) + 7, 0.5);
+    for max in [0.0, 3.5, 95.0, scores[100]] {
+        let e: Vec<f32> = scores.iter().map(|&x| exp(x - max)).collect();
+        let mut lanes = [0.0f32; 16];
+        for (j, &x) in e.iter().enumerate() {
+            lanes[j % 16] += x;
+        }
+        let s4: Vec<f32> = (0..4)
+            .map(|l| (lanes[l] + lanes[l + 8]) + (lanes[l + 4] + lanes[l + 12]))
+            .collect();
+        let want = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+        for_each_isa(|isa| {
+            let mut row = scores.clone();
+            let sum = exp_and_sum(isa, &mut row, max);
+            let wrong = (0..row.len()).find(|&j| row[j].to_bits() != e[j].to_bits());
+            assert_eq!(
+                wrong.map(|j| (scores[j], row[j], e[j])),
+                None,
+                "(score, exp, want) less max {max} at {}",
+                isa.name()
+            );
+            assert_eq!(sum.to_bits(), want.to_bits(), "max {max} {}", isa.name());
+        });
+    }
 }
 
 #[test]

@@ -7,16 +7,17 @@
 //!   queries ([`pv_6x64`]), of two ([`pv_2x64`], AVX2) or of one ([`pv_1x64`]) and quantized
 //!   weights ([`dequantize_rows`], [`gemv`]; the kinds held as GGUF blocks in `blocks`):
 //!   intrinsics, f16 and `q8_0` cache rows widened with F16C and AVX2 ([`f16_to_f32`],
-//!   [`q8_0_to_f32`]), and nine micro-kernels in assembly (`acc_2x3`, `s8_1x4_k64`,
+//!   [`q8_0_to_f32`]), the softmax's exponentials and sums ([`exp_and_sum`]), and nine
+//!   micro-kernels in assembly (`acc_2x3`, `s8_1x4_k64`,
 //!   `kernel512_4x6`, `kernel512_6x4`, `kernel512_1x16_k64`, `quarters_1x16`, `pv512_6x64`,
 //!   `pv256_2x32`, `pv256_1x64`);
 //! * a safe wrapper for each, which checks every length the unsafe code relies on and takes an
 //!   [`Isa`]: a value that exists only for levels this CPU has, so holding one proves the
 //!   instructions are there.
 //!
-//! Each kernel computes per lane the same fused multiply-adds in the same order as the
-//! portable definition ([`crate::kernels::dot`]); tests check it bit for bit at every level
-//! the machine has.
+//! Each kernel computes per lane the same operations (fused multiply-adds; the softmax's
+//! `exp`, plain multiplies and adds) in the same order as the portable definition
+//! ([`crate::kernels::dot`]); tests check it bit for bit at every level the machine has.
 
 use std::arch::x86_64::*;
 
@@ -26,12 +27,14 @@ use super::isa::{Isa, Level, Recompile};
 mod blocks;
 mod convert;
 mod dequant;
+mod exp;
 mod gram;
 mod panel;
 mod pv;
 
 pub(crate) use convert::{f16_to_f32, q8_0_to_f32};
 pub(crate) use dequant::{LineByLine, dequantize_rows, gemv, prefetch_rows};
+pub(crate) use exp::exp_and_sum;
 pub(crate) use gram::{Keys, QUARTER_KEYS, gram, gram_quarters, quarters};
 pub(crate) use panel::panel;
 pub(crate) use pv::{pv_1x64, pv_2x64, pv_6x64};
