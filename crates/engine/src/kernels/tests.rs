@@ -638,6 +638,20 @@ fn exp_is_close_to_libm() {
     assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
 }
 
+/// A softmax denominator as the definition sums it: lane j % 16 sums positions j in order,
+/// then the 16 lanes fold as ((l + l8) + (l4 + l12)) pairs: ((s4[0] + s4[2]) + (s4[1] +
+/// s4[3])).
+fn lane_sum(e: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    for (j, &x) in e.iter().enumerate() {
+        lanes[j % 16] += x;
+    }
+    let s4: Vec<f32> = (0..4)
+        .map(|l| (lanes[l] + lanes[l + 8]) + (lanes[l + 4] + lanes[l + 12]))
+        .collect();
+    (s4[0] + s4[2]) + (s4[1] + s4[3])
+}
+
 #[test]
 fn softmax_helpers_match_their_definitions_bitwise() {
     let len = 203;
@@ -655,20 +669,12 @@ fn softmax_helpers_match_their_definitions_bitwise() {
             assert_eq!(row, &seq[..]);
         }
     }
-    // exp_and_sum: lane j % 16 sums positions j in order, then the 16 lanes fold as
-    // ((l + l8) + (l4 + l12)) pairs: ((s4[0] + s4[2]) + (s4[1] + s4[3])).
+    // exp_and_sum: the exponentials summed as `lane_sum` defines.
     for n in [0, 1, 15, 16, 17, 64, 80, 203] {
         let row = values(n, 52);
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let e: Vec<f32> = row.iter().map(|&x| exp(x - max)).collect();
-        let mut lanes = [0.0f32; 16];
-        for (j, &x) in e.iter().enumerate() {
-            lanes[j % 16] += x;
-        }
-        let s4: Vec<f32> = (0..4)
-            .map(|l| (lanes[l] + lanes[l + 8]) + (lanes[l + 4] + lanes[l + 12]))
-            .collect();
-        let want = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+        let want = lane_sum(&e);
         for_each_isa(|isa| {
             let mut row = row.clone();
             assert_eq!(
@@ -712,14 +718,7 @@ fn softmax_exponentials_are_exps_bits_at_every_level() {
     scores.resize(scores.len().next_multiple_of(16) + 7, 0.5);
     for max in [0.0, 3.5, 95.0, scores[100]] {
         let e: Vec<f32> = scores.iter().map(|&x| exp(x - max)).collect();
-        let mut lanes = [0.0f32; 16];
-        for (j, &x) in e.iter().enumerate() {
-            lanes[j % 16] += x;
-        }
-        let s4: Vec<f32> = (0..4)
-            .map(|l| (lanes[l] + lanes[l + 8]) + (lanes[l + 4] + lanes[l + 12]))
-            .collect();
-        let want = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+        let want = lane_sum(&e);
         for_each_isa(|isa| {
             let mut row = scores.clone();
             let sum = exp_and_sum(isa, &mut row, max);
