@@ -42,7 +42,7 @@ pub(crate) fn exp_and_sum(isa: Isa, s: &mut [f32], max: f32, acc: &mut [f32; LAN
 }
 
 /// `step`: `exp` of registers of one width, from that width's intrinsics (`$pow2` is the
-/// macro that multiplies by `2^n`).
+/// caller's macro that multiplies `y` by `2^n`, given `y`, `n` and `t`).
 macro_rules! exp_step {
     ($set1:ident, $add:ident, $sub:ident, $mul:ident, $max:ident, $min:ident, $pow2:ident) => {
         /// `exp(v - max)` of `N` registers' lanes (see [`exp_and_sum`]), each step across
@@ -53,7 +53,7 @@ macro_rules! exp_step {
             // SAFETY: `step` is called only from the function it is defined in, which has the
             // target features these intrinsics need.
             unsafe {
-                let (mut x, mut t, mut n, mut r, mut p) = (v, v, v, v, v);
+                let (mut x, mut t, mut n, mut r) = (v, v, v, v);
                 for i in 0..N {
                     // `clamp(LOW, HIGH)`: `max(LOW, x)` is `LOW > x ? LOW : x` and
                     // `min(HIGH, x)` `HIGH < x ? HIGH : x`, so NaN stays NaN, as through
@@ -70,9 +70,7 @@ macro_rules! exp_step {
                     let hi = $sub(x[i], $mul(n[i], $set1(LN2_HI)));
                     r[i] = $sub(hi, $mul(n[i], $set1(LN2_LO)));
                 }
-                for i in 0..N {
-                    p[i] = $set1(P[0]);
-                }
+                let mut p = [$set1(P[0]); N];
                 for c in &P[1..] {
                     for i in 0..N {
                         p[i] = $add($mul(p[i], r[i]), $set1(*c));
@@ -84,20 +82,6 @@ macro_rules! exp_step {
                 }
                 x
             }
-        }
-    };
-}
-
-/// `y * 2^n` as the portable `exp` computes it: `2^n` from the bits of `t`
-/// (`(bits(t) - bits(MAGIC) + 127) << 23` in wrapping arithmetic, the two constants taken
-/// together: the same bits modulo 2^32), then a multiply.
-macro_rules! pow2_bits {
-    ($mul:ident, $cast_i:ident, $cast_f:ident, $sub_i:ident, $set1_i:ident, $shl:ident) => {
-        macro_rules! pow2 {
-            ($y:expr, $n:expr, $t:expr) => {{
-                let bias = MAGIC.to_bits().wrapping_sub(127) as i32;
-                $mul($y, $cast_f($shl::<23>($sub_i($cast_i($t), $set1_i(bias)))))
-            }};
         }
     };
 }
@@ -152,14 +136,16 @@ unsafe fn exp_and_sum_avx512(s: &mut [f32], max: f32, acc: &mut [f32; LANES]) {
 #[target_feature(enable = "avx2")]
 unsafe fn exp_and_sum_avx2(s: &mut [f32], max: f32, acc: &mut [f32; LANES]) {
     type Reg = __m256;
-    pow2_bits!(
-        _mm256_mul_ps,
-        _mm256_castps_si256,
-        _mm256_castsi256_ps,
-        _mm256_sub_epi32,
-        _mm256_set1_epi32,
-        _mm256_slli_epi32
-    );
+    // `y * 2^n` as the portable `exp` computes it: `2^n` from the bits of `t`
+    // (`(bits(t) - bits(MAGIC) + 127) << 23` in wrapping arithmetic, the two constants taken
+    // together: the same bits modulo 2^32), then a multiply.
+    macro_rules! pow2 {
+        ($y:expr, $n:expr, $t:expr) => {{
+            let bias = MAGIC.to_bits().wrapping_sub(127) as i32;
+            let bits = _mm256_sub_epi32(_mm256_castps_si256($t), _mm256_set1_epi32(bias));
+            _mm256_mul_ps($y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
+        }};
+    }
     exp_step!(
         _mm256_set1_ps,
         _mm256_add_ps,
