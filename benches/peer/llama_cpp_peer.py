@@ -2,14 +2,16 @@
 
 Measures, on the same GGUF and thread count as our engine, for each history length:
 prefill tok/s, decode tok/s at that context, resume TTFT (llama_state_seq_load_file from the
-page cache + a 16-token turn) and re-prefill TTFT (history + turn from scratch), each once per
-run (`cargo xtask bench` runs it several times, alternating with the engine's own runs, and
-takes the median). The same warm-up as the engine's bench comes first: a 64-token prefill.
+page cache + a 16-token turn; --resumes times, the median reported, as the engine's bench
+does) and re-prefill TTFT (history + turn from scratch), the rest once per run (`cargo xtask
+bench` runs it several times, alternating with the engine's own runs, and takes the median).
+The same warm-up as the engine's bench comes first: a 64-token prefill.
 Prints one JSON object per history on stdout, prefixed by `PEER `, and the build and flags as
 `INFO key: value` lines; everything else goes to stderr.
 
 usage: python llama_cpp_peer.py MODEL.gguf --threads 2 --histories 512,2048,4096
-       [--decode 32] [--turn 16] [--repeats 1] [--flash-attn off|on] [--workdir DIR]
+       [--decode 32] [--turn 16] [--resumes 5] [--repeats 1] [--flash-attn off|on]
+       [--workdir DIR]
 """
 
 import argparse
@@ -31,10 +33,13 @@ def main():
     ap.add_argument("--histories", default="512,2048,4096")
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--turn", type=int, default=16)
+    ap.add_argument("--resumes", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--flash-attn", choices=["off", "on"], default="off")
     ap.add_argument("--workdir", default=".")
     args = ap.parse_args()
+    if args.resumes < 1 or args.repeats < 1:
+        ap.error("--resumes and --repeats must be positive")
     histories = [int(h) for h in args.histories.split(",")]
     n_ctx = max(histories) + args.decode + args.turn + 64
 
@@ -61,6 +66,7 @@ def main():
         f"n_ctx={n_ctx} flash_attn={args.flash_attn} swa_full=false",
         flush=True,
     )
+    print(f"INFO resumes: {args.resumes}", flush=True)
 
     def clear():
         llm.reset()
@@ -102,7 +108,7 @@ def main():
         state_bytes = os.path.getsize(path)
 
         resume = []
-        for _ in range(args.repeats):
+        for _ in range(args.resumes):
             clear()
             out = (llama_cpp.llama_token * (n + 16))()
             count = ctypes.c_size_t(0)

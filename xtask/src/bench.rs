@@ -40,7 +40,8 @@ usage: cargo xtask bench [--only criterion|engine|resume|kv-quality|store[,...]|
   criterion  kv-store vs plain file I/O, and each GGUF block type's matmul against Q4_1
              (cargo bench -p agentkv-benches --bench kv_store --bench quant)
   engine     prefill / decode tok/s, resume and re-prefill TTFT at --histories (bench_speed),
-             --repeats runs (at least 3; median, min, max); with --peer, llama.cpp's runs
+             --repeats runs (at least 3; median, min, max; each run's resume the median of
+             5, on both sides); with --peer, llama.cpp's runs
              (flash attention off and on, the faster kept per figure) alternate with ours;
              table in target/bench/engine.md. llama.cpp is built for this CPU
              (target/peer-venv), or with AGENTKV_SIMD=avx2 for an AVX2-only CPU

@@ -2,12 +2,15 @@
 //! (seeded random tokens), greedy decode steps after it, resume TTFT (load the history's saved
 //! cache through kv-store from the page cache, then a 16-token turn; into the buffers the
 //! history was computed in, with the load's share, and into new ones) and re-prefill TTFT
-//! (history + turn from an empty cache). Each once per run after a 64-token warm-up, as the
-//! llama.cpp peer does: `cargo xtask bench` runs both several times, alternately, and takes
-//! medians.
+//! (history + turn from an empty cache), after a 64-token warm-up, as the llama.cpp peer
+//! does. Each resume `--resumes` times (the median reported: a resume takes tens of
+//! milliseconds, so one descheduled moment of a shared host would otherwise decide a run's
+//! figure), the rest once a run: `cargo xtask bench` runs both several times, alternately,
+//! and takes medians.
 //!
 //! `cargo run --release -p engine --example bench_speed -- [--model PATH]
-//! [--histories 512,2048,4096] [--decode 32] [--turn 16] [--repeats 1] [--kv-dtype f16]`
+//! [--histories 512,2048,4096] [--decode 32] [--turn 16] [--resumes 5] [--repeats 1]
+//! [--kv-dtype f16]`
 //!
 //! The cache is held in memory and saved in `--kv-dtype` (f32, f16 or q8_0).
 //!
@@ -45,7 +48,11 @@ struct Args {
     /// Tokens of the new turn for the TTFT figures.
     #[arg(long, default_value_t = 16)]
     turn: usize,
-    /// Repetitions of the resume and re-prefill measurements (the median is reported).
+    /// Resumes timed per history, into the history's buffers and into new ones alternately
+    /// (the median of each is reported).
+    #[arg(long, default_value_t = 5)]
+    resumes: usize,
+    /// Re-prefills timed per history (the median is reported).
     #[arg(long, default_value_t = 1)]
     repeats: usize,
     /// Where the kv-store used for the resume figure lives (default: a temp dir).
@@ -71,8 +78,8 @@ fn ms(d: Duration) -> f64 {
 
 fn run() -> Result<()> {
     let args = Args::parse();
-    if args.turn == 0 || args.repeats == 0 || args.histories.is_empty() {
-        bail!("--turn, --repeats and --histories must be positive");
+    if args.turn == 0 || args.resumes == 0 || args.repeats == 0 || args.histories.is_empty() {
+        bail!("--turn, --resumes, --repeats and --histories must be positive");
     }
     let path = common::model_path(args.model)?;
     let t = Instant::now();
@@ -108,6 +115,7 @@ fn run() -> Result<()> {
     );
     println!("INFO isa: {}", model.isa().name());
     println!("INFO kv dtype: {}", args.kv_dtype);
+    println!("INFO resumes: {}", args.resumes);
     // Warm up the thread pool and page in the weights, with the llama.cpp peer's warm-up.
     let warmup: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab)).collect();
     model.forward(&warmup, &mut new_cache()?, Logits::Last)?;
@@ -142,7 +150,7 @@ fn run() -> Result<()> {
         // into the context it already has (and as a long-running process can reuse an
         // evicted cache's buffers); and into new buffers, whose first touch is page faults.
         let (mut resume, mut resume_fresh, mut load) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.repeats {
+        for _ in 0..args.resumes {
             let t = Instant::now();
             cache
                 .load_into(&store, &name, &meta)
