@@ -63,7 +63,7 @@ fn open(env: &Env, args: &AgentArgs) -> Result<(std::sync::Arc<Engine>, AgentPoo
         })?),
         (None, None) => None,
     };
-    let engine = env.engine()?;
+    let engine = env.chat_engine()?;
     let pool = env.pool(&env.pool_root(), std::sync::Arc::clone(&engine))?;
     match pool.info(&args.agent) {
         Ok(info) => {

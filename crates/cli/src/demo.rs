@@ -78,7 +78,7 @@ pub fn run(env: &Env, args: &DemoArgs) -> Result<()> {
         ..GenerateOptions::default()
     };
     if args.session == 1 {
-        let engine = env.engine()?;
+        let engine = env.chat_engine()?;
         if root.exists() {
             std::fs::remove_dir_all(&root)
                 .with_context(|| format!("resetting the demo directory {}", root.display()))?;
@@ -93,7 +93,7 @@ pub fn run(env: &Env, args: &DemoArgs) -> Result<()> {
                 root.display()
             );
         }
-        let engine = env.engine()?;
+        let engine = env.chat_engine()?;
         let pool = env.local_pool(&root, std::sync::Arc::clone(&engine))?;
         session2(env, &demo, &engine, &pool, &options)
     }

@@ -96,7 +96,8 @@ impl Env {
     pub fn engine(&self) -> Result<Arc<Engine>> {
         if !self.model.exists() {
             bail!(
-                "no model at {}: run `cargo xtask fetch-model` (or pass --model PATH to a llama GGUF)",
+                "no model at {}: run `cargo xtask fetch-model` (or pass --model PATH to a GGUF of \
+                 a llama (Llama 2 or 3), Gemma 3 or Qwen2 model)",
                 self.model.display()
             );
         }
@@ -105,6 +106,23 @@ impl Env {
             .with_context(|| format!("loading the model {}", self.model.display()))?;
         spinner.finish_and_clear();
         Ok(Arc::new(engine))
+    }
+
+    /// [`Env::engine`] for a command that talks with agents: the model must carry a chat
+    /// template. A base model (Gemma 3 270M's GGUF, say) loads, and `agents list` works on it,
+    /// but every turn would fail; say so before anything starts rather than at each turn (or,
+    /// in the server, at each request).
+    pub fn chat_engine(&self) -> Result<Arc<Engine>> {
+        let engine = self.engine()?;
+        if engine.template().is_none() {
+            bail!(
+                "{} has no chat template (no `tokenizer.chat_template` in its metadata: a base \
+                 model): agents talk through one; pass --model PATH to a chat (instruct) GGUF, \
+                 such as SmolLM2-135M-Instruct, which `cargo xtask fetch-model` installs",
+                self.model.display()
+            );
+        }
+        Ok(engine)
     }
 
     /// Opens the pool at `root` on `engine`.

@@ -62,7 +62,7 @@ pub fn run(env: &Env, args: &ServeArgs) -> Result<()> {
         .clone()
         .or_else(|| std::env::var("AGENTKV_API_KEY").ok())
         .filter(|k| !k.is_empty());
-    let engine = env.engine()?;
+    let engine = env.chat_engine()?;
     let model_id = env
         .model
         .file_name()

@@ -130,6 +130,71 @@ fn missing_model_names_the_fetch_command() {
     }
 }
 
+/// A base model (a GGUF without a chat template, as Gemma 3 270M's) loads, but no agent can
+/// talk through it: the commands that talk say so before they start, naming the file and what
+/// to pass instead; `agents list` still works on it.
+#[test]
+fn a_base_model_is_refused_by_the_commands_that_talk() {
+    let home = tempfile::tempdir().unwrap();
+    let model = home.path().join("base.gguf");
+    let cfg = engine::testing::TinyConfig {
+        chat_template: false,
+        ..engine::testing::TinyConfig::default()
+    };
+    engine::testing::write_tiny_llama_gguf(&model, &cfg, 1).expect("writing the tiny model");
+    let refused = |args: &[&str], err: &str| {
+        assert!(
+            err.contains("base.gguf has no chat template"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains("pass --model PATH to a chat"),
+            "{args:?}: {err}"
+        );
+    };
+    for args in [
+        &["run", "--agent", "a", "hi"][..],
+        &["chat", "--agent", "a"],
+        &["demo", "--session", "1"],
+    ] {
+        refused(args, &fails(agentkv(home.path(), Some(&model), args)));
+    }
+    // The server must exit rather than start: stopped after a minute if it serves instead.
+    let mut server = Command::new(env!("CARGO_BIN_EXE_agentkv"))
+        .arg("--home")
+        .arg(home.path())
+        .arg("--model")
+        .arg(&model)
+        .args(["serve", "--port", "0"])
+        .env_remove("AGENTKV_HOME")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting agentkv serve");
+    let started = std::time::Instant::now();
+    while server
+        .try_wait()
+        .expect("waiting for agentkv serve")
+        .is_none()
+    {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            server.kill().expect("stopping agentkv serve");
+            panic!("agentkv serve started on a model without a chat template");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    refused(
+        &["serve"],
+        &fails(server.wait_with_output().expect("its output")),
+    );
+    let list = ok(agentkv(home.path(), Some(&model), &["agents", "list"]));
+    assert!(list.contains("no agents in"), "{list}");
+    assert!(
+        !home.path().join("pool/agents/a").exists(),
+        "no agent was made"
+    );
+}
+
 #[test]
 fn session_2_before_session_1_says_what_to_do() {
     let home = tempfile::tempdir().unwrap();

@@ -11,7 +11,8 @@ use kv_extract::KvShape;
 pub enum EngineError {
     /// The model file does not exist.
     #[error(
-        "model file not found: {path}: run `cargo xtask fetch-model`, or pass --model PATH to a llama GGUF"
+        "model file not found: {path}: run `cargo xtask fetch-model`, or pass --model PATH to a \
+         GGUF of a llama (Llama 2 or 3), Gemma 3 or Qwen2 model"
     )]
     ModelNotFound {
         /// The path that was tried.

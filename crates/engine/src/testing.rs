@@ -192,6 +192,8 @@ pub struct TinyConfig {
     pub omit_tensor: Option<String>,
     /// One-dimensional f32 tensors written as given (biases, `rope_freqs.weight`).
     pub extra_tensors: Vec<(String, Vec<f32>)>,
+    /// Write `tokenizer.chat_template` (ChatML); `false` for a base model's file.
+    pub chat_template: bool,
 }
 
 impl Default for TinyConfig {
@@ -210,6 +212,7 @@ impl Default for TinyConfig {
             sliding_window: None,
             omit_tensor: None,
             extra_tensors: Vec::new(),
+            chat_template: true,
         }
     }
 }
@@ -302,11 +305,13 @@ pub fn write_tiny_llama_gguf(path: &Path, cfg: &TinyConfig, seed: u64) -> std::i
         ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
         ("tokenizer.ggml.padding_token_id".into(), Value::U32(2)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
-        (
+    ];
+    if cfg.chat_template {
+        meta.push((
             "tokenizer.chat_template".into(),
             Value::String(CHATML_TEMPLATE.into()),
-        ),
-    ];
+        ));
+    }
     meta.push(("general.file_type".into(), Value::U32(3)));
     if gemma {
         meta.extend([

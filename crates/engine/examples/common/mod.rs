@@ -15,7 +15,8 @@ pub fn model_path(arg: Option<PathBuf>) -> Result<PathBuf> {
     };
     if !path.exists() {
         bail!(
-            "no model at {}: run `cargo xtask fetch-model` (or pass --model PATH to a llama GGUF)",
+            "no model at {}: run `cargo xtask fetch-model` (or pass --model PATH to a GGUF of a \
+             llama (Llama 2 or 3), Gemma 3 or Qwen2 model)",
             path.display()
         );
     }
