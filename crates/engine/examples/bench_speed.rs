@@ -3,8 +3,8 @@
 //! cache through kv-store from the page cache, then a 16-token turn; into the buffers the
 //! history was computed in, with the load's share, and into new ones) and re-prefill TTFT
 //! (history + turn from an empty cache), after a 64-token warm-up, as the llama.cpp peer
-//! does. Each resume `--resumes` times (the median reported: a resume takes tens of
-//! milliseconds, so one descheduled moment of a shared host would otherwise decide a run's
+//! does. The resume is timed `--resumes` times and their median reported (a resume takes tens
+//! of milliseconds, so one descheduled moment of a shared host would otherwise decide a run's
 //! figure), the rest once a run: `cargo xtask bench` runs both several times, alternately,
 //! and takes medians.
 //!

@@ -102,8 +102,8 @@ impl Limits {
         })
     }
 
-    /// The best of two measurements, figure by figure: a figure measured while the shared host
-    /// was slow would make the floor easier to come near, never harder.
+    /// The best of two measurements, figure by figure, so that a figure measured in a slow spell
+    /// of the shared host (which would make the floor easier to come near) does not count.
     fn best(self, other: Limits) -> Limits {
         let mut fma_by_level = self.fma_by_level;
         for (level, flops) in other.fma_by_level {
