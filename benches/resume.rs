@@ -106,10 +106,8 @@ fn run() -> Result<()> {
             .context("cannot tell where the model lives: set AGENTKV_HOME or pass --model")?,
     };
     if !model_path.exists() {
-        bail!(
-            "no model at {}: run `cargo xtask fetch-model` (or pass --model PATH to a llama GGUF)",
-            model_path.display()
-        );
+        // The engine's own error for it, which says how to get a model.
+        return Err(engine::EngineError::ModelNotFound { path: model_path }.into());
     }
     let workdir = args.workdir.unwrap_or_else(|| {
         let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));

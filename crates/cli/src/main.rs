@@ -95,11 +95,9 @@ impl Env {
     /// Loads the engine, with a spinner; a missing file says how to get the model.
     pub fn engine(&self) -> Result<Arc<Engine>> {
         if !self.model.exists() {
-            bail!(
-                "no model at {}: run `cargo xtask fetch-model` (or pass --model PATH to a GGUF of \
-                 a llama (Llama 2 or 3), Gemma 3 or Qwen2 model)",
-                self.model.display()
-            );
+            // The engine's own error for it (before the spinner), which says how to get a model.
+            let path = self.model.clone();
+            return Err(engine::EngineError::ModelNotFound { path }.into());
         }
         let spinner = ui::spinner(self.quiet, format!("loading {}", self.model.display()));
         let engine = Engine::load(&self.model)

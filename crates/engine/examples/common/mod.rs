@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 /// `--model PATH` if given, else the model `cargo xtask fetch-model` installs.
 #[allow(dead_code)] // not every example takes a model
@@ -14,11 +14,8 @@ pub fn model_path(arg: Option<PathBuf>) -> Result<PathBuf> {
             .context("cannot tell where the model lives: set AGENTKV_HOME")?,
     };
     if !path.exists() {
-        bail!(
-            "no model at {}: run `cargo xtask fetch-model` (or pass --model PATH to a GGUF of a \
-             llama (Llama 2 or 3), Gemma 3 or Qwen2 model)",
-            path.display()
-        );
+        // The engine's own error for it, which says how to get a model.
+        return Err(engine::EngineError::ModelNotFound { path }.into());
     }
     Ok(path)
 }
