@@ -438,7 +438,7 @@ impl Table16 {
 /// # Safety
 /// AVX2 is available.
 #[inline(always)]
-pub(super) unsafe fn widen8(v: __m256i, i: usize) -> __m256i {
+unsafe fn widen8(v: __m256i, i: usize) -> __m256i {
     // SAFETY: the caller's contract.
     unsafe { _mm256_cvtepu8_epi32(octet(v, i)) }
 }
@@ -448,7 +448,7 @@ pub(super) unsafe fn widen8(v: __m256i, i: usize) -> __m256i {
 /// # Safety
 /// AVX2 is available.
 #[inline(always)]
-pub(super) unsafe fn widen8_signed(v: __m256i, i: usize) -> __m256i {
+unsafe fn widen8_signed(v: __m256i, i: usize) -> __m256i {
     // SAFETY: the caller's contract.
     unsafe { _mm256_cvtepi8_epi32(octet(v, i)) }
 }
