@@ -481,32 +481,37 @@ unsafe fn high_bits<K: Split>(p: *const u8) -> u32 {
     }
 }
 
-/// Four fifth bits made four i32 lanes to add to their values' low four bits: entry `n`'s
-/// lane `i` is bit `i` of `n` times 16, less 16 in [`Q5_0_HIGH`] (Q5_0's values are `q - 16`).
-/// Indexed by four bits of a block's [`high_bits`], an entry is one load that the addition
-/// takes as its operand, where spreading the bits over the lanes in registers took four
-/// instructions or more per four values.
+/// Fifth bits made `L` i32 lanes to add to their values' low four bits: entry `n`'s lane `i`
+/// is bit `i` of `n` times 16, plus an offset (-16 in the tables of Q5_0, whose values are
+/// `q - 16`). Indexed by `L` of a block's [`high_bits`] (`N` is 2 to the `L`), an entry is one
+/// load that the addition takes as its operand, where spreading the bits over the lanes in
+/// registers took four instructions or more per four values.
 #[repr(align(64))]
-struct HighLanes([[i32; 4]; 16]);
+struct FifthBits<const L: usize, const N: usize>([[i32; L]; N]);
 
-const fn high_lanes(offset: i32) -> HighLanes {
-    let mut t = [[0; 4]; 16];
-    let mut n = 0;
-    while n < 16 {
-        let mut i = 0;
-        while i < 4 {
-            t[n][i] = ((n as i32 >> i) & 1) * 16 + offset;
-            i += 1;
+impl<const L: usize, const N: usize> FifthBits<L, N> {
+    const fn new(offset: i32) -> Self {
+        let mut t = [[0; L]; N];
+        let mut n = 0;
+        while n < N {
+            let mut i = 0;
+            while i < L {
+                t[n][i] = ((n as i32 >> i) & 1) * 16 + offset;
+                i += 1;
+            }
+            n += 1;
         }
-        n += 1;
+        FifthBits(t)
     }
-    HighLanes(t)
 }
 
+/// Four fifth bits as four lanes, for the 128-bit forms.
+type HighLanes = FifthBits<4, 16>;
+
 /// [`HighLanes`] for Q5_1: the fifth bits alone.
-static Q5_1_HIGH: HighLanes = high_lanes(0);
+static Q5_1_HIGH: HighLanes = FifthBits::new(0);
 /// [`HighLanes`] for Q5_0: the fifth bits less 16.
-static Q5_0_HIGH: HighLanes = high_lanes(-16);
+static Q5_0_HIGH: HighLanes = FifthBits::new(-16);
 
 /// [`gemv_avx2`] in 128-bit registers, for a CPU that runs each 256-bit operation as two
 /// halves ([`Isa::halves`]): each 128-bit instruction is one micro-op there, and a quarter of
@@ -876,36 +881,19 @@ unsafe fn nibbles(p: *const u8) -> [__m256i; 4] {
     }
 }
 
-/// Eight fifth bits made eight i32 lanes to add to their values' low four bits: entry `n`'s
-/// lane `i` is bit `i` of `n` times 16, plus an offset (-16 in [`Q5_0_FIFTH`], whose values
-/// are `q - 16`). Indexed by a byte of a 5-bit block's high bits, which holds the fifth bits of
-/// one of [`nibbles`]' registers, an entry is one load that the addition takes as its operand:
-/// building the 32 quants as bytes with ggml's `bytes_from_bits_32` and widening them took
-/// about 40% more instructions per block. On an AMD EPYC of the Zen 3 generation (family 25
-/// model 1, AVX2, 2 threads; criterion, two alternated runs on a noisy host) the decode gemv
-/// of 2,048 rows of 640 then took 0.65-0.71x the time for Q5_0 and 0.64-0.66x for Q5_1, of
-/// 640 rows of 2,048 0.73-0.97x and 0.70-0.80x.
-#[repr(align(64))]
-struct FifthBits([[i32; 8]; 256]);
+/// Eight fifth bits as eight lanes, for the 256-bit form, indexed by a byte of a 5-bit
+/// block's high bits, which holds the fifth bits of one of [`nibbles`]' registers: building
+/// the 32 quants as bytes with ggml's `bytes_from_bits_32` and widening them took about 40%
+/// more instructions per block. On an AMD EPYC of the Zen 3 generation (family 25 model 1,
+/// AVX2, 2 threads; criterion, two alternated runs on a noisy host) the decode gemv of 2,048
+/// rows of 640 then took 0.65-0.71x the time for Q5_0 and 0.64-0.66x for Q5_1, of 640 rows of
+/// 2,048 0.73-0.97x and 0.70-0.80x.
+type ByteLanes = FifthBits<8, 256>;
 
-const fn fifth_bits_table(offset: i32) -> FifthBits {
-    let mut t = [[0; 8]; 256];
-    let mut n = 0;
-    while n < 256 {
-        let mut i = 0;
-        while i < 8 {
-            t[n][i] = ((n as i32 >> i) & 1) * 16 + offset;
-            i += 1;
-        }
-        n += 1;
-    }
-    FifthBits(t)
-}
-
-/// [`FifthBits`] for Q5_1: the fifth bits alone.
-static Q5_1_FIFTH: FifthBits = fifth_bits_table(0);
-/// [`FifthBits`] for Q5_0: the fifth bits less 16.
-static Q5_0_FIFTH: FifthBits = fifth_bits_table(-16);
+/// [`ByteLanes`] for Q5_1: the fifth bits alone.
+static Q5_1_FIFTH: ByteLanes = FifthBits::new(0);
+/// [`ByteLanes`] for Q5_0: the fifth bits less 16.
+static Q5_0_FIFTH: ByteLanes = FifthBits::new(-16);
 
 /// The quants of a 5-bit block whose low four bits are `low` ([`nibbles`]) and whose 32 high
 /// bits are at `qh`: register `g` holds values `8g..8g + 8`, whose fifth bits are byte `g` of
@@ -914,7 +902,7 @@ static Q5_0_FIFTH: FifthBits = fifth_bits_table(-16);
 /// # Safety
 /// AVX2 is available and `qh..qh + 4` is readable.
 #[inline(always)]
-unsafe fn fifth_bits(low: [__m256i; 4], qh: *const u8, table: &FifthBits) -> [__m256i; 4] {
+unsafe fn fifth_bits(low: [__m256i; 4], qh: *const u8, table: &ByteLanes) -> [__m256i; 4] {
     // SAFETY: the caller's contract; a byte indexes one of the 256 entries.
     unsafe {
         let f = |g: usize| {
