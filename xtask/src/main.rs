@@ -412,7 +412,12 @@ fn ci() -> Result<()> {
     run_step(
         "doc",
         cargo()
-            .args(["doc", "--workspace", "--no-deps"])
+            .args([
+                "doc",
+                "--workspace",
+                "--no-deps",
+                "--document-private-items",
+            ])
             .env("RUSTDOCFLAGS", "-D warnings"),
     )?;
     eprintln!("ci: all checks passed");

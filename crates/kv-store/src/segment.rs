@@ -318,7 +318,7 @@ pub struct Segment {
     /// The checksum the header records for each of `ranges`.
     sums: Vec<String>,
     /// Whether every tensor's checksum was verified when the segment was opened (else each is
-    /// verified as it is read: see [`SegmentReader`]).
+    /// verified as it is read: see [`SegmentReader`](crate::SegmentReader)).
     hashed: bool,
 }
 
@@ -339,7 +339,7 @@ impl Segment {
     }
 
     /// [`Segment::open`], hashing the tensors now or (`hash == false`, mapped segments only)
-    /// leaving each to be verified as a [`SegmentReader`] reads it.
+    /// leaving each to be verified as a [`SegmentReader`](crate::SegmentReader) reads it.
     pub(crate) fn open_hashing(path: &Path, mode: ReadMode, hash: bool) -> Result<Segment> {
         let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
         match mode {

@@ -180,11 +180,11 @@ fn bytes_of(rows: KvRows<'_>, range: Range<usize>) -> &[u8] {
 /// Attention of a set of queries sharing one KV head: scores against every K row any of them
 /// sees, a softmax per query, then the weighted sum of V rows in position order.
 ///
-/// Each query's result depends only on that query and its rows: its scores are [`dot`] bit
-/// for bit, its softmax is [`scale_and_max`] and [`exp_and_sum`], and its V sums are
-/// [`accumulate`]'s. Batching queries only shares loads. A cache held in another dtype than
-/// f32 is read as the f32 values it holds ([`KvRows::to_f32`]), so its attention is this same
-/// definition applied to those values.
+/// Each query's result depends only on that query and its rows: its scores are
+/// [`dot`](super::dot::dot) bit for bit, its softmax is [`scale_and_max`] and
+/// [`exp_and_sum_from`], and its V sums are [`accumulate`]'s. Batching queries only shares
+/// loads. A cache held in another dtype than f32 is read as the f32 values it holds
+/// ([`KvRows::to_f32`]), so its attention is this same definition applied to those values.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_portable(
@@ -401,7 +401,7 @@ pub(super) fn exp_and_sum(isa: Isa, s: &mut [f32], max: f32) -> f32 {
     exp_and_sum_from(isa, s, max, 0)
 }
 
-/// [`exp_and_sum`] of the scores from `s[skip]` on (`skip < 16`), lanes counted from `s[0]`:
+/// `exp_and_sum` of the scores from `s[skip]` on (`skip < 16`), lanes counted from `s[0]`:
 /// the first `skip` become 0 and are not summed (a sliding window's first visible position
 /// need not start a lane).
 #[inline(always)]

@@ -1,5 +1,5 @@
 //! Quantized weights against f32 activations: the fast paths behind
-//! [`matmul`](super::matmul) for [`QMatrix`] weights.
+//! [`matmul`](fn@super::matmul) for [`QMatrix`] weights.
 //!
 //! The numeric definition is the f32 one of [`crate::kernels`]: a weight value is what
 //! ggml's reference dequantization computes (`d * q + m` for Q4_1, `d * q` for Q8_0, the

@@ -5,8 +5,8 @@
 //! that depends only on the reduction length, never on how many rows are computed together,
 //! on how work is split between threads, or on which CPU features are present.
 //!
-//! * A dot product of length `k` keeps [`LANES`] independent partial sums (lane `l` sums
-//!   elements `l, l + LANES, l + 2 * LANES, ...` in that order, each step a fused
+//! * A dot product of length `k` keeps [`LANES`](dot::LANES) independent partial sums (lane
+//!   `l` sums elements `l, l + LANES, l + 2 * LANES, ...` in that order, each step a fused
 //!   multiply-add `fma(x, w, acc)`, one rounding), then folds them with one fixed pairwise
 //!   tree (`dot::reduce`); a tail of `k % LANES` elements is zero-padded to one more chunk. The
 //!   multi-row kernels compute several such dots at once to reuse loaded values, but each dot

@@ -1,6 +1,6 @@
 //! Weight matrices as the forward pass holds them: dequantized f32, GGUF blocks kept
 //! quantized ([`QMatrix`]), or a stack of such parts, each with batch-invariant kernels behind
-//! [`matmul`](super::matmul).
+//! [`matmul`](fn@super::matmul).
 
 use super::quant::QMatrix;
 

@@ -3,9 +3,10 @@
 //! * [`recompiled`]: the portable kernels compiled again for AVX2 and FMA or for AVX-512
 //!   (`#[target_feature]` copies of one source, so the same operations and the same bits);
 //! * hand-written kernels for where the compiler's output of the portable source is slow:
-//!   attention scores ([`gram`]), the matmul panel ([`panel`]), the weighted V sums of six
-//!   queries ([`pv_6x64`]), of two ([`pv_2x64`], AVX2) or of one ([`pv_1x64`]) and quantized
-//!   weights ([`dequantize_rows`], [`gemv`]; the kinds held as GGUF blocks in `blocks`):
+//!   attention scores ([`gram`](fn@gram)), the matmul panel ([`panel`](fn@panel)), the
+//!   weighted V sums of six queries ([`pv_6x64`]), of two ([`pv_2x64`], AVX2) or of one
+//!   ([`pv_1x64`]) and quantized weights ([`dequantize_rows`], [`gemv`]; the kinds held as
+//!   GGUF blocks in `blocks`):
 //!   intrinsics, f16 and `q8_0` cache rows widened with F16C and AVX2 ([`f16_to_f32`],
 //!   [`q8_0_to_f32`]), the softmax's exponentials and sums ([`exp_and_sum`]), and nine
 //!   micro-kernels in assembly (`acc_2x3`, `s8_1x4_k64`,
