@@ -391,19 +391,20 @@ pub(super) fn scale_and_max(s: &mut [f32], scale: f32) -> f32 {
     m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
-/// Replaces each score `x` of one query by `exp(x - max)` and returns their sum.
-///
-/// The sum has sixteen lanes of partial sums (position `j` adds into lane `j % 16`, in position
-/// order), folded by [`reduce`]'s tree: part of the numeric definition, like a dot product's
-/// lanes. The lanes are independent chains, so the loop runs at the speed of `exp`.
+/// [`exp_and_sum_from`] of every score (the tests' entry point).
 #[cfg(test)]
 pub(super) fn exp_and_sum(isa: Isa, s: &mut [f32], max: f32) -> f32 {
     exp_and_sum_from(isa, s, max, 0)
 }
 
-/// `exp_and_sum` of the scores from `s[skip]` on (`skip < 16`), lanes counted from `s[0]`:
-/// the first `skip` become 0 and are not summed (a sliding window's first visible position
-/// need not start a lane).
+/// Replaces each score `x` of one query from `s[skip]` on (`skip < 16`) by `exp(x - max)` and
+/// returns their sum; the first `skip` become 0 and are not summed (a sliding window's first
+/// visible position need not start a lane).
+///
+/// The sum has sixteen lanes of partial sums (position `j` adds into lane `j % 16`, counted
+/// from `s[0]`, in position order), folded by [`reduce`]'s tree: part of the numeric
+/// definition, like a dot product's lanes. The lanes are independent chains, so the loop runs
+/// at the speed of `exp`.
 #[inline(always)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub(super) fn exp_and_sum_from(isa: Isa, s: &mut [f32], max: f32, skip: usize) -> f32 {
